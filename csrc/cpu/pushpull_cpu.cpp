@@ -1,0 +1,402 @@
+// CPU kernels of pushpull::forward / pushpull::backward.
+//
+// Neither pull kernel costs a second full convolution (SPEC, "Algebra the fast paths may use"):
+//   invert:   R = shift[o] * S - P0, with S the per-group box sum of the input (a 1-channel conv);
+//   upsample: R = conv1x1(z, k), z = separable depthwise prefilter of the input (rows, cols);
+//   scale 1:  R = -P0.
+// ATen computes P0 (and z or S) with its own convolutions; one fused pass per (image, 8 channels)
+// then does the pooling, ReLUs, alpha, biases and packs the ReLU masks 8 channels per byte.
+// Backward reads only the masks, forms the masked gradient fields in one pass, and hands them to
+// ATen's convolution_backward; a trainable alpha recomputes the pull response.
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "../pushpull.h"
+
+namespace pushpull {
+namespace {
+
+struct ConvArgs {
+  at::IntArrayRef stride, padding, pull_padding, dilation;
+  int64_t groups;
+};
+
+// ---------------------------------------------------------------- ATen building blocks
+
+using Pair = std::array<int64_t, 2>;
+
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, Pair stride, Pair padding, Pair dilation, int64_t groups = 1) {
+  return at::conv2d(x, w, std::nullopt, stride, padding, dilation, groups);
+}
+Pair pair(at::IntArrayRef v) { return {v[0], v[1]}; }
+
+// Per-group sum of the input over (C_in/groups, kh, kw) windows: [N, groups, Ho, Wo].
+at::Tensor box_sum(const at::Tensor& x, const Geometry& geo, const ConvArgs& c) {
+  auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
+  return conv(x, ones, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups);
+}
+
+// The rank-1 depthwise filters of the upsample pull: -rows[:, i] (vertical) and cols[:, j] (horizontal).
+at::Tensor row_filters(const at::Tensor& rows) { return (-rows).t().contiguous().view({rows.size(1), 1, rows.size(0), 1}); }
+at::Tensor col_filters(const at::Tensor& cols) { return cols.t().contiguous().view({cols.size(1), 1, 1, cols.size(0)}); }
+
+// z[n, (c, i, j)] = conv2d(x[n, c], -rows[:, i] cols[:, j]^T, stride, pull_padding, dilation):
+// [N, C_in * kh * kw, Ho, Wo], so that conv(x, q) == conv1x1(z, k) with groups.
+at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols, const Geometry& geo,
+                     const ConvArgs& c) {
+  auto t = conv(x.reshape({geo.batch * geo.in_channels, 1, geo.height, geo.width}), row_filters(rows),
+                {c.stride[0], 1}, {c.pull_padding[0], 0}, {c.dilation[0], 1});
+  auto z = conv(t.reshape({-1, 1, geo.out_height, geo.width}), col_filters(cols), {1, c.stride[1]},
+                {0, c.pull_padding[1]}, {1, c.dilation[1]});
+  return z.reshape({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width});
+}
+
+// Adjoint of `prefilter`: gradient w.r.t. x from the gradient w.r.t. z.
+at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, const at::Tensor& cols,
+                             const Geometry& geo, const ConvArgs& c) {
+  const int64_t planes = geo.batch * geo.in_channels;
+  auto opts = grad_z.options();
+  auto grad_t = std::get<0>(at::convolution_backward(
+      grad_z.reshape({planes * geo.kernel_h, geo.kernel_w, geo.out_height, geo.out_width}),
+      at::empty({planes * geo.kernel_h, 1, geo.out_height, geo.width}, opts), col_filters(cols), std::nullopt,
+      {1, c.stride[1]}, {0, c.pull_padding[1]}, {1, c.dilation[1]}, false, {0, 0}, 1, {true, false, false}));
+  auto grad_x = std::get<0>(at::convolution_backward(
+      grad_t.reshape({planes, geo.kernel_h, geo.out_height, geo.width}),
+      at::empty({planes, 1, geo.height, geo.width}, opts), row_filters(rows), std::nullopt, {c.stride[0], 1},
+      {c.pull_padding[0], 0}, {c.dilation[0], 1}, false, {0, 0}, 1, {true, false, false}));
+  return grad_x.reshape({geo.batch, geo.in_channels, geo.height, geo.width});
+}
+
+at::Tensor pointwise_weight(const at::Tensor& weight) { return weight.reshape({weight.size(0), -1, 1, 1}); }
+
+// P0 = conv(x, k); pull0 = conv(x, q) for upsample; box = S for invert. All contiguous NCHW.
+struct Responses {
+  at::Tensor push0, pull0, box;
+};
+
+Responses compute_responses(const at::Tensor& x, const at::Tensor& weight, const OptTensor& rows,
+                            const OptTensor& cols, const Geometry& geo, const ConvArgs& c) {
+  Responses r;
+  r.push0 = conv(x, weight, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
+  if (geo.pull == PullKind::kSeparable) {
+    auto z = prefilter(x, *rows, *cols, geo, c);
+    r.pull0 = conv(z, pointwise_weight(weight), {1, 1}, {0, 0}, {1, 1}, geo.groups).contiguous();
+  } else if (geo.pull == PullKind::kShift) {
+    r.box = box_sum(x, geo, c).contiguous();
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- fused per-plane passes
+
+// Clipped box window along one axis for the average pooling (count_include_pad=False).
+struct Window {
+  int64_t radius;
+  int64_t lo(int64_t i) const { return std::max<int64_t>(i - radius, 0); }
+  int64_t hi(int64_t i, int64_t n) const { return std::min<int64_t>(i + radius, n - 1); }
+};
+
+// out[h, w] = sum of in over the clipped (2r+1)^2 window around (h, w), divided by the number of
+// valid positions when `average`; tmp is scratch of the plane's size.
+template <typename acc_t>
+void box_filter(const acc_t* in, acc_t* tmp, acc_t* out, int64_t height, int64_t width, int64_t radius, bool average) {
+  const Window win{radius};
+  for (int64_t h = 0; h < height; ++h) {
+    for (int64_t w = 0; w < width; ++w) {
+      acc_t s = 0;
+      for (int64_t v = win.lo(w); v <= win.hi(w, width); ++v) s += in[h * width + v];
+      tmp[h * width + w] = s;
+    }
+  }
+  for (int64_t h = 0; h < height; ++h) {
+    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
+    for (int64_t w = 0; w < width; ++w) {
+      acc_t s = 0;
+      for (int64_t u = win.lo(h); u <= win.hi(h, height); ++u) s += tmp[u * width + w];
+      const int64_t count = rows * (win.hi(w, width) - win.lo(w) + 1);
+      out[h * width + w] = average ? s / static_cast<acc_t>(count) : s;
+    }
+  }
+}
+
+// Divides each value by the size of its clipped pooling window (first half of the pooling adjoint).
+template <typename acc_t>
+void divide_by_window_count(acc_t* values, int64_t height, int64_t width, int64_t radius) {
+  const Window win{radius};
+  for (int64_t h = 0; h < height; ++h) {
+    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
+    for (int64_t w = 0; w < width; ++w) values[h * width + w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
+  }
+}
+
+// Read-only view of the responses and the per-channel vectors, shared by forward and backward.
+template <typename scalar_t>
+struct PlaneInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& geo;
+  const scalar_t *push0, *pull0, *box, *shift, *bias_in;
+  int64_t plane;  // Ho * Wo
+
+  acc_t bias(int64_t o) const { return bias_in ? static_cast<acc_t>(bias_in[o]) : acc_t(0); }
+  const scalar_t* push_plane(int64_t n, int64_t o) const { return push0 + (n * geo.out_channels + o) * plane; }
+
+  // Q' of channel o of image n into `q` (tmp: scratch of one plane).
+  void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, acc_t* pooled) const {
+    const scalar_t* p0 = push_plane(n, o);
+    const scalar_t* r0 = pull0 ? pull0 + (n * geo.out_channels + o) * plane : nullptr;
+    const int64_t g = o / (geo.out_channels / geo.groups);
+    const scalar_t* s = box ? box + (n * geo.groups + g) * plane : nullptr;
+    const acc_t m = shift ? static_cast<acc_t>(shift[o]) : acc_t(0), b = bias(o);
+    for (int64_t p = 0; p < plane; ++p) {
+      acc_t r = r0 ? static_cast<acc_t>(r0[p]) : -static_cast<acc_t>(p0[p]);
+      if (s) r += m * static_cast<acc_t>(s[p]);
+      q[p] = r - b;
+    }
+    if (geo.avg_kernel > 1) {
+      box_filter(q, tmp, pooled, geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2, true);
+      std::copy(pooled, pooled + plane, q);
+    }
+  }
+};
+
+template <typename scalar_t>
+PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, const OptTensor& shift,
+                                   const OptTensor& bias_in) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->data_ptr<scalar_t>() : nullptr; };
+  return {geo, ptr(r.push0), ptr(r.pull0), ptr(r.box), opt_ptr(shift), opt_ptr(bias_in), geo.out_height * geo.out_width};
+}
+
+template <typename scalar_t>
+void forward_epilogue(const PlaneInputs<scalar_t>& in, const OptTensor& bias_out, const at::Tensor& alpha,
+                      at::Tensor& out, uint8_t* masks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& geo = in.geo;
+  const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8;
+  const scalar_t* alpha_p = alpha.data_ptr<scalar_t>();
+  const scalar_t* bout_p = bias_out.has_value() ? bias_out->data_ptr<scalar_t>() : nullptr;
+  scalar_t* y = out.data_ptr<scalar_t>();
+  const int64_t mask_half = geo.batch * octets * plane;  // masks[1] starts here
+  // One task = one image and 8 output channels, so each mask byte is written by one task only.
+  at::parallel_for(0, geo.batch * octets, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(plane), tmp(plane), pooled(plane);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / octets, octet = task % octets;
+      uint8_t* mask_p = masks ? masks + task * plane : nullptr;
+      uint8_t* mask_q = masks ? mask_p + mask_half : nullptr;
+      if (masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
+      for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
+        in.pull_response(n, o, q.data(), tmp.data(), pooled.data());
+        const scalar_t* p0 = in.push_plane(n, o);
+        const acc_t b = in.bias(o), a = static_cast<acc_t>(alpha_p[o]);
+        const acc_t bo = bout_p ? static_cast<acc_t>(bout_p[o]) : acc_t(0);
+        const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
+        scalar_t* y_push = y + (n * out_c + o) * plane;
+        scalar_t* y_pull = geo.dual_output ? y + (n * out_c + geo.out_channels + o) * plane : nullptr;
+        const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+        for (int64_t p = 0; p < plane; ++p) {
+          const acc_t push = static_cast<acc_t>(p0[p]) + b, pull = q[p];
+          const acc_t relu_push = push > 0 ? push : acc_t(0), relu_pull = pull > 0 ? pull : acc_t(0);
+          if (y_pull) {
+            y_push[p] = static_cast<scalar_t>(relu_push);
+            y_pull[p] = static_cast<scalar_t>(relu_pull);
+          } else {
+            y_push[p] = static_cast<scalar_t>(relu_push - a * relu_pull + bo);
+          }
+          if (masks) {
+            if (push > 0) mask_p[p] |= bit;
+            if (pull > 0) mask_q[p] |= bit;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Masked gradient fields and per-(image, channel) partial sums of the vector gradients.
+struct BackwardFields {
+  at::Tensor grad_push0;  // dL/dP0 through the push conv (and through R = -P0 for negate/invert)
+  at::Tensor grad_pull0;  // dL/d(conv(x, q)) for upsample
+  at::Tensor grad_box;    // dL/dS for invert: sum_o shift[o] * gQ[o]
+  at::Tensor shift_part, bias_part, alpha_part;  // [N, C_out] in the accumulation type
+};
+
+template <typename scalar_t>
+void backward_epilogue(const PlaneInputs<scalar_t>& in, const at::Tensor& grad_out, const at::Tensor& alpha,
+                       const uint8_t* masks, bool recompute_pull, BackwardFields& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& geo = in.geo;
+  const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
+  const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels, radius = (geo.avg_kernel - 1) / 2;
+  const scalar_t* g = grad_out.data_ptr<scalar_t>();
+  const scalar_t* alpha_p = alpha.data_ptr<scalar_t>();
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
+  scalar_t *g_push = ptr(f.grad_push0), *g_pull = ptr(f.grad_pull0), *g_box = ptr(f.grad_box);
+  acc_t *shift_part = acc_ptr(f.shift_part), *bias_part = acc_ptr(f.bias_part), *alpha_part = acc_ptr(f.alpha_part);
+  // One task = one image and one group, so the group's box-sum gradient has a single writer.
+  at::parallel_for(0, geo.batch * geo.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> gq(plane), tmp(plane), pooled(plane), q(recompute_pull ? plane : 0), box_grad(g_box ? plane : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / geo.groups, grp = task % geo.groups;
+      std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
+      for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
+        const int64_t byte = (n * octets + o / 8) * plane, no = n * geo.out_channels + o;
+        const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+        const uint8_t *mask_p = masks + byte, *mask_q = masks + geo.batch * octets * plane + byte;
+        const scalar_t* g_p = g + (n * out_c + o) * plane;
+        const scalar_t* g_q = geo.dual_output ? g + (n * out_c + geo.out_channels + o) * plane : g_p;
+        const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(alpha_p[o]);
+        if (recompute_pull) {
+          in.pull_response(n, o, q.data(), tmp.data(), pooled.data());
+          acc_t s = 0;
+          for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] > 0 ? q[p] : acc_t(0));
+          alpha_part[no] = s;
+        }
+        for (int64_t p = 0; p < plane; ++p) gq[p] = (mask_q[p] & bit) ? pull_scale * static_cast<acc_t>(g_q[p]) : acc_t(0);
+        if (geo.avg_kernel > 1) {
+          // Adjoint of the average: divide by each output's window count, then sum over the same windows.
+          divide_by_window_count(gq.data(), geo.out_height, geo.out_width, radius);
+          box_filter(gq.data(), tmp.data(), pooled.data(), geo.out_height, geo.out_width, radius, false);
+          std::copy(pooled.begin(), pooled.end(), gq.begin());
+        }
+        const scalar_t* s = in.box ? in.box + (n * geo.groups + grp) * plane : nullptr;
+        const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
+        const bool pull_through_push = geo.pull != PullKind::kSeparable;
+        acc_t sum_gp = 0, sum_gq = 0, sum_gq_box = 0;
+        for (int64_t p = 0; p < plane; ++p) {
+          const acc_t gp = (mask_p[p] & bit) ? static_cast<acc_t>(g_p[p]) : acc_t(0);
+          sum_gp += gp;
+          sum_gq += gq[p];
+          if (g_push) g_push[no * plane + p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
+          if (g_pull) g_pull[no * plane + p] = static_cast<scalar_t>(gq[p]);
+          if (g_box) box_grad[p] += m * gq[p];
+          if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
+        }
+        if (bias_part) bias_part[no] = sum_gp - sum_gq;
+        if (shift_part) shift_part[no] = sum_gq_box;
+      }
+      if (g_box) {
+        for (int64_t p = 0; p < plane; ++p) g_box[(n * geo.groups + grp) * plane + p] = static_cast<scalar_t>(box_grad[p]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- the ops
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                               const OptTensor& pull_shift, const OptTensor& pull_rows,
+                                               const OptTensor& pull_cols, const OptTensor& bias_in,
+                                               const OptTensor& bias_out, const at::Tensor& alpha,
+                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                               at::IntArrayRef pull_padding, at::IntArrayRef dilation, int64_t groups,
+                                               int64_t avg_kernel, bool dual_output, bool save_masks) {
+  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
+                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
+  const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
+  const auto x = input.contiguous();
+  const auto w = weight.contiguous();
+  const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
+  const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
+  const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
+  const OptTensor b_out = bias_out ? OptTensor(bias_out->contiguous()) : std::nullopt;
+  const auto alpha_c = alpha.contiguous();
+  const int64_t out_c = dual_output ? 2 * geo.out_channels : geo.out_channels;
+  auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
+  auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_forward_cpu", [&] {
+    forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), b_out, alpha_c, out,
+                               save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+  });
+  return {out, masks};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const OptTensor& pull_shift,
+    const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in, const at::Tensor& alpha,
+    const at::Tensor& masks, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pull_padding,
+    at::IntArrayRef dilation, int64_t groups, int64_t avg_kernel, bool dual_output, std::array<bool, 6> output_mask) {
+  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt,
+                                          alpha, stride, padding, pull_padding, dilation, groups, avg_kernel,
+                                          dual_output);
+  check_backward_args(geo, grad_output, masks);
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_alpha = output_mask[5] && !dual_output;
+  const bool need_shift = output_mask[2] && geo.pull == PullKind::kShift;
+  const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
+  const auto x = input.contiguous();
+  const auto w = weight.contiguous();
+  const auto g = grad_output.contiguous();
+  const auto masks_c = masks.contiguous();
+  const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
+  const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
+  const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+
+  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
+  Responses r;
+  if (need_alpha) r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
+  else if (need_shift) r.box = box_sum(x, geo, conv).contiguous();
+
+  BackwardFields f;
+  const auto field = [&](int64_t channels) {
+    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
+  };
+  if (need_x || need_w) {
+    f.grad_push0 = field(geo.out_channels);
+    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);
+    if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
+  }
+  if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
+  if (output_mask[3]) f.bias_part = at::empty({geo.batch, geo.out_channels}, acc_options);
+  if (need_alpha) f.alpha_part = at::empty({geo.batch, geo.out_channels}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_backward_cpu", [&] {
+    backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), g, alpha.contiguous(),
+                                masks_c.data_ptr<uint8_t>(), need_alpha, f);
+  });
+
+  const auto none = at::empty({0}, x.options());
+  at::Tensor grad_x = none, grad_w = none;
+  if (need_x || need_w) {
+    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, stride, padding, dilation, false, {0, 0},
+                                          groups, {need_x, need_w, false});
+    if (need_x) grad_x = std::get<0>(grads);
+    if (need_w) grad_w = std::get<1>(grads);
+  }
+  if (f.grad_pull0.defined()) {
+    const auto w1 = pointwise_weight(w);
+    const auto z = need_w ? prefilter(x, *pull_rows, *pull_cols, geo, conv)
+                          : at::empty({geo.batch, w1.size(1) * groups, geo.out_height, geo.out_width}, x.options());
+    auto grads = at::convolution_backward(f.grad_pull0, z, w1, std::nullopt, 1, 0, 1, false, {0, 0}, groups,
+                                          {need_x, need_w, false});
+    if (need_x) grad_x = grad_x + prefilter_adjoint(std::get<0>(grads), *pull_rows, *pull_cols, geo, conv);
+    if (need_w) grad_w = grad_w + std::get<1>(grads).view(w.sizes());
+  }
+  if (f.grad_box.defined()) {
+    auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
+    grad_x = grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, stride, padding, dilation,
+                                                           false, {0, 0}, groups, {true, false, false}));
+  }
+  const auto reduce = [&](const at::Tensor& part, bool wanted) {
+    return wanted ? part.sum(0).to(x.scalar_type()) : none;
+  };
+  const auto grad_shift = need_shift ? reduce(f.shift_part, true)
+                                     : (output_mask[2] ? at::zeros({geo.out_channels}, x.options()) : none);
+  const auto grad_alpha = need_alpha ? reduce(f.alpha_part, true)
+                                     : (output_mask[5] ? at::zeros({geo.out_channels}, x.options()) : none);
+  const auto grad_bias_out = output_mask[4] ? g.sum({0, 2, 3}) : none;
+  return {grad_x, grad_w, grad_shift, reduce(f.bias_part, output_mask[3]), grad_bias_out, grad_alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pushpull, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("backward", &backward_cpu);
+}
+
+}  // namespace pushpull

@@ -1,0 +1,36 @@
+"""Guarded import of the compiled extension and of Triton: the package imports without either.
+
+`CPP_ERROR` / `TRITON_ERROR` say why a backend is missing (None when it is there), so that a user who
+asks for it gets an error that names the cause and the fix.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_BUILD_HINT = "build it with `pip install --no-build-isolation .` (or `-e .`) in the pushpull_ext checkout"
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.pushpull.forward/backward)
+
+    CPP_ERROR = None
+except (ImportError, OSError) as error:  # missing, or built for another torch (undefined symbols)
+    CPP_ERROR = f"the compiled extension pushpull_ext._C could not be loaded ({error}); {_BUILD_HINT}"
+
+# Under the Triton interpreter the kernels run on CPU tensors (tests without a GPU).
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+try:
+    import triton  # noqa: F401
+
+    TRITON_ERROR = None
+except ImportError as error:
+    TRITON_ERROR = f"Triton is not installed ({error}); `pip install triton` (GPUs of compute capability >= 8.0)"
+
+
+def has_cpp_kernel(device_type: str) -> bool:
+    """Whether the compiled op has a kernel for this device type ("cpu" or "cuda")."""
+    if CPP_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("pushpull::forward", key)

@@ -1,0 +1,145 @@
+"""Fake kernels and autograd of the pushpull ops, registered beside the wrappers that call them.
+
+Two op pairs share one contract (documented in `forward_fake` below):
+- `torch.ops.pushpull.forward` / `.backward`: schema in csrc/pushpull.cpp, C++ kernels per backend
+  (csrc/cpu, csrc/cuda);
+- `torch.ops.pushpull.triton_forward` / `.triton_backward`: Triton kernels (kernels/), launched by
+  pushpull_ext/triton_launch.py. On a GPU they are `triton_op`s, so torch.compile traces into the
+  kernels; under TRITON_INTERPRET=1 they are opaque custom ops (the interpreter cannot run on the
+  fake tensors a trace would feed it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._ext import CPP_ERROR, TRITON_ERROR, TRITON_INTERPRET
+from .options import conv_output_size
+
+# Indices, in the forward op's arguments, of the tensors that can receive a gradient, in the order
+# the backward op returns them: input, weight, pull_shift, bias_in, bias_out, alpha.
+GRAD_ARGS = (0, 1, 2, 5, 6, 7)
+
+
+def forward_fake(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
+                 pull_padding, dilation, groups, avg_kernel, dual_output, save_masks):
+    """Shapes of (output, masks).
+
+    output: [N, C_out (2*C_out if dual_output), Ho, Wo], contiguous, input's dtype.
+    masks: uint8 [2, N, ceil(C_out/8), Ho, Wo]; bit o % 8 of byte o // 8 is ReLU'(P) (masks[0]) and
+    ReLU'(Q') (masks[1]) of channel o; empty when save_masks is False.
+    """
+    n, c_out = input.shape[0], weight.shape[0]
+    ho, wo = (conv_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+              for i in range(2))
+    out = input.new_empty((n, 2 * c_out if dual_output else c_out, ho, wo))
+    mask_shape = (2, n, (c_out + 7) // 8, ho, wo) if save_masks else (0,)
+    return out, input.new_empty(mask_shape, dtype=torch.uint8)
+
+
+def backward_fake(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
+                  padding, pull_padding, dilation, groups, avg_kernel, dual_output, output_mask):
+    """(grad_input, grad_weight, grad_pull_shift, grad_bias_in, grad_bias_out, grad_alpha); entries
+    not asked for in output_mask are empty tensors."""
+    c_out = weight.shape[0]
+    shapes = (input.shape, weight.shape, (c_out,), (c_out,), (c_out,), (c_out,))
+    return tuple(input.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask))
+
+
+def _placeholder(t: Tensor) -> Tensor:
+    """A tensor of t's shape that holds no memory: stands in for inputs backward does not read."""
+    return t.new_empty(()).expand(t.shape)
+
+
+def _make_autograd(backward_op):
+    def setup_context(ctx, inputs, output):
+        (input, weight, pull_shift, pull_rows, pull_cols, bias_in, _bias_out, alpha, *options) = inputs
+        ctx.options = options[:-1]  # all but save_masks
+        need = [ctx.needs_input_grad[i] for i in GRAD_ARGS]
+        need_x, need_w, need_shift, _, _, need_alpha = need
+        # The input is read only by the weight / pull_shift gradients and to recompute the pull
+        # response for alpha; the weight only by the input gradient and that recomputation.
+        keep_input = need_w or need_shift or need_alpha
+        keep_weight = need_x or need_alpha
+        ctx.placeholders = (None if keep_input else _placeholder(input), None if keep_weight else _placeholder(weight))
+        ctx.save_for_backward(input if keep_input else None, weight if keep_weight else None, pull_shift, pull_rows,
+                              pull_cols, bias_in, alpha, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_output, _grad_masks):
+        input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks = ctx.saved_tensors
+        input = ctx.placeholders[0] if input is None else input
+        weight = ctx.placeholders[1] if weight is None else weight
+        need = [ctx.needs_input_grad[i] for i in GRAD_ARGS]
+        grads = backward_op(grad_output.contiguous(), input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha,
+                            masks, *ctx.options, need)
+        result = [None] * 16
+        for index, wanted, grad in zip(GRAD_ARGS, need, grads):
+            result[index] = grad if wanted else None
+        return tuple(result)
+
+    return setup_context, backward
+
+
+def _register(forward_op_name: str, backward_op_name: str):
+    torch.library.register_fake(forward_op_name)(forward_fake)
+    torch.library.register_fake(backward_op_name)(backward_fake)
+    backward_op = getattr(torch.ops.pushpull, backward_op_name.split("::")[1])
+    setup_context, backward = _make_autograd(backward_op)
+    torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
+
+
+if CPP_ERROR is None:
+    _register("pushpull::forward", "pushpull::backward")
+
+
+def _empty_batch_forward(*args):
+    out, masks = forward_fake(*args)
+    return out.zero_(), masks
+
+
+def _empty_batch_backward(grad_output, input, weight, *rest):
+    return tuple(g.zero_() for g in backward_fake(grad_output, input, weight, *rest))
+
+
+def _define_triton_ops():
+    from . import triton_launch
+
+    # Opaque custom ops under the interpreter (see module docstring); traceable triton_ops on a GPU.
+    define = torch.library.custom_op if TRITON_INTERPRET else torch.library.triton_op
+
+    @define("pushpull::triton_forward", mutates_args=())
+    def triton_forward(input: Tensor, weight: Tensor, pull_shift: Optional[Tensor], pull_rows: Optional[Tensor],
+                       pull_cols: Optional[Tensor], bias_in: Optional[Tensor], bias_out: Optional[Tensor],
+                       alpha: Tensor, stride: Sequence[int], padding: Sequence[int], pull_padding: Sequence[int],
+                       dilation: Sequence[int], groups: int, avg_kernel: int, dual_output: bool,
+                       save_masks: bool) -> tuple[Tensor, Tensor]:
+        args = (input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
+                pull_padding, dilation, groups, avg_kernel, dual_output, save_masks)
+        if input.shape[0] == 0:  # no program to launch
+            return _empty_batch_forward(*args)
+        return triton_launch.forward(*args)
+
+    @define("pushpull::triton_backward", mutates_args=())
+    def triton_backward(grad_output: Tensor, input: Tensor, weight: Tensor, pull_shift: Optional[Tensor],
+                        pull_rows: Optional[Tensor], pull_cols: Optional[Tensor], bias_in: Optional[Tensor],
+                        alpha: Tensor, masks: Tensor, stride: Sequence[int], padding: Sequence[int],
+                        pull_padding: Sequence[int], dilation: Sequence[int], groups: int, avg_kernel: int,
+                        dual_output: bool, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        args = (grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride, padding,
+                pull_padding, dilation, groups, avg_kernel, dual_output, output_mask)
+        if input.shape[0] == 0:
+            return _empty_batch_backward(*args)
+        return triton_launch.backward(*args)
+
+    _register("pushpull::triton_forward", "pushpull::triton_backward")
+
+
+TRITON_OP_ERROR = TRITON_ERROR
+if TRITON_ERROR is None:
+    try:
+        _define_triton_ops()
+    except ImportError as error:  # the launcher or kernels failed to import
+        TRITON_OP_ERROR = f"the Triton kernels could not be loaded ({error})"

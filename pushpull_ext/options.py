@@ -1,0 +1,227 @@
+"""Argument checking and the pull-kernel geometry, written once for every backend.
+
+`normalize` turns the public arguments of `push_pull_conv2d` into a `PushPullArgs`, raising a clear
+error (naming the argument) for anything the SPEC does not allow. The backends (C++ op, Triton op,
+reference) all receive the same normalized arguments, so no backend repeats these checks in Python.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+PULL_MODES = ("upsample", "invert")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def upsampled_size(size: int, scale: float) -> int:
+    """Pull kernel size of the 2020 layer: floor(size * scale), made odd by adding one."""
+    grown = int(math.floor(size * scale))
+    return grown + 1 if grown % 2 == 0 else grown
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def interpolation_matrix(size: int, new_size: int, dtype, device) -> torch.Tensor:
+    """Matrix U [new_size, size] with U @ v == 1-D bilinear resize (align_corners=True) of v.
+
+    Built by resizing the identity with PyTorch's own bilinear interpolation, so the pull kernel
+    -U k V^T is exactly what `F.interpolate` gives the reference.
+    """
+    eye = torch.eye(size, dtype=torch.float64).view(1, size, size, 1)
+    cols = F.interpolate(eye, size=(new_size, 1), mode="bilinear", align_corners=True)
+    return cols.view(size, new_size).t().contiguous().to(dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class PushPullArgs:
+    """Normalized arguments shared by every backend (see ../shared/SPEC.md)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    pull: str
+    scale: float
+    avg_kernel: int
+    dual_output: bool
+
+    @property
+    def pull_is_negated_push(self) -> bool:
+        """2020 with scale 1: q = -k, so the pull response is -P and needs no convolution."""
+        return self.pull == "upsample" and self.scale == 1
+
+    def pull_size(self, kernel_size: tuple[int, int]) -> tuple[int, int]:
+        if self.pull == "upsample" and self.scale != 1:
+            return tuple(upsampled_size(k, self.scale) for k in kernel_size)
+        return tuple(kernel_size)
+
+    def pull_padding(self, kernel_size: tuple[int, int]) -> tuple[int, int]:
+        # The 2020 code grows the padding by the kernel growth, not scaled by dilation (SPEC).
+        pull_size = self.pull_size(kernel_size)
+        return tuple(q // 2 - k // 2 + p for q, k, p in zip(pull_size, kernel_size, self.padding))
+
+    def output_size(self, input_hw, kernel_size) -> tuple[int, int]:
+        return tuple(
+            conv_output_size(*dims) for dims in zip(input_hw, kernel_size, self.stride, self.padding, self.dilation)
+        )
+
+    def pull_output_size(self, input_hw, kernel_size) -> tuple[int, int]:
+        return tuple(
+            conv_output_size(*dims)
+            for dims in zip(input_hw, self.pull_size(kernel_size), self.stride, self.pull_padding(kernel_size), self.dilation)
+        )
+
+
+def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation, groups, pull, scale,
+              avg_kernel, dual_output) -> tuple[PushPullArgs, torch.Tensor]:
+    """Check every argument; return the normalized options and alpha as a [C_out] tensor."""
+    _check_tensors(input, weight, bias, bias_out, alpha)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be positive, got {dilation}")
+    kernel_size = tuple(weight.shape[2:])
+    padding = _resolve_padding(padding, kernel_size, stride, dilation)
+    if pull not in PULL_MODES:
+        raise ValueError(f"pull must be one of {PULL_MODES}, got {pull!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 1:
+        raise ValueError(f"scale must be a finite number >= 1, got {scale!r}")
+    if isinstance(avg_kernel, bool) or not isinstance(avg_kernel, numbers.Integral) or avg_kernel < 0:
+        raise ValueError(f"avg_kernel must be a non-negative int, got {avg_kernel!r}")
+    if avg_kernel > 1 and avg_kernel % 2 == 0:
+        raise ValueError(f"avg_kernel must be odd (or 0/1 for no pooling), got {avg_kernel}")
+    if dual_output and bias_out is not None:
+        raise ValueError("bias_out cannot be used with dual_output=True (the dual output has no combination)")
+    args = PushPullArgs(stride, padding, dilation, int(groups), pull, float(scale), int(avg_kernel), bool(dual_output))
+    _check_shapes(input, weight, bias, bias_out, args)
+    return args, _alpha_vector(alpha, weight)
+
+
+def _check_tensors(input, weight, bias, bias_out, alpha):
+    named = {"input": input, "weight": weight, "bias": bias, "bias_out": bias_out}
+    if isinstance(alpha, torch.Tensor):
+        named["alpha"] = alpha
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if input is None or weight is None:
+        raise TypeError("input and weight are required tensors")
+    for name, t in named.items():
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {input.dtype}; all must match")
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D [N, C_in, H, W], got {input.dim()}-D shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [C_out, C_in/groups, kh, kw], got shape {tuple(weight.shape)}")
+    if not isinstance(alpha, torch.Tensor) and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
+        raise TypeError(f"alpha must be a number or a tensor, got {type(alpha).__name__}")
+
+
+def _resolve_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError("padding='same' needs stride 1, as in torch.nn.Conv2d")
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("padding='same' needs dilation * (kernel_size - 1) even (symmetric padding)")
+        return (total[0] // 2, total[1] // 2)
+    padding = _pair(padding, "padding")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding}")
+    return padding
+
+
+def _check_shapes(input, weight, bias, bias_out, args: PushPullArgs):
+    c_in, c_out, groups = input.shape[1], weight.shape[0], args.groups
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"groups={groups} must divide input channels ({c_in}) and weight's output channels ({c_out})")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(
+            f"weight expects {weight.shape[1] * groups} input channels (shape {tuple(weight.shape)}, groups={groups}) "
+            f"but input has {c_in}"
+        )
+    if min(weight.shape) < 1:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("bias_out", bias_out)):
+        if t is not None and tuple(t.shape) != (c_out,):
+            raise ValueError(f"{name} must have shape [{c_out}] (C_out), got {tuple(t.shape)}")
+    kernel_size = tuple(weight.shape[2:])
+    if args.pull == "upsample" and args.scale != 1 and any(k % 2 == 0 for k in kernel_size):
+        raise ValueError(
+            f"an even kernel size {kernel_size} with pull='upsample' and scale={args.scale} gives push and pull "
+            "responses of different shapes in the 2020 layer; use an odd kernel or scale=1"
+        )
+    out_hw = args.output_size(input.shape[2:], kernel_size)
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"kernel size {kernel_size} (dilation {args.dilation}) is larger than the padded input "
+            f"{tuple(h + 2 * p for h, p in zip(input.shape[2:], args.padding))}"
+        )
+    if args.pull_output_size(input.shape[2:], kernel_size) != out_hw:
+        raise ValueError(
+            f"pull='upsample' with scale={args.scale} and dilation={args.dilation} gives a pull response of a "
+            "different shape than the push response (the 2020 pull padding is not scaled by dilation); "
+            "use dilation 1 or scale 1"
+        )
+
+
+def _alpha_vector(alpha, weight) -> torch.Tensor:
+    c_out = weight.shape[0]
+    if not isinstance(alpha, torch.Tensor):
+        return torch.full((c_out,), float(alpha), dtype=weight.dtype, device=weight.device)
+    if alpha.dim() == 0:
+        return alpha.expand(c_out)
+    if tuple(alpha.shape) == (c_out,):
+        return alpha
+    raise ValueError(f"alpha must be a number or a tensor of shape [] or [{c_out}] (C_out), got {tuple(alpha.shape)}")
+
+
+def pull_operands(weight: torch.Tensor, args: PushPullArgs):
+    """What the fused ops need to know of q(k): (pull_shift, pull_rows, pull_cols), at most one kind set.
+
+    - invert: pull_shift [C_out] = max + min of each filter, so q = -k + pull_shift (autograd carries its
+      gradient back to `weight` through amax/amin, sharing it evenly among ties as the SPEC asks);
+    - upsample, scale != 1: q = -pull_rows @ k @ pull_cols^T, two fixed interpolation matrices;
+    - upsample, scale 1: q = -k, all three None.
+    """
+    if args.pull == "invert":
+        dims = (1, 2, 3)
+        return weight.amax(dims) + weight.amin(dims), None, None
+    if args.pull_is_negated_push:
+        return None, None, None
+    (kh, kw), (qh, qw) = weight.shape[2:], args.pull_size(tuple(weight.shape[2:]))
+    rows = interpolation_matrix(kh, qh, weight.dtype, weight.device)
+    cols = interpolation_matrix(kw, qw, weight.dtype, weight.device)
+    return None, rows, cols

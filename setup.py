@@ -1,0 +1,53 @@
+"""Builds pushpull_ext._C with torch.utils.cpp_extension.
+
+- CPU only (default without CUDA): a CppExtension from csrc/*.cpp and csrc/cpu/*.cpp.
+- With CUDA torch and a CUDA toolkit, or FORCE_CUDA=1: a CUDAExtension that adds csrc/cuda/*.cu,
+  for the architectures in TORCH_CUDA_ARCH_LIST (a V100 needs CUDA 11.8-12.x and "7.0").
+No network access and no pip calls here: `pip install --no-build-isolation .` uses the torch you have.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(*patterns):
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join("csrc", pattern)))
+
+
+def _want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None and bool(_sources("cuda/*.cu"))
+
+
+def _extension():
+    # -fopenmp: at::parallel_for is a header template that parallelizes only when compiled with OpenMP.
+    cxx = ["-O3", "-fopenmp"]
+    sources = _sources("*.cpp", "cpu/*.cpp")
+    if _want_cuda():
+        return CUDAExtension(
+            "pushpull_ext._C",
+            sources + _sources("cuda/*.cpp", "cuda/*.cu"),
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension("pushpull_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="pushpull_ext",
+    version="0.1.0",
+    description="Fused push-pull inhibition convolutions for PyTorch (Triton, C++/CUDA, CPU)",
+    packages=find_packages(include=["pushpull_ext", "pushpull_ext.*"]) + ["pushpull_ext.kernels"],
+    package_dir={"pushpull_ext.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=os.environ.get("USE_NINJA", "1") == "1")},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={"triton": ["triton>=3.6"], "bench": ["matplotlib", "tqdm"], "test": ["pytest", "hypothesis"]},
+)
