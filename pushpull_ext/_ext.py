@@ -28,9 +28,17 @@ except ImportError as error:
     TRITON_ERROR = f"Triton is not installed ({error}); `pip install triton` (GPUs of compute capability >= 8.0)"
 
 
+def _cpp_kernels() -> frozenset:
+    if CPP_ERROR is not None:
+        return frozenset()
+    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key("pushpull::forward", key))
+
+
+# Read once at import (the kernels register when _C loads), so torch.compile traces a constant.
+_CPP_KERNELS = _cpp_kernels()
+
+
 def has_cpp_kernel(device_type: str) -> bool:
     """Whether the compiled op has a kernel for this device type ("cpu" or "cuda")."""
-    if CPP_ERROR is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("pushpull::forward", key)
+    return device_type in _CPP_KERNELS

@@ -83,12 +83,17 @@ def _make_autograd(backward_op):
     return setup_context, backward
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("pushpull: double backward (gradient of the gradient) is not supported")
+
+
 def _register(forward_op_name: str, backward_op_name: str):
     torch.library.register_fake(forward_op_name)(forward_fake)
     torch.library.register_fake(backward_op_name)(backward_fake)
     backward_op = getattr(torch.ops.pushpull, backward_op_name.split("::")[1])
     setup_context, backward = _make_autograd(backward_op)
     torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(backward_op_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 if CPP_ERROR is None:

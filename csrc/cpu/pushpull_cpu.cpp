@@ -388,7 +388,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      : (output_mask[2] ? at::zeros({geo.out_channels}, x.options()) : none);
   const auto grad_alpha = need_alpha ? reduce(f.alpha_part, true)
                                      : (output_mask[5] ? at::zeros({geo.out_channels}, x.options()) : none);
-  const auto grad_bias_out = output_mask[4] ? g.sum({0, 2, 3}) : none;
+  // bias_out does not exist with the dual output (its gradient, if asked for, is zero).
+  const auto grad_bias_out = !output_mask[4] ? none : dual_output ? at::zeros({geo.out_channels}, x.options())
+                                                                   : g.sum({0, 2, 3});
   return {grad_x, grad_w, grad_shift, reduce(f.bias_part, output_mask[3]), grad_bias_out, grad_alpha};
 }
 

@@ -1,0 +1,61 @@
+"""Shared fixtures: the seed, and the (backend, device) pairs this machine can run.
+
+Without a GPU the Triton kernels run on CPU tensors through the Triton interpreter, which must be
+switched on before triton is first imported: hence the environment variable set here, at import.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import pushpull_ext  # noqa: E402
+from pushpull_ext._ext import has_cpp_kernel  # noqa: E402
+from pushpull_ext.ops import TRITON_OP_ERROR  # noqa: E402
+
+
+def _backend_devices():
+    pairs = [("reference", "cpu")]
+    if has_cpp_kernel("cpu"):
+        pairs.append(("cpu", "cpu"))
+    if torch.cuda.is_available():
+        pairs.append(("reference", "cuda"))
+        if has_cpp_kernel("cuda"):
+            pairs.append(("cuda", "cuda"))
+        if TRITON_OP_ERROR is None and torch.cuda.get_device_capability()[0] >= 8:
+            pairs.append(("triton", "cuda"))
+    elif TRITON_OP_ERROR is None:
+        pairs.append(("triton", "cpu"))  # interpreter
+    return pairs
+
+
+BACKEND_DEVICES = _backend_devices()
+FUSED_BACKEND_DEVICES = [p for p in BACKEND_DEVICES if p[0] != "reference"]
+
+
+def _ids(pairs):
+    return [f"{b}-{d}" for b, d in pairs]
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=_ids(BACKEND_DEVICES))
+def backend_device(request):
+    return request.param
+
+
+@pytest.fixture(params=FUSED_BACKEND_DEVICES, ids=_ids(FUSED_BACKEND_DEVICES))
+def fused_backend_device(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    return [f"pushpull_ext backends here: {_ids(BACKEND_DEVICES)}",
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; available: {pushpull_ext.available_backends()}"]

@@ -1,0 +1,116 @@
+"""Every backend against the reference (the SPEC formula) on every option: float64 to 1e-9 with
+gradcheck, float32 to 1e-4 relative, low precision within 2x of eager PyTorch's own error."""
+import pytest
+import torch
+
+from cases import CASE_PARAMS, call, make_case
+from pushpull_ext import push_pull_conv2d
+
+
+def _outputs_and_grads(backend, inputs, opts, grad_seed=1):
+    out = call(push_pull_conv2d, inputs, opts, backend=backend)
+    leaves = [t for t in inputs.values() if t.requires_grad]
+    if not leaves:
+        return out, []
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return out, list(grads)
+
+
+def _reference_float64(inputs, opts):
+    as64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    return _outputs_and_grads("reference", as64, opts)
+
+
+def _assert_rel_close(actual, expected, rtol, what):
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * max(scale, 1e-30),
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("sizes, options", CASE_PARAMS)
+def test_float64_matches_reference(backend_device, sizes, options):
+    backend, device = backend_device
+    inputs, opts = make_case(sizes, options, torch.float64, device)
+    out, grads = _outputs_and_grads(backend, inputs, opts)
+    ref_out, ref_grads = _reference_float64(inputs, opts)
+    _assert_rel_close(out, ref_out, 1e-9, "output")
+    for name, g, r in zip([k for k, v in inputs.items() if v.requires_grad], grads, ref_grads):
+        _assert_rel_close(g, r, 1e-9, f"grad of {name}")
+
+
+@pytest.mark.parametrize("sizes, options", CASE_PARAMS)
+def test_gradcheck_float64(backend_device, sizes, options):
+    backend, device = backend_device
+    inputs, opts = make_case(sizes, options, torch.float64, device)
+    names = list(inputs)
+
+    def fn(*tensors):
+        return call(push_pull_conv2d, dict(zip(names, tensors)), opts, backend=backend)
+
+    # Full Jacobians for the shipped CPU kernel; gradcheck's fast mode (random projections) for the
+    # slow Triton interpreter and for the reference, whose autograd is PyTorch's own.
+    fast = backend != "cpu"
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()), fast_mode=fast)
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias_out"])
+def test_gradient_of_one_input_only(backend_device, which):
+    """Backward computes (and saves inputs for) only what is asked: each alone must still be right."""
+    backend, device = backend_device
+    sizes, options = CASE_PARAMS[5].values  # 2024 stem: every vector argument present
+    inputs, opts = make_case(sizes, options, torch.float64, device, requires_grad=False)
+    inputs[which].requires_grad_(True)
+    out, grads = _outputs_and_grads(backend, inputs, opts)
+    ref_out, ref_grads = _reference_float64(inputs, opts)
+    _assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
+
+
+def test_invert_ties_share_gradient_like_autograd(backend_device):
+    """amax/amin ties (quantized weights) split the pull gradient evenly, as torch autograd does."""
+    backend, device = backend_device
+    sizes, options = CASE_PARAMS[5].values
+    inputs, opts = make_case(sizes, options, torch.float64, device)
+    with torch.no_grad():
+        inputs["weight"].copy_(torch.round(inputs["weight"] * 4) / 4)  # many equal max/min taps
+    out, grads = _outputs_and_grads(backend, inputs, opts)
+    ref_out, ref_grads = _reference_float64(inputs, opts)
+    _assert_rel_close(grads[1], ref_grads[1], 1e-9, "grad of weight with ties")
+
+
+@pytest.mark.parametrize("sizes, options", CASE_PARAMS)
+def test_float32_within_spec(backend_device, sizes, options):
+    backend, device = backend_device
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False  # SPEC: 1e-4 relative with TF32 off
+        torch.backends.cuda.matmul.allow_tf32 = False
+    n, c_in, c_out, h, w, kh, kw = sizes
+    inputs, opts = make_case((n, c_in * 2, c_out * 2, h, w, kh, kw), options, torch.float32, device, scale_hw=2)
+    out, grads = _outputs_and_grads(backend, inputs, opts)
+    ref_out, ref_grads = _reference_float64(inputs, opts)
+    _assert_rel_close(out, ref_out, 1e-4, "output")
+    for g, r in zip(grads, ref_grads):
+        _assert_rel_close(g, r, 1e-4, "gradient")
+
+
+def _low_precision_dtypes(backend, device):
+    if backend == "triton" and device == "cpu":
+        return []  # the interpreter has no bf16/fp16 arithmetic
+    return [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("sizes, options", CASE_PARAMS[:1] + CASE_PARAMS[5:7])
+def test_low_precision_within_twice_eager_error(fused_backend_device, dtype, sizes, options):
+    backend, device = fused_backend_device
+    if dtype not in _low_precision_dtypes(backend, device):
+        pytest.skip("the Triton interpreter has no bf16/fp16 arithmetic")
+    inputs, opts = make_case(sizes, options, torch.float64, device, requires_grad=False, scale_hw=2)
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    exact = call(push_pull_conv2d, inputs, opts, backend="reference")
+    ours = call(push_pull_conv2d, low, opts, backend=backend)
+    eager = call(push_pull_conv2d, low, opts, backend="reference")
+    assert ours.dtype == dtype
+    our_error = (ours.double() - exact).abs().max().item()
+    eager_error = (eager.double() - exact).abs().max().item()
+    assert our_error <= 2 * eager_error + 1e-6, f"ours {our_error:.3g} vs eager {eager_error:.3g}"
