@@ -14,9 +14,13 @@ from .reference import pull_kernel, push_pull_reference
 
 def available_backends() -> dict:
     """Each backend and None if it can be built/loaded here, else why not."""
+    from ._ext import has_cpp_kernel
     from .ops import TRITON_OP_ERROR
 
-    return {"cpu": CPP_ERROR, "cuda": CPP_ERROR, "triton": TRITON_OP_ERROR, "reference": None}
+    def cpp(device):
+        return CPP_ERROR or (None if has_cpp_kernel(device) else f"pushpull_ext._C has no {device} kernels in this build")
+
+    return {"cpu": cpp("cpu"), "cuda": cpp("cuda"), "triton": TRITON_OP_ERROR, "reference": None}
 
 
 __all__ = ["push_pull_conv2d", "PushPullConv2d", "PushPullArgs", "pull_kernel", "push_pull_reference",

@@ -2,7 +2,7 @@
 //
 // Neither pull kernel costs a second full convolution (SPEC, "Algebra the fast paths may use"):
 //   invert:   R = shift[o] * S - P0, with S the per-group box sum of the input (a 1-channel conv);
-//   upsample: R = conv1x1(z, k), z = separable depthwise prefilter of the input (rows, cols);
+//   upsample: R = k @ z (shared weight matrix), z = separable prefilter of the input (rows, cols);
 //   scale 1:  R = -P0.
 // ATen computes P0 (and z or S) with its own convolutions; one fused pass per (image, 8 channels)
 // then does the pooling, ReLUs, alpha, biases and packs the ReLU masks 8 channels per byte.
@@ -41,38 +41,151 @@ at::Tensor box_sum(const at::Tensor& x, const Geometry& geo, const ConvArgs& c) 
   return conv(x, ones, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups);
 }
 
-// The rank-1 depthwise filters of the upsample pull: -rows[:, i] (vertical) and cols[:, j] (horizontal).
-at::Tensor row_filters(const at::Tensor& rows) { return (-rows).t().contiguous().view({rows.size(1), 1, rows.size(0), 1}); }
-at::Tensor col_filters(const at::Tensor& cols) { return cols.t().contiguous().view({cols.size(1), 1, 1, cols.size(0)}); }
+// ---- upsample: q[o, c] = -rows @ k[o, c] @ cols^T, so conv(x, q)[o] = sum_{c,i,j} k[o,c,i,j] z[c,i,j] with
+// z[c,i,j] = conv(x[c], -rows[:, i] cols[:, j]^T): a separable prefilter of each input plane, after which
+// push and pull share the weight matrix [C_out, C_in/groups * kh * kw].
 
-// z[n, (c, i, j)] = conv2d(x[n, c], -rows[:, i] cols[:, j]^T, stride, pull_padding, dilation):
-// [N, C_in * kh * kw, Ho, Wo], so that conv(x, q) == conv1x1(z, k) with groups.
+// Index math shared by the prefilter and its adjoint: output row ho with tap a reads input row
+// ho * stride + a * dilation - pull_padding (zero outside [0, H)).
+struct PrefilterGeometry {
+  int64_t height, width, out_height, out_width, kernel_h, kernel_w, pull_h, pull_w;
+  int64_t stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
+  int64_t in_row(int64_t ho, int64_t a) const { return ho * stride_h + a * dil_h - pad_h; }
+  int64_t in_col(int64_t wo, int64_t b) const { return wo * stride_w + b * dil_w - pad_w; }
+};
+
+PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols) {
+  return {geo.height, geo.width, geo.out_height, geo.out_width, geo.kernel_h, geo.kernel_w, rows.size(0), cols.size(0),
+          c.stride[0], c.stride[1], c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
+}
+
+// One plane: x [H, W] -> z [kh * kw, Ho, Wo]; tmp holds the vertical pass [kh, Ho, W].
+template <typename scalar_t, typename acc_t>
+void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* x, acc_t* tmp,
+                     scalar_t* z) {
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+      acc_t* t = tmp + (i * g.out_height + ho) * g.width;
+      std::fill(t, t + g.width, acc_t(0));
+      for (int64_t a = 0; a < g.pull_h; ++a) {
+        const int64_t h = g.in_row(ho, a);
+        if (h < 0 || h >= g.height) continue;
+        const acc_t u = -rows[a * g.kernel_h + i];
+        const scalar_t* xr = x + h * g.width;
+        for (int64_t w = 0; w < g.width; ++w) t[w] += u * static_cast<acc_t>(xr[w]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    for (int64_t j = 0; j < g.kernel_w; ++j) {
+      for (int64_t ho = 0; ho < g.out_height; ++ho) {
+        const acc_t* t = tmp + (i * g.out_height + ho) * g.width;
+        scalar_t* zr = z + ((i * g.kernel_w + j) * g.out_height + ho) * g.out_width;
+        for (int64_t wo = 0; wo < g.out_width; ++wo) {
+          acc_t s = 0;
+          for (int64_t b = 0; b < g.pull_w; ++b) {
+            const int64_t w = g.in_col(wo, b);
+            if (w >= 0 && w < g.width) s += cols[b * g.kernel_w + j] * t[w];
+          }
+          zr[wo] = static_cast<scalar_t>(s);
+        }
+      }
+    }
+  }
+}
+
+// Adjoint of prefilter_plane: gz [kh * kw, Ho, Wo] -> gx [H, W] (overwritten); tmp as above.
+template <typename scalar_t, typename acc_t>
+void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* gz,
+                             acc_t* tmp, scalar_t* gx) {
+  std::fill(tmp, tmp + g.kernel_h * g.out_height * g.width, acc_t(0));
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    for (int64_t j = 0; j < g.kernel_w; ++j) {
+      for (int64_t ho = 0; ho < g.out_height; ++ho) {
+        acc_t* t = tmp + (i * g.out_height + ho) * g.width;
+        const scalar_t* zr = gz + ((i * g.kernel_w + j) * g.out_height + ho) * g.out_width;
+        for (int64_t wo = 0; wo < g.out_width; ++wo) {
+          const acc_t v = static_cast<acc_t>(zr[wo]);
+          for (int64_t b = 0; b < g.pull_w; ++b) {
+            const int64_t w = g.in_col(wo, b);
+            if (w >= 0 && w < g.width) t[w] += cols[b * g.kernel_w + j] * v;
+          }
+        }
+      }
+    }
+  }
+  std::vector<acc_t> acc(g.height * g.width, acc_t(0));
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+      const acc_t* t = tmp + (i * g.out_height + ho) * g.width;
+      for (int64_t a = 0; a < g.pull_h; ++a) {
+        const int64_t h = g.in_row(ho, a);
+        if (h < 0 || h >= g.height) continue;
+        const acc_t u = -rows[a * g.kernel_h + i];
+        for (int64_t w = 0; w < g.width; ++w) acc[h * g.width + w] += u * t[w];
+      }
+    }
+  }
+  for (int64_t p = 0; p < g.height * g.width; ++p) gx[p] = static_cast<scalar_t>(acc[p]);
+}
+
+// z: [N, C_in * kh * kw, Ho * Wo], ordered (c, i, j) like the weight's flattening.
 at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols, const Geometry& geo,
                      const ConvArgs& c) {
-  auto t = conv(x.reshape({geo.batch * geo.in_channels, 1, geo.height, geo.width}), row_filters(rows),
-                {c.stride[0], 1}, {c.pull_padding[0], 0}, {c.dilation[0], 1});
-  auto z = conv(t.reshape({-1, 1, geo.out_height, geo.width}), col_filters(cols), {1, c.stride[1]},
-                {0, c.pull_padding[1]}, {1, c.dilation[1]});
-  return z.reshape({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width});
+  const auto g = prefilter_geometry(geo, c, rows, cols);
+  const int64_t taps = geo.kernel_h * geo.kernel_w, out_plane = geo.out_height * geo.out_width;
+  auto z = at::empty({geo.batch, geo.in_channels * taps, out_plane}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_prefilter", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto r = rows.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const auto k = cols.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* zp = z.data_ptr<scalar_t>();
+    at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tmp(geo.kernel_h * geo.out_height * geo.width);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        prefilter_plane(g, r.data_ptr<acc_t>(), k.data_ptr<acc_t>(), xp + plane * geo.height * geo.width, tmp.data(),
+                        zp + plane * taps * out_plane);
+      }
+    });
+  });
+  return z;
 }
 
-// Adjoint of `prefilter`: gradient w.r.t. x from the gradient w.r.t. z.
 at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, const at::Tensor& cols,
                              const Geometry& geo, const ConvArgs& c) {
-  const int64_t planes = geo.batch * geo.in_channels;
-  auto opts = grad_z.options();
-  auto grad_t = std::get<0>(at::convolution_backward(
-      grad_z.reshape({planes * geo.kernel_h, geo.kernel_w, geo.out_height, geo.out_width}),
-      at::empty({planes * geo.kernel_h, 1, geo.out_height, geo.width}, opts), col_filters(cols), std::nullopt,
-      {1, c.stride[1]}, {0, c.pull_padding[1]}, {1, c.dilation[1]}, false, {0, 0}, 1, {true, false, false}));
-  auto grad_x = std::get<0>(at::convolution_backward(
-      grad_t.reshape({planes, geo.kernel_h, geo.out_height, geo.width}),
-      at::empty({planes, 1, geo.height, geo.width}, opts), row_filters(rows), std::nullopt, {c.stride[0], 1},
-      {c.pull_padding[0], 0}, {c.dilation[0], 1}, false, {0, 0}, 1, {true, false, false}));
-  return grad_x.reshape({geo.batch, geo.in_channels, geo.height, geo.width});
+  const auto g = prefilter_geometry(geo, c, rows, cols);
+  const int64_t taps = geo.kernel_h * geo.kernel_w, out_plane = geo.out_height * geo.out_width;
+  const auto gz = grad_z.contiguous();
+  auto gx = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, gz.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gz.scalar_type(), "pushpull_prefilter_adjoint", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto r = rows.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const auto k = cols.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const scalar_t* gzp = gz.data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> tmp(geo.kernel_h * geo.out_height * geo.width);
+      for (int64_t plane = begin; plane < end; ++plane) {
+        prefilter_adjoint_plane(g, r.data_ptr<acc_t>(), k.data_ptr<acc_t>(), gzp + plane * taps * out_plane,
+                                tmp.data(), gxp + plane * geo.height * geo.width);
+      }
+    });
+  });
+  return gx;
 }
 
-at::Tensor pointwise_weight(const at::Tensor& weight) { return weight.reshape({weight.size(0), -1, 1, 1}); }
+// The push weight as one matrix per group, [groups, C_out/groups, C_in/groups * kh * kw].
+at::Tensor grouped_weight(const at::Tensor& weight, int64_t groups) {
+  return weight.reshape({groups, weight.size(0) / groups, -1});
+}
+
+// conv(x, q) = weight @ z per group: [N, C_out, Ho, Wo].
+at::Tensor pull_from_prefilter(const at::Tensor& z, const at::Tensor& weight, const Geometry& geo) {
+  auto zg = z.view({geo.batch, geo.groups, -1, geo.out_height * geo.out_width});
+  return at::matmul(grouped_weight(weight, geo.groups), zg)
+      .view({geo.batch, geo.out_channels, geo.out_height, geo.out_width});
+}
 
 // P0 = conv(x, k); pull0 = conv(x, q) for upsample; box = S for invert. All contiguous NCHW.
 struct Responses {
@@ -84,8 +197,7 @@ Responses compute_responses(const at::Tensor& x, const at::Tensor& weight, const
   Responses r;
   r.push0 = conv(x, weight, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
   if (geo.pull == PullKind::kSeparable) {
-    auto z = prefilter(x, *rows, *cols, geo, c);
-    r.pull0 = conv(z, pointwise_weight(weight), {1, 1}, {0, 0}, {1, 1}, geo.groups).contiguous();
+    r.pull0 = pull_from_prefilter(prefilter(x, *rows, *cols, geo, c), weight, geo);
   } else if (geo.pull == PullKind::kShift) {
     r.box = box_sum(x, geo, c).contiguous();
   }
@@ -368,13 +480,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (need_w) grad_w = std::get<1>(grads);
   }
   if (f.grad_pull0.defined()) {
-    const auto w1 = pointwise_weight(w);
-    const auto z = need_w ? prefilter(x, *pull_rows, *pull_cols, geo, conv)
-                          : at::empty({geo.batch, w1.size(1) * groups, geo.out_height, geo.out_width}, x.options());
-    auto grads = at::convolution_backward(f.grad_pull0, z, w1, std::nullopt, 1, 0, 1, false, {0, 0}, groups,
-                                          {need_x, need_w, false});
-    if (need_x) grad_x = grad_x + prefilter_adjoint(std::get<0>(grads), *pull_rows, *pull_cols, geo, conv);
-    if (need_w) grad_w = grad_w + std::get<1>(grads).view(w.sizes());
+    // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
+    const auto grad_r = f.grad_pull0.view({geo.batch, geo.groups, geo.out_channels / geo.groups, -1});
+    const auto w_g = grouped_weight(w, geo.groups);
+    if (need_w) {
+      const auto z = prefilter(x, *pull_rows, *pull_cols, geo, conv).view({geo.batch, geo.groups, w_g.size(2), -1});
+      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).sum(0).view(w.sizes());
+    }
+    if (need_x) {
+      const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
+      grad_x = grad_x + prefilter_adjoint(grad_z, *pull_rows, *pull_cols, geo, conv);
+    }
   }
   if (f.grad_box.defined()) {
     auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());

@@ -1,0 +1,35 @@
+"""Small @triton.jit helpers shared by the forward and backward kernels."""
+import triton
+import triton.language as tl
+
+# Pull modes, as the `MODE` constexpr of every kernel.
+MODE_SCALE1 = tl.constexpr(0)    # 2020, scale 1: q = -k, the pull response is -P0
+MODE_INVERT = tl.constexpr(1)    # 2024: q = -k + shift[o], pull response = shift[o] * S - P0
+MODE_UPSAMPLE = tl.constexpr(2)  # 2020, scale != 1: q = -U k V^T on its own (larger) window
+
+
+@triton.jit
+def mma(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """acc + a @ b with the accumulator precision of the SPEC (fp64 for fp64, fp32 otherwise)."""
+    if IS_FP64:
+        out = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+    elif ALLOW_TF32:
+        out = tl.dot(a, b, acc, input_precision="tf32", out_dtype=tl.float32)
+    else:
+        out = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
+    return out
+
+
+@triton.jit
+def any_push_tap(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
+    """Whether a chunk of the tap-major reduction index r = tap * RED_INNER + inner touches the
+    push kernel's taps (rectangle [PUSH_I0, PUSH_I1] x [PUSH_J0, PUSH_J1] of the tap window).
+
+    Only used to skip the push MMA on chunks where the embedded push weights are all zero
+    (upsample mode); correctness does not depend on it.
+    """
+    t = r // RED_INNER
+    i = t // TW
+    j = t % TW
+    inside = (r < K_TOTAL) & (i >= PUSH_I0) & (i <= PUSH_I1) & (j >= PUSH_J0) & (j <= PUSH_J1)
+    return tl.max(inside.to(tl.int32), axis=0) > 0

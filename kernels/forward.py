@@ -1,0 +1,217 @@
+"""Forward kernels of the fused push-pull convolution.
+
+`pp_fwd_conv_kernel` is an implicit-GEMM convolution: one program owns a tile of BLOCK_M output
+pixels (flattened over batch and space, so small feature maps do not waste the tile) times BLOCK_N
+output channels, and reduces over a *tap window* of the input: the folded index
+r = tap * C_in_per_group + c (tap = i * TW + j, input channel innermost), so that a 3-channel stem
+with a 3x3 kernel is one 27-long reduction and not 9 padded 3-long ones. Loads of the input are
+gathered with padding masks (no im2col buffer); the weights come as a [K, C_out] matrix prepared by
+the launcher. The accumulator is fp32 (fp64 for fp64).
+
+Pull modes (MODE constexpr, see common.py):
+- scale 1 (q = -k): one MMA; the pull response is -P0.
+- invert (q = -k + shift[o]): one MMA; S (the per-group box sum of the input) is the row sum of the
+  very input tiles the MMA consumes, so R = shift[o] * S - P0 costs no second convolution.
+- upsample (q = -U k V^T, window kh' x kw'): the tap window is the pull window; the push kernel is
+  embedded (zero padded) in it by the launcher, so ONE gathered input tile feeds both the push and
+  the pull MMA; chunks of the reduction that contain no push tap skip the push MMA.
+
+Output channels of one tile may straddle groups (the tile is aligned to 8 channels so that the
+packed mask bytes are owned by exactly one program): the program loops over the groups its tile
+touches, masking the weights of the other groups' channels. With groups == 1 this is one pass.
+
+Epilogue (no pooling): P = P0 + b_in, Q = R - b_in, y = relu(P) - alpha * relu(Q) + b_out (or the
+dual concat), mask bits, all in registers; y is written once and the masks once, 8 channels a byte.
+
+With pooling (avg_kernel > 1) every output pixel needs Q on a halo of (a-1)/2 pixels. This
+implementation does NOT recompute the halo: the conv kernel writes P and Q (accumulator dtype) to
+two scratch fields of the output's size, and `pp_fwd_pool_epilogue_kernel` pools Q
+(count_include_pad=False, exact at borders), applies the same epilogue and writes y and the masks.
+Cost versus a fully fused kernel: 2 extra writes + (1 + a^2, mostly cache-served) reads of an
+[N, C_out, Ho, Wo] accumulator-dtype field, and a second launch.
+"""
+import triton
+import triton.language as tl
+
+from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, mma
+
+
+@triton.jit
+def _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
+                 bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr,
+                 N, C_OUT, HOWO,
+                 HAS_BOUT: tl.constexpr, DUAL: tl.constexpr, SAVE_MASKS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """P, Q: [BLOCK_M, BLOCK_N] push response and (pooled) pull response, biases included."""
+    n_img = (offs_m // HOWO).to(tl.int64)
+    pix = offs_m % HOWO
+    valid = m_valid[:, None] & n_valid[None, :]
+    zero = tl.zeros_like(P)
+    rp = tl.maximum(P, zero)
+    rq = tl.maximum(Q, zero)
+    out_ty = y_ptr.dtype.element_ty
+    if DUAL:
+        base = n_img[:, None] * (2 * C_OUT) * HOWO + pix[:, None]
+        tl.store(y_ptr + base + offs_n[None, :] * HOWO, rp.to(out_ty), mask=valid)
+        tl.store(y_ptr + base + (offs_n[None, :] + C_OUT) * HOWO, rq.to(out_ty), mask=valid)
+    else:
+        alpha = tl.load(alpha_ptr + offs_n, mask=n_valid, other=0.0).to(P.dtype)
+        out = rp - alpha[None, :] * rq
+        if HAS_BOUT:
+            bout = tl.load(bout_ptr + offs_n, mask=n_valid, other=0.0).to(P.dtype)
+            out = out + bout[None, :]
+        off = n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO + pix[:, None]
+        tl.store(y_ptr + off, out.to(out_ty), mask=valid)
+    if SAVE_MASKS:
+        # masks[2, N, ceil(C_OUT / 8), Ho, Wo]: bit (o % 8) of byte o // 8. BLOCK_N % 8 == 0 and the
+        # tile starts at a multiple of BLOCK_N, so this program owns whole bytes.
+        NB: tl.constexpr = BLOCK_N // 8
+        CB = (C_OUT + 7) // 8
+        bit = (1 << (offs_n % 8))[None, :]
+        bp = tl.where(valid & (P > 0), bit, 0)
+        bq = tl.where(valid & (Q > 0), bit, 0)
+        byte_p = tl.sum(tl.reshape(bp, (BLOCK_M, NB, 8)), axis=2).to(tl.uint8)
+        byte_q = tl.sum(tl.reshape(bq, (BLOCK_M, NB, 8)), axis=2).to(tl.uint8)
+        offs_b = pid_n * NB + tl.arange(0, NB)
+        bvalid = m_valid[:, None] & (offs_b < CB)[None, :]
+        moff = n_img[:, None] * CB * HOWO + offs_b[None, :] * HOWO + pix[:, None]
+        tl.store(mask_ptr + moff, byte_p, mask=bvalid)
+        tl.store(mask_ptr + tl.cast(N, tl.int64) * CB * HOWO + moff, byte_q, mask=bvalid)
+
+
+@triton.jit
+def pp_fwd_conv_kernel(
+    x_ptr, wp_ptr, wq_ptr, shift_ptr, bin_ptr, bout_ptr, alpha_ptr,
+    y_ptr, mask_ptr, pbuf_ptr, qbuf_ptr,
+    N, C_IN, H, W, C_OUT, HO, WO,
+    CG, CGO,                        # input / output channels per group
+    SH, SW, PH, PW, DH, DW,         # stride; padding and dilation of the tap window
+    TH, TW,                         # tap window (push kernel, or pull kernel for upsample)
+    NG_TILE,                        # most groups one BLOCK_N channel tile straddles
+    PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1,  # push taps inside the window (upsample MMA skipping)
+    MODE: tl.constexpr, HAS_BIN: tl.constexpr, HAS_BOUT: tl.constexpr, DUAL: tl.constexpr,
+    SAVE_MASKS: tl.constexpr, POOLED: tl.constexpr, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HOWO = HO * WO
+    HW = H * W
+    K_TOTAL = CG * TH * TW
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid = offs_m < N * HOWO
+    n_valid = offs_n < C_OUT
+    n_img = (offs_m // HOWO).to(tl.int64)
+    pix = offs_m % HOWO
+    hi0 = (pix // WO) * SH - PH
+    wi0 = (pix % WO) * SW - PW
+    x_img = x_ptr + n_img * C_IN * HW          # [BLOCK_M] pointers (64-bit image offset)
+    o_group = offs_n // CGO
+
+    ACC = tl.float64 if IS_FP64 else tl.float32
+    acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if MODE == MODE_UPSAMPLE:
+        acc_q = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    if MODE == MODE_INVERT:
+        s_tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+
+    g_lo = (pid_n * BLOCK_N) // CGO
+    g_hi = (tl.minimum(pid_n * BLOCK_N + BLOCK_N, C_OUT) - 1) // CGO
+    # Loop bounds independent of program_id (NG_TILE = most groups one tile touches, from the
+    # host) keep the loop a plain counted loop; iterations past this tile's last group are skipped.
+    for gi in range(0, NG_TILE):
+        g = g_lo + gi
+        if g <= g_hi:
+            w_col = n_valid & (o_group == g)
+            if MODE == MODE_INVERT:
+                s_g = tl.zeros((BLOCK_M,), dtype=ACC)
+            for k0 in range(0, K_TOTAL, BLOCK_K):
+                r = k0 + tl.arange(0, BLOCK_K)
+                r_valid = r < K_TOTAL
+                t = r // CG
+                c = g * CG + r % CG
+                hi = hi0[:, None] + (t // TW)[None, :] * DH
+                wi = wi0[:, None] + (t % TW)[None, :] * DW
+                a_mask = m_valid[:, None] & r_valid[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                a = tl.load(x_img[:, None] + c[None, :] * HW + hi * W + wi, mask=a_mask, other=0.0)
+                w_mask = r_valid[:, None] & w_col[None, :]
+                w_off = r[:, None] * C_OUT + offs_n[None, :]
+                if MODE == MODE_UPSAMPLE:
+                    wq = tl.load(wq_ptr + w_off, mask=w_mask, other=0.0)
+                    acc_q = mma(a, wq, acc_q, IS_FP64, ALLOW_TF32)
+                    if any_push_tap(r, K_TOTAL, CG, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
+                        wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
+                        acc_p = mma(a, wp, acc_p, IS_FP64, ALLOW_TF32)
+                else:
+                    wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
+                    acc_p = mma(a, wp, acc_p, IS_FP64, ALLOW_TF32)
+                if MODE == MODE_INVERT:
+                    s_g += tl.sum(a.to(ACC), axis=1)
+            if MODE == MODE_INVERT:
+                s_tile = tl.where((o_group == g)[None, :], s_g[:, None], s_tile)
+
+    # Pull response before bias, R.
+    if MODE == MODE_INVERT:
+        shift = tl.load(shift_ptr + offs_n, mask=n_valid, other=0.0).to(ACC)
+        R = shift[None, :] * s_tile - acc_p
+    elif MODE == MODE_UPSAMPLE:
+        R = acc_q
+    else:
+        R = -acc_p
+    P = acc_p
+    Q = R
+    if HAS_BIN:
+        b = tl.load(bin_ptr + offs_n, mask=n_valid, other=0.0).to(ACC)
+        P = P + b[None, :]
+        Q = Q - b[None, :]
+
+    if POOLED:
+        valid = m_valid[:, None] & n_valid[None, :]
+        off = n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO + pix[:, None]
+        tl.store(pbuf_ptr + off, P, mask=valid)
+        tl.store(qbuf_ptr + off, Q, mask=valid)
+    else:
+        _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
+                     bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO,
+                     HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def pp_fwd_pool_epilogue_kernel(
+    pbuf_ptr, qbuf_ptr, bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr,
+    N, C_OUT, HO, WO, AVG, AVG_PAD,
+    HAS_BOUT: tl.constexpr, DUAL: tl.constexpr, SAVE_MASKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Q' = avg_pool2d(Q, AVG, stride 1, pad AVG_PAD, count_include_pad=False), then the epilogue."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HOWO = HO * WO
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_valid = offs_m < N * HOWO
+    n_valid = offs_n < C_OUT
+    n_img = (offs_m // HOWO).to(tl.int64)
+    pix = offs_m % HOWO
+    ho = pix // WO
+    wo = pix % WO
+    valid = m_valid[:, None] & n_valid[None, :]
+    base = n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO
+    P = tl.load(pbuf_ptr + base + pix[:, None], mask=valid, other=0.0)
+    q_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=P.dtype)
+    count = tl.zeros((BLOCK_M,), dtype=P.dtype)
+    for di in range(0, AVG):
+        hh = ho + di - AVG_PAD
+        for dj in range(0, AVG):
+            ww = wo + dj - AVG_PAD
+            inside = (hh >= 0) & (hh < HO) & (ww >= 0) & (ww < WO)
+            q_sum += tl.load(qbuf_ptr + base + (hh * WO + ww)[:, None],
+                             mask=valid & inside[:, None], other=0.0)
+            count += inside.to(P.dtype)
+    count = tl.maximum(count, 1.0)
+    Q = q_sum / count[:, None]
+    _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
+                 bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO,
+                 HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N)

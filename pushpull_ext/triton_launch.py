@@ -1,0 +1,402 @@
+"""Host-side launchers of the Triton push-pull kernels (the only place that launches them).
+
+`forward` and `backward` are called from the body of the `torch.library.triton_op` registered in
+ops.py; every kernel is launched through `wrap_triton` so that torch.compile can trace them.
+Arguments arrive normalized (options.normalize); see ../../shared/SPEC.md and kernels/*.py for the
+kernels' design. What runs, and what goes through memory:
+
+forward
+  - no pooling: ONE kernel (implicit-GEMM conv + whole epilogue): reads x (gathered, cache-served
+    halo) and the [K, C_out] weight matrices, writes y once and the packed masks once.
+  - avg_kernel > 1: the conv kernel writes P and Q (fp32 / fp64) to two scratch fields, a second
+    kernel pools Q (count_include_pad=False) and applies the epilogue. Extra cost: 2 field writes and
+    ~2 field reads (the a x a pooling reads hit cache) of [N, C_out, Ho, Wo] in the accumulator dtype.
+backward
+  - fields kernel: grad_output + masks -> F1 (and F2) [N, C_out, Ho, Wo], input dtype; the pooling
+    adjoint is gathered on the fly.
+  - input-gradient kernel (only if asked), weight-gradient kernel (if weight or pull_shift asked;
+    deterministic split-K: partial buffers [split, C_out, K] summed by torch).
+  - torch, small: per-channel sums of the fields for the bias gradients (one extra read of the
+    fields), for invert the per-group field T = sum_o shift[o] * gQ[o] (one read of F2, writes
+    N * groups * Ho * Wo), the weight-matrix layouts, U^T dq V for upsample.
+  - grad_alpha needs relu(Q'), which is not saved: it is recomputed by one forward pass (dual output).
+Everything here besides the kernel launches is small work on the weights (a few KB) or per-channel
+reductions; no atomics, so results are bitwise reproducible run to run.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import wrap_triton
+
+from . import kernels as _k  # kernels/, installed as pushpull_ext.kernels (setup.py package_dir)
+
+MODE_SCALE1, MODE_INVERT, MODE_UPSAMPLE = 0, 1, 2
+
+
+def _patch_interpreter_index() -> None:
+    """COMPAT SHIM (TRITON_INTERPRET=1 only): Triton 3.6's interpreter turns a loop bound that is a
+    kernel argument into int(ndarray of shape (1,)), which NumPy >= 2.3 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"), so `for k in range(0, K, BLOCK)` fails there. Wrap
+    the interpreter's tensor patching to take the single element instead. No effect on compiled
+    kernels; a no-op where the interpreter module layout differs."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as _interp
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(_interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_pushpull_fixed", False):
+        return
+
+    def patched(tensor, scope, _orig=orig):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._pushpull_fixed = True
+    _interp._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    _patch_interpreter_index()
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------------------------
+class _Geom:
+    """Shapes and the tap window shared by forward and backward.
+
+    The tap window is the set of input offsets the kernels gather: the push kernel's window, or for
+    upsample the pull kernel's window with the push kernel embedded in it (zero padded). Positions
+    inside the window are (offset, step) per dimension for each kernel.
+    """
+
+    def __init__(self, x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups):
+        self.N, self.C_in, self.H, self.W = x.shape
+        self.C_out, self.Cg, self.kh, self.kw = w.shape
+        self.G = int(groups)
+        self.Cgo = self.C_out // self.G
+        self.stride = tuple(int(s) for s in stride)
+        self.dilation = tuple(int(d) for d in dilation)
+        padding = tuple(int(p) for p in padding)
+        self.Ho = (self.H + 2 * padding[0] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        self.Wo = (self.W + 2 * padding[1] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        if pull_shift is not None:
+            self.mode = MODE_INVERT
+        elif pull_rows is not None:
+            self.mode = MODE_UPSAMPLE
+        else:
+            self.mode = MODE_SCALE1
+        if self.mode != MODE_UPSAMPLE:
+            self.TH, self.TW = self.kh, self.kw
+            self.pad = padding
+            self.win_dil = self.dilation
+            self.push_pos = ((0, 1), (0, 1))
+            self.pull_pos = None
+        else:
+            self.q_size = (int(pull_rows.shape[0]), int(pull_cols.shape[0]))
+            pull_padding = tuple(int(p) for p in pull_padding)
+            win, pad, dil, push_pos, pull_pos = [], [], [], [], []
+            for dim in (0, 1):
+                qk, d = self.q_size[dim], self.dilation[dim]
+                off = pull_padding[dim] - padding[dim]  # >= 0: the push window lies inside the pull one
+                if off % d == 0:  # push taps lie on the pull window's own grid (always so for dilation 1)
+                    win.append(qk); pad.append(pull_padding[dim]); dil.append(d)
+                    push_pos.append((off // d, 1)); pull_pos.append((0, 1))
+                else:  # general dilation: a dense window covering both, both kernels sparse in it
+                    win.append((qk - 1) * d + 1); pad.append(pull_padding[dim]); dil.append(1)
+                    push_pos.append((off, d)); pull_pos.append((0, d))
+            self.TH, self.TW = win
+            self.pad, self.win_dil = tuple(pad), tuple(dil)
+            self.push_pos, self.pull_pos = tuple(push_pos), tuple(pull_pos)
+        (oh, sh), (ow, sw) = self.push_pos
+        self.push_box = (oh, oh + (self.kh - 1) * sh, ow, ow + (self.kw - 1) * sw)
+
+    def embed(self, k: Tensor, pos) -> Tensor:
+        """k [C_out, Cg, a, b] placed in the tap window at positions pos = ((oh, sh), (ow, sw))."""
+        (oh, sh), (ow, sw) = pos
+        a, b = k.shape[2:]
+        if (self.TH, self.TW) == (a, b):
+            return k
+        out = k.new_zeros(k.shape[0], k.shape[1], self.TH, self.TW)
+        out[:, :, oh:oh + (a - 1) * sh + 1:sh, ow:ow + (b - 1) * sw + 1:sw] = k
+        return out
+
+    def extract(self, kwin: Tensor, pos, size) -> Tensor:
+        (oh, sh), (ow, sw) = pos
+        a, b = size
+        return kwin[:, :, oh:oh + (a - 1) * sh + 1:sh, ow:ow + (b - 1) * sw + 1:sw]
+
+
+def _pull_kernel(weight: Tensor, pull_rows: Tensor, pull_cols: Tensor) -> Tensor:
+    """q = -(U k V^T) (computed in fp32 at least, cast back to the weight dtype)."""
+    ct = torch.promote_types(weight.dtype, torch.float32)
+    q = -(pull_rows.to(ct) @ weight.to(ct) @ pull_cols.to(ct).t())
+    return q.to(weight.dtype)
+
+
+def _fwd_matrix(kwin: Tensor) -> Tensor:
+    """[C_out, Cg, TH, TW] -> [TH*TW*Cg, C_out], row r = (i*TW + j)*Cg + c (tap-major)."""
+    c_out = kwin.shape[0]
+    return kwin.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def _bwd_matrix(kwin: Tensor, groups: int) -> Tensor:
+    """[C_out, Cg, TH, TW] -> [G, TH*TW*Cgo, Cg], row r = (i*TW + j)*Cgo + o_local (tap-major)."""
+    c_out, cg, th, tw = kwin.shape
+    cgo = c_out // groups
+    return kwin.reshape(groups, cgo, cg, th, tw).permute(0, 3, 4, 1, 2).reshape(groups, th * tw * cgo, cg).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs (bucketed shapes; no per-batch retuning)
+# ----------------------------------------------------------------------------------------------
+def _interpreted() -> bool:
+    return isinstance(_k.pp_fwd_conv_kernel, triton.runtime.interpreter.InterpretedFunction) if hasattr(
+        triton.runtime, "interpreter") else False
+
+
+def _allow_tf32(t: Tensor) -> bool:
+    return t.dtype == torch.float32 and t.is_cuda and bool(torch.backends.cudnn.allow_tf32)
+
+
+def _fwd_config(dtype, is_cuda: bool, k_total: int, c_out: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward conv / epilogue kernels."""
+    if not is_cuda:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
+        return 64, 16, 32, 4, 1
+    bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
+    if dtype == torch.float64:
+        return 64, min(bn, 32), 16, 4, 1
+    bk = 32 if (k_total <= 32 or dtype == torch.float32) else 64
+    return 128, bn, bk, 4 if bn <= 32 else 8, 3
+
+
+def _bwd_config(dtype, is_cuda: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels."""
+    if not is_cuda:  # interpreter
+        return 32, 16, 32, 4, 1
+    if dtype == torch.float64:
+        return 32, 32, 16, 4, 1
+    return 64, 64, 32, 4, 3
+
+
+def _num_sms(device) -> int:
+    try:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    except Exception:  # pragma: no cover
+        return 108
+
+
+# Weight-gradient split-K override (tests force a value to exercise the deterministic split path).
+WEIGHT_SPLIT_OVERRIDE: Optional[int] = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
+            stride: list[int], padding: list[int], pull_padding: list[int], dilation: list[int], groups: int,
+            avg_kernel: int, dual_output: bool, save_masks: bool) -> tuple[Tensor, Tensor]:
+    x = input.contiguous()
+    w = weight.contiguous()
+    geo = _Geom(x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups)
+    N, C_out, Ho, Wo = geo.N, geo.C_out, geo.Ho, geo.Wo
+    dtype, dev = x.dtype, x.device
+    is_fp64 = dtype == torch.float64
+    acc_dtype = torch.float64 if is_fp64 else torch.float32
+
+    wp = _fwd_matrix(geo.embed(w, geo.push_pos))
+    wq = _fwd_matrix(geo.embed(_pull_kernel(w, pull_rows, pull_cols), geo.pull_pos)) if geo.mode == MODE_UPSAMPLE else wp
+    shift = pull_shift.contiguous() if pull_shift is not None else wp
+    b_in = bias_in.contiguous() if bias_in is not None else wp
+    b_out = bias_out.contiguous() if bias_out is not None else wp
+    alpha_v = alpha.contiguous() if alpha is not None else wp
+
+    y = torch.empty((N, (2 if dual_output else 1) * C_out, Ho, Wo), dtype=dtype, device=dev)
+    if save_masks:
+        masks = torch.empty((2, N, (C_out + 7) // 8, Ho, Wo), dtype=torch.uint8, device=dev)
+    else:
+        masks = torch.empty(0, dtype=torch.uint8, device=dev)
+    pooled = avg_kernel > 1
+    if pooled:
+        pbuf = torch.empty((N, C_out, Ho, Wo), dtype=acc_dtype, device=dev)
+        qbuf = torch.empty_like(pbuf)
+    else:  # unused outputs get their own placeholders: no written argument aliases another one
+        pbuf, qbuf = x.new_empty(1, dtype=acc_dtype), x.new_empty(1, dtype=acc_dtype)
+    mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
+
+    k_total = geo.Cg * geo.TH * geo.TW
+    BM, BN, BK, nw, ns = _fwd_config(dtype, x.is_cuda, k_total, C_out)
+    grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
+    i0, i1, j0, j1 = geo.push_box
+    ng_tile = max(min(n0 + BN, C_out) // geo.Cgo - n0 // geo.Cgo + ((min(n0 + BN, C_out)) % geo.Cgo != 0)
+                  for n0 in range(0, C_out, BN))
+    wrap_triton(_k.pp_fwd_conv_kernel)[grid](
+        x, wp, wq, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf,
+        N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, geo.Cg, geo.Cgo,
+        geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1],
+        geo.TH, geo.TW, ng_tile, i0, i1, j0, j1,
+        MODE=geo.mode, HAS_BIN=bias_in is not None, HAS_BOUT=bias_out is not None, DUAL=bool(dual_output),
+        SAVE_MASKS=bool(save_masks), POOLED=pooled, IS_FP64=is_fp64, ALLOW_TF32=_allow_tf32(x),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
+    )
+    if pooled:
+        wrap_triton(_k.pp_fwd_pool_epilogue_kernel)[grid](
+            pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg,
+            N, C_out, Ho, Wo, int(avg_kernel), (int(avg_kernel) - 1) // 2,
+            HAS_BOUT=bias_out is not None, DUAL=bool(dual_output), SAVE_MASKS=bool(save_masks),
+            BLOCK_M=BM, BLOCK_N=BN, num_warps=4,
+        )
+    return y, masks
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+def _channel_sum(t: Tensor, acc_dtype) -> Tensor:
+    """Sum over (n, h, w) per channel, accumulated in acc_dtype (deterministic torch reduction)."""
+    return t.sum(dim=(0, 2, 3), dtype=acc_dtype)
+
+
+def _weight_split(n_tiles: int, k_pix: int, block_k: int, is_cuda: bool, device) -> int:
+    """Deterministic split-K factor of the weight gradient: enough programs to fill the GPU."""
+    if WEIGHT_SPLIT_OVERRIDE is not None:
+        return max(1, min(int(WEIGHT_SPLIT_OVERRIDE), triton.cdiv(k_pix, block_k)))
+    if not is_cuda:
+        return 1
+    target = 2 * _num_sms(device)
+    split = triton.cdiv(target, max(n_tiles, 1))
+    # keep at least 8 K-steps per program, at most 256 partial buffers
+    return max(1, min(split, triton.cdiv(k_pix, 8 * block_k), 256))
+
+
+def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks,
+             stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output,
+             output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # input / weight may be shape-only placeholders (expanded 0-d tensors) when the gradients asked
+    # for do not read them: make them contiguous only where they are read.
+    x, w = input, weight
+    g = grad_output.contiguous()
+    geo = _Geom(x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups)
+    N, C_out, Ho, Wo, G, Cg, Cgo = geo.N, geo.C_out, geo.Ho, geo.Wo, geo.G, geo.Cg, geo.Cgo
+    dtype, dev = x.dtype, x.device
+    is_fp64 = dtype == torch.float64
+    acc_dtype = torch.float64 if is_fp64 else torch.float32
+    tf32 = _allow_tf32(x)
+    mode = geo.mode
+    pooled = avg_kernel > 1
+    want = [bool(b) for b in output_mask] + [False] * (6 - len(output_mask))
+    if pull_shift is None:
+        want[2] = False
+    out = [x.new_empty(0) for _ in range(6)]
+    if output_mask[2] and pull_shift is None:  # asked for but absent: zeros, shaped as the fake kernel says
+        out[2] = torch.zeros(C_out, dtype=dtype, device=dev)
+    alpha_v = alpha.contiguous()
+
+    # Recompute what forward did not keep: masks when not saved, relu(Q') for the alpha gradient.
+    need_fields = any(want[:4])
+    need_alpha = want[5] and not dual_output
+    if (need_fields and masks.numel() == 0) or need_alpha:
+        y_dual, m2 = forward(x.contiguous(), w.contiguous(), pull_shift, pull_rows, pull_cols, bias_in, None, alpha_v, stride, padding,
+                             pull_padding, dilation, groups, avg_kernel, True, masks.numel() == 0)
+        if masks.numel() == 0:
+            masks = m2
+        if need_alpha:
+            # d y / d alpha[o] = -relu(Q')[o]; this costs one forward pass (alpha rarely trains).
+            out[5] = (-(g.to(acc_dtype) * y_dual[:, C_out:]).sum(dim=(0, 2, 3))).to(dtype)
+    if want[5] and dual_output:
+        out[5] = torch.zeros(C_out, dtype=dtype, device=dev)  # alpha is unused by the dual output
+    if want[4]:  # (bias_out cannot come with the dual output; zeros there, shaped as the fake kernel says)
+        out[4] = torch.zeros(C_out, dtype=dtype, device=dev) if dual_output else _channel_sum(g, acc_dtype).to(dtype)
+    if not need_fields:
+        return tuple(out)
+    masks = masks.contiguous()
+
+    # 1. Masked gradient fields.
+    f1 = torch.empty((N, C_out, Ho, Wo), dtype=dtype, device=dev)
+    f2 = torch.empty_like(f1) if mode != MODE_SCALE1 else x.new_empty(1)
+    BM, BN, BK, nw, ns = _fwd_config(dtype, x.is_cuda, 0, C_out)
+    grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
+    wrap_triton(_k.pp_bwd_fields_kernel)[grid](
+        g, masks, alpha_v, f1, f2, N, C_out, Ho, Wo, int(avg_kernel), (int(avg_kernel) - 1) // 2,
+        MODE=mode, DUAL=bool(dual_output), POOLED=pooled, IS_FP64=is_fp64,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=4,
+    )
+    if want[3]:
+        gb = _channel_sum(f1, acc_dtype)
+        if mode == MODE_UPSAMPLE:
+            gb = gb - _channel_sum(f2, acc_dtype)
+        out[3] = gb.to(dtype)
+
+    i0, i1, j0, j1 = geo.push_box
+    win = (geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1], geo.TH, geo.TW)
+    BM, BN, BK, nw, ns = _bwd_config(dtype, x.is_cuda)
+
+    # 2. Input gradient.
+    if want[0]:
+        w = w.contiguous()
+        kp = geo.embed(w, geo.push_pos)
+        wpt = _bwd_matrix(kp, G)
+        if mode == MODE_UPSAMPLE:
+            wqt = _bwd_matrix(geo.embed(_pull_kernel(w, pull_rows, pull_cols), geo.pull_pos), G)
+        else:
+            wqt = wpt
+        if mode == MODE_INVERT:
+            # T[n, g] = sum_{o in g} shift[o] * gQ[n, o]: one field per group for the box-sum adjoint.
+            tfield = (f2.to(acc_dtype) * pull_shift.to(acc_dtype).view(1, C_out, 1, 1)).view(N, G, Cgo, Ho, Wo).sum(2)
+        else:
+            tfield = f1
+        gx = torch.empty(x.shape, dtype=dtype, device=dev)
+        grid = (triton.cdiv(N * geo.H * geo.W, BM), triton.cdiv(Cg, BN), G)
+        wrap_triton(_k.pp_bwd_input_kernel)[grid](
+            f1, f2, tfield, wpt, wqt, gx,
+            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, G, Cg, Cgo, *win, i0, i1, j0, j1,
+            MODE=mode, IS_FP64=is_fp64, ALLOW_TF32=tf32,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
+        )
+        out[0] = gx
+
+    # 3. Weight gradient (and, for invert, the pull_shift gradient).
+    if want[1] or want[2]:
+        x = x.contiguous()
+        k_total = geo.TH * geo.TW * Cg
+        n_o_tiles = triton.cdiv(Cgo, BM)
+        n_r_tiles = triton.cdiv(k_total, BN)
+        p_total = N * Ho * Wo
+        split = _weight_split(G * n_o_tiles * n_r_tiles, p_total, BK, x.is_cuda, dev)
+        pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
+        split = triton.cdiv(p_total, pix_per_split)
+        need_w = bool(want[1])
+        def buf(*shape):  # written outputs, each its own tensor (placeholders of size 1 when unused)
+            return torch.empty(shape, dtype=acc_dtype, device=dev)
+
+        gw1 = buf(split, C_out, k_total) if need_w else buf(1)
+        gw2 = buf(split, C_out, k_total) if (mode == MODE_UPSAMPLE and need_w) else buf(1)
+        gs = buf(split, n_r_tiles, C_out) if mode == MODE_INVERT else buf(1)
+        grid = (G * n_o_tiles, n_r_tiles, split)
+        wrap_triton(_k.pp_bwd_weight_kernel)[grid](
+            x, f1, f2, gw1, gw2, gs,
+            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, Cg, Cgo, *win, i0, i1, j0, j1,
+            pix_per_split, n_o_tiles, n_r_tiles,
+            MODE=mode, NEED_W=need_w, IS_FP64=is_fp64, ALLOW_TF32=tf32,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
+        )
+
+        def to_kernel(gw: Tensor) -> Tensor:  # [split, C_out, (tap, c)] -> [C_out, Cg, TH, TW]
+            return gw.sum(0).view(C_out, geo.TH, geo.TW, Cg).permute(0, 3, 1, 2)
+
+        if need_w:
+            gk = geo.extract(to_kernel(gw1), geo.push_pos, (geo.kh, geo.kw))
+            if mode == MODE_UPSAMPLE:
+                gq = geo.extract(to_kernel(gw2), geo.pull_pos, geo.q_size)
+                rows, cols = pull_rows.to(acc_dtype), pull_cols.to(acc_dtype)
+                gk = gk - rows.t() @ gq @ cols  # q = -U k V^T  =>  dk = -U^T dq V
+            out[1] = gk.to(dtype).contiguous()
+        if want[2]:
+            out[2] = gs.sum(dim=(0, 1)).to(dtype)
+    return tuple(out)

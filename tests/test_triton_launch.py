@@ -1,0 +1,339 @@
+"""The Triton launchers (pushpull_ext.triton_launch.forward / .backward) called directly, against the
+SPEC formula and its autograd. Without a GPU the kernels run on CPU tensors through the Triton
+interpreter (TRITON_INTERPRET=1, set below before triton is imported), so the shapes are tiny.
+
+The pull operands (pull_shift / pull_rows / pull_cols, from options.pull_operands) are independent
+inputs of the launchers: the reference below builds q from them the same way, so every gradient,
+pull_shift's included, is autograd of the same formula.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from pushpull_ext import triton_launch as TL  # noqa: E402
+from pushpull_ext.options import normalize, pull_operands  # noqa: E402
+from pushpull_ext.reference import push_pull_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if DEVICE == "cpu" and not TL._interpreted():
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: the kernels cannot run on CPU",
+                allow_module_level=True)
+
+GRAD_NAMES = ("input", "weight", "pull_shift", "bias_in", "bias_out", "alpha")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class Case:
+    """Random inputs of one configuration, their normalized options and the launcher arguments."""
+
+    def __init__(self, pull="invert", scale=2.0, avg=0, bias_in=True, bias_out=False, dual=False, stride=1,
+                 padding=1, dilation=1, groups=1, kernel=(3, 3), n=2, c_in=4, c_out=6, hw=(6, 7),
+                 dtype=torch.float64, device=DEVICE):
+        if dual:
+            bias_out = False
+        t = dict(dtype=dtype, device=device)
+        self.x = torch.randn(n, c_in, *hw, **t)
+        self.w = torch.randn(c_out, c_in // groups, *kernel, **t)
+        self.b_in = torch.randn(c_out, **t) if bias_in else None
+        self.b_out = torch.randn(c_out, **t) if bias_out else None
+        alpha = torch.rand(c_out, **t) + 0.5
+        self.args, self.alpha = normalize(self.x, self.w, self.b_in, self.b_out, alpha, stride=stride,
+                                          padding=padding, dilation=dilation, groups=groups, pull=pull,
+                                          scale=scale, avg_kernel=avg, dual_output=dual)
+        self.shift, self.rows, self.cols = pull_operands(self.w, self.args)
+        a = self.args
+        self.opts = (list(a.stride), list(a.padding), list(a.pull_padding(tuple(self.w.shape[2:]))),
+                     list(a.dilation), a.groups, a.avg_kernel, a.dual_output)
+
+    # --- the SPEC formula with the pull operands as independent inputs -------------------------
+    def responses(self, x, w, shift, b_in):
+        a = self.args
+        conv = dict(stride=a.stride, dilation=a.dilation, groups=a.groups)
+        push = F.conv2d(x, w, b_in, padding=a.padding, **conv)
+        if shift is not None:
+            q = -w + shift.view(-1, 1, 1, 1)
+        elif self.rows is not None:
+            q = -(self.rows @ w @ self.cols.t())
+        else:
+            q = -w
+        pull = F.conv2d(x, q, None if b_in is None else -b_in, padding=self.opts[2], **conv)
+        if a.avg_kernel > 1:
+            k = a.avg_kernel
+            pull = F.avg_pool2d(pull, k, stride=1, padding=(k - 1) // 2, count_include_pad=False)
+        return push, pull
+
+    def reference(self, x, w, shift, b_in, b_out, alpha):
+        push, pull = self.responses(x, w, shift, b_in)
+        if self.args.dual_output:
+            return torch.cat([F.relu(push), F.relu(pull)], dim=1)
+        out = F.relu(push) - alpha.view(1, -1, 1, 1) * F.relu(pull)
+        return out if b_out is None else out + b_out.view(1, -1, 1, 1)
+
+    def leaves(self):
+        return [self.x, self.w, self.shift, self.b_in, self.b_out, self.alpha]
+
+    # --- the launchers ----------------------------------------------------------------------------
+    def forward(self, save_masks=True, x=None, w=None):
+        x = self.x if x is None else x
+        w = self.w if w is None else w
+        return TL.forward(x, w, self.shift, self.rows, self.cols, self.b_in, self.b_out, self.alpha,
+                          *self.opts, save_masks)
+
+    def backward(self, grad, masks, output_mask, x=None, w=None):
+        x = self.x if x is None else x
+        w = self.w if w is None else w
+        return TL.backward(grad, x, w, self.shift, self.rows, self.cols, self.b_in, self.alpha, masks,
+                           *self.opts, list(output_mask))
+
+    def output_mask(self):
+        return [True, True, self.shift is not None, self.b_in is not None,
+                self.b_out is not None, not self.args.dual_output]
+
+
+def _tol(dtype):
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def _close(name, got, want, dtype):
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want.double()).abs().max().item() / scale
+    assert err <= _tol(dtype), f"{name}: relative error {err:.3e} > {_tol(dtype):.0e}"
+
+
+def _unpack(masks, c_out):
+    """uint8 [2, N, ceil(C/8), H, W] -> bool [2, N, C, H, W] (bit o % 8 of byte o // 8)."""
+    bits = torch.arange(8, device=masks.device, dtype=torch.uint8)
+    planes = (masks.unsqueeze(3) >> bits.view(1, 1, 1, 8, 1, 1)) & 1
+    s = planes.shape
+    return planes.reshape(s[0], s[1], s[2] * 8, s[4], s[5])[:, :, :c_out].bool()
+
+
+def check_case(case: Case, check_backward=True):
+    dtype = case.x.dtype
+    y, masks = case.forward()
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case.leaves()]
+    ref = case.reference(*leaves)
+    _close("output", y, ref.detach(), dtype)
+    assert y.is_contiguous()
+
+    # Mask layout: bit o % 8 of masks[k, n, o // 8, h, w] is P > 0 (k = 0) / Q' > 0 (k = 1).
+    c_out = case.w.shape[0]
+    with torch.no_grad():
+        push, pull = case.responses(case.x, case.w, case.shift, case.b_in)
+    assert masks.dtype == torch.uint8
+    assert tuple(masks.shape) == (2, y.shape[0], (c_out + 7) // 8, y.shape[2], y.shape[3])
+    got = _unpack(masks, c_out)
+    want = torch.stack([push > 0, pull > 0])
+    scale = max(push.abs().max().item(), pull.abs().max().item())
+    sure = torch.stack([push, pull]).abs() > 10 * _tol(dtype) * scale  # ignore rounding-level ties
+    assert torch.equal(got[sure], want[sure])
+    if c_out % 8:  # the padding bits of the last byte are zero
+        assert int((masks[:, :, -1] >> (c_out % 8)).max()) == 0
+
+    if not check_backward:
+        return
+    grad = torch.randn_like(ref)
+    wanted = case.output_mask()
+    inputs = [t for t, want_it in zip(leaves, wanted) if want_it]
+    ref_grads = iter(torch.autograd.grad(ref, inputs, grad, allow_unused=True))
+    got = case.backward(grad, masks, wanted)
+    assert len(got) == 6
+    for name, want_it, g in zip(GRAD_NAMES, wanted, got):
+        if not want_it:
+            assert g.numel() == 0, f"{name} was not asked for"
+            continue
+        r = next(ref_grads)
+        r = torch.zeros_like(g) if r is None else r
+        _close(f"grad {name}", g, r, dtype)
+
+    # End to end against the package reference: the weight gradient plus the pull_shift gradient
+    # carried back through options.pull_operands (amax + amin) is autograd of push_pull_reference.
+    w = case.w.detach().clone().requires_grad_(True)
+    y_pkg = push_pull_reference(case.x, w, case.b_in, case.b_out, case.alpha, case.args)
+    _close("output vs push_pull_reference", y, y_pkg.detach(), dtype)
+    (want_w,) = torch.autograd.grad(y_pkg, w, grad)
+    total = got[1]
+    if case.shift is not None:
+        shift, _, _ = pull_operands(w, case.args)
+        total = total + torch.autograd.grad(shift, w, got[2])[0]
+    _close("weight gradient through pull_operands", total, want_w, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The configuration grid (float64, 1e-9)
+# ------------------------------------------------------------------------------------------------
+PULLS = [("invert", 2.0), ("upsample", 2.0), ("upsample", 1.5), ("upsample", 1.0)]
+GEOMETRIES = {
+    # name: options (dilation > 1 only for invert / scale 1: normalize refuses it for upsample)
+    "s1p1-bias-bout": dict(stride=1, padding=1, bias_in=True, bias_out=True),
+    "s2p2-g2-avg3": dict(stride=2, padding=2, groups=2, avg=3, bias_in=True),
+    "rect3x5-avg5-dual": dict(kernel=(3, 5), padding=(0, 2), avg=5, bias_in=False, dual=True, hw=(7, 9)),
+    "s2p0-dual-bias": dict(stride=2, padding=0, dual=True, bias_in=True, c_out=10, hw=(9, 8)),
+    "d2-g2-avg3-bout": dict(dilation=2, padding=2, groups=2, avg=3, bias_in=False, bias_out=True),
+    "g2-straddle-avg3": dict(groups=2, c_out=20, c_in=4, avg=3, bias_in=True, bias_out=True, hw=(5, 6)),
+}
+GRID = [(p, s, g) for p, s in PULLS for g in GEOMETRIES
+        if not (GEOMETRIES[g].get("dilation", 1) > 1 and p == "upsample" and s != 1.0)]
+
+
+@pytest.mark.parametrize("pull,scale,geometry", GRID,
+                         ids=[f"{p}{'' if p == 'invert' else s}-{g}" for p, s, g in GRID])
+def test_forward_backward_float64(pull, scale, geometry):
+    check_case(Case(pull=pull, scale=scale, **GEOMETRIES[geometry]))
+
+
+@pytest.mark.parametrize("pull,scale,geometry", [
+    ("invert", 2.0, "s1p1-bias-bout"), ("upsample", 2.0, "s2p2-g2-avg3"),
+    ("upsample", 1.5, "rect3x5-avg5-dual"), ("upsample", 1.0, "d2-g2-avg3-bout"),
+])
+def test_forward_backward_float32(pull, scale, geometry):
+    check_case(Case(pull=pull, scale=scale, dtype=torch.float32, **GEOMETRIES[geometry]))
+
+
+@pytest.mark.parametrize("dilation,stride,hw", [(2, 5, (9, 9)), ((3, 1), (9, 5), (15, 7))],
+                         ids=["pull-grid", "sparse-window"])
+def test_upsample_dilation_equal_shapes(dilation, stride, hw):
+    # The rare dilation > 1 upsample cases whose pull and push outputs happen to have one shape:
+    # the push taps land on the pull window's grid (dilation 2) or not (3: a sparse tap window).
+    check_case(Case(pull="upsample", scale=2.0, dilation=dilation, stride=stride, padding=0, hw=hw, avg=3,
+                    bias_out=True, c_in=2, c_out=4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    if DEVICE != "cuda":
+        pytest.skip("the Triton interpreter has no bf16/fp16 arithmetic")
+    case = Case(pull="invert", avg=3, bias_out=True, dtype=dtype, c_in=16, c_out=16, hw=(12, 12))
+    y, masks = case.forward()
+    c64 = [t.double() if t is not None else None for t in case.leaves()]
+    ref64 = case.reference(*c64)
+    eager = case.reference(*case.leaves())
+    err, err_eager = (y.double() - ref64).abs().max(), (eager.double() - ref64).abs().max()
+    assert err <= 2 * err_eager + 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Launcher behaviour
+# ------------------------------------------------------------------------------------------------
+def test_output_mask_subsets():
+    case = Case(pull="invert", avg=3, bias_out=True, n=1, hw=(5, 6))
+    y, masks = case.forward()
+    grad = torch.randn_like(y)
+    full = case.backward(grad, masks, [True] * 6)
+    for i in range(6):
+        only = [j == i for j in range(6)]
+        part = case.backward(grad, masks, only)
+        for j, (a, b) in enumerate(zip(part, full)):
+            if j == i:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            else:
+                assert a.numel() == 0, f"entry {GRAD_NAMES[j]} computed though not asked for"
+    # Inputs that the asked-for gradients do not read may come as shape-only placeholders.
+    x_ph = case.x.new_empty(()).expand(case.x.shape)
+    w_ph = case.w.new_empty(()).expand(case.w.shape)
+    a = case.backward(grad, masks, [True, False, False, True, True, False], x=x_ph)
+    b = case.backward(grad, masks, [False, True, True, True, True, False], w=w_ph)
+    for i, got in ((0, a[0]), (3, a[3]), (4, a[4]), (1, b[1]), (2, b[2]), (3, b[3])):
+        torch.testing.assert_close(got, full[i], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pull,scale", [("invert", 2.0), ("upsample", 2.0)])
+def test_unsaved_masks_are_recomputed(pull, scale):
+    case = Case(pull=pull, scale=scale, avg=3, bias_out=True, n=1, hw=(5, 6))
+    y, masks = case.forward()
+    y2, none = case.forward(save_masks=False)
+    assert none.numel() == 0 and none.dtype == torch.uint8
+    assert torch.equal(y, y2)
+    grad = torch.randn_like(y)
+    want = case.output_mask()
+    full = case.backward(grad, masks, want)
+    again = case.backward(grad, none, want)
+    for a, b in zip(again, full):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_gradient_split_k_deterministic(monkeypatch):
+    case = Case(pull="upsample", scale=1.5, avg=3, n=3, hw=(5, 5), c_in=2, c_out=4)
+    y, masks = case.forward()
+    grad = torch.randn_like(y)
+    want = case.backward(grad, masks, [False, True, False, False, False, False])[1]
+    monkeypatch.setattr(TL, "WEIGHT_SPLIT_OVERRIDE", 3)
+    got = case.backward(grad, masks, [False, True, False, False, False, False])[1]
+    got2 = case.backward(grad, masks, [False, True, False, False, False, False])[1]
+    assert torch.equal(got, got2)  # deterministic: same bits run to run
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    case_i = Case(pull="invert", avg=0, n=3, hw=(5, 5))
+    y, masks = case_i.forward()
+    grad = torch.randn_like(y)
+    a = case_i.backward(grad, masks, [False, True, True, False, False, False])
+    monkeypatch.setattr(TL, "WEIGHT_SPLIT_OVERRIDE", None)
+    b = case_i.backward(grad, masks, [False, True, True, False, False, False])
+    for u, v in zip(a[1:3], b[1:3]):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_non_contiguous_inputs():
+    case = Case(pull="invert", avg=3, bias_out=True, n=1, hw=(5, 6))
+    x_cl = case.x.to(memory_format=torch.channels_last)
+    w_t = case.w.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x_cl.is_contiguous() and not w_t.is_contiguous()
+    y, masks = case.forward()
+    y2, masks2 = case.forward(x=x_cl, w=w_t)
+    assert torch.equal(y, y2) and torch.equal(masks, masks2)
+    grad = torch.randn_like(y)
+    g1 = case.backward(grad, masks, [True] * 6)
+    g2 = case.backward(grad.transpose(2, 3).contiguous().transpose(2, 3), masks, [True] * 6, x=x_cl, w=w_t)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# gradcheck (float64) through a torch.autograd.Function around the two launchers
+# ------------------------------------------------------------------------------------------------
+class _LaunchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, case, x, w, shift, b_in, b_out, alpha):
+        y, masks = TL.forward(x, w, shift, case.rows, case.cols, b_in, b_out, alpha, *case.opts, True)
+        ctx.case = case
+        ctx.save_for_backward(x, w, shift, b_in, alpha, masks)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, shift, b_in, alpha, masks = ctx.saved_tensors
+        case = ctx.case
+        need = list(ctx.needs_input_grad[1:])
+        grads = TL.backward(grad.contiguous(), x, w, shift, case.rows, case.cols, b_in, alpha, masks,
+                            *case.opts, need)
+        return (None,) + tuple(g if n else None for g, n in zip(grads, need))
+
+
+@pytest.mark.parametrize("pull,scale,opts", [
+    ("invert", 2.0, dict(avg=3, bias_in=True, bias_out=True, groups=2, stride=2, padding=1)),
+    ("upsample", 1.5, dict(avg=3, bias_in=True, dual=True, kernel=(3, 3))),
+], ids=["invert-avg3-g2-s2", "upsample1.5-avg3-dual"])
+def test_gradcheck(pull, scale, opts):
+    case = Case(pull=pull, scale=scale, n=1, c_in=2, c_out=4, hw=(5, 6), **opts)
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case.leaves()]
+    assert torch.autograd.gradcheck(lambda *a: _LaunchFn.apply(case, *a), tuple(leaves), eps=1e-6, atol=1e-7,
+                                    rtol=1e-6, fast_mode=True)
