@@ -49,5 +49,10 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=os.environ.get("USE_NINJA", "1") == "1")},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.6"], "bench": ["matplotlib", "tqdm"], "test": ["pytest", "hypothesis"]},
+    extras_require={
+        "triton": ["triton>=3.6,<3.10"],
+        "bench": ["matplotlib", "tqdm"],
+        # numpy: the Triton interpreter (TRITON_INTERPRET=1, the tests' CPU runs of the kernels) needs it.
+        "test": ["pytest", "hypothesis", "numpy", "tqdm"],
+    },
 )

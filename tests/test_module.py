@@ -1,4 +1,6 @@
 """PushPullConv2d as a drop-in for nn.Conv2d, and the papers' modules and checkpoints."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,6 +152,12 @@ def test_environment_overrides_auto(monkeypatch):
     monkeypatch.setenv("PUSHPULL_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="PUSHPULL_BACKEND must be one of"):
         pushpull_ext.resolve_backend("auto", torch.randn(1))
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="only CI promises Triton (installed by .ci/run)")
+def test_triton_backend_is_available_in_ci():
+    """CI installs Triton: its kernels must run (interpreter on CPU), not be silently skipped."""
+    assert pushpull_ext.available_backends()["triton"] is None, pushpull_ext.available_backends()["triton"]
 
 
 def test_extension_is_built():

@@ -46,12 +46,15 @@ at::Tensor box_sum(const at::Tensor& x, const Geometry& geo, const ConvArgs& c) 
 // push and pull share the weight matrix [C_out, C_in/groups * kh * kw].
 
 // Index math shared by the prefilter and its adjoint: output row ho with tap a reads input row
-// ho * stride + a * dilation - pull_padding (zero outside [0, H)).
+// ho * stride + a * dilation - pull_padding (zero outside [0, H)). Columns go through a zero-padded
+// row of `padded_width` entries whose entry wp is input column wp - pad_w, so that the inner loops
+// over output columns have no bounds test and vectorize.
 struct PrefilterGeometry {
   int64_t height, width, out_height, out_width, kernel_h, kernel_w, pull_h, pull_w;
   int64_t stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
   int64_t in_row(int64_t ho, int64_t a) const { return ho * stride_h + a * dil_h - pad_h; }
-  int64_t in_col(int64_t wo, int64_t b) const { return wo * stride_w + b * dil_w - pad_w; }
+  int64_t padded_width() const { return std::max((out_width - 1) * stride_w + (pull_w - 1) * dil_w + 1, pad_w + width); }
+  int64_t tmp_size() const { return kernel_h * out_height * padded_width(); }
 };
 
 PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols) {
@@ -59,82 +62,92 @@ PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, con
           c.stride[0], c.stride[1], c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
 }
 
-// One plane: x [H, W] -> z [kh * kw, Ho, Wo]; tmp holds the vertical pass [kh, Ho, W].
+// One plane: x [H, W] -> z [kh * kw, Ho, Wo]; tmp holds the vertical pass [kh, Ho, padded_width].
 template <typename scalar_t, typename acc_t>
-void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* x, acc_t* tmp,
-                     scalar_t* z) {
+void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* __restrict__ x,
+                     acc_t* __restrict__ tmp, scalar_t* __restrict__ z, int64_t tap_stride, acc_t* __restrict__ row_acc) {
+  const int64_t wp = g.padded_width();
+  std::fill(tmp, tmp + g.tmp_size(), acc_t(0));
   for (int64_t i = 0; i < g.kernel_h; ++i) {
     for (int64_t ho = 0; ho < g.out_height; ++ho) {
-      acc_t* t = tmp + (i * g.out_height + ho) * g.width;
-      std::fill(t, t + g.width, acc_t(0));
+      acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp + g.pad_w;
       for (int64_t a = 0; a < g.pull_h; ++a) {
         const int64_t h = g.in_row(ho, a);
         if (h < 0 || h >= g.height) continue;
         const acc_t u = -rows[a * g.kernel_h + i];
-        const scalar_t* xr = x + h * g.width;
+        if (u == acc_t(0)) continue;  // bilinear interpolation matrices are half zeros
+        const scalar_t* __restrict__ xr = x + h * g.width;
         for (int64_t w = 0; w < g.width; ++w) t[w] += u * static_cast<acc_t>(xr[w]);
       }
     }
   }
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    for (int64_t j = 0; j < g.kernel_w; ++j) {
-      for (int64_t ho = 0; ho < g.out_height; ++ho) {
-        const acc_t* t = tmp + (i * g.out_height + ho) * g.width;
-        scalar_t* zr = z + ((i * g.kernel_w + j) * g.out_height + ho) * g.out_width;
-        for (int64_t wo = 0; wo < g.out_width; ++wo) {
-          acc_t s = 0;
-          for (int64_t b = 0; b < g.pull_w; ++b) {
-            const int64_t w = g.in_col(wo, b);
-            if (w >= 0 && w < g.width) s += cols[b * g.kernel_w + j] * t[w];
-          }
-          zr[wo] = static_cast<scalar_t>(s);
+    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+      const acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp;
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
+        std::fill(row_acc, row_acc + g.out_width, acc_t(0));
+        for (int64_t b = 0; b < g.pull_w; ++b) {
+          const acc_t v = cols[b * g.kernel_w + j];
+          if (v == acc_t(0)) continue;
+          const acc_t* __restrict__ tb = t + b * g.dil_w;
+          for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo * g.stride_w];
         }
+        scalar_t* __restrict__ zr = z + (i * g.kernel_w + j) * tap_stride + ho * g.out_width;
+        for (int64_t wo = 0; wo < g.out_width; ++wo) zr[wo] = static_cast<scalar_t>(row_acc[wo]);
       }
     }
   }
 }
 
-// Adjoint of prefilter_plane: gz [kh * kw, Ho, Wo] -> gx [H, W] (overwritten); tmp as above.
+// Adjoint of prefilter_plane: gz [kh * kw, Ho, Wo] -> gx [H, W] (overwritten); tmp as above,
+// row_acc holds one input plane [H, W].
 template <typename scalar_t, typename acc_t>
-void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* gz,
-                             acc_t* tmp, scalar_t* gx) {
-  std::fill(tmp, tmp + g.kernel_h * g.out_height * g.width, acc_t(0));
+void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
+                             const scalar_t* __restrict__ gz, int64_t tap_stride, acc_t* __restrict__ tmp,
+                             scalar_t* __restrict__ gx, acc_t* __restrict__ plane_acc) {
+  const int64_t wp = g.padded_width();
+  std::fill(tmp, tmp + g.tmp_size(), acc_t(0));
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    for (int64_t j = 0; j < g.kernel_w; ++j) {
-      for (int64_t ho = 0; ho < g.out_height; ++ho) {
-        acc_t* t = tmp + (i * g.out_height + ho) * g.width;
-        const scalar_t* zr = gz + ((i * g.kernel_w + j) * g.out_height + ho) * g.out_width;
-        for (int64_t wo = 0; wo < g.out_width; ++wo) {
-          const acc_t v = static_cast<acc_t>(zr[wo]);
-          for (int64_t b = 0; b < g.pull_w; ++b) {
-            const int64_t w = g.in_col(wo, b);
-            if (w >= 0 && w < g.width) t[w] += cols[b * g.kernel_w + j] * v;
-          }
+    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+      acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp;
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
+        const scalar_t* __restrict__ zr = gz + (i * g.kernel_w + j) * tap_stride + ho * g.out_width;
+        for (int64_t b = 0; b < g.pull_w; ++b) {
+          const acc_t v = cols[b * g.kernel_w + j];
+          if (v == acc_t(0)) continue;
+          acc_t* __restrict__ tb = t + b * g.dil_w;
+          for (int64_t wo = 0; wo < g.out_width; ++wo) tb[wo * g.stride_w] += v * static_cast<acc_t>(zr[wo]);
         }
       }
     }
   }
-  std::vector<acc_t> acc(g.height * g.width, acc_t(0));
+  std::fill(plane_acc, plane_acc + g.height * g.width, acc_t(0));
   for (int64_t i = 0; i < g.kernel_h; ++i) {
     for (int64_t ho = 0; ho < g.out_height; ++ho) {
-      const acc_t* t = tmp + (i * g.out_height + ho) * g.width;
+      const acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp + g.pad_w;
       for (int64_t a = 0; a < g.pull_h; ++a) {
         const int64_t h = g.in_row(ho, a);
         if (h < 0 || h >= g.height) continue;
         const acc_t u = -rows[a * g.kernel_h + i];
-        for (int64_t w = 0; w < g.width; ++w) acc[h * g.width + w] += u * t[w];
+        if (u == acc_t(0)) continue;
+        acc_t* __restrict__ out = plane_acc + h * g.width;
+        for (int64_t w = 0; w < g.width; ++w) out[w] += u * t[w];
       }
     }
   }
-  for (int64_t p = 0; p < g.height * g.width; ++p) gx[p] = static_cast<scalar_t>(acc[p]);
+  for (int64_t p = 0; p < g.height * g.width; ++p) gx[p] = static_cast<scalar_t>(plane_acc[p]);
 }
 
-// z: [N, C_in * kh * kw, Ho * Wo], ordered (c, i, j) like the weight's flattening.
+// z: [C_in * kh * kw, N, Ho * Wo], rows ordered (c, i, j) like the weight's flattening, so that each
+// group's pull response is ONE matrix product over all images (see pull_from_prefilter).
 at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols, const Geometry& geo,
                      const ConvArgs& c) {
   const auto g = prefilter_geometry(geo, c, rows, cols);
   const int64_t taps = geo.kernel_h * geo.kernel_w, out_plane = geo.out_height * geo.out_width;
-  auto z = at::empty({geo.batch, geo.in_channels * taps, out_plane}, x.options());
+  const auto plane_offset = [&](int64_t plane) {  // input plane (n, c) -> its first tap row in z
+    return ((plane % geo.in_channels) * taps * geo.batch + plane / geo.in_channels) * out_plane;
+  };
+  auto z = at::empty({geo.in_channels * taps, geo.batch, out_plane}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_prefilter", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto r = rows.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -142,10 +155,10 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tmp(geo.kernel_h * geo.out_height * geo.width);
+      std::vector<acc_t> tmp(g.tmp_size()), row_acc(geo.out_width);
       for (int64_t plane = begin; plane < end; ++plane) {
         prefilter_plane(g, r.data_ptr<acc_t>(), k.data_ptr<acc_t>(), xp + plane * geo.height * geo.width, tmp.data(),
-                        zp + plane * taps * out_plane);
+                        zp + plane_offset(plane), geo.batch * out_plane, row_acc.data());
       }
     });
   });
@@ -156,6 +169,9 @@ at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, c
                              const Geometry& geo, const ConvArgs& c) {
   const auto g = prefilter_geometry(geo, c, rows, cols);
   const int64_t taps = geo.kernel_h * geo.kernel_w, out_plane = geo.out_height * geo.out_width;
+  const auto plane_offset = [&](int64_t plane) {
+    return ((plane % geo.in_channels) * taps * geo.batch + plane / geo.in_channels) * out_plane;
+  };
   const auto gz = grad_z.contiguous();
   auto gx = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, gz.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gz.scalar_type(), "pushpull_prefilter_adjoint", [&] {
@@ -165,10 +181,10 @@ at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, c
     const scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tmp(geo.kernel_h * geo.out_height * geo.width);
+      std::vector<acc_t> tmp(g.tmp_size()), plane_acc(geo.height * geo.width);
       for (int64_t plane = begin; plane < end; ++plane) {
-        prefilter_adjoint_plane(g, r.data_ptr<acc_t>(), k.data_ptr<acc_t>(), gzp + plane * taps * out_plane,
-                                tmp.data(), gxp + plane * geo.height * geo.width);
+        prefilter_adjoint_plane(g, r.data_ptr<acc_t>(), k.data_ptr<acc_t>(), gzp + plane_offset(plane),
+                                geo.batch * out_plane, tmp.data(), gxp + plane * geo.height * geo.width, plane_acc.data());
       }
     });
   });
@@ -180,11 +196,11 @@ at::Tensor grouped_weight(const at::Tensor& weight, int64_t groups) {
   return weight.reshape({groups, weight.size(0) / groups, -1});
 }
 
-// conv(x, q) = weight @ z per group: [N, C_out, Ho, Wo].
+// conv(x, q) = W_g @ z_g per group: [C_out, N, Ho * Wo] ("channel-major"; see PlaneInputs::pull_plane).
 at::Tensor pull_from_prefilter(const at::Tensor& z, const at::Tensor& weight, const Geometry& geo) {
-  auto zg = z.view({geo.batch, geo.groups, -1, geo.out_height * geo.out_width});
-  return at::matmul(grouped_weight(weight, geo.groups), zg)
-      .view({geo.batch, geo.out_channels, geo.out_height, geo.out_width});
+  const auto w_g = grouped_weight(weight, geo.groups);  // explicit sizes: -1 is ambiguous for an empty batch
+  return at::matmul(w_g, z.view({geo.groups, w_g.size(2), geo.batch * geo.out_height * geo.out_width}))
+      .view({geo.out_channels, geo.batch, geo.out_height * geo.out_width});
 }
 
 // P0 = conv(x, k); pull0 = conv(x, q) for upsample; box = S for invert. All contiguous NCHW.
@@ -214,25 +230,31 @@ struct Window {
 };
 
 // out[h, w] = sum of in over the clipped (2r+1)^2 window around (h, w), divided by the number of
-// valid positions when `average`; tmp is scratch of the plane's size.
+// valid positions when `average`; tmp is scratch of the plane's size. Row-wise loops over shifted
+// ranges (no bounds test inside) so that they vectorize.
 template <typename acc_t>
-void box_filter(const acc_t* in, acc_t* tmp, acc_t* out, int64_t height, int64_t width, int64_t radius, bool average) {
-  const Window win{radius};
+void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out, int64_t height,
+                int64_t width, int64_t radius, bool average) {
+  std::fill(tmp, tmp + height * width, acc_t(0));
   for (int64_t h = 0; h < height; ++h) {
-    for (int64_t w = 0; w < width; ++w) {
-      acc_t s = 0;
-      for (int64_t v = win.lo(w); v <= win.hi(w, width); ++v) s += in[h * width + v];
-      tmp[h * width + w] = s;
+    const acc_t* __restrict__ row = in + h * width;
+    acc_t* __restrict__ sum = tmp + h * width;
+    for (int64_t dw = -radius; dw <= radius; ++dw) {
+      const int64_t lo = std::max<int64_t>(0, -dw), hi = std::min<int64_t>(width, width - dw);
+      for (int64_t w = lo; w < hi; ++w) sum[w] += row[w + dw];
     }
   }
+  const Window win{radius};
   for (int64_t h = 0; h < height; ++h) {
-    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
-    for (int64_t w = 0; w < width; ++w) {
-      acc_t s = 0;
-      for (int64_t u = win.lo(h); u <= win.hi(h, height); ++u) s += tmp[u * width + w];
-      const int64_t count = rows * (win.hi(w, width) - win.lo(w) + 1);
-      out[h * width + w] = average ? s / static_cast<acc_t>(count) : s;
+    acc_t* __restrict__ o = out + h * width;
+    std::fill(o, o + width, acc_t(0));
+    for (int64_t u = win.lo(h); u <= win.hi(h, height); ++u) {
+      const acc_t* __restrict__ sum = tmp + u * width;
+      for (int64_t w = 0; w < width; ++w) o[w] += sum[w];
     }
+    if (!average) continue;
+    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
+    for (int64_t w = 0; w < width; ++w) o[w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
   }
 }
 
@@ -260,14 +282,17 @@ struct PlaneInputs {
   // Q' of channel o of image n into `q` (tmp: scratch of one plane).
   void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, acc_t* pooled) const {
     const scalar_t* p0 = push_plane(n, o);
-    const scalar_t* r0 = pull0 ? pull0 + (n * geo.out_channels + o) * plane : nullptr;
+    const scalar_t* r0 = pull0 ? pull0 + (o * geo.batch + n) * plane : nullptr;  // [C_out, N, Ho * Wo]
     const int64_t g = o / (geo.out_channels / geo.groups);
     const scalar_t* s = box ? box + (n * geo.groups + g) * plane : nullptr;
     const acc_t m = shift ? static_cast<acc_t>(shift[o]) : acc_t(0), b = bias(o);
-    for (int64_t p = 0; p < plane; ++p) {
-      acc_t r = r0 ? static_cast<acc_t>(r0[p]) : -static_cast<acc_t>(p0[p]);
-      if (s) r += m * static_cast<acc_t>(s[p]);
-      q[p] = r - b;
+    if (r0) {
+      for (int64_t p = 0; p < plane; ++p) q[p] = static_cast<acc_t>(r0[p]) - b;
+    } else {
+      for (int64_t p = 0; p < plane; ++p) q[p] = -static_cast<acc_t>(p0[p]) - b;
+    }
+    if (s) {
+      for (int64_t p = 0; p < plane; ++p) q[p] += m * static_cast<acc_t>(s[p]);
     }
     if (geo.avg_kernel > 1) {
       box_filter(q, tmp, pooled, geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2, true);
@@ -311,18 +336,23 @@ void forward_epilogue(const PlaneInputs<scalar_t>& in, const OptTensor& bias_out
         scalar_t* y_push = y + (n * out_c + o) * plane;
         scalar_t* y_pull = geo.dual_output ? y + (n * out_c + geo.out_channels + o) * plane : nullptr;
         const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
-        for (int64_t p = 0; p < plane; ++p) {
-          const acc_t push = static_cast<acc_t>(p0[p]) + b, pull = q[p];
-          const acc_t relu_push = push > 0 ? push : acc_t(0), relu_pull = pull > 0 ? pull : acc_t(0);
-          if (y_pull) {
-            y_push[p] = static_cast<scalar_t>(relu_push);
-            y_pull[p] = static_cast<scalar_t>(relu_pull);
-          } else {
-            y_push[p] = static_cast<scalar_t>(relu_push - a * relu_pull + bo);
+        const acc_t* __restrict__ pull = q.data();
+        // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN).
+        auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
+        if (y_pull) {
+          for (int64_t p = 0; p < plane; ++p) {
+            y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b));
+            y_pull[p] = static_cast<scalar_t>(relu(pull[p]));
           }
-          if (masks) {
-            if (push > 0) mask_p[p] |= bit;
-            if (pull > 0) mask_q[p] |= bit;
+        } else {
+          for (int64_t p = 0; p < plane; ++p) {
+            y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
+          }
+        }
+        if (masks) {
+          for (int64_t p = 0; p < plane; ++p) {
+            mask_p[p] |= (static_cast<acc_t>(p0[p]) + b > acc_t(0)) ? bit : uint8_t(0);
+            mask_q[p] |= (pull[p] > acc_t(0)) ? bit : uint8_t(0);
           }
         }
       }
@@ -386,7 +416,7 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const at::Tensor& grad_o
           sum_gp += gp;
           sum_gq += gq[p];
           if (g_push) g_push[no * plane + p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
-          if (g_pull) g_pull[no * plane + p] = static_cast<scalar_t>(gq[p]);
+          if (g_pull) g_pull[(o * geo.batch + n) * plane + p] = static_cast<scalar_t>(gq[p]);
           if (g_box) box_grad[p] += m * gq[p];
           if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
         }
@@ -460,7 +490,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
   if (need_x || need_w) {
     f.grad_push0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);
+    if (geo.pull == PullKind::kSeparable) {  // channel-major like the pull response
+      f.grad_pull0 = at::empty({geo.out_channels, geo.batch, geo.out_height * geo.out_width}, x.options());
+    }
     if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
   }
   if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
@@ -481,11 +513,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   if (f.grad_pull0.defined()) {
     // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
-    const auto grad_r = f.grad_pull0.view({geo.batch, geo.groups, geo.out_channels / geo.groups, -1});
+    const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
+    const auto grad_r = f.grad_pull0.view({geo.groups, geo.out_channels / geo.groups, pixels});
     const auto w_g = grouped_weight(w, geo.groups);
     if (need_w) {
-      const auto z = prefilter(x, *pull_rows, *pull_cols, geo, conv).view({geo.batch, geo.groups, w_g.size(2), -1});
-      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).sum(0).view(w.sizes());
+      const auto z = prefilter(x, *pull_rows, *pull_cols, geo, conv).view({geo.groups, w_g.size(2), pixels});
+      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).view(w.sizes());
     }
     if (need_x) {
       const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
