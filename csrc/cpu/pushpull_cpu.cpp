@@ -140,26 +140,44 @@ void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, cons
 
 // z: [C_in * kh * kw, N, Ho * Wo], rows ordered (c, i, j) like the weight's flattening, so that each
 // group's pull response is ONE matrix product over all images (see pull_from_prefilter).
+struct PrefilterLayout {
+  int64_t in_channels, taps, batch, out_plane;
+  int64_t tap_stride() const { return batch * out_plane; }
+  // input plane (n, c), numbered n * C_in + c -> its first tap row in z (rows c * taps.., column block n)
+  int64_t offset(int64_t plane) const { return ((plane % in_channels) * taps * batch + plane / in_channels) * out_plane; }
+};
+
+PrefilterLayout prefilter_layout(const Geometry& geo) {
+  return {geo.in_channels, geo.kernel_h * geo.kernel_w, geo.batch, geo.out_height * geo.out_width};
+}
+
+// Runs plane_fn(plane, rows, cols, tmp, scratch) over the N * C_in input planes in parallel, with the
+// interpolation matrices in the accumulation type and per-thread buffers (scratch: scratch_size).
+template <typename scalar_t, typename PlaneFn>
+void for_each_input_plane(const Geometry& geo, const PrefilterGeometry& g, const at::Tensor& rows,
+                          const at::Tensor& cols, int64_t scratch_size, PlaneFn plane_fn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto r = rows.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  const auto k = cols.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tmp(g.tmp_size()), scratch(scratch_size);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      plane_fn(plane, r.template data_ptr<acc_t>(), k.template data_ptr<acc_t>(), tmp.data(), scratch.data());
+    }
+  });
+}
+
 at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols, const Geometry& geo,
                      const ConvArgs& c) {
   const auto g = prefilter_geometry(geo, c, rows, cols);
-  const int64_t taps = geo.kernel_h * geo.kernel_w, out_plane = geo.out_height * geo.out_width;
-  const auto plane_offset = [&](int64_t plane) {  // input plane (n, c) -> its first tap row in z
-    return ((plane % geo.in_channels) * taps * geo.batch + plane / geo.in_channels) * out_plane;
-  };
-  auto z = at::empty({geo.in_channels * taps, geo.batch, out_plane}, x.options());
+  const auto layout = prefilter_layout(geo);
+  auto z = at::empty({geo.in_channels * layout.taps, geo.batch, layout.out_plane}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_prefilter", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto r = rows.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const auto k = cols.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
-    at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tmp(g.tmp_size()), row_acc(geo.out_width);
-      for (int64_t plane = begin; plane < end; ++plane) {
-        prefilter_plane(g, r.data_ptr<acc_t>(), k.data_ptr<acc_t>(), xp + plane * geo.height * geo.width, tmp.data(),
-                        zp + plane_offset(plane), geo.batch * out_plane, row_acc.data());
-      }
+    for_each_input_plane<scalar_t>(geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
+      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, tmp, zp + layout.offset(plane), layout.tap_stride(),
+                      row_acc);
     });
   });
   return z;
@@ -168,24 +186,15 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
 at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, const at::Tensor& cols,
                              const Geometry& geo, const ConvArgs& c) {
   const auto g = prefilter_geometry(geo, c, rows, cols);
-  const int64_t taps = geo.kernel_h * geo.kernel_w, out_plane = geo.out_height * geo.out_width;
-  const auto plane_offset = [&](int64_t plane) {
-    return ((plane % geo.in_channels) * taps * geo.batch + plane / geo.in_channels) * out_plane;
-  };
+  const auto layout = prefilter_layout(geo);
   const auto gz = grad_z.contiguous();
   auto gx = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, gz.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gz.scalar_type(), "pushpull_prefilter_adjoint", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto r = rows.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    const auto k = cols.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
-    at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> tmp(g.tmp_size()), plane_acc(geo.height * geo.width);
-      for (int64_t plane = begin; plane < end; ++plane) {
-        prefilter_adjoint_plane(g, r.data_ptr<acc_t>(), k.data_ptr<acc_t>(), gzp + plane_offset(plane),
-                                geo.batch * out_plane, tmp.data(), gxp + plane * geo.height * geo.width, plane_acc.data());
-      }
+    const int64_t plane_size = geo.height * geo.width;
+    for_each_input_plane<scalar_t>(geo, g, rows, cols, plane_size, [&](int64_t plane, auto r, auto k, auto tmp, auto acc) {
+      prefilter_adjoint_plane(g, r, k, gzp + layout.offset(plane), layout.tap_stride(), tmp, gxp + plane * plane_size, acc);
     });
   });
   return gx;
