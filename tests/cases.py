@@ -14,6 +14,9 @@ CASES = [
     ("2020-groups-stride-rect", (2, 4, 6, 9, 8, 3, 5), dict(pull="upsample", groups=2, stride=2, padding=(1, 2), alpha="vector")),
     ("2020-scale1-dilation", SMALL, dict(pull="upsample", scale=1.0, dilation=2, padding=2, bias_in=True, alpha="scalar")),
     ("2020-scale1.5-avg3-bout", SMALL, dict(pull="upsample", scale=1.5, padding=1, avg_kernel=3, bias_out=True, alpha="vector")),
+    # >= 32 output channels per group: the CPU kernel's prefilter + matrix-product path for upsample
+    ("2020-wide-groups-stride-avg3", (1, 4, 64, 6, 5, 3, 3),
+     dict(pull="upsample", groups=2, stride=(1, 2), padding=1, avg_kernel=3, bias_in=True, alpha="vector")),
     ("2020-dual", SMALL, dict(pull="upsample", padding=1, bias_in=True, dual_output=True)),
     ("2024-stem", SMALL, dict(pull="invert", stride=2, padding=1, avg_kernel=3, bias_out=True, alpha="vector")),
     ("2024-avg5-groups-biases", SMALL, dict(pull="invert", padding=2, groups=2, avg_kernel=5, bias_in=True, bias_out=True, alpha="scalar")),
@@ -23,6 +26,15 @@ CASES = [
 ]
 
 CASE_PARAMS = [pytest.param(sizes, options, id=name) for name, sizes, options in CASES]
+
+
+def case(name):
+    """(sizes, options) of the case called `name`."""
+    return next((sizes, options) for case_name, sizes, options in CASES if case_name == name)
+
+
+def case_params(*names):
+    return [p for p in CASE_PARAMS if p.id in names]
 
 
 def make_case(sizes, options, dtype, device, requires_grad=True, scale_hw=1):

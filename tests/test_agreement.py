@@ -3,7 +3,7 @@ gradcheck, float32 to 1e-4 relative, low precision within 2x of eager PyTorch's 
 import pytest
 import torch
 
-from cases import CASE_PARAMS, call, make_case
+from cases import CASE_PARAMS, call, case, make_case
 from pushpull_ext import push_pull_conv2d
 
 
@@ -58,7 +58,7 @@ def test_gradcheck_float64(backend_device, sizes, options):
 def test_gradient_of_one_input_only(backend_device, which):
     """Backward computes (and saves inputs for) only what is asked: each alone must still be right."""
     backend, device = backend_device
-    sizes, options = CASE_PARAMS[5].values  # 2024 stem: every vector argument present
+    sizes, options = case("2024-stem")  # 2024 stem: every vector argument present
     inputs, opts = make_case(sizes, options, torch.float64, device, requires_grad=False)
     inputs[which].requires_grad_(True)
     out, grads = _outputs_and_grads(backend, inputs, opts)
@@ -69,7 +69,7 @@ def test_gradient_of_one_input_only(backend_device, which):
 def test_invert_ties_share_gradient_like_autograd(backend_device):
     """amax/amin ties (quantized weights) split the pull gradient evenly, as torch autograd does."""
     backend, device = backend_device
-    sizes, options = CASE_PARAMS[5].values
+    sizes, options = case("2024-stem")
     inputs, opts = make_case(sizes, options, torch.float64, device)
     with torch.no_grad():
         inputs["weight"].copy_(torch.round(inputs["weight"] * 4) / 4)  # many equal max/min taps
@@ -100,7 +100,7 @@ def _low_precision_dtypes(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("sizes, options", CASE_PARAMS[:1] + CASE_PARAMS[5:7])
+@pytest.mark.parametrize("sizes, options", CASE_PARAMS)
 def test_low_precision_within_twice_eager_error(fused_backend_device, dtype, sizes, options):
     backend, device = fused_backend_device
     if dtype not in _low_precision_dtypes(backend, device):

@@ -3,11 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from cases import CASE_PARAMS, make_case
+from cases import case_params, make_case
 from pushpull_ext import PushPullConv2d
 from pushpull_ext.options import normalize, pull_operands
 
-OPCHECK_CASES = [CASE_PARAMS[i] for i in (0, 3, 4, 5, 8)]
+OPCHECK_CASES = case_params("2020-default", "2020-scale1.5-avg3-bout", "2020-dual", "2024-stem",
+                             "2024-dilation-rect-nopad", "2020-wide-groups-stride-avg3")
 
 
 def _op_args(inputs, opts, save_masks):

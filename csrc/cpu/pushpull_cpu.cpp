@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -172,7 +173,7 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
   const auto g = prefilter_geometry(geo, c, rows, cols);
   const auto layout = prefilter_layout(geo);
   auto z = at::empty({geo.in_channels * layout.taps, geo.batch, layout.out_plane}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_prefilter", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_prefilter", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     for_each_input_plane<scalar_t>(geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
@@ -189,7 +190,7 @@ at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, c
   const auto layout = prefilter_layout(geo);
   const auto gz = grad_z.contiguous();
   auto gx = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, gz.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gz.scalar_type(), "pushpull_prefilter_adjoint", [&] {
+  AT_DISPATCH_FLOATING_TYPES(gz.scalar_type(), "pushpull_prefilter_adjoint", [&] {
     const scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     const int64_t plane_size = geo.height * geo.width;
@@ -212,6 +213,29 @@ at::Tensor pull_from_prefilter(const at::Tensor& z, const at::Tensor& weight, co
       .view({geo.out_channels, geo.batch, geo.out_height * geo.out_width});
 }
 
+// The prefilter and matrix product beat oneDNN's direct convolution with the larger pull kernel only
+// when the product has enough rows: on the 2-core AMD EPYC of benchmarks/results/cpu-2core, 64 output
+// channels per group won (imagenet-b1-2020) and 16 lost (cifar-b1-2020). Below the threshold the pull
+// kernel q = -rows @ k @ cols^T is formed and convolved directly.
+constexpr int64_t kMinChannelsForPrefilter = 32;
+
+bool use_prefilter(const Geometry& geo) {
+  return geo.pull == PullKind::kSeparable && geo.out_channels / geo.groups >= kMinChannelsForPrefilter;
+}
+
+// q = -rows @ k @ cols^T, formed in the accumulation type and rounded once (as F.interpolate does).
+at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols) {
+  const auto acc = at::toOpMathType(weight.scalar_type());
+  return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
+}
+
+// Where the pull response (and its gradient) of image n, channel o starts: the prefilter path makes
+// it [C_out, N, Ho * Wo], the direct path the usual [N, C_out, Ho * Wo].
+int64_t pull_plane_offset(const Geometry& geo, int64_t n, int64_t o) {
+  const int64_t plane = geo.out_height * geo.out_width;
+  return use_prefilter(geo) ? (o * geo.batch + n) * plane : (n * geo.out_channels + o) * plane;
+}
+
 // P0 = conv(x, k); pull0 = conv(x, q) for upsample; box = S for invert. All contiguous NCHW.
 struct Responses {
   at::Tensor push0, pull0, box;
@@ -221,8 +245,11 @@ Responses compute_responses(const at::Tensor& x, const at::Tensor& weight, const
                             const OptTensor& cols, const Geometry& geo, const ConvArgs& c) {
   Responses r;
   r.push0 = conv(x, weight, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
-  if (geo.pull == PullKind::kSeparable) {
+  if (use_prefilter(geo)) {
     r.pull0 = pull_from_prefilter(prefilter(x, *rows, *cols, geo, c), weight, geo);
+  } else if (geo.pull == PullKind::kSeparable) {
+    r.pull0 = conv(x, pull_kernel(weight, *rows, *cols), pair(c.stride), pair(c.pull_padding), pair(c.dilation),
+                   geo.groups).contiguous();
   } else if (geo.pull == PullKind::kShift) {
     r.box = box_sum(x, geo, c).contiguous();
   }
@@ -291,7 +318,7 @@ struct PlaneInputs {
   // Q' of channel o of image n into `q` (tmp: scratch of one plane).
   void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, acc_t* pooled) const {
     const scalar_t* p0 = push_plane(n, o);
-    const scalar_t* r0 = pull0 ? pull0 + (o * geo.batch + n) * plane : nullptr;  // [C_out, N, Ho * Wo]
+    const scalar_t* r0 = pull0 ? pull0 + pull_plane_offset(geo, n, o) : nullptr;
     const int64_t g = o / (geo.out_channels / geo.groups);
     const scalar_t* s = box ? box + (n * geo.groups + g) * plane : nullptr;
     const acc_t m = shift ? static_cast<acc_t>(shift[o]) : acc_t(0), b = bias(o);
@@ -419,13 +446,14 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const at::Tensor& grad_o
         const scalar_t* s = in.box ? in.box + (n * geo.groups + grp) * plane : nullptr;
         const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
         const bool pull_through_push = geo.pull != PullKind::kSeparable;
+        const int64_t pull_offset = pull_plane_offset(geo, n, o);
         acc_t sum_gp = 0, sum_gq = 0, sum_gq_box = 0;
         for (int64_t p = 0; p < plane; ++p) {
           const acc_t gp = (mask_p[p] & bit) ? static_cast<acc_t>(g_p[p]) : acc_t(0);
           sum_gp += gp;
           sum_gq += gq[p];
           if (g_push) g_push[no * plane + p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
-          if (g_pull) g_pull[(o * geo.batch + n) * plane + p] = static_cast<scalar_t>(gq[p]);
+          if (g_pull) g_pull[pull_offset + p] = static_cast<scalar_t>(gq[p]);
           if (g_box) box_grad[p] += m * gq[p];
           if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
         }
@@ -441,6 +469,14 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const at::Tensor& grad_o
 
 // ---------------------------------------------------------------- the ops
 
+// float16 / bfloat16 run in float32 and are rounded once at the end: the responses P0 and R then
+// never round before the bias and the ReLUs (SPEC: accumulate in float32).
+bool runs_in_float(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
+at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
+
+OptTensor to_float(const OptTensor& t) { return t ? OptTensor(to_float(*t)) : std::nullopt; }
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& weight,
                                                const OptTensor& pull_shift, const OptTensor& pull_rows,
                                                const OptTensor& pull_cols, const OptTensor& bias_in,
@@ -448,6 +484,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
                                                at::IntArrayRef stride, at::IntArrayRef padding,
                                                at::IntArrayRef pull_padding, at::IntArrayRef dilation, int64_t groups,
                                                int64_t avg_kernel, bool dual_output, bool save_masks) {
+  if (runs_in_float(input)) {
+    auto [out, masks] = forward_cpu(to_float(input), to_float(weight), to_float(pull_shift), to_float(pull_rows),
+                                    to_float(pull_cols), to_float(bias_in), to_float(bias_out), to_float(alpha), stride,
+                                    padding, pull_padding, dilation, groups, avg_kernel, dual_output, save_masks);
+    return {out.to(input.scalar_type()), masks};
+  }
   const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
                                           stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
   const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
@@ -461,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   const int64_t out_c = dual_output ? 2 * geo.out_channels : geo.out_channels;
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
   auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
     forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), b_out, alpha_c, out,
                                save_masks ? masks.data_ptr<uint8_t>() : nullptr);
   });
@@ -473,6 +515,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in, const at::Tensor& alpha,
     const at::Tensor& masks, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pull_padding,
     at::IntArrayRef dilation, int64_t groups, int64_t avg_kernel, bool dual_output, std::array<bool, 6> output_mask) {
+  if (runs_in_float(input)) {
+    // The input may be a shape-only placeholder (an expanded scalar) when its values are not needed:
+    // keep it one rather than allocating it in full.
+    const bool read_input = output_mask[1] || output_mask[2] || output_mask[5];
+    const auto input_f = read_input ? to_float(input) : at::zeros({}, input.options().dtype(at::kFloat)).expand(input.sizes());
+    auto grads = backward_cpu(to_float(grad_output), input_f, to_float(weight), to_float(pull_shift),
+                              to_float(pull_rows), to_float(pull_cols), to_float(bias_in), to_float(alpha), masks, stride,
+                              padding, pull_padding, dilation, groups, avg_kernel, dual_output, output_mask);
+    const auto dtype = input.scalar_type();
+    return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype), std::get<2>(grads).to(dtype),
+            std::get<3>(grads).to(dtype), std::get<4>(grads).to(dtype), std::get<5>(grads).to(dtype)};
+  }
   const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt,
                                           alpha, stride, padding, pull_padding, dilation, groups, avg_kernel,
                                           dual_output);
@@ -480,7 +534,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool need_x = output_mask[0], need_w = output_mask[1], need_alpha = output_mask[5] && !dual_output;
   const bool need_shift = output_mask[2] && geo.pull == PullKind::kShift;
   const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
-  const auto x = input.contiguous();
+  // The autograd wrapper passes a shape-only placeholder for an input whose values are not needed.
+  const auto x = (need_w || need_shift || need_alpha) ? input.contiguous() : input;
   const auto w = weight.contiguous();
   const auto g = grad_output.contiguous();
   const auto masks_c = masks.contiguous();
@@ -499,15 +554,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
   if (need_x || need_w) {
     f.grad_push0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kSeparable) {  // channel-major like the pull response
-      f.grad_pull0 = at::empty({geo.out_channels, geo.batch, geo.out_height * geo.out_width}, x.options());
-    }
+    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_plane_offset says
     if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
   }
   if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (output_mask[3]) f.bias_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (need_alpha) f.alpha_part = at::empty({geo.batch, geo.out_channels}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pushpull_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_backward_cpu", [&] {
     backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), g, alpha.contiguous(),
                                 masks_c.data_ptr<uint8_t>(), need_alpha, f);
   });
@@ -520,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (need_x) grad_x = std::get<0>(grads);
     if (need_w) grad_w = std::get<1>(grads);
   }
-  if (f.grad_pull0.defined()) {
+  if (f.grad_pull0.defined() && use_prefilter(geo)) {
     // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
     const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
     const auto grad_r = f.grad_pull0.view({geo.groups, geo.out_channels / geo.groups, pixels});
@@ -533,6 +586,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
       grad_x = grad_x + prefilter_adjoint(grad_z, *pull_rows, *pull_cols, geo, conv);
     }
+  } else if (f.grad_pull0.defined()) {
+    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
+    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *pull_rows, *pull_cols), std::nullopt, stride,
+                                          pull_padding, dilation, false, {0, 0}, groups, {need_x, need_w, false});
+    if (need_x) grad_x = grad_x + std::get<0>(grads);
+    if (need_w) grad_w = grad_w - at::matmul(pull_rows->t(), at::matmul(std::get<1>(grads), *pull_cols));
   }
   if (f.grad_box.defined()) {
     auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
