@@ -3,7 +3,7 @@
 Pure @triton.jit code; the host-side launchers live in pushpull_ext/triton_launch.py.
 """
 from .backward import (
-    pp_bwd_fields_kernel,
+    pp_bwd_bias_kernel,
     pp_bwd_input_kernel,
     pp_bwd_weight_kernel,
 )
@@ -12,7 +12,7 @@ from .forward import pp_fwd_conv_kernel, pp_fwd_pool_epilogue_kernel
 __all__ = [
     "pp_fwd_conv_kernel",
     "pp_fwd_pool_epilogue_kernel",
-    "pp_bwd_fields_kernel",
+    "pp_bwd_bias_kernel",
     "pp_bwd_input_kernel",
     "pp_bwd_weight_kernel",
 ]

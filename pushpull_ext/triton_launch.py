@@ -11,15 +11,27 @@ forward
   - avg_kernel > 1: the conv kernel writes P and Q (fp32 / fp64) to two scratch fields, a second
     kernel pools Q (count_include_pad=False) and applies the epilogue. Extra cost: 2 field writes and
     ~2 field reads (the a x a pooling reads hit cache) of [N, C_out, Ho, Wo] in the accumulator dtype.
-backward
-  - fields kernel: grad_output + masks -> F1 (and F2) [N, C_out, Ho, Wo], input dtype; the pooling
-    adjoint is gathered on the fly.
-  - input-gradient kernel (only if asked), weight-gradient kernel (if weight or pull_shift asked;
-    deterministic split-K: partial buffers [split, C_out, K] summed by torch).
-  - torch, small: per-channel sums of the fields for the bias gradients (one extra read of the
-    fields), for invert the per-group field T = sum_o shift[o] * gQ[o] (one read of F2, writes
-    N * groups * Ho * Wo), the weight-matrix layouts, U^T dq V for upsample.
-  - grad_alpha needs relu(Q'), which is not saved: it is recomputed by one forward pass (dual output).
+backward (no masked gradient field is ever written: every kernel forms gP = g * [P > 0] and
+gQ = pool_adjoint(c * g * [Q' > 0]) (c = -alpha, or 1 with g's second half for the dual output) from
+grad_output and the packed masks as it loads them; see kernels/backward.py)
+  - reads: grad_output g, the packed masks (1 bit per channel and pixel, each of masks[0] / masks[1]),
+    x (weight gradient), the weight matrices (input gradient), alpha and pull_shift.
+  - input-gradient kernel, only if output_mask[0]: writes grad_input once. Invert's box-sum term
+    sum_{tap, o in group} shift[o] * gQ[o] is a row sum of the gQ tile the MMA consumes (no
+    per-group field). With pooling each gQ element gathers the a x a window of g and mask bits
+    (cache-served re-reads of g and the masks, nothing written).
+  - weight-gradient kernel, if weight or pull_shift is asked: deterministic split-K, writes only
+    the partial buffers [split, C_out, TH*TW*Cg] (accumulator dtype; one more for upsample's pull
+    kernel) and, for invert, [split, r_tiles, C_out] for pull_shift; torch sums them (split is 1
+    unless the GPU needs more programs).
+  - bias_in gradient, if asked: one reduction kernel over g and the masks (sum_p gP - sum_p gQ;
+    the pooling adjoint keeps sums, so no window), writes partials [split, C_out].
+  - torch, small: bias_out gradient = per-channel sum of g (one read of g), the weight-matrix
+    layouts, U^T dq V for upsample, the sums of the partial buffers.
+  - grad_alpha needs relu(Q'), which is not saved: it is recomputed by one forward pass (it writes
+    the dual output [N, 2*C_out, Ho, Wo], with pooling also forward's P / Q scratch fields), then
+    reduced by torch with g. The same pass recomputes the masks when forward did not save them (the
+    only other case in which backward runs a forward).
 Everything here besides the kernel launches is small work on the weights (a few KB) or per-channel
 reductions; no atomics, so results are bitwise reproducible run to run.
 """
@@ -34,6 +46,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from . import kernels as _k  # kernels/, installed as pushpull_ext.kernels (setup.py package_dir)
+from .kernels import backward as _kb
 
 MODE_SCALE1, MODE_INVERT, MODE_UPSAMPLE = 0, 1, 2
 
@@ -176,10 +189,10 @@ def _fwd_config(dtype, is_cuda: bool, k_total: int, c_out: int):
     return 128, bn, bk, 4 if bn <= 32 else 8, 3
 
 
-def _bwd_config(dtype, is_cuda: bool):
+def _bwd_config(dtype, is_cuda: bool, weight_kernel: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels."""
-    if not is_cuda:  # interpreter
-        return 32, 16, 32, 4, 1
+    if not is_cuda:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
+        return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:
         return 32, 32, 16, 4, 1
     return 64, 64, 32, 4, 3
@@ -192,8 +205,9 @@ def _num_sms(device) -> int:
         return 108
 
 
-# Weight-gradient split-K override (tests force a value to exercise the deterministic split path).
+# Split overrides of the pixel reductions (tests force a value to exercise the deterministic split path).
 WEIGHT_SPLIT_OVERRIDE: Optional[int] = None
+BIAS_SPLIT_OVERRIDE: Optional[int] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,10 +277,11 @@ def _channel_sum(t: Tensor, acc_dtype) -> Tensor:
     return t.sum(dim=(0, 2, 3), dtype=acc_dtype)
 
 
-def _weight_split(n_tiles: int, k_pix: int, block_k: int, is_cuda: bool, device) -> int:
-    """Deterministic split-K factor of the weight gradient: enough programs to fill the GPU."""
-    if WEIGHT_SPLIT_OVERRIDE is not None:
-        return max(1, min(int(WEIGHT_SPLIT_OVERRIDE), triton.cdiv(k_pix, block_k)))
+def _pixel_split(n_tiles: int, k_pix: int, block_k: int, is_cuda: bool, device, override: Optional[int]) -> int:
+    """Deterministic split factor of a reduction over pixels (weight gradient, bias gradient):
+    enough programs to fill the GPU, each writing its own partial buffer."""
+    if override is not None:
+        return max(1, min(int(override), triton.cdiv(k_pix, block_k)))
     if not is_cuda:
         return 1
     target = 2 * _num_sms(device)
@@ -316,28 +331,29 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
     if not need_fields:
         return tuple(out)
     masks = masks.contiguous()
+    pool = (int(avg_kernel), (int(avg_kernel) - 1) // 2)
+    flags = dict(MODE=mode, DUAL=bool(dual_output), POOLED=pooled, IS_FP64=is_fp64)
 
-    # 1. Masked gradient fields.
-    f1 = torch.empty((N, C_out, Ho, Wo), dtype=dtype, device=dev)
-    f2 = torch.empty_like(f1) if mode != MODE_SCALE1 else x.new_empty(1)
-    BM, BN, BK, nw, ns = _fwd_config(dtype, x.is_cuda, 0, C_out)
-    grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
-    wrap_triton(_k.pp_bwd_fields_kernel)[grid](
-        g, masks, alpha_v, f1, f2, N, C_out, Ho, Wo, int(avg_kernel), (int(avg_kernel) - 1) // 2,
-        MODE=mode, DUAL=bool(dual_output), POOLED=pooled, IS_FP64=is_fp64,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=4,
-    )
+    # 1. bias_in gradient: sum_p gP - sum_p gQ per channel, one reduction over g and the masks.
     if want[3]:
-        gb = _channel_sum(f1, acc_dtype)
-        if mode == MODE_UPSAMPLE:
-            gb = gb - _channel_sum(f2, acc_dtype)
-        out[3] = gb.to(dtype)
+        BM, BN, _, _, _ = _fwd_config(dtype, x.is_cuda, 0, C_out)
+        p_total = N * Ho * Wo
+        n_c_tiles = triton.cdiv(C_out, BN)
+        split = _pixel_split(n_c_tiles, p_total, BM, x.is_cuda, dev, BIAS_SPLIT_OVERRIDE)
+        pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BM) * BM
+        split = triton.cdiv(p_total, pix_per_split)
+        part = torch.empty((split, C_out), dtype=acc_dtype, device=dev)
+        wrap_triton(_kb.pp_bwd_bias_kernel)[(n_c_tiles, split)](
+            g, masks, alpha_v, part, N, C_out, Ho, Wo, pix_per_split,
+            DUAL=bool(dual_output), IS_FP64=is_fp64, BLOCK_M=BM, BLOCK_N=BN, num_warps=4,
+        )
+        out[3] = part.sum(0).to(dtype)
 
     i0, i1, j0, j1 = geo.push_box
     win = (geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1], geo.TH, geo.TW)
     BM, BN, BK, nw, ns = _bwd_config(dtype, x.is_cuda)
 
-    # 2. Input gradient.
+    # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
     if want[0]:
         w = w.contiguous()
         kp = geo.embed(w, geo.push_pos)
@@ -346,29 +362,26 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
             wqt = _bwd_matrix(geo.embed(_pull_kernel(w, pull_rows, pull_cols), geo.pull_pos), G)
         else:
             wqt = wpt
-        if mode == MODE_INVERT:
-            # T[n, g] = sum_{o in g} shift[o] * gQ[n, o]: one field per group for the box-sum adjoint.
-            tfield = (f2.to(acc_dtype) * pull_shift.to(acc_dtype).view(1, C_out, 1, 1)).view(N, G, Cgo, Ho, Wo).sum(2)
-        else:
-            tfield = f1
+        shift = pull_shift.contiguous() if mode == MODE_INVERT else alpha_v
         gx = torch.empty(x.shape, dtype=dtype, device=dev)
         grid = (triton.cdiv(N * geo.H * geo.W, BM), triton.cdiv(Cg, BN), G)
-        wrap_triton(_k.pp_bwd_input_kernel)[grid](
-            f1, f2, tfield, wpt, wqt, gx,
-            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, G, Cg, Cgo, *win, i0, i1, j0, j1,
-            MODE=mode, IS_FP64=is_fp64, ALLOW_TF32=tf32,
+        wrap_triton(_kb.pp_bwd_input_kernel)[grid](
+            g, masks, alpha_v, shift, wpt, wqt, gx,
+            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, G, Cg, Cgo, *win, i0, i1, j0, j1, *pool,
+            **flags, ALLOW_TF32=tf32,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
         )
         out[0] = gx
 
     # 3. Weight gradient (and, for invert, the pull_shift gradient).
     if want[1] or want[2]:
+        BM, BN, BK, nw, ns = _bwd_config(dtype, x.is_cuda, weight_kernel=True)
         x = x.contiguous()
         k_total = geo.TH * geo.TW * Cg
         n_o_tiles = triton.cdiv(Cgo, BM)
         n_r_tiles = triton.cdiv(k_total, BN)
         p_total = N * Ho * Wo
-        split = _weight_split(G * n_o_tiles * n_r_tiles, p_total, BK, x.is_cuda, dev)
+        split = _pixel_split(G * n_o_tiles * n_r_tiles, p_total, BK, x.is_cuda, dev, WEIGHT_SPLIT_OVERRIDE)
         pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
         split = triton.cdiv(p_total, pix_per_split)
         need_w = bool(want[1])
@@ -379,11 +392,11 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         gw2 = buf(split, C_out, k_total) if (mode == MODE_UPSAMPLE and need_w) else buf(1)
         gs = buf(split, n_r_tiles, C_out) if mode == MODE_INVERT else buf(1)
         grid = (G * n_o_tiles, n_r_tiles, split)
-        wrap_triton(_k.pp_bwd_weight_kernel)[grid](
-            x, f1, f2, gw1, gw2, gs,
-            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, Cg, Cgo, *win, i0, i1, j0, j1,
+        wrap_triton(_kb.pp_bwd_weight_kernel)[grid](
+            x, g, masks, alpha_v, gw1, gw2, gs,
+            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, Cg, Cgo, *win, i0, i1, j0, j1, *pool,
             pix_per_split, n_o_tiles, n_r_tiles,
-            MODE=mode, NEED_W=need_w, IS_FP64=is_fp64, ALLOW_TF32=tf32,
+            **flags, NEED_W=need_w, ALLOW_TF32=tf32,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
         )
 

@@ -337,3 +337,39 @@ def test_gradcheck(pull, scale, opts):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case.leaves()]
     assert torch.autograd.gradcheck(lambda *a: _LaunchFn.apply(case, *a), tuple(leaves), eps=1e-6, atol=1e-7,
                                     rtol=1e-6, fast_mode=True)
+
+
+def test_bias_gradient_split_deterministic(monkeypatch):
+    case = Case(pull="upsample", scale=2.0, avg=3, n=3, hw=(5, 5), c_in=2, c_out=4)
+    y, masks = case.forward()
+    grad = torch.randn_like(y)
+    only_bias = [False, False, False, True, False, False]
+    want = case.backward(grad, masks, only_bias)[3]
+    monkeypatch.setattr(TL, "BIAS_SPLIT_OVERRIDE", 3)
+    got = case.backward(grad, masks, only_bias)[3]
+    assert torch.equal(got, case.backward(grad, masks, only_bias)[3])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("pull,scale", [("invert", 2.0), ("upsample", 2.0), ("upsample", 1.0)])
+def test_backward_writes_no_masked_field(monkeypatch, pull, scale):
+    # The kernels form gP / gQ from grad_output and the masks as they load them: besides grad_input
+    # itself, backward allocates no spatial field at output resolution (the old design wrote
+    # [N, C_out, Ho, Wo] masked fields, and for invert an [N, groups, Ho, Wo] one). Alpha, whose
+    # gradient recomputes a forward pass, is left out.
+    case = Case(pull=pull, scale=scale, avg=3, bias_out=True, groups=2, hw=(7, 9))
+    y, masks = case.forward()
+    grad = torch.randn_like(y)
+    sizes, real_empty = [], torch.empty
+
+    def recording_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        sizes.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
+    got = case.backward(grad, masks, [True, True, pull == "invert", True, True, False])
+    monkeypatch.undo()
+    assert got[0].shape == case.x.shape and tuple(case.x.shape) in sizes
+    fields = [s for s in sizes if s != tuple(case.x.shape) and s[-2:] == tuple(y.shape[-2:])]
+    assert not fields, f"output-resolution fields allocated by backward: {fields}"
