@@ -229,13 +229,6 @@ at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const a
   return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
 }
 
-// Where the pull response (and its gradient) of image n, channel o starts: the prefilter path makes
-// it [C_out, N, Ho * Wo], the direct path the usual [N, C_out, Ho * Wo].
-int64_t pull_plane_offset(const Geometry& geo, int64_t n, int64_t o) {
-  const int64_t plane = geo.out_height * geo.out_width;
-  return use_prefilter(geo) ? (o * geo.batch + n) * plane : (n * geo.out_channels + o) * plane;
-}
-
 // P0 = conv(x, k); pull0 = conv(x, q) for upsample; box = S for invert. All contiguous NCHW.
 struct Responses {
   at::Tensor push0, pull0, box;
@@ -304,21 +297,31 @@ void divide_by_window_count(acc_t* values, int64_t height, int64_t width, int64_
   }
 }
 
+// Where the planes of a field live: plane (n, o) starts at base + n * image + o * channel. The batched
+// paths point into ATen's results; the per-image path into its workspace (image stride 0).
+template <typename T>
+struct FieldView {
+  T* base = nullptr;
+  int64_t image = 0, channel = 0;
+  T* plane(int64_t n, int64_t o) const { return base + n * image + o * channel; }
+  explicit operator bool() const { return base != nullptr; }
+};
+
 // Read-only view of the responses and the per-channel vectors, shared by forward and backward.
 template <typename scalar_t>
 struct PlaneInputs {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo;
-  const scalar_t *push0, *pull0, *box, *shift, *bias_in;
+  FieldView<const scalar_t> push0, pull0;
+  const scalar_t *box, *shift, *bias_in;
   int64_t plane;  // Ho * Wo
 
   acc_t bias(int64_t o) const { return bias_in ? static_cast<acc_t>(bias_in[o]) : acc_t(0); }
-  const scalar_t* push_plane(int64_t n, int64_t o) const { return push0 + (n * geo.out_channels + o) * plane; }
 
-  // Q' of channel o of image n into `q` (tmp: scratch of one plane).
+  // Q' of channel o of image n into `q` (tmp, pooled: scratch of one plane each).
   void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, acc_t* pooled) const {
-    const scalar_t* p0 = push_plane(n, o);
-    const scalar_t* r0 = pull0 ? pull0 + pull_plane_offset(geo, n, o) : nullptr;
+    const scalar_t* p0 = push0.plane(n, o);
+    const scalar_t* r0 = pull0 ? pull0.plane(n, o) : nullptr;
     const int64_t g = o / (geo.out_channels / geo.groups);
     const scalar_t* s = box ? box + (n * geo.groups + g) * plane : nullptr;
     const acc_t m = shift ? static_cast<acc_t>(shift[o]) : acc_t(0), b = bias(o);
@@ -337,61 +340,99 @@ struct PlaneInputs {
   }
 };
 
-template <typename scalar_t>
-PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, const OptTensor& shift,
-                                   const OptTensor& bias_in) {
-  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-  auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->data_ptr<scalar_t>() : nullptr; };
-  return {geo, ptr(r.push0), ptr(r.pull0), ptr(r.box), opt_ptr(shift), opt_ptr(bias_in), geo.out_height * geo.out_width};
+// The layout of the batched responses: P0 is [N, C_out, plane]; conv(x, q) is [C_out, N, plane] on the
+// batched prefilter path (one matrix product per group) and [N, C_out, plane] on the direct one.
+template <typename T>
+FieldView<T> push_field(const Geometry& geo, T* base) {
+  const int64_t plane = geo.out_height * geo.out_width;
+  return {base, geo.out_channels * plane, plane};
+}
+template <typename T>
+FieldView<T> pull_field(const Geometry& geo, T* base) {
+  const int64_t plane = geo.out_height * geo.out_width;
+  return use_prefilter(geo) ? FieldView<T>{base, plane, geo.batch * plane} : push_field(geo, base);
 }
 
 template <typename scalar_t>
-void forward_epilogue(const PlaneInputs<scalar_t>& in, const OptTensor& bias_out, const at::Tensor& alpha,
-                      at::Tensor& out, uint8_t* masks) {
+PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, const OptTensor& shift,
+                                   const OptTensor& bias_in) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+  auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr; };
+  return {geo, push_field(geo, ptr(r.push0)), pull_field(geo, ptr(r.pull0)), ptr(r.box), opt_ptr(shift),
+          opt_ptr(bias_in), geo.out_height * geo.out_width};
+}
+
+// Per-thread scratch of the epilogues: a few planes in the accumulation type.
+template <typename acc_t>
+struct PlaneScratch {
+  std::vector<acc_t> q, tmp, pooled, grad;
+  explicit PlaneScratch(int64_t plane) : q(plane), tmp(plane), pooled(plane), grad(plane) {}
+};
+
+template <typename scalar_t>
+struct ForwardOutputs {
+  const scalar_t *alpha, *bias_out;
+  scalar_t* y;
+  uint8_t* masks;  // nullptr when they are not saved
+};
+
+// Output and masks of image n, channels 8 * octet .. 8 * octet + 7, from the responses of image n_in of
+// `in` (n itself, or 0 for a one-image workspace). Each mask byte has a single writer.
+template <typename scalar_t>
+void forward_epilogue_octet(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t octet,
+                            const ForwardOutputs<scalar_t>& out, PlaneScratch<at::opmath_type<scalar_t>>& scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8;
-  const scalar_t* alpha_p = alpha.data_ptr<scalar_t>();
-  const scalar_t* bout_p = bias_out.has_value() ? bias_out->data_ptr<scalar_t>() : nullptr;
-  scalar_t* y = out.data_ptr<scalar_t>();
-  const int64_t mask_half = geo.batch * octets * plane;  // masks[1] starts here
-  // One task = one image and 8 output channels, so each mask byte is written by one task only.
-  at::parallel_for(0, geo.batch * octets, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(plane), tmp(plane), pooled(plane);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / octets, octet = task % octets;
-      uint8_t* mask_p = masks ? masks + task * plane : nullptr;
-      uint8_t* mask_q = masks ? mask_p + mask_half : nullptr;
-      if (masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
-      for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
-        in.pull_response(n, o, q.data(), tmp.data(), pooled.data());
-        const scalar_t* p0 = in.push_plane(n, o);
-        const acc_t b = in.bias(o), a = static_cast<acc_t>(alpha_p[o]);
-        const acc_t bo = bout_p ? static_cast<acc_t>(bout_p[o]) : acc_t(0);
-        const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
-        scalar_t* y_push = y + (n * out_c + o) * plane;
-        scalar_t* y_pull = geo.dual_output ? y + (n * out_c + geo.out_channels + o) * plane : nullptr;
-        const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
-        const acc_t* __restrict__ pull = q.data();
-        // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN).
-        auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
-        if (y_pull) {
-          for (int64_t p = 0; p < plane; ++p) {
-            y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b));
-            y_pull[p] = static_cast<scalar_t>(relu(pull[p]));
-          }
-        } else {
-          for (int64_t p = 0; p < plane; ++p) {
-            y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
-          }
-        }
-        if (masks) {
-          for (int64_t p = 0; p < plane; ++p) {
-            mask_p[p] |= (static_cast<acc_t>(p0[p]) + b > acc_t(0)) ? bit : uint8_t(0);
-            mask_q[p] |= (pull[p] > acc_t(0)) ? bit : uint8_t(0);
-          }
-        }
+  const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
+  uint8_t* mask_p = out.masks ? out.masks + (n * octets + octet) * plane : nullptr;
+  uint8_t* mask_q = out.masks ? mask_p + geo.batch * octets * plane : nullptr;  // masks[1]
+  if (out.masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
+  // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN).
+  auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
+  for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
+    in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
+    const scalar_t* p0 = in.push0.plane(n_in, o);
+    const acc_t b = in.bias(o), a = static_cast<acc_t>(out.alpha[o]);
+    const acc_t bo = out.bias_out ? static_cast<acc_t>(out.bias_out[o]) : acc_t(0);
+    scalar_t* y_push = out.y + (n * out_c + o) * plane;
+    scalar_t* y_pull = geo.dual_output ? out.y + (n * out_c + geo.out_channels + o) * plane : nullptr;
+    const acc_t* __restrict__ pull = scratch.q.data();
+    if (y_pull) {
+      for (int64_t p = 0; p < plane; ++p) {
+        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b));
+        y_pull[p] = static_cast<scalar_t>(relu(pull[p]));
       }
+    } else {
+      for (int64_t p = 0; p < plane; ++p) {
+        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
+      }
+    }
+    if (out.masks) {
+      const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+      for (int64_t p = 0; p < plane; ++p) {
+        mask_p[p] |= (static_cast<acc_t>(p0[p]) + b > acc_t(0)) ? bit : uint8_t(0);
+        mask_q[p] |= (pull[p] > acc_t(0)) ? bit : uint8_t(0);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+ForwardOutputs<scalar_t> forward_outputs(const OptTensor& bias_out, const at::Tensor& alpha, at::Tensor& out,
+                                         uint8_t* masks) {
+  return {alpha.const_data_ptr<scalar_t>(), bias_out ? bias_out->const_data_ptr<scalar_t>() : nullptr,
+          out.data_ptr<scalar_t>(), masks};
+}
+
+template <typename scalar_t>
+void forward_epilogue(const PlaneInputs<scalar_t>& in, const ForwardOutputs<scalar_t>& out) {
+  const Geometry& geo = in.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch * octets, 1, [&](int64_t begin, int64_t end) {
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    for (int64_t task = begin; task < end; ++task) {
+      forward_epilogue_octet(in, task / octets, task / octets, task % octets, out, scratch);
     }
   });
 }
@@ -405,64 +446,96 @@ struct BackwardFields {
 };
 
 template <typename scalar_t>
-void backward_epilogue(const PlaneInputs<scalar_t>& in, const at::Tensor& grad_out, const at::Tensor& alpha,
-                       const uint8_t* masks, bool recompute_pull, BackwardFields& f) {
+struct BackwardOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  FieldView<scalar_t> grad_push0, grad_pull0;
+  scalar_t* grad_box;  // [N, groups, plane]
+  acc_t *shift_part, *bias_part, *alpha_part;
+};
+
+template <typename scalar_t>
+BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
+  return {push_field(geo, ptr(f.grad_push0)), pull_field(geo, ptr(f.grad_pull0)), ptr(f.grad_box),
+          acc_ptr(f.shift_part), acc_ptr(f.bias_part), acc_ptr(f.alpha_part)};
+}
+
+// What the backward epilogue reads besides the responses.
+template <typename scalar_t>
+struct BackwardInputs {
+  const scalar_t *grad_out, *alpha;
+  const uint8_t* masks;
+  bool recompute_pull;  // for the alpha gradient
+};
+
+// Gradient fields of image n, group grp (n_in: its index in `in`; see forward_epilogue_octet). One task
+// per (image, group), so the group's box-sum gradient has a single writer.
+template <typename scalar_t>
+void backward_epilogue_group(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t grp,
+                             const BackwardInputs<scalar_t>& bin, const BackwardOutputs<scalar_t>& f,
+                             PlaneScratch<at::opmath_type<scalar_t>>& scratch, std::vector<at::opmath_type<scalar_t>>& box_grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
   const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels, radius = (geo.avg_kernel - 1) / 2;
-  const scalar_t* g = grad_out.data_ptr<scalar_t>();
-  const scalar_t* alpha_p = alpha.data_ptr<scalar_t>();
-  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-  auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-  scalar_t *g_push = ptr(f.grad_push0), *g_pull = ptr(f.grad_pull0), *g_box = ptr(f.grad_box);
-  acc_t *shift_part = acc_ptr(f.shift_part), *bias_part = acc_ptr(f.bias_part), *alpha_part = acc_ptr(f.alpha_part);
-  // One task = one image and one group, so the group's box-sum gradient has a single writer.
+  acc_t* gq = scratch.grad.data();
+  std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
+  for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
+    const int64_t byte = (n * octets + o / 8) * plane, no = n * geo.out_channels + o;
+    const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+    const uint8_t *mask_p = bin.masks + byte, *mask_q = bin.masks + geo.batch * octets * plane + byte;
+    const scalar_t* g_p = bin.grad_out + (n * out_c + o) * plane;
+    const scalar_t* g_q = geo.dual_output ? bin.grad_out + (n * out_c + geo.out_channels + o) * plane : g_p;
+    const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(bin.alpha[o]);
+    if (bin.recompute_pull) {
+      const acc_t* q = scratch.q.data();
+      in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
+      acc_t s = 0;
+      for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] > 0 ? q[p] : acc_t(0));
+      f.alpha_part[no] = s;
+    }
+    for (int64_t p = 0; p < plane; ++p) gq[p] = (mask_q[p] & bit) ? pull_scale * static_cast<acc_t>(g_q[p]) : acc_t(0);
+    if (geo.avg_kernel > 1) {
+      // Adjoint of the average: divide by each output's window count, then sum over the same windows.
+      divide_by_window_count(gq, geo.out_height, geo.out_width, radius);
+      box_filter(gq, scratch.tmp.data(), scratch.pooled.data(), geo.out_height, geo.out_width, radius, false);
+      std::copy(scratch.pooled.begin(), scratch.pooled.end(), gq);
+    }
+    const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
+    const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
+    const bool pull_through_push = geo.pull != PullKind::kSeparable;
+    scalar_t* g_push = f.grad_push0 ? f.grad_push0.plane(n_in, o) : nullptr;
+    scalar_t* g_pull = f.grad_pull0 ? f.grad_pull0.plane(n_in, o) : nullptr;
+    acc_t sum_gp = 0, sum_gq = 0, sum_gq_box = 0;
+    for (int64_t p = 0; p < plane; ++p) {
+      const acc_t gp = (mask_p[p] & bit) ? static_cast<acc_t>(g_p[p]) : acc_t(0);
+      sum_gp += gp;
+      sum_gq += gq[p];
+      if (g_push) g_push[p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
+      if (g_pull) g_pull[p] = static_cast<scalar_t>(gq[p]);
+      if (f.grad_box) box_grad[p] += m * gq[p];
+      if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
+    }
+    if (f.bias_part) f.bias_part[no] = sum_gp - sum_gq;
+    if (f.shift_part) f.shift_part[no] = sum_gq_box;
+  }
+  if (f.grad_box) {
+    scalar_t* out = f.grad_box + (n * geo.groups + grp) * plane;
+    for (int64_t p = 0; p < plane; ++p) out[p] = static_cast<scalar_t>(box_grad[p]);
+  }
+}
+
+template <typename scalar_t>
+void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<scalar_t>& bin,
+                       const BackwardOutputs<scalar_t>& f) {
+  const Geometry& geo = in.geo;
   at::parallel_for(0, geo.batch * geo.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gq(plane), tmp(plane), pooled(plane), q(recompute_pull ? plane : 0), box_grad(g_box ? plane : 0);
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    std::vector<at::opmath_type<scalar_t>> box_grad(f.grad_box ? in.plane : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / geo.groups, grp = task % geo.groups;
-      std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
-      for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
-        const int64_t byte = (n * octets + o / 8) * plane, no = n * geo.out_channels + o;
-        const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
-        const uint8_t *mask_p = masks + byte, *mask_q = masks + geo.batch * octets * plane + byte;
-        const scalar_t* g_p = g + (n * out_c + o) * plane;
-        const scalar_t* g_q = geo.dual_output ? g + (n * out_c + geo.out_channels + o) * plane : g_p;
-        const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(alpha_p[o]);
-        if (recompute_pull) {
-          in.pull_response(n, o, q.data(), tmp.data(), pooled.data());
-          acc_t s = 0;
-          for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] > 0 ? q[p] : acc_t(0));
-          alpha_part[no] = s;
-        }
-        for (int64_t p = 0; p < plane; ++p) gq[p] = (mask_q[p] & bit) ? pull_scale * static_cast<acc_t>(g_q[p]) : acc_t(0);
-        if (geo.avg_kernel > 1) {
-          // Adjoint of the average: divide by each output's window count, then sum over the same windows.
-          divide_by_window_count(gq.data(), geo.out_height, geo.out_width, radius);
-          box_filter(gq.data(), tmp.data(), pooled.data(), geo.out_height, geo.out_width, radius, false);
-          std::copy(pooled.begin(), pooled.end(), gq.begin());
-        }
-        const scalar_t* s = in.box ? in.box + (n * geo.groups + grp) * plane : nullptr;
-        const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
-        const bool pull_through_push = geo.pull != PullKind::kSeparable;
-        const int64_t pull_offset = pull_plane_offset(geo, n, o);
-        acc_t sum_gp = 0, sum_gq = 0, sum_gq_box = 0;
-        for (int64_t p = 0; p < plane; ++p) {
-          const acc_t gp = (mask_p[p] & bit) ? static_cast<acc_t>(g_p[p]) : acc_t(0);
-          sum_gp += gp;
-          sum_gq += gq[p];
-          if (g_push) g_push[no * plane + p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
-          if (g_pull) g_pull[pull_offset + p] = static_cast<scalar_t>(gq[p]);
-          if (g_box) box_grad[p] += m * gq[p];
-          if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
-        }
-        if (bias_part) bias_part[no] = sum_gp - sum_gq;
-        if (shift_part) shift_part[no] = sum_gq_box;
-      }
-      if (g_box) {
-        for (int64_t p = 0; p < plane; ++p) g_box[(n * geo.groups + grp) * plane + p] = static_cast<scalar_t>(box_grad[p]);
-      }
+      backward_epilogue_group(in, task / geo.groups, task / geo.groups, task % geo.groups, bin, f, scratch, box_grad);
     }
   });
 }
@@ -504,8 +577,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
   auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
-    forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), b_out, alpha_c, out,
-                               save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+    forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in),
+                               forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr));
   });
   return {out, masks};
 }
@@ -539,6 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto w = weight.contiguous();
   const auto g = grad_output.contiguous();
   const auto masks_c = masks.contiguous();
+  const auto alpha_c = alpha.contiguous();
   const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
   const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
   const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
@@ -554,15 +628,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
   if (need_x || need_w) {
     f.grad_push0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_plane_offset says
+    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_field says
     if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
   }
   if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (output_mask[3]) f.bias_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (need_alpha) f.alpha_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_backward_cpu", [&] {
-    backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), g, alpha.contiguous(),
-                                masks_c.data_ptr<uint8_t>(), need_alpha, f);
+    const BackwardInputs<scalar_t> bin{g.const_data_ptr<scalar_t>(), alpha_c.const_data_ptr<scalar_t>(),
+                                       masks_c.const_data_ptr<uint8_t>(), need_alpha};
+    backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), bin, backward_outputs<scalar_t>(geo, f));
   });
 
   const auto none = at::empty({0}, x.options());
