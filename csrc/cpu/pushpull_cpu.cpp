@@ -15,12 +15,22 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "../pushpull.h"
+#include "panel_gemm.h"
 
 namespace pushpull {
 namespace {
+
+// The per-plane loops below are compiled twice, for AVX2/FMA and for the build's baseline, and the
+// loader picks one by the CPU (an ifunc); ATen's own kernels dispatch on the CPU in the same spirit.
+#if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PUSHPULL_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define PUSHPULL_CPU_CLONES
+#endif
 
 struct ConvArgs {
   at::IntArrayRef stride, padding, pull_padding, dilation;
@@ -63,10 +73,11 @@ PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, con
           c.stride[0], c.stride[1], c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
 }
 
-// One plane: x [H, W] -> z [kh * kw, Ho, Wo]; tmp holds the vertical pass [kh, Ho, padded_width].
-template <typename scalar_t, typename acc_t>
-void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* __restrict__ x,
-                     acc_t* __restrict__ tmp, scalar_t* __restrict__ z, int64_t tap_stride, acc_t* __restrict__ row_acc) {
+// One plane: x [H, W] -> z [kh * kw, Ho, Wo], handed over one output row at a time as
+// emit(tap, ho, row of Wo values); tmp holds the vertical pass [kh, Ho, padded_width].
+template <typename scalar_t, typename acc_t, typename Emit>
+PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* __restrict__ x,
+                     acc_t* __restrict__ tmp, acc_t* __restrict__ row_acc, Emit emit) {
   const int64_t wp = g.padded_width();
   std::fill(tmp, tmp + g.tmp_size(), acc_t(0));
   for (int64_t i = 0; i < g.kernel_h; ++i) {
@@ -91,10 +102,13 @@ void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t*
           const acc_t v = cols[b * g.kernel_w + j];
           if (v == acc_t(0)) continue;
           const acc_t* __restrict__ tb = t + b * g.dil_w;
-          for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo * g.stride_w];
+          if (g.stride_w == 1) {  // the common case, contiguous so that it vectorizes
+            for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo];
+          } else {
+            for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo * g.stride_w];
+          }
         }
-        scalar_t* __restrict__ zr = z + (i * g.kernel_w + j) * tap_stride + ho * g.out_width;
-        for (int64_t wo = 0; wo < g.out_width; ++wo) zr[wo] = static_cast<scalar_t>(row_acc[wo]);
+        emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(row_acc));
       }
     }
   }
@@ -103,7 +117,7 @@ void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t*
 // Adjoint of prefilter_plane: gz [kh * kw, Ho, Wo] -> gx [H, W] (overwritten); tmp as above,
 // row_acc holds one input plane [H, W].
 template <typename scalar_t, typename acc_t>
-void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
+PUSHPULL_CPU_CLONES void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
                              const scalar_t* __restrict__ gz, int64_t tap_stride, acc_t* __restrict__ tmp,
                              scalar_t* __restrict__ gx, acc_t* __restrict__ plane_acc) {
   const int64_t wp = g.padded_width();
@@ -177,8 +191,10 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     for_each_input_plane<scalar_t>(geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
-      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, tmp, zp + layout.offset(plane), layout.tap_stride(),
-                      row_acc);
+      scalar_t* z_plane = zp + layout.offset(plane);
+      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, tmp, row_acc, [&](int64_t tap, int64_t ho, auto row) {
+        std::copy(row, row + geo.out_width, z_plane + tap * layout.tap_stride() + ho * geo.out_width);
+      });
     });
   });
   return z;
@@ -262,7 +278,7 @@ struct Window {
 // valid positions when `average`; tmp is scratch of the plane's size. Row-wise loops over shifted
 // ranges (no bounds test inside) so that they vectorize.
 template <typename acc_t>
-void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out, int64_t height,
+PUSHPULL_CPU_CLONES void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out, int64_t height,
                 int64_t width, int64_t radius, bool average) {
   std::fill(tmp, tmp + height * width, acc_t(0));
   for (int64_t h = 0; h < height; ++h) {
@@ -379,7 +395,7 @@ struct ForwardOutputs {
 // Output and masks of image n, channels 8 * octet .. 8 * octet + 7, from the responses of image n_in of
 // `in` (n itself, or 0 for a one-image workspace). Each mask byte has a single writer.
 template <typename scalar_t>
-void forward_epilogue_octet(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t octet,
+PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t octet,
                             const ForwardOutputs<scalar_t>& out, PlaneScratch<at::opmath_type<scalar_t>>& scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
@@ -473,7 +489,7 @@ struct BackwardInputs {
 // Gradient fields of image n, group grp (n_in: its index in `in`; see forward_epilogue_octet). One task
 // per (image, group), so the group's box-sum gradient has a single writer.
 template <typename scalar_t>
-void backward_epilogue_group(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t grp,
+PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t grp,
                              const BackwardInputs<scalar_t>& bin, const BackwardOutputs<scalar_t>& f,
                              PlaneScratch<at::opmath_type<scalar_t>>& scratch, std::vector<at::opmath_type<scalar_t>>& box_grad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -540,6 +556,225 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<sca
   });
 }
 
+// ---------------------------------------------------------------- upsample, one image at a time
+
+// The upsample pull with the prefilter algebra, one image per task, everything in cache: for each group
+// the input's im2col and its prefilter z are packed as panels (panel_gemm.h), and ONE weight matrix
+// W_g [C_out/groups, K], K = C_in/groups * kh * kw, multiplies both: P0 = W_g @ im2col, R = W_g @ z. The
+// epilogue then reads P0 and R from the workspace. Backward, per image: dW += gP @ im2col^T + gR @ z^T
+// (partial sums per image, added in a fixed order), dx = col2im(W_g^T @ gP) + prefilter^T(W_g^T @ gR).
+template <typename scalar_t>
+struct ImageWorkspace {
+  std::vector<scalar_t> cols, z;            // packed operands, group g at g * operand_size
+  std::vector<scalar_t> push, pull;         // [C_out, padded plane]: responses, then their gradients
+  std::vector<scalar_t> packed_grad;        // one group's gradient field, packed
+  std::vector<scalar_t> tap_rows;           // one channel's im2col or prefilter [taps, plane]
+  std::vector<scalar_t> grad_rows;          // W_g^T @ (a gradient field) [K, padded]
+  std::vector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
+};
+
+template <typename scalar_t>
+struct ImagePath {
+  const Geometry& geo;
+  const ConvArgs& conv;
+  PrefilterGeometry pre;
+  const scalar_t *rows, *cols;  // interpolation matrices, contiguous
+  const scalar_t* weight;       // [C_out, K]
+  int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
+
+  ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const at::Tensor& w)
+      : geo(g), conv(c), pre(prefilter_geometry(g, c, r, k)), rows(r.const_data_ptr<scalar_t>()),
+        cols(k.const_data_ptr<scalar_t>()), weight(w.const_data_ptr<scalar_t>()),
+        plane(g.out_height * g.out_width), padded(panel::padded(plane)), taps(g.kernel_h * g.kernel_w),
+        in_per_group(g.in_channels / g.groups), out_per_group(g.out_channels / g.groups),
+        k_size(in_per_group * taps) {}
+
+  int64_t operand_size() const { return k_size * padded; }
+  const scalar_t* weight_of(int64_t grp) const { return weight + grp * out_per_group * k_size; }
+
+  ImageWorkspace<scalar_t> workspace() const {
+    ImageWorkspace<scalar_t> ws;
+    ws.cols.resize(geo.groups * operand_size());
+    ws.z.resize(geo.groups * operand_size());
+    ws.push.resize(geo.out_channels * padded);
+    ws.pull.resize(geo.out_channels * padded);
+    ws.packed_grad.resize(out_per_group * padded);
+    ws.tap_rows.resize(taps * plane);
+    ws.grad_rows.resize(k_size * padded);
+    ws.prefilter_tmp.resize(pre.tmp_size());
+    ws.line.resize(std::max(geo.out_width, geo.height * geo.width));
+    return ws;
+  }
+
+  // Valid output columns of tap column j: those reading an input column in [0, W).
+  std::pair<int64_t, int64_t> valid_columns(int64_t j) const {
+    const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+    const int64_t lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
+    const int64_t hi = geo.width - offset <= 0 ? 0 : std::min(geo.out_width, (geo.width - offset + s - 1) / s);
+    return {lo, std::max(lo, hi)};
+  }
+
+  // im2col of one input plane, packed: row first_row + i * kw + j, pixel ho * Wo + wo holds
+  // x[ho * sh + i * dh - ph, wo * sw + j * dw - pw] (0 outside the input). One tap at a time goes through
+  // `row` (scratch of one output plane), so that packing copies whole panels.
+  void pack_im2col_plane(const scalar_t* x, int64_t first_row, scalar_t* packed, scalar_t* row) const {
+    for (int64_t i = 0; i < geo.kernel_h; ++i) {
+      for (int64_t j = 0; j < geo.kernel_w; ++j) {
+        const auto [lo, hi] = valid_columns(j);
+        const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+        std::fill(row, row + plane, scalar_t(0));
+        for (int64_t ho = 0; ho < geo.out_height; ++ho) {
+          const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
+          if (h < 0 || h >= geo.height) continue;
+          const scalar_t* x_row = x + h * geo.width + offset;
+          scalar_t* out = row + ho * geo.out_width;
+          for (int64_t wo = lo; wo < hi; ++wo) out[wo] = x_row[wo * s];
+        }
+        panel::pack_row(row, plane, k_size, first_row + i * geo.kernel_w + j, packed);
+      }
+    }
+  }
+
+  // Adds the adjoint of pack_im2col_plane: gx[h, w] += the entries of grad (rows i * kw + j, row stride ld)
+  // that read (h, w).
+  void col2im_plane(const scalar_t* grad, int64_t ld, scalar_t* gx) const {
+    for (int64_t i = 0; i < geo.kernel_h; ++i) {
+      for (int64_t j = 0; j < geo.kernel_w; ++j) {
+        const auto [lo, hi] = valid_columns(j);
+        const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+        for (int64_t ho = 0; ho < geo.out_height; ++ho) {
+          const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
+          if (h < 0 || h >= geo.height) continue;
+          const scalar_t* src = grad + (i * geo.kernel_w + j) * ld + ho * geo.out_width;
+          scalar_t* gx_row = gx + h * geo.width + offset;
+          for (int64_t wo = lo; wo < hi; ++wo) gx_row[wo * s] += src[wo];
+        }
+      }
+    }
+  }
+
+  // The packed im2col and prefilter operands of every group of image n.
+  void pack_operands(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t c = 0; c < geo.in_channels; ++c) {
+      const scalar_t* x_plane = x + (n * geo.in_channels + c) * geo.height * geo.width;
+      const int64_t grp = c / in_per_group, first_row = (c % in_per_group) * taps;
+      pack_im2col_plane(x_plane, first_row, ws.cols.data() + grp * operand_size(), ws.tap_rows.data());
+      prefilter_plane(pre, rows, cols, x_plane, ws.prefilter_tmp.data(), ws.line.data(),
+                      [&](int64_t tap, int64_t ho, const scalar_t* row) {
+                        std::copy(row, row + geo.out_width, ws.tap_rows.data() + tap * plane + ho * geo.out_width);
+                      });
+      for (int64_t t = 0; t < taps; ++t) {
+        panel::pack_row(ws.tap_rows.data() + t * plane, plane, k_size, first_row + t, ws.z.data() + grp * operand_size());
+      }
+    }
+  }
+
+  // P0 and R of the packed image, [C_out, padded plane] each.
+  void responses(ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      const int64_t row = grp * out_per_group;
+      panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, plane,
+                     ws.push.data() + row * padded, padded);
+      panel::product(weight_of(grp), k_size, out_per_group, ws.z.data() + grp * operand_size(), k_size, plane,
+                     ws.pull.data() + row * padded, padded);
+    }
+  }
+
+  // The workspace's fields as the epilogues see them (one image: image stride 0).
+  PlaneInputs<scalar_t> inputs(const ImageWorkspace<scalar_t>& ws, const scalar_t* bias_in) const {
+    return {geo, {ws.push.data(), 0, padded}, {ws.pull.data(), 0, padded}, nullptr, nullptr, bias_in, plane};
+  }
+
+  // Packs rows [row, row + out_per_group) of a [C_out, padded] gradient field.
+  void pack_group_field(const std::vector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t r = 0; r < out_per_group; ++r) {
+      panel::pack_row(field.data() + (grp * out_per_group + r) * padded, plane, out_per_group, r, ws.packed_grad.data());
+    }
+  }
+
+  // grad_w[grp rows] += packed gradient (one group) @ operand^T.
+  void add_weight_grad(const scalar_t* operand, int64_t grp, const ImageWorkspace<scalar_t>& ws, scalar_t* grad_w) const {
+    panel::gram(ws.packed_grad.data(), out_per_group, operand, k_size, plane, grad_w + grp * out_per_group * k_size,
+                k_size);
+  }
+
+  // W_g^T @ (packed gradient) into ws.grad_rows [K, padded]; weight_t is W_g^T [K, C_out/groups].
+  void backproject(const scalar_t* weight_t, ImageWorkspace<scalar_t>& ws) const {
+    panel::product(weight_t, out_per_group, k_size, ws.packed_grad.data(), out_per_group, plane, ws.grad_rows.data(),
+                   padded);
+  }
+};
+
+// Below kMinChannelsForPrefilter output channels per group, where the batched matrix product is thin.
+// float64 takes it too (so that the float64 tests hold its index math to 1e-9); float where the AVX2
+// products run, else the direct pull convolution.
+template <typename scalar_t>
+bool image_path_runs(const Geometry& geo) {
+  if (geo.pull != PullKind::kSeparable || use_prefilter(geo)) return false;
+  return std::is_same_v<scalar_t, double> || (std::is_same_v<scalar_t, float> && panel::fast_float_kernels());
+}
+
+bool image_path_runs(const Geometry& geo, at::ScalarType dtype) {
+  return dtype == at::kDouble ? image_path_runs<double>(geo) : dtype == at::kFloat && image_path_runs<float>(geo);
+}
+
+template <typename scalar_t>
+void forward_image_path(const ImagePath<scalar_t>& path, const scalar_t* x, const scalar_t* bias_in,
+                        const ForwardOutputs<scalar_t>& out) {
+  const Geometry& geo = path.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+    auto ws = path.workspace();
+    PlaneScratch<scalar_t> scratch(path.plane);
+    for (int64_t n = begin; n < end; ++n) {
+      path.pack_operands(x, n, ws);
+      path.responses(ws);
+      const auto in = path.inputs(ws, bias_in);
+      for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
+    }
+  });
+}
+
+// Backward of one image n: gradient fields into the workspace, then the weight gradient of the image
+// (grad_w_image, [C_out, K]) and the input gradient planes of the image (grad_x).
+template <typename scalar_t>
+void backward_image(const ImagePath<scalar_t>& path, const scalar_t* x, int64_t n, const scalar_t* bias_in,
+                    const BackwardInputs<scalar_t>& bin, BackwardOutputs<scalar_t> f, const scalar_t* weight_t,
+                    scalar_t* grad_w_image, scalar_t* grad_x, ImageWorkspace<scalar_t>& ws,
+                    PlaneScratch<scalar_t>& scratch, std::vector<scalar_t>& box_grad) {
+  const Geometry& geo = path.geo;
+  const bool operands = grad_w_image != nullptr || bin.recompute_pull;
+  if (operands) path.pack_operands(x, n, ws);
+  if (bin.recompute_pull) path.responses(ws);
+  const auto in = path.inputs(ws, bias_in);
+  f.grad_push0 = {ws.push.data(), 0, path.padded};  // overwrites P0 channel by channel after reading it
+  f.grad_pull0 = {ws.pull.data(), 0, path.padded};
+  for (int64_t grp = 0; grp < geo.groups; ++grp) backward_epilogue_group(in, 0, n, grp, bin, f, scratch, box_grad);
+  const int64_t in_plane = geo.height * geo.width;
+  for (int64_t grp = 0; grp < geo.groups; ++grp) {
+    const scalar_t* w_t = weight_t ? weight_t + grp * path.k_size * path.out_per_group : nullptr;
+    scalar_t* gx_group = grad_x ? grad_x + (n * geo.in_channels + grp * path.in_per_group) * in_plane : nullptr;
+    // Pull first: the prefilter adjoint overwrites the input-gradient planes, col2im then adds.
+    path.pack_group_field(ws.pull, grp, ws);
+    if (grad_w_image) path.add_weight_grad(ws.z.data() + grp * path.operand_size(), grp, ws, grad_w_image);
+    if (gx_group) {
+      path.backproject(w_t, ws);
+      for (int64_t c = 0; c < path.in_per_group; ++c) {
+        prefilter_adjoint_plane(path.pre, path.rows, path.cols, ws.grad_rows.data() + c * path.taps * path.padded,
+                                path.padded, ws.prefilter_tmp.data(), gx_group + c * in_plane, ws.line.data());
+      }
+    }
+    path.pack_group_field(ws.push, grp, ws);
+    if (grad_w_image) path.add_weight_grad(ws.cols.data() + grp * path.operand_size(), grp, ws, grad_w_image);
+    if (gx_group) {
+      path.backproject(w_t, ws);
+      for (int64_t c = 0; c < path.in_per_group; ++c) {
+        path.col2im_plane(ws.grad_rows.data() + c * path.taps * path.padded, path.padded, gx_group + c * in_plane);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------- the ops
 
 // float16 / bfloat16 run in float32 and are rounded once at the end: the responses P0 and R then
@@ -568,7 +803,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
   const auto x = input.contiguous();
   const auto w = weight.contiguous();
-  const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
   const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
   const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
   const OptTensor b_out = bias_out ? OptTensor(bias_out->contiguous()) : std::nullopt;
@@ -577,10 +811,122 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
   auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
-    forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in),
-                               forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr));
+    const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+    if (image_path_runs<scalar_t>(geo)) {
+      const auto rows = pull_rows->contiguous(), cols = pull_cols->contiguous();
+      const ImagePath<scalar_t> path(geo, conv, rows, cols, w);
+      forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr, outputs);
+    } else {
+      const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
+      forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
+    }
   });
   return {out, masks};
+}
+
+// Everything the two backward paths read.
+struct BackwardRequest {
+  const Geometry& geo;
+  const ConvArgs& conv;
+  const at::Tensor &x, &w, &grad_out, &masks, &alpha;
+  const OptTensor &shift, &bias_in, &pull_rows, &pull_cols;
+  bool need_x, need_w, need_shift, need_alpha;
+};
+
+template <typename scalar_t>
+BackwardInputs<scalar_t> backward_inputs(const BackwardRequest& req) {
+  return {req.grad_out.const_data_ptr<scalar_t>(), req.alpha.const_data_ptr<scalar_t>(),
+          req.masks.const_data_ptr<uint8_t>(), req.need_alpha};
+}
+
+// Input and weight gradients (undefined when not needed) through ATen's convolution_backward.
+std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, BackwardFields& f) {
+  const Geometry& geo = req.geo;
+  const ConvArgs& conv = req.conv;
+  const at::Tensor &x = req.x, &w = req.w;
+  const bool need_x = req.need_x, need_w = req.need_w;
+  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
+  Responses r;
+  if (req.need_alpha) r = compute_responses(x, w, req.pull_rows, req.pull_cols, geo, conv);
+  else if (req.need_shift) r.box = box_sum(x, geo, conv).contiguous();
+
+  const auto field = [&](int64_t channels) {
+    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
+  };
+  if (need_x || need_w) {
+    f.grad_push0 = field(geo.out_channels);
+    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_field says
+    if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_backward_cpu", [&] {
+    backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, req.shift, req.bias_in), backward_inputs<scalar_t>(req),
+                                backward_outputs<scalar_t>(geo, f));
+  });
+  at::Tensor grad_x, grad_w;
+  if (need_x || need_w) {
+    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, conv.stride, conv.padding, conv.dilation, false, {0, 0}, conv.groups, {need_x, need_w, false});
+    if (need_x) grad_x = std::get<0>(grads);
+    if (need_w) grad_w = std::get<1>(grads);
+  }
+  if (f.grad_pull0.defined() && use_prefilter(geo)) {
+    // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
+    const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
+    const auto grad_r = f.grad_pull0.view({geo.groups, geo.out_channels / geo.groups, pixels});
+    const auto w_g = grouped_weight(w, geo.groups);
+    if (need_w) {
+      const auto z = prefilter(x, *req.pull_rows, *req.pull_cols, geo, conv).view({geo.groups, w_g.size(2), pixels});
+      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).view(w.sizes());
+    }
+    if (need_x) {
+      const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
+      grad_x = grad_x + prefilter_adjoint(grad_z, *req.pull_rows, *req.pull_cols, geo, conv);
+    }
+  } else if (f.grad_pull0.defined()) {
+    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
+    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *req.pull_rows, *req.pull_cols), std::nullopt, conv.stride,
+                                          conv.pull_padding, conv.dilation, false, {0, 0}, conv.groups, {need_x, need_w, false});
+    if (need_x) grad_x = grad_x + std::get<0>(grads);
+    if (need_w) grad_w = grad_w - at::matmul(req.pull_rows->t(), at::matmul(std::get<1>(grads), *req.pull_cols));
+  }
+  if (f.grad_box.defined()) {
+    auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
+    grad_x = grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, conv.stride, conv.padding, conv.dilation,
+                                                           false, {0, 0}, conv.groups, {true, false, false}));
+  }
+  return {grad_x, grad_w};
+}
+
+// The upsample path one image at a time (see ImagePath).
+std::pair<at::Tensor, at::Tensor> backward_image_path(const BackwardRequest& req, BackwardFields& f) {
+  const Geometry& geo = req.geo;
+  at::Tensor grad_x, grad_w, grad_w_images, weight_t;
+  if (req.need_x) {
+    grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
+    // W_g^T per group: [groups, K, C_out / groups].
+    weight_t = grouped_weight(req.w, geo.groups).transpose(1, 2).contiguous();
+  }
+  // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
+  if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_image", [&] {
+    const auto rows = req.pull_rows->contiguous(), cols = req.pull_cols->contiguous();
+    const ImagePath<scalar_t> path(geo, req.conv, rows, cols, req.w);
+    const auto bin = backward_inputs<scalar_t>(req);
+    const scalar_t* x = (req.need_w || req.need_alpha) ? req.x.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
+    const auto outputs = backward_outputs<scalar_t>(geo, f);
+    at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+      auto ws = path.workspace();
+      PlaneScratch<scalar_t> scratch(path.plane);
+      std::vector<scalar_t> no_box;
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* grad_w_image = req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr;
+        backward_image(path, x, n, bias_in, bin, outputs, req.need_x ? weight_t.const_data_ptr<scalar_t>() : nullptr,
+                       grad_w_image, req.need_x ? grad_x.data_ptr<scalar_t>() : nullptr, ws, scratch, no_box);
+      }
+    });
+  });
+  if (req.need_w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  return {grad_x, grad_w};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -617,62 +963,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
   const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
 
-  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
-  Responses r;
-  if (need_alpha) r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
-  else if (need_shift) r.box = box_sum(x, geo, conv).contiguous();
-
   BackwardFields f;
-  const auto field = [&](int64_t channels) {
-    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
-  };
-  if (need_x || need_w) {
-    f.grad_push0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_field says
-    if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
-  }
   if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (output_mask[3]) f.bias_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (need_alpha) f.alpha_part = at::empty({geo.batch, geo.out_channels}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_backward_cpu", [&] {
-    const BackwardInputs<scalar_t> bin{g.const_data_ptr<scalar_t>(), alpha_c.const_data_ptr<scalar_t>(),
-                                       masks_c.const_data_ptr<uint8_t>(), need_alpha};
-    backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), bin, backward_outputs<scalar_t>(geo, f));
-  });
-
+  const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, pull_rows, pull_cols,
+                            need_x, need_w, need_shift, need_alpha};
   const auto none = at::empty({0}, x.options());
-  at::Tensor grad_x = none, grad_w = none;
-  if (need_x || need_w) {
-    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, stride, padding, dilation, false, {0, 0},
-                                          groups, {need_x, need_w, false});
-    if (need_x) grad_x = std::get<0>(grads);
-    if (need_w) grad_w = std::get<1>(grads);
-  }
-  if (f.grad_pull0.defined() && use_prefilter(geo)) {
-    // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
-    const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
-    const auto grad_r = f.grad_pull0.view({geo.groups, geo.out_channels / geo.groups, pixels});
-    const auto w_g = grouped_weight(w, geo.groups);
-    if (need_w) {
-      const auto z = prefilter(x, *pull_rows, *pull_cols, geo, conv).view({geo.groups, w_g.size(2), pixels});
-      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).view(w.sizes());
-    }
-    if (need_x) {
-      const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
-      grad_x = grad_x + prefilter_adjoint(grad_z, *pull_rows, *pull_cols, geo, conv);
-    }
-  } else if (f.grad_pull0.defined()) {
-    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
-    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *pull_rows, *pull_cols), std::nullopt, stride,
-                                          pull_padding, dilation, false, {0, 0}, groups, {need_x, need_w, false});
-    if (need_x) grad_x = grad_x + std::get<0>(grads);
-    if (need_w) grad_w = grad_w - at::matmul(pull_rows->t(), at::matmul(std::get<1>(grads), *pull_cols));
-  }
-  if (f.grad_box.defined()) {
-    auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-    grad_x = grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, stride, padding, dilation,
-                                                           false, {0, 0}, groups, {true, false, false}));
-  }
+  auto [grad_x, grad_w] = image_path_runs(geo, x.scalar_type()) ? backward_image_path(req, f) : backward_batched(req, f);
+  if (!need_x) grad_x = none;
+  if (!need_w) grad_w = none;
   const auto reduce = [&](const at::Tensor& part, bool wanted) {
     return wanted ? part.sum(0).to(x.scalar_type()) : none;
   };
