@@ -65,7 +65,8 @@ struct PrefilterGeometry {
   int64_t stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
   int64_t in_row(int64_t ho, int64_t a) const { return ho * stride_h + a * dil_h - pad_h; }
   int64_t padded_width() const { return std::max((out_width - 1) * stride_w + (pull_w - 1) * dil_w + 1, pad_w + width); }
-  int64_t tmp_size() const { return kernel_h * out_height * padded_width(); }
+  // the vertical pass [kh, Ho, padded_width], then one [Ho, padded_width] block of the horizontal one
+  int64_t tmp_size() const { return (kernel_h + 1) * out_height * padded_width(); }
 };
 
 PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols) {
@@ -73,15 +74,16 @@ PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, con
           c.stride[0], c.stride[1], c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
 }
 
-// One plane: x [H, W] -> z [kh * kw, Ho, Wo], handed over one output row at a time as
-// emit(tap, ho, row of Wo values); tmp holds the vertical pass [kh, Ho, padded_width].
+// One plane: x [H, W] -> z [kh * kw, Ho, Wo] for the output rows [ho_begin, ho_end), handed over one
+// row at a time as emit(tap, ho, row of Wo values); tmp holds the vertical pass [kh, Ho, padded_width].
 template <typename scalar_t, typename acc_t, typename Emit>
-PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* __restrict__ x,
-                     acc_t* __restrict__ tmp, acc_t* __restrict__ row_acc, Emit emit) {
+PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
+                                         const scalar_t* __restrict__ x, int64_t ho_begin, int64_t ho_end,
+                                         acc_t* __restrict__ tmp, acc_t* __restrict__ row_acc, Emit emit) {
   const int64_t wp = g.padded_width();
-  std::fill(tmp, tmp + g.tmp_size(), acc_t(0));
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+    std::fill(tmp + (i * g.out_height + ho_begin) * wp, tmp + (i * g.out_height + ho_end) * wp, acc_t(0));
+    for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
       acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp + g.pad_w;
       for (int64_t a = 0; a < g.pull_h; ++a) {
         const int64_t h = g.in_row(ho, a);
@@ -93,8 +95,31 @@ PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t
       }
     }
   }
+  if (g.stride_w == 1) {
+    // The kh x Ho rows of the vertical pass, wp apart, read as ONE line per i: output (ho, wo) of tap
+    // column j is then sum_b v[b] * line[ho * wp + wo + b * dw], a 1-D filter over the whole block with
+    // no per-row loop overhead (the values at wo >= Wo are not used). `out` is the block after tmp.
+    acc_t* __restrict__ out = tmp + g.kernel_h * g.out_height * wp;
+    const int64_t length = (ho_end - ho_begin - 1) * wp + g.out_width;
+    for (int64_t i = 0; i < g.kernel_h; ++i) {
+      const acc_t* __restrict__ line = tmp + (i * g.out_height + ho_begin) * wp;
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
+        std::fill(out, out + length, acc_t(0));
+        for (int64_t b = 0; b < g.pull_w; ++b) {
+          const acc_t v = cols[b * g.kernel_w + j];
+          if (v == acc_t(0)) continue;
+          const acc_t* __restrict__ shifted = line + b * g.dil_w;
+          for (int64_t k = 0; k < length; ++k) out[k] += v * shifted[k];
+        }
+        for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+          emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(out + (ho - ho_begin) * wp));
+        }
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+    for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
       const acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp;
       for (int64_t j = 0; j < g.kernel_w; ++j) {
         std::fill(row_acc, row_acc + g.out_width, acc_t(0));
@@ -102,11 +127,7 @@ PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t
           const acc_t v = cols[b * g.kernel_w + j];
           if (v == acc_t(0)) continue;
           const acc_t* __restrict__ tb = t + b * g.dil_w;
-          if (g.stride_w == 1) {  // the common case, contiguous so that it vectorizes
-            for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo];
-          } else {
-            for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo * g.stride_w];
-          }
+          for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo * g.stride_w];
         }
         emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(row_acc));
       }
@@ -192,7 +213,7 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
     scalar_t* zp = z.data_ptr<scalar_t>();
     for_each_input_plane<scalar_t>(geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
       scalar_t* z_plane = zp + layout.offset(plane);
-      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, tmp, row_acc, [&](int64_t tap, int64_t ho, auto row) {
+      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, 0, geo.out_height, tmp, row_acc, [&](int64_t tap, int64_t ho, auto row) {
         std::copy(row, row + geo.out_width, z_plane + tap * layout.tap_stride() + ho * geo.out_width);
       });
     });
@@ -565,13 +586,17 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<sca
 // (partial sums per image, added in a fixed order), dx = col2im(W_g^T @ gP) + prefilter^T(W_g^T @ gR).
 template <typename scalar_t>
 struct ImageWorkspace {
-  std::vector<scalar_t> cols, z;            // packed operands, group g at g * operand_size
-  std::vector<scalar_t> push, pull;         // [C_out, padded plane]: responses, then their gradients
+  std::vector<scalar_t> cols, z;            // packed operands of a block of rows, group g at g * operand_size
+  std::vector<scalar_t> push, pull;         // [C_out, field_ld]: responses, then their gradients
   std::vector<scalar_t> packed_grad;        // one group's gradient field, packed
-  std::vector<scalar_t> tap_rows;           // one channel's im2col or prefilter [taps, plane]
+  std::vector<scalar_t> tap_rows;           // one channel's im2col or prefilter [taps, block pixels]
   std::vector<scalar_t> grad_rows;          // W_g^T @ (a gradient field) [K, padded]
   std::vector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
 };
+
+// Packed operands of this many bytes per block of output rows (both of them) stay in the 512 KiB L2 of
+// the CPU the path was tuned on (benchmarks/results/cpu-2core) while the products read them.
+constexpr int64_t kOperandBlockBytes = 256 * 1024;
 
 template <typename scalar_t>
 struct ImagePath {
@@ -581,25 +606,33 @@ struct ImagePath {
   const scalar_t *rows, *cols;  // interpolation matrices, contiguous
   const scalar_t* weight;       // [C_out, K]
   int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
+  int64_t block_rows;           // output rows packed at a time (forward; backward packs whole planes)
+  int64_t field_ld;             // row stride of the push/pull fields: a block's product may write 23 past it
 
-  ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const at::Tensor& w)
+  // `blocked`: pack blocks of rows (forward) rather than whole planes (backward).
+  ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const at::Tensor& w,
+            bool blocked)
       : geo(g), conv(c), pre(prefilter_geometry(g, c, r, k)), rows(r.const_data_ptr<scalar_t>()),
         cols(k.const_data_ptr<scalar_t>()), weight(w.const_data_ptr<scalar_t>()),
         plane(g.out_height * g.out_width), padded(panel::padded(plane)), taps(g.kernel_h * g.kernel_w),
         in_per_group(g.in_channels / g.groups), out_per_group(g.out_channels / g.groups),
-        k_size(in_per_group * taps) {}
+        k_size(in_per_group * taps), field_ld(plane + panel::kPanel) {
+    const int64_t row_bytes = 2 * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
+    block_rows = blocked ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
+                         : g.out_height;
+  }
 
-  int64_t operand_size() const { return k_size * padded; }
+  int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }
   const scalar_t* weight_of(int64_t grp) const { return weight + grp * out_per_group * k_size; }
 
   ImageWorkspace<scalar_t> workspace() const {
     ImageWorkspace<scalar_t> ws;
     ws.cols.resize(geo.groups * operand_size());
     ws.z.resize(geo.groups * operand_size());
-    ws.push.resize(geo.out_channels * padded);
-    ws.pull.resize(geo.out_channels * padded);
+    ws.push.resize(geo.out_channels * field_ld);
+    ws.pull.resize(geo.out_channels * field_ld);
     ws.packed_grad.resize(out_per_group * padded);
-    ws.tap_rows.resize(taps * plane);
+    ws.tap_rows.resize(taps * block_rows * geo.out_width);
     ws.grad_rows.resize(k_size * padded);
     ws.prefilter_tmp.resize(pre.tmp_size());
     ws.line.resize(std::max(geo.out_width, geo.height * geo.width));
@@ -614,23 +647,25 @@ struct ImagePath {
     return {lo, std::max(lo, hi)};
   }
 
-  // im2col of one input plane, packed: row first_row + i * kw + j, pixel ho * Wo + wo holds
-  // x[ho * sh + i * dh - ph, wo * sw + j * dw - pw] (0 outside the input). One tap at a time goes through
-  // `row` (scratch of one output plane), so that packing copies whole panels.
-  void pack_im2col_plane(const scalar_t* x, int64_t first_row, scalar_t* packed, scalar_t* row) const {
+  // im2col of output rows [ho_begin, ho_end) of one input plane, packed: row first_row + i * kw + j, pixel
+  // (ho - ho_begin) * Wo + wo holds x[ho * sh + i * dh - ph, wo * sw + j * dw - pw] (0 outside the input).
+  // One tap at a time goes through `row` (scratch), so that packing copies whole panels.
+  void pack_im2col_plane(const scalar_t* x, int64_t ho_begin, int64_t ho_end, int64_t first_row, scalar_t* packed,
+                         scalar_t* row) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
     for (int64_t i = 0; i < geo.kernel_h; ++i) {
       for (int64_t j = 0; j < geo.kernel_w; ++j) {
         const auto [lo, hi] = valid_columns(j);
         const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
-        std::fill(row, row + plane, scalar_t(0));
-        for (int64_t ho = 0; ho < geo.out_height; ++ho) {
+        std::fill(row, row + pixels, scalar_t(0));
+        for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
           const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
           if (h < 0 || h >= geo.height) continue;
           const scalar_t* x_row = x + h * geo.width + offset;
-          scalar_t* out = row + ho * geo.out_width;
+          scalar_t* out = row + (ho - ho_begin) * geo.out_width;
           for (int64_t wo = lo; wo < hi; ++wo) out[wo] = x_row[wo * s];
         }
-        panel::pack_row(row, plane, k_size, first_row + i * geo.kernel_w + j, packed);
+        panel::pack_row(row, pixels, k_size, first_row + i * geo.kernel_w + j, packed);
       }
     }
   }
@@ -653,42 +688,54 @@ struct ImagePath {
     }
   }
 
-  // The packed im2col and prefilter operands of every group of image n.
-  void pack_operands(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+  // The packed im2col and prefilter operands of every group of image n, output rows [ho_begin, ho_end).
+  void pack_operands(const scalar_t* x, int64_t n, int64_t ho_begin, int64_t ho_end, ImageWorkspace<scalar_t>& ws) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
     for (int64_t c = 0; c < geo.in_channels; ++c) {
       const scalar_t* x_plane = x + (n * geo.in_channels + c) * geo.height * geo.width;
       const int64_t grp = c / in_per_group, first_row = (c % in_per_group) * taps;
-      pack_im2col_plane(x_plane, first_row, ws.cols.data() + grp * operand_size(), ws.tap_rows.data());
-      prefilter_plane(pre, rows, cols, x_plane, ws.prefilter_tmp.data(), ws.line.data(),
+      pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(), ws.tap_rows.data());
+      prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(), ws.line.data(),
                       [&](int64_t tap, int64_t ho, const scalar_t* row) {
-                        std::copy(row, row + geo.out_width, ws.tap_rows.data() + tap * plane + ho * geo.out_width);
+                        std::copy(row, row + geo.out_width,
+                                  ws.tap_rows.data() + tap * pixels + (ho - ho_begin) * geo.out_width);
                       });
       for (int64_t t = 0; t < taps; ++t) {
-        panel::pack_row(ws.tap_rows.data() + t * plane, plane, k_size, first_row + t, ws.z.data() + grp * operand_size());
+        panel::pack_row(ws.tap_rows.data() + t * pixels, pixels, k_size, first_row + t, ws.z.data() + grp * operand_size());
       }
     }
   }
 
-  // P0 and R of the packed image, [C_out, padded plane] each.
-  void responses(ImageWorkspace<scalar_t>& ws) const {
+  // P0 and R of the packed rows [ho_begin, ho_end) into columns ho_begin * Wo.. of the fields.
+  void responses(int64_t ho_begin, int64_t ho_end, ImageWorkspace<scalar_t>& ws) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width, column = ho_begin * geo.out_width;
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       const int64_t row = grp * out_per_group;
-      panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, plane,
-                     ws.push.data() + row * padded, padded);
-      panel::product(weight_of(grp), k_size, out_per_group, ws.z.data() + grp * operand_size(), k_size, plane,
-                     ws.pull.data() + row * padded, padded);
+      panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, pixels,
+                     ws.push.data() + row * field_ld + column, field_ld);
+      panel::product(weight_of(grp), k_size, out_per_group, ws.z.data() + grp * operand_size(), k_size, pixels,
+                     ws.pull.data() + row * field_ld + column, field_ld);
+    }
+  }
+
+  // P0 and R of image n, block by block.
+  void image_responses(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t ho = 0; ho < geo.out_height; ho += block_rows) {
+      const int64_t end = std::min(ho + block_rows, geo.out_height);
+      pack_operands(x, n, ho, end, ws);
+      responses(ho, end, ws);
     }
   }
 
   // The workspace's fields as the epilogues see them (one image: image stride 0).
   PlaneInputs<scalar_t> inputs(const ImageWorkspace<scalar_t>& ws, const scalar_t* bias_in) const {
-    return {geo, {ws.push.data(), 0, padded}, {ws.pull.data(), 0, padded}, nullptr, nullptr, bias_in, plane};
+    return {geo, {ws.push.data(), 0, field_ld}, {ws.pull.data(), 0, field_ld}, nullptr, nullptr, bias_in, plane};
   }
 
-  // Packs rows [row, row + out_per_group) of a [C_out, padded] gradient field.
+  // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
   void pack_group_field(const std::vector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
     for (int64_t r = 0; r < out_per_group; ++r) {
-      panel::pack_row(field.data() + (grp * out_per_group + r) * padded, plane, out_per_group, r, ws.packed_grad.data());
+      panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld, plane, out_per_group, r, ws.packed_grad.data());
     }
   }
 
@@ -727,8 +774,7 @@ void forward_image_path(const ImagePath<scalar_t>& path, const scalar_t* x, cons
     auto ws = path.workspace();
     PlaneScratch<scalar_t> scratch(path.plane);
     for (int64_t n = begin; n < end; ++n) {
-      path.pack_operands(x, n, ws);
-      path.responses(ws);
+      path.image_responses(x, n, ws);
       const auto in = path.inputs(ws, bias_in);
       for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
     }
@@ -744,11 +790,11 @@ void backward_image(const ImagePath<scalar_t>& path, const scalar_t* x, int64_t 
                     PlaneScratch<scalar_t>& scratch, std::vector<scalar_t>& box_grad) {
   const Geometry& geo = path.geo;
   const bool operands = grad_w_image != nullptr || bin.recompute_pull;
-  if (operands) path.pack_operands(x, n, ws);
-  if (bin.recompute_pull) path.responses(ws);
+  if (operands) path.pack_operands(x, n, 0, geo.out_height, ws);  // whole planes (the path is not blocked)
+  if (bin.recompute_pull) path.responses(0, geo.out_height, ws);
   const auto in = path.inputs(ws, bias_in);
-  f.grad_push0 = {ws.push.data(), 0, path.padded};  // overwrites P0 channel by channel after reading it
-  f.grad_pull0 = {ws.pull.data(), 0, path.padded};
+  f.grad_push0 = {ws.push.data(), 0, path.field_ld};  // overwrites P0 channel by channel after reading it
+  f.grad_pull0 = {ws.pull.data(), 0, path.field_ld};
   for (int64_t grp = 0; grp < geo.groups; ++grp) backward_epilogue_group(in, 0, n, grp, bin, f, scratch, box_grad);
   const int64_t in_plane = geo.height * geo.width;
   for (int64_t grp = 0; grp < geo.groups; ++grp) {
@@ -814,7 +860,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
     const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
     if (image_path_runs<scalar_t>(geo)) {
       const auto rows = pull_rows->contiguous(), cols = pull_cols->contiguous();
-      const ImagePath<scalar_t> path(geo, conv, rows, cols, w);
+      const ImagePath<scalar_t> path(geo, conv, rows, cols, w, /*blocked=*/true);
       forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr, outputs);
     } else {
       const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
@@ -909,7 +955,7 @@ std::pair<at::Tensor, at::Tensor> backward_image_path(const BackwardRequest& req
   if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
   AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_image", [&] {
     const auto rows = req.pull_rows->contiguous(), cols = req.pull_cols->contiguous();
-    const ImagePath<scalar_t> path(geo, req.conv, rows, cols, req.w);
+    const ImagePath<scalar_t> path(geo, req.conv, rows, cols, req.w, /*blocked=*/false);
     const auto bin = backward_inputs<scalar_t>(req);
     const scalar_t* x = (req.need_w || req.need_alpha) ? req.x.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
