@@ -114,17 +114,36 @@ def test_low_precision_within_twice_eager_error(cuda_backend_on_cpu, dtype, size
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
-def test_low_precision_gradients_within_twice_eager_error(cuda_backend_on_cpu, dtype, sizes, options):
-    inputs, opts = make_case(sizes, options, torch.float64, "cpu", scale_hw=2)
-    low = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-    _, exact = _outputs_and_grads("reference", inputs, opts)
-    _, ours = _outputs_and_grads("cpu", low, opts)
-    _, eager = _outputs_and_grads("reference", {k: v.detach().clone().requires_grad_() for k, v in low.items()}, opts)
-    for name, o, e, x in zip(inputs, ours, eager, exact):
-        our_error = (o.double() - x).abs().max().item()
-        eager_error = (e.double() - x).abs().max().item()
-        assert our_error <= 2 * eager_error + 1e-6 * x.abs().max().item(), \
-            f"grad of {name}: ours {our_error:.3g} vs eager {eager_error:.3g}"
+def test_low_precision_is_float32_rounded_once(cuda_backend_on_cpu, dtype, sizes, options):
+    """16-bit operands are computed in float32 and rounded once: the ops' output, masks and every
+    gradient equal, bit for bit, what the ops give for the same values in float32, rounded to the 16-bit
+    type (our kernels' own 16-bit conversions included). (16-bit gradients are not compared with
+    eager's: near P = 0 or Q' = 0 a ReLU mask flips at random in either, and one flip outweighs every
+    rounding error.)"""
+    inputs, opts = make_case(sizes, options, torch.float64, "cpu", requires_grad=False, scale_hw=2)
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    args, alpha, (shift, rows, cols) = _op_arguments(low, opts)
+    operands = dict(input=low["input"], weight=low["weight"], shift=shift, rows=rows, cols=cols,
+                    bias_in=low.get("bias"), bias_out=low.get("bias_out"), alpha=alpha)
+    as_float = {k: None if v is None else v.float() for k, v in operands.items()}
+    options_list = [list(args.stride), list(args.padding), list(args.pull_padding(tuple(low["weight"].shape[2:]))),
+                    list(args.dilation), args.groups, args.avg_kernel, args.dual_output]
+
+    def forward(o):
+        return torch.ops.pushpull.forward(o["input"], o["weight"], o["shift"], o["rows"], o["cols"], o["bias_in"],
+                                          o["bias_out"], o["alpha"], *options_list, True)
+
+    def backward(o, grad, masks):
+        return torch.ops.pushpull.backward(grad, o["input"], o["weight"], o["shift"], o["rows"], o["cols"],
+                                           o["bias_in"], o["alpha"], masks, *options_list, [True] * 6)
+
+    out, masks = forward(operands)
+    out32, masks32 = forward(as_float)
+    assert out.dtype == dtype and torch.equal(out, out32.to(dtype))
+    assert torch.equal(masks, masks32)
+    grad = torch.randn(out.shape, dtype=dtype)
+    for i, (g, g32) in enumerate(zip(backward(operands, grad, masks), backward(as_float, grad.float(), masks))):
+        assert g.dtype == dtype and torch.equal(g, g32.to(dtype)), f"gradient {i}"
 
 
 @pytest.mark.parametrize("which", ["input", "weight", "bias_out", "alpha"])

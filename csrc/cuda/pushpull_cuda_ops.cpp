@@ -11,9 +11,11 @@
 //             gradients are ATen convolution backward calls on those fields (one for the push kernel,
 //             shared with the pull for invert and scale 1; the 1x1 convolution's backward and our
 //             prefilter adjoint for upsample; a transposed box sum for invert).
-// Neither pull kernel costs a second full convolution (SPEC, "Algebra the fast paths may use"). The
-// convolutions run in the input's dtype (tensor cores for float16 / bfloat16, float32 accumulation);
-// our kernels read and write that dtype and compute in float32 (float64 for float64).
+// Neither pull kernel costs a second full convolution (SPEC, "Algebra the fast paths may use").
+// Everything runs in the accumulation type, float32 (float64 for float64): float16 / bfloat16 inputs
+// are converted once, so that the responses never round to 16 bits before the biases, the ReLUs and
+// the invert algebra's difference m * S - P0 (rounding them there doubled eager PyTorch's error). Our
+// kernels write the output and read grad_output in the input's own dtype.
 #include "pushpull_cuda_ops.h"
 
 #include <ATen/ATen.h>
@@ -34,7 +36,7 @@ at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? a
 at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
 OptTensor to_acc(const OptTensor& t) { return t ? OptTensor(to_acc(*t)) : std::nullopt; }
 
-// Calls fn(scalar_t{}) with the kernels' storage type of `dtype`.
+// Calls fn(scalar_t{}) with the kernels' storage type of `dtype` (the input's: output, grad_output).
 template <typename Fn>
 void dispatch_storage(at::ScalarType dtype, Fn&& fn) {
   switch (dtype) {
@@ -44,6 +46,21 @@ void dispatch_storage(at::ScalarType dtype, Fn&& fn) {
     case at::kBFloat16: return fn(BFloat16Bits{});
     default: TORCH_CHECK(false, "pushpull CUDA backend: unsupported dtype ", dtype);
   }
+}
+
+// Calls fn(acc_t{}) for a tensor in the accumulation type (float or double).
+template <typename Fn>
+void dispatch_acc(at::ScalarType dtype, Fn&& fn) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "pushpull CUDA backend: expected float32/64, got ", dtype);
+  if (dtype == at::kDouble) return fn(double{});
+  return fn(float{});
+}
+
+// The input (or weight) in the accumulation type; a shape-only placeholder stays one.
+at::Tensor acc_operand(const at::Tensor& t, bool values_needed) {
+  const auto acc = acc_dtype(t.scalar_type());
+  if (!values_needed) return at::empty({}, t.options().dtype(acc)).expand(t.sizes());
+  return t.to(acc).contiguous();
 }
 
 template <typename T>
@@ -120,17 +137,16 @@ bool use_prefilter(const Geometry& geo, const ConvArgs& c, const at::Tensor& row
 
 // ---------------------------------------------------------------- upsample: prefilter or direct
 
-// z [N, C_in * kh * kw, Ho, Wo] (see PrefilterArgs), in x's dtype.
+// z [N, C_in * kh * kw, Ho, Wo] (see PrefilterArgs); x is in the accumulation type.
 at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols, const Geometry& geo,
                      const ConvArgs& c, cudaStream_t stream) {
   auto z = at::empty({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width},
                      x.options());
   const auto r = to_acc(rows), k = to_acc(cols);
-  dispatch_storage(x.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = acc_of<scalar_t>;
-    const PrefilterArgs<scalar_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k),
-                                       ptr<scalar_t>(x), mutable_ptr<scalar_t>(z)};
+  dispatch_acc(x.scalar_type(), [&](auto tag) {
+    using acc_t = decltype(tag);
+    const PrefilterArgs<acc_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k), ptr<acc_t>(x),
+                                    mutable_ptr<acc_t>(z)};
     check_launch(launch_prefilter(args, stream));
   });
   return z;
@@ -142,11 +158,10 @@ at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, c
   const auto gz = grad_z.contiguous();
   auto gx = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, gz.options());
   const auto r = to_acc(rows), k = to_acc(cols);
-  dispatch_storage(gz.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using acc_t = acc_of<scalar_t>;
-    const PrefilterArgs<scalar_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k),
-                                       ptr<scalar_t>(gz), mutable_ptr<scalar_t>(gx)};
+  dispatch_acc(gz.scalar_type(), [&](auto tag) {
+    using acc_t = decltype(tag);
+    const PrefilterArgs<acc_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k), ptr<acc_t>(gz),
+                                    mutable_ptr<acc_t>(gx)};
     check_launch(launch_prefilter_adjoint(args, stream));
   });
   return gx;
@@ -226,18 +241,18 @@ std::tuple<at::Tensor, at::Tensor> forward(const Geometry& geo, const at::Tensor
   const FieldGeometry fg = field_geometry(geo);
   check_pooling_fits(fg, input.scalar_type());
   const ConvArgs c{stride, padding, pull_padding, dilation, geo.groups};
-  const auto x = input.contiguous(), w = weight.contiguous();
-  const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, c, stream);
+  const auto x = acc_operand(input, true), w = acc_operand(weight, true);
+  const Responses r = compute_responses(x, w, to_acc(pull_rows), to_acc(pull_cols), geo, c, stream);
   const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in), b_out = to_acc(bias_out);
   const at::Tensor alpha_acc = to_acc(alpha);
   const int64_t out_channels = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
-  auto out = at::empty({geo.batch, out_channels, geo.out_height, geo.out_width}, x.options());
-  const auto mask_options = x.options().dtype(at::kByte);
+  auto out = at::empty({geo.batch, out_channels, geo.out_height, geo.out_width}, input.options());
+  const auto mask_options = input.options().dtype(at::kByte);
   auto masks = save_masks ? at::empty(mask_shape(geo), mask_options) : at::empty({0}, mask_options);
-  dispatch_storage(x.scalar_type(), [&](auto tag) {
+  dispatch_storage(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    const EpilogueArgs<scalar_t> args{fg, ptr<scalar_t>(r.push0), ptr<scalar_t>(r.pull0), ptr<scalar_t>(r.box),
+    const EpilogueArgs<scalar_t> args{fg, ptr<acc_t>(r.push0), ptr<acc_t>(r.pull0), ptr<acc_t>(r.box),
                                       ptr<acc_t>(shift), ptr<acc_t>(b_in), ptr<acc_t>(alpha_acc), ptr<acc_t>(b_out),
                                       mutable_ptr<scalar_t>(out), save_masks ? mutable_ptr<uint8_t>(masks) : nullptr};
     check_launch(launch_forward_epilogue(args, stream));
@@ -257,14 +272,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool need_alpha = output_mask[5] && !geo.dual_output;
   const ConvArgs c{stride, padding, pull_padding, dilation, geo.groups};
   // The autograd wrapper passes shape-only placeholders for tensors whose values are not needed.
-  const auto x = (need_w || need_shift || need_alpha) ? input.contiguous() : input;
-  const auto w = (need_x || need_alpha) ? weight.contiguous() : weight;
-  const auto dtype = x.scalar_type();
-  const auto acc_options = x.options().dtype(acc_dtype(dtype));
+  const auto x = acc_operand(input, need_w || need_shift || need_alpha);
+  const auto w = acc_operand(weight, need_x || need_alpha);
+  const OptTensor rows = to_acc(pull_rows), cols = to_acc(pull_cols);
+  const auto dtype = input.scalar_type();
+  const auto acc_options = x.options();
 
   // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
   Responses r;
-  if (need_alpha) r = compute_responses(x, w, pull_rows, pull_cols, geo, c, stream);
+  if (need_alpha) r = compute_responses(x, w, rows, cols, geo, c, stream);
   else if (need_shift) r.box = box_sum(x, geo, c);
 
   const auto field = [&](int64_t channels) {
@@ -288,15 +304,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const FieldsArgs<scalar_t> args{fg,
                                     ptr<scalar_t>(g),
                                     ptr<uint8_t>(masks_c),
-                                    ptr<scalar_t>(r.push0),
-                                    ptr<scalar_t>(r.pull0),
-                                    ptr<scalar_t>(r.box),
+                                    ptr<acc_t>(r.push0),
+                                    ptr<acc_t>(r.pull0),
+                                    ptr<acc_t>(r.box),
                                     ptr<acc_t>(shift),
                                     ptr<acc_t>(b_in),
                                     ptr<acc_t>(alpha_acc),
-                                    mutable_ptr<scalar_t>(grad_push0),
-                                    mutable_ptr<scalar_t>(grad_pull0),
-                                    mutable_ptr<scalar_t>(grad_box),
+                                    mutable_ptr<acc_t>(grad_push0),
+                                    mutable_ptr<acc_t>(grad_pull0),
+                                    mutable_ptr<acc_t>(grad_box),
                                     mutable_ptr<acc_t>(bias_part),
                                     mutable_ptr<acc_t>(shift_part),
                                     mutable_ptr<acc_t>(alpha_part)};
@@ -307,33 +323,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (need_x || need_w) {
     std::tie(grad_x, grad_w) = conv_backward(grad_push0, x, w, stride, padding, dilation, geo.groups, need_x, need_w);
   }
-  if (grad_pull0.defined() && use_prefilter(geo, c, *pull_rows, *pull_cols)) {
+  if (grad_pull0.defined() && use_prefilter(geo, c, *rows, *cols)) {
     // R = conv1x1(z, k): the 1x1 convolution's backward gives dz and dk; dx = prefilter^T(dz).
-    const auto z = need_w ? prefilter(x, *pull_rows, *pull_cols, geo, c, stream)
+    const auto z = need_w ? prefilter(x, *rows, *cols, geo, c, stream)
                           : at::empty({}, x.options()).expand({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w,
                                                                geo.out_height, geo.out_width});
     auto [grad_z, grad_w_1x1] = conv_backward(grad_pull0, z, weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, geo.groups, need_x,
                                               need_w);
-    if (need_x) grad_x = sum_terms(grad_x, prefilter_adjoint(grad_z, *pull_rows, *pull_cols, geo, c, stream));
+    if (need_x) grad_x = sum_terms(grad_x, prefilter_adjoint(grad_z, *rows, *cols, geo, c, stream));
     if (need_w) grad_w = sum_terms(grad_w, grad_w_1x1.view(w.sizes()));
   } else if (grad_pull0.defined()) {
     // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
-    auto [gx, grad_q] = conv_backward(grad_pull0, x, pull_kernel(w, *pull_rows, *pull_cols), stride, pull_padding,
+    auto [gx, grad_q] = conv_backward(grad_pull0, x, pull_kernel(w, *rows, *cols), stride, pull_padding,
                                       dilation, geo.groups, need_x, need_w);
     if (need_x) grad_x = sum_terms(grad_x, gx);
-    if (need_w) {
-      const auto acc = acc_dtype(dtype);
-      const auto dk = -at::matmul(pull_rows->to(acc).t(), at::matmul(grad_q.to(acc), pull_cols->to(acc)));
-      grad_w = sum_terms(grad_w, dk.to(dtype));
-    }
+    if (need_w) grad_w = sum_terms(grad_w, -at::matmul(rows->t(), at::matmul(grad_q, *cols)));
   }
   if (grad_box.defined()) {
     const auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
     grad_x = sum_terms(grad_x, conv_backward(grad_box, x, ones, stride, padding, dilation, geo.groups, true, false).first);
   }
 
-  const auto none = at::empty({0}, x.options());
-  const auto zeros = [&] { return at::zeros({geo.out_channels}, x.options()); };
+  const auto none = at::empty({0}, input.options());
+  const auto zeros = [&] { return at::zeros({geo.out_channels}, input.options()); };
   const auto reduce = [&](const at::Tensor& part) { return part.sum(0).to(dtype); };
   const auto grad_shift = need_shift ? reduce(shift_part) : output_mask[2] ? zeros() : none;
   const auto grad_alpha = need_alpha ? reduce(alpha_part) : output_mask[5] ? zeros() : none;
@@ -341,8 +353,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto grad_bias_out = !output_mask[4]    ? none
                              : geo.dual_output ? zeros()
                                                : g.sum({0, 2, 3}, false, acc_dtype(dtype)).to(dtype);
-  return {need_x ? grad_x : none, need_w ? grad_w : none, grad_shift, need_bias ? reduce(bias_part) : none,
-          grad_bias_out, grad_alpha};
+  return {need_x ? grad_x.to(dtype) : none, need_w ? grad_w.to(dtype) : none, grad_shift,
+          need_bias ? reduce(bias_part) : none, grad_bias_out, grad_alpha};
 }
 
 }  // namespace cuda

@@ -48,30 +48,33 @@ __global__ void __launch_bounds__(kThreads) backward_fields_kernel(FieldsArgs<sc
   backward_fields_block(blk, args, tl, int64_t(blockIdx.x), shared_memory<acc_of<scalar_t>>());
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) prefilter_kernel(PrefilterArgs<scalar_t> args, Tiling tl) {
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) prefilter_kernel(PrefilterArgs<acc_t> args, Tiling tl) {
   DeviceBlock<NoState> blk{};
-  prefilter_block(blk, args, tl, int64_t(blockIdx.x), shared_memory<acc_of<scalar_t>>());
+  prefilter_block(blk, args, tl, int64_t(blockIdx.x), shared_memory<acc_t>());
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) prefilter_adjoint_kernel(PrefilterArgs<scalar_t> args, Tiling tl) {
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) prefilter_adjoint_kernel(PrefilterArgs<acc_t> args, Tiling tl) {
   DeviceBlock<NoState> blk{};
-  prefilter_adjoint_block(blk, args, tl, int64_t(blockIdx.x), shared_memory<acc_of<scalar_t>>());
+  prefilter_adjoint_block(blk, args, tl, int64_t(blockIdx.x), shared_memory<acc_t>());
 }
 
 #if defined(__CUDACC_RTC__)
 // NVRTC compiles device code only (tests/test_cuda_compile.py): instantiate the kernels directly.
-#define PUSHPULL_INSTANTIATE_KERNELS(scalar_t)                                                        \
-  template __global__ void forward_epilogue_kernel<scalar_t>(EpilogueArgs<scalar_t>, Tiling);      \
-  template __global__ void backward_fields_kernel<scalar_t>(FieldsArgs<scalar_t>, Tiling);         \
-  template __global__ void prefilter_kernel<scalar_t>(PrefilterArgs<scalar_t>, Tiling);            \
-  template __global__ void prefilter_adjoint_kernel<scalar_t>(PrefilterArgs<scalar_t>, Tiling);
+#define PUSHPULL_INSTANTIATE_KERNELS(scalar_t)                                               \
+  template __global__ void forward_epilogue_kernel<scalar_t>(EpilogueArgs<scalar_t>, Tiling); \
+  template __global__ void backward_fields_kernel<scalar_t>(FieldsArgs<scalar_t>, Tiling);
+#define PUSHPULL_INSTANTIATE_PREFILTER_KERNELS(acc_t)                                   \
+  template __global__ void prefilter_kernel<acc_t>(PrefilterArgs<acc_t>, Tiling); \
+  template __global__ void prefilter_adjoint_kernel<acc_t>(PrefilterArgs<acc_t>, Tiling);
 
 PUSHPULL_INSTANTIATE_KERNELS(float)
 PUSHPULL_INSTANTIATE_KERNELS(double)
 PUSHPULL_INSTANTIATE_KERNELS(HalfBits)
 PUSHPULL_INSTANTIATE_KERNELS(BFloat16Bits)
+PUSHPULL_INSTANTIATE_PREFILTER_KERNELS(float)
+PUSHPULL_INSTANTIATE_PREFILTER_KERNELS(double)
 #else
 namespace {
 
@@ -104,30 +107,33 @@ const char* launch_backward_fields(const FieldsArgs<scalar_t>& args, cudaStream_
                 fields_shared_bytes(args.geo, sizeof(acc_of<scalar_t>)), stream);
 }
 
-template <typename scalar_t>
-const char* launch_prefilter(const PrefilterArgs<scalar_t>& args, cudaStream_t stream) {
+template <typename acc_t>
+const char* launch_prefilter(const PrefilterArgs<acc_t>& args, cudaStream_t stream) {
   const Tiling tl = tiling(args.geo.out_height, args.geo.out_width);
-  return launch(prefilter_kernel<scalar_t>, args, tl, prefilter_blocks(args.geo, tl),
-                prefilter_shared_bytes(args.geo, sizeof(acc_of<scalar_t>)), stream);
+  return launch(prefilter_kernel<acc_t>, args, tl, prefilter_blocks(args.geo, tl),
+                prefilter_shared_bytes(args.geo, sizeof(acc_t)), stream);
 }
 
-template <typename scalar_t>
-const char* launch_prefilter_adjoint(const PrefilterArgs<scalar_t>& args, cudaStream_t stream) {
+template <typename acc_t>
+const char* launch_prefilter_adjoint(const PrefilterArgs<acc_t>& args, cudaStream_t stream) {
   const Tiling tl = tiling(args.geo.height, args.geo.width);
-  return launch(prefilter_adjoint_kernel<scalar_t>, args, tl, prefilter_blocks(args.geo, tl),
-                prefilter_shared_bytes(args.geo, sizeof(acc_of<scalar_t>)), stream);
+  return launch(prefilter_adjoint_kernel<acc_t>, args, tl, prefilter_blocks(args.geo, tl),
+                prefilter_shared_bytes(args.geo, sizeof(acc_t)), stream);
 }
 
 #define PUSHPULL_INSTANTIATE(scalar_t)                                                               \
   template const char* launch_forward_epilogue<scalar_t>(const EpilogueArgs<scalar_t>&, cudaStream_t); \
-  template const char* launch_backward_fields<scalar_t>(const FieldsArgs<scalar_t>&, cudaStream_t);     \
-  template const char* launch_prefilter<scalar_t>(const PrefilterArgs<scalar_t>&, cudaStream_t);        \
-  template const char* launch_prefilter_adjoint<scalar_t>(const PrefilterArgs<scalar_t>&, cudaStream_t);
+  template const char* launch_backward_fields<scalar_t>(const FieldsArgs<scalar_t>&, cudaStream_t);
+#define PUSHPULL_INSTANTIATE_PREFILTER(acc_t)                                                 \
+  template const char* launch_prefilter<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t); \
+  template const char* launch_prefilter_adjoint<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t);
 
 PUSHPULL_INSTANTIATE(float)
 PUSHPULL_INSTANTIATE(double)
 PUSHPULL_INSTANTIATE(HalfBits)
 PUSHPULL_INSTANTIATE(BFloat16Bits)
+PUSHPULL_INSTANTIATE_PREFILTER(float)
+PUSHPULL_INSTANTIATE_PREFILTER(double)
 #endif  // __CUDACC_RTC__
 
 }  // namespace cuda

@@ -197,22 +197,22 @@ template <typename scalar_t>
 struct Responses {
   using acc_t = acc_of<scalar_t>;
   const FieldGeometry& geo;
-  const scalar_t *push0, *pull0, *box;
+  const acc_t *push0, *pull0, *box;
   const acc_t *shift, *bias_in;
 
   PP_DEVICE_FN acc_t bias(int64_t o) const { return bias_in ? bias_in[o] : acc_t(0); }
   PP_DEVICE_FN int64_t index(int64_t n, int64_t o, int64_t pixel) const {
     return (n * geo.channels + o) * geo.height * geo.width + pixel;
   }
-  PP_DEVICE_FN acc_t push(int64_t n, int64_t o, int64_t pixel) const { return to_acc(push0[index(n, o, pixel)]) + bias(o); }
+  PP_DEVICE_FN acc_t push(int64_t n, int64_t o, int64_t pixel) const { return push0[index(n, o, pixel)] + bias(o); }
   PP_DEVICE_FN acc_t box_sum(int64_t n, int64_t o, int64_t pixel) const {
     const int64_t group = o / (geo.channels / geo.groups);
-    return to_acc(box[(n * geo.groups + group) * geo.height * geo.width + pixel]);
+    return box[(n * geo.groups + group) * geo.height * geo.width + pixel];
   }
   // Q = R - b_in before the pooling (SPEC: the pull response with its bias).
   PP_DEVICE_FN acc_t pull(int64_t n, int64_t o, int64_t pixel) const {
     const int64_t i = index(n, o, pixel);
-    acc_t q = (geo.pull == PullForm::kSeparable ? to_acc(pull0[i]) : -to_acc(push0[i])) - bias(o);
+    acc_t q = (geo.pull == PullForm::kSeparable ? pull0[i] : -push0[i]) - bias(o);
     if (geo.pull == PullForm::kShift) q += shift[o] * box_sum(n, o, pixel);
     return q;
   }
@@ -377,8 +377,8 @@ PP_DEVICE_FN void backward_fields_block(Block& blk, const FieldsArgs<scalar_t>& 
       const int64_t pixel = px.h * geo.width + px.w, i = r.index(n, o, pixel);
       const acc_t gq = geo.radius > 0 ? win.sum_at(px.ty, px.tx) : g.masked_pull_grad(n, o, pixel);
       const acc_t g_out = g.push_grad(n, o, pixel), gp = g.bit(0, n, o, pixel) ? g_out : acc_t(0);
-      if (a.grad_push0) store(a.grad_push0 + i, geo.pull == PullForm::kSeparable ? gp : gp - gq);
-      if (a.grad_pull0) store(a.grad_pull0 + i, gq);
+      if (a.grad_push0) a.grad_push0[i] = geo.pull == PullForm::kSeparable ? gp : gp - gq;
+      if (a.grad_pull0) a.grad_pull0[i] = gq;
       if (geo.pull == PullForm::kShift) s.box_grad += a.shift[o] * gq;
       reduce[t] = gp - gq;                                                       // d b_in
       if (a.shift_part) reduce[kThreads + t] = gq * r.box_sum(n, o, pixel);      // d shift
@@ -397,7 +397,7 @@ PP_DEVICE_FN void backward_fields_block(Block& blk, const FieldsArgs<scalar_t>& 
   if (!a.grad_box) return;
   blk.phase([&](int t, State& s) {
     const TilePixel px = tile_pixel(tl, tile, t, geo.height, geo.width);
-    if (px.inside) store(a.grad_box + (n * geo.groups + group) * plane + px.h * geo.width + px.w, s.box_grad);
+    if (px.inside) a.grad_box[(n * geo.groups + group) * plane + px.h * geo.width + px.w] = s.box_grad;
   });
 }
 
@@ -411,16 +411,15 @@ PP_DEVICE_FN int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1
 
 inline int64_t prefilter_blocks(const PrefilterGeometry& g, const Tiling& tl) { return g.planes * tl.count(); }
 
-template <class Block, typename scalar_t>
-PP_DEVICE_FN void prefilter_block(Block& blk, const PrefilterArgs<scalar_t>& a, const Tiling& tl, int64_t block,
-                                  acc_of<scalar_t>* smem) {
-  using acc_t = acc_of<scalar_t>;
+template <class Block, typename acc_t>
+PP_DEVICE_FN void prefilter_block(Block& blk, const PrefilterArgs<acc_t>& a, const Tiling& tl, int64_t block,
+                                  acc_t* smem) {
   const PrefilterGeometry& g = a.geo;
   const int64_t tile = block % tl.count(), p = block / tl.count();
   const int64_t row0 = tile_row0(tl, tile), col0 = tile_col0(tl, tile);
   const int64_t span_w = int64_t(tl.tile_w - 1) * g.stride_w + int64_t(g.pull_w - 1) * g.dil_w + 1;
   const int64_t in_col0 = col0 * g.stride_w - g.pad_w;  // input column of span entry 0
-  const scalar_t* x = a.in + p * g.height * g.width;
+  const acc_t* x = a.in + p * g.height * g.width;
   // Vertical pass: vert[i][ly][s] = sum_a -rows[a, i] * x[(row0 + ly) * sh + a * dh - ph][in_col0 + s].
   blk.phase([&](int t, NoState&) {
     const int64_t per_tap = int64_t(tl.tile_h) * span_w;
@@ -431,7 +430,7 @@ PP_DEVICE_FN void prefilter_block(Block& blk, const PrefilterArgs<scalar_t>& a, 
       if (ho < g.out_height && w >= 0 && w < g.width) {
         for (int ta = 0; ta < g.pull_h; ++ta) {
           const int64_t h = ho * g.stride_h + int64_t(ta) * g.dil_h - g.pad_h;
-          if (h >= 0 && h < g.height) v -= a.rows[ta * g.kernel_h + i] * to_acc(x[h * g.width + w]);
+          if (h >= 0 && h < g.height) v -= a.rows[ta * g.kernel_h + i] * x[h * g.width + w];
         }
       }
       smem[e] = v;
@@ -442,22 +441,21 @@ PP_DEVICE_FN void prefilter_block(Block& blk, const PrefilterArgs<scalar_t>& a, 
     const TilePixel px = tile_pixel(tl, tile, t, g.out_height, g.out_width);
     if (!px.inside) return;
     const int64_t out_plane = g.out_height * g.out_width, taps = int64_t(g.kernel_h) * g.kernel_w;
-    scalar_t* z = a.out + p * taps * out_plane + px.h * g.out_width + px.w;
+    acc_t* z = a.out + p * taps * out_plane + px.h * g.out_width + px.w;
     for (int i = 0; i < g.kernel_h; ++i) {
       const acc_t* vert = smem + (int64_t(i) * tl.tile_h + px.ty) * span_w + int64_t(px.tx) * g.stride_w;
       for (int j = 0; j < g.kernel_w; ++j) {
         acc_t v = 0;
         for (int tb = 0; tb < g.pull_w; ++tb) v += a.cols[tb * g.kernel_w + j] * vert[int64_t(tb) * g.dil_w];
-        store(z + (int64_t(i) * g.kernel_w + j) * out_plane, v);
+        z[(int64_t(i) * g.kernel_w + j) * out_plane] = v;
       }
     }
   });
 }
 
-template <class Block, typename scalar_t>
-PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<scalar_t>& a, const Tiling& tl,
-                                          int64_t block, acc_of<scalar_t>* smem) {
-  using acc_t = acc_of<scalar_t>;
+template <class Block, typename acc_t>
+PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<acc_t>& a, const Tiling& tl,
+                                          int64_t block, acc_t* smem) {
   const PrefilterGeometry& g = a.geo;
   const int64_t tile = block % tl.count(), p = block / tl.count();
   const int64_t row0 = tile_row0(tl, tile), col0 = tile_col0(tl, tile);
@@ -466,7 +464,7 @@ PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<scalar
   const int64_t ho_lo = ho_lo0 > 0 ? ho_lo0 : 0;
   const int64_t span_h = (int64_t(tl.tile_h - 1) + int64_t(g.pull_h - 1) * g.dil_h) / g.stride_h + 1;
   const int64_t out_plane = g.out_height * g.out_width, taps = int64_t(g.kernel_h) * g.kernel_w;
-  const scalar_t* gz = a.in + p * taps * out_plane;
+  const acc_t* gz = a.in + p * taps * out_plane;
   // Horizontal adjoint: horiz[i][oh][lx] = sum_{j, b} cols[b, j] * gz[i, j][ho_lo + oh][wo] over the
   // output columns wo with wo * sw + b * dw - pw == col0 + lx.
   blk.phase([&](int t, NoState&) {
@@ -478,8 +476,8 @@ PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<scalar
         for (int tb = 0; tb < g.pull_w; ++tb) {
           const int64_t num = w + g.pad_w - int64_t(tb) * g.dil_w;
           if (num < 0 || num % g.stride_w != 0 || num / g.stride_w >= g.out_width) continue;
-          const scalar_t* column = gz + i * g.kernel_w * out_plane + ho * g.out_width + num / g.stride_w;
-          for (int j = 0; j < g.kernel_w; ++j) v += a.cols[tb * g.kernel_w + j] * to_acc(column[j * out_plane]);
+          const acc_t* column = gz + i * g.kernel_w * out_plane + ho * g.out_width + num / g.stride_w;
+          for (int j = 0; j < g.kernel_w; ++j) v += a.cols[tb * g.kernel_w + j] * column[j * out_plane];
         }
       }
       smem[e] = v;
@@ -496,7 +494,7 @@ PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<scalar
       const int64_t oh = num / g.stride_h - ho_lo;  // in [0, span_h) by the choice of ho_lo
       for (int i = 0; i < g.kernel_h; ++i) v -= a.rows[ta * g.kernel_h + i] * smem[(i * span_h + oh) * tl.tile_w + px.tx];
     }
-    store(a.out + p * g.height * g.width + px.h * g.width + px.w, v);
+    a.out[p * g.height * g.width + px.h * g.width + px.w] = v;
   });
 }
 

@@ -69,13 +69,14 @@ struct FieldGeometry {
 };
 
 // Forward epilogue: y = ReLU(P0 + b_in) - alpha * ReLU(avg(R - b_in)) + b_out (or the dual output),
-// and the packed ReLU masks when `masks` is not null. Vectors are [C_out] in the accumulation type;
-// shift, bias_in and bias_out may be null (absent).
+// and the packed ReLU masks when `masks` is not null. The responses and the [C_out] vectors are in the
+// accumulation type (float32 for 16-bit inputs, whose responses then never round before the biases
+// and ReLUs); only the output has the input's type. shift, bias_in and bias_out may be null (absent).
 template <typename scalar_t>
 struct EpilogueArgs {
   using acc_t = acc_of<scalar_t>;
   FieldGeometry geo;
-  const scalar_t *push0, *pull0, *box;
+  const acc_t *push0, *pull0, *box;
   const acc_t *shift, *bias_in, *alpha, *bias_out;
   scalar_t* out;
   uint8_t* masks;
@@ -88,15 +89,16 @@ struct EpilogueArgs {
 // and per (image, tile) partial sums over the tile's pixels, [N * tiles, C_out] in acc_t:
 //   bias_part = sum(gP - gQ), shift_part = sum(gQ * S), alpha_part = -sum(g_push * ReLU(Q')).
 // alpha_part recomputes Q' from push0/pull0/box; every output pointer may be null (not wanted).
+// grad_out has the input's type, everything else the accumulation type.
 template <typename scalar_t>
 struct FieldsArgs {
   using acc_t = acc_of<scalar_t>;
   FieldGeometry geo;
   const scalar_t* grad_out;
   const uint8_t* masks;
-  const scalar_t *push0, *pull0, *box;
+  const acc_t *push0, *pull0, *box;
   const acc_t *shift, *bias_in, *alpha;
-  scalar_t *grad_push0, *grad_pull0, *grad_box;
+  acc_t *grad_push0, *grad_pull0, *grad_box;
   acc_t *bias_part, *shift_part, *alpha_part;
 };
 
@@ -104,20 +106,19 @@ struct FieldsArgs {
 //   z[p, i * kw + j, ho, wo] = sum_{a, b} -rows[a, i] * cols[b, j] * x[p, ho*sh + a*dh - ph, wo*sw + b*dw - pw]
 // over input planes p = n * C_in + c, so that z viewed as [N, C_in * kh * kw, Ho, Wo] gives
 // conv(x, q) = conv1x1(z, k.view(C_out, C_in/groups * kh * kw, 1, 1), groups).
-// rows is [pull_h, kh], cols [pull_w, kw], both in the accumulation type.
+// rows is [pull_h, kh], cols [pull_w, kw]. It runs in the accumulation type (float or double) only.
 struct PrefilterGeometry {
   int64_t planes, height, width, out_height, out_width;
   int kernel_h, kernel_w, pull_h, pull_w;
   int stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
 };
 
-template <typename scalar_t>
+template <typename acc_t>
 struct PrefilterArgs {
-  using acc_t = acc_of<scalar_t>;
   PrefilterGeometry geo;
   const acc_t *rows, *cols;
-  const scalar_t* in;  // prefilter: x [planes, H, W];            adjoint: grad_z [planes, kh*kw, Ho, Wo]
-  scalar_t* out;       // prefilter: z [planes, kh*kw, Ho, Wo];   adjoint: grad_x [planes, H, W]
+  const acc_t* in;  // prefilter: x [planes, H, W];            adjoint: grad_z [planes, kh*kw, Ho, Wo]
+  acc_t* out;       // prefilter: z [planes, kh*kw, Ho, Wo];   adjoint: grad_x [planes, H, W]
 };
 
 // ---------------------------------------------------------------- block geometry
@@ -177,10 +178,10 @@ template <typename scalar_t>
 const char* launch_forward_epilogue(const EpilogueArgs<scalar_t>& args, cudaStream_t stream);
 template <typename scalar_t>
 const char* launch_backward_fields(const FieldsArgs<scalar_t>& args, cudaStream_t stream);
-template <typename scalar_t>
-const char* launch_prefilter(const PrefilterArgs<scalar_t>& args, cudaStream_t stream);
-template <typename scalar_t>
-const char* launch_prefilter_adjoint(const PrefilterArgs<scalar_t>& args, cudaStream_t stream);
+template <typename acc_t>
+const char* launch_prefilter(const PrefilterArgs<acc_t>& args, cudaStream_t stream);
+template <typename acc_t>
+const char* launch_prefilter_adjoint(const PrefilterArgs<acc_t>& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pushpull

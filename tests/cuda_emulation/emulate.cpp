@@ -62,17 +62,15 @@ const char* launch_backward_fields(const FieldsArgs<scalar_t>& args, cudaStream_
                                             });
 }
 
-template <typename scalar_t>
-const char* launch_prefilter(const PrefilterArgs<scalar_t>& args, cudaStream_t) {
-  using acc_t = acc_of<scalar_t>;
+template <typename acc_t>
+const char* launch_prefilter(const PrefilterArgs<acc_t>& args, cudaStream_t) {
   const Tiling tl = tiling(args.geo.out_height, args.geo.out_width);
   return emulate<acc_t, NoState>(prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
                                  [&](int64_t block, auto& blk, acc_t* smem) { prefilter_block(blk, args, tl, block, smem); });
 }
 
-template <typename scalar_t>
-const char* launch_prefilter_adjoint(const PrefilterArgs<scalar_t>& args, cudaStream_t) {
-  using acc_t = acc_of<scalar_t>;
+template <typename acc_t>
+const char* launch_prefilter_adjoint(const PrefilterArgs<acc_t>& args, cudaStream_t) {
   const Tiling tl = tiling(args.geo.height, args.geo.width);
   return emulate<acc_t, NoState>(prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
                                  [&](int64_t block, auto& blk, acc_t* smem) {
@@ -82,14 +80,17 @@ const char* launch_prefilter_adjoint(const PrefilterArgs<scalar_t>& args, cudaSt
 
 #define PUSHPULL_INSTANTIATE(scalar_t)                                                               \
   template const char* launch_forward_epilogue<scalar_t>(const EpilogueArgs<scalar_t>&, cudaStream_t); \
-  template const char* launch_backward_fields<scalar_t>(const FieldsArgs<scalar_t>&, cudaStream_t);     \
-  template const char* launch_prefilter<scalar_t>(const PrefilterArgs<scalar_t>&, cudaStream_t);        \
-  template const char* launch_prefilter_adjoint<scalar_t>(const PrefilterArgs<scalar_t>&, cudaStream_t);
+  template const char* launch_backward_fields<scalar_t>(const FieldsArgs<scalar_t>&, cudaStream_t);
+#define PUSHPULL_INSTANTIATE_PREFILTER(acc_t)                                                 \
+  template const char* launch_prefilter<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t); \
+  template const char* launch_prefilter_adjoint<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t);
 
 PUSHPULL_INSTANTIATE(float)
 PUSHPULL_INSTANTIATE(double)
 PUSHPULL_INSTANTIATE(HalfBits)
 PUSHPULL_INSTANTIATE(BFloat16Bits)
+PUSHPULL_INSTANTIATE_PREFILTER(float)
+PUSHPULL_INSTANTIATE_PREFILTER(double)
 
 }  // namespace cuda
 
