@@ -190,6 +190,25 @@ def test_large_upsampled_kernel(cuda_backend_on_cpu, dtype, rtol):
         _assert_rel_close(g, r, rtol, f"grad of {name}")
 
 
+# Several tiles per plane, partial tiles at the right and bottom borders, C_out not a multiple of 8, halos
+# crossing tile borders (avg 5), every prefilter/adjoint tile shape of a 70 x 45 image.
+MANY_TILES = [
+    pytest.param((3, 5, 11, 70, 45, 3, 3), dict(pull="upsample", padding=1, avg_kernel=3, alpha="vector"), id="upsample"),
+    pytest.param((2, 4, 10, 70, 45, 3, 3), dict(pull="invert", padding=1, avg_kernel=5, bias_in=True, bias_out=True,
+                                                 alpha="vector"), id="invert"),
+]
+
+
+@pytest.mark.parametrize("sizes, options", MANY_TILES)
+def test_many_tiles(cuda_backend_on_cpu, sizes, options):
+    inputs, opts = make_case(sizes, options, torch.float64, "cpu")
+    out, grads = _outputs_and_grads("cpu", inputs, opts)
+    ref_out, ref_grads = _reference_float64(inputs, opts)
+    _assert_rel_close(out, ref_out, 1e-9, "output")
+    for name, g, r in zip(inputs, grads, ref_grads):
+        _assert_rel_close(g, r, 1e-9, f"grad of {name}")
+
+
 def test_empty_batch(cuda_backend_on_cpu):
     inputs, opts = make_case((0, 4, 6, 7, 6, 3, 3), dict(pull="invert", padding=1, avg_kernel=3, bias_in=True),
                              torch.float64, "cpu")

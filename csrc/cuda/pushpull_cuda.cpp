@@ -1,7 +1,7 @@
 // Registration of the CUDA backend: pushpull::forward / pushpull::backward for CUDA tensors run
 // pushpull_cuda_ops.cpp on the input's device and its current stream.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "pushpull_cuda_ops.h"
@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const a
                                           stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
   const c10::cuda::CUDAGuard guard(input.device());
   return cuda::forward(geo, input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                       pull_padding, dilation, save_masks, at::cuda::getCurrentCUDAStream().stream());
+                       pull_padding, dilation, save_masks, c10::cuda::getCurrentCUDAStream().stream());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "grad_output and masks must be on the input's device");
   const c10::cuda::CUDAGuard guard(input.device());
   return cuda::backward(geo, grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks,
-                        stride, padding, pull_padding, dilation, output_mask, at::cuda::getCurrentCUDAStream().stream());
+                        stride, padding, pull_padding, dilation, output_mask, c10::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace
