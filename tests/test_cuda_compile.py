@@ -12,7 +12,8 @@
   compiler against this torch's headers, c10 CUDA ones included, with the CUDA 12 headers of those
   wheels.
 
-Missing tools skip these tests, unless PUSHPULL_REQUIRE_NVCC=1 (CI), which makes them fail instead.
+Missing wheels skip these tests, unless PUSHPULL_REQUIRE_NVCC=1 (CI), which makes them fail instead; a
+missing system nvcc always skips (it is not on PyPI).
 """
 import ctypes
 import importlib.util
@@ -116,8 +117,8 @@ def _system_nvcc():
 
 def test_kernels_and_launchers_compile_with_nvcc(tmp_path):
     nvcc = _system_nvcc()
-    if nvcc is None:
-        _missing("no nvcc (CUDA_HOME or PATH)")
+    if nvcc is None:  # not on PyPI: a skip even under PUSHPULL_REQUIRE_NVCC=1
+        pytest.skip("no nvcc (CUDA_HOME or PATH) to compile the launchers' host code")
     supported = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True).stdout.split()
     archs = [a for a in ARCHS if a in supported]
     assert archs, f"{nvcc} supports none of {ARCHS}"
