@@ -302,11 +302,17 @@ struct Responses {
   at::Tensor push0, pull0, box;
 };
 
+// Invert's R = shift[o] * S - P0 turns an infinite input into Inf - Inf = NaN where conv(x, q) gives
+// +-Inf: with `shift_when_finite`, an input that is not all finite gets conv(x, q), q = shift[o] - k.
 Responses compute_responses(const at::Tensor& x, const at::Tensor& weight, const OptTensor& rows,
-                            const OptTensor& cols, const Geometry& geo, const ConvArgs& c) {
+                            const OptTensor& cols, const Geometry& geo, const ConvArgs& c,
+                            const OptTensor& shift_when_finite = std::nullopt) {
   Responses r;
   r.push0 = conv(x, weight, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
-  if (use_prefilter(geo)) {
+  if (geo.pull == PullKind::kShift && shift_when_finite && !at::isfinite(x).all().item<bool>()) {
+    const auto q = shift_when_finite->view({-1, 1, 1, 1}) - weight;
+    r.pull0 = conv(x, q, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
+  } else if (use_prefilter(geo)) {
     r.pull0 = pull_from_prefilter(prefilter(x, *rows, *cols, geo, c), weight, geo);
   } else if (geo.pull == PullKind::kSeparable) {
     r.pull0 = conv(x, pull_kernel(weight, *rows, *cols), pair(c.stride), pair(c.pull_padding), pair(c.dilation),
@@ -456,7 +462,8 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
   uint8_t* mask_p = out.masks ? out.masks + (n * octets + octet) * plane : nullptr;
   uint8_t* mask_q = out.masks ? mask_p + geo.batch * octets * plane : nullptr;  // masks[1]
   if (out.masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
-  // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN).
+  // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN), and its mask bit is set
+  // as torch's ReLU backward passes the gradient wherever !(v <= 0).
   auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
   for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
     in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
@@ -479,8 +486,8 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
     if (out.masks) {
       const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
       for (int64_t p = 0; p < plane; ++p) {
-        mask_p[p] |= (static_cast<acc_t>(p0[p]) + b > acc_t(0)) ? bit : uint8_t(0);
-        mask_q[p] |= (pull[p] > acc_t(0)) ? bit : uint8_t(0);
+        mask_p[p] |= (static_cast<acc_t>(p0[p]) + b <= acc_t(0)) ? uint8_t(0) : bit;
+        mask_q[p] |= (pull[p] <= acc_t(0)) ? uint8_t(0) : bit;
       }
     }
   }
@@ -561,7 +568,7 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
       const acc_t* q = scratch.q.data();
       in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
       acc_t s = 0;
-      for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] > 0 ? q[p] : acc_t(0));
+      for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] < acc_t(0) ? acc_t(0) : q[p]);
       f.alpha_part[no] = s;
     }
     for (int64_t p = 0; p < plane; ++p) gq[p] = (mask_q[p] & bit) ? pull_scale * static_cast<acc_t>(g_q[p]) : acc_t(0);
@@ -894,7 +901,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
       const ImagePath<scalar_t> path(geo, conv, rows, cols, w, /*blocked=*/true);
       forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr, outputs);
     } else {
-      const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
+      const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv, shift);
       forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
     }
   });
