@@ -21,15 +21,18 @@ def mma(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
-def any_push_tap(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
-    """Whether a chunk of the tap-major reduction index r = tap * RED_INNER + inner touches the
-    push kernel's taps (rectangle [PUSH_I0, PUSH_I1] x [PUSH_J0, PUSH_J1] of the tap window).
-
-    Only used to skip the push MMA on chunks where the embedded push weights are all zero
-    (upsample mode); correctness does not depend on it.
-    """
+def push_taps(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
+    """Which entries of the tap-major reduction index r = tap * RED_INNER + inner are push kernel
+    taps (rectangle [PUSH_I0, PUSH_I1] x [PUSH_J0, PUSH_J1] of the tap window)."""
     t = r // RED_INNER
     i = t // TW
     j = t % TW
-    inside = (r < K_TOTAL) & (i >= PUSH_I0) & (i <= PUSH_I1) & (j >= PUSH_J0) & (j <= PUSH_J1)
+    return (r < K_TOTAL) & (i >= PUSH_I0) & (i <= PUSH_I1) & (j >= PUSH_J0) & (j <= PUSH_J1)
+
+
+@triton.jit
+def any_push_tap(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
+    """Whether a chunk of r touches the push kernel's taps (upsample mode): chunks that do not
+    skip the push MMA, whose embedded push weights are all zero there."""
+    inside = push_taps(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1)
     return tl.max(inside.to(tl.int32), axis=0) > 0

@@ -33,7 +33,7 @@ Cost versus a fully fused kernel: 2 extra writes + (1 + a^2, mostly cache-served
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, mma
+from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, mma, push_taps
 
 
 @triton.jit
@@ -47,8 +47,9 @@ def _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
     pix = offs_m % HOWO
     valid = m_valid[:, None] & n_valid[None, :]
     zero = tl.zeros_like(P)
-    rp = tl.maximum(P, zero)
-    rq = tl.maximum(Q, zero)
+    # ReLU as torch.relu: NaN stays NaN (tl.maximum's default would turn it into 0).
+    rp = tl.maximum(P, zero, propagate_nan=tl.PropagateNan.ALL)
+    rq = tl.maximum(Q, zero, propagate_nan=tl.PropagateNan.ALL)
     out_ty = y_ptr.dtype.element_ty
     if DUAL:
         base = n_img[:, None] * (2 * C_OUT) * HOWO + pix[:, None]
@@ -68,8 +69,9 @@ def _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
         NB: tl.constexpr = BLOCK_N // 8
         CB = (C_OUT + 7) // 8
         bit = (1 << (offs_n % 8))[None, :]
-        bp = tl.where(valid & (P > 0), bit, 0)
-        bq = tl.where(valid & (Q > 0), bit, 0)
+        # ReLU'(v) = [not v <= 0], as torch's threshold_backward: a NaN passes its gradient on.
+        bp = tl.where(valid & (P <= 0), 0, tl.where(valid, bit, 0))
+        bq = tl.where(valid & (Q <= 0), 0, tl.where(valid, bit, 0))
         byte_p = tl.sum(tl.reshape(bp, (BLOCK_M, NB, 8)), axis=2).to(tl.uint8)
         byte_q = tl.sum(tl.reshape(bq, (BLOCK_M, NB, 8)), axis=2).to(tl.uint8)
         offs_b = pid_n * NB + tl.arange(0, NB)
@@ -91,6 +93,7 @@ def pp_fwd_conv_kernel(
     PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1,  # push taps inside the window (upsample MMA skipping)
     MODE: tl.constexpr, HAS_BIN: tl.constexpr, HAS_BOUT: tl.constexpr, DUAL: tl.constexpr,
     SAVE_MASKS: tl.constexpr, POOLED: tl.constexpr, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    STRADDLE: tl.constexpr,         # NG_TILE > 1: some channel tile spans several groups
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -125,6 +128,15 @@ def pp_fwd_conv_kernel(
         g = g_lo + gi
         if g <= g_hi:
             w_col = n_valid & (o_group == g)
+            if STRADDLE:
+                # Each group into its own accumulator, merged by column below: with one shared
+                # accumulator a NaN / Inf input of group g would reach the other groups' channels
+                # through their zero (masked) weights (0 * Inf = NaN), which conv2d never does.
+                kept_p = acc_p
+                acc_p = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+                if MODE == MODE_UPSAMPLE:
+                    kept_q = acc_q
+                    acc_q = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
             if MODE == MODE_INVERT:
                 s_g = tl.zeros((BLOCK_M,), dtype=ACC)
             for k0 in range(0, K_TOTAL, BLOCK_K):
@@ -143,7 +155,11 @@ def pp_fwd_conv_kernel(
                     acc_q = mma(a, wq, acc_q, IS_FP64, ALLOW_TF32)
                     if any_push_tap(r, K_TOTAL, CG, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
                         wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
-                        acc_p = mma(a, wp, acc_p, IS_FP64, ALLOW_TF32)
+                        # Only the push taps' inputs: a NaN / Inf under an embedded zero weight
+                        # must not reach P (0 * Inf = NaN), as it does not in conv2d(x, k).
+                        on_push = push_taps(r, K_TOTAL, CG, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1)
+                        a_push = tl.where(on_push[None, :], a, tl.zeros_like(a))
+                        acc_p = mma(a_push, wp, acc_p, IS_FP64, ALLOW_TF32)
                 else:
                     wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
                     acc_p = mma(a, wp, acc_p, IS_FP64, ALLOW_TF32)
@@ -151,6 +167,10 @@ def pp_fwd_conv_kernel(
                     s_g += tl.sum(a.to(ACC), axis=1)
             if MODE == MODE_INVERT:
                 s_tile = tl.where((o_group == g)[None, :], s_g[:, None], s_tile)
+            if STRADDLE:
+                acc_p = tl.where(w_col[None, :], acc_p, kept_p)
+                if MODE == MODE_UPSAMPLE:
+                    acc_q = tl.where(w_col[None, :], acc_q, kept_q)
 
     # Pull response before bias, R.
     if MODE == MODE_INVERT:

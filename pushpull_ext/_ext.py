@@ -16,7 +16,10 @@ try:
 
     CPP_ERROR = None
 except (ImportError, OSError) as error:  # missing, or built for another torch (undefined symbols)
-    CPP_ERROR = f"the compiled extension pushpull_ext._C could not be loaded ({error}); {_BUILD_HINT}"
+    CPP_ERROR = f"the compiled extension pushpull_ext._C could not be loaded ({error}); "
+    if "undefined symbol" in str(error):  # a stale build: tell why, then the same command rebuilds it
+        CPP_ERROR += f"it was built against another torch than this one ({torch.__version__}), so re"
+    CPP_ERROR += _BUILD_HINT
 
 # Under the Triton interpreter the kernels run on CPU tensors (tests without a GPU).
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

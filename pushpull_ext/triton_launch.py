@@ -257,7 +257,7 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
         geo.TH, geo.TW, ng_tile, i0, i1, j0, j1,
         MODE=geo.mode, HAS_BIN=bias_in is not None, HAS_BOUT=bias_out is not None, DUAL=bool(dual_output),
         SAVE_MASKS=bool(save_masks), POOLED=pooled, IS_FP64=is_fp64, ALLOW_TF32=_allow_tf32(x),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
+        STRADDLE=ng_tile > 1, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
     )
     if pooled:
         wrap_triton(_k.pp_fwd_pool_epilogue_kernel)[grid](

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import hardening_results  # noqa: E402
 import pushpull_ext  # noqa: E402
 from pushpull_ext._ext import has_cpp_kernel  # noqa: E402
 from pushpull_ext.ops import TRITON_OP_ERROR  # noqa: E402
@@ -59,3 +60,14 @@ def fused_backend_device(request):
 def pytest_report_header(config):
     return [f"pushpull_ext backends here: {_ids(BACKEND_DEVICES)}",
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; available: {pushpull_ext.available_backends()}"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The hardening figures (examples fuzzed per backend, bad inputs tried, ...; tests/hardening_results.py)."""
+    for line in hardening_results.summary_lines():
+        terminalreporter.write_line(f"pushpull hardening: {line}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    hardening_results.write_if_asked({"backends": _ids(BACKEND_DEVICES), "exit_status": int(exitstatus),
+                                      "torch": torch.__version__, "cuda": torch.version.cuda})

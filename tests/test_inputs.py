@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import hardening_results
 from pushpull_ext import push_pull_conv2d
 
 
@@ -50,6 +51,7 @@ def test_bad_input_is_refused_with_a_clear_error(backend_device, make, error, ma
     kwargs.setdefault("backend", backend)
     with pytest.raises(error, match=match):
         push_pull_conv2d(**kwargs)
+    hardening_results.count("bad_inputs", f"{backend}-{device}")
 
 
 def test_backend_that_cannot_run_names_what_is_missing():
