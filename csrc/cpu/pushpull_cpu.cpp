@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -297,26 +298,59 @@ at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const a
   return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
 }
 
-// P0 = conv(x, k); pull0 = conv(x, q) for upsample; box = S for invert. All contiguous NCHW.
+// P0 = conv(x, k); pull0 = conv(x, q) (upsample, or any pull computed exactly); box = S for invert.
+// All contiguous; pull0 is [C_out, N, plane] when `pull_channel_major` (the batched prefilter), else NCHW.
 struct Responses {
   at::Tensor push0, pull0, box;
+  bool pull_channel_major = false;
 };
 
-// Invert's R = shift[o] * S - P0 turns an infinite input into Inf - Inf = NaN where conv(x, q) gives
-// +-Inf: with `shift_when_finite`, an input that is not all finite gets conv(x, q), q = shift[o] - k.
-Responses compute_responses(const at::Tensor& x, const at::Tensor& weight, const OptTensor& rows,
-                            const OptTensor& cols, const Geometry& geo, const ConvArgs& c,
-                            const OptTensor& shift_when_finite = std::nullopt) {
+// Whether every value is finite: x - x is 0 for a finite x and NaN for NaN or +-Inf. Eight partial sums
+// so that the loop vectorizes (their order does not matter: any NaN stays NaN).
+template <typename T>
+bool all_finite(const T* values, int64_t count) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, count, 1 << 16, [&](int64_t begin, int64_t end) {
+    T acc[8] = {};
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8)
+      for (int l = 0; l < 8; ++l) acc[l] += values[i + l] - values[i + l];
+    for (; i < end; ++i) acc[0] += values[i] - values[i];
+    for (int l = 0; l < 8; ++l)
+      if (acc[l] != T(0)) finite = false;
+  });
+  return finite;
+}
+
+bool all_finite(const at::Tensor& t) {
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "pushpull_all_finite", [&] {
+    finite = all_finite(t.const_data_ptr<scalar_t>(), t.numel());
+  });
+  return finite;
+}
+
+// The pull response conv(x, q) with q formed explicitly: the forward's route for an input with NaN or
+// Inf, where the algebra (shift * S - P0, or k @ z) can give Inf - Inf = NaN where conv(x, q) gives +-Inf.
+at::Tensor exact_pull(const at::Tensor& x, const at::Tensor& weight, const OptTensor& shift, const OptTensor& rows,
+                      const OptTensor& cols, const Geometry& geo, const ConvArgs& c) {
+  const auto q = geo.pull == PullKind::kShift ? shift->view({-1, 1, 1, 1}) - weight : pull_kernel(weight, *rows, *cols);
+  return conv(x, q, pair(c.stride), pair(c.pull_padding), pair(c.dilation), geo.groups).contiguous();
+}
+
+// `exact`: conv(x, q) for any pull but negate (see exact_pull).
+Responses compute_responses(const at::Tensor& x, const at::Tensor& weight, const OptTensor& shift,
+                            const OptTensor& rows, const OptTensor& cols, const Geometry& geo, const ConvArgs& c,
+                            bool exact = false) {
   Responses r;
   r.push0 = conv(x, weight, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
-  if (geo.pull == PullKind::kShift && shift_when_finite && !at::isfinite(x).all().item<bool>()) {
-    const auto q = shift_when_finite->view({-1, 1, 1, 1}) - weight;
-    r.pull0 = conv(x, q, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
+  if (exact && geo.pull != PullKind::kNegate) {
+    r.pull0 = exact_pull(x, weight, shift, rows, cols, geo, c);
   } else if (use_prefilter(geo)) {
     r.pull0 = pull_from_prefilter(prefilter(x, *rows, *cols, geo, c), weight, geo);
+    r.pull_channel_major = true;
   } else if (geo.pull == PullKind::kSeparable) {
-    r.pull0 = conv(x, pull_kernel(weight, *rows, *cols), pair(c.stride), pair(c.pull_padding), pair(c.dilation),
-                   geo.groups).contiguous();
+    r.pull0 = exact_pull(x, weight, shift, rows, cols, geo, c);
   } else if (geo.pull == PullKind::kShift) {
     r.box = box_sum(x, geo, c).contiguous();
   }
@@ -422,9 +456,9 @@ FieldView<T> push_field(const Geometry& geo, T* base) {
   return {base, geo.out_channels * plane, plane};
 }
 template <typename T>
-FieldView<T> pull_field(const Geometry& geo, T* base) {
+FieldView<T> pull_field(const Geometry& geo, T* base, bool channel_major) {
   const int64_t plane = geo.out_height * geo.out_width;
-  return use_prefilter(geo) ? FieldView<T>{base, plane, geo.batch * plane} : push_field(geo, base);
+  return channel_major ? FieldView<T>{base, plane, geo.batch * plane} : push_field(geo, base);
 }
 
 template <typename scalar_t>
@@ -432,7 +466,7 @@ PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, cons
                                    const OptTensor& bias_in) {
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
   auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr; };
-  return {geo, push_field(geo, ptr(r.push0)), pull_field(geo, ptr(r.pull0)), ptr(r.box), opt_ptr(shift),
+  return {geo, push_field(geo, ptr(r.push0)), pull_field(geo, ptr(r.pull0), r.pull_channel_major), ptr(r.box), opt_ptr(shift),
           opt_ptr(bias_in), geo.out_height * geo.out_width};
 }
 
@@ -533,7 +567,7 @@ BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& 
   using acc_t = at::opmath_type<scalar_t>;
   auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
   auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-  return {push_field(geo, ptr(f.grad_push0)), pull_field(geo, ptr(f.grad_pull0)), ptr(f.grad_box),
+  return {push_field(geo, ptr(f.grad_push0)), pull_field(geo, ptr(f.grad_pull0), use_prefilter(geo)), ptr(f.grad_box),
           acc_ptr(f.shift_part), acc_ptr(f.bias_part), acc_ptr(f.alpha_part)};
 }
 
@@ -894,14 +928,16 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   const int64_t out_c = dual_output ? 2 * geo.out_channels : geo.out_channels;
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
   auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
+  // NaN and Inf propagate as in the formula: such an input takes the exact pull (see exact_pull).
+  const bool exact = geo.pull != PullKind::kNegate && !all_finite(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
     const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
-    if (image_path_runs<scalar_t>(geo)) {
+    if (!exact && image_path_runs<scalar_t>(geo)) {
       const auto rows = pull_rows->contiguous(), cols = pull_cols->contiguous();
       const ImagePath<scalar_t> path(geo, conv, rows, cols, w, /*blocked=*/true);
       forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr, outputs);
     } else {
-      const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv, shift);
+      const Responses r = compute_responses(x, w, shift, pull_rows, pull_cols, geo, conv, exact);
       forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
     }
   });
@@ -931,7 +967,7 @@ std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, B
   const bool need_x = req.need_x, need_w = req.need_w;
   // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
   Responses r;
-  if (req.need_alpha) r = compute_responses(x, w, req.pull_rows, req.pull_cols, geo, conv);
+  if (req.need_alpha) r = compute_responses(x, w, req.shift, req.pull_rows, req.pull_cols, geo, conv);
   else if (req.need_shift) r.box = box_sum(x, geo, conv).contiguous();
 
   const auto field = [&](int64_t channels) {
