@@ -12,7 +12,7 @@
   compiler against this torch's headers, c10 CUDA ones included, with the CUDA 12 headers of those
   wheels.
 
-Missing wheels skip these tests, unless PUSHPULL_REQUIRE_NVCC=1 (CI), which makes them fail instead; a
+Missing wheels skip these tests, unless PUSHPULL_REQUIRE_CUDA_COMPILE=1 (CI), which makes them fail instead; a
 missing system nvcc always skips (it is not on PyPI).
 """
 import ctypes
@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
 KERNELS = os.path.join(CUDA_DIR, "pushpull_kernels.cu")
 ARCHS = ["sm_70", "sm_80", "sm_90"]
-REQUIRED = os.environ.get("PUSHPULL_REQUIRE_NVCC", "0") == "1"
+REQUIRED = os.environ.get("PUSHPULL_REQUIRE_CUDA_COMPILE", "0") == "1"
 # The macros torch's CUDAExtension builds with (torch.utils.cpp_extension.COMMON_NVCC_FLAGS).
 TORCH_NVCC_DEFINES = [f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith("-D")]
 
@@ -36,7 +36,7 @@ TORCH_NVCC_DEFINES = [f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith
 def _missing(what):
     message = f"{what}; `pip install \"pushpull_ext[cuda-check]\"` in the checkout"
     if REQUIRED:
-        pytest.fail(message + " (PUSHPULL_REQUIRE_NVCC=1)")
+        pytest.fail(message + " (PUSHPULL_REQUIRE_CUDA_COMPILE=1)")
     pytest.skip(message)
 
 
@@ -117,7 +117,7 @@ def _system_nvcc():
 
 def test_kernels_and_launchers_compile_with_nvcc(tmp_path):
     nvcc = _system_nvcc()
-    if nvcc is None:  # not on PyPI: a skip even under PUSHPULL_REQUIRE_NVCC=1
+    if nvcc is None:  # not on PyPI: a skip even under PUSHPULL_REQUIRE_CUDA_COMPILE=1
         pytest.skip("no nvcc (CUDA_HOME or PATH) to compile the launchers' host code")
     supported = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True).stdout.split()
     archs = [a for a in ARCHS if a in supported]
