@@ -10,6 +10,7 @@ from .conversion import convert
 from .functional import push_pull_conv2d, resolve_backend
 from .modules import PushPullConv2d
 from .options import PushPullArgs
+from .pull_cache import clear as clear_pull_cache
 from .reference import pull_kernel, push_pull_reference
 
 
@@ -25,5 +26,5 @@ def available_backends() -> dict:
 
 
 __all__ = ["push_pull_conv2d", "PushPullConv2d", "convert", "PushPullArgs", "pull_kernel", "push_pull_reference",
-           "resolve_backend", "available_backends", "CPP_ERROR", "TRITON_ERROR"]
+           "resolve_backend", "available_backends", "clear_pull_cache", "CPP_ERROR", "TRITON_ERROR"]
 __version__ = "0.1.0"

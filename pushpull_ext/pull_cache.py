@@ -9,6 +9,8 @@ of the weight alters:
   dtype or data pointer;
 - a replaced parameter is another tensor (entries are held by weak reference to their weight, and
   vanish with it).
+The one change PyTorch does not record is an in-place update through `.data` (`weight.data.mul_(2)`:
+`.data` has a version counter of its own, by design): after one, call `clear()`.
 """
 from __future__ import annotations
 
@@ -51,3 +53,7 @@ def cached_operands(weight: torch.Tensor, args: PushPullArgs, dtype: torch.dtype
     _cache[weight] = (key, operands)
     return operands
 
+
+def clear() -> None:
+    """Forget every kept pull operand: needed only after in-place updates through `.data`."""
+    _cache.clear()

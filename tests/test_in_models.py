@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import pushpull_ext
 import pushpull_ext.functional
 from paper_models import PPmodule2d, PushPullConv2DUnit, tiny_resnet
 from pushpull_ext import PushPullConv2d, convert, push_pull_conv2d
@@ -98,6 +99,19 @@ def test_any_change_of_the_weights_derives_them_again(fused_backend_device, deri
     assert len(derivations) == 2
     tolerance = 1e-9 if x.dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out, _expected(layer, x), rtol=tolerance, atol=tolerance)
+
+
+def test_clear_after_in_place_update_through_data(derivations):
+    """`.data` has a version counter of its own: such an update needs clear_pull_cache()."""
+    layer = PushPullConv2d(3, 6, 3, padding=1, pull="invert").double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data.mul_(-2)
+        pushpull_ext.clear_pull_cache()
+        out = layer(x)
+    assert len(derivations) == 2
+    torch.testing.assert_close(out, _expected(layer, x), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("options", PULLS)
