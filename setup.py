@@ -1,8 +1,9 @@
 """Builds pushpull_ext._C with torch.utils.cpp_extension.
 
 - CPU only (default without CUDA): a CppExtension from csrc/*.cpp and csrc/cpu/*.cpp.
-- With CUDA torch and a CUDA toolkit, or FORCE_CUDA=1: a CUDAExtension that adds csrc/cuda/*.cu,
-  for the architectures in TORCH_CUDA_ARCH_LIST (a V100 needs CUDA 11.8-12.x and "7.0").
+- With CUDA torch and a CUDA toolkit, or FORCE_CUDA=1: a CUDAExtension that adds csrc/cuda/*.cu and
+  csrc/cuda/*.cpp, for the architectures in TORCH_CUDA_ARCH_LIST (read by torch's CUDAExtension; a
+  V100 needs a CUDA 12.x toolkit and "7.0", since CUDA 13 dropped sm_70).
 No network access and no pip calls here: `pip install --no-build-isolation .` uses the torch you have.
 """
 import glob
@@ -13,6 +14,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# tests/test_cuda_compile.py: NVRTC 12 compiles the CUDA kernels for sm_70/80/90 without a GPU (PyPI has
+# no CUDA 12 nvcc driver); the other two wheels carry the CUDA 12 headers.
+CUDA_CHECK = ["nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime-cu12", "nvidia-cuda-nvcc-cu12"]
 
 
 def _sources(*patterns):
@@ -55,6 +59,7 @@ setup(
         "demo": ["scikit-image", "matplotlib"],  # python -m pushpull_ext.demo
         # numpy: the Triton interpreter (TRITON_INTERPRET=1, the tests' CPU runs of the kernels) needs it;
         # scikit-image and matplotlib: the demo's test.
-        "test": ["pytest", "hypothesis", "numpy", "tqdm", "scikit-image", "matplotlib"],
+        "test": ["pytest", "hypothesis", "numpy", "tqdm", "scikit-image", "matplotlib"] + CUDA_CHECK,
+        "cuda-check": CUDA_CHECK,
     },
 )

@@ -5,6 +5,10 @@
 #   1. writes OUT_DIR/environment.txt (nvidia-smi, nvcc, versions, git commit),
 #   2. builds the extension in place: pip install --no-build-isolation --no-deps -e .  (OUT_DIR/build.log),
 #   3. runs the test suite: pytest tests/ -q                                          (OUT_DIR/tests.log),
+#      which runs every agreement/gradcheck case with backend="cuda" too (tests/conftest.py); checks that
+#      the CUDA kernels were built (cuda-built), runs the module tests with "auto" resolved to the CUDA
+#      backend (tests-auto-cuda.log), and compute-sanitizer memcheck / racecheck over the CUDA backend's
+#      float64 agreement tests (sanitizer-*.log; skipped without compute-sanitizer),
 #   4. runs the benchmark: python -m pushpull_ext.bench --out OUT_DIR (float32 and bfloat16, every SPEC
 #      shape, every provider; results.json, results.csv, speedup_<mode>.png, OUT_DIR/bench.log),
 #      then once more with --dtype bfloat16 --modes fwd,bwd,fwdbwd,inference into OUT_DIR/bfloat16,
@@ -56,7 +60,20 @@ PYEOF
 environment > "$OUT/environment.txt" 2>&1
 step build "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps -e .
 "$PY" -c "import pushpull_ext; print(pushpull_ext.available_backends())" >> "$OUT/environment.txt" 2>&1
+step cuda-built "$OUT/cuda-built.log" "$PY" -c \
+    "import pushpull_ext as p; e = p.available_backends()['cuda']; assert e is None, e; print('cuda backend built')"
 step tests "$OUT/tests.log" "$PY" -m pytest tests/ -q
+step tests-auto-cuda "$OUT/tests-auto-cuda.log" env PUSHPULL_BACKEND=cuda "$PY" -m pytest \
+    tests/test_module.py tests/test_ops.py tests/test_cuda_backend.py -q
+SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+if [ -x "$SANITIZER" ]; then
+    for tool in memcheck racecheck; do
+        step "sanitizer-$tool" "$OUT/sanitizer-$tool.log" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+            "$PY" -m pytest tests/test_agreement.py tests/test_cuda_backend.py -q -x -k "(cuda-cuda and (float64_matches or one_input_only)) or test_cuda_backend"
+    done
+else
+    echo "== sanitizer: skipped, no compute-sanitizer" | tee -a "$OUT/summary.txt"
+fi
 step bench "$OUT/bench.log" "$PY" -m pushpull_ext.bench --out "$OUT"
 step bench-bfloat16 "$OUT/bench-bfloat16.log" "$PY" -m pushpull_ext.bench --dtype bfloat16 \
     --modes fwd,bwd,fwdbwd,inference --out "$OUT/bfloat16"

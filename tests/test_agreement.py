@@ -114,3 +114,19 @@ def test_low_precision_within_twice_eager_error(fused_backend_device, dtype, siz
     our_error = (ours.double() - exact).abs().max().item()
     eager_error = (eager.double() - exact).abs().max().item()
     assert our_error <= 2 * eager_error + 1e-6, f"ours {our_error:.3g} vs eager {eager_error:.3g}"
+
+
+# The CPU kernel packs the upsample operands of a large image in blocks of output rows (so that they stay
+# in L2); the small option cases above fit in one block, so this one is sized to need 5 to 23 blocks of
+# 2 to 5 rows, with stride 1 (the 1-D filter over whole blocks) and 2 (the per-row loops).
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_cpu_upsample_in_row_blocks(dtype, rtol, stride):
+    sizes = (2, 16, 8, 45, 38, 3, 3)
+    options = dict(pull="upsample", scale=2.0, stride=stride, padding=1, bias_in=True, alpha="vector", avg_kernel=3)
+    inputs, opts = make_case(sizes, options, dtype, "cpu")
+    out, grads = _outputs_and_grads("cpu", inputs, opts)
+    ref_out, ref_grads = _reference_float64(inputs, opts)
+    _assert_rel_close(out, ref_out, rtol, "output")
+    for name, g, r in zip([k for k, v in inputs.items() if v.requires_grad], grads, ref_grads):
+        _assert_rel_close(g, r, rtol, f"grad of {name}")

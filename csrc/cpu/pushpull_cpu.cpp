@@ -15,12 +15,22 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "../pushpull.h"
+#include "panel_gemm.h"
 
 namespace pushpull {
 namespace {
+
+// The per-plane loops below are compiled twice, for AVX2/FMA and for the build's baseline, and the
+// loader picks one by the CPU (an ifunc); ATen's own kernels dispatch on the CPU in the same spirit.
+#if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PUSHPULL_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define PUSHPULL_CPU_CLONES
+#endif
 
 struct ConvArgs {
   at::IntArrayRef stride, padding, pull_padding, dilation;
@@ -55,7 +65,8 @@ struct PrefilterGeometry {
   int64_t stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
   int64_t in_row(int64_t ho, int64_t a) const { return ho * stride_h + a * dil_h - pad_h; }
   int64_t padded_width() const { return std::max((out_width - 1) * stride_w + (pull_w - 1) * dil_w + 1, pad_w + width); }
-  int64_t tmp_size() const { return kernel_h * out_height * padded_width(); }
+  // the vertical pass [kh, Ho, padded_width], then one [Ho, padded_width] block of the horizontal one
+  int64_t tmp_size() const { return (kernel_h + 1) * out_height * padded_width(); }
 };
 
 PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols) {
@@ -63,14 +74,53 @@ PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, con
           c.stride[0], c.stride[1], c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
 }
 
-// One plane: x [H, W] -> z [kh * kw, Ho, Wo]; tmp holds the vertical pass [kh, Ho, padded_width].
-template <typename scalar_t, typename acc_t>
-void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols, const scalar_t* __restrict__ x,
-                     acc_t* __restrict__ tmp, scalar_t* __restrict__ z, int64_t tap_stride, acc_t* __restrict__ row_acc) {
+// out[k] = sum_b taps[b * tap_stride] * line[k + b * dilation] for k < length, skipping zero taps. Eight
+// outputs at a time stay in registers over all taps (the fixed 8-lane loop is what the compiler
+// vectorizes); the tail goes one by one. Pull kernels wider than kMaxTaps go tap by tap.
+template <typename acc_t>
+PUSHPULL_CPU_CLONES void filter_line(const acc_t* __restrict__ line, int64_t length, const acc_t* taps,
+                                     int64_t tap_stride, int64_t n_taps, int64_t dilation, acc_t* __restrict__ out) {
+  constexpr int64_t kMaxTaps = 32;
+  if (n_taps > kMaxTaps) {
+    std::fill(out, out + length, acc_t(0));
+    for (int64_t b = 0; b < n_taps; ++b) {
+      const acc_t v = taps[b * tap_stride];
+      for (int64_t k = 0; k < length; ++k) out[k] += v * line[k + b * dilation];
+    }
+    return;
+  }
+  acc_t weights[kMaxTaps];
+  int64_t offsets[kMaxTaps], used = 0;
+  for (int64_t b = 0; b < n_taps; ++b) {
+    const acc_t v = taps[b * tap_stride];
+    if (v != acc_t(0)) weights[used] = v, offsets[used++] = b * dilation;
+  }
+  int64_t k = 0;
+  for (; k + 8 <= length; k += 8) {
+    acc_t acc[8] = {};
+    for (int64_t t = 0; t < used; ++t) {
+      const acc_t* __restrict__ src = line + k + offsets[t];
+      for (int l = 0; l < 8; ++l) acc[l] += weights[t] * src[l];
+    }
+    for (int l = 0; l < 8; ++l) out[k + l] = acc[l];
+  }
+  for (; k < length; ++k) {
+    acc_t acc = 0;
+    for (int64_t t = 0; t < used; ++t) acc += weights[t] * line[k + offsets[t]];
+    out[k] = acc;
+  }
+}
+
+// One plane: x [H, W] -> z [kh * kw, Ho, Wo] for the output rows [ho_begin, ho_end), handed over one
+// row at a time as emit(tap, ho, row of Wo values); tmp holds the vertical pass [kh, Ho, padded_width].
+template <typename scalar_t, typename acc_t, typename Emit>
+PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
+                                         const scalar_t* __restrict__ x, int64_t ho_begin, int64_t ho_end,
+                                         acc_t* __restrict__ tmp, acc_t* __restrict__ row_acc, Emit emit) {
   const int64_t wp = g.padded_width();
-  std::fill(tmp, tmp + g.tmp_size(), acc_t(0));
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+    std::fill(tmp + (i * g.out_height + ho_begin) * wp, tmp + (i * g.out_height + ho_end) * wp, acc_t(0));
+    for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
       acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp + g.pad_w;
       for (int64_t a = 0; a < g.pull_h; ++a) {
         const int64_t h = g.in_row(ho, a);
@@ -82,8 +132,25 @@ void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t*
       }
     }
   }
+  if (g.stride_w == 1) {
+    // The kh x Ho rows of the vertical pass, wp apart, read as ONE line per i: output (ho, wo) of tap
+    // column j is then sum_b v[b] * line[ho * wp + wo + b * dw], a 1-D filter over the whole block with
+    // no per-row loop overhead (the values at wo >= Wo are not used). `out` is the block after tmp.
+    acc_t* __restrict__ out = tmp + g.kernel_h * g.out_height * wp;
+    const int64_t length = (ho_end - ho_begin - 1) * wp + g.out_width;
+    for (int64_t i = 0; i < g.kernel_h; ++i) {
+      const acc_t* __restrict__ line = tmp + (i * g.out_height + ho_begin) * wp;
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
+        filter_line(line, length, cols + j, g.kernel_w, g.pull_w, g.dil_w, out);
+        for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+          emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(out + (ho - ho_begin) * wp));
+        }
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    for (int64_t ho = 0; ho < g.out_height; ++ho) {
+    for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
       const acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp;
       for (int64_t j = 0; j < g.kernel_w; ++j) {
         std::fill(row_acc, row_acc + g.out_width, acc_t(0));
@@ -93,8 +160,7 @@ void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t*
           const acc_t* __restrict__ tb = t + b * g.dil_w;
           for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo * g.stride_w];
         }
-        scalar_t* __restrict__ zr = z + (i * g.kernel_w + j) * tap_stride + ho * g.out_width;
-        for (int64_t wo = 0; wo < g.out_width; ++wo) zr[wo] = static_cast<scalar_t>(row_acc[wo]);
+        emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(row_acc));
       }
     }
   }
@@ -103,7 +169,7 @@ void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t*
 // Adjoint of prefilter_plane: gz [kh * kw, Ho, Wo] -> gx [H, W] (overwritten); tmp as above,
 // row_acc holds one input plane [H, W].
 template <typename scalar_t, typename acc_t>
-void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
+PUSHPULL_CPU_CLONES void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
                              const scalar_t* __restrict__ gz, int64_t tap_stride, acc_t* __restrict__ tmp,
                              scalar_t* __restrict__ gx, acc_t* __restrict__ plane_acc) {
   const int64_t wp = g.padded_width();
@@ -177,8 +243,10 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     for_each_input_plane<scalar_t>(geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
-      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, tmp, zp + layout.offset(plane), layout.tap_stride(),
-                      row_acc);
+      scalar_t* z_plane = zp + layout.offset(plane);
+      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, 0, geo.out_height, tmp, row_acc, [&](int64_t tap, int64_t ho, auto row) {
+        std::copy(row, row + geo.out_width, z_plane + tap * layout.tap_stride() + ho * geo.out_width);
+      });
     });
   });
   return z;
@@ -229,13 +297,6 @@ at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const a
   return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
 }
 
-// Where the pull response (and its gradient) of image n, channel o starts: the prefilter path makes
-// it [C_out, N, Ho * Wo], the direct path the usual [N, C_out, Ho * Wo].
-int64_t pull_plane_offset(const Geometry& geo, int64_t n, int64_t o) {
-  const int64_t plane = geo.out_height * geo.out_width;
-  return use_prefilter(geo) ? (o * geo.batch + n) * plane : (n * geo.out_channels + o) * plane;
-}
-
 // P0 = conv(x, k); pull0 = conv(x, q) for upsample; box = S for invert. All contiguous NCHW.
 struct Responses {
   at::Tensor push0, pull0, box;
@@ -269,7 +330,7 @@ struct Window {
 // valid positions when `average`; tmp is scratch of the plane's size. Row-wise loops over shifted
 // ranges (no bounds test inside) so that they vectorize.
 template <typename acc_t>
-void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out, int64_t height,
+PUSHPULL_CPU_CLONES void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out, int64_t height,
                 int64_t width, int64_t radius, bool average) {
   std::fill(tmp, tmp + height * width, acc_t(0));
   for (int64_t h = 0; h < height; ++h) {
@@ -304,21 +365,31 @@ void divide_by_window_count(acc_t* values, int64_t height, int64_t width, int64_
   }
 }
 
+// Where the planes of a field live: plane (n, o) starts at base + n * image + o * channel. The batched
+// paths point into ATen's results; the per-image path into its workspace (image stride 0).
+template <typename T>
+struct FieldView {
+  T* base = nullptr;
+  int64_t image = 0, channel = 0;
+  T* plane(int64_t n, int64_t o) const { return base + n * image + o * channel; }
+  explicit operator bool() const { return base != nullptr; }
+};
+
 // Read-only view of the responses and the per-channel vectors, shared by forward and backward.
 template <typename scalar_t>
 struct PlaneInputs {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo;
-  const scalar_t *push0, *pull0, *box, *shift, *bias_in;
+  FieldView<const scalar_t> push0, pull0;
+  const scalar_t *box, *shift, *bias_in;
   int64_t plane;  // Ho * Wo
 
   acc_t bias(int64_t o) const { return bias_in ? static_cast<acc_t>(bias_in[o]) : acc_t(0); }
-  const scalar_t* push_plane(int64_t n, int64_t o) const { return push0 + (n * geo.out_channels + o) * plane; }
 
-  // Q' of channel o of image n into `q` (tmp: scratch of one plane).
+  // Q' of channel o of image n into `q` (tmp, pooled: scratch of one plane each).
   void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, acc_t* pooled) const {
-    const scalar_t* p0 = push_plane(n, o);
-    const scalar_t* r0 = pull0 ? pull0 + pull_plane_offset(geo, n, o) : nullptr;
+    const scalar_t* p0 = push0.plane(n, o);
+    const scalar_t* r0 = pull0 ? pull0.plane(n, o) : nullptr;
     const int64_t g = o / (geo.out_channels / geo.groups);
     const scalar_t* s = box ? box + (n * geo.groups + g) * plane : nullptr;
     const acc_t m = shift ? static_cast<acc_t>(shift[o]) : acc_t(0), b = bias(o);
@@ -337,61 +408,99 @@ struct PlaneInputs {
   }
 };
 
-template <typename scalar_t>
-PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, const OptTensor& shift,
-                                   const OptTensor& bias_in) {
-  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-  auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->data_ptr<scalar_t>() : nullptr; };
-  return {geo, ptr(r.push0), ptr(r.pull0), ptr(r.box), opt_ptr(shift), opt_ptr(bias_in), geo.out_height * geo.out_width};
+// The layout of the batched responses: P0 is [N, C_out, plane]; conv(x, q) is [C_out, N, plane] on the
+// batched prefilter path (one matrix product per group) and [N, C_out, plane] on the direct one.
+template <typename T>
+FieldView<T> push_field(const Geometry& geo, T* base) {
+  const int64_t plane = geo.out_height * geo.out_width;
+  return {base, geo.out_channels * plane, plane};
+}
+template <typename T>
+FieldView<T> pull_field(const Geometry& geo, T* base) {
+  const int64_t plane = geo.out_height * geo.out_width;
+  return use_prefilter(geo) ? FieldView<T>{base, plane, geo.batch * plane} : push_field(geo, base);
 }
 
 template <typename scalar_t>
-void forward_epilogue(const PlaneInputs<scalar_t>& in, const OptTensor& bias_out, const at::Tensor& alpha,
-                      at::Tensor& out, uint8_t* masks) {
+PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, const OptTensor& shift,
+                                   const OptTensor& bias_in) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+  auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr; };
+  return {geo, push_field(geo, ptr(r.push0)), pull_field(geo, ptr(r.pull0)), ptr(r.box), opt_ptr(shift),
+          opt_ptr(bias_in), geo.out_height * geo.out_width};
+}
+
+// Per-thread scratch of the epilogues: a few planes in the accumulation type.
+template <typename acc_t>
+struct PlaneScratch {
+  std::vector<acc_t> q, tmp, pooled, grad;
+  explicit PlaneScratch(int64_t plane) : q(plane), tmp(plane), pooled(plane), grad(plane) {}
+};
+
+template <typename scalar_t>
+struct ForwardOutputs {
+  const scalar_t *alpha, *bias_out;
+  scalar_t* y;
+  uint8_t* masks;  // nullptr when they are not saved
+};
+
+// Output and masks of image n, channels 8 * octet .. 8 * octet + 7, from the responses of image n_in of
+// `in` (n itself, or 0 for a one-image workspace). Each mask byte has a single writer.
+template <typename scalar_t>
+PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t octet,
+                            const ForwardOutputs<scalar_t>& out, PlaneScratch<at::opmath_type<scalar_t>>& scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8;
-  const scalar_t* alpha_p = alpha.data_ptr<scalar_t>();
-  const scalar_t* bout_p = bias_out.has_value() ? bias_out->data_ptr<scalar_t>() : nullptr;
-  scalar_t* y = out.data_ptr<scalar_t>();
-  const int64_t mask_half = geo.batch * octets * plane;  // masks[1] starts here
-  // One task = one image and 8 output channels, so each mask byte is written by one task only.
-  at::parallel_for(0, geo.batch * octets, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(plane), tmp(plane), pooled(plane);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / octets, octet = task % octets;
-      uint8_t* mask_p = masks ? masks + task * plane : nullptr;
-      uint8_t* mask_q = masks ? mask_p + mask_half : nullptr;
-      if (masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
-      for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
-        in.pull_response(n, o, q.data(), tmp.data(), pooled.data());
-        const scalar_t* p0 = in.push_plane(n, o);
-        const acc_t b = in.bias(o), a = static_cast<acc_t>(alpha_p[o]);
-        const acc_t bo = bout_p ? static_cast<acc_t>(bout_p[o]) : acc_t(0);
-        const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
-        scalar_t* y_push = y + (n * out_c + o) * plane;
-        scalar_t* y_pull = geo.dual_output ? y + (n * out_c + geo.out_channels + o) * plane : nullptr;
-        const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
-        const acc_t* __restrict__ pull = q.data();
-        // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN).
-        auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
-        if (y_pull) {
-          for (int64_t p = 0; p < plane; ++p) {
-            y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b));
-            y_pull[p] = static_cast<scalar_t>(relu(pull[p]));
-          }
-        } else {
-          for (int64_t p = 0; p < plane; ++p) {
-            y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
-          }
-        }
-        if (masks) {
-          for (int64_t p = 0; p < plane; ++p) {
-            mask_p[p] |= (static_cast<acc_t>(p0[p]) + b > acc_t(0)) ? bit : uint8_t(0);
-            mask_q[p] |= (pull[p] > acc_t(0)) ? bit : uint8_t(0);
-          }
-        }
+  const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
+  uint8_t* mask_p = out.masks ? out.masks + (n * octets + octet) * plane : nullptr;
+  uint8_t* mask_q = out.masks ? mask_p + geo.batch * octets * plane : nullptr;  // masks[1]
+  if (out.masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
+  // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN).
+  auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
+  for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
+    in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
+    const scalar_t* p0 = in.push0.plane(n_in, o);
+    const acc_t b = in.bias(o), a = static_cast<acc_t>(out.alpha[o]);
+    const acc_t bo = out.bias_out ? static_cast<acc_t>(out.bias_out[o]) : acc_t(0);
+    scalar_t* y_push = out.y + (n * out_c + o) * plane;
+    scalar_t* y_pull = geo.dual_output ? out.y + (n * out_c + geo.out_channels + o) * plane : nullptr;
+    const acc_t* __restrict__ pull = scratch.q.data();
+    if (y_pull) {
+      for (int64_t p = 0; p < plane; ++p) {
+        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b));
+        y_pull[p] = static_cast<scalar_t>(relu(pull[p]));
       }
+    } else {
+      for (int64_t p = 0; p < plane; ++p) {
+        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
+      }
+    }
+    if (out.masks) {
+      const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+      for (int64_t p = 0; p < plane; ++p) {
+        mask_p[p] |= (static_cast<acc_t>(p0[p]) + b > acc_t(0)) ? bit : uint8_t(0);
+        mask_q[p] |= (pull[p] > acc_t(0)) ? bit : uint8_t(0);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+ForwardOutputs<scalar_t> forward_outputs(const OptTensor& bias_out, const at::Tensor& alpha, at::Tensor& out,
+                                         uint8_t* masks) {
+  return {alpha.const_data_ptr<scalar_t>(), bias_out ? bias_out->const_data_ptr<scalar_t>() : nullptr,
+          out.data_ptr<scalar_t>(), masks};
+}
+
+template <typename scalar_t>
+void forward_epilogue(const PlaneInputs<scalar_t>& in, const ForwardOutputs<scalar_t>& out) {
+  const Geometry& geo = in.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch * octets, 1, [&](int64_t begin, int64_t end) {
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    for (int64_t task = begin; task < end; ++task) {
+      forward_epilogue_octet(in, task / octets, task / octets, task % octets, out, scratch);
     }
   });
 }
@@ -405,66 +514,342 @@ struct BackwardFields {
 };
 
 template <typename scalar_t>
-void backward_epilogue(const PlaneInputs<scalar_t>& in, const at::Tensor& grad_out, const at::Tensor& alpha,
-                       const uint8_t* masks, bool recompute_pull, BackwardFields& f) {
+struct BackwardOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  FieldView<scalar_t> grad_push0, grad_pull0;
+  scalar_t* grad_box;  // [N, groups, plane]
+  acc_t *shift_part, *bias_part, *alpha_part;
+};
+
+template <typename scalar_t>
+BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
+  return {push_field(geo, ptr(f.grad_push0)), pull_field(geo, ptr(f.grad_pull0)), ptr(f.grad_box),
+          acc_ptr(f.shift_part), acc_ptr(f.bias_part), acc_ptr(f.alpha_part)};
+}
+
+// What the backward epilogue reads besides the responses.
+template <typename scalar_t>
+struct BackwardInputs {
+  const scalar_t *grad_out, *alpha;
+  const uint8_t* masks;
+  bool recompute_pull;  // for the alpha gradient
+};
+
+// Gradient fields of image n, group grp (n_in: its index in `in`; see forward_epilogue_octet). One task
+// per (image, group), so the group's box-sum gradient has a single writer.
+template <typename scalar_t>
+PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t grp,
+                             const BackwardInputs<scalar_t>& bin, const BackwardOutputs<scalar_t>& f,
+                             PlaneScratch<at::opmath_type<scalar_t>>& scratch, std::vector<at::opmath_type<scalar_t>>& box_grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
   const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels, radius = (geo.avg_kernel - 1) / 2;
-  const scalar_t* g = grad_out.data_ptr<scalar_t>();
-  const scalar_t* alpha_p = alpha.data_ptr<scalar_t>();
-  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-  auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-  scalar_t *g_push = ptr(f.grad_push0), *g_pull = ptr(f.grad_pull0), *g_box = ptr(f.grad_box);
-  acc_t *shift_part = acc_ptr(f.shift_part), *bias_part = acc_ptr(f.bias_part), *alpha_part = acc_ptr(f.alpha_part);
-  // One task = one image and one group, so the group's box-sum gradient has a single writer.
+  acc_t* gq = scratch.grad.data();
+  std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
+  for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
+    const int64_t byte = (n * octets + o / 8) * plane, no = n * geo.out_channels + o;
+    const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+    const uint8_t *mask_p = bin.masks + byte, *mask_q = bin.masks + geo.batch * octets * plane + byte;
+    const scalar_t* g_p = bin.grad_out + (n * out_c + o) * plane;
+    const scalar_t* g_q = geo.dual_output ? bin.grad_out + (n * out_c + geo.out_channels + o) * plane : g_p;
+    const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(bin.alpha[o]);
+    if (bin.recompute_pull) {
+      const acc_t* q = scratch.q.data();
+      in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
+      acc_t s = 0;
+      for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] > 0 ? q[p] : acc_t(0));
+      f.alpha_part[no] = s;
+    }
+    for (int64_t p = 0; p < plane; ++p) gq[p] = (mask_q[p] & bit) ? pull_scale * static_cast<acc_t>(g_q[p]) : acc_t(0);
+    if (geo.avg_kernel > 1) {
+      // Adjoint of the average: divide by each output's window count, then sum over the same windows.
+      divide_by_window_count(gq, geo.out_height, geo.out_width, radius);
+      box_filter(gq, scratch.tmp.data(), scratch.pooled.data(), geo.out_height, geo.out_width, radius, false);
+      std::copy(scratch.pooled.begin(), scratch.pooled.end(), gq);
+    }
+    const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
+    const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
+    const bool pull_through_push = geo.pull != PullKind::kSeparable;
+    scalar_t* g_push = f.grad_push0 ? f.grad_push0.plane(n_in, o) : nullptr;
+    scalar_t* g_pull = f.grad_pull0 ? f.grad_pull0.plane(n_in, o) : nullptr;
+    acc_t sum_gp = 0, sum_gq = 0, sum_gq_box = 0;
+    for (int64_t p = 0; p < plane; ++p) {
+      const acc_t gp = (mask_p[p] & bit) ? static_cast<acc_t>(g_p[p]) : acc_t(0);
+      sum_gp += gp;
+      sum_gq += gq[p];
+      if (g_push) g_push[p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
+      if (g_pull) g_pull[p] = static_cast<scalar_t>(gq[p]);
+      if (f.grad_box) box_grad[p] += m * gq[p];
+      if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
+    }
+    if (f.bias_part) f.bias_part[no] = sum_gp - sum_gq;
+    if (f.shift_part) f.shift_part[no] = sum_gq_box;
+  }
+  if (f.grad_box) {
+    scalar_t* out = f.grad_box + (n * geo.groups + grp) * plane;
+    for (int64_t p = 0; p < plane; ++p) out[p] = static_cast<scalar_t>(box_grad[p]);
+  }
+}
+
+template <typename scalar_t>
+void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<scalar_t>& bin,
+                       const BackwardOutputs<scalar_t>& f) {
+  const Geometry& geo = in.geo;
   at::parallel_for(0, geo.batch * geo.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gq(plane), tmp(plane), pooled(plane), q(recompute_pull ? plane : 0), box_grad(g_box ? plane : 0);
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    std::vector<at::opmath_type<scalar_t>> box_grad(f.grad_box ? in.plane : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / geo.groups, grp = task % geo.groups;
-      std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
-      for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
-        const int64_t byte = (n * octets + o / 8) * plane, no = n * geo.out_channels + o;
-        const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
-        const uint8_t *mask_p = masks + byte, *mask_q = masks + geo.batch * octets * plane + byte;
-        const scalar_t* g_p = g + (n * out_c + o) * plane;
-        const scalar_t* g_q = geo.dual_output ? g + (n * out_c + geo.out_channels + o) * plane : g_p;
-        const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(alpha_p[o]);
-        if (recompute_pull) {
-          in.pull_response(n, o, q.data(), tmp.data(), pooled.data());
-          acc_t s = 0;
-          for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] > 0 ? q[p] : acc_t(0));
-          alpha_part[no] = s;
-        }
-        for (int64_t p = 0; p < plane; ++p) gq[p] = (mask_q[p] & bit) ? pull_scale * static_cast<acc_t>(g_q[p]) : acc_t(0);
-        if (geo.avg_kernel > 1) {
-          // Adjoint of the average: divide by each output's window count, then sum over the same windows.
-          divide_by_window_count(gq.data(), geo.out_height, geo.out_width, radius);
-          box_filter(gq.data(), tmp.data(), pooled.data(), geo.out_height, geo.out_width, radius, false);
-          std::copy(pooled.begin(), pooled.end(), gq.begin());
-        }
-        const scalar_t* s = in.box ? in.box + (n * geo.groups + grp) * plane : nullptr;
-        const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
-        const bool pull_through_push = geo.pull != PullKind::kSeparable;
-        const int64_t pull_offset = pull_plane_offset(geo, n, o);
-        acc_t sum_gp = 0, sum_gq = 0, sum_gq_box = 0;
-        for (int64_t p = 0; p < plane; ++p) {
-          const acc_t gp = (mask_p[p] & bit) ? static_cast<acc_t>(g_p[p]) : acc_t(0);
-          sum_gp += gp;
-          sum_gq += gq[p];
-          if (g_push) g_push[no * plane + p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
-          if (g_pull) g_pull[pull_offset + p] = static_cast<scalar_t>(gq[p]);
-          if (g_box) box_grad[p] += m * gq[p];
-          if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
-        }
-        if (bias_part) bias_part[no] = sum_gp - sum_gq;
-        if (shift_part) shift_part[no] = sum_gq_box;
-      }
-      if (g_box) {
-        for (int64_t p = 0; p < plane; ++p) g_box[(n * geo.groups + grp) * plane + p] = static_cast<scalar_t>(box_grad[p]);
-      }
+      backward_epilogue_group(in, task / geo.groups, task / geo.groups, task % geo.groups, bin, f, scratch, box_grad);
     }
   });
+}
+
+// ---------------------------------------------------------------- upsample, one image at a time
+
+// The upsample pull with the prefilter algebra, one image per task, everything in cache: for each group
+// the input's im2col and its prefilter z are packed as panels (panel_gemm.h), and ONE weight matrix
+// W_g [C_out/groups, K], K = C_in/groups * kh * kw, multiplies both: P0 = W_g @ im2col, R = W_g @ z. The
+// epilogue then reads P0 and R from the workspace. Backward, per image: dW += gP @ im2col^T + gR @ z^T
+// (partial sums per image, added in a fixed order), dx = col2im(W_g^T @ gP) + prefilter^T(W_g^T @ gR).
+template <typename scalar_t>
+struct ImageWorkspace {
+  std::vector<scalar_t> cols, z;            // packed operands of a block of rows, group g at g * operand_size
+  std::vector<scalar_t> push, pull;         // [C_out, field_ld]: responses, then their gradients
+  std::vector<scalar_t> packed_grad;        // one group's gradient field, packed
+  std::vector<scalar_t> tap_rows;           // one channel's im2col or prefilter [taps, block pixels]
+  std::vector<scalar_t> grad_rows;          // W_g^T @ (a gradient field) [K, padded]
+  std::vector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
+};
+
+// Packed operands of this many bytes per block of output rows (both of them) stay in the 512 KiB L2 of
+// the CPU the path was tuned on (benchmarks/results/cpu-2core) while the products read them.
+constexpr int64_t kOperandBlockBytes = 256 * 1024;
+
+template <typename scalar_t>
+struct ImagePath {
+  const Geometry& geo;
+  const ConvArgs& conv;
+  PrefilterGeometry pre;
+  const scalar_t *rows, *cols;  // interpolation matrices, contiguous
+  const scalar_t* weight;       // [C_out, K]
+  int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
+  int64_t block_rows;           // output rows packed at a time (forward; backward packs whole planes)
+  int64_t field_ld;             // row stride of the push/pull fields: a block's product may write 23 past it
+
+  // `blocked`: pack blocks of rows (forward) rather than whole planes (backward).
+  ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const at::Tensor& w,
+            bool blocked)
+      : geo(g), conv(c), pre(prefilter_geometry(g, c, r, k)), rows(r.const_data_ptr<scalar_t>()),
+        cols(k.const_data_ptr<scalar_t>()), weight(w.const_data_ptr<scalar_t>()),
+        plane(g.out_height * g.out_width), padded(panel::padded(plane)), taps(g.kernel_h * g.kernel_w),
+        in_per_group(g.in_channels / g.groups), out_per_group(g.out_channels / g.groups),
+        k_size(in_per_group * taps), field_ld(plane + panel::kPanel) {
+    const int64_t row_bytes = 2 * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
+    block_rows = blocked ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
+                         : g.out_height;
+  }
+
+  int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }
+  const scalar_t* weight_of(int64_t grp) const { return weight + grp * out_per_group * k_size; }
+
+  ImageWorkspace<scalar_t> workspace() const {
+    ImageWorkspace<scalar_t> ws;
+    ws.cols.resize(geo.groups * operand_size());
+    ws.z.resize(geo.groups * operand_size());
+    ws.push.resize(geo.out_channels * field_ld);
+    ws.pull.resize(geo.out_channels * field_ld);
+    ws.packed_grad.resize(out_per_group * padded);
+    ws.tap_rows.resize(taps * block_rows * geo.out_width);
+    ws.grad_rows.resize(k_size * padded);
+    ws.prefilter_tmp.resize(pre.tmp_size());
+    ws.line.resize(std::max(geo.out_width, geo.height * geo.width));
+    return ws;
+  }
+
+  // Valid output columns of tap column j: those reading an input column in [0, W).
+  std::pair<int64_t, int64_t> valid_columns(int64_t j) const {
+    const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+    const int64_t lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
+    const int64_t hi = geo.width - offset <= 0 ? 0 : std::min(geo.out_width, (geo.width - offset + s - 1) / s);
+    return {lo, std::max(lo, hi)};
+  }
+
+  // im2col of output rows [ho_begin, ho_end) of one input plane, packed: row first_row + i * kw + j, pixel
+  // (ho - ho_begin) * Wo + wo holds x[ho * sh + i * dh - ph, wo * sw + j * dw - pw] (0 outside the input).
+  // One tap at a time goes through `row` (scratch), so that packing copies whole panels.
+  void pack_im2col_plane(const scalar_t* x, int64_t ho_begin, int64_t ho_end, int64_t first_row, scalar_t* packed,
+                         scalar_t* row) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
+    for (int64_t i = 0; i < geo.kernel_h; ++i) {
+      for (int64_t j = 0; j < geo.kernel_w; ++j) {
+        const auto [lo, hi] = valid_columns(j);
+        const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+        std::fill(row, row + pixels, scalar_t(0));
+        for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+          const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
+          if (h < 0 || h >= geo.height) continue;
+          const scalar_t* x_row = x + h * geo.width + offset;
+          scalar_t* out = row + (ho - ho_begin) * geo.out_width;
+          for (int64_t wo = lo; wo < hi; ++wo) out[wo] = x_row[wo * s];
+        }
+        panel::pack_row(row, pixels, k_size, first_row + i * geo.kernel_w + j, packed);
+      }
+    }
+  }
+
+  // Adds the adjoint of pack_im2col_plane: gx[h, w] += the entries of grad (rows i * kw + j, row stride ld)
+  // that read (h, w).
+  void col2im_plane(const scalar_t* grad, int64_t ld, scalar_t* gx) const {
+    for (int64_t i = 0; i < geo.kernel_h; ++i) {
+      for (int64_t j = 0; j < geo.kernel_w; ++j) {
+        const auto [lo, hi] = valid_columns(j);
+        const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+        for (int64_t ho = 0; ho < geo.out_height; ++ho) {
+          const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
+          if (h < 0 || h >= geo.height) continue;
+          const scalar_t* src = grad + (i * geo.kernel_w + j) * ld + ho * geo.out_width;
+          scalar_t* gx_row = gx + h * geo.width + offset;
+          for (int64_t wo = lo; wo < hi; ++wo) gx_row[wo * s] += src[wo];
+        }
+      }
+    }
+  }
+
+  // The packed im2col and prefilter operands of every group of image n, output rows [ho_begin, ho_end).
+  void pack_operands(const scalar_t* x, int64_t n, int64_t ho_begin, int64_t ho_end, ImageWorkspace<scalar_t>& ws) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
+    for (int64_t c = 0; c < geo.in_channels; ++c) {
+      const scalar_t* x_plane = x + (n * geo.in_channels + c) * geo.height * geo.width;
+      const int64_t grp = c / in_per_group, first_row = (c % in_per_group) * taps;
+      pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(), ws.tap_rows.data());
+      prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(), ws.line.data(),
+                      [&](int64_t tap, int64_t ho, const scalar_t* row) {
+                        std::copy(row, row + geo.out_width,
+                                  ws.tap_rows.data() + tap * pixels + (ho - ho_begin) * geo.out_width);
+                      });
+      for (int64_t t = 0; t < taps; ++t) {
+        panel::pack_row(ws.tap_rows.data() + t * pixels, pixels, k_size, first_row + t, ws.z.data() + grp * operand_size());
+      }
+    }
+  }
+
+  // P0 and R of the packed rows [ho_begin, ho_end) into columns ho_begin * Wo.. of the fields.
+  void responses(int64_t ho_begin, int64_t ho_end, ImageWorkspace<scalar_t>& ws) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width, column = ho_begin * geo.out_width;
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      const int64_t row = grp * out_per_group;
+      panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, pixels,
+                     ws.push.data() + row * field_ld + column, field_ld);
+      panel::product(weight_of(grp), k_size, out_per_group, ws.z.data() + grp * operand_size(), k_size, pixels,
+                     ws.pull.data() + row * field_ld + column, field_ld);
+    }
+  }
+
+  // P0 and R of image n, block by block.
+  void image_responses(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t ho = 0; ho < geo.out_height; ho += block_rows) {
+      const int64_t end = std::min(ho + block_rows, geo.out_height);
+      pack_operands(x, n, ho, end, ws);
+      responses(ho, end, ws);
+    }
+  }
+
+  // The workspace's fields as the epilogues see them (one image: image stride 0).
+  PlaneInputs<scalar_t> inputs(const ImageWorkspace<scalar_t>& ws, const scalar_t* bias_in) const {
+    return {geo, {ws.push.data(), 0, field_ld}, {ws.pull.data(), 0, field_ld}, nullptr, nullptr, bias_in, plane};
+  }
+
+  // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
+  void pack_group_field(const std::vector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t r = 0; r < out_per_group; ++r) {
+      panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld, plane, out_per_group, r, ws.packed_grad.data());
+    }
+  }
+
+  // grad_w[grp rows] += packed gradient (one group) @ operand^T.
+  void add_weight_grad(const scalar_t* operand, int64_t grp, const ImageWorkspace<scalar_t>& ws, scalar_t* grad_w) const {
+    panel::gram(ws.packed_grad.data(), out_per_group, operand, k_size, plane, grad_w + grp * out_per_group * k_size,
+                k_size);
+  }
+
+  // W_g^T @ (packed gradient) into ws.grad_rows [K, padded]; weight_t is W_g^T [K, C_out/groups].
+  void backproject(const scalar_t* weight_t, ImageWorkspace<scalar_t>& ws) const {
+    panel::product(weight_t, out_per_group, k_size, ws.packed_grad.data(), out_per_group, plane, ws.grad_rows.data(),
+                   padded);
+  }
+};
+
+// Below kMinChannelsForPrefilter output channels per group, where the batched matrix product is thin.
+// float64 takes it too (so that the float64 tests hold its index math to 1e-9); float where the AVX2
+// products run, else the direct pull convolution.
+template <typename scalar_t>
+bool image_path_runs(const Geometry& geo) {
+  if (geo.pull != PullKind::kSeparable || use_prefilter(geo)) return false;
+  return std::is_same_v<scalar_t, double> || (std::is_same_v<scalar_t, float> && panel::fast_float_kernels());
+}
+
+bool image_path_runs(const Geometry& geo, at::ScalarType dtype) {
+  return dtype == at::kDouble ? image_path_runs<double>(geo) : dtype == at::kFloat && image_path_runs<float>(geo);
+}
+
+template <typename scalar_t>
+void forward_image_path(const ImagePath<scalar_t>& path, const scalar_t* x, const scalar_t* bias_in,
+                        const ForwardOutputs<scalar_t>& out) {
+  const Geometry& geo = path.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+    auto ws = path.workspace();
+    PlaneScratch<scalar_t> scratch(path.plane);
+    for (int64_t n = begin; n < end; ++n) {
+      path.image_responses(x, n, ws);
+      const auto in = path.inputs(ws, bias_in);
+      for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
+    }
+  });
+}
+
+// Backward of one image n: gradient fields into the workspace, then the weight gradient of the image
+// (grad_w_image, [C_out, K]) and the input gradient planes of the image (grad_x).
+template <typename scalar_t>
+void backward_image(const ImagePath<scalar_t>& path, const scalar_t* x, int64_t n, const scalar_t* bias_in,
+                    const BackwardInputs<scalar_t>& bin, BackwardOutputs<scalar_t> f, const scalar_t* weight_t,
+                    scalar_t* grad_w_image, scalar_t* grad_x, ImageWorkspace<scalar_t>& ws,
+                    PlaneScratch<scalar_t>& scratch, std::vector<scalar_t>& box_grad) {
+  const Geometry& geo = path.geo;
+  const bool operands = grad_w_image != nullptr || bin.recompute_pull;
+  if (operands) path.pack_operands(x, n, 0, geo.out_height, ws);  // whole planes (the path is not blocked)
+  if (bin.recompute_pull) path.responses(0, geo.out_height, ws);
+  const auto in = path.inputs(ws, bias_in);
+  f.grad_push0 = {ws.push.data(), 0, path.field_ld};  // overwrites P0 channel by channel after reading it
+  f.grad_pull0 = {ws.pull.data(), 0, path.field_ld};
+  for (int64_t grp = 0; grp < geo.groups; ++grp) backward_epilogue_group(in, 0, n, grp, bin, f, scratch, box_grad);
+  const int64_t in_plane = geo.height * geo.width;
+  for (int64_t grp = 0; grp < geo.groups; ++grp) {
+    const scalar_t* w_t = weight_t ? weight_t + grp * path.k_size * path.out_per_group : nullptr;
+    scalar_t* gx_group = grad_x ? grad_x + (n * geo.in_channels + grp * path.in_per_group) * in_plane : nullptr;
+    // Pull first: the prefilter adjoint overwrites the input-gradient planes, col2im then adds.
+    path.pack_group_field(ws.pull, grp, ws);
+    if (grad_w_image) path.add_weight_grad(ws.z.data() + grp * path.operand_size(), grp, ws, grad_w_image);
+    if (gx_group) {
+      path.backproject(w_t, ws);
+      for (int64_t c = 0; c < path.in_per_group; ++c) {
+        prefilter_adjoint_plane(path.pre, path.rows, path.cols, ws.grad_rows.data() + c * path.taps * path.padded,
+                                path.padded, ws.prefilter_tmp.data(), gx_group + c * in_plane, ws.line.data());
+      }
+    }
+    path.pack_group_field(ws.push, grp, ws);
+    if (grad_w_image) path.add_weight_grad(ws.cols.data() + grp * path.operand_size(), grp, ws, grad_w_image);
+    if (gx_group) {
+      path.backproject(w_t, ws);
+      for (int64_t c = 0; c < path.in_per_group; ++c) {
+        path.col2im_plane(ws.grad_rows.data() + c * path.taps * path.padded, path.padded, gx_group + c * in_plane);
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------- the ops
@@ -495,7 +880,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
   const auto x = input.contiguous();
   const auto w = weight.contiguous();
-  const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
   const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
   const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
   const OptTensor b_out = bias_out ? OptTensor(bias_out->contiguous()) : std::nullopt;
@@ -504,10 +888,122 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
   auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
-    forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), b_out, alpha_c, out,
-                               save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+    const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+    if (image_path_runs<scalar_t>(geo)) {
+      const auto rows = pull_rows->contiguous(), cols = pull_cols->contiguous();
+      const ImagePath<scalar_t> path(geo, conv, rows, cols, w, /*blocked=*/true);
+      forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr, outputs);
+    } else {
+      const Responses r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
+      forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
+    }
   });
   return {out, masks};
+}
+
+// Everything the two backward paths read.
+struct BackwardRequest {
+  const Geometry& geo;
+  const ConvArgs& conv;
+  const at::Tensor &x, &w, &grad_out, &masks, &alpha;
+  const OptTensor &shift, &bias_in, &pull_rows, &pull_cols;
+  bool need_x, need_w, need_shift, need_alpha;
+};
+
+template <typename scalar_t>
+BackwardInputs<scalar_t> backward_inputs(const BackwardRequest& req) {
+  return {req.grad_out.const_data_ptr<scalar_t>(), req.alpha.const_data_ptr<scalar_t>(),
+          req.masks.const_data_ptr<uint8_t>(), req.need_alpha};
+}
+
+// Input and weight gradients (undefined when not needed) through ATen's convolution_backward.
+std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, BackwardFields& f) {
+  const Geometry& geo = req.geo;
+  const ConvArgs& conv = req.conv;
+  const at::Tensor &x = req.x, &w = req.w;
+  const bool need_x = req.need_x, need_w = req.need_w;
+  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
+  Responses r;
+  if (req.need_alpha) r = compute_responses(x, w, req.pull_rows, req.pull_cols, geo, conv);
+  else if (req.need_shift) r.box = box_sum(x, geo, conv).contiguous();
+
+  const auto field = [&](int64_t channels) {
+    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
+  };
+  if (need_x || need_w) {
+    f.grad_push0 = field(geo.out_channels);
+    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_field says
+    if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_backward_cpu", [&] {
+    backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, req.shift, req.bias_in), backward_inputs<scalar_t>(req),
+                                backward_outputs<scalar_t>(geo, f));
+  });
+  at::Tensor grad_x, grad_w;
+  if (need_x || need_w) {
+    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, conv.stride, conv.padding, conv.dilation, false, {0, 0}, conv.groups, {need_x, need_w, false});
+    if (need_x) grad_x = std::get<0>(grads);
+    if (need_w) grad_w = std::get<1>(grads);
+  }
+  if (f.grad_pull0.defined() && use_prefilter(geo)) {
+    // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
+    const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
+    const auto grad_r = f.grad_pull0.view({geo.groups, geo.out_channels / geo.groups, pixels});
+    const auto w_g = grouped_weight(w, geo.groups);
+    if (need_w) {
+      const auto z = prefilter(x, *req.pull_rows, *req.pull_cols, geo, conv).view({geo.groups, w_g.size(2), pixels});
+      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).view(w.sizes());
+    }
+    if (need_x) {
+      const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
+      grad_x = grad_x + prefilter_adjoint(grad_z, *req.pull_rows, *req.pull_cols, geo, conv);
+    }
+  } else if (f.grad_pull0.defined()) {
+    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
+    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *req.pull_rows, *req.pull_cols), std::nullopt, conv.stride,
+                                          conv.pull_padding, conv.dilation, false, {0, 0}, conv.groups, {need_x, need_w, false});
+    if (need_x) grad_x = grad_x + std::get<0>(grads);
+    if (need_w) grad_w = grad_w - at::matmul(req.pull_rows->t(), at::matmul(std::get<1>(grads), *req.pull_cols));
+  }
+  if (f.grad_box.defined()) {
+    auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
+    grad_x = grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, conv.stride, conv.padding, conv.dilation,
+                                                           false, {0, 0}, conv.groups, {true, false, false}));
+  }
+  return {grad_x, grad_w};
+}
+
+// The upsample path one image at a time (see ImagePath).
+std::pair<at::Tensor, at::Tensor> backward_image_path(const BackwardRequest& req, BackwardFields& f) {
+  const Geometry& geo = req.geo;
+  at::Tensor grad_x, grad_w, grad_w_images, weight_t;
+  if (req.need_x) {
+    grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
+    // W_g^T per group: [groups, K, C_out / groups].
+    weight_t = grouped_weight(req.w, geo.groups).transpose(1, 2).contiguous();
+  }
+  // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
+  if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_image", [&] {
+    const auto rows = req.pull_rows->contiguous(), cols = req.pull_cols->contiguous();
+    const ImagePath<scalar_t> path(geo, req.conv, rows, cols, req.w, /*blocked=*/false);
+    const auto bin = backward_inputs<scalar_t>(req);
+    const scalar_t* x = (req.need_w || req.need_alpha) ? req.x.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
+    const auto outputs = backward_outputs<scalar_t>(geo, f);
+    at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+      auto ws = path.workspace();
+      PlaneScratch<scalar_t> scratch(path.plane);
+      std::vector<scalar_t> no_box;
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* grad_w_image = req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr;
+        backward_image(path, x, n, bias_in, bin, outputs, req.need_x ? weight_t.const_data_ptr<scalar_t>() : nullptr,
+                       grad_w_image, req.need_x ? grad_x.data_ptr<scalar_t>() : nullptr, ws, scratch, no_box);
+      }
+    });
+  });
+  if (req.need_w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  return {grad_x, grad_w};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -539,65 +1035,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto w = weight.contiguous();
   const auto g = grad_output.contiguous();
   const auto masks_c = masks.contiguous();
+  const auto alpha_c = alpha.contiguous();
   const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
   const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
   const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
 
-  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
-  Responses r;
-  if (need_alpha) r = compute_responses(x, w, pull_rows, pull_cols, geo, conv);
-  else if (need_shift) r.box = box_sum(x, geo, conv).contiguous();
-
   BackwardFields f;
-  const auto field = [&](int64_t channels) {
-    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
-  };
-  if (need_x || need_w) {
-    f.grad_push0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_plane_offset says
-    if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
-  }
   if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (output_mask[3]) f.bias_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (need_alpha) f.alpha_part = at::empty({geo.batch, geo.out_channels}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_backward_cpu", [&] {
-    backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), g, alpha.contiguous(),
-                                masks_c.data_ptr<uint8_t>(), need_alpha, f);
-  });
-
+  const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, pull_rows, pull_cols,
+                            need_x, need_w, need_shift, need_alpha};
   const auto none = at::empty({0}, x.options());
-  at::Tensor grad_x = none, grad_w = none;
-  if (need_x || need_w) {
-    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, stride, padding, dilation, false, {0, 0},
-                                          groups, {need_x, need_w, false});
-    if (need_x) grad_x = std::get<0>(grads);
-    if (need_w) grad_w = std::get<1>(grads);
-  }
-  if (f.grad_pull0.defined() && use_prefilter(geo)) {
-    // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
-    const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
-    const auto grad_r = f.grad_pull0.view({geo.groups, geo.out_channels / geo.groups, pixels});
-    const auto w_g = grouped_weight(w, geo.groups);
-    if (need_w) {
-      const auto z = prefilter(x, *pull_rows, *pull_cols, geo, conv).view({geo.groups, w_g.size(2), pixels});
-      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).view(w.sizes());
-    }
-    if (need_x) {
-      const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
-      grad_x = grad_x + prefilter_adjoint(grad_z, *pull_rows, *pull_cols, geo, conv);
-    }
-  } else if (f.grad_pull0.defined()) {
-    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
-    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *pull_rows, *pull_cols), std::nullopt, stride,
-                                          pull_padding, dilation, false, {0, 0}, groups, {need_x, need_w, false});
-    if (need_x) grad_x = grad_x + std::get<0>(grads);
-    if (need_w) grad_w = grad_w - at::matmul(pull_rows->t(), at::matmul(std::get<1>(grads), *pull_cols));
-  }
-  if (f.grad_box.defined()) {
-    auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-    grad_x = grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, stride, padding, dilation,
-                                                           false, {0, 0}, groups, {true, false, false}));
-  }
+  auto [grad_x, grad_w] = image_path_runs(geo, x.scalar_type()) ? backward_image_path(req, f) : backward_batched(req, f);
+  if (!need_x) grad_x = none;
+  if (!need_w) grad_w = none;
   const auto reduce = [&](const at::Tensor& part, bool wanted) {
     return wanted ? part.sum(0).to(x.scalar_type()) : none;
   };

@@ -1,0 +1,361 @@
+// The CUDA backend of the pushpull ops (see pushpull_cuda_ops.h).
+//
+// What cuDNN/cuBLAS do (through ATen) and what our kernels do:
+//   forward   P0 = conv(x, k)                                   ATen convolution
+//             invert:   S = conv(x, ones) (per-group box sum)   ATen convolution (1 output channel per group)
+//             upsample: z = prefilter(x), R = conv1x1(z, k)     our prefilter kernel + ATen 1x1 convolution
+//             scale 1:  nothing (R = -P0)
+//             pooling, ReLUs, alpha, biases, dual output, packed masks: one pass, our epilogue kernel.
+//   backward  masked gradient fields, pooling adjoint, box-sum gradient, per-channel reductions for
+//             b_in / alpha / pull_shift: one pass, our fields kernel; then the input and weight
+//             gradients are ATen convolution backward calls on those fields (one for the push kernel,
+//             shared with the pull for invert and scale 1; the 1x1 convolution's backward and our
+//             prefilter adjoint for upsample; a transposed box sum for invert).
+// Neither pull kernel costs a second full convolution (SPEC, "Algebra the fast paths may use").
+// Everything runs in the accumulation type, float32 (float64 for float64): float16 / bfloat16 inputs
+// are converted once, so that the responses never round to 16 bits before the biases, the ReLUs and
+// the invert algebra's difference m * S - P0 (rounding them there doubled eager PyTorch's error). Our
+// kernels write the output and read grad_output in the input's own dtype.
+#include "pushpull_cuda_ops.h"
+
+#include <ATen/ATen.h>
+
+namespace pushpull {
+namespace cuda {
+namespace {
+
+struct ConvArgs {
+  at::IntArrayRef stride, padding, pull_padding, dilation;
+  int64_t groups;
+};
+
+at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// [C_out] vectors (and the interpolation matrices) in the accumulation type, contiguous: alpha may be
+// an expanded scalar.
+at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type())).contiguous(); }
+OptTensor to_acc(const OptTensor& t) { return t ? OptTensor(to_acc(*t)) : std::nullopt; }
+
+// Calls fn(scalar_t{}) with the kernels' storage type of `dtype` (the input's: output, grad_output).
+template <typename Fn>
+void dispatch_storage(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kDouble: return fn(double{});
+    case at::kHalf: return fn(HalfBits{});
+    case at::kBFloat16: return fn(BFloat16Bits{});
+    default: TORCH_CHECK(false, "pushpull CUDA backend: unsupported dtype ", dtype);
+  }
+}
+
+// Calls fn(acc_t{}) for a tensor in the accumulation type (float or double).
+template <typename Fn>
+void dispatch_acc(at::ScalarType dtype, Fn&& fn) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "pushpull CUDA backend: expected float32/64, got ", dtype);
+  if (dtype == at::kDouble) return fn(double{});
+  return fn(float{});
+}
+
+// The input (or weight) in the accumulation type; a shape-only placeholder stays one.
+at::Tensor acc_operand(const at::Tensor& t, bool values_needed) {
+  const auto acc = acc_dtype(t.scalar_type());
+  if (!values_needed) return at::empty({}, t.options().dtype(acc)).expand(t.sizes());
+  return t.to(acc).contiguous();
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <typename T>
+const T* ptr(const OptTensor& t) {
+  return t ? ptr<T>(*t) : nullptr;
+}
+template <typename T>
+T* mutable_ptr(at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "pushpull CUDA kernel launch failed: ", error); }
+
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+                at::IntArrayRef dilation, int64_t groups) {
+  return at::conv2d(x, w, std::nullopt, stride, padding, dilation, groups).contiguous();
+}
+
+// ---------------------------------------------------------------- geometry for the kernels
+
+FieldGeometry field_geometry(const Geometry& geo) {
+  FieldGeometry g;
+  g.batch = geo.batch;
+  g.channels = geo.out_channels;
+  g.groups = geo.groups;
+  g.height = geo.out_height;
+  g.width = geo.out_width;
+  g.radius = geo.avg_kernel > 1 ? int((geo.avg_kernel - 1) / 2) : 0;
+  g.dual_output = geo.dual_output;
+  g.pull = geo.pull == PullKind::kSeparable ? PullForm::kSeparable
+           : geo.pull == PullKind::kShift  ? PullForm::kShift
+                                           : PullForm::kNegate;
+  return g;
+}
+
+void check_pooling_fits(const FieldGeometry& g, at::ScalarType dtype) {
+  const int64_t acc_size = at::elementSize(acc_dtype(dtype));
+  TORCH_CHECK(fields_shared_bytes(g, acc_size) <= kMaxSharedBytes && epilogue_shared_bytes(g, acc_size) <= kMaxSharedBytes,
+              "pushpull CUDA backend: avg_kernel ", 2 * g.radius + 1, " is too large for its pooling tiles; use "
+              "backend='reference' for it");
+}
+
+PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows,
+                                     const at::Tensor& cols) {
+  PrefilterGeometry g;
+  g.planes = geo.batch * geo.in_channels;
+  g.height = geo.height;
+  g.width = geo.width;
+  g.out_height = geo.out_height;
+  g.out_width = geo.out_width;
+  g.kernel_h = int(geo.kernel_h);
+  g.kernel_w = int(geo.kernel_w);
+  g.pull_h = int(rows.size(0));
+  g.pull_w = int(cols.size(0));
+  g.stride_h = int(c.stride[0]);
+  g.stride_w = int(c.stride[1]);
+  g.dil_h = int(c.dilation[0]);
+  g.dil_w = int(c.dilation[1]);
+  g.pad_h = int(c.pull_padding[0]);
+  g.pad_w = int(c.pull_padding[1]);
+  return g;
+}
+
+// The prefilter's tiles fit in shared memory for every kernel of the papers; a huge kernel or stride
+// takes the direct path (the pull kernel formed and convolved by cuDNN) instead.
+bool use_prefilter(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols) {
+  return prefilter_shared_bytes(prefilter_geometry(geo, c, rows, cols), at::elementSize(acc_dtype(rows.scalar_type()))) <=
+         kMaxSharedBytes;
+}
+
+// ---------------------------------------------------------------- upsample: prefilter or direct
+
+// z [N, C_in * kh * kw, Ho, Wo] (see PrefilterArgs); x is in the accumulation type.
+at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols, const Geometry& geo,
+                     const ConvArgs& c, cudaStream_t stream) {
+  auto z = at::empty({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width},
+                     x.options());
+  const auto r = to_acc(rows), k = to_acc(cols);
+  dispatch_acc(x.scalar_type(), [&](auto tag) {
+    using acc_t = decltype(tag);
+    const PrefilterArgs<acc_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k), ptr<acc_t>(x),
+                                    mutable_ptr<acc_t>(z)};
+    check_launch(launch_prefilter(args, stream));
+  });
+  return z;
+}
+
+// Adjoint of prefilter: grad_z [N, C_in * kh * kw, Ho, Wo] -> grad_x [N, C_in, H, W].
+at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, const at::Tensor& cols,
+                             const Geometry& geo, const ConvArgs& c, cudaStream_t stream) {
+  const auto gz = grad_z.contiguous();
+  auto gx = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, gz.options());
+  const auto r = to_acc(rows), k = to_acc(cols);
+  dispatch_acc(gz.scalar_type(), [&](auto tag) {
+    using acc_t = decltype(tag);
+    const PrefilterArgs<acc_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k), ptr<acc_t>(gz),
+                                    mutable_ptr<acc_t>(gx)};
+    check_launch(launch_prefilter_adjoint(args, stream));
+  });
+  return gx;
+}
+
+// The push weight as the 1x1 convolution over z: [C_out, C_in/groups * kh * kw, 1, 1].
+at::Tensor weight_1x1(const at::Tensor& weight) { return weight.reshape({weight.size(0), -1, 1, 1}); }
+
+// q = -rows @ k @ cols^T, formed in the accumulation type and rounded once (as F.interpolate does).
+at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols) {
+  const auto acc = acc_dtype(weight.scalar_type());
+  return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
+}
+
+// R = conv(x, q) for upsample.
+at::Tensor separable_pull(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
+                          const Geometry& geo, const ConvArgs& c, cudaStream_t stream) {
+  if (use_prefilter(geo, c, rows, cols)) {
+    return conv(prefilter(x, rows, cols, geo, c, stream), weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, c.groups);
+  }
+  return conv(x, pull_kernel(w, rows, cols), c.stride, c.pull_padding, c.dilation, c.groups);
+}
+
+// Per-group sum of the input over (C_in/groups, kh, kw) windows: [N, groups, Ho, Wo].
+at::Tensor box_sum(const at::Tensor& x, const Geometry& geo, const ConvArgs& c) {
+  const auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
+  return conv(x, ones, c.stride, c.padding, c.dilation, c.groups);
+}
+
+// P0, and R (upsample) or S (invert): the inputs of the epilogue.
+struct Responses {
+  at::Tensor push0, pull0, box;
+};
+
+Responses compute_responses(const at::Tensor& x, const at::Tensor& w, const OptTensor& rows, const OptTensor& cols,
+                            const Geometry& geo, const ConvArgs& c, cudaStream_t stream) {
+  Responses r;
+  r.push0 = conv(x, w, c.stride, c.padding, c.dilation, c.groups);
+  if (geo.pull == PullKind::kSeparable) r.pull0 = separable_pull(x, w, *rows, *cols, geo, c, stream);
+  if (geo.pull == PullKind::kShift) r.box = box_sum(x, geo, c);
+  return r;
+}
+
+// ---------------------------------------------------------------- convolution gradients
+
+// Input and weight gradients of conv(input, w) for the field `grad`. Without the weight gradient
+// `input` may be a shape-only placeholder (the autograd wrapper's, for a weight without gradient):
+// then only its sizes are used, through a transposed convolution.
+std::pair<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& w,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation, int64_t groups, bool need_input,
+                                                bool need_weight) {
+  if (!need_weight) {
+    if (!need_input) return {};
+    std::array<int64_t, 2> output_padding{};
+    for (int d = 0; d < 2; ++d) {  // the rows/columns the forward's floor division dropped
+      output_padding[d] = input.size(2 + d) - ((grad.size(2 + d) - 1) * stride[d] - 2 * padding[d] +
+                                               dilation[d] * (w.size(2 + d) - 1) + 1);
+    }
+    return {at::conv_transpose2d(grad, w, std::nullopt, stride, padding, output_padding, groups, dilation), {}};
+  }
+  auto grads = at::convolution_backward(grad, input, w, std::nullopt, stride, padding, dilation, false, {0, 0},
+                                        groups, {need_input, need_weight, false});
+  return {std::get<0>(grads), std::get<1>(grads)};
+}
+
+at::Tensor sum_terms(const at::Tensor& sum, const at::Tensor& term) { return sum.defined() ? sum + term : term; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward(const Geometry& geo, const at::Tensor& input, const at::Tensor& weight,
+                                           const OptTensor& pull_shift, const OptTensor& pull_rows,
+                                           const OptTensor& pull_cols, const OptTensor& bias_in,
+                                           const OptTensor& bias_out, const at::Tensor& alpha, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef pull_padding,
+                                           at::IntArrayRef dilation, bool save_masks, cudaStream_t stream) {
+  const FieldGeometry fg = field_geometry(geo);
+  check_pooling_fits(fg, input.scalar_type());
+  const ConvArgs c{stride, padding, pull_padding, dilation, geo.groups};
+  const auto x = acc_operand(input, true), w = acc_operand(weight, true);
+  const Responses r = compute_responses(x, w, to_acc(pull_rows), to_acc(pull_cols), geo, c, stream);
+  const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in), b_out = to_acc(bias_out);
+  const at::Tensor alpha_acc = to_acc(alpha);
+  const int64_t out_channels = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
+  auto out = at::empty({geo.batch, out_channels, geo.out_height, geo.out_width}, input.options());
+  const auto mask_options = input.options().dtype(at::kByte);
+  auto masks = save_masks ? at::empty(mask_shape(geo), mask_options) : at::empty({0}, mask_options);
+  dispatch_storage(input.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_of<scalar_t>;
+    const EpilogueArgs<scalar_t> args{fg, ptr<acc_t>(r.push0), ptr<acc_t>(r.pull0), ptr<acc_t>(r.box),
+                                      ptr<acc_t>(shift), ptr<acc_t>(b_in), ptr<acc_t>(alpha_acc), ptr<acc_t>(b_out),
+                                      mutable_ptr<scalar_t>(out), save_masks ? mutable_ptr<uint8_t>(masks) : nullptr};
+    check_launch(launch_forward_epilogue(args, stream));
+  });
+  return {out, masks};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const Geometry& geo, const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const OptTensor& pull_shift, const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in,
+    const at::Tensor& alpha, const at::Tensor& masks, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pull_padding, at::IntArrayRef dilation, std::array<bool, 6> output_mask, cudaStream_t stream) {
+  const FieldGeometry fg = field_geometry(geo);
+  check_pooling_fits(fg, input.scalar_type());
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_bias = output_mask[3];
+  const bool need_shift = output_mask[2] && geo.pull == PullKind::kShift;
+  const bool need_alpha = output_mask[5] && !geo.dual_output;
+  const ConvArgs c{stride, padding, pull_padding, dilation, geo.groups};
+  // The autograd wrapper passes shape-only placeholders for tensors whose values are not needed.
+  const auto x = acc_operand(input, need_w || need_shift || need_alpha);
+  const auto w = acc_operand(weight, need_x || need_alpha);
+  const OptTensor rows = to_acc(pull_rows), cols = to_acc(pull_cols);
+  const auto dtype = input.scalar_type();
+  const auto acc_options = x.options();
+
+  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
+  Responses r;
+  if (need_alpha) r = compute_responses(x, w, rows, cols, geo, c, stream);
+  else if (need_shift) r.box = box_sum(x, geo, c);
+
+  const auto field = [&](int64_t channels) {
+    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
+  };
+  const auto partial = [&](bool wanted) {
+    return wanted ? at::empty({fields_partial_rows(fg), geo.out_channels}, acc_options) : at::Tensor();
+  };
+  at::Tensor grad_push0, grad_pull0, grad_box;
+  if (need_x || need_w) {
+    grad_push0 = field(geo.out_channels);
+    if (geo.pull == PullKind::kSeparable) grad_pull0 = field(geo.out_channels);
+    if (geo.pull == PullKind::kShift && need_x) grad_box = field(geo.groups);
+  }
+  at::Tensor bias_part = partial(need_bias), shift_part = partial(need_shift), alpha_part = partial(need_alpha);
+  const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in);
+  const at::Tensor alpha_acc = to_acc(alpha), g = grad_output.contiguous(), masks_c = masks.contiguous();
+  dispatch_storage(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_of<scalar_t>;
+    const FieldsArgs<scalar_t> args{fg,
+                                    ptr<scalar_t>(g),
+                                    ptr<uint8_t>(masks_c),
+                                    ptr<acc_t>(r.push0),
+                                    ptr<acc_t>(r.pull0),
+                                    ptr<acc_t>(r.box),
+                                    ptr<acc_t>(shift),
+                                    ptr<acc_t>(b_in),
+                                    ptr<acc_t>(alpha_acc),
+                                    mutable_ptr<acc_t>(grad_push0),
+                                    mutable_ptr<acc_t>(grad_pull0),
+                                    mutable_ptr<acc_t>(grad_box),
+                                    mutable_ptr<acc_t>(bias_part),
+                                    mutable_ptr<acc_t>(shift_part),
+                                    mutable_ptr<acc_t>(alpha_part)};
+    check_launch(launch_backward_fields(args, stream));
+  });
+
+  at::Tensor grad_x, grad_w;
+  if (need_x || need_w) {
+    std::tie(grad_x, grad_w) = conv_backward(grad_push0, x, w, stride, padding, dilation, geo.groups, need_x, need_w);
+  }
+  if (grad_pull0.defined() && use_prefilter(geo, c, *rows, *cols)) {
+    // R = conv1x1(z, k): the 1x1 convolution's backward gives dz and dk; dx = prefilter^T(dz).
+    const auto z = need_w ? prefilter(x, *rows, *cols, geo, c, stream)
+                          : at::empty({}, x.options()).expand({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w,
+                                                               geo.out_height, geo.out_width});
+    auto [grad_z, grad_w_1x1] = conv_backward(grad_pull0, z, weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, geo.groups, need_x,
+                                              need_w);
+    if (need_x) grad_x = sum_terms(grad_x, prefilter_adjoint(grad_z, *rows, *cols, geo, c, stream));
+    if (need_w) grad_w = sum_terms(grad_w, grad_w_1x1.view(w.sizes()));
+  } else if (grad_pull0.defined()) {
+    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
+    auto [gx, grad_q] = conv_backward(grad_pull0, x, pull_kernel(w, *rows, *cols), stride, pull_padding,
+                                      dilation, geo.groups, need_x, need_w);
+    if (need_x) grad_x = sum_terms(grad_x, gx);
+    if (need_w) grad_w = sum_terms(grad_w, -at::matmul(rows->t(), at::matmul(grad_q, *cols)));
+  }
+  if (grad_box.defined()) {
+    const auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
+    grad_x = sum_terms(grad_x, conv_backward(grad_box, x, ones, stride, padding, dilation, geo.groups, true, false).first);
+  }
+
+  const auto none = at::empty({0}, input.options());
+  const auto zeros = [&] { return at::zeros({geo.out_channels}, input.options()); };
+  const auto reduce = [&](const at::Tensor& part) { return part.sum(0).to(dtype); };
+  const auto grad_shift = need_shift ? reduce(shift_part) : output_mask[2] ? zeros() : none;
+  const auto grad_alpha = need_alpha ? reduce(alpha_part) : output_mask[5] ? zeros() : none;
+  // bias_out does not exist with the dual output (its gradient, if asked for, is zero).
+  const auto grad_bias_out = !output_mask[4]    ? none
+                             : geo.dual_output ? zeros()
+                                               : g.sum({0, 2, 3}, false, acc_dtype(dtype)).to(dtype);
+  return {need_x ? grad_x.to(dtype) : none, need_w ? grad_w.to(dtype) : none, grad_shift,
+          need_bias ? reduce(bias_part) : none, grad_bias_out, grad_alpha};
+}
+
+}  // namespace cuda
+}  // namespace pushpull
