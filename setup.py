@@ -56,8 +56,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.6,<3.10"],
         "bench": ["matplotlib", "tqdm"],
-        # numpy: the Triton interpreter (TRITON_INTERPRET=1, the tests' CPU runs of the kernels) needs it.
-        "test": ["pytest", "hypothesis", "numpy", "tqdm"] + CUDA_CHECK,
+        "demo": ["scikit-image", "matplotlib"],  # python -m pushpull_ext.demo
+        # numpy: the Triton interpreter (TRITON_INTERPRET=1, the tests' CPU runs of the kernels) needs it;
+        # scikit-image and matplotlib: the demo's test.
+        "test": ["pytest", "hypothesis", "numpy", "tqdm", "scikit-image", "matplotlib"] + CUDA_CHECK,
         "cuda-check": CUDA_CHECK,
     },
 )

@@ -6,9 +6,11 @@ with the pull kernel q(k) of Strisciuglio et al. 2020 ("upsample") or Bennabhakt
 ("invert"). See ../shared/SPEC.md and README.md.
 """
 from ._ext import CPP_ERROR, TRITON_ERROR
+from .conversion import convert
 from .functional import push_pull_conv2d, resolve_backend
 from .modules import PushPullConv2d
 from .options import PushPullArgs
+from .pull_cache import clear as clear_pull_cache
 from .reference import pull_kernel, push_pull_reference
 
 
@@ -23,6 +25,6 @@ def available_backends() -> dict:
     return {"cpu": cpp("cpu"), "cuda": cpp("cuda"), "triton": TRITON_OP_ERROR, "reference": None}
 
 
-__all__ = ["push_pull_conv2d", "PushPullConv2d", "PushPullArgs", "pull_kernel", "push_pull_reference",
-           "resolve_backend", "available_backends", "CPP_ERROR", "TRITON_ERROR"]
+__all__ = ["push_pull_conv2d", "PushPullConv2d", "convert", "PushPullArgs", "pull_kernel", "push_pull_reference",
+           "resolve_backend", "available_backends", "clear_pull_cache", "CPP_ERROR", "TRITON_ERROR"]
 __version__ = "0.1.0"

@@ -7,10 +7,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, pull_cache
 from ._ext import CPP_ERROR, TRITON_INTERPRET, has_cpp_kernel
 from .options import BACKENDS, PushPullArgs, normalize, pull_operands
-from .reference import push_pull_reference
+from .reference import pull_kernel, push_pull_reference
 
 _warned_fallback = set()
 
@@ -77,8 +77,17 @@ def resolve_backend(backend: str, input: Tensor) -> str:
     return "reference"
 
 
-def _fused(backend: str, input, weight, bias, bias_out, alpha, args: PushPullArgs) -> Tensor:
-    pull_shift, pull_rows, pull_cols = pull_operands(weight, args)
+def _pull_operands(weight: Tensor, args: PushPullArgs, dtype: torch.dtype) -> tuple:
+    """options.pull_operands of `weight` in `dtype`: derived at every call when a gradient may reach
+    `weight`, else kept between calls while `weight` is unchanged (see pull_cache)."""
+    if pull_cache.cacheable(weight):
+        return pull_cache.cached_operands(weight, args, dtype, pull_operands)
+    return tuple(None if t is None else t.to(dtype) for t in pull_operands(weight, args))
+
+
+def _fused(backend: str, input, weight, pull, bias, bias_out, alpha, args: PushPullArgs) -> Tensor:
+    """The fused op; `pull` = (pull_shift, pull_rows, pull_cols) of the push kernel (_pull_operands)."""
+    pull_shift, pull_rows, pull_cols = pull
     grad_inputs = (input, weight, pull_shift, bias, bias_out, alpha)
     save_masks = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
     forward_op = torch.ops.pushpull.triton_forward if backend == "triton" else torch.ops.pushpull.forward
@@ -88,6 +97,23 @@ def _fused(backend: str, input, weight, bias, bias_out, alpha, args: PushPullArg
         args.avg_kernel, args.dual_output, save_masks,
     )
     return out
+
+
+def _autocast_dtype(input) -> torch.dtype | None:
+    """The autocast dtype if torch.autocast is on for the input's device, else None."""
+    if not isinstance(input, Tensor):
+        return None  # normalize() names the problem
+    device_type = input.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_cast(t, dtype: torch.dtype):
+    """What torch.autocast gives a lower-precision op such as conv2d: floating-point tensors but float64
+    in the autocast dtype (a differentiable cast: float32 parameters get float32 gradients)."""
+    eligible = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+    return t.to(dtype) if eligible else t
 
 
 def push_pull_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1, padding=0, dilation=1,
@@ -101,16 +127,34 @@ def push_pull_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     average over `avg_kernel` x `avg_kernel` windows (count_include_pad=False) when avg_kernel > 1.
     `bias` is the 2020 bias inside the ReLUs, `bias_out` the 2024 bias after them. `alpha` is a
     number or a tensor of shape [] or [C_out]. `dual_output=True` returns cat([ReLU(P), ReLU(Q')], 1).
-    The output has the input's memory format (channels_last in, channels_last out).
+    The output has the input's memory format (channels_last in, channels_last out). Under
+    torch.autocast it runs in the autocast dtype, as nn.Conv2d does. When no gradient can reach
+    `weight` (inference), the pull operands derived from it are kept until it changes.
     """
-    args, alpha_vec = normalize(input, weight, bias, bias_out, alpha, stride=stride, padding=padding,
-                                dilation=dilation, groups=groups, pull=pull, scale=scale, avg_kernel=avg_kernel,
-                                dual_output=dual_output)
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, pull=pull, scale=scale,
+                   avg_kernel=avg_kernel, dual_output=dual_output, backend=backend)
+    dtype = _autocast_dtype(input)
+    if dtype is None:
+        return _push_pull(input, weight, bias, bias_out, alpha, push_weight=weight, **options)
+    # As nn.Conv2d under autocast: cast, then run with autocast off, so that the float32 arithmetic
+    # inside the kernels is not cast down again.
+    cast = (_autocast_cast(t, dtype) for t in (input, weight, bias, bias_out, alpha))
+    with torch.autocast(input.device.type, enabled=False):
+        return _push_pull(*cast, push_weight=weight, **options)
+
+
+def _push_pull(input, weight, bias, bias_out, alpha, *, push_weight, backend, **options) -> Tensor:
+    """push_pull_conv2d on tensors of one dtype. The pull kernel / operands are derived from `push_weight`,
+    the weight before any autocast cast: in its precision (as autocast derives the pull kernel of the
+    papers' layers), and so that inference keeps them for the parameter itself."""
+    args, alpha_vec = normalize(input, weight, bias, bias_out, alpha, **options)
     chosen = resolve_backend(backend, input)
     if chosen == "reference":
-        out = push_pull_reference(input, weight, bias, bias_out, alpha_vec, args)
+        pull_weight = None if push_weight is weight else pull_kernel(push_weight, args.pull, args.scale).to(weight.dtype)
+        out = push_pull_reference(input, weight, bias, bias_out, alpha_vec, args, pull_weight)
     else:
-        out = _fused(chosen, input, weight, bias, bias_out, alpha_vec, args)
+        pull = _pull_operands(push_weight, args, weight.dtype)
+        out = _fused(chosen, input, weight, pull, bias, bias_out, alpha_vec, args)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         out = out.contiguous(memory_format=torch.channels_last)
     return out

@@ -14,10 +14,11 @@ from .options import BACKENDS, PULL_MODES
 class PushPullConv2d(nn.Module):
     """Same constructor arguments and defaults as nn.Conv2d, plus the push-pull ones.
 
-    Parameters: `weight` (the push kernel; the pull kernel is derived from it at every call and is
-    never a parameter), `bias` (the 2020 bias inside the ReLUs, like Conv2d's `bias=True`),
-    `bias_out` (the 2024 bias after the combination, when `bias_out=True`), and `alpha` when
-    `train_alpha=True` (shape [C_out]; used through a ReLU when `alpha_relu=True`, as the 2020 layer does).
+    Parameters: `weight` (the push kernel; the pull kernel is derived from it at every training call,
+    kept at inference until the weight changes, and is never a parameter), `bias` (the 2020 bias inside
+    the ReLUs, like Conv2d's `bias=True`), `bias_out` (the 2024 bias after the combination, when
+    `bias_out=True`), and `alpha` when `train_alpha=True` (shape [C_out]; used through a ReLU when
+    `alpha_relu=True`, as the 2020 layer does).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,

@@ -53,6 +53,10 @@ def _placeholder(t: Tensor) -> Tensor:
     return t.new_empty(()).expand(t.shape)
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
         (input, weight, pull_shift, pull_rows, pull_cols, bias_in, _bias_out, alpha, *options) = inputs
@@ -67,14 +71,20 @@ def _make_autograd(backward_op):
         ctx.save_for_backward(input if keep_input else None, weight if keep_weight else None, pull_shift, pull_rows,
                               pull_cols, bias_in, alpha, output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.input_channels_last = _is_channels_last(input)
 
     def backward(ctx, grad_output, _grad_masks):
         input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks = ctx.saved_tensors
         input = ctx.placeholders[0] if input is None else input
         weight = ctx.placeholders[1] if weight is None else weight
         need = [ctx.needs_input_grad[i] for i in GRAD_ARGS]
-        grads = backward_op(grad_output.contiguous(), input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha,
-                            masks, *ctx.options, need)
+        # The kernels accumulate in float32 with ATen ops, which autocast (still on if backward runs inside
+        # its context) must not cast down again.
+        with torch.autocast(grad_output.device.type, enabled=False):
+            grads = list(backward_op(grad_output.contiguous(), input, weight, pull_shift, pull_rows, pull_cols, bias_in,
+                                     alpha, masks, *ctx.options, need))
+        if ctx.input_channels_last and need[0]:  # as nn.Conv2d: the input's gradient in the input's layout
+            grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
         result = [None] * 16
         for index, wanted, grad in zip(GRAD_ARGS, need, grads):
             result[index] = grad if wanted else None

@@ -25,15 +25,19 @@ def pull_kernel(weight: torch.Tensor, pull: str, scale: float = 2.0) -> torch.Te
     raise ValueError(f"unknown pull mode {pull!r}")
 
 
-def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullArgs) -> torch.Tensor:
+def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullArgs,
+                        pull_weight=None) -> torch.Tensor:
     """y = ReLU(P) - alpha * ReLU(Q') + b_out, or cat([ReLU(P), ReLU(Q')]) for the dual output.
 
-    `alpha` is a [C_out] tensor (see options.normalize); `args` the normalized options.
+    `alpha` is a [C_out] tensor (see options.normalize); `args` the normalized options; `pull_weight`
+    the pull kernel if derived elsewhere (under autocast: from the float32 weight), else pull_kernel(weight).
     """
+    if pull_weight is None:
+        pull_weight = pull_kernel(weight, args.pull, args.scale)
     conv = dict(stride=args.stride, dilation=args.dilation, groups=args.groups)
     push = F.conv2d(input, weight, bias_in, padding=args.padding, **conv)
     pull_bias = None if bias_in is None else -bias_in
-    pull = F.conv2d(input, pull_kernel(weight, args.pull, args.scale), pull_bias,
+    pull = F.conv2d(input, pull_weight, pull_bias,
                     padding=args.pull_padding(tuple(weight.shape[2:])), **conv)
     if args.avg_kernel > 1:
         a = args.avg_kernel
