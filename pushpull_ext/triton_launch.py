@@ -45,6 +45,7 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .op_checks import check_backward, check_forward
 from . import kernels as _k  # kernels/, installed as pushpull_ext.kernels (setup.py package_dir)
 from .kernels import backward as _kb
 
@@ -216,6 +217,8 @@ BIAS_SPLIT_OVERRIDE: Optional[int] = None
 def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
             stride: list[int], padding: list[int], pull_padding: list[int], dilation: list[int], groups: int,
             avg_kernel: int, dual_output: bool, save_masks: bool) -> tuple[Tensor, Tensor]:
+    check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
+                  pull_padding, dilation, groups, avg_kernel, dual_output)
     x = input.contiguous()
     w = weight.contiguous()
     geo = _Geom(x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups)
@@ -293,6 +296,8 @@ def _pixel_split(n_tiles: int, k_pix: int, block_k: int, is_cuda: bool, device, 
 def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks,
              stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output,
              output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
+                   padding, pull_padding, dilation, groups, avg_kernel, dual_output)
     # input / weight may be shape-only placeholders (expanded 0-d tensors) when the gradients asked
     # for do not read them: make them contiguous only where they are read.
     x, w = input, weight

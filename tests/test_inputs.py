@@ -62,18 +62,27 @@ def test_backend_that_cannot_run_names_what_is_missing():
         push_pull_conv2d(x, w, backend="cuda")
 
 
-def test_direct_op_call_with_inconsistent_tensors_raises():
-    """torch.ops.pushpull.* checks shapes itself (no out-of-bounds read when called directly)."""
-    x, w = _ok("cpu")
-    alpha = torch.ones(5, dtype=x.dtype)
+def test_direct_op_call_with_inconsistent_tensors_raises(fused_backend_device):
+    """torch.ops.pushpull.* checks shapes itself (no out-of-bounds read when called directly): the C++ ops in
+    csrc/pushpull.cpp, the Triton ops in pushpull_ext/op_checks.py."""
+    backend, device = fused_backend_device
+    prefix = "triton_" if backend == "triton" else ""
+    forward, backward = (getattr(torch.ops.pushpull, prefix + name) for name in ("forward", "backward"))
+    x, w = (t.to(device) for t in _ok("cpu"))
+    geometry = ([1, 1], [1, 1], [1, 1], [1, 1], 1, 0, False)
     with pytest.raises(RuntimeError, match=r"alpha must have shape \[6\]"):
-        torch.ops.pushpull.forward(x, w, None, None, None, None, None, alpha, [1, 1], [1, 1], [1, 1], [1, 1], 1, 0,
-                                   False, False)
-    out, masks = torch.ops.pushpull.forward(x, w, None, None, None, None, None, torch.ones(6, dtype=x.dtype), [1, 1],
-                                            [1, 1], [1, 1], [1, 1], 1, 0, False, True)
+        forward(x, w, None, None, None, None, None, torch.ones(5, dtype=x.dtype, device=device), *geometry, False)
+    with pytest.raises(RuntimeError, match="do not match"):
+        forward(x, w[:, :2], None, None, None, None, None, torch.ones(6, dtype=x.dtype, device=device), *geometry, False)
+    rows = torch.ones(7, 2, dtype=x.dtype, device=device)
+    with pytest.raises(RuntimeError, match=r"pull_rows must have shape \[q, 3\]"):
+        forward(x, w, None, rows, rows, None, None, torch.ones(6, dtype=x.dtype, device=device), *geometry, False)
+    alpha = torch.ones(6, dtype=x.dtype, device=device)
+    out, masks = forward(x, w, None, None, None, None, None, alpha, *geometry, True)
     with pytest.raises(RuntimeError, match="masks must be the uint8 tensor"):
-        torch.ops.pushpull.backward(out, x, w, None, None, None, None, torch.ones(6, dtype=x.dtype), masks[:1],
-                                    [1, 1], [1, 1], [1, 1], [1, 1], 1, 0, False, [True] * 6)
+        backward(out, x, w, None, None, None, None, alpha, masks[:1], *geometry, [True] * 6)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        backward(out[:, :3], x, w, None, None, None, None, alpha, masks, *geometry, [True] * 6)
 
 
 LAYOUT_OPTIONS = [dict(pull="upsample", padding=1), dict(pull="invert", padding=1, avg_kernel=3, stride=2)]

@@ -1,0 +1,95 @@
+"""Argument checks of the Triton ops, for direct calls of torch.ops.pushpull.triton_forward / _backward.
+
+The public API (`push_pull_conv2d`, `PushPullConv2d`) checks its arguments first with friendlier
+messages (options.normalize); the C++ ops run the same checks as this module in csrc/pushpull.cpp
+(`check_forward_args`, `check_backward_args`) before any kernel reads memory. The Triton ops are
+Python, so these are their counterpart: consistent shapes, dtypes and devices, or a RuntimeError
+naming the argument — never an out-of-bounds read on the GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def _fail(message: str) -> None:
+    raise RuntimeError(f"pushpull: {message}")
+
+
+def _conv_out(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_pair(values: Sequence[int], name: str, minimum: int) -> None:
+    if len(values) != 2 or min(values) < minimum:
+        _fail(f"{name} must have 2 elements >= {minimum}, got {list(values)}")
+
+
+def _check_like_input(t: Optional[Tensor], input: Tensor, name: str, shape: Optional[tuple] = None) -> None:
+    if t is None:
+        return
+    if shape is not None and tuple(t.shape) != shape:
+        _fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.dtype != input.dtype or t.device != input.device:
+        _fail(f"{name} must have the input's dtype and device ({input.dtype}, {input.device}), "
+              f"got {t.dtype} on {t.device}")
+
+
+def check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
+                  pull_padding, dilation, groups, avg_kernel, dual_output) -> tuple[int, int]:
+    """Checks the arguments of a push-pull forward op; returns the output size (Ho, Wo)."""
+    if input.dim() != 4 or weight.dim() != 4:
+        _fail(f"input and weight must be 4-D, got {list(input.shape)} and {list(weight.shape)}")
+    if not input.dtype.is_floating_point:
+        _fail(f"input must be floating point, got {input.dtype}")
+    _check_like_input(weight, input, "weight")
+    for values, name, minimum in ((stride, "stride", 1), (dilation, "dilation", 1), (padding, "padding", 0),
+                                  (pull_padding, "pull_padding", 0)):
+        _check_pair(values, name, minimum)
+    if groups < 1:
+        _fail(f"groups must be positive, got {groups}")
+    if avg_kernel < 0 or (avg_kernel > 1 and avg_kernel % 2 == 0):
+        _fail(f"avg_kernel must be 0, 1 or odd, got {avg_kernel}")
+    if pull_shift is not None and pull_rows is not None:
+        _fail("give pull_shift or pull_rows/pull_cols, not both")
+    if (pull_rows is None) != (pull_cols is None):
+        _fail("pull_rows and pull_cols go together")
+    if dual_output and bias_out is not None:
+        _fail("bias_out cannot be used with dual_output")
+    n, c_in, h, w = input.shape
+    c_out, c_group, kh, kw = weight.shape
+    if min(c_out, kh, kw) < 1 or c_in % groups or c_out % groups or c_group * groups != c_in:
+        _fail(f"input channels {c_in}, weight {list(weight.shape)} and groups {groups} do not match")
+    out = (_conv_out(h, kh, stride[0], padding[0], dilation[0]), _conv_out(w, kw, stride[1], padding[1], dilation[1]))
+    if min(out) < 1:
+        _fail("kernel is larger than the padded input")
+    for t, name in ((pull_shift, "pull_shift"), (bias_in, "bias_in"), (bias_out, "bias_out"), (alpha, "alpha")):
+        _check_like_input(t, input, name, (c_out,))
+    if pull_rows is not None:
+        for m, k, name in ((pull_rows, kh, "pull_rows"), (pull_cols, kw, "pull_cols")):
+            if m.dim() != 2 or m.shape[1] != k or m.shape[0] < k:
+                _fail(f"{name} must have shape [q, {k}] with q >= {k}, got {list(m.shape)}")
+            _check_like_input(m, input, name)
+        pull_out = (_conv_out(h, pull_rows.shape[0], stride[0], pull_padding[0], dilation[0]),
+                    _conv_out(w, pull_cols.shape[0], stride[1], pull_padding[1], dilation[1]))
+        if pull_out != out:
+            _fail(f"pull and push responses would have different shapes ({list(pull_out)} and {list(out)})")
+    return out
+
+
+def check_backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
+                   padding, pull_padding, dilation, groups, avg_kernel, dual_output) -> None:
+    """Checks the arguments of a push-pull backward op (the forward's, grad_output and the masks)."""
+    ho, wo = check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, None, alpha, stride, padding,
+                           pull_padding, dilation, groups, avg_kernel, dual_output)
+    n, c_out = input.shape[0], weight.shape[0]
+    expected = (n, (2 if dual_output else 1) * c_out, ho, wo)
+    _check_like_input(grad_output, input, "grad_output", expected)
+    mask_shape = (2, n, (c_out + 7) // 8, ho, wo)
+    if tuple(masks.shape) != mask_shape or masks.dtype != torch.uint8:
+        _fail(f"masks must be the uint8 tensor {list(mask_shape)} saved by the forward (save_masks=True), "
+              f"got {masks.dtype} {list(masks.shape)}")
+    if masks.device != input.device:
+        _fail(f"masks must be on the input's device ({input.device}), got {masks.device}")
