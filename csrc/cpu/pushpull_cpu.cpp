@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -25,10 +26,10 @@
 namespace pushpull {
 namespace {
 
-// The per-plane loops below are compiled twice, for AVX2/FMA and for the build's baseline, and the
+// The per-plane loops below are compiled twice, for AVX2 and for the build's baseline, and the
 // loader picks one by the CPU (an ifunc); ATen's own kernels dispatch on the CPU in the same spirit.
 #if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PUSHPULL_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#define PUSHPULL_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define PUSHPULL_CPU_CLONES
 #endif
@@ -571,6 +572,42 @@ BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& 
           acc_ptr(f.shift_part), acc_ptr(f.bias_part), acc_ptr(f.alpha_part)};
 }
 
+// sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in eight interleaved partial sums: the loop vectorizes
+// and the order is fixed, so the result is deterministic.
+template <typename acc_t, typename T>
+inline acc_t lane_dot(const acc_t* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  acc_t lanes[8] = {};
+  int64_t p = 0;
+  if (b) {
+    for (; p + 8 <= n; p += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += a[p + l] * static_cast<acc_t>(b[p + l]);
+  } else {
+    for (; p + 8 <= n; p += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += a[p + l];
+  }
+  for (; p < n; ++p) lanes[0] += b ? a[p] * static_cast<acc_t>(b[p]) : a[p];
+  acc_t sum = 0;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  return sum;
+}
+
+// out[p] = scale * g[p] where the mask bit is set, else 0 (also for a NaN g: ReLU' is 0 there, as in torch).
+template <typename acc_t, typename T>
+inline void masked_gradient(const uint8_t* __restrict__ mask, uint8_t bit, const T* __restrict__ g, acc_t scale,
+                            int64_t n, acc_t* __restrict__ out) {
+  // Branch-free, so that it vectorizes: the value's bits AND all-ones (bit set) or zero (+0.0).
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  static_assert(sizeof(bits_t) == sizeof(acc_t));
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t value = scale * static_cast<acc_t>(g[p]);
+    const bits_t keep = bits_t(0) - static_cast<bits_t>((mask[p] & bit) != 0);
+    bits_t v;
+    std::memcpy(&v, &value, sizeof v);
+    v &= keep;
+    std::memcpy(&out[p], &v, sizeof v);
+  }
+}
+
 // What the backward epilogue reads besides the responses.
 template <typename scalar_t>
 struct BackwardInputs {
@@ -599,34 +636,41 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     const scalar_t* g_q = geo.dual_output ? bin.grad_out + (n * out_c + geo.out_channels + o) * plane : g_p;
     const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(bin.alpha[o]);
     if (bin.recompute_pull) {
-      const acc_t* q = scratch.q.data();
-      in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
-      acc_t s = 0;
-      for (int64_t p = 0; p < plane; ++p) s -= static_cast<acc_t>(g_p[p]) * (q[p] < acc_t(0) ? acc_t(0) : q[p]);
-      f.alpha_part[no] = s;
+      acc_t* q = scratch.q.data();
+      in.pull_response(n_in, o, q, scratch.tmp.data(), scratch.pooled.data());
+      for (int64_t p = 0; p < plane; ++p) q[p] = q[p] < acc_t(0) ? acc_t(0) : q[p];  // ReLU, NaN kept
+      f.alpha_part[no] = -lane_dot(q, g_p, plane);
     }
-    for (int64_t p = 0; p < plane; ++p) gq[p] = (mask_q[p] & bit) ? pull_scale * static_cast<acc_t>(g_q[p]) : acc_t(0);
+    acc_t* gp = scratch.q.data();
+    masked_gradient(mask_q, bit, g_q, pull_scale, plane, gq);
     if (geo.avg_kernel > 1) {
       // Adjoint of the average: divide by each output's window count, then sum over the same windows.
       divide_by_window_count(gq, geo.out_height, geo.out_width, radius);
       box_filter(gq, scratch.tmp.data(), scratch.pooled.data(), geo.out_height, geo.out_width, radius, false);
       std::copy(scratch.pooled.begin(), scratch.pooled.end(), gq);
     }
+    masked_gradient(mask_p, bit, g_p, acc_t(1), plane, gp);
     const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
     const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
-    const bool pull_through_push = geo.pull != PullKind::kSeparable;
-    scalar_t* g_push = f.grad_push0 ? f.grad_push0.plane(n_in, o) : nullptr;
-    scalar_t* g_pull = f.grad_pull0 ? f.grad_pull0.plane(n_in, o) : nullptr;
-    acc_t sum_gp = 0, sum_gq = 0, sum_gq_box = 0;
-    for (int64_t p = 0; p < plane; ++p) {
-      const acc_t gp = (mask_p[p] & bit) ? static_cast<acc_t>(g_p[p]) : acc_t(0);
-      sum_gp += gp;
-      sum_gq += gq[p];
-      if (g_push) g_push[p] = static_cast<scalar_t>(pull_through_push ? gp - gq[p] : gp);
-      if (g_pull) g_pull[p] = static_cast<scalar_t>(gq[p]);
-      if (f.grad_box) box_grad[p] += m * gq[p];
-      if (s) sum_gq_box += gq[p] * static_cast<acc_t>(s[p]);
+    // One simple loop per output, so that each vectorizes.
+    if (f.grad_push0) {
+      scalar_t* g_push = f.grad_push0.plane(n_in, o);
+      if (geo.pull != PullKind::kSeparable) {  // the pull goes through the push response (R = -P0 + ...)
+        for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p] - gq[p]);
+      } else {
+        for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p]);
+      }
     }
+    if (f.grad_pull0) {
+      scalar_t* g_pull = f.grad_pull0.plane(n_in, o);
+      for (int64_t p = 0; p < plane; ++p) g_pull[p] = static_cast<scalar_t>(gq[p]);
+    }
+    if (f.grad_box) {
+      for (int64_t p = 0; p < plane; ++p) box_grad[p] += m * gq[p];
+    }
+    const acc_t sum_gp = f.bias_part ? lane_dot(gp, static_cast<const acc_t*>(nullptr), plane) : acc_t(0);
+    const acc_t sum_gq = f.bias_part ? lane_dot(gq, static_cast<const acc_t*>(nullptr), plane) : acc_t(0);
+    const acc_t sum_gq_box = (s && f.shift_part) ? lane_dot(gq, s, plane) : acc_t(0);
     if (f.bias_part) f.bias_part[no] = sum_gp - sum_gq;
     if (f.shift_part) f.shift_part[no] = sum_gq_box;
   }
