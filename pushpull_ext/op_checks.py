@@ -81,15 +81,17 @@ def check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias
 
 def check_backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
                    padding, pull_padding, dilation, groups, avg_kernel, dual_output) -> None:
-    """Checks the arguments of a push-pull backward op (the forward's, grad_output and the masks)."""
+    """Checks the arguments of the Triton backward op (the forward's, grad_output and the masks)."""
     ho, wo = check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, None, alpha, stride, padding,
                            pull_padding, dilation, groups, avg_kernel, dual_output)
     n, c_out = input.shape[0], weight.shape[0]
     expected = (n, (2 if dual_output else 1) * c_out, ho, wo)
     _check_like_input(grad_output, input, "grad_output", expected)
     mask_shape = (2, n, (c_out + 7) // 8, ho, wo)
-    if tuple(masks.shape) != mask_shape or masks.dtype != torch.uint8:
-        _fail(f"masks must be the uint8 tensor {list(mask_shape)} saved by the forward (save_masks=True), "
+    # An empty uint8 tensor (a forward with save_masks=False) is accepted: the Triton backward then
+    # recomputes the masks.
+    if masks.dtype != torch.uint8 or (masks.numel() != 0 and tuple(masks.shape) != mask_shape):
+        _fail(f"masks must be the uint8 tensor {list(mask_shape)} saved by the forward (save_masks=True) or empty, "
               f"got {masks.dtype} {list(masks.shape)}")
     if masks.device != input.device:
         _fail(f"masks must be on the input's device ({input.device}), got {masks.device}")
