@@ -4,10 +4,14 @@
 //   invert:   R = shift[o] * S - P0, with S the per-group box sum of the input (a 1-channel conv);
 //   upsample: R = k @ z (shared weight matrix), z = separable prefilter of the input (rows, cols);
 //   scale 1:  R = -P0.
-// ATen computes P0 (and z or S) with its own convolutions; one fused pass per (image, 8 channels)
-// then does the pooling, ReLUs, alpha, biases and packs the ReLU masks 8 channels per byte.
-// Backward reads only the masks, forms the masked gradient fields in one pass, and hands them to
-// ATen's convolution_backward; a trainable alpha recomputes the pull response.
+// Upsample at stride 1 runs one image per task on a "gapped" layout (GappedPlanes) with the dense loops
+// of tap_kernels.h, by one of two routes chosen by cost: the tap path (Y = W @ x per kernel tap, then
+// shifts and separable filters per OUTPUT channel) or the input-side prefilter (per INPUT channel).
+// Strided upsample runs ImagePath (per image, panel-packed operands) or, from 32 output channels per
+// group, ATen's products on the batch; invert and negate use ATen's convolutions.
+// One fused pass per (image, 8 channels) then does the pooling, ReLUs, alpha, biases and packs the ReLU
+// masks 8 channels per byte. Backward reads only the masks, forms the masked gradient fields in one
+// pass and runs the transposed maps; a trainable alpha recomputes the pull response.
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Dispatch.h>
@@ -16,12 +20,14 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "../pushpull.h"
 #include "panel_gemm.h"
+#include "tap_kernels.h"
 
 namespace pushpull {
 namespace {
@@ -937,6 +943,485 @@ void backward_image(const ImagePath<scalar_t>& path, const scalar_t* x, int64_t 
   }
 }
 
+// ---------------------------------------------------------------- upsample at stride 1: the tap path
+
+// At stride 1 the separable pull moves to the output side. The per-tap products
+//   Y[o, t] = sum_c k[o, c, t] x[c]            (t = (i, j) a kernel tap; c over o's group)
+// are ONE matrix product, [C_out * kh * kw, C_in/groups] by the input's pixels, and give both responses
+// by shifts and separable filters of Y (rows / cols are the interpolation matrices, q = -rows k cols^T):
+//   P0[o](h, w) = sum_{i,j} Y[o,i,j](h + i dh - ph, w + j dw - pw)
+//   R[o](h, w)  = sum_{i,j,a,b} -rows[a,i] cols[b,j] Y[o,i,j](h + a dh - qh, w + b dw - qw)
+// Per pixel that is C_out * C_in/groups * kh * kw multiply-adds for BOTH responses (half of the
+// prefilter's two products, and no im2col), plus per output channel a horizontal pass (tap row i: the
+// sum over j, 2 * kh lines) and a vertical one. Backward runs the transposed maps: the masked gradient
+// fields give gY, then dW = gY @ x^T and dx = W^T @ gY.
+//
+// Layout ("gapped rows"): every plane is stored flat with row stride Ws = max(W, Wo) + G, entry (r, c) at
+// (V + r) * Ws + G + c, zero in the gaps between rows, in V margin rows above and below, and in the slack
+// at the end. G and V are the largest horizontal and vertical shifts of any pass, so a shifted read past
+// a row's end or the plane's edge reads zeros: each pass is ONE 1-D loop over the whole plane with no
+// bounds test (tap_kernels::weighted_sum), and the matrix products run over the plane's flat range.
+
+// out[e] += weight * in[e + offset] over a plane: `in` and `out` index lines of the pass's input and output.
+template <typename T>
+struct ShiftTerm {
+  int64_t in, out, offset;
+  T weight;
+};
+
+template <typename T>
+struct TermScratch {
+  std::vector<const T*> src;  // the terms of one weighted sum
+  std::vector<T> weights;
+};
+
+// The gapped layout and what both stride-1 paths do with it.
+struct GappedPlanes {
+  const Geometry& geo;
+  int64_t taps, in_per_group, out_per_group, plane;
+  int64_t dh, dw, ph, pw, qh, qw, pull_h, pull_w;
+  int64_t gap, margin, ws_stride, plane_size;  // G, V, Ws and the length of one gapped plane
+
+  GappedPlanes(const Geometry& g, const ConvArgs& c, int64_t pull_rows, int64_t pull_cols, int64_t grain)
+      : geo(g), taps(g.kernel_h * g.kernel_w), in_per_group(g.in_channels / g.groups),
+        out_per_group(g.out_channels / g.groups), plane(g.out_height * g.out_width), dh(c.dilation[0]),
+        dw(c.dilation[1]), ph(c.padding[0]), pw(c.padding[1]), qh(c.pull_padding[0]), qw(c.pull_padding[1]),
+        pull_h(pull_rows), pull_w(pull_cols) {
+    // Forward shifts reach pw / qw left and (kw - 1) dw - pw / (pull_w - 1) dw - qw right; backward the reverse.
+    gap = std::max({pw, qw, (g.kernel_w - 1) * dw - pw, (pull_w - 1) * dw - qw, int64_t(0)});
+    margin = std::max({ph, qh, (g.kernel_h - 1) * dh - ph, (pull_h - 1) * dh - qh, int64_t(0)});
+    ws_stride = std::max(g.width, g.out_width) + gap;
+    const int64_t rows_max = std::max(g.height, g.out_height);
+    plane_size = tap_kernels::round_up((2 * margin + rows_max) * ws_stride + 2 * gap, grain) + grain;
+  }
+
+  int64_t at(int64_t r, int64_t c) const { return (margin + r) * ws_stride + gap + c; }
+  // Lengths of the flat ranges from at(0, 0) over the input plane and over the output plane.
+  int64_t input_length() const { return (geo.height - 1) * ws_stride + geo.width; }
+  int64_t output_length() const { return (geo.out_height - 1) * ws_stride + geo.out_width; }
+
+  // Copies plane(s) [rows, cols] (row stride `cols`) into / out of the gapped layout.
+  template <typename T>
+  void to_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
+    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * cols, src + (r + 1) * cols, dst + at(r, 0));
+  }
+  template <typename T>
+  void from_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
+    for (int64_t r = 0; r < rows; ++r) std::copy(src + at(r, 0), src + at(r, 0) + cols, dst + r * cols);
+  }
+  template <typename T>
+  void load_input(const T* x, int64_t n, T* xg) const {
+    const int64_t in_plane = geo.height * geo.width;
+    for (int64_t c = 0; c < geo.in_channels; ++c)
+      to_gapped(x + (n * geo.in_channels + c) * in_plane, geo.height, geo.width, xg + c * plane_size);
+  }
+
+  // Line `line` of out_base (lines plane_size apart), positions [begin, begin + n), from the terms of
+  // `terms` writing it; adjoint: from the terms reading it, the shifts reversed.
+  template <typename T>
+  void apply(const std::vector<ShiftTerm<T>>& terms, int64_t line, bool adjoint, const T* in_base, T* out_base,
+             int64_t begin, int64_t n, TermScratch<T>& scratch) const {
+    scratch.src.clear(), scratch.weights.clear();
+    for (const auto& t : terms) {
+      if ((adjoint ? t.in : t.out) != line) continue;
+      const int64_t from = adjoint ? t.out : t.in;
+      scratch.src.push_back(in_base + from * plane_size + begin + (adjoint ? -t.offset : t.offset));
+      scratch.weights.push_back(t.weight);
+    }
+    tap_kernels::weighted_sum(scratch.src.data(), scratch.weights.data(), static_cast<int64_t>(scratch.src.size()), n,
+                              out_base + line * plane_size + begin);
+  }
+
+  template <typename T>
+  PlaneInputs<T> inputs(const std::vector<T>& push, const std::vector<T>& pull, const T* bias_in) const {
+    return {geo, {push.data(), 0, plane}, {pull.data(), 0, plane}, nullptr, nullptr, bias_in, plane};
+  }
+};
+
+// The interpolation matrices as doubles, [pull_h, kh] and [pull_w, kw].
+std::pair<at::Tensor, at::Tensor> interpolation_doubles(const at::Tensor& rows, const at::Tensor& cols) {
+  return {rows.contiguous().to(at::kDouble), cols.contiguous().to(at::kDouble)};
+}
+
+template <typename T>
+struct TapWorkspace {
+  std::vector<T> xg;              // the input image [C_in, plane_size], gapped
+  std::vector<T> y;               // Y of a block of output channels [block * taps, plane_size] (or gY)
+  std::vector<T> lines;           // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
+  std::vector<T> resp;            // one channel's two responses [2, plane_size]
+  std::vector<T> grad_resp;       // their gradients: written only inside the planes (the rest stays zero)
+  std::vector<T> push, pull;      // [C_out, plane]: the responses, then their gradients (as the epilogues read)
+  std::vector<T> gx;              // the input gradient [C_in, plane_size], gapped
+  std::vector<T> dw;              // a block's weight gradient [block * taps, C_in/groups]
+  std::vector<const T*> rows;     // B operand rows of a product
+  TermScratch<T> terms;
+};
+
+// Bytes of Y and the horizontal lines of one block of output channels: in L2 while the passes read them.
+constexpr int64_t kTapBlockBytes = 512 * 1024;
+
+template <typename scalar_t>
+struct TapPath : GappedPlanes {
+  using T = scalar_t;
+  const T* wstack;  // [C_out, taps, C_in/groups]: the A operand of Y
+  int64_t block;    // output channels per block
+  std::vector<ShiftTerm<T>> horizontal, vertical;
+
+  TapPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* wstack_)
+      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>), wstack(wstack_) {
+    const int64_t kh = g.kernel_h, kw = g.kernel_w;
+    const auto [r, k] = interpolation_doubles(rows, cols);
+    const double *rp = r.const_data_ptr<double>(), *kp = k.const_data_ptr<double>();
+    // Horizontal: line i (push) and kh + i (pull) of a channel from its tap rows t = i * kw + j.
+    for (int64_t i = 0; i < kh; ++i) {
+      for (int64_t j = 0; j < kw; ++j) horizontal.push_back({i * kw + j, i, j * dw - pw, T(1)});
+      for (int64_t j = 0; j < kw; ++j)
+        for (int64_t b = 0; b < pull_w; ++b)
+          if (kp[b * kw + j] != 0) horizontal.push_back({i * kw + j, kh + i, b * dw - qw, static_cast<T>(kp[b * kw + j])});
+    }
+    // Vertical: response 0 (push) and 1 (pull) from the lines, shifted by whole rows.
+    for (int64_t i = 0; i < kh; ++i) vertical.push_back({i, 0, (i * dh - ph) * ws_stride, T(1)});
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t a = 0; a < pull_h; ++a)
+        if (rp[a * kh + i] != 0) vertical.push_back({kh + i, 1, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
+    const int64_t per_channel = (taps + 2 * kh) * plane_size * static_cast<int64_t>(sizeof(T));
+    block = 8;
+    while (block > 1 && block * per_channel > kTapBlockBytes) block /= 2;
+    block = std::min(block, out_per_group);
+  }
+
+  // The flat range of the input rows and their gaps, the matrix products' pixel axis (a multiple of kGrain).
+  int64_t product_begin() const { return margin * ws_stride; }
+  int64_t product_length() const { return tap_kernels::round_up(geo.height * ws_stride + gap, tap_kernels::kGrain<T>); }
+
+  TapWorkspace<T> workspace(bool backward) const {
+    TapWorkspace<T> ws;
+    ws.xg.resize(geo.in_channels * plane_size);
+    ws.y.resize(block * taps * plane_size);
+    ws.lines.resize(block * 2 * geo.kernel_h * plane_size);
+    ws.resp.resize(2 * plane_size);
+    ws.push.resize(geo.out_channels * plane);
+    ws.pull.resize(geo.out_channels * plane);
+    if (backward) {
+      ws.grad_resp.resize(2 * plane_size);
+      ws.gx.resize(geo.in_channels * plane_size);
+      ws.dw.resize(block * taps * in_per_group);
+    }
+    return ws;
+  }
+
+  // Pointers to `count` rows of `base` (plane_size apart) at `offset`: a product's B operand.
+  const T* const* row_pointers(const T* base, int64_t count, int64_t offset, TapWorkspace<T>& ws) const {
+    ws.rows.resize(count);
+    for (int64_t k = 0; k < count; ++k) ws.rows[k] = base + k * plane_size + offset;
+    return ws.rows.data();
+  }
+
+  // P0 and R of image n (its input already in ws.xg) into ws.push / ws.pull.
+  void responses(TapWorkspace<T>& ws) const {
+    const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
+    for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
+      const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, product_begin(), ws);
+      tap_kernels::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b, product_length(),
+                        ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
+      for (int64_t ol = 0; ol < count; ++ol) {
+        const T* y = ws.y.data() + ol * taps * plane_size;
+        T* l = ws.lines.data() + ol * lines * plane_size;
+        for (int64_t line = 0; line < lines; ++line) apply(horizontal, line, false, y, l, begin, output_length_h(), ws.terms);
+        for (int64_t r = 0; r < 2; ++r) apply(vertical, r, false, static_cast<const T*>(l), ws.resp.data(), begin, output_length(), ws.terms);
+        from_gapped(ws.resp.data(), geo.out_height, geo.out_width, ws.push.data() + (o0 + ol) * plane);
+        from_gapped(ws.resp.data() + plane_size, geo.out_height, geo.out_width, ws.pull.data() + (o0 + ol) * plane);
+      }
+    });
+  }
+
+  // The horizontal lines cover the input rows at the output's columns.
+  int64_t output_length_h() const { return (geo.height - 1) * ws_stride + geo.out_width; }
+
+  // From the gradient fields in ws.push / ws.pull: the weight gradient of the image (grad_w_image,
+  // [C_out, C_in/groups * taps], added to) and its input gradient (grad_x, [C_in, H, W]).
+  void backward(const T* wt, T* grad_w_image, T* grad_x, TapWorkspace<T>& ws) const {
+    const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
+    if (grad_x) std::fill(ws.gx.begin(), ws.gx.end(), T(0));
+    for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
+      for (int64_t ol = 0; ol < count; ++ol) {
+        T* l = ws.lines.data() + ol * lines * plane_size;
+        T* gy = ws.y.data() + ol * taps * plane_size;
+        to_gapped(ws.push.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data());
+        to_gapped(ws.pull.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data() + plane_size);
+        for (int64_t line = 0; line < lines; ++line)
+          apply(vertical, line, true, static_cast<const T*>(ws.grad_resp.data()), l, begin, output_length_h(), ws.terms);
+        for (int64_t t = 0; t < taps; ++t) {
+          apply(horizontal, t, true, static_cast<const T*>(l), gy, begin, input_length(), ws.terms);
+          // The gaps must read zero in the products below (the sums above leave shifted values there).
+          for (int64_t r = 0; r + 1 < geo.height; ++r)
+            std::fill(gy + t * plane_size + at(r, geo.width), gy + t * plane_size + at(r + 1, 0), T(0));
+        }
+      }
+      const int64_t m_rows = count * taps, first = product_begin(), n = product_length();
+      if (grad_w_image) {
+        std::fill(ws.dw.begin(), ws.dw.end(), T(0));
+        const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, first, ws);
+        tap_kernels::gram(ws.y.data() + first, plane_size, m_rows, b, in_per_group, n, ws.dw.data(), in_per_group);
+        for (int64_t ol = 0; ol < count; ++ol)
+          for (int64_t c = 0; c < in_per_group; ++c)
+            for (int64_t t = 0; t < taps; ++t)
+              grad_w_image[((o0 + ol) * in_per_group + c) * taps + t] += ws.dw[(ol * taps + t) * in_per_group + c];
+      }
+      if (grad_x) {
+        const int64_t lda = out_per_group * taps;
+        const auto b = row_pointers(ws.y.data(), m_rows, first, ws);
+        tap_kernels::gemm(wt + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group, m_rows,
+                          b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size, /*accumulate=*/true);
+      }
+    });
+    if (grad_x) {
+      for (int64_t c = 0; c < geo.in_channels; ++c)
+        from_gapped(ws.gx.data() + c * plane_size, geo.height, geo.width, grad_x + c * geo.height * geo.width);
+    }
+  }
+
+  // fn(group, first output channel, count) over the blocks of output channels.
+  template <typename Fn>
+  void for_each_block(Fn fn) const {
+    for (int64_t grp = 0; grp < geo.groups; ++grp)
+      for (int64_t o0 = grp * out_per_group; o0 < (grp + 1) * out_per_group; o0 += block)
+        fn(grp, o0, std::min(block, (grp + 1) * out_per_group - o0));
+  }
+};
+
+template <typename scalar_t>
+void forward_tap_path(const TapPath<scalar_t>& path, const scalar_t* x, const scalar_t* bias_in,
+                      const ForwardOutputs<scalar_t>& out) {
+  const Geometry& geo = path.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+    auto ws = path.workspace(false);
+    PlaneScratch<scalar_t> scratch(path.plane);
+    for (int64_t n = begin; n < end; ++n) {
+      path.load_input(x, n, ws.xg.data());
+      path.responses(ws);
+      const auto in = path.inputs(ws.push, ws.pull, bias_in);
+      for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
+    }
+  });
+}
+
+// The input-side prefilter at stride 1, on the same gapped layout: z[c, t] = the separable prefilter of
+// input plane c for tap t (SPEC, "Algebra"), and one weight matrix W [C_out/groups, K], K = C_in/groups *
+// taps, times two operands whose rows are planes: P0 = W @ (x shifted by each tap), R = W @ z. Shifted
+// planes are pointers into the gapped input, so there is no im2col. The choice for few input channels
+// (the ResNet stems), where filtering each input channel is cheaper than filtering each output one.
+// Backward: dW += gP0 @ (shifted x)^T + gR @ z^T; dx = the shifts' adjoint of W^T @ gP0 plus the
+// prefilter's adjoint of W^T @ gR.
+template <typename T>
+struct PrefilterWorkspace {
+  std::vector<T> xg;          // the input image [C_in, plane_size], gapped
+  std::vector<T> z;           // its prefilter [C_in * taps, plane_size]
+  std::vector<T> lines;       // one channel's vertical pass (or its adjoint) [kh, plane_size]
+  std::vector<T> resp;        // P0 and R [2, C_out, plane_size] (their gradients, backward: zero outside the planes)
+  std::vector<T> push, pull;  // [C_out, plane]: as the epilogues read them
+  std::vector<T> grad_cols;   // W^T @ gP0 and W^T @ gR of one group [2, K, plane_size]
+  std::vector<T> line;        // one input gradient plane, gapped
+  std::vector<const T*> rows;
+  TermScratch<T> terms;
+};
+
+template <typename scalar_t>
+struct PrefilterPath : GappedPlanes {
+  using T = scalar_t;
+  const T* weight;    // [C_out, K]
+  const T* weight_t;  // per group W^T [groups, K, C_out/groups] (backward only)
+  int64_t k_size;
+  std::vector<ShiftTerm<T>> vertical, horizontal;  // input line -> kh lines -> taps lines
+  std::vector<int64_t> shift;                      // tap t's offset in the push operand
+
+  PrefilterPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* w,
+                const T* w_t)
+      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>), weight(w), weight_t(w_t),
+        k_size(in_per_group * taps) {
+    const int64_t kh = g.kernel_h, kw = g.kernel_w;
+    const auto [r, k] = interpolation_doubles(rows, cols);
+    const double *rp = r.const_data_ptr<double>(), *kp = k.const_data_ptr<double>();
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t a = 0; a < pull_h; ++a)
+        if (rp[a * kh + i] != 0) vertical.push_back({0, i, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j) {
+        shift.push_back((i * dh - ph) * ws_stride + j * dw - pw);
+        for (int64_t b = 0; b < pull_w; ++b)
+          if (kp[b * kw + j] != 0) horizontal.push_back({i, i * kw + j, b * dw - qw, static_cast<T>(kp[b * kw + j])});
+      }
+  }
+
+  int64_t product_length() const { return tap_kernels::round_up(output_length(), tap_kernels::kGrain<T>); }
+
+  PrefilterWorkspace<T> workspace(bool backward) const {
+    PrefilterWorkspace<T> ws;
+    ws.xg.resize(geo.in_channels * plane_size);
+    ws.z.resize(geo.in_channels * taps * plane_size);
+    ws.lines.resize(geo.kernel_h * plane_size);
+    ws.resp.resize(2 * geo.out_channels * plane_size);
+    ws.push.resize(geo.out_channels * plane);
+    ws.pull.resize(geo.out_channels * plane);
+    if (backward) {
+      ws.grad_cols.resize(2 * k_size * plane_size);
+      ws.line.resize(plane_size);
+    }
+    return ws;
+  }
+
+  // z of every input channel, from ws.xg. The vertical pass covers whole rows (gaps included: zeros), so
+  // that the horizontal one reads zeros past the rows' ends.
+  void prefilter(PrefilterWorkspace<T>& ws) const {
+    const int64_t rows_begin = margin * ws_stride, rows_length = geo.out_height * ws_stride;
+    for (int64_t c = 0; c < geo.in_channels; ++c) {
+      for (int64_t i = 0; i < geo.kernel_h; ++i)
+        apply(vertical, i, false, static_cast<const T*>(ws.xg.data() + c * plane_size), ws.lines.data(), rows_begin,
+              rows_length, ws.terms);
+      for (int64_t t = 0; t < taps; ++t)
+        apply(horizontal, t, false, static_cast<const T*>(ws.lines.data()), ws.z.data() + c * taps * plane_size, at(0, 0),
+              output_length(), ws.terms);
+    }
+  }
+
+  // B rows of group grp: the shifted input planes (push) or the prefiltered ones (pull), from at(0, 0).
+  const T* const* operand(int64_t grp, bool pull, PrefilterWorkspace<T>& ws) const {
+    ws.rows.resize(k_size);
+    for (int64_t k = 0; k < k_size; ++k) {
+      const int64_t c = grp * in_per_group + k / taps, t = k % taps;
+      ws.rows[k] = pull ? ws.z.data() + (c * taps + t) * plane_size + at(0, 0)
+                        : ws.xg.data() + c * plane_size + at(0, 0) + shift[t];
+    }
+    return ws.rows.data();
+  }
+
+  // P0 and R of the image in ws.xg (prefilter() done) into ws.push / ws.pull.
+  void responses(PrefilterWorkspace<T>& ws) const {
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      const T* a = weight + grp * out_per_group * k_size;
+      for (int64_t r = 0; r < 2; ++r) {
+        T* c = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + at(0, 0);
+        tap_kernels::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size, false);
+      }
+    }
+    for (int64_t o = 0; o < geo.out_channels; ++o) {
+      from_gapped(ws.resp.data() + o * plane_size, geo.out_height, geo.out_width, ws.push.data() + o * plane);
+      from_gapped(ws.resp.data() + (geo.out_channels + o) * plane_size, geo.out_height, geo.out_width,
+                  ws.pull.data() + o * plane);
+    }
+  }
+
+  // From the gradient fields in ws.push / ws.pull (ws.xg and ws.z filled when grad_w_image is wanted).
+  void backward(T* grad_w_image, T* grad_x, PrefilterWorkspace<T>& ws) const {
+    // The gradients in the gapped layout, zero outside the planes (resp may hold responses: clear it).
+    std::fill(ws.resp.begin(), ws.resp.end(), T(0));
+    for (int64_t o = 0; o < geo.out_channels; ++o) {
+      to_gapped(ws.push.data() + o * plane, geo.out_height, geo.out_width, ws.resp.data() + o * plane_size);
+      to_gapped(ws.pull.data() + o * plane, geo.out_height, geo.out_width, ws.resp.data() + (geo.out_channels + o) * plane_size);
+    }
+    const int64_t n = product_length(), begin = at(0, 0);
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      for (int64_t r = 0; r < 2; ++r) {
+        const T* g = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + begin;
+        if (grad_w_image) {
+          tap_kernels::gram(g, plane_size, out_per_group, operand(grp, r == 1, ws), k_size, n,
+                            grad_w_image + grp * out_per_group * k_size, k_size);
+        }
+        if (grad_x) {
+          ws.rows.resize(out_per_group);
+          for (int64_t o = 0; o < out_per_group; ++o) ws.rows[o] = g + o * plane_size;
+          tap_kernels::gemm(weight_t + grp * k_size * out_per_group, out_per_group, k_size, out_per_group,
+                            ws.rows.data(), n, ws.grad_cols.data() + r * k_size * plane_size + begin, plane_size, false);
+        }
+      }
+      if (grad_x) {
+        for (int64_t c = 0; c < in_per_group; ++c) input_gradient(c, grad_x + (grp * in_per_group + c) * geo.height * geo.width, ws);
+      }
+    }
+  }
+
+  // dx of input channel c of the group: the shifts' adjoint of its push rows plus the prefilter's adjoint
+  // of its pull rows, ONE weighted sum over the input plane.
+  void input_gradient(int64_t c, T* grad_x_plane, PrefilterWorkspace<T>& ws) const {
+    const T* push_rows = ws.grad_cols.data() + c * taps * plane_size;
+    const T* pull_rows = ws.grad_cols.data() + (k_size + c * taps) * plane_size;
+    const int64_t rows_begin = margin * ws_stride, rows_length = geo.out_height * ws_stride;
+    for (int64_t i = 0; i < geo.kernel_h; ++i)
+      apply(horizontal, i, true, pull_rows, ws.lines.data(), rows_begin, rows_length, ws.terms);
+    auto& src = ws.terms.src;
+    auto& w = ws.terms.weights;
+    src.clear(), w.clear();
+    const int64_t begin = at(0, 0);
+    for (int64_t t = 0; t < taps; ++t) src.push_back(push_rows + t * plane_size + begin - shift[t]), w.push_back(T(1));
+    for (const auto& term : vertical) src.push_back(ws.lines.data() + term.out * plane_size + begin - term.offset), w.push_back(term.weight);
+    tap_kernels::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(), ws.line.data() + begin);
+    from_gapped(ws.line.data(), geo.height, geo.width, grad_x_plane);
+  }
+};
+
+template <typename scalar_t>
+void forward_prefilter_path(const PrefilterPath<scalar_t>& path, const scalar_t* x, const scalar_t* bias_in,
+                            const ForwardOutputs<scalar_t>& out) {
+  const Geometry& geo = path.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+    auto ws = path.workspace(false);
+    PlaneScratch<scalar_t> scratch(path.plane);
+    for (int64_t n = begin; n < end; ++n) {
+      path.load_input(x, n, ws.xg.data());
+      path.prefilter(ws);
+      path.responses(ws);
+      const auto in = path.inputs(ws.push, ws.pull, bias_in);
+      for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
+    }
+  });
+}
+
+// Whether the tap path beats the input-side prefilter (ImagePath or the batched product): multiply-adds per
+// pixel, a filter term (an unaligned load and a multiply-add) counted as two register-tiled products.
+// The tap path filters each OUTPUT channel, the prefilter each INPUT channel and multiplies twice:
+// the ResNet stems (3 input channels) keep the prefilter, the 16- and 64-channel blocks take the tap path.
+bool tap_path_pays(const Geometry& geo, const at::Tensor& rows, const at::Tensor& cols) {
+  const int64_t kh = geo.kernel_h, taps = kh * geo.kernel_w;
+  const int64_t rows_nz = rows.ne(0).sum().item<int64_t>(), cols_nz = cols.ne(0).sum().item<int64_t>();
+  const int64_t products = geo.out_channels * (geo.in_channels / geo.groups) * taps;
+  const int64_t tap_filters = geo.out_channels * (taps + kh * cols_nz + kh + rows_nz);
+  const int64_t prefilters = geo.in_channels * (rows_nz + kh * cols_nz);
+  return products + 2 * tap_filters <= 2 * products + 2 * prefilters;
+}
+
+enum class StrideOnePath { kNone, kTaps, kPrefilter };
+
+// The upsample path at stride 1 (float and double): the tap path where it pays, else the input-side
+// prefilter on the gapped layout. PUSHPULL_CPU_TAP_PATH=always / never overrides the cost rule: the tests
+// run every stride-1 upsample case both ways.
+template <typename scalar_t>
+StrideOnePath stride_one_path(const Geometry& geo, const ConvArgs& conv, const OptTensor& rows, const OptTensor& cols) {
+  if (geo.pull != PullKind::kSeparable || conv.stride[0] != 1 || conv.stride[1] != 1) return StrideOnePath::kNone;
+  if (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) return StrideOnePath::kNone;
+  const char* choice = std::getenv("PUSHPULL_CPU_TAP_PATH");
+  const bool taps = choice && std::strcmp(choice, "always") == 0  ? true
+                    : choice && std::strcmp(choice, "never") == 0 ? false
+                                                                  : tap_path_pays(geo, *rows, *cols);
+  return taps ? StrideOnePath::kTaps : StrideOnePath::kPrefilter;
+}
+
+StrideOnePath stride_one_path(const Geometry& geo, const ConvArgs& conv, const OptTensor& rows, const OptTensor& cols,
+                              at::ScalarType dtype) {
+  if (dtype == at::kDouble) return stride_one_path<double>(geo, conv, rows, cols);
+  return dtype == at::kFloat ? stride_one_path<float>(geo, conv, rows, cols) : StrideOnePath::kNone;
+}
+
+// The A operands: W stacked by tap for Y, [C_out, taps, C_in/groups]; and per group W^T for dx,
+// [groups, C_in/groups, C_out/groups, taps].
+at::Tensor tap_stacked_weight(const at::Tensor& w) {
+  return w.reshape({w.size(0), w.size(1), -1}).transpose(1, 2).contiguous();
+}
+at::Tensor tap_transposed_weight(const at::Tensor& w, int64_t groups) {
+  return w.reshape({groups, w.size(0) / groups, w.size(1), -1}).permute({0, 2, 1, 3}).contiguous();
+}
+
 // ---------------------------------------------------------------- the ops
 
 // float16 / bfloat16 run in float32 and are rounded once at the end: the responses P0 and R then
@@ -976,7 +1461,16 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   const bool exact = geo.pull != PullKind::kNegate && !all_finite(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
     const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
-    if (!exact && image_path_runs<scalar_t>(geo)) {
+    const scalar_t* bias_ptr = b_in ? b_in->const_data_ptr<scalar_t>() : nullptr;
+    const StrideOnePath stride_one = exact ? StrideOnePath::kNone : stride_one_path<scalar_t>(geo, conv, pull_rows, pull_cols);
+    if (stride_one == StrideOnePath::kTaps) {
+      const auto wstack = tap_stacked_weight(w);
+      const TapPath<scalar_t> path(geo, conv, *pull_rows, *pull_cols, wstack.const_data_ptr<scalar_t>());
+      forward_tap_path(path, x.const_data_ptr<scalar_t>(), bias_ptr, outputs);
+    } else if (stride_one == StrideOnePath::kPrefilter) {
+      const PrefilterPath<scalar_t> path(geo, conv, *pull_rows, *pull_cols, w.const_data_ptr<scalar_t>(), nullptr);
+      forward_prefilter_path(path, x.const_data_ptr<scalar_t>(), bias_ptr, outputs);
+    } else if (!exact && image_path_runs<scalar_t>(geo)) {
       const auto rows = pull_rows->contiguous(), cols = pull_cols->contiguous();
       const ImagePath<scalar_t> path(geo, conv, rows, cols, w, /*blocked=*/true);
       forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr, outputs);
@@ -1093,6 +1587,89 @@ std::pair<at::Tensor, at::Tensor> backward_image_path(const BackwardRequest& req
   return {grad_x, grad_w};
 }
 
+// The input-side prefilter at stride 1 (see PrefilterPath).
+std::pair<at::Tensor, at::Tensor> backward_prefilter_path(const BackwardRequest& req, BackwardFields& f) {
+  const Geometry& geo = req.geo;
+  at::Tensor grad_x, grad_w, grad_w_images, weight_t;
+  if (req.need_x) {
+    grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
+    weight_t = grouped_weight(req.w, geo.groups).transpose(1, 2).contiguous();  // [groups, K, C_out/groups]
+  }
+  // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
+  if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_prefilter", [&] {
+    const PrefilterPath<scalar_t> path(geo, req.conv, *req.pull_rows, *req.pull_cols, req.w.const_data_ptr<scalar_t>(),
+                                       req.need_x ? weight_t.const_data_ptr<scalar_t>() : nullptr);
+    const auto bin = backward_inputs<scalar_t>(req);
+    const bool operands = req.need_w || req.need_alpha;
+    const scalar_t* x = operands ? req.x.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
+    auto outputs = backward_outputs<scalar_t>(geo, f);
+    at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+      auto ws = path.workspace(true);
+      PlaneScratch<scalar_t> scratch(path.plane);
+      std::vector<scalar_t> no_box;
+      auto fields = outputs;
+      fields.grad_push0 = {ws.push.data(), 0, path.plane};  // overwrites P0 channel by channel after reading it
+      fields.grad_pull0 = {ws.pull.data(), 0, path.plane};
+      for (int64_t n = begin; n < end; ++n) {
+        if (operands) path.load_input(x, n, ws.xg.data()), path.prefilter(ws);
+        if (bin.recompute_pull) path.responses(ws);
+        const auto in = path.inputs(ws.push, ws.pull, bias_in);
+        for (int64_t grp = 0; grp < geo.groups; ++grp) backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
+        if (req.need_w || req.need_x) {
+          path.backward(req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
+                        req.need_x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
+        }
+      }
+    });
+  });
+  if (req.need_w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  return {grad_x, grad_w};
+}
+
+// The upsample path at stride 1 (see TapPath).
+std::pair<at::Tensor, at::Tensor> backward_tap_path(const BackwardRequest& req, BackwardFields& f) {
+  const Geometry& geo = req.geo;
+  at::Tensor grad_x, grad_w, grad_w_images, weight_t;
+  if (req.need_x) {
+    grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
+    weight_t = tap_transposed_weight(req.w, geo.groups);
+  }
+  // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
+  if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  const auto wstack = tap_stacked_weight(req.w);
+  AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_tap", [&] {
+    const TapPath<scalar_t> path(geo, req.conv, *req.pull_rows, *req.pull_cols, wstack.const_data_ptr<scalar_t>());
+    const auto bin = backward_inputs<scalar_t>(req);
+    const bool read_x = req.need_w || req.need_alpha;
+    const scalar_t* x = read_x ? req.x.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wt = req.need_x ? weight_t.const_data_ptr<scalar_t>() : nullptr;
+    auto outputs = backward_outputs<scalar_t>(geo, f);
+    at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+      auto ws = path.workspace(true);
+      PlaneScratch<scalar_t> scratch(path.plane);
+      std::vector<scalar_t> no_box;
+      auto fields = outputs;
+      fields.grad_push0 = {ws.push.data(), 0, path.plane};  // overwrites P0 channel by channel after reading it
+      fields.grad_pull0 = {ws.pull.data(), 0, path.plane};
+      for (int64_t n = begin; n < end; ++n) {
+        if (read_x) path.load_input(x, n, ws.xg.data());
+        if (bin.recompute_pull) path.responses(ws);
+        const auto in = path.inputs(ws.push, ws.pull, bias_in);
+        for (int64_t grp = 0; grp < geo.groups; ++grp) backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
+        if (req.need_w || req.need_x) {
+          path.backward(wt, req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
+                        req.need_x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
+        }
+      }
+    });
+  });
+  if (req.need_w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  return {grad_x, grad_w};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const OptTensor& pull_shift,
     const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in, const at::Tensor& alpha,
@@ -1134,7 +1711,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, pull_rows, pull_cols,
                             need_x, need_w, need_shift, need_alpha};
   const auto none = at::empty({0}, x.options());
-  auto [grad_x, grad_w] = image_path_runs(geo, x.scalar_type()) ? backward_image_path(req, f) : backward_batched(req, f);
+  const StrideOnePath stride_one = stride_one_path(geo, conv, pull_rows, pull_cols, x.scalar_type());
+  auto [grad_x, grad_w] = stride_one == StrideOnePath::kTaps        ? backward_tap_path(req, f)
+                          : stride_one == StrideOnePath::kPrefilter ? backward_prefilter_path(req, f)
+                          : image_path_runs(geo, x.scalar_type())   ? backward_image_path(req, f)
+                                                                    : backward_batched(req, f);
   if (!need_x) grad_x = none;
   if (!need_w) grad_w = none;
   const auto reduce = [&](const at::Tensor& part, bool wanted) {

@@ -1,0 +1,106 @@
+"""The CPU kernel's upsample paths, each held to the reference wherever it can run.
+
+At stride 1 the CPU kernel picks, by a cost rule, between the tap path (Y = W @ x per kernel tap,
+then shifts and separable filters of Y per output channel) and the input-side prefilter (per-image
+panels, or one batched product from 32 output channels per group up). PUSHPULL_CPU_TAP_PATH=always /
+never overrides the rule, so every case below runs both ways. The tap path's dense loops are
+compiled for AVX-512, AVX2 and the baseline; PUSHPULL_CPU_ISA caps the one taken (per process).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cases import CASES, call, make_case
+from pushpull_ext import push_pull_conv2d
+from pushpull_ext._ext import has_cpp_kernel
+
+pytestmark = pytest.mark.skipif(not has_cpp_kernel("cpu"), reason="the C++ CPU kernel is not built")
+
+# Upsample cases of the shared grid that have stride 1, and shapes aimed at the tap path's layout:
+# rectangular kernels and images, groups, padding 0 and wider than the kernel, every output option.
+UPSAMPLE_STRIDE1 = [(name, sizes, opts) for name, sizes, opts in CASES
+                    if opts.get("pull") == "upsample" and opts.get("stride", 1) == 1 and opts.get("scale", 2.0) != 1.0]
+TAP_CASES = UPSAMPLE_STRIDE1 + [
+    ("tap-groups-rect-avg3-biases", (2, 8, 8, 7, 9, 3, 5),
+     dict(pull="upsample", groups=2, padding=(1, 2), avg_kernel=3, bias_in=True, bias_out=True, alpha="vector")),
+    ("tap-dual-cout16", (1, 8, 16, 6, 7, 3, 3), dict(pull="upsample", padding=1, dual_output=True, bias_in=True)),
+    ("tap-pad0-scale3", (2, 3, 5, 9, 8, 3, 3), dict(pull="upsample", scale=3.0, padding=0, alpha="scalar")),
+    ("tap-pad-wide-5x5", (1, 2, 3, 6, 10, 5, 5), dict(pull="upsample", padding=3, bias_out=True)),
+    ("tap-1x3-depthwise", (2, 4, 4, 5, 11, 1, 3), dict(pull="upsample", groups=4, padding=(0, 1), alpha="vector")),
+]
+TAP_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in TAP_CASES]
+PATHS = ["always", "never"]
+
+
+def _grads(backend, inputs, opts, grad_seed=1):
+    out = call(push_pull_conv2d, inputs, opts, backend=backend)
+    leaves = [t for t in inputs.values() if t.requires_grad]
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    return [out, *torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
+
+
+def _check_against_reference(sizes, opts_in, dtype, rtol):
+    inputs, opts = make_case(sizes, opts_in, dtype, "cpu")
+    ours = _grads("cpu", inputs, opts)
+    as64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    exact = _grads("reference", as64, opts)
+    names = ["output"] + [k for k, v in inputs.items() if v.requires_grad]
+    for name, a, e in zip(names, ours, exact):
+        scale = max(e.abs().max().item(), 1e-30)
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("sizes, options", TAP_PARAMS)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_upsample_path_matches_reference(monkeypatch, path, sizes, options, dtype, rtol):
+    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", path)
+    _check_against_reference(sizes, options, dtype, rtol)
+
+
+@pytest.mark.parametrize("sizes, options", TAP_PARAMS)
+def test_tap_path_gradcheck(monkeypatch, sizes, options):
+    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", "always")
+    inputs, opts = make_case(sizes, options, torch.float64, "cpu")
+    names = list(inputs)
+
+    def fn(*tensors):
+        return call(push_pull_conv2d, dict(zip(names, tensors)), opts, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+# Large enough that Y and the filter lines of a block of channels exceed the L2 budget (blocks of fewer
+# than 8 channels), and that the per-image prefilter packs several blocks of rows.
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_upsample_paths_on_a_large_image(monkeypatch, path, dtype, rtol):
+    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", path)
+    sizes = (2, 16, 12, 45, 70, 3, 3)
+    options = dict(pull="upsample", padding=1, bias_in=True, alpha="vector", avg_kernel=3)
+    _check_against_reference(sizes, options, dtype, rtol)
+
+
+_ISA_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_cpu_paths import TAP_CASES, _check_against_reference
+    for name, sizes, opts in TAP_CASES:
+        for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+            torch.manual_seed(0)
+            _check_against_reference(sizes, opts, dtype, rtol)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_tap_path_every_instruction_set(isa):
+    """The AVX2 and baseline versions of the dense loops (this machine may take AVX-512 by default)."""
+    env = dict(os.environ, PUSHPULL_CPU_ISA=isa, PUSHPULL_CPU_TAP_PATH="always")
+    script = _ISA_SCRIPT.format(tests=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
