@@ -175,28 +175,51 @@ def _interpreted() -> bool:
         triton.runtime, "interpreter") else False
 
 
+# Set by compile_check.py only: launches on CPU tensors then take the GPU configs, so that the kernels
+# can be compiled for a GPU that is not here, exactly as a GPU would launch them.
+GPU_CONFIGS_ON_CPU = False
+
+
+def _gpu_tuned(t: Tensor) -> bool:
+    """Whether launches on t use the GPU configs (the interpreter has its own, see _fwd_config)."""
+    return t.is_cuda or GPU_CONFIGS_ON_CPU
+
+
 def _allow_tf32(t: Tensor) -> bool:
-    return t.dtype == torch.float32 and t.is_cuda and bool(torch.backends.cudnn.allow_tf32)
+    return t.dtype == torch.float32 and _gpu_tuned(t) and bool(torch.backends.cudnn.allow_tf32)
 
 
-def _fwd_config(dtype, is_cuda: bool, k_total: int, c_out: int):
+# GPU tiles: checked without a GPU by compile_check.py (no spills, tensor cores on sm_80 / sm_90, shared
+# memory within the 99 KB of sm_86 / sm_89); not yet timed on a GPU. The index and pointer tiles of the
+# gathered operands cost registers per element, hence:
+# - BLOCK_K 16 for float32: each float32 product is 3 TF32 MMAs on hi / lo parts (tf32x3, TF32 off) or
+#   TF32 operands in registers; with BLOCK_K 32 the upsample kernels (two products) spilled 64-424 B;
+# - BLOCK_K 32 for 16-bit types: a [128, 64] gathered input tile spilled 528-1168 B (sm_90, bfloat16);
+#   16 in the backward with pooling, whose gQ operand gathers an a x a window per element (the input
+#   gradient of a 14 x 14 invert avg 5 layer spilled 32 B on sm_80 with 32);
+# - 8 warps, and 2 stages in backward: with 4 warps or 3-4 stages the masked-gradient operands (gathered
+#   g and mask bytes, software-pipelined through registers) spilled.
+def _block_k(dtype, pooled: bool = False) -> int:
+    return 16 if (dtype == torch.float32 or pooled) else 32
+
+
+def _fwd_config(dtype, gpu: bool, k_total: int, c_out: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward conv / epilogue kernels."""
-    if not is_cuda:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
+    if not gpu:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
         return 64, 16, 32, 4, 1
     bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
     if dtype == torch.float64:
         return 64, min(bn, 32), 16, 4, 1
-    bk = 32 if (k_total <= 32 or dtype == torch.float32) else 64
-    return 128, bn, bk, 4 if bn <= 32 else 8, 3
+    return 128, bn, _block_k(dtype), 8, 3
 
 
-def _bwd_config(dtype, is_cuda: bool, weight_kernel: bool = False):
+def _bwd_config(dtype, gpu: bool, weight_kernel: bool = False, pooled: bool = False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels."""
-    if not is_cuda:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
+    if not gpu:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:
         return 32, 32, 16, 4, 1
-    return 64, 64, 32, 4, 3
+    return 64, 64, _block_k(dtype, pooled), 8, 2
 
 
 def _num_sms(device) -> int:
@@ -248,7 +271,7 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
     mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
 
     k_total = geo.Cg * geo.TH * geo.TW
-    BM, BN, BK, nw, ns = _fwd_config(dtype, x.is_cuda, k_total, C_out)
+    BM, BN, BK, nw, ns = _fwd_config(dtype, _gpu_tuned(x), k_total, C_out)
     grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
     i0, i1, j0, j1 = geo.push_box
     ng_tile = max(min(n0 + BN, C_out) // geo.Cgo - n0 // geo.Cgo + ((min(n0 + BN, C_out)) % geo.Cgo != 0)
@@ -263,11 +286,14 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
         STRADDLE=ng_tile > 1, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
     )
     if pooled:
-        wrap_triton(_k.pp_fwd_pool_epilogue_kernel)[grid](
+        # Half the conv tile's pixels: a [128, 64] tile of 64-bit window offsets spilled 440-576 B
+        # whenever Ho * Wo is not a multiple of 16 (compile_check.py, e.g. 14 x 14 or 110 x 110).
+        pool_bm = BM // 2 if _gpu_tuned(x) else BM
+        wrap_triton(_k.pp_fwd_pool_epilogue_kernel)[(triton.cdiv(N * Ho * Wo, pool_bm), grid[1])](
             pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg,
             N, C_out, Ho, Wo, int(avg_kernel), (int(avg_kernel) - 1) // 2,
             HAS_BOUT=bias_out is not None, DUAL=bool(dual_output), SAVE_MASKS=bool(save_masks),
-            BLOCK_M=BM, BLOCK_N=BN, num_warps=4,
+            BLOCK_M=pool_bm, BLOCK_N=BN, num_warps=nw,
         )
     return y, masks
 
@@ -280,12 +306,12 @@ def _channel_sum(t: Tensor, acc_dtype) -> Tensor:
     return t.sum(dim=(0, 2, 3), dtype=acc_dtype)
 
 
-def _pixel_split(n_tiles: int, k_pix: int, block_k: int, is_cuda: bool, device, override: Optional[int]) -> int:
+def _pixel_split(n_tiles: int, k_pix: int, block_k: int, gpu: bool, device, override: Optional[int]) -> int:
     """Deterministic split factor of a reduction over pixels (weight gradient, bias gradient):
     enough programs to fill the GPU, each writing its own partial buffer."""
     if override is not None:
         return max(1, min(int(override), triton.cdiv(k_pix, block_k)))
-    if not is_cuda:
+    if not gpu:
         return 1
     target = 2 * _num_sms(device)
     split = triton.cdiv(target, max(n_tiles, 1))
@@ -341,22 +367,22 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
 
     # 1. bias_in gradient: sum_p gP - sum_p gQ per channel, one reduction over g and the masks.
     if want[3]:
-        BM, BN, _, _, _ = _fwd_config(dtype, x.is_cuda, 0, C_out)
+        BM, BN, _, nw, _ = _fwd_config(dtype, _gpu_tuned(x), 0, C_out)
         p_total = N * Ho * Wo
         n_c_tiles = triton.cdiv(C_out, BN)
-        split = _pixel_split(n_c_tiles, p_total, BM, x.is_cuda, dev, BIAS_SPLIT_OVERRIDE)
+        split = _pixel_split(n_c_tiles, p_total, BM, _gpu_tuned(x), dev, BIAS_SPLIT_OVERRIDE)
         pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BM) * BM
         split = triton.cdiv(p_total, pix_per_split)
         part = torch.empty((split, C_out), dtype=acc_dtype, device=dev)
         wrap_triton(_kb.pp_bwd_bias_kernel)[(n_c_tiles, split)](
             g, masks, alpha_v, part, N, C_out, Ho, Wo, pix_per_split,
-            DUAL=bool(dual_output), IS_FP64=is_fp64, BLOCK_M=BM, BLOCK_N=BN, num_warps=4,
+            DUAL=bool(dual_output), IS_FP64=is_fp64, BLOCK_M=BM, BLOCK_N=BN, num_warps=nw,
         )
         out[3] = part.sum(0).to(dtype)
 
     i0, i1, j0, j1 = geo.push_box
     win = (geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1], geo.TH, geo.TW)
-    BM, BN, BK, nw, ns = _bwd_config(dtype, x.is_cuda)
+    BM, BN, BK, nw, ns = _bwd_config(dtype, _gpu_tuned(x), pooled=pooled)
 
     # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
     if want[0]:
@@ -380,13 +406,13 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
 
     # 3. Weight gradient (and, for invert, the pull_shift gradient).
     if want[1] or want[2]:
-        BM, BN, BK, nw, ns = _bwd_config(dtype, x.is_cuda, weight_kernel=True)
+        BM, BN, BK, nw, ns = _bwd_config(dtype, _gpu_tuned(x), weight_kernel=True, pooled=pooled)
         x = x.contiguous()
         k_total = geo.TH * geo.TW * Cg
         n_o_tiles = triton.cdiv(Cgo, BM)
         n_r_tiles = triton.cdiv(k_total, BN)
         p_total = N * Ho * Wo
-        split = _pixel_split(G * n_o_tiles * n_r_tiles, p_total, BK, x.is_cuda, dev, WEIGHT_SPLIT_OVERRIDE)
+        split = _pixel_split(G * n_o_tiles * n_r_tiles, p_total, BK, _gpu_tuned(x), dev, WEIGHT_SPLIT_OVERRIDE)
         pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
         split = triton.cdiv(p_total, pix_per_split)
         need_w = bool(want[1])

@@ -1,0 +1,282 @@
+"""Compile the Triton kernels for GPUs that are not here, and read what each compiled kernel uses.
+
+    python -m pushpull_ext.compile_check [--arch 80 86 90] [--dtypes float32 ...] [--json FILE]
+
+No GPU is needed: Triton compiles for a named target (sm_80, sm_86, sm_90) down to machine code with
+the ptxas it ships, and `cuobjdump` (also shipped with Triton) reads the machine code back. The
+kernels compiled are exactly those the launcher (triton_launch.py) would launch on a GPU: every SPEC
+shape (pushpull_ext/shapes.py; batch 16, see spec_launches) runs through `push_pull_conv2d(..., backend="triton")` on
+CPU tensors, training (forward, then every gradient the layer needs) and inference, with the GPU
+configs, and each launch compiles its kernel instead of running it (`JITFunction.warmup`).
+`--shapes` adds any layer (e.g. 2,64,64,14,14,3,1,1,invert,5: Ho * Wo not a multiple of 16 compiles
+other code; it made the pooling epilogue spill until its tile was halved).
+
+Checked per compiled kernel, against the smallest GPU of each target:
+- problems (a launch would fail): it does not compile (what the interpreter, which the CPU tests
+  use, cannot tell); its shared memory exceeds one block's on that GPU: 99 KB for sm_86 / sm_89
+  (RTX 30xx / 40xx, L4), 163 KB for sm_80 (A100), 227 KB for sm_90 (H100 / H200), where a launch
+  raises OutOfResources;
+- warnings (it runs, slowly): register spills (`cuobjdump -res-usage`: STACK + LOCAL) at the 255
+  register cap or of more than 64 B (ptxas spills a few bytes by choice, for occupancy); matrix
+  products off the tensor cores (no HGMMA (Hopper), HMMA or DMMA (float64, sm_80 / sm_90 only) in
+  the SASS).
+Registers per thread are reported, not judged. Exit status: the number of kernels with a problem,
+or with a warning on the targets the benchmarks are for (TARGET_ARCHS: A100 and H100).
+
+Under TRITON_INTERPRET=1 the kernels are not compiled at all, so this refuses to run there.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional
+from unittest import mock
+
+# Largest shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), per target.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+MMA_INSTRUCTIONS = ("HGMMA", "HMMA", "DMMA")
+TARGET_ARCHS = (80, 90)  # warnings count as failures here
+
+
+@dataclass
+class CompiledKernel:
+    """One specialization of one kernel, compiled for one target, and what its machine code uses."""
+
+    arch: int
+    kernel: str
+    launch: str  # the first launch that compiled it (SPEC shape, dtype)
+    constexprs: dict
+    dtypes: str
+    num_warps: int
+    num_stages: int
+    shared: int
+    binary_hash: str
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None  # STACK + LOCAL of cuobjdump -res-usage
+    mma: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)  # a launch would fail
+    warnings: list = field(default_factory=list)  # it runs, slower than it should
+
+    def judge(self) -> None:
+        limit = SHARED_LIMIT.get(self.arch)
+        if limit is not None and self.shared > limit:
+            self.problems.append(f"shared memory {self.shared} B > {limit} B, the most one block gets on sm_{self.arch}")
+        # ptxas itself trades a few spilled bytes for occupancy (e.g. 128 registers and 8 B of spills);
+        # spills at the 255-register cap, or many, mean the tile does not fit the registers.
+        if self.spill_bytes and (self.spill_bytes > 64 or (self.registers or 0) >= 255):
+            self.warnings.append(f"spills {self.spill_bytes} B to local memory at {self.registers} registers")
+        if self.expects_tensor_cores and self.mma is not None and not any(self.mma.values()):
+            self.warnings.append("no tensor-core instruction (HGMMA/HMMA/DMMA) in the machine code")
+
+    @property
+    def expects_tensor_cores(self) -> bool:
+        """The GEMM kernels (the pooling epilogue and the bias reduction have no tl.dot), except in
+        float64 on the GPUs without float64 tensor cores (all but sm_80 and sm_90)."""
+        gemm = self.kernel in ("pp_fwd_conv_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel")
+        return gemm and (not self.constexprs.get("IS_FP64") or self.arch in (80, 90))
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: names the target, owns no device. Compiling needs only this."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        # The key of the JIT's per-device caches: one of its own per target, apart from any real GPU's.
+        return f"compile_check-sm_{self.target.arch}"
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def _cuobjdump() -> Optional[str]:
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def _machine_code_figures(cubin: bytes, tool: Optional[str]) -> tuple:
+    """(registers, spill bytes, {MMA instruction: count}) of a cubin; Nones without cuobjdump."""
+    if tool is None:
+        return None, None, None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict((k, int(v)) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    mma = {name: len(re.findall(rf"\b{name}\b", sass)) for name in MMA_INSTRUCTIONS}
+    return fields.get("REG"), fields.get("STACK", 0) + fields.get("LOCAL", 0), mma
+
+
+class _CompileOnly:
+    """What `wrap_triton(kernel)` returns while compiling: kernel[grid](...) compiles, runs nothing."""
+
+    label = ""  # the launch being run (set by compile_all)
+
+    def __init__(self, kernel, compiled: list):
+        self.kernel, self.compiled = kernel, compiled
+
+    def __getitem__(self, grid):
+        def compile_launch(*args, **kwargs):
+            binary = self.kernel.warmup(*args, grid=grid, **kwargs)
+            constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
+            dtypes = ",".join(sorted({str(a.dtype).replace("torch.", "") for a in args if hasattr(a, "dtype")}))
+            self.compiled.append((self.kernel.__name__, _CompileOnly.label, constexprs, dtypes, binary))
+        return compile_launch
+
+
+@contextlib.contextmanager
+def compiling_for(arch: int):
+    """Within: Triton targets sm_<arch>, and the Triton backend on CPU tensors compiles what a GPU
+    would launch (GPU configs) without running it. Yields the list of (name, constexprs, dtypes,
+    binary) compiled so far."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
+    from triton.runtime import driver
+    from . import functional, triton_launch
+
+    compiled: list = []
+    previous = getattr(driver, "_active", None)  # None until a driver was asked for (reset_active needs a GPU)
+    driver.set_active(_TargetDriver(arch))
+    try:
+        with mock.patch.object(triton_launch, "GPU_CONFIGS_ON_CPU", True), \
+                mock.patch.object(triton_launch, "wrap_triton", lambda k: _CompileOnly(k, compiled)), \
+                mock.patch.object(functional, "_triton_problem", lambda input: None):
+            yield compiled
+    finally:
+        driver.set_active(previous) if previous is not None else setattr(driver, "_active", None)
+
+
+def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
+                  batch: int = 16) -> list[tuple[str, Callable[[], None]]]:
+    """(label, call) per SPEC shape (or `shapes`: names, or cases for shapes.parse_case) and dtype:
+    a training step (forward, then torch.autograd.grad of every tensor the layer trains) and an
+    inference forward, through the public function. Tensors are empty (nothing runs).
+
+    The batch (default 16) enters the kernels only as the integer N, and Triton specializes integer
+    arguments only on divisibility by 16 and equality to 1: a batch of 16 compiles exactly what the
+    SPEC's 128 and 256 do, in a fraction of the memory; a batch of 1 compiles other code."""
+    import torch
+    from .functional import push_pull_conv2d
+    from .shapes import CASES, case_by_name, make_inputs, parse_case
+
+    def step(case, dtype):
+        def run():
+            inputs = make_inputs(case, batch=1, dtype=dtype)
+            t = {k: (torch.empty((batch, *v.shape[1:]), dtype=dtype).requires_grad_(v.requires_grad)
+                     if k == "input" else v) for k, v in inputs.tensors.items()}
+            args = dict(bias_out=t["bias_out"], alpha=t["alpha"], backend="triton", **case.options())
+            y = push_pull_conv2d(t["input"], t["weight"], t["bias"], **args)
+            wants = [v for v in t.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+            torch.autograd.grad(y, wants, torch.empty_like(y))
+            with torch.inference_mode():
+                push_pull_conv2d(t["input"], t["weight"], t["bias"], **args)
+        return run
+
+    cases = CASES if shapes is None else [case_by_name(name) if name in {c.name for c in CASES} else parse_case(name)
+                                          for name in shapes]
+    return [(f"{case.name} N={batch} {str(dtype).replace('torch.', '')}", step(case, dtype))
+            for case in cases for dtype in dtypes]
+
+
+def compile_all(archs: Iterable[int], launches: list, tf32: bool = True, progress=None) -> list[CompiledKernel]:
+    """Run every launch for every arch; one CompiledKernel per distinct compiled specialization."""
+    import torch
+
+    tool = _cuobjdump()
+    results = []
+    old_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        for arch in archs:
+            seen = set()
+            with compiling_for(arch) as compiled:
+                for label, run in launches:
+                    if progress:
+                        progress(f"sm_{arch}: {label}")
+                    _CompileOnly.label = label
+                    run()
+            for name, label, constexprs, dtypes, binary in compiled:
+                if binary.hash in seen:
+                    continue
+                seen.add(binary.hash)
+                registers, spills, mma = _machine_code_figures(binary.asm["cubin"], tool)
+                meta = binary.metadata
+                kernel = CompiledKernel(arch, name, label, constexprs, dtypes, meta.num_warps, meta.num_stages, meta.shared,
+                                        binary.hash, registers, spills, mma)
+                kernel.judge()
+                results.append(kernel)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old_tf32
+    return results
+
+
+def failures(results: list[CompiledKernel]) -> list[CompiledKernel]:
+    """The kernels with a problem, or with a warning on a target architecture."""
+    return [r for r in results if r.problems or (r.warnings and r.arch in TARGET_ARCHS)]
+
+
+def _flags(constexprs: dict) -> str:
+    mode = {0: "scale1", 1: "invert", 2: "upsample"}.get(constexprs.get("MODE"), "-")
+    on = [k.lower() for k, v in constexprs.items() if v is True and k not in ("IS_FP64",)]
+    tile = "x".join(str(constexprs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in constexprs)
+    return f"{mode} {tile} {' '.join(on)}"
+
+
+def format_table(results: list[CompiledKernel]) -> str:
+    lines = [f"{'arch':5} {'kernel':28} {'first launched by':28} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} "
+             f"{'smem KB':>7} {'mma':12} flags / problems"]
+    for r in results:
+        mma = ",".join(f"{k}:{v}" for k, v in (r.mma or {}).items() if v) or "-"
+        lines.append(f"sm_{r.arch:<2} {r.kernel:28} {r.launch[:28]:28} {r.num_warps:5} {r.num_stages:6} "
+                     f"{r.registers if r.registers is not None else '?':>4} "
+                     f"{r.spill_bytes if r.spill_bytes is not None else '?':>5} {r.shared / 1024:7.1f} {mma:12} "
+                     f"{_flags(r.constexprs)}{'  PROBLEM: ' + '; '.join(r.problems) if r.problems else ''}"
+                     f"{'  WARNING: ' + '; '.join(r.warnings) if r.warnings else ''}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90], help="compute capabilities x10")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("--shapes", nargs="+", help="SPEC shapes by name (default: all), or cases as "
+                        "N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg] (python -m pushpull_ext.bench --help)")
+    parser.add_argument("--batch", type=int, default=16, help="batch of every shape (default 16: compiles what "
+                        "the SPEC's batches do, see spec_launches)")
+    parser.add_argument("--no-tf32", action="store_true", help="float32 without TF32 (the benchmark's setting)")
+    parser.add_argument("--json", help="write every compiled kernel's figures here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    import torch
+
+    launches = spec_launches([getattr(torch, d) for d in args.dtypes], args.shapes, args.batch)
+    progress = None if args.quiet else (lambda text: print(f"compiling: {text}", file=sys.stderr, flush=True))
+    results = compile_all(args.arch, launches, tf32=not args.no_tf32, progress=progress)
+    print(format_table(results))
+    bad = failures(results)
+    print(f"{len(results)} kernels compiled for {', '.join(f'sm_{a}' for a in args.arch)}; "
+          f"{sum(bool(r.problems) for r in results)} with a problem, {sum(bool(r.warnings) for r in results)} with a "
+          f"warning; {len(bad)} failed (a problem, or a warning on {', '.join(f'sm_{a}' for a in TARGET_ARCHS)})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1, default=str)
+    return len(bad)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The Triton kernels compile for real GPUs, here without one (pushpull_ext/compile_check.py).
+
+The other CPU tests run the kernels through the Triton interpreter, which never compiles them: a
+kernel the interpreter runs can still fail to compile, need more shared memory than a GPU has, spill
+registers or miss the tensor cores. Here every kernel the launcher would launch on a GPU is compiled
+to machine code and read back with cuobjdump, for
+- the SPEC shapes, and a few layers whose sizes compile other code (EXTRA_SHAPES), in float32 (TF32
+  on and off), bfloat16 and float64, training and inference, for sm_80 (A100) and sm_90 (H100):
+  no problem, no warning (spills, products off the tensor cores); and for sm_86 (RTX 30xx: the least
+  shared memory per block) in float32 and bfloat16: every kernel fits;
+- the agreement tests' option grid (tests/cases.py) in float32 and bfloat16, for sm_90: every option
+  combination compiles and fits.
+Each target compiles in a process of its own without TRITON_INTERPRET (this process has it set);
+the processes run side by side.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pushpull_ext._ext import TRITON_ERROR
+
+ARCHS = {80: ("spec",), 86: ("smem",), 90: ("spec", "grid")}
+# Ho * Wo not a multiple of 16 (Triton then cannot assume aligned rows), a batch of 1, a 56 x 56 block.
+EXTRA_SHAPES = ["2,64,64,14,14,3,1,1,invert,5", "2,3,64,220,220,7,2,3,invert,3", "2,64,64,56,56,3,1,1,upsample",
+                "1,16,16,7,7,3,1,1,upsample"]
+KERNELS = {"pp_fwd_conv_kernel", "pp_fwd_pool_epilogue_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel",
+           "pp_bwd_bias_kernel"}
+
+pytestmark = pytest.mark.skipif(TRITON_ERROR is not None, reason=f"Triton is missing: {TRITON_ERROR}")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """{arch: [CompiledKernel as dict, each with "set": "spec" or "grid"]}, or the failure's output."""
+    out = tmp_path_factory.mktemp("compile_check")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    jobs = [(arch, which) for arch, sets in ARCHS.items() for which in sets]  # one process each, side by side
+    children = {job: subprocess.Popen([sys.executable, __file__, str(job[0]), str(out / f"{job[0]}-{job[1]}.json"),
+                                       job[1]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for job in jobs}
+    results = {arch: [] for arch in ARCHS}
+    for (arch, which), child in children.items():
+        output, _ = child.communicate(timeout=1800)
+        if child.returncode != 0:
+            results[arch] = f"{which}: exit {child.returncode}:\n{output[-6000:]}"
+        elif not isinstance(results[arch], str):
+            results[arch] += json.loads((out / f"{arch}-{which}.json").read_text())
+    return results
+
+
+def _kernels(compiled, arch):
+    result = compiled[arch]
+    if isinstance(result, str):
+        pytest.fail(f"compiling for sm_{arch} failed: {result}")
+    return result
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_launched_kernel_compiles_and_fits(compiled, arch):
+    kernels = _kernels(compiled, arch)
+    assert {k["kernel"] for k in kernels} == KERNELS
+    for which in ARCHS[arch]:
+        which = "spec" if which == "smem" else which
+        assert len([k for k in kernels if k["set"] == which]) >= 20, f"too few {which} kernels compiled"
+    problems = [f"{k['kernel']} ({k['launch']}): {k['problems']}" for k in kernels if k["problems"]]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_spec_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, arch):
+    kernels = [k for k in _kernels(compiled, arch) if k["set"] == "spec"]
+    assert all(k["registers"] is not None for k in kernels), "cuobjdump did not report the registers"
+    assert any(k["mma"].get("HGMMA" if arch == 90 else "HMMA") for k in kernels)
+    warnings = [f"{k['kernel']} ({k['launch']}, {k['constexprs']}): {k['warnings']}" for k in kernels if k["warnings"]]
+    assert not warnings, "\n".join(warnings)
+
+
+# ---------------------------------------------------------------- the child: python this_file ARCH OUT SETS...
+def _grid_launches(dtypes):
+    """(label, call) per case of tests/cases.py and dtype: forward, every gradient, inference forward."""
+    import torch
+    from cases import CASES, call, make_case
+    from pushpull_ext import push_pull_conv2d
+
+    def step(sizes, options, dtype):
+        def run():
+            inputs, opts = make_case(sizes, options, dtype, "cpu")
+            y = call(push_pull_conv2d, inputs, opts, backend="triton")
+            torch.autograd.grad(y, list(inputs.values()), torch.ones_like(y))
+            with torch.inference_mode():
+                call(push_pull_conv2d, inputs, opts, backend="triton")
+        return run
+
+    return [(f"{name} {str(dtype).replace('torch.', '')}", step(sizes, options, dtype))
+            for name, sizes, options in CASES for dtype in dtypes]
+
+
+def _child(arch, out_path, sets):
+    from dataclasses import asdict
+
+    import torch
+    from pushpull_ext import compile_check
+    from pushpull_ext.shapes import CASES
+
+    runs = []  # (set, launches, tf32)
+    shapes = [case.name for case in CASES] + EXTRA_SHAPES
+    if "smem" in sets:  # the shared memory limit only: the largest tiles (float32, 16-bit types)
+        runs.append(("spec", compile_check.spec_launches([torch.float32, torch.bfloat16], shapes), False))
+    if "spec" in sets:
+        runs.append(("spec", compile_check.spec_launches([torch.float32, torch.bfloat16, torch.float64], shapes), True))
+        runs.append(("spec", compile_check.spec_launches([torch.float32], shapes), False))
+    if "grid" in sets:
+        runs.append(("grid", _grid_launches([torch.float32, torch.bfloat16]), True))
+    kernels = {}  # by binary: a later run may launch a kernel an earlier one compiled
+    for which, launches, tf32 in runs:
+        for kernel in compile_check.compile_all([arch], launches, tf32=tf32):
+            kernels.setdefault(kernel.binary_hash, dict(asdict(kernel), set=which))
+    with open(out_path, "w") as f:
+        json.dump(list(kernels.values()), f, default=str)
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
