@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
 
 
+def _commit_date(path: Path) -> str:
+    """Date of the commit that added `path` (results written before bench.py recorded the date); today if
+    it is not committed yet."""
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out or datetime.date.today().isoformat()
+
+
 def _table(result: dict, folder: Path) -> list[str]:
     env, settings = result["environment"], result["settings"]
-    stamp = datetime.datetime.fromtimestamp((folder / "results.json").stat().st_mtime, datetime.timezone.utc)
-    date = env.get("date") or stamp.date().isoformat()
+    date = (env.get("date") or _commit_date(folder / "results.json"))[:10]
     lines = [
         f"### {env.get('device_name', env['device'])} ({env['device']}, {settings.get('threads')} threads) — "
         f"`{folder.relative_to(ROOT)}`",
@@ -48,7 +59,7 @@ def _table(result: dict, folder: Path) -> list[str]:
 
 def render() -> str:
     sections = []
-    for path in sorted((ROOT / "benchmarks" / "results").glob("*/results.json")):
+    for path in sorted((ROOT / "benchmarks" / "results").glob("**/results.json")):
         sections += _table(json.loads(path.read_text()), path.parent)
     if not sections:
         sections = ["No committed benchmark results yet.", ""]

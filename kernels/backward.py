@@ -36,7 +36,7 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, mma
+from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, mma_grad_operand
 
 
 @triton.jit
@@ -145,15 +145,15 @@ def pp_bwd_input_kernel(
                        DUAL, POOLED, ACC)
         if MODE == MODE_UPSAMPLE:
             wq = tl.load(wq_ptr + w_off, mask=w_mask, other=0.0)
-            acc = mma(gq.to(w_ty), wq, acc, IS_FP64, ALLOW_TF32)
+            acc = mma_grad_operand(gq.to(w_ty), wq, acc, IS_FP64, ALLOW_TF32)
             if any_push_tap(r, K_TOTAL, CGO, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
                 gp = grad_push(g_ptr, mask_ptr, n_col, o, ho * WO + wo, a_mask, C_OUT, HO * WO, DUAL, ACC)
                 wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
-                acc = mma(gp.to(w_ty), wp, acc, IS_FP64, ALLOW_TF32)
+                acc = mma_grad_operand(gp.to(w_ty), wp, acc, IS_FP64, ALLOW_TF32)
         else:
             gp = grad_push(g_ptr, mask_ptr, n_col, o, ho * WO + wo, a_mask, C_OUT, HO * WO, DUAL, ACC)
             wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
-            acc = mma((gp - gq).to(w_ty), wp, acc, IS_FP64, ALLOW_TF32)
+            acc = mma_grad_operand((gp - gq).to(w_ty), wp, acc, IS_FP64, ALLOW_TF32)
             if MODE == MODE_INVERT:
                 # Box-sum adjoint: every input channel of the group gets sum_{tap, o} shift[o] * gQ.
                 sh = tl.load(shift_ptr + o, mask=r_valid[None, :], other=0.0).to(ACC)
@@ -227,14 +227,14 @@ def pp_bwd_weight_kernel(
         gq = grad_pull(g_ptr, mask_ptr, alpha_ptr, n_row, o_row, ho[None, :], wo[None, :], f_mask,
                        N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC)
         if MODE == MODE_UPSAMPLE:
-            acc2 = mma(gq.to(x_ty), xt, acc2, IS_FP64, ALLOW_TF32)
+            acc2 = mma_grad_operand(gq.to(x_ty), xt, acc2, IS_FP64, ALLOW_TF32)
             if has_push:
                 gp = grad_push(g_ptr, mask_ptr, n_row, o_row, pix[None, :], f_mask, C_OUT, HOWO, DUAL, ACC)
-                acc1 = mma(gp.to(x_ty), xt, acc1, IS_FP64, ALLOW_TF32)
+                acc1 = mma_grad_operand(gp.to(x_ty), xt, acc1, IS_FP64, ALLOW_TF32)
         else:
             if NEED_W:
                 gp = grad_push(g_ptr, mask_ptr, n_row, o_row, pix[None, :], f_mask, C_OUT, HOWO, DUAL, ACC)
-                acc1 = mma((gp - gq).to(x_ty), xt, acc1, IS_FP64, ALLOW_TF32)
+                acc1 = mma_grad_operand((gp - gq).to(x_ty), xt, acc1, IS_FP64, ALLOW_TF32)
             if MODE == MODE_INVERT:
                 xs = tl.sum(xt.to(ACC), axis=1)
                 acc_s += tl.sum(gq * xs[None, :], axis=1)

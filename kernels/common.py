@@ -28,6 +28,19 @@ def mma(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
 
 
 @triton.jit
+def mma_grad_operand(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """mma for the backward kernels, whose `a` is a masked gradient formed by elementwise ops (gP - gQ,
+    -alpha[o] * gQ'). float64 runs on the CUDA cores (products broadcast over an [M, K, N] tile, summed
+    over K): Triton 3.6 moves those elementwise ops into the float64 MMA operand layout, which it then
+    cannot lower (ConvertTritonGPUToLLVM fails; found by compile_check.py). Keep K small for float64."""
+    if IS_FP64:
+        out = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        out = mma(a, b, acc, IS_FP64, ALLOW_TF32)
+    return out
+
+
+@triton.jit
 def push_taps(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
     """Which entries of the tap-major reduction index r = tap * RED_INNER + inner are push kernel
     taps (rectangle [PUSH_I0, PUSH_I1] x [PUSH_J0, PUSH_J1] of the tap window)."""

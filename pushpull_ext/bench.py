@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import functools
 import json
 import math
@@ -532,17 +533,19 @@ def write_plots(out_dir: Path, rows: list, modes: list) -> None:
 # ---------------------------------------------------------------- environment
 
 def git_commit() -> str:
+    """HEAD of the checkout; else $PUSHPULL_GIT_COMMIT (a copy of the tree without .git, e.g. on a lent
+    GPU machine, names its commit so); else "unknown"."""
     try:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("PUSHPULL_GIT_COMMIT", "unknown")
 
 
 def environment(device: str) -> dict:
     info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-            "git_commit": git_commit(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+            "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(), "cpu_count": os.cpu_count()}
     try:
         import triton
         info["triton"] = triton.__version__

@@ -78,10 +78,12 @@ class CompiledKernel:
 
     @property
     def expects_tensor_cores(self) -> bool:
-        """The GEMM kernels (the pooling epilogue and the bias reduction have no tl.dot), except in
-        float64 on the GPUs without float64 tensor cores (all but sm_80 and sm_90)."""
-        gemm = self.kernel in ("pp_fwd_conv_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel")
-        return gemm and (not self.constexprs.get("IS_FP64") or self.arch in (80, 90))
+        """The GEMM kernels (the pooling epilogue and the bias reduction have no tl.dot). In float64 only
+        the forward, and only on the GPUs with float64 tensor cores (sm_80, sm_90): the backward's
+        float64 products run on the CUDA cores (kernels/common.py: mma_grad_operand)."""
+        if self.constexprs.get("IS_FP64"):
+            return self.kernel == "pp_fwd_conv_kernel" and self.arch in (80, 90)
+        return self.kernel in ("pp_fwd_conv_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel")
 
 
 class _TargetDriver:

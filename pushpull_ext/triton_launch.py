@@ -203,11 +203,14 @@ def _block_k(dtype, pooled: bool = False) -> int:
     return 16 if (dtype == torch.float32 or pooled) else 32
 
 
-def _fwd_config(dtype, gpu: bool, k_total: int, c_out: int):
+def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward conv / epilogue kernels."""
     if not gpu:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
         return 64, 16, 32, 4, 1
     bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
+    # A channel tile no wider than a group where groups allow it: a tile straddling two groups keeps a
+    # second set of accumulators (upsample with 2 groups of 32 spilled 104 B with Triton 3.6).
+    bn = min(bn, max(16, triton.next_power_of_2(c_out_per_group)))
     if dtype == torch.float64:
         return 64, min(bn, 32), 16, 4, 1
     return 128, bn, _block_k(dtype), 8, 3
@@ -217,8 +220,8 @@ def _bwd_config(dtype, gpu: bool, weight_kernel: bool = False, pooled: bool = Fa
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels."""
     if not gpu:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
-    if dtype == torch.float64:
-        return 32, 32, 16, 4, 1
+    if dtype == torch.float64:  # float64 products on the CUDA cores here (kernels/common.py: mma_grad_operand)
+        return 32, 32, 8, 4, 1
     return 64, 64, _block_k(dtype, pooled), 8, 2
 
 
@@ -270,8 +273,7 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
         pbuf, qbuf = x.new_empty(1, dtype=acc_dtype), x.new_empty(1, dtype=acc_dtype)
     mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
 
-    k_total = geo.Cg * geo.TH * geo.TW
-    BM, BN, BK, nw, ns = _fwd_config(dtype, _gpu_tuned(x), k_total, C_out)
+    BM, BN, BK, nw, ns = _fwd_config(dtype, _gpu_tuned(x), C_out, geo.Cgo)
     grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
     i0, i1, j0, j1 = geo.push_box
     ng_tile = max(min(n0 + BN, C_out) // geo.Cgo - n0 // geo.Cgo + ((min(n0 + BN, C_out)) % geo.Cgo != 0)
@@ -367,7 +369,9 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
 
     # 1. bias_in gradient: sum_p gP - sum_p gQ per channel, one reduction over g and the masks.
     if want[3]:
-        BM, BN, _, nw, _ = _fwd_config(dtype, _gpu_tuned(x), 0, C_out)
+        BM, BN, _, nw, _ = _fwd_config(dtype, _gpu_tuned(x), C_out, C_out)
+        if _gpu_tuned(x):  # half the rows: a [128, 64] tile spilled 80-88 B with Triton 3.6 (compile_check.py)
+            BM //= 2
         p_total = N * Ho * Wo
         n_c_tiles = triton.cdiv(C_out, BN)
         split = _pixel_split(n_c_tiles, p_total, BM, _gpu_tuned(x), dev, BIAS_SPLIT_OVERRIDE)

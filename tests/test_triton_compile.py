@@ -9,7 +9,11 @@ to machine code and read back with cuobjdump, for
   no problem, no warning (spills, products off the tensor cores); and for sm_86 (RTX 30xx: the least
   shared memory per block) in float32 and bfloat16: every kernel fits;
 - the agreement tests' option grid (tests/cases.py) in float32 and bfloat16, for sm_90: every option
-  combination compiles and fits.
+  combination compiles and fits;
+- with PUSHPULL_OTHER_TRITON=DIR (a `pip install --target DIR --no-deps triton==3.6.0`, which .ci/run
+  makes), the SPEC set and the grid for sm_90 once more with that Triton: the package supports 3.6 to
+  3.9, and 3.6 is what the lent H100/H200 machines run. (3.6 could not lower the float64 backward
+  products, which 3.9 compiled; kernels/common.py: mma_grad_operand.)
 Each target compiles in a process of its own without TRITON_INTERPRET (this process has it set);
 the processes run side by side.
 """
@@ -19,59 +23,93 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pushpull_ext._ext import TRITON_ERROR
 
-ARCHS = {80: ("spec",), 86: ("smem",), 90: ("spec", "grid")}
 # Ho * Wo not a multiple of 16 (Triton then cannot assume aligned rows), a batch of 1, a 56 x 56 block.
 EXTRA_SHAPES = ["2,64,64,14,14,3,1,1,invert,5", "2,3,64,220,220,7,2,3,invert,3", "2,64,64,56,56,3,1,1,upsample",
                 "1,16,16,7,7,3,1,1,upsample"]
 KERNELS = {"pp_fwd_conv_kernel", "pp_fwd_pool_epilogue_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel",
            "pp_bwd_bias_kernel"}
+# Another Triton to compile with as well: a folder holding a `triton` package (pip install --target DIR
+# --no-deps triton==3.6.0, as .ci/run does: the oldest supported, the one the lent GPU machines run).
+OTHER_TRITON = os.environ.get("PUSHPULL_OTHER_TRITON")
 
-pytestmark = pytest.mark.skipif(TRITON_ERROR is not None, reason=f"Triton is missing: {TRITON_ERROR}")
+
+def _other_triton_version():
+    import importlib.metadata
+    dists = [d for d in importlib.metadata.distributions(path=[OTHER_TRITON]) if d.metadata["Name"] == "triton"]
+    return dists[0].version if dists else None
+
+
+# (arch, Triton) -> the sets compiled, one process per set: "spec" (SPEC + EXTRA_SHAPES, all checks),
+# "smem" (the same, float32 / bfloat16 only, for the shared memory limit), "grid" (tests/cases.py).
+TARGETS = {(80, "installed"): ("spec",), (86, "installed"): ("smem",), (90, "installed"): ("spec", "grid")}
+if OTHER_TRITON:
+    TARGETS[(90, f"triton {_other_triton_version()}")] = ("spec", "grid")
+TARGET_IDS = [f"sm_{arch}-{triton.replace(' ', '')}" for arch, triton in TARGETS]
+
+pytestmark = [
+    pytest.mark.skipif(TRITON_ERROR is not None, reason=f"Triton is missing: {TRITON_ERROR}"),
+    # There the other tests compile and run the kernels for real; `python -m pushpull_ext.compile_check`
+    # still reports the resources of every kernel.
+    pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the kernels compile and run for real"),
+]
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """{arch: [CompiledKernel as dict, each with "set": "spec" or "grid"]}, or the failure's output."""
+    """{(arch, triton): [CompiledKernel as dict, each with "set": "spec" or "grid"]}, or the failure's output."""
     out = tmp_path_factory.mktemp("compile_check")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    jobs = [(arch, which) for arch, sets in ARCHS.items() for which in sets]  # one process each, side by side
-    children = {job: subprocess.Popen([sys.executable, __file__, str(job[0]), str(out / f"{job[0]}-{job[1]}.json"),
-                                       job[1]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for job in jobs}
-    results = {arch: [] for arch in ARCHS}
-    for (arch, which), child in children.items():
+    children = {}
+    for target, sets in TARGETS.items():  # one process per set, side by side
+        child_env = dict(env)
+        if target[1] != "installed":
+            child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [OTHER_TRITON, env.get("PYTHONPATH")]))
+            child_env["TRITON_CACHE_DIR"] = str(out / "triton-cache-other")
+        for which in sets:
+            path = out / f"{target[0]}-{target[1].replace(' ', '')}-{which}.json"
+            children[(target, which, path)] = subprocess.Popen(
+                [sys.executable, __file__, str(target[0]), str(path), which], env=child_env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    results = {target: [] for target in TARGETS}
+    for (target, which, path), child in children.items():
         output, _ = child.communicate(timeout=1800)
         if child.returncode != 0:
-            results[arch] = f"{which}: exit {child.returncode}:\n{output[-6000:]}"
-        elif not isinstance(results[arch], str):
-            results[arch] += json.loads((out / f"{arch}-{which}.json").read_text())
+            results[target] = f"{which}: exit {child.returncode}:\n{output[-6000:]}"
+        elif not isinstance(results[target], str):
+            results[target] += json.loads(path.read_text())
     return results
 
 
-def _kernels(compiled, arch):
-    result = compiled[arch]
+def _kernels(compiled, target):
+    result = compiled[target]
     if isinstance(result, str):
-        pytest.fail(f"compiling for sm_{arch} failed: {result}")
+        pytest.fail(f"compiling for sm_{target[0]} with Triton {target[1]} failed: {result}")
     return result
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_every_launched_kernel_compiles_and_fits(compiled, arch):
-    kernels = _kernels(compiled, arch)
+@pytest.mark.parametrize("target", list(TARGETS), ids=TARGET_IDS)
+def test_every_launched_kernel_compiles_and_fits(compiled, target):
+    kernels = _kernels(compiled, target)
     assert {k["kernel"] for k in kernels} == KERNELS
-    for which in ARCHS[arch]:
-        which = "spec" if which == "smem" else which
+    if target[1] != "installed":
+        assert {k["triton"] for k in kernels} == {target[1].split()[1]}
+    for which in {"spec" if w == "smem" else w for w in TARGETS[target]}:
         assert len([k for k in kernels if k["set"] == which]) >= 20, f"too few {which} kernels compiled"
     problems = [f"{k['kernel']} ({k['launch']}): {k['problems']}" for k in kernels if k["problems"]]
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_spec_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, arch):
-    kernels = [k for k in _kernels(compiled, arch) if k["set"] == "spec"]
+SPEC_TARGETS = [t for t, sets in TARGETS.items() if "spec" in sets]
+
+
+@pytest.mark.parametrize("target", SPEC_TARGETS, ids=[TARGET_IDS[list(TARGETS).index(t)] for t in SPEC_TARGETS])
+def test_spec_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
+    arch = target[0]
+    kernels = [k for k in _kernels(compiled, target) if k["set"] == "spec"]
     assert all(k["registers"] is not None for k in kernels), "cuobjdump did not report the registers"
     assert any(k["mma"].get("HGMMA" if arch == 90 else "HMMA") for k in kernels)
     warnings = [f"{k['kernel']} ({k['launch']}, {k['constexprs']}): {k['warnings']}" for k in kernels if k["warnings"]]
@@ -102,6 +140,7 @@ def _child(arch, out_path, sets):
     from dataclasses import asdict
 
     import torch
+    import triton
     from pushpull_ext import compile_check
     from pushpull_ext.shapes import CASES
 
@@ -117,7 +156,7 @@ def _child(arch, out_path, sets):
     kernels = {}  # by binary: a later run may launch a kernel an earlier one compiled
     for which, launches, tf32 in runs:
         for kernel in compile_check.compile_all([arch], launches, tf32=tf32):
-            kernels.setdefault(kernel.binary_hash, dict(asdict(kernel), set=which))
+            kernels.setdefault(kernel.binary_hash, dict(asdict(kernel), set=which, triton=triton.__version__))
     with open(out_path, "w") as f:
         json.dump(list(kernels.values()), f, default=str)
 
