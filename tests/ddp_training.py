@@ -46,5 +46,8 @@ def ddp_worker(rank: int, world_size: int, store_file: str, result_file: str) ->
         if rank == 0:
             params = {name: p.detach() for name, p in model.named_parameters()}
             torch.save({"params": params, "grads": grads}, result_file)
+        # Both ranks leave together: a rank tearing gloo down while its peer still works aborted the
+        # peer once ("terminate called without an active exception", a fresh-clone CI run).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
