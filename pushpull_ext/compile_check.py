@@ -240,11 +240,11 @@ def _flags(constexprs: dict) -> str:
 
 
 def format_table(results: list[CompiledKernel]) -> str:
-    lines = [f"{'arch':5} {'kernel':28} {'first launched by':28} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} "
+    lines = [f"{'arch':5} {'kernel':28} {'first launched by':36} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} "
              f"{'smem KB':>7} {'mma':12} flags / problems"]
     for r in results:
         mma = ",".join(f"{k}:{v}" for k, v in (r.mma or {}).items() if v) or "-"
-        lines.append(f"sm_{r.arch:<2} {r.kernel:28} {r.launch[:28]:28} {r.num_warps:5} {r.num_stages:6} "
+        lines.append(f"sm_{r.arch:<2} {r.kernel:28} {r.launch[:36]:36} {r.num_warps:5} {r.num_stages:6} "
                      f"{r.registers if r.registers is not None else '?':>4} "
                      f"{r.spill_bytes if r.spill_bytes is not None else '?':>5} {r.shared / 1024:7.1f} {mma:12} "
                      f"{_flags(r.constexprs)}{'  PROBLEM: ' + '; '.join(r.problems) if r.problems else ''}"
