@@ -104,22 +104,36 @@ class _TargetDriver:
         return self.target
 
 
-def _cuobjdump() -> Optional[str]:
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def cuobjdump() -> Optional[str]:
+    """The cuobjdump Triton ships (or one on PATH); None if there is neither."""
+    try:
+        import triton
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    except ImportError:
+        bundled = ""
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-def _machine_code_figures(cubin: bytes, tool: Optional[str]) -> tuple:
-    """(registers, spill bytes, {MMA instruction: count}) of a cubin; Nones without cuobjdump."""
-    if tool is None:
-        return None, None, None
+def _dump(cubin: bytes, tool: str, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    fields = dict((k, int(v)) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes, tool: str) -> dict:
+    """{function name: {"REG": registers per thread, "STACK": bytes, "LOCAL": bytes, ...}} of a cubin."""
+    usage = _dump(cubin, tool, "-res-usage")
+    return {name: {k: int(v) for k, v in re.findall(r"\b([A-Z]+(?:\[\d+\])?):(\d+)", fields)}
+            for name, fields in re.findall(r"Function (\S+):\s*\n\s*(REG:[^\n]*)", usage)}
+
+
+def _machine_code_figures(cubin: bytes, tool: Optional[str]) -> tuple:
+    """(registers, spill bytes, {MMA instruction: count}) of a one-kernel cubin; Nones without cuobjdump."""
+    if tool is None:
+        return None, None, None
+    (fields,) = resource_usage(cubin, tool).values()
+    sass = _dump(cubin, tool, "-sass")
     mma = {name: len(re.findall(rf"\b{name}\b", sass)) for name in MMA_INSTRUCTIONS}
     return fields.get("REG"), fields.get("STACK", 0) + fields.get("LOCAL", 0), mma
 
@@ -199,7 +213,7 @@ def compile_all(archs: Iterable[int], launches: list, tf32: bool = True, progres
     """Run every launch for every arch; one CompiledKernel per distinct compiled specialization."""
     import torch
 
-    tool = _cuobjdump()
+    tool = cuobjdump()
     results = []
     old_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = tf32

@@ -1,7 +1,8 @@
 """The CUDA backend compiles, without a GPU, for the architectures it promises (V100 = sm_70 included).
 
 - The kernels (csrc/cuda/pushpull_kernels.cu, no torch headers) go through the CUDA 12 compiler for
-  sm_70, sm_80 and sm_90 to machine code. PyPI has no CUDA 12 nvcc driver (nvidia-cuda-nvcc-cu12
+  sm_70, sm_80 and sm_90 to machine code, whose resource usage cuobjdump reads back: no kernel uses
+  local memory or more than MAX_STACK_BYTES of stack. PyPI has no CUDA 12 nvcc driver (nvidia-cuda-nvcc-cu12
   ships ptxas, libnvvm and headers only), so this uses NVRTC 12, the same front end and back end as a
   library: `pip install "pushpull_ext[cuda-check]"` (nvidia-cuda-nvrtc-cu12; nvidia-cuda-runtime-cu12
   and nvidia-cuda-nvcc-cu12 for the headers). CUDA 13 cannot target sm_70, so a CUDA 13 nvcc alone would miss exactly
@@ -75,7 +76,7 @@ def _nvrtc():
 
 
 def _nvrtc_compile(nvrtc, source_path, options):
-    """(result code, log, machine code size) of compiling one file with NVRTC."""
+    """(result code, log, machine code) of compiling one file with NVRTC."""
     program = ctypes.c_void_p()
     with open(source_path, "rb") as f:
         source = f.read()
@@ -87,10 +88,14 @@ def _nvrtc_compile(nvrtc, source_path, options):
         nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value)
         nvrtc.nvrtcGetProgramLog(program, log)
-        cubin_size = ctypes.c_size_t(0)
+        cubin = b""
         if result == 0:
+            cubin_size = ctypes.c_size_t(0)
             nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(cubin_size))
-        return result, log.value.decode(errors="replace"), cubin_size.value
+            buffer = ctypes.create_string_buffer(cubin_size.value)
+            nvrtc.nvrtcGetCUBIN(program, buffer)
+            cubin = buffer.raw
+        return result, log.value.decode(errors="replace"), cubin
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
@@ -98,14 +103,36 @@ def _nvrtc_compile(nvrtc, source_path, options):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kernels_compile_with_cuda12_for(arch):
     nvrtc = _nvrtc()
-    options = ["-std=c++20", f"--gpu-architecture={arch}", "-default-device", f"-I{_cuda_runtime_include()}",
-               f"-I{CUDA_DIR}", *TORCH_NVCC_DEFINES]
-    result, log, cubin_size = _nvrtc_compile(nvrtc, KERNELS, options)
+    # --use_fast_math as setup.py builds them, so that the machine code is what a build makes.
+    options = ["-std=c++20", f"--gpu-architecture={arch}", "-default-device", "--use_fast_math",
+               f"-I{_cuda_runtime_include()}", f"-I{CUDA_DIR}", *TORCH_NVCC_DEFINES]
+    result, log, cubin = _nvrtc_compile(nvrtc, KERNELS, options)
     assert result == 0, f"NVRTC failed for {arch}:\n{log}"
     # The one warning allowed: CUDA 12.9 calls sm_70 deprecated (it still compiles it).
     warnings = [line for line in log.splitlines() if "warning" in line and "deprecated" not in line]
     assert not warnings, f"NVRTC warnings for {arch}:\n{log}"
-    assert cubin_size > 0, f"no machine code for {arch}"
+    assert cubin, f"no machine code for {arch}"
+    _check_resources(arch, cubin)
+
+
+# Stack bytes a kernel may use: those under a __launch_bounds__ register cap keep a few values on the
+# stack (8-40 B at 64-80 registers when this was written); more would be a real spill in a hot loop.
+MAX_STACK_BYTES = 64
+
+
+def _check_resources(arch, cubin):
+    """Every kernel in the machine code: no local memory, at most MAX_STACK_BYTES of stack (cuobjdump,
+    from the Triton wheel; skipped without one)."""
+    from pushpull_ext.compile_check import cuobjdump, resource_usage
+
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (it comes with the triton wheel) to read the kernels' resource usage")
+    usage = resource_usage(cubin, tool)
+    assert len(usage) >= 8, f"expected every kernel instantiation in the {arch} machine code, got {list(usage)}"
+    heavy = {name: fields for name, fields in usage.items()
+             if fields.get("LOCAL", 0) or fields.get("STACK", 0) > MAX_STACK_BYTES}
+    assert not heavy, f"{arch}: kernels using local memory or more than {MAX_STACK_BYTES} B of stack: {heavy}"
 
 
 def _system_nvcc():
