@@ -334,7 +334,14 @@ def time_providers(fns: dict, inputs, mode, grad_out, settings) -> dict:
     turn for min_run_time / CPU_ROUNDS (a shared machine's load then weighs on all alike); the samples
     of all rounds are pooled. GPU: one do_bench per provider."""
     if settings.device == "cuda":
-        return {name: _time_gpu_mode(fn, inputs, mode, grad_out, settings) for name, fn in fns.items()}
+        timings = {}
+        for name, fn in fns.items():
+            try:
+                timings[name] = _time_gpu_mode(fn, inputs, mode, grad_out, settings)
+            except Exception as error:  # one provider's failure (e.g. out of memory) costs only its figure
+                _sync_quietly()
+                timings[name] = {"failed": _failure(error)}
+        return timings
     calls = {name: mode_callable(fn, inputs, mode, grad_out) for name, fn in fns.items()}
     for call in calls.values():
         for _ in range(2):  # warm-up (and, for inference, compilation of the no-grad graph)
@@ -382,8 +389,7 @@ def run_case(case: Case, dtype, settings: Settings, peaks: dict, progress) -> li
         except Skip as reason:
             rows[name].update(provider=name, skipped=str(reason))
         except Exception as error:  # e.g. torch.compile without a working C++ compiler
-            rows[name].update(provider=name, skipped=f"failed: {type(error).__name__}: "
-                                                     f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+            rows[name].update(provider=name, skipped=_failure(error))
         eager_errors = eager_errors or rows[name].get("errors")
         progress.update(1)
     for name in fns:
@@ -391,11 +397,36 @@ def run_case(case: Case, dtype, settings: Settings, peaks: dict, progress) -> li
     for mode in settings.modes:
         progress.set_postfix_str(f"{case.name} {_dtype_name(dtype)} timing {mode}")
         for name, timing in time_providers(fns, inputs, mode, grad_out, settings).items():
+            if "failed" in timing:
+                rows[name].setdefault("timing_failed", {})[mode] = timing["failed"]
+                continue
             rows[name]["modes"][mode] = add_figures(timing, inputs, mode, peaks)
         progress.update(1)
     rows = list(rows.values())
     _add_speedups(rows)
     return rows
+
+
+def _sync_quietly() -> None:
+    """Waits for the GPU after a failure; a broken context (e.g. an illegal address) raises again here,
+    and then every later case fails alike and says so."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _failure(error: Exception) -> str:
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"failed: {type(error).__name__}: {text}"
+
+
+def failed_case_rows(case: Case, dtype, settings: Settings, error: Exception) -> list:
+    """One skipped row per provider, for a case that failed as a whole (e.g. the reference ran out of
+    memory): the run goes on with the next case."""
+    return [{"shape": case.name, "dtype": _dtype_name(dtype), "batch": case_batch(case, settings),
+             "spec_batch": case.n, "provider": name, "skipped": "case " + _failure(error)}
+            for name in settings.providers]
 
 
 def _grad_output(inputs: CaseInputs) -> torch.Tensor:
@@ -437,11 +468,13 @@ def format_table(rows: list, modes: list) -> str:
         line = [r["shape"], str(r["batch"]), r["dtype"], r["provider"], f"{r['errors']['output']['abs']:.1e}",
                 f"{max(grad_errors):.1e}" if grad_errors else "-", r["tolerance"]]
         for mode in modes:
-            t = r["modes"][mode]
-            line += [f"{t['ms']:.2f}/{_fmt(t['ref_ms'])}", _fmt(t["speedup"], ".2f")]
+            t = r["modes"].get(mode)
+            line += [f"{t['ms']:.2f}/{_fmt(t['ref_ms'])}", _fmt(t["speedup"], ".2f")] if t else ["failed", "-"]
         lines.append(line)
     skipped = dict.fromkeys(f"{r['provider']} skipped: {r['skipped']}" for r in rows if "skipped" in r)
-    return "\n".join([_columns(lines)] + list(skipped))
+    failed = [f"{r['shape']} {r['dtype']} {r['provider']} timing of {mode} {why}"
+              for r in rows for mode, why in r.get("timing_failed", {}).items()]
+    return "\n".join([_columns(lines)] + list(skipped) + failed)
 
 
 TOLERANCE_LEGEND = ("err: max abs error vs float64 (output; worst gradient). tol: ok = every tensor within the "
@@ -460,9 +493,9 @@ def format_figures(rows: list, modes: list) -> str:
             continue
         line = [r["shape"], r["dtype"], r["provider"]]
         for mode in modes:
-            t = r["modes"][mode]
+            t = r["modes"].get(mode)
             line += [f"{t['ms_p20']:.2f}-{t['ms_p80']:.2f}", f"{t['gflops_per_s']:.1f}", f"{t['gb_per_s']:.2f}",
-                     _fmt(t["roofline_pct"], ".1f")]
+                     _fmt(t["roofline_pct"], ".1f")] if t else ["failed", "-", "-", "-"]
         line += [f"{r['saved_for_backward_bytes'] / 2**20:.1f}",
                  _fmt(r.get("gpu_peak_fwdbwd_bytes") and r["gpu_peak_fwdbwd_bytes"] / 2**20, ".1f")]
         lines.append(line)
@@ -517,7 +550,7 @@ def write_plots(out_dir: Path, rows: list, modes: list) -> None:
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
         width = 0.8 / max(1, len(providers))
         for i, provider in enumerate(providers):
-            values = {f"{r['shape']}\n{r['dtype']}": r["modes"][mode]["speedup"] or 0 for r in timed
+            values = {f"{r['shape']}\n{r['dtype']}": r["modes"].get(mode, {}).get("speedup") or 0 for r in timed
                       if r["provider"] == provider}
             ax.bar([g + i * width for g in range(len(groups))], [values.get(g, 0) for g in groups], width,
                    label=provider)
@@ -700,11 +733,24 @@ def main(argv=None) -> dict:
     peaks = {_dtype_name(d): measure_peaks(settings.device, d, settings.threads, settings.quick)
              for d in settings.dtypes}
     rows = []
+
+    def result_so_far() -> dict:
+        return {"environment": env, "header": header, "elapsed_s": time.perf_counter() - start, "peaks": peaks,
+                "rows": rows, "cases": [asdict(c) for c in cases],
+                "settings": {**asdict(settings), "dtypes": [_dtype_name(d) for d in settings.dtypes]}}
+
     total = len(cases) * len(settings.dtypes) * (len(settings.providers) + len(settings.modes))
     with tqdm(total=total, desc="push-pull bench", file=sys.stderr, dynamic_ncols=True) as progress:
         for case in cases:
             for dtype in settings.dtypes:
-                rows += run_case(case, dtype, settings, peaks[_dtype_name(dtype)], progress)
+                try:
+                    rows += run_case(case, dtype, settings, peaks[_dtype_name(dtype)], progress)
+                except Exception as error:
+                    if settings.device == "cuda":
+                        _sync_quietly()
+                    rows += failed_case_rows(case, dtype, settings, error)
+                if ns.out is not None:  # after every case: a run stopped early keeps what it measured
+                    write_outputs(ns.out, result_so_far())
     elapsed = time.perf_counter() - start
     print("\n" + format_table(rows, settings.modes))
     print(TOLERANCE_LEGEND)
@@ -713,9 +759,7 @@ def main(argv=None) -> dict:
         f"{k}: copy {v['bytes_per_s'] / 1e9:.1f} GB/s, matmul {v['flops_per_s'] / 1e9:.1f} GFLOP/s"
         for k, v in peaks.items()))
     print(f"total time {elapsed:.1f} s")
-    result = {"environment": env, "header": header, "elapsed_s": elapsed, "peaks": peaks, "rows": rows,
-              "cases": [asdict(c) for c in cases],
-              "settings": {**asdict(settings), "dtypes": [_dtype_name(d) for d in settings.dtypes]}}
+    result = result_so_far()
     if ns.out is not None:
         write_outputs(ns.out, result)
         print(f"wrote {ns.out / 'results.json'}, {ns.out / 'results.csv'}")

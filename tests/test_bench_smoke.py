@@ -22,3 +22,37 @@ def test_bench_quick_writes_table_json_csv(tmp_path, capsys):
         records = list(csv.DictReader(f))
     assert {(r["provider"], r["mode"]) for r in records if r["provider"] == "reference"} == {
         ("reference", "fwd"), ("reference", "fwdbwd")}
+
+
+def test_a_failing_case_or_timing_costs_only_its_rows(tmp_path, capsys, monkeypatch):
+    """A lent GPU is time-boxed: one case or one provider failing (out of memory, ...) must not lose the
+    rest, and results.json is written after every case (a run stopped early keeps what it measured)."""
+    real_run_case, real_time_providers = bench.run_case, bench.time_providers
+
+    def run_case(case, *args):
+        if case.name == "cifar-b1-2020":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_run_case(case, *args)
+
+    def time_providers(fns, inputs, mode, *args):
+        timings = real_time_providers(fns, inputs, mode, *args)
+        if mode == "fwdbwd":
+            timings["cpu"] = {"failed": "failed: RuntimeError: simulated"}
+        return timings
+
+    written = []
+    real_write = bench.write_outputs
+    monkeypatch.setattr(bench, "run_case", run_case)
+    monkeypatch.setattr(bench, "time_providers", time_providers)
+    monkeypatch.setattr(bench, "write_outputs", lambda out, result: (written.append(len(result["rows"])),
+                                                                      real_write(out, result)))
+    bench.main(["--quick", "--shapes", "cifar-stem-2020", "cifar-b1-2020", "--providers", "reference", "cpu",
+                "--min-run-time", "0.01", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "case failed: RuntimeError: CUDA out of memory (simulated)" in printed
+    assert "cifar-stem-2020 float32 cpu timing of fwdbwd failed: RuntimeError: simulated" in printed
+    assert written[:2] == [2, 4]  # after each case, then at the end
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    stem_cpu = next(r for r in rows if r["shape"] == "cifar-stem-2020" and r["provider"] == "cpu")
+    assert set(stem_cpu["modes"]) == {"fwd"} and "fwdbwd" in stem_cpu["timing_failed"]
+    assert all("skipped" in r for r in rows if r["shape"] == "cifar-b1-2020")
