@@ -4,13 +4,17 @@ from __future__ import annotations
 import os
 import warnings
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import ops, pull_cache
 from ._ext import CPP_ERROR, TRITON_INTERPRET, has_cpp_kernel
-from .options import BACKENDS, PushPullArgs, normalize, pull_operands
-from .reference import pull_kernel, push_pull_reference
+from .options import BACKENDS, PADDING_MODES, PushPullArgs, normalize, pull_operands
+from .reference import op_formula, pull_kernel, push_pull_reference
 
 _warned_fallback = set()
 
@@ -85,18 +89,70 @@ def _pull_operands(weight: Tensor, args: PushPullArgs, dtype: torch.dtype) -> tu
     return tuple(None if t is None else t.to(dtype) for t in pull_operands(weight, args))
 
 
-def _fused(backend: str, input, weight, pull, bias, bias_out, alpha, args: PushPullArgs) -> Tensor:
-    """The fused op; `pull` = (pull_shift, pull_rows, pull_cols) of the push kernel (_pull_operands)."""
-    pull_shift, pull_rows, pull_cols = pull
-    grad_inputs = (input, weight, pull_shift, bias, bias_out, alpha)
-    save_masks = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+class OpInputs(NamedTuple):
+    """The tensor and geometry arguments of the fused forward ops (schema in csrc/pushpull.cpp)."""
+
+    input: Tensor
+    weight: Tensor
+    pull: tuple  # (pull_shift, pull_rows, pull_cols) of options.pull_operands
+    padding: tuple[int, int]
+    pull_padding: tuple[int, int]
+
+
+def _op_inputs(input: Tensor, weight: Tensor, pull: tuple, args: PushPullArgs) -> OpInputs:
+    """What the fused ops get. They pad with zeros, symmetrically; for any other padding (a padding_mode
+    other than zeros, padding="same" with an even kernel) the input is padded here, as much as the pull
+    convolution needs, and the ops run with no padding. Where the pull window is larger than the push
+    kernel (upsample), the push kernel is embedded, zero padded, in the pull window (and the
+    interpolation matrices likewise), so that both convolutions read the same padded input."""
+    kernel_size = tuple(weight.shape[2:])
+    if not args.explicit_padding:
+        return OpInputs(input, weight, pull, args.padding, args.pull_padding(kernel_size))
+    padded = F.pad(input, args.pad_amounts(kernel_size, pull=True), mode=PADDING_MODES[args.padding_mode])
+    grow_h, grow_w = ((q - k) // 2 for q, k in zip(args.pull_size(kernel_size), kernel_size))
+    if grow_h or grow_w:
+        pull_shift, rows, cols = pull
+        weight = F.pad(weight, (grow_w, grow_w, grow_h, grow_h))
+        pull = (pull_shift, F.pad(rows, (grow_h, grow_h)), F.pad(cols, (grow_w, grow_w)))
+    return OpInputs(padded, weight, pull, (0, 0), (0, 0))
+
+
+def _under_transform(*tensors) -> bool:
+    """Whether forward-mode AD or a torch.func transform (vmap, grad, jvp, ...) sees these tensors: the
+    fused ops have no rule for those, so the layer then evaluates its formula in plain ops."""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present):
+        return True
+    if forward_ad._current_level < 0:  # no dual level entered: no tangents anywhere
+        return False
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in present)
+
+
+def _fused(backend: str, op: OpInputs, bias, bias_out, alpha, args: PushPullArgs, layout_of: Tensor) -> Tensor:
+    """The fused op (or, under a transform, its formula in plain ops); the output in `layout_of`'s memory
+    format, as nn.Conv2d gives (channels_last in, channels_last out)."""
+    pull_shift, pull_rows, pull_cols = op.pull
+    grad_inputs = (op.input, op.weight, pull_shift, bias, bias_out, alpha)
+    op_args = (op.input, op.weight, pull_shift, pull_rows, pull_cols, bias, bias_out, alpha, list(args.stride),
+               list(op.padding), list(op.pull_padding), list(args.dilation), args.groups, args.avg_kernel,
+               args.dual_output)
+    if _under_transform(*grad_inputs):
+        return op_formula(*op_args)
+    # A trace (torch.jit.trace) keeps whatever this call decides: save the masks, so that a module
+    # traced under no_grad can still be trained.
+    save_masks = torch.jit.is_tracing() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs))
     forward_op = torch.ops.pushpull.triton_forward if backend == "triton" else torch.ops.pushpull.forward
-    out, _masks = forward_op(
-        input, weight, pull_shift, pull_rows, pull_cols, bias, bias_out, alpha, list(args.stride),
-        list(args.padding), list(args.pull_padding(tuple(weight.shape[2:]))), list(args.dilation), args.groups,
-        args.avg_kernel, args.dual_output, save_masks,
-    )
+    out, _masks = forward_op(*op_args, save_masks)
+    if _is_channels_last(layout_of):
+        out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _autocast_dtype(input) -> torch.dtype | None:
@@ -119,8 +175,8 @@ def _autocast_cast(t, dtype: torch.dtype):
 def push_pull_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1, padding=0, dilation=1,
                      groups: int = 1, pull: str = "upsample", scale: float = 2.0, alpha=1.0,
                      bias_out: Tensor | None = None, avg_kernel: int = 0, dual_output: bool = False,
-                     backend: str = "auto") -> Tensor:
-    """Push-pull convolution (SPEC): ReLU(P) - alpha * ReLU(Q') + bias_out.
+                     padding_mode: str = "zeros", backend: str = "auto") -> Tensor:
+    """Push-pull convolution: ReLU(P) - alpha * ReLU(Q') + bias_out (the formula in README.md).
 
     P = conv2d(input, weight, bias), Q = conv2d(input, q(weight), -bias) with the pull kernel q of
     `pull` ("upsample": 2020, bilinear upsampling by `scale`, negated; "invert": 2024), Q' its
@@ -130,9 +186,19 @@ def push_pull_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     The output has the input's memory format (channels_last in, channels_last out). Under
     torch.autocast it runs in the autocast dtype, as nn.Conv2d does. When no gradient can reach
     `weight` (inference), the pull operands derived from it are kept until it changes.
+
+    As nn.Conv2d: `padding` is an int, a pair, "valid" or "same"; `padding_mode` ("zeros", "reflect",
+    "replicate", "circular") is how each of the two convolutions pads the input (the push one by
+    `padding`, the pull one by its own, larger for upsample); an unbatched input [C_in, H, W] gives an
+    unbatched output.
     """
+    if isinstance(input, Tensor) and input.dim() == 3:  # unbatched, as nn.Conv2d
+        return push_pull_conv2d(input.unsqueeze(0), weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                groups=groups, pull=pull, scale=scale, alpha=alpha, bias_out=bias_out,
+                                avg_kernel=avg_kernel, dual_output=dual_output, padding_mode=padding_mode,
+                                backend=backend).squeeze(0)
     options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, pull=pull, scale=scale,
-                   avg_kernel=avg_kernel, dual_output=dual_output, backend=backend)
+                   avg_kernel=avg_kernel, dual_output=dual_output, padding_mode=padding_mode, backend=backend)
     dtype = _autocast_dtype(input)
     if dtype is None:
         return _push_pull(input, weight, bias, bias_out, alpha, push_weight=weight, **options)
@@ -151,10 +217,6 @@ def _push_pull(input, weight, bias, bias_out, alpha, *, push_weight, backend, **
     chosen = resolve_backend(backend, input)
     if chosen == "reference":
         pull_weight = None if push_weight is weight else pull_kernel(push_weight, args.pull, args.scale).to(weight.dtype)
-        out = push_pull_reference(input, weight, bias, bias_out, alpha_vec, args, pull_weight)
-    else:
-        pull = _pull_operands(push_weight, args, weight.dtype)
-        out = _fused(chosen, input, weight, pull, bias, bias_out, alpha_vec, args)
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
+        return push_pull_reference(input, weight, bias, bias_out, alpha_vec, args, pull_weight)
+    pull = _pull_operands(push_weight, args, weight.dtype)
+    return _fused(chosen, _op_inputs(input, weight, pull, args), bias, bias_out, alpha_vec, args, layout_of=input)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from .functional import push_pull_conv2d
-from .options import BACKENDS, PULL_MODES
+from .options import BACKENDS, PADDING_MODES, PULL_MODES
 
 
 class PushPullConv2d(nn.Module):
@@ -27,8 +27,8 @@ class PushPullConv2d(nn.Module):
                  alpha_relu: bool = False, bias_out: bool = False, avg_kernel: int = 0, dual_output: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        if padding_mode != "zeros":
-            raise ValueError(f"padding_mode must be 'zeros' (the push-pull formula pads with zeros), got {padding_mode!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {tuple(PADDING_MODES)}, got {padding_mode!r}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         if pull not in PULL_MODES:
@@ -70,7 +70,8 @@ class PushPullConv2d(nn.Module):
         return push_pull_conv2d(
             input, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
             groups=self.groups, pull=self.pull, scale=self.scale, alpha=self.effective_alpha(),
-            bias_out=self.bias_out, avg_kernel=self.avg_kernel, dual_output=self.dual_output, backend=self.backend,
+            bias_out=self.bias_out, avg_kernel=self.avg_kernel, dual_output=self.dual_output,
+            padding_mode=self.padding_mode, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -80,6 +81,8 @@ class PushPullConv2d(nn.Module):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
         s += f", bias={self.bias is not None}, pull={self.pull!r}"
         if self.pull == "upsample":
             s += f", scale={self.scale}"

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._ext import CPP_ERROR, TRITON_ERROR, TRITON_INTERPRET
 from .options import conv_output_size
+from .reference import op_formula
 
 # Indices, in the forward op's arguments, of the tensors that can receive a gradient, in the order
 # the backward op returns them: input, weight, pull_shift, bias_in, bias_out, alpha.
@@ -75,9 +76,13 @@ def _make_autograd(backward_op):
 
     def backward(ctx, grad_output, _grad_masks):
         input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks = ctx.saved_tensors
+        need = [ctx.needs_input_grad[i] for i in GRAD_ARGS]
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
+            grads = _differentiable_grads(grad_output, (input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha),
+                                          masks, ctx.placeholders, ctx.options, need)
+            return _by_argument(grads, need)
         input = ctx.placeholders[0] if input is None else input
         weight = ctx.placeholders[1] if weight is None else weight
-        need = [ctx.needs_input_grad[i] for i in GRAD_ARGS]
         # The kernels accumulate in float32 with ATen ops, which autocast (still on if backward runs inside
         # its context) must not cast down again.
         with torch.autocast(grad_output.device.type, enabled=False):
@@ -85,12 +90,47 @@ def _make_autograd(backward_op):
                                      alpha, masks, *ctx.options, need))
         if ctx.input_channels_last and need[0]:  # as nn.Conv2d: the input's gradient in the input's layout
             grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
-        result = [None] * 16
-        for index, wanted, grad in zip(GRAD_ARGS, need, grads):
-            result[index] = grad if wanted else None
-        return tuple(result)
+        return _by_argument(grads, need)
 
     return setup_context, backward
+
+
+def _by_argument(grads, need) -> tuple:
+    """The backward op's gradients (GRAD_ARGS order) placed at their forward arguments' positions."""
+    result = [None] * 16
+    for index, wanted, grad in zip(GRAD_ARGS, need, grads):
+        result[index] = grad if wanted else None
+    return tuple(result)
+
+
+def unpack_masks(masks: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+    """The packed ReLU masks (forward_fake) as 0/1 values [2, N, channels, Ho, Wo] of `dtype`."""
+    bits = torch.arange(8, device=masks.device, dtype=torch.uint8).view(1, 1, 1, 8, 1, 1)
+    unpacked = (masks.unsqueeze(3) >> bits) & 1  # [2, N, bytes, 8, Ho, Wo]: bit b of byte j is channel 8j + b
+    return unpacked.flatten(2, 3)[:, :, :channels].to(dtype)
+
+
+def _differentiable_grads(grad_output, saved, masks, placeholders, options, need) -> list:
+    """The gradients of the backward op as autograd of the formula with the forward's ReLU masks held
+    fixed (reference.combine): exact, since the layer is that masked linear map near the point, and
+    differentiable in every input and in grad_output (double backward, gradient penalties).
+
+    The map is linear in each of input and weight, so the gradient of one never reads the other's
+    value: where backward kept only a placeholder, zeros of its shape stand in."""
+    input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha = saved
+    if masks.numel() == 0:
+        raise RuntimeError("pushpull: double backward needs the ReLU masks of the forward (save_masks=True)")
+    stand_in = [ph.new_zeros(ph.shape) if t is None else t for t, ph in zip((input, weight), placeholders)]
+    c_out = stand_in[1].shape[0]
+    bias_out = grad_output.new_zeros(c_out) if need[4] else None
+    leaves = [*stand_in, pull_shift, bias_in, bias_out, alpha]
+    leaves = [t.detach().requires_grad_() if wanted and not t.requires_grad else t for t, wanted in zip(leaves, need)]
+    with torch.enable_grad():
+        out = op_formula(leaves[0], leaves[1], leaves[2], pull_rows, pull_cols, leaves[3], leaves[4], leaves[5],
+                         *options, masks=unpack_masks(masks, c_out, grad_output.dtype))
+        wanted = [t for t, n in zip(leaves, need) if n]
+        grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True, materialize_grads=True))
+    return [next(grads) if n else None for n in need]
 
 
 def _no_double_backward(ctx, *grads):

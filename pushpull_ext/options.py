@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 PULL_MODES = ("upsample", "invert")
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+# nn.Conv2d's padding modes and the F.pad mode each one pads with.
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -63,6 +65,21 @@ class PushPullArgs:
     scale: float
     avg_kernel: int
     dual_output: bool
+    padding_mode: str = "zeros"
+    # Extra zeros after the input (bottom, right): padding="same" with an even d * (kernel - 1) pads
+    # asymmetrically, as nn.Conv2d does; `padding` is then the smaller, leading part.
+    padding_extra: tuple[int, int] = (0, 0)
+
+    @property
+    def explicit_padding(self) -> bool:
+        """Whether the input must be padded before the convolutions (a padding mode other than zeros,
+        or asymmetric padding), which then run with no padding of their own."""
+        return self.padding_mode != "zeros" or self.padding_extra != (0, 0)
+
+    def pad_amounts(self, kernel_size: tuple[int, int], pull: bool = False) -> tuple[int, int, int, int]:
+        """F.pad's (left, right, top, bottom) of the push (or pull) convolution."""
+        (top, left) = self.pull_padding(kernel_size) if pull else self.padding
+        return (left, left + self.padding_extra[1], top, top + self.padding_extra[0])
 
     @property
     def pull_is_negated_push(self) -> bool:
@@ -80,19 +97,19 @@ class PushPullArgs:
         return tuple(q // 2 - k // 2 + p for q, k, p in zip(pull_size, kernel_size, self.padding))
 
     def output_size(self, input_hw, kernel_size) -> tuple[int, int]:
-        return tuple(
-            conv_output_size(*dims) for dims in zip(input_hw, kernel_size, self.stride, self.padding, self.dilation)
-        )
+        grown = (h + e for h, e in zip(input_hw, self.padding_extra))
+        return tuple(conv_output_size(*dims) for dims in zip(grown, kernel_size, self.stride, self.padding, self.dilation))
 
     def pull_output_size(self, input_hw, kernel_size) -> tuple[int, int]:
+        grown = (h + e for h, e in zip(input_hw, self.padding_extra))
         return tuple(
             conv_output_size(*dims)
-            for dims in zip(input_hw, self.pull_size(kernel_size), self.stride, self.pull_padding(kernel_size), self.dilation)
+            for dims in zip(grown, self.pull_size(kernel_size), self.stride, self.pull_padding(kernel_size), self.dilation)
         )
 
 
 def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation, groups, pull, scale,
-              avg_kernel, dual_output) -> tuple[PushPullArgs, torch.Tensor]:
+              avg_kernel, dual_output, padding_mode="zeros") -> tuple[PushPullArgs, torch.Tensor]:
     """Check every argument; return the normalized options and alpha as a [C_out] tensor."""
     _check_tensors(input, weight, bias, bias_out, alpha)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
@@ -103,7 +120,9 @@ def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation
     if min(dilation) < 1:
         raise ValueError(f"dilation must be positive, got {dilation}")
     kernel_size = tuple(weight.shape[2:])
-    padding = _resolve_padding(padding, kernel_size, stride, dilation)
+    padding, padding_extra = _resolve_padding(padding, kernel_size, stride, dilation)
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {tuple(PADDING_MODES)}, got {padding_mode!r}")
     if pull not in PULL_MODES:
         raise ValueError(f"pull must be one of {PULL_MODES}, got {pull!r}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 1:
@@ -114,7 +133,8 @@ def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation
         raise ValueError(f"avg_kernel must be odd (or 0/1 for no pooling), got {avg_kernel}")
     if dual_output and bias_out is not None:
         raise ValueError("bias_out cannot be used with dual_output=True (the dual output has no combination)")
-    args = PushPullArgs(stride, padding, dilation, int(groups), pull, float(scale), int(avg_kernel), bool(dual_output))
+    args = PushPullArgs(stride, padding, dilation, int(groups), pull, float(scale), int(avg_kernel), bool(dual_output),
+                        padding_mode, padding_extra)
     _check_shapes(input, weight, bias, bias_out, args)
     return args, _alpha_vector(alpha, weight)
 
@@ -138,29 +158,30 @@ def _check_tensors(input, weight, bias, bias_out, alpha):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
     if input.dim() != 4:
-        raise ValueError(f"input must be 4-D [N, C_in, H, W], got {input.dim()}-D shape {tuple(input.shape)}")
+        raise ValueError(f"input must be 3-D [C_in, H, W] or 4-D [N, C_in, H, W], got {input.dim()}-D shape "
+                         f"{tuple(input.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D [C_out, C_in/groups, kh, kw], got shape {tuple(weight.shape)}")
     if not isinstance(alpha, torch.Tensor) and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
         raise TypeError(f"alpha must be a number or a tensor, got {type(alpha).__name__}")
 
 
-def _resolve_padding(padding, kernel_size, stride, dilation) -> tuple[int, int]:
+def _resolve_padding(padding, kernel_size, stride, dilation) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(leading padding, extra trailing padding) per dimension, as nn.Conv2d pads."""
     if isinstance(padding, str):
         if padding == "valid":
-            return (0, 0)
+            return (0, 0), (0, 0)
         if padding != "same":
             raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
         if stride != (1, 1):
             raise ValueError("padding='same' needs stride 1, as in torch.nn.Conv2d")
+        # nn.Conv2d: d * (k - 1) in all, the odd one at the end (bottom / right).
         total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-        if any(t % 2 for t in total):
-            raise ValueError("padding='same' needs dilation * (kernel_size - 1) even (symmetric padding)")
-        return (total[0] // 2, total[1] // 2)
+        return (total[0] // 2, total[1] // 2), (total[0] % 2, total[1] % 2)
     padding = _pair(padding, "padding")
     if min(padding) < 0:
         raise ValueError(f"padding must be non-negative, got {padding}")
-    return padding
+    return padding, (0, 0)
 
 
 def _check_shapes(input, weight, bias, bias_out, args: PushPullArgs):
@@ -187,14 +208,28 @@ def _check_shapes(input, weight, bias, bias_out, args: PushPullArgs):
     if min(out_hw) < 1:
         raise ValueError(
             f"kernel size {kernel_size} (dilation {args.dilation}) is larger than the padded input "
-            f"{tuple(h + 2 * p for h, p in zip(input.shape[2:], args.padding))}"
+            f"{tuple(h + 2 * p + e for h, p, e in zip(input.shape[2:], args.padding, args.padding_extra))}"
         )
+    _check_padding_mode(input, kernel_size, args)
     if args.pull_output_size(input.shape[2:], kernel_size) != out_hw:
         raise ValueError(
             f"pull='upsample' with scale={args.scale} and dilation={args.dilation} gives a pull response of a "
             "different shape than the push response (the 2020 pull padding is not scaled by dilation); "
             "use dilation 1 or scale 1"
         )
+
+
+def _check_padding_mode(input, kernel_size, args: PushPullArgs):
+    """F.pad's limits on reflect / circular padding, named in the layer's terms. The pull convolution's
+    padding is the larger one (upsample grows it), so it is the one checked."""
+    if args.padding_mode not in ("reflect", "circular"):
+        return
+    left, right, top, bottom = args.pad_amounts(kernel_size, pull=True)
+    for pad, size, dim in ((max(top, bottom), input.shape[2], "height"), (max(left, right), input.shape[3], "width")):
+        if pad > size or (args.padding_mode == "reflect" and pad == size):
+            limit = "smaller than" if args.padding_mode == "reflect" else "at most"
+            raise ValueError(f"padding_mode={args.padding_mode!r} pads the input by {pad} (the pull convolution's "
+                             f"padding) but its {dim} is {size}: the padding must be {limit} the input size")
 
 
 def _alpha_vector(alpha, weight) -> torch.Tensor:

@@ -30,11 +30,11 @@ def _key(weight: torch.Tensor, args: PushPullArgs, dtype: torch.dtype) -> tuple:
 
 def cacheable(weight: torch.Tensor) -> bool:
     """Whether the operands of `weight` may be reused: no gradient can reach it, and it is a plain
-    tensor seen in eager mode (not traced by torch.compile / export, nor wrapped by torch.func) with a
+    tensor seen in eager mode (not traced by torch.compile, export or torch.jit.trace, nor wrapped by torch.func) with a
     version counter (not an inference tensor)."""
     if torch.is_grad_enabled() and weight.requires_grad:
         return False
-    if torch.compiler.is_compiling() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
         return False
     if weight.is_inference():  # created under inference_mode: it has no version counter to key on
         return False

@@ -1,14 +1,16 @@
-"""The SPEC formula in plain PyTorch ops: the one source of truth every backend is tested against.
+"""The push-pull formula in plain PyTorch ops: the one source of truth every backend is tested against.
 
 It is also the eager baseline of the benchmarks: it runs the two convolutions, the ReLUs and the
-pooling the way the papers' own modules do.
+pooling the way the papers' own modules do. Being plain ops, it supports every autograd feature and
+transform (double backward, forward-mode AD, vmap, ...): `op_formula` evaluates it from the fused ops'
+own arguments, and serves where the fused kernels cannot (see functional.py and ops.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .options import PushPullArgs, upsampled_size
+from .options import PADDING_MODES, PushPullArgs, upsampled_size
 
 
 def pull_kernel(weight: torch.Tensor, pull: str, scale: float = 2.0) -> torch.Tensor:
@@ -25,6 +27,45 @@ def pull_kernel(weight: torch.Tensor, pull: str, scale: float = 2.0) -> torch.Te
     raise ValueError(f"unknown pull mode {pull!r}")
 
 
+def pull_kernel_from_operands(weight, pull_shift, pull_rows, pull_cols) -> torch.Tensor:
+    """q(k) from the fused ops' pull operands (options.pull_operands): -k + shift, -rows @ k @ cols^T or -k."""
+    if pull_shift is not None:
+        return -weight + pull_shift.view(-1, 1, 1, 1)
+    if pull_rows is not None:
+        return -(pull_rows @ weight @ pull_cols.t())
+    return -weight
+
+
+def combine(push, pull, bias_out, alpha, avg_kernel: int, dual_output: bool, masks=None) -> torch.Tensor:
+    """y from the push and pull responses P and Q: ReLU(P) - alpha * ReLU(Q') + b_out (or the dual output).
+
+    With `masks` (ReLU'(P), ReLU'(Q') as two tensors of P's shape) the ReLUs are those fixed masks: the
+    local linear map whose derivatives are the layer's (ReLU'' = 0), as the fused ops' backward uses.
+    """
+    if avg_kernel > 1:
+        pull = F.avg_pool2d(pull, avg_kernel, stride=1, padding=(avg_kernel - 1) // 2, count_include_pad=False)
+    relu_push, relu_pull = (F.relu(push), F.relu(pull)) if masks is None else (push * masks[0], pull * masks[1])
+    if dual_output:
+        return torch.cat([relu_push, relu_pull], dim=1)
+    out = relu_push - alpha.view(1, -1, 1, 1) * relu_pull
+    if bias_out is not None:
+        out = out + bias_out.view(1, -1, 1, 1)
+    return out
+
+
+def _negated(bias):
+    return None if bias is None else -bias
+
+
+def _conv(input, kernel, bias, args: PushPullArgs, pad_amounts) -> torch.Tensor:
+    """One of the two convolutions, as an nn.Conv2d with args.padding_mode would compute it."""
+    conv = dict(stride=args.stride, dilation=args.dilation, groups=args.groups)
+    if args.explicit_padding:
+        padded = F.pad(input, pad_amounts, mode=PADDING_MODES[args.padding_mode])
+        return F.conv2d(padded, kernel, bias, padding=0, **conv)
+    return F.conv2d(input, kernel, bias, padding=(pad_amounts[2], pad_amounts[0]), **conv)
+
+
 def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullArgs,
                         pull_weight=None) -> torch.Tensor:
     """y = ReLU(P) - alpha * ReLU(Q') + b_out, or cat([ReLU(P), ReLU(Q')]) for the dual output.
@@ -34,17 +75,18 @@ def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullA
     """
     if pull_weight is None:
         pull_weight = pull_kernel(weight, args.pull, args.scale)
-    conv = dict(stride=args.stride, dilation=args.dilation, groups=args.groups)
-    push = F.conv2d(input, weight, bias_in, padding=args.padding, **conv)
-    pull_bias = None if bias_in is None else -bias_in
-    pull = F.conv2d(input, pull_weight, pull_bias,
-                    padding=args.pull_padding(tuple(weight.shape[2:])), **conv)
-    if args.avg_kernel > 1:
-        a = args.avg_kernel
-        pull = F.avg_pool2d(pull, a, stride=1, padding=(a - 1) // 2, count_include_pad=False)
-    if args.dual_output:
-        return torch.cat([F.relu(push), F.relu(pull)], dim=1)
-    out = F.relu(push) - alpha.view(1, -1, 1, 1) * F.relu(pull)
-    if bias_out is not None:
-        out = out + bias_out.view(1, -1, 1, 1)
-    return out
+    kernel_size = tuple(weight.shape[2:])
+    push = _conv(input, weight, bias_in, args, args.pad_amounts(kernel_size))
+    pull = _conv(input, pull_weight, _negated(bias_in), args, args.pad_amounts(kernel_size, pull=True))
+    return combine(push, pull, bias_out, alpha, args.avg_kernel, args.dual_output)
+
+
+def op_formula(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
+               pull_padding, dilation, groups, avg_kernel, dual_output, masks=None) -> torch.Tensor:
+    """The output of the fused forward op (ops.py) for the same arguments, in plain ops (zero padding,
+    the pull kernel from the pull operands). `masks` as in `combine`."""
+    pull_weight = pull_kernel_from_operands(weight, pull_shift, pull_rows, pull_cols)
+    conv = dict(stride=stride, dilation=dilation, groups=groups)
+    push = F.conv2d(input, weight, bias_in, padding=padding, **conv)
+    pull = F.conv2d(input, pull_weight, _negated(bias_in), padding=pull_padding, **conv)
+    return combine(push, pull, bias_out, alpha, avg_kernel, dual_output, masks)

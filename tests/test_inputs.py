@@ -11,7 +11,11 @@ def _ok(device, dtype=torch.float64):
 
 
 BAD_INPUTS = [
-    ("3-D input", lambda x, w: dict(input=x[0], weight=w), ValueError, "input must be 4-D"),
+    ("2-D input", lambda x, w: dict(input=x[0, 0], weight=w), ValueError, r"input must be 3-D \[C_in, H, W\] or 4-D"),
+    ("padding mode", lambda x, w: dict(input=x, weight=w, padding_mode="mirror"), ValueError,
+     "padding_mode must be one of"),
+    ("reflect padding too wide", lambda x, w: dict(input=x[:, :, :3, :3], weight=w, padding=1, padding_mode="reflect"),
+     ValueError, "pads the input by 3 .* its height is 3"),
     ("2-D weight", lambda x, w: dict(input=x, weight=w[:, :, 0, 0]), ValueError, "weight must be 4-D"),
     ("channels", lambda x, w: dict(input=x[:, :3], weight=w), ValueError, "weight expects 4 input channels"),
     ("groups", lambda x, w: dict(input=x, weight=w[:, :2], groups=3), ValueError, "groups=3 must divide"),
