@@ -3,11 +3,15 @@
     y = ReLU(conv(x, k) + b_in) - alpha * ReLU(avg(conv(x, q(k)) - b_in)) + b_out
 
 with the pull kernel q(k) of Strisciuglio et al. 2020 ("upsample") or Bennabhaktula et al. 2024
-("invert"). See ../shared/SPEC.md and README.md.
+("invert"). The formula: README.md, section "The formula"; in plain PyTorch: pushpull_ext/reference.py.
 """
-from ._ext import CPP_ERROR, TRITON_ERROR
+
+import torch
+
+from ._ext import CPP_ERROR, TRITON_ERROR, has_cpp_kernel
+from ._version import __version__
 from .conversion import convert
-from .functional import push_pull_conv2d, resolve_backend
+from .functional import _cpp_problem, _triton_problem, push_pull_conv2d, resolve_backend
 from .modules import PushPullConv2d
 from .options import PushPullArgs
 from .pull_cache import clear as clear_pull_cache
@@ -15,16 +19,21 @@ from .reference import pull_kernel, push_pull_reference
 
 
 def available_backends() -> dict:
-    """Each backend and None if it can be built/loaded here, else why not."""
-    from ._ext import has_cpp_kernel
-    from .ops import TRITON_OP_ERROR
-
-    def cpp(device):
-        return CPP_ERROR or (None if has_cpp_kernel(device) else f"pushpull_ext._C has no {device} kernels in this build")
-
-    return {"cpu": cpp("cpu"), "cuda": cpp("cuda"), "triton": TRITON_OP_ERROR, "reference": None}
+    """Each backend and None if it can run on this machine (cpu: CPU tensors; cuda and triton: the
+    current GPU's tensors, or for triton CPU tensors under TRITON_INTERPRET=1), else why not. The
+    reasons are those push_pull_conv2d(..., backend=...) would raise."""
+    gpu = torch.cuda.is_available()
+    probe = torch.empty(0, device="cuda" if gpu else "cpu")
+    if gpu:
+        cuda = _cpp_problem(probe, "cuda")
+    else:
+        built = CPP_ERROR or (None if has_cpp_kernel("cuda") else "pushpull_ext._C was built without CUDA kernels")
+        cuda = "no CUDA GPU here" + (f"; and {built}" if built else "")
+    triton = _triton_problem(probe)
+    if triton is not None and not gpu and TRITON_ERROR is None:
+        triton = f"no CUDA GPU here (Triton needs one of compute capability >= 8.0): {triton}"
+    return {"cpu": _cpp_problem(torch.empty(0), "cpu"), "cuda": cuda, "triton": triton, "reference": None}
 
 
 __all__ = ["push_pull_conv2d", "PushPullConv2d", "convert", "PushPullArgs", "pull_kernel", "push_pull_reference",
-           "resolve_backend", "available_backends", "clear_pull_cache", "CPP_ERROR", "TRITON_ERROR"]
-__version__ = "0.1.0"
+           "resolve_backend", "available_backends", "clear_pull_cache", "CPP_ERROR", "TRITON_ERROR", "__version__"]
