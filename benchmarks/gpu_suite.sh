@@ -6,7 +6,7 @@
 #   1. OUT_DIR/environment.txt (nvidia-smi, nvcc, versions, git commit),
 #   2. build: pip install --no-build-isolation --no-deps -e .  (build.log); cuda-built checks that the
 #      CUDA kernels were built,
-#   3. bench: python -m pushpull_ext.bench --dtype float32 --out OUT_DIR (every SPEC shape, every provider,
+#   3. bench: python -m pushpull_ext.bench --full --dtype float32 --out OUT_DIR (every paper shape, every provider,
 #      fwd and fwdbwd; results.json, results.csv, speedup_<mode>.png, bench.log),
 #   4. tests: pytest tests/ (tests.log; with pytest-xdist, TEST_WORKERS processes, default 8), which runs
 #      every agreement/gradcheck case with backend="cuda" and "triton" too (tests/conftest.py), the
@@ -133,7 +133,7 @@ step build "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps 
 "$PY" -c "import pushpull_ext; print(pushpull_ext.available_backends())" >> "$OUT/environment.txt" 2>&1
 step cuda-built "$OUT/cuda-built.log" "$PY" -c \
     "import pushpull_ext as p; e = p.available_backends()['cuda']; assert e is None, e; print('cuda backend built')"
-step bench "$OUT/bench.log" "$PY" -m pushpull_ext.bench --dtype float32 --out "$OUT"
+step bench "$OUT/bench.log" "$PY" -m pushpull_ext.bench --full --dtype float32 --out "$OUT"
 # CUBLAS_WORKSPACE_CONFIG: lets cuBLAS run under torch.use_deterministic_algorithms (tests/test_determinism.py).
 step tests "$OUT/tests.log" env PUSHPULL_TEST_RESULTS="$OUT/hardening.json" CUBLAS_WORKSPACE_CONFIG=:4096:8 \
     "$PY" -m pytest tests/ -q "${XDIST[@]}"
@@ -141,7 +141,7 @@ step sanitizer-memcheck "$OUT/sanitizer-memcheck.step.log" sanitize memcheck
 sanitizer_summary > /dev/null
 step tests-auto-cuda "$OUT/tests-auto-cuda.log" env PUSHPULL_BACKEND=cuda "$PY" -m pytest \
     tests/test_module.py tests/test_ops.py tests/test_cuda_backend.py -q
-step bench-bfloat16 "$OUT/bench-bfloat16.log" "$PY" -m pushpull_ext.bench --dtype bfloat16 \
+step bench-bfloat16 "$OUT/bench-bfloat16.log" "$PY" -m pushpull_ext.bench --full --dtype bfloat16 \
     --modes fwd,bwd,fwdbwd,inference --out "$OUT/bfloat16"
 step sanitizer-racecheck "$OUT/sanitizer-racecheck.step.log" sanitize racecheck
 sanitizer_summary

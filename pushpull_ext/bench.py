@@ -2,7 +2,7 @@
 
 For every case of pushpull_ext/shapes.py (or --shapes / --shape), dtype and provider it
 1. checks the forward output and every gradient against a float64 evaluation of the reference
-   formula (max abs error, and whether the relative error is within the SPEC tolerance);
+   formula (max abs error, and whether the relative error is within the tolerance (shapes.tolerance));
 2. times forward / backward / forward+backward / inference (CPU: torch.utils.benchmark.Timer,
    GPU: triton.testing.do_bench, CUDA graphs for the small CIFAR shapes): median, 20th and 80th
    percentile, speedup against the eager reference;
@@ -44,12 +44,20 @@ BASELINE = "reference"
 COMPILED = ("stacked+compile", "compiled-reference")
 OUR_BACKENDS = ("cpu", "cuda", "triton")
 PROVIDERS = (BASELINE,) + COMPILED + ("ours",)
+DEFAULT_PROVIDERS = (BASELINE, "ours")  # without --full: the torch.compile providers cost most of the time
 MODES = ("fwd", "bwd", "fwdbwd", "inference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 CPU_FLOP_BUDGET = 4e9     # CPU batch: the largest power of two whose reference forward stays under this
 QUICK_BATCH = 2
 QUANTILES = [0.5, 0.2, 0.8]
 CPU_ROUNDS = 3            # interleaved timing rounds per mode on CPU
+MIN_RUN_TIME = {"quick": 0.05, "default": 1.0, "full": 2.0}  # CPU seconds per provider and mode
+# The progress bar's weights (expected seconds of each step, `expected_seconds`): a torch.compile'd
+# provider's (or Triton's) first calls on a cold cache, a GPU timing, and the share of the measured
+# matmul peak that a call's FLOPs run at.
+FIRST_COMPILE_S = {"cpu": 25.0, "cuda": 10.0}
+GPU_TIMING_S = 0.5
+PEAK_SHARE = 0.25
 
 
 class Skip(Exception):
@@ -273,7 +281,7 @@ class Settings:
 
 
 def case_batch(case: Case, settings: Settings) -> int:
-    """--batch, the tiny --quick batch, the SPEC's N on GPU, or on CPU `cpu_batch`."""
+    """--batch, the tiny --quick batch, the paper's N on GPU, or on CPU `cpu_batch`."""
     if settings.batch:
         return settings.batch
     if settings.quick:
@@ -282,7 +290,7 @@ def case_batch(case: Case, settings: Settings) -> int:
 
 
 def cpu_batch(case: Case, flop_budget: float = CPU_FLOP_BUDGET) -> int:
-    """The largest power of two (at most the SPEC's N) whose reference forward stays within
+    """The largest power of two (at most the paper's N) whose reference forward stays within
     `flop_budget` FLOPs, so that each case runs in seconds on a few cores."""
     per_image = work(case, 1, 4, "fwd")[0]
     return max(1, min(case.n, 2 ** int(math.log2(max(1.0, flop_budget / per_image)))))
@@ -296,9 +304,9 @@ def _errors(out, grads, exact_out, exact_grads, names) -> dict:
 
 
 def verdict(errors: dict, dtype, eager: Optional[dict], tf32: bool) -> str:
-    """"ok": every tensor within the SPEC tolerance (float32 / float64: the fixed figure; low precision
+    """"ok": every tensor within the tolerance (shapes.tolerance) (float32 / float64: the fixed figure; low precision
     and TF32: relative to the eager reference's own error). "as eager": some tensor exceeds the fixed
-    figure but by no more than the SPEC's low-precision rule allows against eager PyTorch's own error in
+    figure but by no more than the low-precision rule allows against eager PyTorch's own error in
     the same dtype (e.g. a ReLU whose input lies within rounding of 0 flips: eager float32 does too).
     "FAIL": anything else. `eager` is None only for the reference itself in low precision."""
     fixed = dtype in (torch.float64, torch.float32) and not (tf32 and dtype == torch.float32)
@@ -391,7 +399,7 @@ def run_case(case: Case, dtype, settings: Settings, peaks: dict, progress) -> li
         except Exception as error:  # e.g. torch.compile without a working C++ compiler
             rows[name].update(provider=name, skipped=_failure(error))
         eager_errors = eager_errors or rows[name].get("errors")
-        progress.update(1)
+        progress.update(expected_seconds(case, batch, settings, peaks, check=name))
     for name in fns:
         rows[name]["modes"] = {}
     for mode in settings.modes:
@@ -401,10 +409,27 @@ def run_case(case: Case, dtype, settings: Settings, peaks: dict, progress) -> li
                 rows[name].setdefault("timing_failed", {})[mode] = timing["failed"]
                 continue
             rows[name]["modes"][mode] = add_figures(timing, inputs, mode, peaks)
-        progress.update(1)
+        progress.update(expected_seconds(case, batch, settings, peaks, mode=mode))
     rows = list(rows.values())
     _add_speedups(rows)
     return rows
+
+
+def expected_seconds(case: Case, batch: int, settings: Settings, peaks: dict, check=None, mode=None) -> float:
+    """What one step of run_case is expected to take, the progress bar's weight: checking provider `check`
+    (the reference's check includes the float64 evaluation), or timing every provider in `mode`."""
+    fwdbwd = work(case, batch, 4, "fwdbwd")[0] / (PEAK_SHARE * peaks["flops_per_s"])
+    if check is not None:
+        first = FIRST_COMPILE_S[settings.device] if check in COMPILED + ("triton",) else 0.0
+        return first + (4 if check == BASELINE else 2) * fwdbwd
+    per_provider = GPU_TIMING_S if settings.device == "cuda" else settings.min_run_time + 2 * fwdbwd
+    return len(settings.providers) * per_provider
+
+
+def total_expected_seconds(cases: list, settings: Settings, peaks: dict) -> float:
+    return sum(expected_seconds(case, case_batch(case, settings), settings, peaks[_dtype_name(dtype)], **step)
+               for case in cases for dtype in settings.dtypes
+               for step in [{"check": p} for p in settings.providers] + [{"mode": m} for m in settings.modes])
 
 
 def _sync_quietly() -> None:
@@ -478,7 +503,7 @@ def format_table(rows: list, modes: list) -> str:
 
 
 TOLERANCE_LEGEND = ("err: max abs error vs float64 (output; worst gradient). tol: ok = every tensor within the "
-                    "SPEC tolerance; as eager = beyond the fixed figure but within 2x the eager reference's own "
+                    "tolerance; as eager = beyond the fixed figure but within 2x the eager reference's own "
                     "error in this dtype (e.g. a ReLU input within rounding of 0); FAIL = neither.")
 
 
@@ -618,24 +643,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pushpull_ext.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=_EPILOG)
-    p.add_argument("--shapes", nargs="+", default=None, help="SPEC shapes by name (default: all)")
+    p.add_argument("--shapes", nargs="+", default=None, help="the papers' shapes by name (default: all)")
     p.add_argument("--shape", action="append", default=[], help=f"an extra case: {CASE_FORMAT}; repeatable")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
                    help="default: float32 (and bfloat16 on GPU)")
-    p.add_argument("--batch", type=int, default=None, help="batch for every case (default: SPEC N on GPU, "
+    p.add_argument("--batch", type=int, default=None, help="batch for every case (default: the paper's N on GPU, "
                    f"scaled on CPU so the reference forward stays under {CPU_FLOP_BUDGET / 1e9:g} GFLOP)")
     p.add_argument("--backends", nargs="+", choices=OUR_BACKENDS, default=None,
                    help="our backends (default: those available on the device)")
     p.add_argument("--providers", nargs="+", default=None,
-                   help=f"any of {', '.join(PROVIDERS)} or a backend name (default: all); "
+                   help=f"any of {', '.join(PROVIDERS)} or a backend name (default: {' '.join(DEFAULT_PROVIDERS)}; "
+                        "all with --full); "
                         "the reference always runs (the baseline)")
     p.add_argument("--modes", default="fwd,fwdbwd", help=f"comma-separated, of {','.join(MODES)} (default fwd,fwdbwd)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--tf32", action="store_true", help="allow TF32 (default off, as the SPEC's float32 tolerance)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 (default off, as the float32 tolerance)")
     p.add_argument("--min-run-time", type=float, default=None,
-                   help=f"CPU seconds per provider and mode, split over {CPU_ROUNDS} interleaved rounds (default 2)")
-    p.add_argument("--out", type=Path, default=None, help="write results.json, results.csv, speedup_<mode>.png")
+                   help=f"CPU seconds per provider and mode, split over {CPU_ROUNDS} interleaved rounds (default "
+                        f"{MIN_RUN_TIME['default']:g}, {MIN_RUN_TIME['full']:g} with --full)")
+    p.add_argument("--out", type=Path, default=None, help="folder for results.json, results.csv, speedup_<mode>.png "
+                   "(default: bench_out/<date-time>/)")
+    p.add_argument("--full", action="store_true", help="the whole sweep: every provider (also the torch.compile "
+                   f"ones), {MIN_RUN_TIME['full']:g} s per measurement; without it: reference and ours, "
+                   f"{MIN_RUN_TIME['default']:g} s")
     p.add_argument("--quick", action="store_true", help=f"batch {QUICK_BATCH}, short measurements: a smoke run")
     return p.parse_args(argv)
 
@@ -646,7 +677,7 @@ def _cases(ns) -> list:
 
 
 def _providers(ns, device: str) -> list:
-    wanted = ns.providers or list(PROVIDERS)
+    wanted = ns.providers or list(PROVIDERS if ns.full else DEFAULT_PROVIDERS)
     unknown = [p for p in wanted if p not in PROVIDERS + OUR_BACKENDS]
     if unknown:
         raise SystemExit(f"unknown provider(s) {unknown}; choose from {PROVIDERS + OUR_BACKENDS}")
@@ -665,7 +696,7 @@ def settings_from(ns) -> Settings:
     dtypes = [DTYPES[d] for d in ns.dtype] if ns.dtype else (
         [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32])
     threads = ns.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    min_run = ns.min_run_time or (0.05 if ns.quick else 2.0)
+    min_run = ns.min_run_time or MIN_RUN_TIME["quick" if ns.quick else "full" if ns.full else "default"]
     return Settings(device, dtypes, _providers(ns, device), modes, threads, ns.batch, ns.quick, ns.tf32, min_run)
 
 
@@ -717,11 +748,13 @@ def steady_cpu_allocator() -> Optional[str]:
 
 
 def main(argv=None) -> dict:
-    """Runs the benchmark; prints the tables; returns (and with --out writes) every figure."""
+    """Runs the benchmark; prints the tables; writes every figure to --out (default bench_out/<date-time>/)
+    and returns it."""
     from tqdm import tqdm
 
     ns = parse_args(argv)
     settings, cases = settings_from(ns), _cases(ns)
+    out = ns.out or Path("bench_out") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     set_precision(settings.tf32, settings.threads)
     if hasattr(torch, "_dynamo"):
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -739,8 +772,10 @@ def main(argv=None) -> dict:
                 "rows": rows, "cases": [asdict(c) for c in cases],
                 "settings": {**asdict(settings), "dtypes": [_dtype_name(d) for d in settings.dtypes]}}
 
-    total = len(cases) * len(settings.dtypes) * (len(settings.providers) + len(settings.modes))
-    with tqdm(total=total, desc="push-pull bench", file=sys.stderr, dynamic_ncols=True) as progress:
+    # Weighted by each step's expected seconds, so that the time left is that of the steps left.
+    total = total_expected_seconds(cases, settings, peaks)
+    bar = "{l_bar}{bar}| {elapsed}<{remaining} {postfix}"
+    with tqdm(total=total, desc="push-pull bench", file=sys.stderr, dynamic_ncols=True, bar_format=bar) as progress:
         for case in cases:
             for dtype in settings.dtypes:
                 try:
@@ -749,8 +784,7 @@ def main(argv=None) -> dict:
                     if settings.device == "cuda":
                         _sync_quietly()
                     rows += failed_case_rows(case, dtype, settings, error)
-                if ns.out is not None:  # after every case: a run stopped early keeps what it measured
-                    write_outputs(ns.out, result_so_far())
+                write_outputs(out, result_so_far())  # after every case: a run stopped early keeps what it measured
     elapsed = time.perf_counter() - start
     print("\n" + format_table(rows, settings.modes))
     print(TOLERANCE_LEGEND)
@@ -760,9 +794,8 @@ def main(argv=None) -> dict:
         for k, v in peaks.items()))
     print(f"total time {elapsed:.1f} s")
     result = result_so_far()
-    if ns.out is not None:
-        write_outputs(ns.out, result)
-        print(f"wrote {ns.out / 'results.json'}, {ns.out / 'results.csv'}")
+    write_outputs(out, result)
+    print(f"results (results.json, results.csv, speedup_<mode>.png): {out}/")
     return result
 
 

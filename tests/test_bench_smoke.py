@@ -2,6 +2,8 @@
 import csv
 import json
 
+import pytest
+
 from pushpull_ext import bench
 
 
@@ -56,3 +58,37 @@ def test_a_failing_case_or_timing_costs_only_its_rows(tmp_path, capsys, monkeypa
     stem_cpu = next(r for r in rows if r["shape"] == "cifar-stem-2020" and r["provider"] == "cpu")
     assert set(stem_cpu["modes"]) == {"fwd"} and "fwdbwd" in stem_cpu["timing_failed"]
     assert all("skipped" in r for r in rows if r["shape"] == "cifar-b1-2020")
+
+
+def test_default_run_is_representative_and_full_is_the_sweep():
+    default = bench.settings_from(bench.parse_args([]))
+    full = bench.settings_from(bench.parse_args(["--full"]))
+    assert default.providers == ["reference", "cpu"] and default.min_run_time == bench.MIN_RUN_TIME["default"]
+    assert full.providers == ["reference", "stacked+compile", "compiled-reference", "cpu"]
+    assert full.min_run_time == bench.MIN_RUN_TIME["full"] > default.min_run_time
+    assert len(bench._cases(bench.parse_args([]))) == len(bench.CASES)  # every paper shape in both
+
+
+def test_progress_weights_are_expected_seconds():
+    """A compiled provider's check weighs its compile; a timing step weighs min_run_time per provider."""
+    settings = bench.settings_from(bench.parse_args(["--full"]))
+    case, peaks = bench.case_by_name("cifar-stem-2020"), {"flops_per_s": 1e11}
+    batch = bench.case_batch(case, settings)
+    eager = bench.expected_seconds(case, batch, settings, peaks, check="cpu")
+    compiled = bench.expected_seconds(case, batch, settings, peaks, check="stacked+compile")
+    assert compiled - eager == pytest.approx(bench.FIRST_COMPILE_S["cpu"]) and eager > 0
+    timing = bench.expected_seconds(case, batch, settings, peaks, mode="fwd")
+    assert 4 * settings.min_run_time < timing < 4 * settings.min_run_time + 10
+    total = bench.total_expected_seconds([case], settings, {"float32": peaks})
+    steps = [{"check": p} for p in settings.providers] + [{"mode": m} for m in settings.modes]
+    assert total == pytest.approx(sum(bench.expected_seconds(case, batch, settings, peaks, **s) for s in steps))
+
+
+def test_results_go_to_a_dated_folder_named_at_the_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bench.main(["--quick", "--shapes", "cifar-stem-2020", "--providers", "reference", "--modes", "fwd",
+                "--min-run-time", "0.01"])
+    (folder,) = (tmp_path / "bench_out").iterdir()
+    assert {"results.json", "results.csv"} <= {p.name for p in folder.iterdir()}
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith(f"bench_out/{folder.name}/")
