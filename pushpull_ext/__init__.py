@@ -16,6 +16,7 @@ from .modules import PushPullConv2d
 from .options import PushPullArgs
 from .pull_cache import clear as clear_pull_cache
 from .reference import pull_kernel, push_pull_reference
+from . import export  # noqa: F401  (registers the decomposition torch.onnx.export uses)
 
 
 def available_backends() -> dict:
