@@ -1,11 +1,10 @@
 """Data-parallel training of a model with push-pull layers on two processes (gloo, CPU) equals
 single-process training: DistributedDataParallel, and FSDP2 (fully_shard, parameters sharded)."""
+import distributed_training
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import distributed_training
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from paper_models import tiny_resnet
 from torch import nn
 
 import pushpull_ext
-from paper_models import tiny_resnet
 from pushpull_ext import convert, push_pull_conv2d
 
 
