@@ -49,7 +49,7 @@ def _table(result: dict, folder: Path) -> list[str]:
         for mode in ("fwd", "fwdbwd"):
             m = modes.get(mode)
             cells += [f"{m['ms']:.2f}", f"{m['speedup']:.2f}x"] if m else ["-", "-"]
-        batch = f"{row['batch']}" + ("" if row["batch"] == row["spec_batch"] else f" (SPEC {row['spec_batch']})")
+        batch = f"{row['batch']}" + ("" if row["batch"] == row["spec_batch"] else f" (paper {row['spec_batch']})")
         lines.append(f"| {row['shape']} | {batch} | {row['dtype']} | {row['provider']} | " + " | ".join(cells)
                      + f" | {row['tolerance']} |")
     for png in sorted(folder.glob("speedup_*.png")):

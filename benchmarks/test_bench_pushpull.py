@@ -1,8 +1,8 @@
-"""pytest-benchmark suite over the SPEC shapes: `pytest benchmarks/ --benchmark-only`.
+"""pytest-benchmark suite over the papers' shapes: `pytest benchmarks/ --benchmark-only`.
 
 The same cases (pushpull_ext/shapes.py), providers and modes as `python -m pushpull_ext.bench`,
 timed by pytest-benchmark instead (no accuracy figures here: the tests and the main job check those).
-Batch: the SPEC's N on GPU; on CPU the largest power of two whose reference forward stays under
+Batch: the paper's N on GPU; on CPU the largest power of two whose reference forward stays under
 CPU_SUITE_FLOPS (small, so the whole suite runs in minutes on two cores). Nothing is asserted on timings.
 """
 import pytest

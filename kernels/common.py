@@ -10,11 +10,11 @@ MODE_UPSAMPLE = tl.constexpr(2)  # 2020, scale != 1: q = -U k V^T on its own (la
 
 @triton.jit
 def mma(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
-    """acc + a @ b with the accumulator precision of the SPEC (fp64 for fp64, fp32 otherwise).
+    """acc + a @ b with the accumulator precision of the tolerances (fp64 for fp64, fp32 otherwise).
 
     float32 operands: TF32 when allowed (torch.backends.cudnn.allow_tf32, as conv2d); otherwise
     "tf32x3", three TF32 tensor-core products of hi / lo splits (a_hi b_hi + a_hi b_lo + a_lo b_hi),
-    whose error is of float32's order (far inside the SPEC's 1e-4), instead of the much slower
+    whose error is of float32's order (far inside the float32 tolerance of 1e-4), instead of the much slower
     CUDA-core float32 FMA. The Triton interpreter computes every dot in exact float32."""
     if IS_FP64:
         out = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)

@@ -8,6 +8,7 @@ with the pull kernel q(k) of Strisciuglio et al. 2020 ("upsample") or Bennabhakt
 
 import torch
 
+from . import export  # noqa: F401  (registers the decomposition torch.onnx.export uses)
 from ._ext import CPP_ERROR, TRITON_ERROR, has_cpp_kernel
 from ._version import __version__
 from .conversion import convert
@@ -16,7 +17,6 @@ from .modules import PushPullConv2d
 from .options import PushPullArgs
 from .pull_cache import clear as clear_pull_cache
 from .reference import pull_kernel, push_pull_reference
-from . import export  # noqa: F401  (registers the decomposition torch.onnx.export uses)
 
 
 def available_backends() -> dict:

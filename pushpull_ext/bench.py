@@ -27,9 +27,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,17 @@ import torch.nn.functional as F
 from .functional import push_pull_conv2d, resolve_backend
 from .options import conv_output_size, normalize, upsampled_size
 from .reference import pull_kernel, push_pull_reference
-from .shapes import CASE_FORMAT, CASES, Case, CaseInputs, case_by_name, make_inputs, parse_case, relative_error, \
-    tolerance
+from .shapes import (
+    CASE_FORMAT,
+    CASES,
+    Case,
+    CaseInputs,
+    case_by_name,
+    make_inputs,
+    parse_case,
+    relative_error,
+    tolerance,
+)
 
 BASELINE = "reference"
 COMPILED = ("stacked+compile", "compiled-reference")

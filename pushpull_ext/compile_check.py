@@ -4,7 +4,7 @@
 
 No GPU is needed: Triton compiles for a named target (sm_80, sm_86, sm_90) down to machine code with
 the ptxas it ships, and `cuobjdump` (also shipped with Triton) reads the machine code back. The
-kernels compiled are exactly those the launcher (triton_launch.py) would launch on a GPU: every SPEC
+kernels compiled are exactly those the launcher (triton_launch.py) would launch on a GPU: every paper
 shape (pushpull_ext/shapes.py; batch 16, see spec_launches) runs through `push_pull_conv2d(..., backend="triton")` on
 CPU tensors, training (forward, then every gradient the layer needs) and inference, with the GPU
 configs, and each launch compiles its kernel instead of running it (`JITFunction.warmup`).
@@ -36,8 +36,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Optional
 from unittest import mock
 
 # Largest shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), per target.
@@ -52,7 +53,7 @@ class CompiledKernel:
 
     arch: int
     kernel: str
-    launch: str  # the first launch that compiled it (SPEC shape, dtype)
+    launch: str  # the first launch that compiled it (paper shape, dtype)
     constexprs: dict
     dtypes: str
     num_warps: int
@@ -163,6 +164,7 @@ def compiling_for(arch: int):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
     from triton.runtime import driver
+
     from . import functional, triton_launch
 
     compiled: list = []
@@ -179,14 +181,15 @@ def compiling_for(arch: int):
 
 def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
                   batch: int = 16) -> list[tuple[str, Callable[[], None]]]:
-    """(label, call) per SPEC shape (or `shapes`: names, or cases for shapes.parse_case) and dtype:
+    """(label, call) per paper shape (or `shapes`: names, or cases for shapes.parse_case) and dtype:
     a training step (forward, then torch.autograd.grad of every tensor the layer trains) and an
     inference forward, through the public function. Tensors are empty (nothing runs).
 
     The batch (default 16) enters the kernels only as the integer N, and Triton specializes integer
     arguments only on divisibility by 16 and equality to 1: a batch of 16 compiles exactly what the
-    SPEC's 128 and 256 do, in a fraction of the memory; a batch of 1 compiles other code."""
+    papers' 128 and 256 do, in a fraction of the memory; a batch of 1 compiles other code."""
     import torch
+
     from .functional import push_pull_conv2d
     from .shapes import CASES, case_by_name, make_inputs, parse_case
 
@@ -270,10 +273,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90], help="compute capabilities x10")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"])
-    parser.add_argument("--shapes", nargs="+", help="SPEC shapes by name (default: all), or cases as "
+    parser.add_argument("--shapes", nargs="+", help="paper shapes by name (default: all), or cases as "
                         "N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg] (python -m pushpull_ext.bench --help)")
     parser.add_argument("--batch", type=int, default=16, help="batch of every shape (default 16: compiles what "
-                        "the SPEC's batches do, see spec_launches)")
+                        "the papers' batches do, see spec_launches)")
     parser.add_argument("--no-tf32", action="store_true", help="float32 without TF32 (the benchmark's setting)")
     parser.add_argument("--json", help="write every compiled kernel's figures here")
     parser.add_argument("--quiet", action="store_true")

@@ -1,8 +1,8 @@
-"""The SPEC's "Shapes the papers use" table, written once, and the tensors of a case.
+"""The shapes of the papers' push-pull layers, written once, and the tensors of a case.
 
 Tests and benchmarks import `CASES` (or `case_by_name`) and build a case's tensors with
 `make_inputs`; nothing else lists these shapes. `parse_case` turns a command-line string into an
-extra, arbitrary case. The SPEC's tolerance rules are here too (`tolerance`, `within_tolerance`),
+extra, arbitrary case. The tolerance rules (README.md, "Testing") are here too (`tolerance`, `within_tolerance`),
 so that the benchmark and the tests judge errors the same way.
 """
 from __future__ import annotations
@@ -130,7 +130,7 @@ class CaseInputs:
         return fn(t["input"], t["weight"], t["bias"], bias_out=t["bias_out"], alpha=t["alpha"],
                   **self.case.options(), **extra)
 
-    def cast(self, dtype: torch.dtype, device=None) -> "CaseInputs":
+    def cast(self, dtype: torch.dtype, device=None) -> CaseInputs:
         """Copies with the same values in another dtype/device (and the same requires_grad)."""
         def convert(t):
             if not isinstance(t, torch.Tensor):
@@ -170,7 +170,7 @@ def make_inputs(case: Case, device="cpu", dtype: torch.dtype = torch.float32, ba
     return CaseInputs(case, n, tensors, grad_names)
 
 
-# ---------------------------------------------------------------- the SPEC's tolerance rules
+# ---------------------------------------------------------------- the tolerance rules
 
 # Relative tolerance per dtype (float32: with TF32 off). Low-precision dtypes have none of their own:
 # they must stay within LOW_PRECISION_FACTOR x the error of eager PyTorch in the same dtype.
@@ -186,7 +186,7 @@ def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def tolerance(dtype: torch.dtype, eager_error: Optional[float] = None) -> float:
-    """The relative error allowed for `dtype`: the SPEC's figure, or for float16/bfloat16 (and float32
+    """The relative error allowed for `dtype`: the fixed figure, or for float16/bfloat16 (and float32
     with TF32 on, passed as eager_error) LOW_PRECISION_FACTOR times eager PyTorch's own error."""
     if dtype in RELATIVE_TOLERANCE and eager_error is None:
         return RELATIVE_TOLERANCE[dtype]

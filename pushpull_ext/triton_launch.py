@@ -2,7 +2,7 @@
 
 `forward` and `backward` are called from the body of the `torch.library.triton_op` registered in
 ops.py; every kernel is launched through `wrap_triton` so that torch.compile can trace them.
-Arguments arrive normalized (options.normalize); see ../../shared/SPEC.md and kernels/*.py for the
+Arguments arrive normalized (options.normalize); see README.md ("The formula", "How it is fast") and kernels/*.py for the
 kernels' design. What runs, and what goes through memory:
 
 forward
@@ -45,9 +45,9 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .op_checks import check_backward, check_forward
 from . import kernels as _k  # kernels/, installed as pushpull_ext.kernels (setup.py package_dir)
 from .kernels import backward as _kb
+from .op_checks import check_backward, check_forward
 
 MODE_SCALE1, MODE_INVERT, MODE_UPSAMPLE = 0, 1, 2
 
@@ -120,11 +120,14 @@ class _Geom:
                 qk, d = self.q_size[dim], self.dilation[dim]
                 off = pull_padding[dim] - padding[dim]  # >= 0: the push window lies inside the pull one
                 if off % d == 0:  # push taps lie on the pull window's own grid (always so for dilation 1)
-                    win.append(qk); pad.append(pull_padding[dim]); dil.append(d)
-                    push_pos.append((off // d, 1)); pull_pos.append((0, 1))
+                    window, step, push_at, pull_at = qk, d, (off // d, 1), (0, 1)
                 else:  # general dilation: a dense window covering both, both kernels sparse in it
-                    win.append((qk - 1) * d + 1); pad.append(pull_padding[dim]); dil.append(1)
-                    push_pos.append((off, d)); pull_pos.append((0, d))
+                    window, step, push_at, pull_at = (qk - 1) * d + 1, 1, (off, d), (0, d)
+                win.append(window)
+                pad.append(pull_padding[dim])
+                dil.append(step)
+                push_pos.append(push_at)
+                pull_pos.append(pull_at)
             self.TH, self.TW = win
             self.pad, self.win_dil = tuple(pad), tuple(dil)
             self.push_pos, self.pull_pos = tuple(push_pos), tuple(pull_pos)

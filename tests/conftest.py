@@ -10,9 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import hardening_results  # noqa: E402
 import pytest  # noqa: E402
 
-import hardening_results  # noqa: E402
 import pushpull_ext  # noqa: E402
 from pushpull_ext._ext import has_cpp_kernel  # noqa: E402
 from pushpull_ext.ops import TRITON_OP_ERROR  # noqa: E402
@@ -55,6 +55,17 @@ def backend_device(request):
 @pytest.fixture(params=FUSED_BACKEND_DEVICES, ids=_ids(FUSED_BACKEND_DEVICES))
 def fused_backend_device(request):
     return request.param
+
+
+# Marked `interpreter` (tests of the Triton kernels run by TRITON_INTERPRET=1 on CPU tensors: slow), so that
+# `pytest -m "not slow and not interpreter"` is a fast tier; `slow` modules mark themselves (pytestmark).
+INTERPRETER_MODULES = {"test_triton_launch.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "triton-cpu" in item.nodeid or item.path.name in INTERPRETER_MODULES:
+            item.add_marker(pytest.mark.interpreter)
 
 
 def pytest_report_header(config):

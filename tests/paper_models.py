@@ -1,12 +1,12 @@
-"""Stand-ins of the papers' push-pull layers (written from the SPEC, with the attribute and state-dict
-names of the papers' code) and small torchvision-style ResNets to put them in."""
+"""Stand-ins of the papers' push-pull layers (written from the papers' formulas, README.md "The formula",
+with the attribute and state-dict names of the papers' code) and small torchvision-style ResNets to put them in."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class PPmodule2d(nn.Module):
-    """Stand-in for the 2020 layer, written from the SPEC (attributes as in the paper's code)."""
+    """Stand-in for the 2020 layer, written from the paper's formula (attributes as in the paper's code)."""
 
     def __init__(self, cin, cout, k, stride=1, padding=0, alpha=1.0, scale=2, dual_output=False, train_alpha=False,
                  bias=True):
@@ -29,7 +29,7 @@ class PPmodule2d(nn.Module):
 
 
 class PushPullConv2DUnit(nn.Module):
-    """Stand-in for the 2024 layer, written from the SPEC."""
+    """Stand-in for the 2024 layer, written from the paper's formula."""
 
     def __init__(self, cin, cout, k, avg_kernel_size=3, stride=1, padding=0, pull_inhibition_strength=1.0,
                  trainable_pull_inhibition=False, bias=True):

@@ -1,9 +1,9 @@
-"""Every backend against the reference (the SPEC formula) on every option: float64 to 1e-9 with
+"""Every backend against the reference (the formula, pushpull_ext/reference.py) on every option: float64 to 1e-9 with
 gradcheck, float32 to 1e-4 relative, low precision within 2x of eager PyTorch's own error."""
 import pytest
 import torch
-
 from cases import CASE_PARAMS, call, case, make_case
+
 from pushpull_ext import push_pull_conv2d
 
 
@@ -82,7 +82,7 @@ def test_invert_ties_share_gradient_like_autograd(backend_device):
 def test_float32_within_spec(backend_device, sizes, options):
     backend, device = backend_device
     if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False  # SPEC: 1e-4 relative with TF32 off
+        torch.backends.cudnn.allow_tf32 = False  # the tolerance: 1e-4 relative with TF32 off
         torch.backends.cuda.matmul.allow_tf32 = False
     n, c_in, c_out, h, w, kh, kw = sizes
     inputs, opts = make_case((n, c_in * 2, c_out * 2, h, w, kh, kw), options, torch.float32, device, scale_hw=2)

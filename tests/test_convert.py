@@ -1,10 +1,10 @@
 """pushpull_ext.convert on ResNets and other module trees, and the papers' checkpoints in whole models."""
 import pytest
 import torch
+from paper_models import Bottleneck, PPmodule2d, PushPullConv2DUnit, resnet20, tiny_resnet
 from torch import nn
 
 import pushpull_ext
-from paper_models import Bottleneck, PPmodule2d, PushPullConv2DUnit, resnet20, tiny_resnet
 from pushpull_ext import PushPullConv2d, convert
 
 PLACEMENTS = [

@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 import torch
-
 from cases import CASES, call, make_case
+
 from pushpull_ext import push_pull_conv2d
 from pushpull_ext._ext import has_cpp_kernel
 
@@ -51,7 +51,7 @@ def _check_against_reference(sizes, opts_in, dtype, rtol):
     names = ["output"] + [k for k, v in inputs.items() if v.requires_grad]
     for name, a, e in zip(names, ours, exact):
         scale = max(e.abs().max().item(), 1e-30)
-        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=rtol * scale, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -5,13 +5,12 @@ import types
 
 import pytest
 import torch
-
-import pushpull_ext.functional as functional
 from cases import make_case
-from pushpull_ext import push_pull_conv2d
-from pushpull_ext._ext import has_cpp_kernel
 from test_agreement import _assert_rel_close, _outputs_and_grads, _reference_float64
 from test_cuda_emulation import LARGE_KERNEL, MANY_TILES
+
+import pushpull_ext.functional as functional
+from pushpull_ext._ext import has_cpp_kernel
 
 
 def _cuda_tensor_stand_in():

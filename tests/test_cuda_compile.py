@@ -32,6 +32,7 @@ ARCHS = ["sm_70", "sm_80", "sm_90"]
 REQUIRED = os.environ.get("PUSHPULL_REQUIRE_CUDA_COMPILE", "0") == "1"
 # The macros torch's CUDAExtension builds with (torch.utils.cpp_extension.COMMON_NVCC_FLAGS).
 TORCH_NVCC_DEFINES = [f for f in cpp_extension.COMMON_NVCC_FLAGS if f.startswith("-D")]
+pytestmark = pytest.mark.slow  # minutes on 2 cores: CI runs it as a step of its own (README, "Testing")
 
 
 def _missing(what):

@@ -14,12 +14,12 @@ import os
 
 import pytest
 import torch
-
 from cases import CASE_PARAMS, call, case, make_case
+from test_agreement import _assert_rel_close, _outputs_and_grads, _reference_float64
+
+import pushpull_ext.functional  # noqa: F401  (registers the autograd of the ops)
 from pushpull_ext import push_pull_conv2d
 from pushpull_ext._ext import CPP_ERROR
-import pushpull_ext.functional  # noqa: F401  (registers the autograd of the ops)
-from test_agreement import _assert_rel_close, _outputs_and_grads, _reference_float64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def test_override_runs_the_emulation(cuda_backend_on_cpu):
     assert cuda_backend_on_cpu["forward"] == before + 1
 
 
-# ---------------------------------------------------------------- agreement with the SPEC formula
+# ---------------------------------------------------------------- agreement with the formula
 
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
 def test_float64_matches_reference(cuda_backend_on_cpu, sizes, options):
@@ -243,6 +243,7 @@ def _op_arguments(inputs, opts):
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
 def test_masks_are_the_relu_derivatives(cuda_backend_on_cpu, sizes, options):
     import torch.nn.functional as F
+
     from pushpull_ext.reference import pull_kernel
 
     inputs, opts = make_case(sizes, options, torch.float64, "cpu", requires_grad=False)

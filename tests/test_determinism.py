@@ -2,11 +2,11 @@
 reproducible from run to run, or raise the error PyTorch's own ops raise in that mode."""
 import re
 
+import hardening_results
 import pytest
 import torch
-
-import hardening_results
 from cases import call, case, make_case
+
 from pushpull_ext import push_pull_conv2d
 
 DETERMINISM_CASES = ("2020-default", "2020-wide-groups-stride-avg3", "2024-stem", "2024-avg5-groups-biases")

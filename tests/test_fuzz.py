@@ -1,10 +1,10 @@
-"""Property-based fuzzing: random SPEC configurations on every fused backend against the reference.
+"""Property-based fuzzing: random layer configurations on every fused backend against the reference.
 
 Each example draws a whole configuration (kernel 1-7 incl. rectangular, stride 1-3, padding 0-3,
 dilation 1-2, groups, both pull modes and valid scales, avg 0/1/3/5, biases, the three alpha forms
 trainable or not, dual output, odd sizes, batch 0-3, contiguous / channels_last / sliced / transposed
 input, a non-contiguous weight, tied weights) and checks the output and every gradient in float64
-against pushpull_ext.reference to 1e-9 relative (the SPEC's float64 bound).
+against pushpull_ext.reference to 1e-9 relative (the float64 tolerance).
 
 Hypothesis is derandomized (same examples every run) with no deadline. The profile comes from
 PUSHPULL_FUZZ_PROFILE: "ci" (default; a couple of minutes on 2 CPU cores) or "long" (thousands of
@@ -15,11 +15,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import hardening_results
 import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-import hardening_results
 from pushpull_ext import push_pull_conv2d
 from pushpull_ext.options import upsampled_size
 
@@ -78,7 +78,7 @@ def _input_size(draw, kernel, stride, padding, dilation, max_out):
 
 
 def _dilation(draw, kernel, pull, scale):
-    """1-2; only 1 where the 2020 pull kernel grows (its padding does not scale with dilation, SPEC)."""
+    """1-2; only 1 where the 2020 pull kernel grows (its padding does not scale with dilation, README "The formula")."""
     grows = pull == "upsample" and scale != 1 and upsampled_size(kernel, scale) != kernel
     return 1 if grows else draw(st.integers(1, 2))
 
@@ -87,7 +87,7 @@ def _dilation(draw, kernel, pull, scale):
 def configs(draw, tiny: bool) -> Config:
     pull = ("upsample", "invert")[draw(st.integers(0, 1))]
     scale = draw(st.sampled_from((1.0, 1.5, 2.0, 2.5, 3.0))) if pull == "upsample" else 2.0
-    odd_only = pull == "upsample" and scale != 1  # even kernels are refused there (SPEC)
+    odd_only = pull == "upsample" and scale != 1  # even kernels are refused there (README "The formula")
     kernel_sizes = st.sampled_from((1, 3, 5, 7)) if odd_only else st.integers(1, 7)
     kernel = (draw(kernel_sizes), draw(kernel_sizes))
     stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))

@@ -6,12 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import hardening_results
 import pytest
 import torch
 import torch.nn.functional as F
 
-import hardening_results
-import pushpull_ext
 from pushpull_ext import push_pull_conv2d
 
 OPTIONS = dict(pull="invert", padding=1, avg_kernel=3)

@@ -2,11 +2,11 @@
 whole converted ResNet, autocast, channels_last."""
 import pytest
 import torch
+from paper_models import PPmodule2d, PushPullConv2DUnit, tiny_resnet
 from torch import nn
 
 import pushpull_ext
 import pushpull_ext.functional
-from paper_models import PPmodule2d, PushPullConv2DUnit, tiny_resnet
 from pushpull_ext import PushPullConv2d, convert, push_pull_conv2d
 
 
@@ -32,7 +32,7 @@ def _layer(backend, device, **options):
 
 
 def _expected(layer, x):
-    """The SPEC formula on the layer's current weights."""
+    """The formula on the layer's current weights."""
     return push_pull_conv2d(x, layer.weight, layer.bias, padding=1, pull=layer.pull, avg_kernel=layer.avg_kernel,
                             backend="reference")
 

@@ -1,8 +1,8 @@
 """Bad input gets a clear error naming the argument; odd but valid layouts get the right answer."""
+import hardening_results
 import pytest
 import torch
 
-import hardening_results
 from pushpull_ext import push_pull_conv2d
 
 

@@ -6,11 +6,11 @@ non-finite value a sum of infinities gives depends on the order of summation, so
 a gradient is not compared). A NaN or Inf reaching the layer must never come out as a finite
 number: a silently wrong loss.
 """
+import hardening_results
 import pytest
 import torch
-
-import hardening_results
 from cases import call, case_params, make_case
+
 from pushpull_ext import push_pull_conv2d
 
 NON_FINITE_CASES = case_params("2020-default", "2020-scale1-dilation", "2020-dual", "2024-stem",
@@ -54,7 +54,7 @@ GRADIENT_KINDS = (("non-finite", lambda t: ~torch.isfinite(t)),)
 # Known deviations, (backend, pull, poison) -> (reason, strict). Strict ones are reported to be fixed:
 # they fail the suite (XPASS) once fixed, so that the entry is removed.
 _INVERT_INF = ("the invert fast path computes the pull response as max_plus_min * box_sum(x) - conv2d(x, k) "
-               "(SPEC, Algebra): an Inf input gives Inf - Inf = NaN where conv2d(x, q(k)) gives +-Inf")
+               "(README, section How it is fast): an Inf input gives Inf - Inf = NaN where conv2d(x, q(k)) gives +-Inf")
 KNOWN_DEVIATIONS = {
     ("triton", "invert", "inf"): (f"Triton: {_INVERT_INF}", True),
     ("cuda", "invert", "inf"): (f"CUDA, if it uses the same algebra: {_INVERT_INF}", False),

@@ -1,9 +1,9 @@
 """The registered ops: opcheck (schema, fake, autograd registration), torch.compile and export."""
 import pytest
 import torch
+from cases import case_params, make_case
 from torch import nn
 
-from cases import case_params, make_case
 from pushpull_ext import PushPullConv2d
 from pushpull_ext.options import normalize, pull_operands
 

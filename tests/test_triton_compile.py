@@ -4,14 +4,14 @@ The other CPU tests run the kernels through the Triton interpreter, which never 
 kernel the interpreter runs can still fail to compile, need more shared memory than a GPU has, spill
 registers or miss the tensor cores. Here every kernel the launcher would launch on a GPU is compiled
 to machine code and read back with cuobjdump, for
-- the SPEC shapes, and a few layers whose sizes compile other code (EXTRA_SHAPES), in float32 (TF32
+- the papers' shapes, and a few layers whose sizes compile other code (EXTRA_SHAPES), in float32 (TF32
   on and off), bfloat16 and float64, training and inference, for sm_80 (A100) and sm_90 (H100):
   no problem, no warning (spills, products off the tensor cores); and for sm_86 (RTX 30xx: the least
   shared memory per block) in float32 and bfloat16: every kernel fits;
 - the agreement tests' option grid (tests/cases.py) in float32 and bfloat16, for sm_90: every option
   combination compiles and fits;
 - with PUSHPULL_OTHER_TRITON=DIR (a `pip install --target DIR --no-deps triton==3.6.0`, which .ci/run
-  makes), the SPEC set and the grid for sm_90 once more with that Triton: the package supports 3.6 to
+  makes), the papers' set and the grid for sm_90 once more with that Triton: the package supports 3.6 to
   3.9, and 3.6 is what the lent H100/H200 machines run. (3.6 could not lower the float64 backward
   products, which 3.9 compiled; kernels/common.py: mma_grad_operand.)
 Each target compiles in a process of its own without TRITON_INTERPRET (this process has it set);
@@ -43,7 +43,7 @@ def _other_triton_version():
     return dists[0].version if dists else None
 
 
-# (arch, Triton) -> the sets compiled, one process per set: "spec" (SPEC + EXTRA_SHAPES, all checks),
+# (arch, Triton) -> the sets compiled, one process per set: "spec" (the papers' shapes + EXTRA_SHAPES, all checks),
 # "smem" (the same, float32 / bfloat16 only, for the shared memory limit), "grid" (tests/cases.py).
 TARGETS = {(80, "installed"): ("spec",), (86, "installed"): ("smem",), (90, "installed"): ("spec", "grid")}
 if OTHER_TRITON:
@@ -51,6 +51,7 @@ if OTHER_TRITON:
 TARGET_IDS = [f"sm_{arch}-{triton.replace(' ', '')}" for arch, triton in TARGETS]
 
 pytestmark = [
+    pytest.mark.slow,  # minutes: every kernel compiled to machine code (README, "Testing")
     pytest.mark.skipif(TRITON_ERROR is not None, reason=f"Triton is missing: {TRITON_ERROR}"),
     # There the other tests compile and run the kernels for real; `python -m pushpull_ext.compile_check`
     # still reports the resources of every kernel.
@@ -103,10 +104,10 @@ def test_every_launched_kernel_compiles_and_fits(compiled, target):
     assert not problems, "\n".join(problems)
 
 
-SPEC_TARGETS = [t for t, sets in TARGETS.items() if "spec" in sets]
+PAPER_TARGETS = [t for t, sets in TARGETS.items() if "spec" in sets]
 
 
-@pytest.mark.parametrize("target", SPEC_TARGETS, ids=[TARGET_IDS[list(TARGETS).index(t)] for t in SPEC_TARGETS])
+@pytest.mark.parametrize("target", PAPER_TARGETS, ids=[TARGET_IDS[list(TARGETS).index(t)] for t in PAPER_TARGETS])
 def test_spec_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
     arch = target[0]
     kernels = [k for k in _kernels(compiled, target) if k["set"] == "spec"]
@@ -121,6 +122,7 @@ def _grid_launches(dtypes):
     """(label, call) per case of tests/cases.py and dtype: forward, every gradient, inference forward."""
     import torch
     from cases import CASES, call, make_case
+
     from pushpull_ext import push_pull_conv2d
 
     def step(sizes, options, dtype):
@@ -141,6 +143,7 @@ def _child(arch, out_path, sets):
 
     import torch
     import triton
+
     from pushpull_ext import compile_check
     from pushpull_ext.shapes import CASES
 

@@ -1,5 +1,5 @@
 """The Triton launchers (pushpull_ext.triton_launch.forward / .backward) called directly, against the
-SPEC formula and its autograd. Without a GPU the kernels run on CPU tensors through the Triton
+formula (pushpull_ext/reference.py) and its autograd. Without a GPU the kernels run on CPU tensors through the Triton
 interpreter (TRITON_INTERPRET=1, set below before triton is imported), so the shapes are tiny.
 
 The pull operands (pull_shift / pull_rows / pull_cols, from options.pull_operands) are independent
@@ -63,7 +63,7 @@ class Case:
         self.opts = (list(a.stride), list(a.padding), list(a.pull_padding(tuple(self.w.shape[2:]))),
                      list(a.dilation), a.groups, a.avg_kernel, a.dual_output)
 
-    # --- the SPEC formula with the pull operands as independent inputs -------------------------
+    # --- the formula with the pull operands as independent inputs -------------------------
     def responses(self, x, w, shift, b_in):
         a = self.args
         conv = dict(stride=a.stride, dilation=a.dilation, groups=a.groups)

@@ -137,8 +137,8 @@ PUSHPULL_AVX2 inline float horizontal_sum(__m256 v) {
 }
 
 // A 4 x 3 block of C: dot products over all pixels, 8 pixels per lane, summed across lanes at the end.
-PUSHPULL_AVX2 inline void gram_tile4x3(const float* a, int64_t m_rows, const float* b, int64_t k_rows,
-                                       int64_t n_panels, float* c, int64_t ldc) {
+PUSHPULL_AVX2 inline void gram_tile4x3(const float* a, int64_t m_rows, const float* b, int64_t k_rows, int64_t n_panels,
+                                       float* c, int64_t ldc) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
   __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
   for (int64_t p = 0; p < n_panels; ++p) {

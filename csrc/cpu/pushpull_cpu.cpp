@@ -1,6 +1,6 @@
 // CPU kernels of pushpull::forward / pushpull::backward.
 //
-// Neither pull kernel costs a second full convolution (SPEC, "Algebra the fast paths may use"):
+// Neither pull kernel costs a second full convolution (README.md, "How it is fast"):
 //   invert:   R = shift[o] * S - P0, with S the per-group box sum of the input (a 1-channel conv);
 //   upsample: R = k @ z (shared weight matrix), z = separable prefilter of the input (rows, cols);
 //   scale 1:  R = -P0.
@@ -49,7 +49,8 @@ struct ConvArgs {
 
 using Pair = std::array<int64_t, 2>;
 
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, Pair stride, Pair padding, Pair dilation, int64_t groups = 1) {
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, Pair stride, Pair padding, Pair dilation,
+                int64_t groups = 1) {
   return at::conv2d(x, w, std::nullopt, stride, padding, dilation, groups);
 }
 Pair pair(at::IntArrayRef v) { return {v[0], v[1]}; }
@@ -72,14 +73,18 @@ struct PrefilterGeometry {
   int64_t height, width, out_height, out_width, kernel_h, kernel_w, pull_h, pull_w;
   int64_t stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
   int64_t in_row(int64_t ho, int64_t a) const { return ho * stride_h + a * dil_h - pad_h; }
-  int64_t padded_width() const { return std::max((out_width - 1) * stride_w + (pull_w - 1) * dil_w + 1, pad_w + width); }
+  int64_t padded_width() const {
+    return std::max((out_width - 1) * stride_w + (pull_w - 1) * dil_w + 1, pad_w + width);
+  }
   // the vertical pass [kh, Ho, padded_width], then one [Ho, padded_width] block of the horizontal one
   int64_t tmp_size() const { return (kernel_h + 1) * out_height * padded_width(); }
 };
 
-PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols) {
-  return {geo.height, geo.width, geo.out_height, geo.out_width, geo.kernel_h, geo.kernel_w, rows.size(0), cols.size(0),
-          c.stride[0], c.stride[1], c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
+PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows,
+                                     const at::Tensor& cols) {
+  return {geo.height,    geo.width,     geo.out_height,    geo.out_width,    geo.kernel_h,
+          geo.kernel_w,  rows.size(0),  cols.size(0),      c.stride[0],      c.stride[1],
+          c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
 }
 
 // out[k] = sum_b taps[b * tap_stride] * line[k + b * dilation] for k < length, skipping zero taps. Eight
@@ -178,8 +183,9 @@ PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t
 // row_acc holds one input plane [H, W].
 template <typename scalar_t, typename acc_t>
 PUSHPULL_CPU_CLONES void prefilter_adjoint_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
-                             const scalar_t* __restrict__ gz, int64_t tap_stride, acc_t* __restrict__ tmp,
-                             scalar_t* __restrict__ gx, acc_t* __restrict__ plane_acc) {
+                                                 const scalar_t* __restrict__ gz, int64_t tap_stride,
+                                                 acc_t* __restrict__ tmp, scalar_t* __restrict__ gx,
+                                                 acc_t* __restrict__ plane_acc) {
   const int64_t wp = g.padded_width();
   std::fill(tmp, tmp + g.tmp_size(), acc_t(0));
   for (int64_t i = 0; i < g.kernel_h; ++i) {
@@ -219,7 +225,9 @@ struct PrefilterLayout {
   int64_t in_channels, taps, batch, out_plane;
   int64_t tap_stride() const { return batch * out_plane; }
   // input plane (n, c), numbered n * C_in + c -> its first tap row in z (rows c * taps.., column block n)
-  int64_t offset(int64_t plane) const { return ((plane % in_channels) * taps * batch + plane / in_channels) * out_plane; }
+  int64_t offset(int64_t plane) const {
+    return ((plane % in_channels) * taps * batch + plane / in_channels) * out_plane;
+  }
 };
 
 PrefilterLayout prefilter_layout(const Geometry& geo) {
@@ -250,12 +258,15 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_prefilter", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
-    for_each_input_plane<scalar_t>(geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
-      scalar_t* z_plane = zp + layout.offset(plane);
-      prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, 0, geo.out_height, tmp, row_acc, [&](int64_t tap, int64_t ho, auto row) {
-        std::copy(row, row + geo.out_width, z_plane + tap * layout.tap_stride() + ho * geo.out_width);
-      });
-    });
+    for_each_input_plane<scalar_t>(
+        geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
+          scalar_t* z_plane = zp + layout.offset(plane);
+          prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, 0, geo.out_height, tmp, row_acc,
+                          [&](int64_t tap, int64_t ho, auto row) {
+                            std::copy(row, row + geo.out_width,
+                                      z_plane + tap * layout.tap_stride() + ho * geo.out_width);
+                          });
+        });
   });
   return z;
 }
@@ -270,9 +281,11 @@ at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, c
     const scalar_t* gzp = gz.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     const int64_t plane_size = geo.height * geo.width;
-    for_each_input_plane<scalar_t>(geo, g, rows, cols, plane_size, [&](int64_t plane, auto r, auto k, auto tmp, auto acc) {
-      prefilter_adjoint_plane(g, r, k, gzp + layout.offset(plane), layout.tap_stride(), tmp, gxp + plane * plane_size, acc);
-    });
+    for_each_input_plane<scalar_t>(geo, g, rows, cols, plane_size,
+                                   [&](int64_t plane, auto r, auto k, auto tmp, auto acc) {
+                                     prefilter_adjoint_plane(g, r, k, gzp + layout.offset(plane), layout.tap_stride(),
+                                                             tmp, gxp + plane * plane_size, acc);
+                                   });
   });
   return gx;
 }
@@ -331,9 +344,8 @@ bool all_finite(const T* values, int64_t count) {
 
 bool all_finite(const at::Tensor& t) {
   bool finite = true;
-  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "pushpull_all_finite", [&] {
-    finite = all_finite(t.const_data_ptr<scalar_t>(), t.numel());
-  });
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "pushpull_all_finite",
+                             [&] { finite = all_finite(t.const_data_ptr<scalar_t>(), t.numel()); });
   return finite;
 }
 
@@ -377,8 +389,8 @@ struct Window {
 // valid positions when `average`; tmp is scratch of the plane's size. Row-wise loops over shifted
 // ranges (no bounds test inside) so that they vectorize.
 template <typename acc_t>
-PUSHPULL_CPU_CLONES void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out, int64_t height,
-                int64_t width, int64_t radius, bool average) {
+PUSHPULL_CPU_CLONES void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out,
+                                    int64_t height, int64_t width, int64_t radius, bool average) {
   std::fill(tmp, tmp + height * width, acc_t(0));
   for (int64_t h = 0; h < height; ++h) {
     const acc_t* __restrict__ row = in + h * width;
@@ -408,7 +420,8 @@ void divide_by_window_count(acc_t* values, int64_t height, int64_t width, int64_
   const Window win{radius};
   for (int64_t h = 0; h < height; ++h) {
     const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
-    for (int64_t w = 0; w < width; ++w) values[h * width + w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
+    for (int64_t w = 0; w < width; ++w)
+      values[h * width + w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
   }
 }
 
@@ -473,8 +486,13 @@ PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, cons
                                    const OptTensor& bias_in) {
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
   auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr; };
-  return {geo, push_field(geo, ptr(r.push0)), pull_field(geo, ptr(r.pull0), r.pull_channel_major), ptr(r.box), opt_ptr(shift),
-          opt_ptr(bias_in), geo.out_height * geo.out_width};
+  return {geo,
+          push_field(geo, ptr(r.push0)),
+          pull_field(geo, ptr(r.pull0), r.pull_channel_major),
+          ptr(r.box),
+          opt_ptr(shift),
+          opt_ptr(bias_in),
+          geo.out_height * geo.out_width};
 }
 
 // Per-thread scratch of the epilogues: a few planes in the accumulation type.
@@ -495,7 +513,8 @@ struct ForwardOutputs {
 // `in` (n itself, or 0 for a one-image workspace). Each mask byte has a single writer.
 template <typename scalar_t>
 PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t octet,
-                            const ForwardOutputs<scalar_t>& out, PlaneScratch<at::opmath_type<scalar_t>>& scratch) {
+                                                const ForwardOutputs<scalar_t>& out,
+                                                PlaneScratch<at::opmath_type<scalar_t>>& scratch) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8;
@@ -555,9 +574,9 @@ void forward_epilogue(const PlaneInputs<scalar_t>& in, const ForwardOutputs<scal
 
 // Masked gradient fields and per-(image, channel) partial sums of the vector gradients.
 struct BackwardFields {
-  at::Tensor grad_push0;  // dL/dP0 through the push conv (and through R = -P0 for negate/invert)
-  at::Tensor grad_pull0;  // dL/d(conv(x, q)) for upsample
-  at::Tensor grad_box;    // dL/dS for invert: sum_o shift[o] * gQ[o]
+  at::Tensor grad_push0;                         // dL/dP0 through the push conv (and through R = -P0 for negate/invert)
+  at::Tensor grad_pull0;                         // dL/d(conv(x, q)) for upsample
+  at::Tensor grad_box;                           // dL/dS for invert: sum_o shift[o] * gQ[o]
   at::Tensor shift_part, bias_part, alpha_part;  // [N, C_out] in the accumulation type
 };
 
@@ -574,8 +593,12 @@ BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& 
   using acc_t = at::opmath_type<scalar_t>;
   auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
   auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-  return {push_field(geo, ptr(f.grad_push0)), pull_field(geo, ptr(f.grad_pull0), use_prefilter(geo)), ptr(f.grad_box),
-          acc_ptr(f.shift_part), acc_ptr(f.bias_part), acc_ptr(f.alpha_part)};
+  return {push_field(geo, ptr(f.grad_push0)),
+          pull_field(geo, ptr(f.grad_pull0), use_prefilter(geo)),
+          ptr(f.grad_box),
+          acc_ptr(f.shift_part),
+          acc_ptr(f.bias_part),
+          acc_ptr(f.alpha_part)};
 }
 
 // sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in eight interleaved partial sums: the loop vectorizes
@@ -626,8 +649,10 @@ struct BackwardInputs {
 // per (image, group), so the group's box-sum gradient has a single writer.
 template <typename scalar_t>
 PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t grp,
-                             const BackwardInputs<scalar_t>& bin, const BackwardOutputs<scalar_t>& f,
-                             PlaneScratch<at::opmath_type<scalar_t>>& scratch, std::vector<at::opmath_type<scalar_t>>& box_grad) {
+                                                 const BackwardInputs<scalar_t>& bin,
+                                                 const BackwardOutputs<scalar_t>& f,
+                                                 PlaneScratch<at::opmath_type<scalar_t>>& scratch,
+                                                 std::vector<at::opmath_type<scalar_t>>& box_grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
@@ -708,11 +733,11 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<sca
 // (partial sums per image, added in a fixed order), dx = col2im(W_g^T @ gP) + prefilter^T(W_g^T @ gR).
 template <typename scalar_t>
 struct ImageWorkspace {
-  std::vector<scalar_t> cols, z;            // packed operands of a block of rows, group g at g * operand_size
-  std::vector<scalar_t> push, pull;         // [C_out, field_ld]: responses, then their gradients
-  std::vector<scalar_t> packed_grad;        // one group's gradient field, packed
-  std::vector<scalar_t> tap_rows;           // one channel's im2col or prefilter [taps, block pixels]
-  std::vector<scalar_t> grad_rows;          // W_g^T @ (a gradient field) [K, padded]
+  std::vector<scalar_t> cols, z;              // packed operands of a block of rows, group g at g * operand_size
+  std::vector<scalar_t> push, pull;           // [C_out, field_ld]: responses, then their gradients
+  std::vector<scalar_t> packed_grad;          // one group's gradient field, packed
+  std::vector<scalar_t> tap_rows;             // one channel's im2col or prefilter [taps, block pixels]
+  std::vector<scalar_t> grad_rows;            // W_g^T @ (a gradient field) [K, padded]
   std::vector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
 };
 
@@ -728,17 +753,25 @@ struct ImagePath {
   const scalar_t *rows, *cols;  // interpolation matrices, contiguous
   const scalar_t* weight;       // [C_out, K]
   int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
-  int64_t block_rows;           // output rows packed at a time (forward; backward packs whole planes)
-  int64_t field_ld;             // row stride of the push/pull fields: a block's product may write 23 past it
+  int64_t block_rows;  // output rows packed at a time (forward; backward packs whole planes)
+  int64_t field_ld;    // row stride of the push/pull fields: a block's product may write 23 past it
 
   // `blocked`: pack blocks of rows (forward) rather than whole planes (backward).
   ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const at::Tensor& w,
             bool blocked)
-      : geo(g), conv(c), pre(prefilter_geometry(g, c, r, k)), rows(r.const_data_ptr<scalar_t>()),
-        cols(k.const_data_ptr<scalar_t>()), weight(w.const_data_ptr<scalar_t>()),
-        plane(g.out_height * g.out_width), padded(panel::padded(plane)), taps(g.kernel_h * g.kernel_w),
-        in_per_group(g.in_channels / g.groups), out_per_group(g.out_channels / g.groups),
-        k_size(in_per_group * taps), field_ld(plane + panel::kPanel) {
+      : geo(g),
+        conv(c),
+        pre(prefilter_geometry(g, c, r, k)),
+        rows(r.const_data_ptr<scalar_t>()),
+        cols(k.const_data_ptr<scalar_t>()),
+        weight(w.const_data_ptr<scalar_t>()),
+        plane(g.out_height * g.out_width),
+        padded(panel::padded(plane)),
+        taps(g.kernel_h * g.kernel_w),
+        in_per_group(g.in_channels / g.groups),
+        out_per_group(g.out_channels / g.groups),
+        k_size(in_per_group * taps),
+        field_ld(plane + panel::kPanel) {
     const int64_t row_bytes = 2 * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
     block_rows = blocked ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
                          : g.out_height;
@@ -811,19 +844,22 @@ struct ImagePath {
   }
 
   // The packed im2col and prefilter operands of every group of image n, output rows [ho_begin, ho_end).
-  void pack_operands(const scalar_t* x, int64_t n, int64_t ho_begin, int64_t ho_end, ImageWorkspace<scalar_t>& ws) const {
+  void pack_operands(const scalar_t* x, int64_t n, int64_t ho_begin, int64_t ho_end,
+                     ImageWorkspace<scalar_t>& ws) const {
     const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
     for (int64_t c = 0; c < geo.in_channels; ++c) {
       const scalar_t* x_plane = x + (n * geo.in_channels + c) * geo.height * geo.width;
       const int64_t grp = c / in_per_group, first_row = (c % in_per_group) * taps;
-      pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(), ws.tap_rows.data());
+      pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(),
+                        ws.tap_rows.data());
       prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(), ws.line.data(),
                       [&](int64_t tap, int64_t ho, const scalar_t* row) {
                         std::copy(row, row + geo.out_width,
                                   ws.tap_rows.data() + tap * pixels + (ho - ho_begin) * geo.out_width);
                       });
       for (int64_t t = 0; t < taps; ++t) {
-        panel::pack_row(ws.tap_rows.data() + t * pixels, pixels, k_size, first_row + t, ws.z.data() + grp * operand_size());
+        panel::pack_row(ws.tap_rows.data() + t * pixels, pixels, k_size, first_row + t,
+                        ws.z.data() + grp * operand_size());
       }
     }
   }
@@ -857,12 +893,14 @@ struct ImagePath {
   // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
   void pack_group_field(const std::vector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
     for (int64_t r = 0; r < out_per_group; ++r) {
-      panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld, plane, out_per_group, r, ws.packed_grad.data());
+      panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld, plane, out_per_group, r,
+                      ws.packed_grad.data());
     }
   }
 
   // grad_w[grp rows] += packed gradient (one group) @ operand^T.
-  void add_weight_grad(const scalar_t* operand, int64_t grp, const ImageWorkspace<scalar_t>& ws, scalar_t* grad_w) const {
+  void add_weight_grad(const scalar_t* operand, int64_t grp, const ImageWorkspace<scalar_t>& ws,
+                       scalar_t* grad_w) const {
     panel::gram(ws.packed_grad.data(), out_per_group, operand, k_size, plane, grad_w + grp * out_per_group * k_size,
                 k_size);
   }
@@ -983,10 +1021,19 @@ struct GappedPlanes {
   int64_t gap, margin, ws_stride, plane_size;  // G, V, Ws and the length of one gapped plane
 
   GappedPlanes(const Geometry& g, const ConvArgs& c, int64_t pull_rows, int64_t pull_cols, int64_t grain)
-      : geo(g), taps(g.kernel_h * g.kernel_w), in_per_group(g.in_channels / g.groups),
-        out_per_group(g.out_channels / g.groups), plane(g.out_height * g.out_width), dh(c.dilation[0]),
-        dw(c.dilation[1]), ph(c.padding[0]), pw(c.padding[1]), qh(c.pull_padding[0]), qw(c.pull_padding[1]),
-        pull_h(pull_rows), pull_w(pull_cols) {
+      : geo(g),
+        taps(g.kernel_h * g.kernel_w),
+        in_per_group(g.in_channels / g.groups),
+        out_per_group(g.out_channels / g.groups),
+        plane(g.out_height * g.out_width),
+        dh(c.dilation[0]),
+        dw(c.dilation[1]),
+        ph(c.padding[0]),
+        pw(c.padding[1]),
+        qh(c.pull_padding[0]),
+        qw(c.pull_padding[1]),
+        pull_h(pull_rows),
+        pull_w(pull_cols) {
     // Forward shifts reach pw / qw left and (kw - 1) dw - pw / (pull_w - 1) dw - qw right; backward the reverse.
     gap = std::max({pw, qw, (g.kernel_w - 1) * dw - pw, (pull_w - 1) * dw - qw, int64_t(0)});
     margin = std::max({ph, qh, (g.kernel_h - 1) * dh - ph, (pull_h - 1) * dh - qh, int64_t(0)});
@@ -1045,15 +1092,15 @@ std::pair<at::Tensor, at::Tensor> interpolation_doubles(const at::Tensor& rows, 
 
 template <typename T>
 struct TapWorkspace {
-  std::vector<T> xg;              // the input image [C_in, plane_size], gapped
-  std::vector<T> y;               // Y of a block of output channels [block * taps, plane_size] (or gY)
-  std::vector<T> lines;           // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
-  std::vector<T> resp;            // one channel's two responses [2, plane_size]
-  std::vector<T> grad_resp;       // their gradients: written only inside the planes (the rest stays zero)
-  std::vector<T> push, pull;      // [C_out, plane]: the responses, then their gradients (as the epilogues read)
-  std::vector<T> gx;              // the input gradient [C_in, plane_size], gapped
-  std::vector<T> dw;              // a block's weight gradient [block * taps, C_in/groups]
-  std::vector<const T*> rows;     // B operand rows of a product
+  std::vector<T> xg;           // the input image [C_in, plane_size], gapped
+  std::vector<T> y;            // Y of a block of output channels [block * taps, plane_size] (or gY)
+  std::vector<T> lines;        // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
+  std::vector<T> resp;         // one channel's two responses [2, plane_size]
+  std::vector<T> grad_resp;    // their gradients: written only inside the planes (the rest stays zero)
+  std::vector<T> push, pull;   // [C_out, plane]: the responses, then their gradients (as the epilogues read)
+  std::vector<T> gx;           // the input gradient [C_in, plane_size], gapped
+  std::vector<T> dw;           // a block's weight gradient [block * taps, C_in/groups]
+  std::vector<const T*> rows;  // B operand rows of a product
   TermScratch<T> terms;
 };
 
@@ -1077,13 +1124,15 @@ struct TapPath : GappedPlanes {
       for (int64_t j = 0; j < kw; ++j) horizontal.push_back({i * kw + j, i, j * dw - pw, T(1)});
       for (int64_t j = 0; j < kw; ++j)
         for (int64_t b = 0; b < pull_w; ++b)
-          if (kp[b * kw + j] != 0) horizontal.push_back({i * kw + j, kh + i, b * dw - qw, static_cast<T>(kp[b * kw + j])});
+          if (kp[b * kw + j] != 0)
+            horizontal.push_back({i * kw + j, kh + i, b * dw - qw, static_cast<T>(kp[b * kw + j])});
     }
     // Vertical: response 0 (push) and 1 (pull) from the lines, shifted by whole rows.
     for (int64_t i = 0; i < kh; ++i) vertical.push_back({i, 0, (i * dh - ph) * ws_stride, T(1)});
     for (int64_t i = 0; i < kh; ++i)
       for (int64_t a = 0; a < pull_h; ++a)
-        if (rp[a * kh + i] != 0) vertical.push_back({kh + i, 1, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
+        if (rp[a * kh + i] != 0)
+          vertical.push_back({kh + i, 1, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
     const int64_t per_channel = (taps + 2 * kh) * plane_size * static_cast<int64_t>(sizeof(T));
     block = 8;
     while (block > 1 && block * per_channel > kTapBlockBytes) block /= 2;
@@ -1122,13 +1171,15 @@ struct TapPath : GappedPlanes {
     const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
     for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
       const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, product_begin(), ws);
-      tap_kernels::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b, product_length(),
-                        ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
+      tap_kernels::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b,
+                        product_length(), ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
       for (int64_t ol = 0; ol < count; ++ol) {
         const T* y = ws.y.data() + ol * taps * plane_size;
         T* l = ws.lines.data() + ol * lines * plane_size;
-        for (int64_t line = 0; line < lines; ++line) apply(horizontal, line, false, y, l, begin, output_length_h(), ws.terms);
-        for (int64_t r = 0; r < 2; ++r) apply(vertical, r, false, static_cast<const T*>(l), ws.resp.data(), begin, output_length(), ws.terms);
+        for (int64_t line = 0; line < lines; ++line)
+          apply(horizontal, line, false, y, l, begin, output_length_h(), ws.terms);
+        for (int64_t r = 0; r < 2; ++r)
+          apply(vertical, r, false, static_cast<const T*>(l), ws.resp.data(), begin, output_length(), ws.terms);
         from_gapped(ws.resp.data(), geo.out_height, geo.out_width, ws.push.data() + (o0 + ol) * plane);
         from_gapped(ws.resp.data() + plane_size, geo.out_height, geo.out_width, ws.pull.data() + (o0 + ol) * plane);
       }
@@ -1150,7 +1201,8 @@ struct TapPath : GappedPlanes {
         to_gapped(ws.push.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data());
         to_gapped(ws.pull.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data() + plane_size);
         for (int64_t line = 0; line < lines; ++line)
-          apply(vertical, line, true, static_cast<const T*>(ws.grad_resp.data()), l, begin, output_length_h(), ws.terms);
+          apply(vertical, line, true, static_cast<const T*>(ws.grad_resp.data()), l, begin, output_length_h(),
+                ws.terms);
         for (int64_t t = 0; t < taps; ++t) {
           apply(horizontal, t, true, static_cast<const T*>(l), gy, begin, input_length(), ws.terms);
           // The gaps must read zero in the products below (the sums above leave shifted values there).
@@ -1172,7 +1224,8 @@ struct TapPath : GappedPlanes {
         const int64_t lda = out_per_group * taps;
         const auto b = row_pointers(ws.y.data(), m_rows, first, ws);
         tap_kernels::gemm(wt + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group, m_rows,
-                          b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size, /*accumulate=*/true);
+                          b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size,
+                          /*accumulate=*/true);
       }
     });
     if (grad_x) {
@@ -1208,7 +1261,7 @@ void forward_tap_path(const TapPath<scalar_t>& path, const scalar_t* x, const sc
 }
 
 // The input-side prefilter at stride 1, on the same gapped layout: z[c, t] = the separable prefilter of
-// input plane c for tap t (SPEC, "Algebra"), and one weight matrix W [C_out/groups, K], K = C_in/groups *
+// input plane c for tap t (README.md, "How it is fast"), and one weight matrix W [C_out/groups, K], K = C_in/groups *
 // taps, times two operands whose rows are planes: P0 = W @ (x shifted by each tap), R = W @ z. Shifted
 // planes are pointers into the gapped input, so there is no im2col. The choice for few input channels
 // (the ResNet stems), where filtering each input channel is cheaper than filtering each output one.
@@ -1238,7 +1291,9 @@ struct PrefilterPath : GappedPlanes {
 
   PrefilterPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* w,
                 const T* w_t)
-      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>), weight(w), weight_t(w_t),
+      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>),
+        weight(w),
+        weight_t(w_t),
         k_size(in_per_group * taps) {
     const int64_t kh = g.kernel_h, kw = g.kernel_w;
     const auto [r, k] = interpolation_doubles(rows, cols);
@@ -1280,8 +1335,8 @@ struct PrefilterPath : GappedPlanes {
         apply(vertical, i, false, static_cast<const T*>(ws.xg.data() + c * plane_size), ws.lines.data(), rows_begin,
               rows_length, ws.terms);
       for (int64_t t = 0; t < taps; ++t)
-        apply(horizontal, t, false, static_cast<const T*>(ws.lines.data()), ws.z.data() + c * taps * plane_size, at(0, 0),
-              output_length(), ws.terms);
+        apply(horizontal, t, false, static_cast<const T*>(ws.lines.data()), ws.z.data() + c * taps * plane_size,
+              at(0, 0), output_length(), ws.terms);
     }
   }
 
@@ -1302,7 +1357,8 @@ struct PrefilterPath : GappedPlanes {
       const T* a = weight + grp * out_per_group * k_size;
       for (int64_t r = 0; r < 2; ++r) {
         T* c = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + at(0, 0);
-        tap_kernels::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size, false);
+        tap_kernels::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size,
+                          false);
       }
     }
     for (int64_t o = 0; o < geo.out_channels; ++o) {
@@ -1318,7 +1374,8 @@ struct PrefilterPath : GappedPlanes {
     std::fill(ws.resp.begin(), ws.resp.end(), T(0));
     for (int64_t o = 0; o < geo.out_channels; ++o) {
       to_gapped(ws.push.data() + o * plane, geo.out_height, geo.out_width, ws.resp.data() + o * plane_size);
-      to_gapped(ws.pull.data() + o * plane, geo.out_height, geo.out_width, ws.resp.data() + (geo.out_channels + o) * plane_size);
+      to_gapped(ws.pull.data() + o * plane, geo.out_height, geo.out_width,
+                ws.resp.data() + (geo.out_channels + o) * plane_size);
     }
     const int64_t n = product_length(), begin = at(0, 0);
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
@@ -1332,11 +1389,13 @@ struct PrefilterPath : GappedPlanes {
           ws.rows.resize(out_per_group);
           for (int64_t o = 0; o < out_per_group; ++o) ws.rows[o] = g + o * plane_size;
           tap_kernels::gemm(weight_t + grp * k_size * out_per_group, out_per_group, k_size, out_per_group,
-                            ws.rows.data(), n, ws.grad_cols.data() + r * k_size * plane_size + begin, plane_size, false);
+                            ws.rows.data(), n, ws.grad_cols.data() + r * k_size * plane_size + begin, plane_size,
+                            false);
         }
       }
       if (grad_x) {
-        for (int64_t c = 0; c < in_per_group; ++c) input_gradient(c, grad_x + (grp * in_per_group + c) * geo.height * geo.width, ws);
+        for (int64_t c = 0; c < in_per_group; ++c)
+          input_gradient(c, grad_x + (grp * in_per_group + c) * geo.height * geo.width, ws);
       }
     }
   }
@@ -1354,8 +1413,10 @@ struct PrefilterPath : GappedPlanes {
     src.clear(), w.clear();
     const int64_t begin = at(0, 0);
     for (int64_t t = 0; t < taps; ++t) src.push_back(push_rows + t * plane_size + begin - shift[t]), w.push_back(T(1));
-    for (const auto& term : vertical) src.push_back(ws.lines.data() + term.out * plane_size + begin - term.offset), w.push_back(term.weight);
-    tap_kernels::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(), ws.line.data() + begin);
+    for (const auto& term : vertical)
+      src.push_back(ws.lines.data() + term.out * plane_size + begin - term.offset), w.push_back(term.weight);
+    tap_kernels::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(),
+                              ws.line.data() + begin);
     from_gapped(ws.line.data(), geo.height, geo.width, grad_x_plane);
   }
 };
@@ -1425,7 +1486,7 @@ at::Tensor tap_transposed_weight(const at::Tensor& w, int64_t groups) {
 // ---------------------------------------------------------------- the ops
 
 // float16 / bfloat16 run in float32 and are rounded once at the end: the responses P0 and R then
-// never round before the bias and the ReLUs (SPEC: accumulate in float32).
+// never round before the bias and the ReLUs (float16/bfloat16 accumulate in float32).
 bool runs_in_float(const at::Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
@@ -1456,13 +1517,16 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
   const auto alpha_c = alpha.contiguous();
   const int64_t out_c = dual_output ? 2 * geo.out_channels : geo.out_channels;
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
-  auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte)) : at::empty({0}, x.options().dtype(at::kByte));
+  auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte))
+                          : at::empty({0}, x.options().dtype(at::kByte));
   // NaN and Inf propagate as in the formula: such an input takes the exact pull (see exact_pull).
   const bool exact = geo.pull != PullKind::kNegate && !all_finite(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
-    const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+    const auto outputs =
+        forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
     const scalar_t* bias_ptr = b_in ? b_in->const_data_ptr<scalar_t>() : nullptr;
-    const StrideOnePath stride_one = exact ? StrideOnePath::kNone : stride_one_path<scalar_t>(geo, conv, pull_rows, pull_cols);
+    const StrideOnePath stride_one =
+        exact ? StrideOnePath::kNone : stride_one_path<scalar_t>(geo, conv, pull_rows, pull_cols);
     if (stride_one == StrideOnePath::kTaps) {
       const auto wstack = tap_stacked_weight(w);
       const TapPath<scalar_t> path(geo, conv, *pull_rows, *pull_cols, wstack.const_data_ptr<scalar_t>());
@@ -1473,7 +1537,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
     } else if (!exact && image_path_runs<scalar_t>(geo)) {
       const auto rows = pull_rows->contiguous(), cols = pull_cols->contiguous();
       const ImagePath<scalar_t> path(geo, conv, rows, cols, w, /*blocked=*/true);
-      forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr, outputs);
+      forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr,
+                         outputs);
     } else {
       const Responses r = compute_responses(x, w, shift, pull_rows, pull_cols, geo, conv, exact);
       forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
@@ -1505,8 +1570,10 @@ std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, B
   const bool need_x = req.need_x, need_w = req.need_w;
   // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
   Responses r;
-  if (req.need_alpha) r = compute_responses(x, w, req.shift, req.pull_rows, req.pull_cols, geo, conv);
-  else if (req.need_shift) r.box = box_sum(x, geo, conv).contiguous();
+  if (req.need_alpha)
+    r = compute_responses(x, w, req.shift, req.pull_rows, req.pull_cols, geo, conv);
+  else if (req.need_shift)
+    r.box = box_sum(x, geo, conv).contiguous();
 
   const auto field = [&](int64_t channels) {
     return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
@@ -1522,7 +1589,8 @@ std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, B
   });
   at::Tensor grad_x, grad_w;
   if (need_x || need_w) {
-    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, conv.stride, conv.padding, conv.dilation, false, {0, 0}, conv.groups, {need_x, need_w, false});
+    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, conv.stride, conv.padding, conv.dilation,
+                                          false, {0, 0}, conv.groups, {need_x, need_w, false});
     if (need_x) grad_x = std::get<0>(grads);
     if (need_w) grad_w = std::get<1>(grads);
   }
@@ -1541,15 +1609,17 @@ std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, B
     }
   } else if (f.grad_pull0.defined()) {
     // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
-    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *req.pull_rows, *req.pull_cols), std::nullopt, conv.stride,
-                                          conv.pull_padding, conv.dilation, false, {0, 0}, conv.groups, {need_x, need_w, false});
+    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *req.pull_rows, *req.pull_cols), std::nullopt,
+                                          conv.stride, conv.pull_padding, conv.dilation, false, {0, 0}, conv.groups,
+                                          {need_x, need_w, false});
     if (need_x) grad_x = grad_x + std::get<0>(grads);
     if (need_w) grad_w = grad_w - at::matmul(req.pull_rows->t(), at::matmul(std::get<1>(grads), *req.pull_cols));
   }
   if (f.grad_box.defined()) {
     auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-    grad_x = grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, conv.stride, conv.padding, conv.dilation,
-                                                           false, {0, 0}, conv.groups, {true, false, false}));
+    grad_x =
+        grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, conv.stride, conv.padding,
+                                                      conv.dilation, false, {0, 0}, conv.groups, {true, false, false}));
   }
   return {grad_x, grad_w};
 }
@@ -1616,7 +1686,8 @@ std::pair<at::Tensor, at::Tensor> backward_prefilter_path(const BackwardRequest&
         if (operands) path.load_input(x, n, ws.xg.data()), path.prefilter(ws);
         if (bin.recompute_pull) path.responses(ws);
         const auto in = path.inputs(ws.push, ws.pull, bias_in);
-        for (int64_t grp = 0; grp < geo.groups; ++grp) backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
+        for (int64_t grp = 0; grp < geo.groups; ++grp)
+          backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
         if (req.need_w || req.need_x) {
           path.backward(req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
                         req.need_x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
@@ -1658,7 +1729,8 @@ std::pair<at::Tensor, at::Tensor> backward_tap_path(const BackwardRequest& req, 
         if (read_x) path.load_input(x, n, ws.xg.data());
         if (bin.recompute_pull) path.responses(ws);
         const auto in = path.inputs(ws.push, ws.pull, bias_in);
-        for (int64_t grp = 0; grp < geo.groups; ++grp) backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
+        for (int64_t grp = 0; grp < geo.groups; ++grp)
+          backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
         if (req.need_w || req.need_x) {
           path.backward(wt, req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
                         req.need_x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
@@ -1679,17 +1751,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // The input may be a shape-only placeholder (an expanded scalar) when its values are not needed:
     // keep it one rather than allocating it in full.
     const bool read_input = output_mask[1] || output_mask[2] || output_mask[5];
-    const auto input_f = read_input ? to_float(input) : at::zeros({}, input.options().dtype(at::kFloat)).expand(input.sizes());
+    const auto input_f =
+        read_input ? to_float(input) : at::zeros({}, input.options().dtype(at::kFloat)).expand(input.sizes());
     auto grads = backward_cpu(to_float(grad_output), input_f, to_float(weight), to_float(pull_shift),
-                              to_float(pull_rows), to_float(pull_cols), to_float(bias_in), to_float(alpha), masks, stride,
-                              padding, pull_padding, dilation, groups, avg_kernel, dual_output, output_mask);
+                              to_float(pull_rows), to_float(pull_cols), to_float(bias_in), to_float(alpha), masks,
+                              stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output, output_mask);
     const auto dtype = input.scalar_type();
     return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype), std::get<2>(grads).to(dtype),
             std::get<3>(grads).to(dtype), std::get<4>(grads).to(dtype), std::get<5>(grads).to(dtype)};
   }
-  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt,
-                                          alpha, stride, padding, pull_padding, dilation, groups, avg_kernel,
-                                          dual_output);
+  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt, alpha,
+                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
   check_backward_args(geo, grad_output, masks);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_alpha = output_mask[5] && !dual_output;
   const bool need_shift = output_mask[2] && geo.pull == PullKind::kShift;
@@ -1708,8 +1780,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (output_mask[3]) f.bias_part = at::empty({geo.batch, geo.out_channels}, acc_options);
   if (need_alpha) f.alpha_part = at::empty({geo.batch, geo.out_channels}, acc_options);
-  const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, pull_rows, pull_cols,
-                            need_x, need_w, need_shift, need_alpha};
+  const BackwardRequest req{geo,  conv,      x,         w,      g,      masks_c,    alpha_c,   shift,
+                            b_in, pull_rows, pull_cols, need_x, need_w, need_shift, need_alpha};
   const auto none = at::empty({0}, x.options());
   const StrideOnePath stride_one = stride_one_path(geo, conv, pull_rows, pull_cols, x.scalar_type());
   auto [grad_x, grad_w] = stride_one == StrideOnePath::kTaps        ? backward_tap_path(req, f)
@@ -1721,13 +1793,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto reduce = [&](const at::Tensor& part, bool wanted) {
     return wanted ? part.sum(0).to(x.scalar_type()) : none;
   };
-  const auto grad_shift = need_shift ? reduce(f.shift_part, true)
-                                     : (output_mask[2] ? at::zeros({geo.out_channels}, x.options()) : none);
-  const auto grad_alpha = need_alpha ? reduce(f.alpha_part, true)
-                                     : (output_mask[5] ? at::zeros({geo.out_channels}, x.options()) : none);
+  const auto grad_shift =
+      need_shift ? reduce(f.shift_part, true) : (output_mask[2] ? at::zeros({geo.out_channels}, x.options()) : none);
+  const auto grad_alpha =
+      need_alpha ? reduce(f.alpha_part, true) : (output_mask[5] ? at::zeros({geo.out_channels}, x.options()) : none);
   // bias_out does not exist with the dual output (its gradient, if asked for, is zero).
-  const auto grad_bias_out = !output_mask[4] ? none : dual_output ? at::zeros({geo.out_channels}, x.options())
-                                                                   : g.sum({0, 2, 3});
+  const auto grad_bias_out = !output_mask[4] ? none
+                             : dual_output   ? at::zeros({geo.out_channels}, x.options())
+                                             : g.sum({0, 2, 3});
   return {grad_x, grad_w, grad_shift, reduce(f.bias_part, output_mask[3]), grad_bias_out, grad_alpha};
 }
 

@@ -48,8 +48,8 @@ PUSHPULL_INLINE void store(T* p, const V& v) {
 
 // MR rows of C times NV vectors of columns, over all k: the accumulators stay in registers.
 template <typename T, int Bytes, int MR, int NV>
-PUSHPULL_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const T* const* b, int64_t p, T* c,
-                               int64_t ldc, bool accumulate) {
+PUSHPULL_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const T* const* b, int64_t p, T* c, int64_t ldc,
+                               bool accumulate) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][NV];
@@ -68,19 +68,20 @@ PUSHPULL_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const T*
 }
 
 template <typename T, int Bytes, int MR, int NV>
-PUSHPULL_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b,
-                                  int64_t p, T* c, int64_t ldc, bool accumulate) {
+PUSHPULL_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b, int64_t p,
+                                  T* c, int64_t ldc, bool accumulate) {
   // Tiles of MR rows, then of MR / 2, ... down to single rows.
   int64_t r = 0;
-  for (; r + MR <= m_rows; r += MR) gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, c + r * ldc + p, ldc, accumulate);
+  for (; r + MR <= m_rows; r += MR)
+    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, c + r * ldc + p, ldc, accumulate);
   if constexpr (MR > 1) {
     gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, p, c + r * ldc, ldc, accumulate);
   }
 }
 
 template <typename T, int Bytes, int MR, int NV>
-PUSHPULL_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b,
-                               int64_t n, T* c, int64_t ldc, bool accumulate) {
+PUSHPULL_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b, int64_t n,
+                               T* c, int64_t ldc, bool accumulate) {
   constexpr int L = Bytes / sizeof(T);
   // Column blocks outer: a block of B (k_size x NV * L) stays in L1 while every row tile reads it.
   int64_t p = 0;
@@ -90,7 +91,8 @@ PUSHPULL_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t 
 
 // C[r, q] += sum_p A[r, p] * B[q, p] for an MR x QR block: vector partial sums, added across lanes at the end.
 template <typename T, int Bytes, int MR, int QR>
-PUSHPULL_INLINE void gram_tile(const T* a, int64_t lda, const T* const* b, int64_t first, int64_t n, T* c, int64_t ldc) {
+PUSHPULL_INLINE void gram_tile(const T* a, int64_t lda, const T* const* b, int64_t first, int64_t n, T* c,
+                               int64_t ldc) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][QR] = {};
@@ -119,14 +121,15 @@ PUSHPULL_INLINE void gram_rows(const T* a, int64_t lda, const T* const* b, int64
 }
 
 template <typename T, int Bytes, int MR, int QR>
-PUSHPULL_INLINE void gram_body(const T* a, int64_t lda, int64_t m_rows, const T* const* b, int64_t q_rows,
-                               int64_t n, T* c, int64_t ldc) {
+PUSHPULL_INLINE void gram_body(const T* a, int64_t lda, int64_t m_rows, const T* const* b, int64_t q_rows, int64_t n,
+                               T* c, int64_t ldc) {
   // Chunks of pixels, so that the chunk of every row stays in L2 while all the tiles read it.
   constexpr int64_t kChunk = 1024;
   for (int64_t p = 0; p < n; p += kChunk) {
     const int64_t len = std::min(kChunk, n - p);
     int64_t r = 0;
-    for (; r + MR <= m_rows; r += MR) gram_rows<T, Bytes, MR, QR>(a + r * lda + p, lda, b, q_rows, p, len, c + r * ldc, ldc);
+    for (; r + MR <= m_rows; r += MR)
+      gram_rows<T, Bytes, MR, QR>(a + r * lda + p, lda, b, q_rows, p, len, c + r * ldc, ldc);
     for (; r < m_rows; ++r) gram_rows<T, Bytes, 1, QR>(a + r * lda + p, lda, b, q_rows, p, len, c + r * ldc, ldc);
   }
 }
@@ -134,7 +137,8 @@ PUSHPULL_INLINE void gram_body(const T* a, int64_t lda, int64_t m_rows, const T*
 // out[p] = sum_t w[t] * src[t][p] for p < n (any n). Eight vectors at a time: eight independent chains
 // of multiply-adds hide the FMA latency (two chains left the loop waiting on it).
 template <typename T, int Bytes, int NV>
-PUSHPULL_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p, int64_t n, T* out) {
+PUSHPULL_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p, int64_t n,
+                                             T* out) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   for (; p + NV * L <= n; p += NV * L) {
@@ -170,20 +174,20 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 #endif
 
 // The register tiles: 24 accumulators in the 32 AVX-512 registers, 12 in the 16 AVX2 ones, 8 in SSE's.
-#define PUSHPULL_TAP_VERSION(attr, name, bytes, mr, nv)                                                          \
-  template <typename T>                                                                                          \
-  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,       \
-                        int64_t ldc, bool accumulate) {                                                          \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, n, c, ldc, accumulate);                                         \
-  }                                                                                                              \
-  template <typename T>                                                                                          \
-  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,       \
-                        int64_t ldc) {                                                                           \
-    gram_body<T, bytes, 4, 3>(a, lda, m, b, q, n, c, ldc);                                                       \
-  }                                                                                                              \
-  template <typename T>                                                                                          \
-  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {             \
-    weighted_sum_body<T, bytes>(src, w, terms, n, out);                                                          \
+#define PUSHPULL_TAP_VERSION(attr, name, bytes, mr, nv)                                                    \
+  template <typename T>                                                                                    \
+  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c, \
+                        int64_t ldc, bool accumulate) {                                                    \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, n, c, ldc, accumulate);                                   \
+  }                                                                                                        \
+  template <typename T>                                                                                    \
+  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c, \
+                        int64_t ldc) {                                                                     \
+    gram_body<T, bytes, 4, 3>(a, lda, m, b, q, n, c, ldc);                                                 \
+  }                                                                                                        \
+  template <typename T>                                                                                    \
+  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {       \
+    weighted_sum_body<T, bytes>(src, w, terms, n, out);                                                    \
   }
 
 PUSHPULL_TAP_VERSION(, baseline, 16, 4, 2)
@@ -197,7 +201,8 @@ inline Isa detect_isa() {
   Isa best = Isa::kBaseline;
 #ifdef PUSHPULL_TAPS_X86
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) best = Isa::kAvx512;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+    best = Isa::kAvx512;
 #endif
   const char* cap = std::getenv("PUSHPULL_CPU_ISA");
   if (cap && std::string(cap) == "baseline") return Isa::kBaseline;
@@ -212,18 +217,24 @@ inline Isa isa() {
 
 inline const char* isa_name() {
   switch (isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "baseline";
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
   }
 }
 
 #ifdef PUSHPULL_TAPS_X86
-#define PUSHPULL_TAP_DISPATCH(fn, ...)                            \
-  switch (isa()) {                                                \
-    case Isa::kAvx512: return fn##_avx512<T>(__VA_ARGS__);        \
-    case Isa::kAvx2: return fn##_avx2<T>(__VA_ARGS__);            \
-    default: return fn##_baseline<T>(__VA_ARGS__);                \
+#define PUSHPULL_TAP_DISPATCH(fn, ...)      \
+  switch (isa()) {                          \
+    case Isa::kAvx512:                      \
+      return fn##_avx512<T>(__VA_ARGS__);   \
+    case Isa::kAvx2:                        \
+      return fn##_avx2<T>(__VA_ARGS__);     \
+    default:                                \
+      return fn##_baseline<T>(__VA_ARGS__); \
   }
 #else
 #define PUSHPULL_TAP_DISPATCH(fn, ...) return fn##_baseline<T>(__VA_ARGS__);

@@ -28,15 +28,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in, const at::Tensor& alpha,
     const at::Tensor& masks, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pull_padding,
     at::IntArrayRef dilation, int64_t groups, int64_t avg_kernel, bool dual_output, std::array<bool, 6> output_mask) {
-  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt,
-                                          alpha, stride, padding, pull_padding, dilation, groups, avg_kernel,
-                                          dual_output);
+  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt, alpha,
+                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
   check_backward_args(geo, grad_output, masks);
   TORCH_CHECK(grad_output.device() == input.device() && masks.device() == input.device(),
               "grad_output and masks must be on the input's device");
   const c10::cuda::CUDAGuard guard(input.device());
   return cuda::backward(geo, grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks,
-                        stride, padding, pull_padding, dilation, output_mask, c10::cuda::getCurrentCUDAStream().stream());
+                        stride, padding, pull_padding, dilation, output_mask,
+                        c10::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace

@@ -11,7 +11,7 @@
 //             gradients are ATen convolution backward calls on those fields (one for the push kernel,
 //             shared with the pull for invert and scale 1; the 1x1 convolution's backward and our
 //             prefilter adjoint for upsample; a transposed box sum for invert).
-// Neither pull kernel costs a second full convolution (SPEC, "Algebra the fast paths may use").
+// Neither pull kernel costs a second full convolution (README.md, "How it is fast").
 // Everything runs in the accumulation type, float32 (float64 for float64): float16 / bfloat16 inputs
 // are converted once, so that the responses never round to 16 bits before the biases, the ReLUs and
 // the invert algebra's difference m * S - P0 (rounding them there doubled eager PyTorch's error). Our
@@ -40,11 +40,16 @@ OptTensor to_acc(const OptTensor& t) { return t ? OptTensor(to_acc(*t)) : std::n
 template <typename Fn>
 void dispatch_storage(at::ScalarType dtype, Fn&& fn) {
   switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kDouble: return fn(double{});
-    case at::kHalf: return fn(HalfBits{});
-    case at::kBFloat16: return fn(BFloat16Bits{});
-    default: TORCH_CHECK(false, "pushpull CUDA backend: unsupported dtype ", dtype);
+    case at::kFloat:
+      return fn(float{});
+    case at::kDouble:
+      return fn(double{});
+    case at::kHalf:
+      return fn(HalfBits{});
+    case at::kBFloat16:
+      return fn(BFloat16Bits{});
+    default:
+      TORCH_CHECK(false, "pushpull CUDA backend: unsupported dtype ", dtype);
   }
 }
 
@@ -95,16 +100,18 @@ FieldGeometry field_geometry(const Geometry& geo) {
   g.radius = geo.avg_kernel > 1 ? int((geo.avg_kernel - 1) / 2) : 0;
   g.dual_output = geo.dual_output;
   g.pull = geo.pull == PullKind::kSeparable ? PullForm::kSeparable
-           : geo.pull == PullKind::kShift  ? PullForm::kShift
-                                           : PullForm::kNegate;
+           : geo.pull == PullKind::kShift   ? PullForm::kShift
+                                            : PullForm::kNegate;
   return g;
 }
 
 void check_pooling_fits(const FieldGeometry& g, at::ScalarType dtype) {
   const int64_t acc_size = at::elementSize(acc_dtype(dtype));
-  TORCH_CHECK(fields_shared_bytes(g, acc_size) <= kMaxSharedBytes && epilogue_shared_bytes(g, acc_size) <= kMaxSharedBytes,
-              "pushpull CUDA backend: avg_kernel ", 2 * g.radius + 1, " is too large for its pooling tiles; use "
-              "backend='reference' for it");
+  TORCH_CHECK(
+      fields_shared_bytes(g, acc_size) <= kMaxSharedBytes && epilogue_shared_bytes(g, acc_size) <= kMaxSharedBytes,
+      "pushpull CUDA backend: avg_kernel ", 2 * g.radius + 1,
+      " is too large for its pooling tiles; use "
+      "backend='reference' for it");
 }
 
 PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows,
@@ -131,8 +138,8 @@ PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, con
 // The prefilter's tiles fit in shared memory for every kernel of the papers; a huge kernel or stride
 // takes the direct path (the pull kernel formed and convolved by cuDNN) instead.
 bool use_prefilter(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols) {
-  return prefilter_shared_bytes(prefilter_geometry(geo, c, rows, cols), at::elementSize(acc_dtype(rows.scalar_type()))) <=
-         kMaxSharedBytes;
+  return prefilter_shared_bytes(prefilter_geometry(geo, c, rows, cols),
+                                at::elementSize(acc_dtype(rows.scalar_type()))) <= kMaxSharedBytes;
 }
 
 // ---------------------------------------------------------------- upsample: prefilter or direct
@@ -140,8 +147,8 @@ bool use_prefilter(const Geometry& geo, const ConvArgs& c, const at::Tensor& row
 // z [N, C_in * kh * kw, Ho, Wo] (see PrefilterArgs); x is in the accumulation type.
 at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& cols, const Geometry& geo,
                      const ConvArgs& c, cudaStream_t stream) {
-  auto z = at::empty({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width},
-                     x.options());
+  auto z =
+      at::empty({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width}, x.options());
   const auto r = to_acc(rows), k = to_acc(cols);
   dispatch_acc(x.scalar_type(), [&](auto tag) {
     using acc_t = decltype(tag);
@@ -160,8 +167,8 @@ at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, c
   const auto r = to_acc(rows), k = to_acc(cols);
   dispatch_acc(gz.scalar_type(), [&](auto tag) {
     using acc_t = decltype(tag);
-    const PrefilterArgs<acc_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k), ptr<acc_t>(gz),
-                                    mutable_ptr<acc_t>(gx)};
+    const PrefilterArgs<acc_t> args{prefilter_geometry(geo, c, rows, cols), ptr<acc_t>(r), ptr<acc_t>(k),
+                                    ptr<acc_t>(gz), mutable_ptr<acc_t>(gx)};
     check_launch(launch_prefilter_adjoint(args, stream));
   });
   return gx;
@@ -218,13 +225,13 @@ std::pair<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at
     if (!need_input) return {};
     std::array<int64_t, 2> output_padding{};
     for (int d = 0; d < 2; ++d) {  // the rows/columns the forward's floor division dropped
-      output_padding[d] = input.size(2 + d) - ((grad.size(2 + d) - 1) * stride[d] - 2 * padding[d] +
-                                               dilation[d] * (w.size(2 + d) - 1) + 1);
+      output_padding[d] = input.size(2 + d) -
+                          ((grad.size(2 + d) - 1) * stride[d] - 2 * padding[d] + dilation[d] * (w.size(2 + d) - 1) + 1);
     }
     return {at::conv_transpose2d(grad, w, std::nullopt, stride, padding, output_padding, groups, dilation), {}};
   }
-  auto grads = at::convolution_backward(grad, input, w, std::nullopt, stride, padding, dilation, false, {0, 0},
-                                        groups, {need_input, need_weight, false});
+  auto grads = at::convolution_backward(grad, input, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
+                                        {need_input, need_weight, false});
   return {std::get<0>(grads), std::get<1>(grads)};
 }
 
@@ -252,9 +259,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const Geometry& geo, const at::Tensor
   dispatch_storage(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    const EpilogueArgs<scalar_t> args{fg, ptr<acc_t>(r.push0), ptr<acc_t>(r.pull0), ptr<acc_t>(r.box),
-                                      ptr<acc_t>(shift), ptr<acc_t>(b_in), ptr<acc_t>(alpha_acc), ptr<acc_t>(b_out),
-                                      mutable_ptr<scalar_t>(out), save_masks ? mutable_ptr<uint8_t>(masks) : nullptr};
+    const EpilogueArgs<scalar_t> args{fg,
+                                      ptr<acc_t>(r.push0),
+                                      ptr<acc_t>(r.pull0),
+                                      ptr<acc_t>(r.box),
+                                      ptr<acc_t>(shift),
+                                      ptr<acc_t>(b_in),
+                                      ptr<acc_t>(alpha_acc),
+                                      ptr<acc_t>(b_out),
+                                      mutable_ptr<scalar_t>(out),
+                                      save_masks ? mutable_ptr<uint8_t>(masks) : nullptr};
     check_launch(launch_forward_epilogue(args, stream));
   });
   return {out, masks};
@@ -280,8 +294,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
   Responses r;
-  if (need_alpha) r = compute_responses(x, w, rows, cols, geo, c, stream);
-  else if (need_shift) r.box = box_sum(x, geo, c);
+  if (need_alpha)
+    r = compute_responses(x, w, rows, cols, geo, c, stream);
+  else if (need_shift)
+    r.box = box_sum(x, geo, c);
 
   const auto field = [&](int64_t channels) {
     return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
@@ -325,23 +341,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   if (grad_pull0.defined() && use_prefilter(geo, c, *rows, *cols)) {
     // R = conv1x1(z, k): the 1x1 convolution's backward gives dz and dk; dx = prefilter^T(dz).
-    const auto z = need_w ? prefilter(x, *rows, *cols, geo, c, stream)
-                          : at::empty({}, x.options()).expand({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w,
-                                                               geo.out_height, geo.out_width});
-    auto [grad_z, grad_w_1x1] = conv_backward(grad_pull0, z, weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, geo.groups, need_x,
-                                              need_w);
+    const auto z =
+        need_w ? prefilter(x, *rows, *cols, geo, c, stream)
+               : at::empty({}, x.options())
+                     .expand({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width});
+    auto [grad_z, grad_w_1x1] =
+        conv_backward(grad_pull0, z, weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, geo.groups, need_x, need_w);
     if (need_x) grad_x = sum_terms(grad_x, prefilter_adjoint(grad_z, *rows, *cols, geo, c, stream));
     if (need_w) grad_w = sum_terms(grad_w, grad_w_1x1.view(w.sizes()));
   } else if (grad_pull0.defined()) {
     // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
-    auto [gx, grad_q] = conv_backward(grad_pull0, x, pull_kernel(w, *rows, *cols), stride, pull_padding,
-                                      dilation, geo.groups, need_x, need_w);
+    auto [gx, grad_q] = conv_backward(grad_pull0, x, pull_kernel(w, *rows, *cols), stride, pull_padding, dilation,
+                                      geo.groups, need_x, need_w);
     if (need_x) grad_x = sum_terms(grad_x, gx);
     if (need_w) grad_w = sum_terms(grad_w, -at::matmul(rows->t(), at::matmul(grad_q, *cols)));
   }
   if (grad_box.defined()) {
     const auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-    grad_x = sum_terms(grad_x, conv_backward(grad_box, x, ones, stride, padding, dilation, geo.groups, true, false).first);
+    grad_x =
+        sum_terms(grad_x, conv_backward(grad_box, x, ones, stride, padding, dilation, geo.groups, true, false).first);
   }
 
   const auto none = at::empty({0}, input.options());
@@ -350,11 +368,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto grad_shift = need_shift ? reduce(shift_part) : output_mask[2] ? zeros() : none;
   const auto grad_alpha = need_alpha ? reduce(alpha_part) : output_mask[5] ? zeros() : none;
   // bias_out does not exist with the dual output (its gradient, if asked for, is zero).
-  const auto grad_bias_out = !output_mask[4]    ? none
+  const auto grad_bias_out = !output_mask[4]   ? none
                              : geo.dual_output ? zeros()
                                                : g.sum({0, 2, 3}, false, acc_dtype(dtype)).to(dtype);
-  return {need_x ? grad_x.to(dtype) : none, need_w ? grad_w.to(dtype) : none, grad_shift,
-          need_bias ? reduce(bias_part) : none, grad_bias_out, grad_alpha};
+  return {need_x ? grad_x.to(dtype) : none,
+          need_w ? grad_w.to(dtype) : none,
+          grad_shift,
+          need_bias ? reduce(bias_part) : none,
+          grad_bias_out,
+          grad_alpha};
 }
 
 }  // namespace cuda

@@ -62,10 +62,10 @@ __global__ void __launch_bounds__(kThreads) prefilter_adjoint_kernel(PrefilterAr
 
 #if defined(__CUDACC_RTC__)
 // NVRTC compiles device code only (tests/test_cuda_compile.py): instantiate the kernels directly.
-#define PUSHPULL_INSTANTIATE_KERNELS(scalar_t)                                               \
+#define PUSHPULL_INSTANTIATE_KERNELS(scalar_t)                                                \
   template __global__ void forward_epilogue_kernel<scalar_t>(EpilogueArgs<scalar_t>, Tiling); \
   template __global__ void backward_fields_kernel<scalar_t>(FieldsArgs<scalar_t>, Tiling);
-#define PUSHPULL_INSTANTIATE_PREFILTER_KERNELS(acc_t)                                   \
+#define PUSHPULL_INSTANTIATE_PREFILTER_KERNELS(acc_t)                             \
   template __global__ void prefilter_kernel<acc_t>(PrefilterArgs<acc_t>, Tiling); \
   template __global__ void prefilter_adjoint_kernel<acc_t>(PrefilterArgs<acc_t>, Tiling);
 
@@ -121,10 +121,10 @@ const char* launch_prefilter_adjoint(const PrefilterArgs<acc_t>& args, cudaStrea
                 prefilter_shared_bytes(args.geo, sizeof(acc_t)), stream);
 }
 
-#define PUSHPULL_INSTANTIATE(scalar_t)                                                               \
+#define PUSHPULL_INSTANTIATE(scalar_t)                                                                 \
   template const char* launch_forward_epilogue<scalar_t>(const EpilogueArgs<scalar_t>&, cudaStream_t); \
   template const char* launch_backward_fields<scalar_t>(const FieldsArgs<scalar_t>&, cudaStream_t);
-#define PUSHPULL_INSTANTIATE_PREFILTER(acc_t)                                                 \
+#define PUSHPULL_INSTANTIATE_PREFILTER(acc_t)                                              \
   template const char* launch_prefilter<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t); \
   template const char* launch_prefilter_adjoint<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t);
 

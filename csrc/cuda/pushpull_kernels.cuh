@@ -115,9 +115,9 @@ PP_DEVICE_FN acc_t relu(acc_t v) {
 
 // The tile of block `tile` (row-major over the tiles) and the pixel thread t owns in it.
 struct TilePixel {
-  int ty, tx;      // position in the tile
-  int64_t h, w;    // position in the image
-  bool inside;     // h < height && w < width
+  int ty, tx;    // position in the tile
+  int64_t h, w;  // position in the image
+  bool inside;   // h < height && w < width
 };
 
 PP_DEVICE_FN int64_t tile_row0(const Tiling& tl, int64_t tile) { return (tile / tl.tiles_w) * tl.tile_h; }
@@ -161,7 +161,8 @@ struct WindowSum {
   }
   PP_DEVICE_FN void sum_rows(int t) const {
     for (int i = t; i < halo_h * tile_w; i += kThreads) {
-      const acc_t* in = halo + (i / tile_w) * halo_w + i % tile_w;  // halo column x + d is image column col0 + x + d - r
+      const acc_t* in =
+          halo + (i / tile_w) * halo_w + i % tile_w;  // halo column x + d is image column col0 + x + d - r
       acc_t s = 0;
       for (int d = 0; d <= 2 * radius; ++d) s += in[d];
       rows[i] = s;
@@ -169,7 +170,8 @@ struct WindowSum {
   }
   PP_DEVICE_FN acc_t sum_at(int ty, int tx) const {
     acc_t s = 0;
-    for (int d = 0; d <= 2 * radius; ++d) s += rows[(ty + d) * tile_w + tx];  // halo row ty + d is image row row0 + ty + d - r
+    for (int d = 0; d <= 2 * radius; ++d)
+      s += rows[(ty + d) * tile_w + tx];  // halo row ty + d is image row row0 + ty + d - r
     return s;
   }
 };
@@ -209,7 +211,7 @@ struct Responses {
     const int64_t group = o / (geo.channels / geo.groups);
     return box[(n * geo.groups + group) * geo.height * geo.width + pixel];
   }
-  // Q = R - b_in before the pooling (SPEC: the pull response with its bias).
+  // Q = R - b_in before the pooling (the formula: the pull response with its bias).
   PP_DEVICE_FN acc_t pull(int64_t n, int64_t o, int64_t pixel) const {
     const int64_t i = index(n, o, pixel);
     acc_t q = (geo.pull == PullForm::kSeparable ? pull0[i] : -push0[i]) - bias(o);
@@ -253,8 +255,8 @@ inline int64_t epilogue_blocks(const FieldGeometry& geo, const Tiling& tl) {
 }
 
 template <class Block, typename scalar_t>
-PP_DEVICE_FN void forward_epilogue_block(Block& blk, const EpilogueArgs<scalar_t>& a, const Tiling& tl,
-                                         int64_t block, acc_of<scalar_t>* smem) {
+PP_DEVICE_FN void forward_epilogue_block(Block& blk, const EpilogueArgs<scalar_t>& a, const Tiling& tl, int64_t block,
+                                         acc_of<scalar_t>* smem) {
   using acc_t = acc_of<scalar_t>;
   const FieldGeometry& geo = a.geo;
   const int64_t octets = (geo.channels + 7) / 8, tile = block % tl.count();
@@ -298,8 +300,8 @@ PP_DEVICE_FN void forward_epilogue_block(Block& blk, const EpilogueArgs<scalar_t
 
 template <typename acc_t>
 struct FieldsState {
-  acc_t box_grad = 0;   // sum over the group's channels of shift[o] * gQ[o] at this pixel
-  acc_t pull_act = 0;   // ReLU(Q') of the current channel (trainable alpha only)
+  acc_t box_grad = 0;  // sum over the group's channels of shift[o] * gQ[o] at this pixel
+  acc_t pull_act = 0;  // ReLU(Q') of the current channel (trainable alpha only)
 };
 
 inline int64_t fields_blocks(const FieldGeometry& geo, const Tiling& tl) { return geo.batch * geo.groups * tl.count(); }
@@ -380,9 +382,9 @@ PP_DEVICE_FN void backward_fields_block(Block& blk, const FieldsArgs<scalar_t>& 
       if (a.grad_push0) a.grad_push0[i] = geo.pull == PullForm::kSeparable ? gp : gp - gq;
       if (a.grad_pull0) a.grad_pull0[i] = gq;
       if (geo.pull == PullForm::kShift) s.box_grad += a.shift[o] * gq;
-      reduce[t] = gp - gq;                                                       // d b_in
-      if (a.shift_part) reduce[kThreads + t] = gq * r.box_sum(n, o, pixel);      // d shift
-      if (a.alpha_part) reduce[2 * kThreads + t] = -g_out * s.pull_act;          // d alpha
+      reduce[t] = gp - gq;                                                   // d b_in
+      if (a.shift_part) reduce[kThreads + t] = gq * r.box_sum(n, o, pixel);  // d shift
+      if (a.alpha_part) reduce[2 * kThreads + t] = -g_out * s.pull_act;      // d alpha
     });
     if (!want_sums) continue;
     block_reduce3(blk, reduce);
@@ -454,8 +456,8 @@ PP_DEVICE_FN void prefilter_block(Block& blk, const PrefilterArgs<acc_t>& a, con
 }
 
 template <class Block, typename acc_t>
-PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<acc_t>& a, const Tiling& tl,
-                                          int64_t block, acc_t* smem) {
+PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<acc_t>& a, const Tiling& tl, int64_t block,
+                                          acc_t* smem) {
   const PrefilterGeometry& g = a.geo;
   const int64_t tile = block % tl.count(), p = block / tl.count();
   const int64_t row0 = tile_row0(tl, tile), col0 = tile_col0(tl, tile);
@@ -492,7 +494,8 @@ PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<acc_t>
       const int64_t num = px.h + g.pad_h - int64_t(ta) * g.dil_h;
       if (num < 0 || num % g.stride_h != 0 || num / g.stride_h >= g.out_height) continue;
       const int64_t oh = num / g.stride_h - ho_lo;  // in [0, span_h) by the choice of ho_lo
-      for (int i = 0; i < g.kernel_h; ++i) v -= a.rows[ta * g.kernel_h + i] * smem[(i * span_h + oh) * tl.tile_w + px.tx];
+      for (int i = 0; i < g.kernel_h; ++i)
+        v -= a.rows[ta * g.kernel_h + i] * smem[(i * span_h + oh) * tl.tile_w + px.tx];
     }
     a.out[p * g.height * g.width + px.h * g.width + px.w] = v;
   });

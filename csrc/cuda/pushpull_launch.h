@@ -139,7 +139,9 @@ PP_HOST_DEVICE inline Tiling tiling(int64_t height, int64_t width) {
 }
 
 // Rows of the partial sums of FieldsArgs: one per (image, tile).
-inline int64_t fields_partial_rows(const FieldGeometry& geo) { return geo.batch * tiling(geo.height, geo.width).count(); }
+inline int64_t fields_partial_rows(const FieldGeometry& geo) {
+  return geo.batch * tiling(geo.height, geo.width).count();
+}
 
 // Shared memory of the pooling window sums: a halo tile (tile + radius on every side) and its
 // horizontal sums (halo rows x tile columns).

@@ -46,42 +46,40 @@ template <typename scalar_t>
 const char* launch_forward_epilogue(const EpilogueArgs<scalar_t>& args, cudaStream_t) {
   using acc_t = acc_of<scalar_t>;
   const Tiling tl = tiling(args.geo.height, args.geo.width);
-  return emulate<acc_t, EpilogueState>(epilogue_blocks(args.geo, tl), epilogue_shared_bytes(args.geo, sizeof(acc_t)),
-                                       [&](int64_t block, auto& blk, acc_t* smem) {
-                                         forward_epilogue_block(blk, args, tl, block, smem);
-                                       });
+  return emulate<acc_t, EpilogueState>(
+      epilogue_blocks(args.geo, tl), epilogue_shared_bytes(args.geo, sizeof(acc_t)),
+      [&](int64_t block, auto& blk, acc_t* smem) { forward_epilogue_block(blk, args, tl, block, smem); });
 }
 
 template <typename scalar_t>
 const char* launch_backward_fields(const FieldsArgs<scalar_t>& args, cudaStream_t) {
   using acc_t = acc_of<scalar_t>;
   const Tiling tl = tiling(args.geo.height, args.geo.width);
-  return emulate<acc_t, FieldsState<acc_t>>(fields_blocks(args.geo, tl), fields_shared_bytes(args.geo, sizeof(acc_t)),
-                                            [&](int64_t block, auto& blk, acc_t* smem) {
-                                              backward_fields_block(blk, args, tl, block, smem);
-                                            });
+  return emulate<acc_t, FieldsState<acc_t>>(
+      fields_blocks(args.geo, tl), fields_shared_bytes(args.geo, sizeof(acc_t)),
+      [&](int64_t block, auto& blk, acc_t* smem) { backward_fields_block(blk, args, tl, block, smem); });
 }
 
 template <typename acc_t>
 const char* launch_prefilter(const PrefilterArgs<acc_t>& args, cudaStream_t) {
   const Tiling tl = tiling(args.geo.out_height, args.geo.out_width);
-  return emulate<acc_t, NoState>(prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
-                                 [&](int64_t block, auto& blk, acc_t* smem) { prefilter_block(blk, args, tl, block, smem); });
+  return emulate<acc_t, NoState>(
+      prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
+      [&](int64_t block, auto& blk, acc_t* smem) { prefilter_block(blk, args, tl, block, smem); });
 }
 
 template <typename acc_t>
 const char* launch_prefilter_adjoint(const PrefilterArgs<acc_t>& args, cudaStream_t) {
   const Tiling tl = tiling(args.geo.height, args.geo.width);
-  return emulate<acc_t, NoState>(prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
-                                 [&](int64_t block, auto& blk, acc_t* smem) {
-                                   prefilter_adjoint_block(blk, args, tl, block, smem);
-                                 });
+  return emulate<acc_t, NoState>(
+      prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
+      [&](int64_t block, auto& blk, acc_t* smem) { prefilter_adjoint_block(blk, args, tl, block, smem); });
 }
 
-#define PUSHPULL_INSTANTIATE(scalar_t)                                                               \
+#define PUSHPULL_INSTANTIATE(scalar_t)                                                                 \
   template const char* launch_forward_epilogue<scalar_t>(const EpilogueArgs<scalar_t>&, cudaStream_t); \
   template const char* launch_backward_fields<scalar_t>(const FieldsArgs<scalar_t>&, cudaStream_t);
-#define PUSHPULL_INSTANTIATE_PREFILTER(acc_t)                                                 \
+#define PUSHPULL_INSTANTIATE_PREFILTER(acc_t)                                              \
   template const char* launch_prefilter<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t); \
   template const char* launch_prefilter_adjoint<acc_t>(const PrefilterArgs<acc_t>&, cudaStream_t);
 
@@ -115,9 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& masks, std::vector<int64_t> stride, std::vector<int64_t> padding,
     std::vector<int64_t> pull_padding, std::vector<int64_t> dilation, int64_t groups, int64_t avg_kernel,
     bool dual_output, std::vector<bool> output_mask) {
-  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt,
-                                          alpha, stride, padding, pull_padding, dilation, groups, avg_kernel,
-                                          dual_output);
+  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt, alpha,
+                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
   check_backward_args(geo, grad_output, masks);
   TORCH_CHECK(output_mask.size() == 6, "output_mask must have 6 entries");
   std::array<bool, 6> mask{};
