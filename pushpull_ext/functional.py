@@ -13,7 +13,7 @@ from torch.autograd import forward_ad
 
 from . import ops, pull_cache
 from ._ext import CPP_ERROR, TRITON_INTERPRET, has_cpp_kernel
-from .options import BACKENDS, PADDING_MODES, PushPullArgs, normalize, pull_operands
+from .options import BACKENDS, PADDING_MODES, PushPullArgs, kernel_size_ints, normalize, pull_operands, traced_quietly
 from .reference import op_formula, pull_kernel, push_pull_reference
 
 _warned_fallback = set()
@@ -105,7 +105,7 @@ def _op_inputs(input: Tensor, weight: Tensor, pull: tuple, args: PushPullArgs) -
     convolution needs, and the ops run with no padding. Where the pull window is larger than the push
     kernel (upsample), the push kernel is embedded, zero padded, in the pull window (and the
     interpolation matrices likewise), so that both convolutions read the same padded input."""
-    kernel_size = tuple(weight.shape[2:])
+    kernel_size = traced_quietly(kernel_size_ints, weight)
     if not args.explicit_padding:
         return OpInputs(input, weight, pull, args.padding, args.pull_padding(kernel_size))
     padded = F.pad(input, args.pad_amounts(kernel_size, pull=True), mode=PADDING_MODES[args.padding_mode])

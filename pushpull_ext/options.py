@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -125,7 +126,9 @@ def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation
         raise ValueError(f"padding_mode must be one of {tuple(PADDING_MODES)}, got {padding_mode!r}")
     if pull not in PULL_MODES:
         raise ValueError(f"pull must be one of {PULL_MODES}, got {pull!r}")
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 1:
+    # Comparisons only (no math.isfinite): torch.compile with dynamic=True traces a float as a symbol, and
+    # these comparisons specialize the compiled graph to its value (the pull kernel's size depends on it).
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1 <= scale < math.inf:
         raise ValueError(f"scale must be a finite number >= 1, got {scale!r}")
     if isinstance(avg_kernel, bool) or not isinstance(avg_kernel, numbers.Integral) or avg_kernel < 0:
         raise ValueError(f"avg_kernel must be a non-negative int, got {avg_kernel!r}")
@@ -135,8 +138,26 @@ def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation
         raise ValueError("bias_out cannot be used with dual_output=True (the dual output has no combination)")
     args = PushPullArgs(stride, padding, dilation, int(groups), pull, float(scale), int(avg_kernel), bool(dual_output),
                         padding_mode, padding_extra)
-    _check_shapes(input, weight, bias, bias_out, args)
-    return args, _alpha_vector(alpha, weight)
+    # Under torch.jit.trace the checks hold for the example input, and the ops check every later call.
+    traced_quietly(_check_shapes, input, weight, bias, bias_out, args)
+    return args, traced_quietly(_alpha_vector, alpha, weight)
+
+
+def traced_quietly(fn, *args):
+    """fn(*args), without torch.jit.trace's TracerWarnings: under a trace, sizes are traced tensors, and
+    checks of them or Python ints made of them ("might cause the trace to be incorrect") are meant to be
+    constants of the trace (a layer's kernel size, the example's validity)."""
+    if not torch.jit.is_tracing():
+        return fn(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return fn(*args)
+
+
+def kernel_size_ints(weight: torch.Tensor) -> tuple[int, int]:
+    """The kernel size as Python ints (under torch.jit.trace, constants: the Triton op's int[] arguments
+    refuse traced sizes); call it through traced_quietly."""
+    return tuple(int(k) for k in weight.shape[2:])
 
 
 def _check_tensors(input, weight, bias, bias_out, alpha):
