@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 from unittest import mock
 
+from ._ext import TRITON_INTERPRET
+
 # Largest shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), per target.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 MMA_INSTRUCTIONS = ("HGMMA", "HMMA", "DMMA")
@@ -161,7 +163,7 @@ def compiling_for(arch: int):
     """Within: Triton targets sm_<arch>, and the Triton backend on CPU tensors compiles what a GPU
     would launch (GPU configs) without running it. Yields the list of (name, constexprs, dtypes,
     binary) compiled so far."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if TRITON_INTERPRET:
         raise RuntimeError("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
     from triton.runtime import driver
 

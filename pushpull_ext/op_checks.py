@@ -13,13 +13,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .options import conv_output_size
+
 
 def _fail(message: str) -> None:
     raise RuntimeError(f"pushpull: {message}")
-
-
-def _conv_out(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _check_pair(values: Sequence[int], name: str, minimum: int) -> None:
@@ -62,7 +60,7 @@ def check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias
     c_out, c_group, kh, kw = weight.shape
     if min(c_out, kh, kw) < 1 or c_in % groups or c_out % groups or c_group * groups != c_in:
         _fail(f"input channels {c_in}, weight {list(weight.shape)} and groups {groups} do not match")
-    out = (_conv_out(h, kh, stride[0], padding[0], dilation[0]), _conv_out(w, kw, stride[1], padding[1], dilation[1]))
+    out = (conv_output_size(h, kh, stride[0], padding[0], dilation[0]), conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
     if min(out) < 1:
         _fail("kernel is larger than the padded input")
     for t, name in ((pull_shift, "pull_shift"), (bias_in, "bias_in"), (bias_out, "bias_out"), (alpha, "alpha")):
@@ -72,8 +70,8 @@ def check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias
             if m.dim() != 2 or m.shape[1] != k or m.shape[0] < k:
                 _fail(f"{name} must have shape [q, {k}] with q >= {k}, got {list(m.shape)}")
             _check_like_input(m, input, name)
-        pull_out = (_conv_out(h, pull_rows.shape[0], stride[0], pull_padding[0], dilation[0]),
-                    _conv_out(w, pull_cols.shape[0], stride[1], pull_padding[1], dilation[1]))
+        pull_out = (conv_output_size(h, pull_rows.shape[0], stride[0], pull_padding[0], dilation[0]),
+                    conv_output_size(w, pull_cols.shape[0], stride[1], pull_padding[1], dilation[1]))
         if pull_out != out:
             _fail(f"pull and push responses would have different shapes ({list(pull_out)} and {list(out)})")
     return out

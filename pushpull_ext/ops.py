@@ -10,7 +10,7 @@ Two op pairs share one contract (documented in `forward_fake` below):
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -19,9 +19,33 @@ from ._ext import CPP_ERROR, TRITON_ERROR, TRITON_INTERPRET
 from .options import conv_output_size
 from .reference import op_formula
 
-# Indices, in the forward op's arguments, of the tensors that can receive a gradient, in the order
-# the backward op returns them: input, weight, pull_shift, bias_in, bias_out, alpha.
-GRAD_ARGS = (0, 1, 2, 5, 6, 7)
+class ForwardArgs(NamedTuple):
+    """The arguments of the forward ops, by name (their schema: csrc/pushpull.cpp; tests/test_ops.py checks
+    that the two agree)."""
+
+    input: Tensor
+    weight: Tensor
+    pull_shift: Optional[Tensor]
+    pull_rows: Optional[Tensor]
+    pull_cols: Optional[Tensor]
+    bias_in: Optional[Tensor]
+    bias_out: Optional[Tensor]
+    alpha: Tensor
+    stride: Sequence[int]
+    padding: Sequence[int]
+    pull_padding: Sequence[int]
+    dilation: Sequence[int]
+    groups: int
+    avg_kernel: int
+    dual_output: bool
+    save_masks: bool
+
+
+# The forward arguments that can receive a gradient, in the order the backward op returns them (and
+# takes its output_mask).
+GRADIENTS = ("input", "weight", "pull_shift", "bias_in", "bias_out", "alpha")
+# The geometry the backward op takes after the tensors: the forward's, without save_masks.
+GEOMETRY = ForwardArgs._fields[ForwardArgs._fields.index("stride"):-1]
 
 
 def forward_fake(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
@@ -58,25 +82,30 @@ def _is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
+def _needed(ctx) -> dict:
+    """{gradient name: whether autograd asks for it}, for the GRADIENTS."""
+    return {name: ctx.needs_input_grad[ForwardArgs._fields.index(name)] for name in GRADIENTS}
+
+
 def _make_autograd(backward_op):
     def setup_context(ctx, inputs, output):
-        (input, weight, pull_shift, pull_rows, pull_cols, bias_in, _bias_out, alpha, *options) = inputs
-        ctx.options = options[:-1]  # all but save_masks
-        need = [ctx.needs_input_grad[i] for i in GRAD_ARGS]
-        need_x, need_w, need_shift, _, _, need_alpha = need
+        args = ForwardArgs(*inputs)
+        ctx.options = tuple(getattr(args, name) for name in GEOMETRY)
+        need = _needed(ctx)
         # The input is read only by the weight / pull_shift gradients and to recompute the pull
         # response for alpha; the weight only by the input gradient and that recomputation.
-        keep_input = need_w or need_shift or need_alpha
-        keep_weight = need_x or need_alpha
-        ctx.placeholders = (None if keep_input else _placeholder(input), None if keep_weight else _placeholder(weight))
-        ctx.save_for_backward(input if keep_input else None, weight if keep_weight else None, pull_shift, pull_rows,
-                              pull_cols, bias_in, alpha, output[1])
+        keep_input = need["weight"] or need["pull_shift"] or need["alpha"]
+        keep_weight = need["input"] or need["alpha"]
+        ctx.placeholders = (None if keep_input else _placeholder(args.input),
+                            None if keep_weight else _placeholder(args.weight))
+        ctx.save_for_backward(args.input if keep_input else None, args.weight if keep_weight else None,
+                              args.pull_shift, args.pull_rows, args.pull_cols, args.bias_in, args.alpha, output[1])
         ctx.mark_non_differentiable(output[1])
-        ctx.input_channels_last = _is_channels_last(input)
+        ctx.input_channels_last = _is_channels_last(args.input)
 
     def backward(ctx, grad_output, _grad_masks):
         input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks = ctx.saved_tensors
-        need = [ctx.needs_input_grad[i] for i in GRAD_ARGS]
+        need = list(_needed(ctx).values())
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
             grads = _differentiable_grads(grad_output, (input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha),
                                           masks, ctx.placeholders, ctx.options, need)
@@ -96,11 +125,9 @@ def _make_autograd(backward_op):
 
 
 def _by_argument(grads, need) -> tuple:
-    """The backward op's gradients (GRAD_ARGS order) placed at their forward arguments' positions."""
-    result = [None] * 16
-    for index, wanted, grad in zip(GRAD_ARGS, need, grads):
-        result[index] = grad if wanted else None
-    return tuple(result)
+    """The backward op's gradients (GRADIENTS order) at their forward arguments' positions."""
+    by_name = {name: grad for name, wanted, grad in zip(GRADIENTS, need, grads) if wanted}
+    return tuple(by_name.get(name) for name in ForwardArgs._fields)
 
 
 def unpack_masks(masks: Tensor, channels: int, dtype: torch.dtype) -> Tensor:

@@ -28,11 +28,13 @@ def pull_kernel(weight: torch.Tensor, pull: str, scale: float = 2.0) -> torch.Te
 
 
 def pull_kernel_from_operands(weight, pull_shift, pull_rows, pull_cols) -> torch.Tensor:
-    """q(k) from the fused ops' pull operands (options.pull_operands): -k + shift, -rows @ k @ cols^T or -k."""
+    """q(k) from the fused ops' pull operands (options.pull_operands): -k + shift, -rows @ k @ cols^T or -k
+    (the product in float32 at least, then in the weight's dtype)."""
     if pull_shift is not None:
         return -weight + pull_shift.view(-1, 1, 1, 1)
     if pull_rows is not None:
-        return -(pull_rows @ weight @ pull_cols.t())
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        return (-(pull_rows.to(wide) @ weight.to(wide) @ pull_cols.to(wide).t())).to(weight.dtype)
     return -weight
 
 

@@ -37,7 +37,6 @@ reductions; no atomics, so results are bitwise reproducible run to run.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -47,9 +46,14 @@ from torch.library import wrap_triton
 
 from . import kernels as _k  # kernels/, installed as pushpull_ext.kernels (setup.py package_dir)
 from .kernels import backward as _kb
+from .kernels import common as _kc
+from ._ext import TRITON_INTERPRET
 from .op_checks import check_backward, check_forward
+from .options import conv_output_size
+from .reference import pull_kernel_from_operands
 
-MODE_SCALE1, MODE_INVERT, MODE_UPSAMPLE = 0, 1, 2
+# The pull modes of the kernels (kernels/common.py), as the ints passed to their MODE argument.
+MODE_SCALE1, MODE_INVERT, MODE_UPSAMPLE = (mode.value for mode in (_kc.MODE_SCALE1, _kc.MODE_INVERT, _kc.MODE_UPSAMPLE))
 
 
 def _patch_interpreter_index() -> None:
@@ -75,7 +79,7 @@ def _patch_interpreter_index() -> None:
     _interp._patch_lang_tensor = patched
 
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+if TRITON_INTERPRET:
     _patch_interpreter_index()
 
 
@@ -98,8 +102,8 @@ class _Geom:
         self.stride = tuple(int(s) for s in stride)
         self.dilation = tuple(int(d) for d in dilation)
         padding = tuple(int(p) for p in padding)
-        self.Ho = (self.H + 2 * padding[0] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
-        self.Wo = (self.W + 2 * padding[1] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        self.Ho = conv_output_size(self.H, self.kh, self.stride[0], padding[0], self.dilation[0])
+        self.Wo = conv_output_size(self.W, self.kw, self.stride[1], padding[1], self.dilation[1])
         if pull_shift is not None:
             self.mode = MODE_INVERT
         elif pull_rows is not None:
@@ -148,13 +152,6 @@ class _Geom:
         (oh, sh), (ow, sw) = pos
         a, b = size
         return kwin[:, :, oh:oh + (a - 1) * sh + 1:sh, ow:ow + (b - 1) * sw + 1:sw]
-
-
-def _pull_kernel(weight: Tensor, pull_rows: Tensor, pull_cols: Tensor) -> Tensor:
-    """q = -(U k V^T) (computed in fp32 at least, cast back to the weight dtype)."""
-    ct = torch.promote_types(weight.dtype, torch.float32)
-    q = -(pull_rows.to(ct) @ weight.to(ct) @ pull_cols.to(ct).t())
-    return q.to(weight.dtype)
 
 
 def _fwd_matrix(kwin: Tensor) -> Tensor:
@@ -257,7 +254,7 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
     acc_dtype = torch.float64 if is_fp64 else torch.float32
 
     wp = _fwd_matrix(geo.embed(w, geo.push_pos))
-    wq = _fwd_matrix(geo.embed(_pull_kernel(w, pull_rows, pull_cols), geo.pull_pos)) if geo.mode == MODE_UPSAMPLE else wp
+    wq = _fwd_matrix(geo.embed(pull_kernel_from_operands(w, None, pull_rows, pull_cols), geo.pull_pos)) if geo.mode == MODE_UPSAMPLE else wp
     shift = pull_shift.contiguous() if pull_shift is not None else wp
     b_in = bias_in.contiguous() if bias_in is not None else wp
     b_out = bias_out.contiguous() if bias_out is not None else wp
@@ -397,7 +394,7 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         kp = geo.embed(w, geo.push_pos)
         wpt = _bwd_matrix(kp, G)
         if mode == MODE_UPSAMPLE:
-            wqt = _bwd_matrix(geo.embed(_pull_kernel(w, pull_rows, pull_cols), geo.pull_pos), G)
+            wqt = _bwd_matrix(geo.embed(pull_kernel_from_operands(w, None, pull_rows, pull_cols), geo.pull_pos), G)
         else:
             wqt = wpt
         shift = pull_shift.contiguous() if mode == MODE_INVERT else alpha_v

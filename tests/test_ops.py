@@ -5,6 +5,7 @@ from cases import case_params, make_case
 from torch import nn
 
 from pushpull_ext import PushPullConv2d
+from pushpull_ext.ops import GEOMETRY, GRADIENTS, ForwardArgs
 from pushpull_ext.options import normalize, pull_operands
 
 OPCHECK_CASES = case_params("2020-default", "2020-scale1.5-avg3-bout", "2020-dual", "2024-stem",
@@ -32,6 +33,16 @@ def _ops_for(backend):
     if backend == "triton":
         return torch.ops.pushpull.triton_forward, torch.ops.pushpull.triton_backward
     return torch.ops.pushpull.forward, torch.ops.pushpull.backward
+
+
+def test_argument_names_match_the_schemas(fused_backend_device):
+    """ops.ForwardArgs / GRADIENTS / GEOMETRY name the ops' arguments: they must be the schemas' names."""
+    forward, backward = _ops_for(fused_backend_device[0])
+    forward_names = [a.name for a in forward.default._schema.arguments]
+    assert forward_names == list(ForwardArgs._fields)
+    backward_names = [a.name for a in backward.default._schema.arguments]
+    assert backward_names[-len(GEOMETRY) - 1:-1] == list(GEOMETRY) and backward_names[-1] == "output_mask"
+    assert set(GRADIENTS) <= set(forward_names)
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "grad"])
