@@ -2,13 +2,18 @@
 
 Without a GPU the Triton kernels run on CPU tensors through the Triton interpreter, which must be
 switched on before triton is first imported: hence the environment variable set here, at import.
+The tests' own helpers (the option grid, the papers' modules, the hardening figures, the distributed
+workers) live in tests/support/, importable by their module names.
 """
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+SUPPORT = os.path.join(os.path.dirname(__file__), "support")
+sys.path.insert(0, SUPPORT)
 
 import hardening_results  # noqa: E402
 import pytest  # noqa: E402
@@ -74,7 +79,7 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The hardening figures (examples fuzzed per backend, bad inputs tried, ...; tests/hardening_results.py)."""
+    """The hardening figures (examples fuzzed per backend, bad inputs tried, ...; tests/support/hardening_results.py)."""
     for line in hardening_results.summary_lines():
         terminalreporter.write_line(f"pushpull hardening: {line}")
 

@@ -87,7 +87,7 @@ def test_upsample_paths_on_a_large_image(monkeypatch, path, dtype, rtol):
 
 _ISA_SCRIPT = textwrap.dedent("""
     import sys, torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {support!r}]
     from test_cpu_paths import TAP_CASES, _check_against_reference
     for name, sizes, opts in TAP_CASES:
         for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
@@ -101,6 +101,7 @@ _ISA_SCRIPT = textwrap.dedent("""
 def test_tap_path_every_instruction_set(isa):
     """The AVX2 and baseline versions of the dense loops (this machine may take AVX-512 by default)."""
     env = dict(os.environ, PUSHPULL_CPU_ISA=isa, PUSHPULL_CPU_TAP_PATH="always")
-    script = _ISA_SCRIPT.format(tests=os.path.dirname(__file__))
+    tests = os.path.dirname(__file__)
+    script = _ISA_SCRIPT.format(tests=tests, support=os.path.join(tests, "support"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr

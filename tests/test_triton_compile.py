@@ -8,7 +8,7 @@ to machine code and read back with cuobjdump, for
   on and off), bfloat16 and float64, training and inference, for sm_80 (A100) and sm_90 (H100):
   no problem, no warning (spills, products off the tensor cores); and for sm_86 (RTX 30xx: the least
   shared memory per block) in float32 and bfloat16: every kernel fits;
-- the agreement tests' option grid (tests/cases.py) in float32 and bfloat16, for sm_90: every option
+- the agreement tests' option grid (tests/support/cases.py) in float32 and bfloat16, for sm_90: every option
   combination compiles and fits;
 - with PUSHPULL_OTHER_TRITON=DIR (a `pip install --target DIR --no-deps triton==3.6.0`, which .ci/run
   makes), the papers' set and the grid for sm_90 once more with that Triton: the package supports 3.6 to
@@ -44,7 +44,7 @@ def _other_triton_version():
 
 
 # (arch, Triton) -> the sets compiled, one process per set: "spec" (the papers' shapes + EXTRA_SHAPES, all checks),
-# "smem" (the same, float32 / bfloat16 only, for the shared memory limit), "grid" (tests/cases.py).
+# "smem" (the same, float32 / bfloat16 only, for the shared memory limit), "grid" (tests/support/cases.py).
 TARGETS = {(80, "installed"): ("spec",), (86, "installed"): ("smem",), (90, "installed"): ("spec", "grid")}
 if OTHER_TRITON:
     TARGETS[(90, f"triton {_other_triton_version()}")] = ("spec", "grid")
@@ -119,7 +119,7 @@ def test_spec_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
 
 # ---------------------------------------------------------------- the child: python this_file ARCH OUT SETS...
 def _grid_launches(dtypes):
-    """(label, call) per case of tests/cases.py and dtype: forward, every gradient, inference forward."""
+    """(label, call) per case of tests/support/cases.py and dtype: forward, every gradient, inference forward."""
     import torch
     from cases import CASES, call, make_case
 
