@@ -165,4 +165,5 @@ def _child(arch, out_path, sets):
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "support"))  # as conftest.py does
     _child(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
