@@ -39,7 +39,6 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Optional
-from unittest import mock
 
 from ._ext import TRITON_INTERPRET
 
@@ -160,52 +159,62 @@ class _CompileOnly:
 
 @contextlib.contextmanager
 def compiling_for(arch: int):
-    """Within: Triton targets sm_<arch>, and the Triton backend on CPU tensors compiles what a GPU
-    would launch (GPU configs) without running it. Yields the list of (name, constexprs, dtypes,
-    binary) compiled so far."""
+    """Within: Triton targets sm_<arch>. Yields (the launch configuration under which the launchers compile,
+    on CPU tensors, what a GPU would launch (its tiles), without running it; the list of (name, label,
+    constexprs, dtypes, binary) compiled so far)."""
     if TRITON_INTERPRET:
         raise RuntimeError("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
     from triton.runtime import driver
 
-    from . import functional, triton_launch
+    from .triton_launch import LaunchConfig
 
     compiled: list = []
     previous = getattr(driver, "_active", None)  # None until a driver was asked for (reset_active needs a GPU)
     driver.set_active(_TargetDriver(arch))
     try:
-        with mock.patch.object(triton_launch, "GPU_CONFIGS_ON_CPU", True), \
-                mock.patch.object(triton_launch, "wrap_triton", lambda k: _CompileOnly(k, compiled)), \
-                mock.patch.object(functional, "_triton_problem", lambda input: None):
-            yield compiled
+        yield LaunchConfig(gpu_tiles_on_cpu=True, launch=lambda kernel: _CompileOnly(kernel, compiled)), compiled
     finally:
         driver.set_active(previous) if previous is not None else setattr(driver, "_active", None)
 
 
+def launch_step(config, input, weight, bias=None, **options) -> None:
+    """What a training step and an inference forward of the layer launch: the forward with masks, the
+    backward of every gradient autograd would ask for (the tensors that require grad), and the forward
+    without masks, each under `config` (compiling_for's)."""
+    from . import triton_launch
+    from .functional import forward_args
+    from .ops import GEOMETRY, GRADIENTS
+
+    args = forward_args(input, weight, bias, save_masks=True, **options)
+    out, masks = triton_launch.forward(*args, config=config)
+    needed = [getattr(args, name) is not None and getattr(args, name).requires_grad for name in GRADIENTS]
+    if any(needed):
+        geometry = [getattr(args, name) for name in GEOMETRY]
+        triton_launch.backward(out, args.input, args.weight, args.pull_shift, args.pull_rows, args.pull_cols,
+                               args.bias_in, args.alpha, masks, *geometry, needed, config=config)
+    triton_launch.forward(*args._replace(save_masks=False), config=config)
+
+
 def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
-                  batch: int = 16) -> list[tuple[str, Callable[[], None]]]:
-    """(label, call) per paper shape (or `shapes`: names, or cases for shapes.parse_case) and dtype:
-    a training step (forward, then torch.autograd.grad of every tensor the layer trains) and an
-    inference forward, through the public function. Tensors are empty (nothing runs).
+                  batch: int = 16) -> list[tuple[str, Callable[[object], None]]]:
+    """(label, call(config)) per paper shape (or `shapes`: names, or cases for shapes.parse_case) and dtype:
+    launch_step of a training step (forward, the backward of every tensor the layer trains) and an
+    inference forward. Tensors are empty (nothing runs).
 
     The batch (default 16) enters the kernels only as the integer N, and Triton specializes integer
     arguments only on divisibility by 16 and equality to 1: a batch of 16 compiles exactly what the
     papers' 128 and 256 do, in a fraction of the memory; a batch of 1 compiles other code."""
     import torch
 
-    from .functional import push_pull_conv2d
     from .shapes import CASES, case_by_name, make_inputs, parse_case
 
     def step(case, dtype):
-        def run():
+        def run(config):
             inputs = make_inputs(case, batch=1, dtype=dtype)
             t = {k: (torch.empty((batch, *v.shape[1:]), dtype=dtype).requires_grad_(v.requires_grad)
                      if k == "input" else v) for k, v in inputs.tensors.items()}
-            args = dict(bias_out=t["bias_out"], alpha=t["alpha"], backend="triton", **case.options())
-            y = push_pull_conv2d(t["input"], t["weight"], t["bias"], **args)
-            wants = [v for v in t.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-            torch.autograd.grad(y, wants, torch.empty_like(y))
-            with torch.inference_mode():
-                push_pull_conv2d(t["input"], t["weight"], t["bias"], **args)
+            launch_step(config, t["input"], t["weight"], t["bias"], bias_out=t["bias_out"], alpha=t["alpha"],
+                        **case.options())
         return run
 
     cases = CASES if shapes is None else [case_by_name(name) if name in {c.name for c in CASES} else parse_case(name)
@@ -225,12 +234,12 @@ def compile_all(archs: Iterable[int], launches: list, tf32: bool = True, progres
     try:
         for arch in archs:
             seen = set()
-            with compiling_for(arch) as compiled:
+            with compiling_for(arch) as (config, compiled):
                 for label, run in launches:
                     if progress:
                         progress(f"sm_{arch}: {label}")
                     _CompileOnly.label = label
-                    run()
+                    run(config)
             for name, label, constexprs, dtypes, binary in compiled:
                 if binary.hash in seen:
                     continue

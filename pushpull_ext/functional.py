@@ -1,6 +1,7 @@
 """`push_pull_conv2d`: the public functional form, and the choice of backend."""
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 
@@ -133,22 +134,38 @@ def _under_transform(*tensors) -> bool:
 def _fused(backend: str, op: OpInputs, bias, bias_out, alpha, args: PushPullArgs, layout_of: Tensor) -> Tensor:
     """The fused op (or, under a transform, its formula in plain ops); the output in `layout_of`'s memory
     format, as nn.Conv2d gives (channels_last in, channels_last out)."""
-    pull_shift, pull_rows, pull_cols = op.pull
-    grad_inputs = (op.input, op.weight, pull_shift, bias, bias_out, alpha)
-    op_args = (op.input, op.weight, pull_shift, pull_rows, pull_cols, bias, bias_out, alpha, list(args.stride),
-               list(op.padding), list(op.pull_padding), list(args.dilation), args.groups, args.avg_kernel,
-               args.dual_output)
+    op_args = _forward_args(op, bias, bias_out, alpha, args, save_masks=False)
+    grad_inputs = [getattr(op_args, name) for name in ops.GRADIENTS]
     if _under_transform(*grad_inputs):
-        return op_formula(*op_args)
+        return op_formula(*op_args[:-1])
     # A trace (torch.jit.trace) keeps whatever this call decides: save the masks, so that a module
     # traced under no_grad can still be trained.
     save_masks = torch.jit.is_tracing() or (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs))
     forward_op = torch.ops.pushpull.triton_forward if backend == "triton" else torch.ops.pushpull.forward
-    out, _masks = forward_op(*op_args, save_masks)
+    out, _masks = forward_op(*op_args._replace(save_masks=save_masks))
     if _is_channels_last(layout_of):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def _forward_args(op: OpInputs, bias, bias_out, alpha, args: PushPullArgs, save_masks: bool) -> ops.ForwardArgs:
+    pull_shift, pull_rows, pull_cols = op.pull
+    return ops.ForwardArgs(op.input, op.weight, pull_shift, pull_rows, pull_cols, bias, bias_out, alpha,
+                           list(args.stride), list(op.padding), list(op.pull_padding), list(args.dilation), args.groups,
+                           args.avg_kernel, args.dual_output, save_masks)
+
+
+def forward_args(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, save_masks: bool, **options
+                 ) -> ops.ForwardArgs:
+    """The arguments push_pull_conv2d gives the fused forward op for these (a 4-D input, tensors of one
+    dtype, push_pull_conv2d's keyword arguments but `backend`): for driving the launchers directly
+    (compile_check)."""
+    options = {**_KEYWORD_DEFAULTS, **options}
+    bias_out, alpha = options.pop("bias_out"), options.pop("alpha")
+    args, alpha_vec = normalize(input, weight, bias, bias_out, alpha, **options)
+    op = _op_inputs(input, weight, _pull_operands(weight, args, weight.dtype), args)
+    return _forward_args(op, bias, bias_out, alpha_vec, args, save_masks)
 
 
 def _is_channels_last(t: Tensor) -> bool:
@@ -220,3 +237,8 @@ def _push_pull(input, weight, bias, bias_out, alpha, *, push_weight, backend, **
         return push_pull_reference(input, weight, bias, bias_out, alpha_vec, args, pull_weight)
     pull = _pull_operands(push_weight, args, weight.dtype)
     return _fused(chosen, _op_inputs(input, weight, pull, args), bias, bias_out, alpha_vec, args, layout_of=input)
+
+
+# push_pull_conv2d's keyword arguments and their defaults, but the backend (forward_args).
+_KEYWORD_DEFAULTS = {name: p.default for name, p in inspect.signature(push_pull_conv2d).parameters.items()
+                     if p.kind is p.KEYWORD_ONLY and name != "backend"}

@@ -37,6 +37,8 @@ reductions; no atomics, so results are bitwise reproducible run to run.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -175,18 +177,29 @@ def _interpreted() -> bool:
         triton.runtime, "interpreter") else False
 
 
-# Set by compile_check.py only: launches on CPU tensors then take the GPU configs, so that the kernels
-# can be compiled for a GPU that is not here, exactly as a GPU would launch them.
-GPU_CONFIGS_ON_CPU = False
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How forward() and backward() tile and launch their kernels. The ops use DEFAULT_LAUNCH; the tests
+    and compile_check pass their own."""
+
+    # GPU tiles for CPU tensors too: compile_check compiles, on a machine without a GPU, exactly what a
+    # GPU would launch (CUDA tensors always take the GPU tiles; the interpreter has its own otherwise).
+    gpu_tiles_on_cpu: bool = False
+    # Fixed split factors of the deterministic pixel reductions (None: as many as the GPU needs).
+    weight_split: Optional[int] = None
+    bias_split: Optional[int] = None
+    # kernel -> launcher: wrap_triton (traceable by torch.compile), or compile_check's compile-only one.
+    launch: Callable = wrap_triton
+
+    def gpu_tuned(self, t: Tensor) -> bool:
+        """Whether launches on t use the GPU configs (the interpreter has its own, see _fwd_config)."""
+        return t.is_cuda or self.gpu_tiles_on_cpu
+
+    def allow_tf32(self, t: Tensor) -> bool:
+        return t.dtype == torch.float32 and self.gpu_tuned(t) and bool(torch.backends.cudnn.allow_tf32)
 
 
-def _gpu_tuned(t: Tensor) -> bool:
-    """Whether launches on t use the GPU configs (the interpreter has its own, see _fwd_config)."""
-    return t.is_cuda or GPU_CONFIGS_ON_CPU
-
-
-def _allow_tf32(t: Tensor) -> bool:
-    return t.dtype == torch.float32 and _gpu_tuned(t) and bool(torch.backends.cudnn.allow_tf32)
+DEFAULT_LAUNCH = LaunchConfig()
 
 
 # GPU tiles: checked without a GPU by compile_check.py (no spills, tensor cores on sm_80 / sm_90, shared
@@ -232,17 +245,13 @@ def _num_sms(device) -> int:
         return 108
 
 
-# Split overrides of the pixel reductions (tests force a value to exercise the deterministic split path).
-WEIGHT_SPLIT_OVERRIDE: Optional[int] = None
-BIAS_SPLIT_OVERRIDE: Optional[int] = None
-
-
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
 def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
             stride: list[int], padding: list[int], pull_padding: list[int], dilation: list[int], groups: int,
-            avg_kernel: int, dual_output: bool, save_masks: bool) -> tuple[Tensor, Tensor]:
+            avg_kernel: int, dual_output: bool, save_masks: bool,
+            config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor]:
     check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
                   pull_padding, dilation, groups, avg_kernel, dual_output)
     x = input.contiguous()
@@ -273,25 +282,25 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
         pbuf, qbuf = x.new_empty(1, dtype=acc_dtype), x.new_empty(1, dtype=acc_dtype)
     mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
 
-    BM, BN, BK, nw, ns = _fwd_config(dtype, _gpu_tuned(x), C_out, geo.Cgo)
+    BM, BN, BK, nw, ns = _fwd_config(dtype, config.gpu_tuned(x), C_out, geo.Cgo)
     grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
     i0, i1, j0, j1 = geo.push_box
     ng_tile = max(min(n0 + BN, C_out) // geo.Cgo - n0 // geo.Cgo + ((min(n0 + BN, C_out)) % geo.Cgo != 0)
                   for n0 in range(0, C_out, BN))
-    wrap_triton(_k.pp_fwd_conv_kernel)[grid](
+    config.launch(_k.pp_fwd_conv_kernel)[grid](
         x, wp, wq, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf,
         N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, geo.Cg, geo.Cgo,
         geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1],
         geo.TH, geo.TW, ng_tile, i0, i1, j0, j1,
         MODE=geo.mode, HAS_BIN=bias_in is not None, HAS_BOUT=bias_out is not None, DUAL=bool(dual_output),
-        SAVE_MASKS=bool(save_masks), POOLED=pooled, IS_FP64=is_fp64, ALLOW_TF32=_allow_tf32(x),
+        SAVE_MASKS=bool(save_masks), POOLED=pooled, IS_FP64=is_fp64, ALLOW_TF32=config.allow_tf32(x),
         STRADDLE=ng_tile > 1, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
     )
     if pooled:
         # Half the conv tile's pixels: a [128, 64] tile of 64-bit window offsets spilled 440-576 B
         # whenever Ho * Wo is not a multiple of 16 (compile_check.py, e.g. 14 x 14 or 110 x 110).
-        pool_bm = BM // 2 if _gpu_tuned(x) else BM
-        wrap_triton(_k.pp_fwd_pool_epilogue_kernel)[(triton.cdiv(N * Ho * Wo, pool_bm), grid[1])](
+        pool_bm = BM // 2 if config.gpu_tuned(x) else BM
+        config.launch(_k.pp_fwd_pool_epilogue_kernel)[(triton.cdiv(N * Ho * Wo, pool_bm), grid[1])](
             pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg,
             N, C_out, Ho, Wo, int(avg_kernel), (int(avg_kernel) - 1) // 2,
             HAS_BOUT=bias_out is not None, DUAL=bool(dual_output), SAVE_MASKS=bool(save_masks),
@@ -323,7 +332,8 @@ def _pixel_split(n_tiles: int, k_pix: int, block_k: int, gpu: bool, device, over
 
 def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks,
              stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output,
-             output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             output_mask: list[bool], config: LaunchConfig = DEFAULT_LAUNCH
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
                    padding, pull_padding, dilation, groups, avg_kernel, dual_output)
     # input / weight may be shape-only placeholders (expanded 0-d tensors) when the gradients asked
@@ -335,7 +345,7 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
     dtype, dev = x.dtype, x.device
     is_fp64 = dtype == torch.float64
     acc_dtype = torch.float64 if is_fp64 else torch.float32
-    tf32 = _allow_tf32(x)
+    tf32 = config.allow_tf32(x)
     mode = geo.mode
     pooled = avg_kernel > 1
     want = [bool(b) for b in output_mask] + [False] * (6 - len(output_mask))
@@ -351,7 +361,7 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
     need_alpha = want[5] and not dual_output
     if (need_fields and masks.numel() == 0) or need_alpha:
         y_dual, m2 = forward(x.contiguous(), w.contiguous(), pull_shift, pull_rows, pull_cols, bias_in, None, alpha_v, stride, padding,
-                             pull_padding, dilation, groups, avg_kernel, True, masks.numel() == 0)
+                             pull_padding, dilation, groups, avg_kernel, True, masks.numel() == 0, config)
         if masks.numel() == 0:
             masks = m2
         if need_alpha:
@@ -369,16 +379,16 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
 
     # 1. bias_in gradient: sum_p gP - sum_p gQ per channel, one reduction over g and the masks.
     if want[3]:
-        BM, BN, _, nw, _ = _fwd_config(dtype, _gpu_tuned(x), C_out, C_out)
-        if _gpu_tuned(x):  # half the rows: a [128, 64] tile spilled 80-88 B with Triton 3.6 (compile_check.py)
+        BM, BN, _, nw, _ = _fwd_config(dtype, config.gpu_tuned(x), C_out, C_out)
+        if config.gpu_tuned(x):  # half the rows: a [128, 64] tile spilled 80-88 B with Triton 3.6 (compile_check.py)
             BM //= 2
         p_total = N * Ho * Wo
         n_c_tiles = triton.cdiv(C_out, BN)
-        split = _pixel_split(n_c_tiles, p_total, BM, _gpu_tuned(x), dev, BIAS_SPLIT_OVERRIDE)
+        split = _pixel_split(n_c_tiles, p_total, BM, config.gpu_tuned(x), dev, config.bias_split)
         pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BM) * BM
         split = triton.cdiv(p_total, pix_per_split)
         part = torch.empty((split, C_out), dtype=acc_dtype, device=dev)
-        wrap_triton(_kb.pp_bwd_bias_kernel)[(n_c_tiles, split)](
+        config.launch(_kb.pp_bwd_bias_kernel)[(n_c_tiles, split)](
             g, masks, alpha_v, part, N, C_out, Ho, Wo, pix_per_split,
             DUAL=bool(dual_output), IS_FP64=is_fp64, BLOCK_M=BM, BLOCK_N=BN, num_warps=nw,
         )
@@ -386,7 +396,7 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
 
     i0, i1, j0, j1 = geo.push_box
     win = (geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1], geo.TH, geo.TW)
-    BM, BN, BK, nw, ns = _bwd_config(dtype, _gpu_tuned(x), pooled=pooled)
+    BM, BN, BK, nw, ns = _bwd_config(dtype, config.gpu_tuned(x), pooled=pooled)
 
     # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
     if want[0]:
@@ -400,7 +410,7 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         shift = pull_shift.contiguous() if mode == MODE_INVERT else alpha_v
         gx = torch.empty(x.shape, dtype=dtype, device=dev)
         grid = (triton.cdiv(N * geo.H * geo.W, BM), triton.cdiv(Cg, BN), G)
-        wrap_triton(_kb.pp_bwd_input_kernel)[grid](
+        config.launch(_kb.pp_bwd_input_kernel)[grid](
             g, masks, alpha_v, shift, wpt, wqt, gx,
             N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, G, Cg, Cgo, *win, i0, i1, j0, j1, *pool,
             **flags, ALLOW_TF32=tf32,
@@ -410,13 +420,13 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
 
     # 3. Weight gradient (and, for invert, the pull_shift gradient).
     if want[1] or want[2]:
-        BM, BN, BK, nw, ns = _bwd_config(dtype, _gpu_tuned(x), weight_kernel=True, pooled=pooled)
+        BM, BN, BK, nw, ns = _bwd_config(dtype, config.gpu_tuned(x), weight_kernel=True, pooled=pooled)
         x = x.contiguous()
         k_total = geo.TH * geo.TW * Cg
         n_o_tiles = triton.cdiv(Cgo, BM)
         n_r_tiles = triton.cdiv(k_total, BN)
         p_total = N * Ho * Wo
-        split = _pixel_split(G * n_o_tiles * n_r_tiles, p_total, BK, _gpu_tuned(x), dev, WEIGHT_SPLIT_OVERRIDE)
+        split = _pixel_split(G * n_o_tiles * n_r_tiles, p_total, BK, config.gpu_tuned(x), dev, config.weight_split)
         pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
         split = triton.cdiv(p_total, pix_per_split)
         need_w = bool(want[1])
@@ -427,7 +437,7 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         gw2 = buf(split, C_out, k_total) if (mode == MODE_UPSAMPLE and need_w) else buf(1)
         gs = buf(split, n_r_tiles, C_out) if mode == MODE_INVERT else buf(1)
         grid = (G * n_o_tiles, n_r_tiles, split)
-        wrap_triton(_kb.pp_bwd_weight_kernel)[grid](
+        config.launch(_kb.pp_bwd_weight_kernel)[grid](
             x, g, masks, alpha_v, gw1, gw2, gs,
             N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, Cg, Cgo, *win, i0, i1, j0, j1, *pool,
             pix_per_split, n_o_tiles, n_r_tiles,

@@ -17,6 +17,7 @@ to machine code and read back with cuobjdump, for
 Each target compiles in a process of its own without TRITON_INTERPRET (this process has it set);
 the processes run side by side.
 """
+import functools
 import json
 import os
 import subprocess
@@ -119,19 +120,16 @@ def test_spec_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
 
 # ---------------------------------------------------------------- the child: python this_file ARCH OUT SETS...
 def _grid_launches(dtypes):
-    """(label, call) per case of tests/support/cases.py and dtype: forward, every gradient, inference forward."""
-    import torch
+    """(label, call(config)) per case of tests/support/cases.py and dtype: forward, every gradient, inference
+    forward."""
     from cases import CASES, call, make_case
 
-    from pushpull_ext import push_pull_conv2d
+    from pushpull_ext.compile_check import launch_step
 
     def step(sizes, options, dtype):
-        def run():
+        def run(config):
             inputs, opts = make_case(sizes, options, dtype, "cpu")
-            y = call(push_pull_conv2d, inputs, opts, backend="triton")
-            torch.autograd.grad(y, list(inputs.values()), torch.ones_like(y))
-            with torch.inference_mode():
-                call(push_pull_conv2d, inputs, opts, backend="triton")
+            call(functools.partial(launch_step, config), inputs, opts)
         return run
 
     return [(f"{name} {str(dtype).replace('torch.', '')}", step(sizes, options, dtype))

@@ -97,11 +97,11 @@ class Case:
         return TL.forward(x, w, self.shift, self.rows, self.cols, self.b_in, self.b_out, self.alpha,
                           *self.opts, save_masks)
 
-    def backward(self, grad, masks, output_mask, x=None, w=None):
+    def backward(self, grad, masks, output_mask, x=None, w=None, config=TL.DEFAULT_LAUNCH):
         x = self.x if x is None else x
         w = self.w if w is None else w
         return TL.backward(grad, x, w, self.shift, self.rows, self.cols, self.b_in, self.alpha, masks,
-                           *self.opts, list(output_mask))
+                           *self.opts, list(output_mask), config)
 
     def output_mask(self):
         return [True, True, self.shift is not None, self.b_in is not None,
@@ -272,21 +272,20 @@ def test_unsaved_masks_are_recomputed(pull, scale):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_weight_gradient_split_k_deterministic(monkeypatch):
+def test_weight_gradient_split_k_deterministic():
+    split3 = TL.LaunchConfig(weight_split=3)
     case = Case(pull="upsample", scale=1.5, avg=3, n=3, hw=(5, 5), c_in=2, c_out=4)
     y, masks = case.forward()
     grad = torch.randn_like(y)
     want = case.backward(grad, masks, [False, True, False, False, False, False])[1]
-    monkeypatch.setattr(TL, "WEIGHT_SPLIT_OVERRIDE", 3)
-    got = case.backward(grad, masks, [False, True, False, False, False, False])[1]
-    got2 = case.backward(grad, masks, [False, True, False, False, False, False])[1]
+    got = case.backward(grad, masks, [False, True, False, False, False, False], config=split3)[1]
+    got2 = case.backward(grad, masks, [False, True, False, False, False, False], config=split3)[1]
     assert torch.equal(got, got2)  # deterministic: same bits run to run
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     case_i = Case(pull="invert", avg=0, n=3, hw=(5, 5))
     y, masks = case_i.forward()
     grad = torch.randn_like(y)
-    a = case_i.backward(grad, masks, [False, True, True, False, False, False])
-    monkeypatch.setattr(TL, "WEIGHT_SPLIT_OVERRIDE", None)
+    a = case_i.backward(grad, masks, [False, True, True, False, False, False], config=split3)
     b = case_i.backward(grad, masks, [False, True, True, False, False, False])
     for u, v in zip(a[1:3], b[1:3]):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
@@ -339,15 +338,15 @@ def test_gradcheck(pull, scale, opts):
                                     rtol=1e-6, fast_mode=True)
 
 
-def test_bias_gradient_split_deterministic(monkeypatch):
+def test_bias_gradient_split_deterministic():
+    split3 = TL.LaunchConfig(bias_split=3)
     case = Case(pull="upsample", scale=2.0, avg=3, n=3, hw=(5, 5), c_in=2, c_out=4)
     y, masks = case.forward()
     grad = torch.randn_like(y)
     only_bias = [False, False, False, True, False, False]
     want = case.backward(grad, masks, only_bias)[3]
-    monkeypatch.setattr(TL, "BIAS_SPLIT_OVERRIDE", 3)
-    got = case.backward(grad, masks, only_bias)[3]
-    assert torch.equal(got, case.backward(grad, masks, only_bias)[3])
+    got = case.backward(grad, masks, only_bias, config=split3)[3]
+    assert torch.equal(got, case.backward(grad, masks, only_bias, config=split3)[3])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
