@@ -36,7 +36,7 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, mma_grad_operand
+from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, flat_tile, image_and_pixel, mma_grad_operand, split_chunk
 
 
 @triton.jit
@@ -114,12 +114,9 @@ def pp_bwd_input_kernel(
     ACC = tl.float64 if IS_FP64 else tl.float32
     w_ty = wp_ptr.dtype.element_ty
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_valid = offs_m < N * HW
-    c_valid = offs_c < CG
-    n_img = (offs_m // HW).to(tl.int64)
-    pix = offs_m % HW
+    offs_m, m_valid = flat_tile(pid_m, BLOCK_M, N * HW)
+    offs_c, c_valid = flat_tile(pid_c, BLOCK_N, CG)
+    n_img, pix = image_and_pixel(offs_m, HW)
     h = pix // W
     w = pix % W
     n_col = n_img[:, None]
@@ -208,13 +205,9 @@ def pp_bwd_weight_kernel(
     if MODE == MODE_INVERT:
         acc_s = tl.zeros((BLOCK_M,), dtype=ACC)
 
-    p_start = split * PIX_PER_SPLIT
     for p0 in range(0, PIX_PER_SPLIT, BLOCK_K):
-        kk = p0 + tl.arange(0, BLOCK_K)
-        p = p_start + kk
-        p_valid = (p < P_TOTAL) & (kk < PIX_PER_SPLIT)
-        n_img = (p // HOWO).to(tl.int64)
-        pix = p % HOWO
+        p, p_valid = split_chunk(split, p0, BLOCK_K, PIX_PER_SPLIT, P_TOTAL)
+        n_img, pix = image_and_pixel(p, HOWO)
         ho = pix // WO
         wo = pix % WO
         f_mask = o_valid[:, None] & p_valid[None, :]
@@ -264,17 +257,13 @@ def pp_bwd_bias_kernel(
     HOWO = HO * WO
     P_TOTAL = N * HOWO
     ACC = tl.float64 if IS_FP64 else tl.float32
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < C_OUT
+    offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
     o_row = offs_n[None, :]
     acc = tl.zeros((BLOCK_N,), dtype=ACC)
-    p_start = split * PIX_PER_SPLIT
     for m0 in range(0, PIX_PER_SPLIT, BLOCK_M):
-        kk = m0 + tl.arange(0, BLOCK_M)
-        p = p_start + kk
-        p_valid = (p < P_TOTAL) & (kk < PIX_PER_SPLIT)
-        n_col = (p // HOWO).to(tl.int64)[:, None]
-        pix = (p % HOWO)[:, None]
+        p, p_valid = split_chunk(split, m0, BLOCK_M, PIX_PER_SPLIT, P_TOTAL)
+        n_img, pix = image_and_pixel(p, HOWO)
+        n_col, pix = n_img[:, None], pix[:, None]
         valid = p_valid[:, None] & n_valid[None, :]
         gp = grad_push(g_ptr, mask_ptr, n_col, o_row, pix, valid, C_OUT, HOWO, DUAL, ACC)
         # unpooled gQ': with POOLED=False grad_pull reads the single position ho * WO + wo = pix

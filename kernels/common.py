@@ -9,6 +9,30 @@ MODE_UPSAMPLE = tl.constexpr(2)  # 2020, scale != 1: q = -U k V^T on its own (la
 
 
 @triton.jit
+def flat_tile(pid, BLOCK: tl.constexpr, TOTAL):
+    """The indices pid * BLOCK + [0, BLOCK) of a flat range, and which of them are < TOTAL."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < TOTAL
+
+
+@triton.jit
+def split_chunk(split, k0, BLOCK: tl.constexpr, PIX_PER_SPLIT, P_TOTAL):
+    """Chunk k0 + [0, BLOCK) of the pixels of split `split` of a deterministic split reduction (each split
+    reduces PIX_PER_SPLIT consecutive pixels of N * Ho * Wo = P_TOTAL): the flat pixel indices and which
+    are in both the split and the range."""
+    kk = k0 + tl.arange(0, BLOCK)
+    p = split * PIX_PER_SPLIT + kk
+    return p, (p < P_TOTAL) & (kk < PIX_PER_SPLIT)
+
+
+@triton.jit
+def image_and_pixel(offs, PIXELS):
+    """Flat (image, pixel) indices split into the image (int64: image offsets exceed 2^31 in big batches)
+    and the pixel within the image."""
+    return (offs // PIXELS).to(tl.int64), offs % PIXELS
+
+
+@triton.jit
 def mma(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """acc + a @ b with the accumulator precision of the tolerances (fp64 for fp64, fp32 otherwise).
 

@@ -33,7 +33,7 @@ Cost versus a fully fused kernel: 2 extra writes + (1 + a^2, mostly cache-served
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, mma, push_taps
+from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, flat_tile, image_and_pixel, mma, push_taps
 
 
 @triton.jit
@@ -102,12 +102,9 @@ def pp_fwd_conv_kernel(
     HW = H * W
     K_TOTAL = CG * TH * TW
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_valid = offs_m < N * HOWO
-    n_valid = offs_n < C_OUT
-    n_img = (offs_m // HOWO).to(tl.int64)
-    pix = offs_m % HOWO
+    offs_m, m_valid = flat_tile(pid_m, BLOCK_M, N * HOWO)
+    offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
+    n_img, pix = image_and_pixel(offs_m, HOWO)
     hi0 = (pix // WO) * SH - PH
     wi0 = (pix % WO) * SW - PW
     x_img = x_ptr + n_img * C_IN * HW          # [BLOCK_M] pointers (64-bit image offset)
@@ -209,12 +206,9 @@ def pp_fwd_pool_epilogue_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     HOWO = HO * WO
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_valid = offs_m < N * HOWO
-    n_valid = offs_n < C_OUT
-    n_img = (offs_m // HOWO).to(tl.int64)
-    pix = offs_m % HOWO
+    offs_m, m_valid = flat_tile(pid_m, BLOCK_M, N * HOWO)
+    offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
+    n_img, pix = image_and_pixel(offs_m, HOWO)
     ho = pix // WO
     wo = pix % WO
     valid = m_valid[:, None] & n_valid[None, :]
