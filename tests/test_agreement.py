@@ -2,41 +2,17 @@
 gradcheck, float32 to 1e-4 relative, low precision within 2x of eager PyTorch's own error."""
 import pytest
 import torch
+from agreement import assert_matches_reference, assert_rel_close, outputs_and_grads, reference_float64
 from cases import CASE_PARAMS, call, case, make_case
 
 from pushpull_ext import push_pull_conv2d
-
-
-def _outputs_and_grads(backend, inputs, opts, grad_seed=1):
-    out = call(push_pull_conv2d, inputs, opts, backend=backend)
-    leaves = [t for t in inputs.values() if t.requires_grad]
-    if not leaves:
-        return out, []
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-    return out, list(grads)
-
-
-def _reference_float64(inputs, opts):
-    as64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
-    return _outputs_and_grads("reference", as64, opts)
-
-
-def _assert_rel_close(actual, expected, rtol, what):
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
 def test_float64_matches_reference(backend_device, sizes, options):
     backend, device = backend_device
     inputs, opts = make_case(sizes, options, torch.float64, device)
-    out, grads = _outputs_and_grads(backend, inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, 1e-9, "output")
-    for name, g, r in zip([k for k, v in inputs.items() if v.requires_grad], grads, ref_grads):
-        _assert_rel_close(g, r, 1e-9, f"grad of {name}")
+    assert_matches_reference(backend, inputs, opts, 1e-9)
 
 
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
@@ -61,9 +37,9 @@ def test_gradient_of_one_input_only(backend_device, which):
     sizes, options = case("2024-stem")  # 2024 stem: every vector argument present
     inputs, opts = make_case(sizes, options, torch.float64, device, requires_grad=False)
     inputs[which].requires_grad_(True)
-    out, grads = _outputs_and_grads(backend, inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
+    out, grads = outputs_and_grads(backend, inputs, opts)
+    ref_out, ref_grads = reference_float64(inputs, opts)
+    assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
 
 
 def test_invert_ties_share_gradient_like_autograd(backend_device):
@@ -73,9 +49,9 @@ def test_invert_ties_share_gradient_like_autograd(backend_device):
     inputs, opts = make_case(sizes, options, torch.float64, device)
     with torch.no_grad():
         inputs["weight"].copy_(torch.round(inputs["weight"] * 4) / 4)  # many equal max/min taps
-    out, grads = _outputs_and_grads(backend, inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(grads[1], ref_grads[1], 1e-9, "grad of weight with ties")
+    out, grads = outputs_and_grads(backend, inputs, opts)
+    ref_out, ref_grads = reference_float64(inputs, opts)
+    assert_rel_close(grads[1], ref_grads[1], 1e-9, "grad of weight with ties")
 
 
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
@@ -86,11 +62,7 @@ def test_float32_within_spec(backend_device, sizes, options):
         torch.backends.cuda.matmul.allow_tf32 = False
     n, c_in, c_out, h, w, kh, kw = sizes
     inputs, opts = make_case((n, c_in * 2, c_out * 2, h, w, kh, kw), options, torch.float32, device, scale_hw=2)
-    out, grads = _outputs_and_grads(backend, inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, 1e-4, "output")
-    for g, r in zip(grads, ref_grads):
-        _assert_rel_close(g, r, 1e-4, "gradient")
+    assert_matches_reference(backend, inputs, opts, 1e-4)
 
 
 def _low_precision_dtypes(backend, device):
@@ -125,8 +97,4 @@ def test_cpu_upsample_in_row_blocks(dtype, rtol, stride):
     sizes = (2, 16, 8, 45, 38, 3, 3)
     options = dict(pull="upsample", scale=2.0, stride=stride, padding=1, bias_in=True, alpha="vector", avg_kernel=3)
     inputs, opts = make_case(sizes, options, dtype, "cpu")
-    out, grads = _outputs_and_grads("cpu", inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, rtol, "output")
-    for name, g, r in zip([k for k, v in inputs.items() if v.requires_grad], grads, ref_grads):
-        _assert_rel_close(g, r, rtol, f"grad of {name}")
+    assert_matches_reference("cpu", inputs, opts, rtol)

@@ -5,8 +5,8 @@ import types
 
 import pytest
 import torch
+from agreement import assert_matches_reference, outputs_and_grads
 from cases import make_case
-from test_agreement import _assert_rel_close, _outputs_and_grads, _reference_float64
 from test_cuda_emulation import LARGE_KERNEL, MANY_TILES
 
 import pushpull_ext.functional as functional
@@ -49,22 +49,18 @@ needs_cuda_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and has_c
 def test_large_upsampled_kernel(dtype, rtol):
     torch.backends.cudnn.allow_tf32 = False
     inputs, opts = make_case(*LARGE_KERNEL, dtype, "cuda")
-    out, grads = _outputs_and_grads("cuda", inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, rtol, "output")
-    for name, g, r in zip(inputs, grads, ref_grads):
-        _assert_rel_close(g, r, rtol, f"grad of {name}")
+    assert_matches_reference("cuda", inputs, opts, rtol)
 
 
 @needs_cuda_kernels
 def test_side_stream_gives_the_same_result():
     inputs, opts = make_case((2, 4, 6, 17, 19, 3, 3), dict(pull="invert", padding=1, avg_kernel=5, bias_in=True),
                              torch.float64, "cuda")
-    expected, expected_grads = _outputs_and_grads("cuda", inputs, opts)
+    expected, expected_grads = outputs_and_grads("cuda", inputs, opts)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        out, grads = _outputs_and_grads("cuda", inputs, opts)
+        out, grads = outputs_and_grads("cuda", inputs, opts)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(out, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
@@ -74,7 +70,7 @@ def test_side_stream_gives_the_same_result():
 def test_empty_batch():
     inputs, opts = make_case((0, 4, 6, 7, 6, 3, 3), dict(pull="upsample", padding=1, avg_kernel=3, bias_in=True),
                              torch.float32, "cuda")
-    out, grads = _outputs_and_grads("cuda", inputs, opts)
+    out, grads = outputs_and_grads("cuda", inputs, opts)
     assert out.shape == (0, 6, 7, 6)
     assert all(g.abs().sum() == 0 for g in grads)
 
@@ -83,8 +79,4 @@ def test_empty_batch():
 @pytest.mark.parametrize("sizes, options", MANY_TILES)
 def test_many_tiles(sizes, options):
     inputs, opts = make_case(sizes, options, torch.float64, "cuda")
-    out, grads = _outputs_and_grads("cuda", inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, 1e-9, "output")
-    for name, g, r in zip(inputs, grads, ref_grads):
-        _assert_rel_close(g, r, 1e-9, f"grad of {name}")
+    assert_matches_reference("cuda", inputs, opts, 1e-9)

@@ -14,8 +14,8 @@ import os
 
 import pytest
 import torch
+from agreement import assert_matches_reference, assert_rel_close, outputs_and_grads, reference_float64
 from cases import CASE_PARAMS, call, case, make_case
-from test_agreement import _assert_rel_close, _outputs_and_grads, _reference_float64
 
 import pushpull_ext.functional  # noqa: F401  (registers the autograd of the ops)
 from pushpull_ext import push_pull_conv2d
@@ -31,7 +31,8 @@ def emulation():
     """The emulation module, built once (cached by torch.utils.cpp_extension between runs)."""
     from torch.utils.cpp_extension import load
 
-    sources = ["tests/cuda_emulation/emulate.cpp", "csrc/pushpull.cpp", "csrc/cuda/pushpull_cuda_ops.cpp"]
+    sources = ["tests/cuda_emulation/emulate.cpp", "csrc/pushpull.cpp", "csrc/common/aten_algebra.cpp",
+               "csrc/cuda/pushpull_cuda_ops.cpp"]
     return load("pushpull_cuda_emulation", [os.path.join(ROOT, s) for s in sources],
                 extra_cflags=["-O2", "-DPUSHPULL_CHECKS_ONLY"], verbose=False)
 
@@ -68,11 +69,7 @@ def test_override_runs_the_emulation(cuda_backend_on_cpu):
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
 def test_float64_matches_reference(cuda_backend_on_cpu, sizes, options):
     inputs, opts = make_case(sizes, options, torch.float64, "cpu")
-    out, grads = _outputs_and_grads("cpu", inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, 1e-9, "output")
-    for name, g, r in zip(inputs, grads, ref_grads):
-        _assert_rel_close(g, r, 1e-9, f"grad of {name}")
+    assert_matches_reference("cpu", inputs, opts, 1e-9)
 
 
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
@@ -90,11 +87,7 @@ def test_gradcheck_float64(cuda_backend_on_cpu, sizes, options):
 def test_float32_within_spec(cuda_backend_on_cpu, sizes, options):
     n, c_in, c_out, h, w, kh, kw = sizes
     inputs, opts = make_case((n, c_in * 2, c_out * 2, h, w, kh, kw), options, torch.float32, "cpu", scale_hw=2)
-    out, grads = _outputs_and_grads("cpu", inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, 1e-4, "output")
-    for name, g, r in zip(inputs, grads, ref_grads):
-        _assert_rel_close(g, r, 1e-4, f"grad of {name}")
+    assert_matches_reference("cpu", inputs, opts, 1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -151,27 +144,27 @@ def test_gradient_of_one_input_only(cuda_backend_on_cpu, which):
     """Only one gradient asked: the wrapper passes placeholders for what backward must not read."""
     inputs, opts = make_case(*case("2024-stem"), torch.float64, "cpu", requires_grad=False)
     inputs[which].requires_grad_(True)
-    _, grads = _outputs_and_grads("cpu", inputs, opts)
-    _, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
+    _, grads = outputs_and_grads("cpu", inputs, opts)
+    _, ref_grads = reference_float64(inputs, opts)
+    assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
 
 
 @pytest.mark.parametrize("which", ["input", "weight"])
 def test_upsample_gradient_of_one_input_only(cuda_backend_on_cpu, which):
     inputs, opts = make_case(*case("2020-wide-groups-stride-avg3"), torch.float64, "cpu", requires_grad=False)
     inputs[which].requires_grad_(True)
-    _, grads = _outputs_and_grads("cpu", inputs, opts)
-    _, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
+    _, grads = outputs_and_grads("cpu", inputs, opts)
+    _, ref_grads = reference_float64(inputs, opts)
+    assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
 
 
 def test_invert_ties_share_gradient_like_autograd(cuda_backend_on_cpu):
     inputs, opts = make_case(*case("2024-stem"), torch.float64, "cpu")
     with torch.no_grad():
         inputs["weight"].copy_(torch.round(inputs["weight"] * 4) / 4)
-    _, grads = _outputs_and_grads("cpu", inputs, opts)
-    _, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(grads[1], ref_grads[1], 1e-9, "grad of weight with ties")
+    _, grads = outputs_and_grads("cpu", inputs, opts)
+    _, ref_grads = reference_float64(inputs, opts)
+    assert_rel_close(grads[1], ref_grads[1], 1e-9, "grad of weight with ties")
 
 
 # A 9x9 kernel upsampled to 19x19 with stride 4: in float64 the prefilter's tiles exceed the 48 KiB of
@@ -183,11 +176,7 @@ LARGE_KERNEL = ((2, 3, 5, 40, 37, 9, 9), dict(pull="upsample", stride=4, padding
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["direct", "prefilter"])
 def test_large_upsampled_kernel(cuda_backend_on_cpu, dtype, rtol):
     inputs, opts = make_case(*LARGE_KERNEL, dtype, "cpu")
-    out, grads = _outputs_and_grads("cpu", inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, rtol, "output")
-    for name, g, r in zip(inputs, grads, ref_grads):
-        _assert_rel_close(g, r, rtol, f"grad of {name}")
+    assert_matches_reference("cpu", inputs, opts, rtol)
 
 
 # Several tiles per plane, partial tiles at the right and bottom borders, C_out not a multiple of 8, halos
@@ -202,17 +191,13 @@ MANY_TILES = [
 @pytest.mark.parametrize("sizes, options", MANY_TILES)
 def test_many_tiles(cuda_backend_on_cpu, sizes, options):
     inputs, opts = make_case(sizes, options, torch.float64, "cpu")
-    out, grads = _outputs_and_grads("cpu", inputs, opts)
-    ref_out, ref_grads = _reference_float64(inputs, opts)
-    _assert_rel_close(out, ref_out, 1e-9, "output")
-    for name, g, r in zip(inputs, grads, ref_grads):
-        _assert_rel_close(g, r, 1e-9, f"grad of {name}")
+    assert_matches_reference("cpu", inputs, opts, 1e-9)
 
 
 def test_empty_batch(cuda_backend_on_cpu):
     inputs, opts = make_case((0, 4, 6, 7, 6, 3, 3), dict(pull="invert", padding=1, avg_kernel=3, bias_in=True),
                              torch.float64, "cpu")
-    out, grads = _outputs_and_grads("cpu", inputs, opts)
+    out, grads = outputs_and_grads("cpu", inputs, opts)
     assert out.shape == (0, 6, 7, 6)
     assert all(g.abs().sum() == 0 for g in grads)
 

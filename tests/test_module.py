@@ -3,10 +3,10 @@ import os
 
 import pytest
 import torch
+from paper_models import PPmodule2d, PushPullConv2DUnit
 from torch import nn
 
 import pushpull_ext
-from paper_models import PPmodule2d, PushPullConv2DUnit
 from pushpull_ext import PushPullConv2d
 
 PAPER_MODULES = [

@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
+from cases import CASE_PARAMS, call, case, case_params, make_case
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.autograd import forward_ad
 
-from cases import CASE_PARAMS, call, case, case_params, make_case
 from pushpull_ext import PushPullConv2d, convert, pull_kernel, push_pull_conv2d
 from pushpull_ext.reference import combine
 
