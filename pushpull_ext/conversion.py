@@ -13,7 +13,8 @@ requires_grad), built with `pushpull_options` (the keyword-only arguments of Pus
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Union
 
 from torch import nn
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-
 from typing import NamedTuple
 
 import torch
@@ -78,7 +77,8 @@ def resolve_backend(backend: str, input: Tensor) -> str:
         problems.append(f"{candidate}: {problem}")
     if input.device.type not in _warned_fallback:
         _warned_fallback.add(input.device.type)
-        warnings.warn("pushpull_ext falls back to the eager reference: " + "; ".join(problems), RuntimeWarning)
+        warnings.warn("pushpull_ext falls back to the eager reference: " + "; ".join(problems), RuntimeWarning,
+                      stacklevel=2)
     return "reference"
 
 

@@ -101,7 +101,7 @@ class PushPullConv2d(nn.Module):
     # ------------------------------------------------------------------ conversions
 
     @classmethod
-    def from_conv2d(cls, conv: nn.Conv2d, **pushpull_options) -> "PushPullConv2d":
+    def from_conv2d(cls, conv: nn.Conv2d, **pushpull_options) -> PushPullConv2d:
         """A push-pull layer with `conv`'s geometry and a copy of its weights (conv's bias becomes `bias`)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d expects an nn.Conv2d, got {type(conv).__name__}")
@@ -115,7 +115,7 @@ class PushPullConv2d(nn.Module):
         return layer
 
     @classmethod
-    def from_module(cls, module: nn.Module, **overrides) -> "PushPullConv2d":
+    def from_module(cls, module: nn.Module, **overrides) -> PushPullConv2d:
         """An equivalent layer, sharing no tensors, from the papers' own modules (duck-typed):
         the 2020 `PPmodule2d` (`push`, `alpha`, `train_alpha`, `scale_factor`, `dual_output`) or the 2024
         `PushPullConv2DUnit` (`push_conv`, `avg`, `bias`, `pull_inhibition_strength`, `trainable_pull_inhibition`)."""

@@ -8,7 +8,8 @@ naming the argument — never an out-of-bounds read on the GPU.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -10,7 +10,8 @@ Two op pairs share one contract (documented in `forward_fake` below):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -18,6 +19,7 @@ from torch import Tensor
 from ._ext import CPP_ERROR, TRITON_ERROR, TRITON_INTERPRET
 from .options import conv_output_size
 from .reference import op_formula
+
 
 class ForwardArgs(NamedTuple):
     """The arguments of the forward ops, by name (their schema: csrc/pushpull.cpp; tests/test_ops.py checks

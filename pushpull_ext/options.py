@@ -10,7 +10,6 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ The one change PyTorch does not record is an in-place update through `.data` (`w
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary

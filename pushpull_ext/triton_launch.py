@@ -47,9 +47,9 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from . import kernels as _k  # kernels/, installed as pushpull_ext.kernels (setup.py package_dir)
+from ._ext import TRITON_INTERPRET
 from .kernels import backward as _kb
 from .kernels import common as _kc
-from ._ext import TRITON_INTERPRET
 from .op_checks import check_backward, check_forward
 from .options import conv_output_size
 from .reference import pull_kernel_from_operands
