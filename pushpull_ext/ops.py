@@ -10,8 +10,8 @@ Two op pairs share one contract (documented in `forward_fake` below):
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Optional
+# typing.Sequence: the annotation the Triton ops' schema is inferred from, on every supported torch.
+from typing import NamedTuple, Optional, Sequence  # noqa: UP035
 
 import torch
 from torch import Tensor
