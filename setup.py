@@ -1,6 +1,6 @@
 """Builds pushpull_ext._C with torch.utils.cpp_extension (metadata and extras: pyproject.toml).
 
-- CPU only (default without CUDA): a CppExtension from csrc/*.cpp and csrc/cpu/*.cpp.
+- CPU only (default without CUDA): a CppExtension from csrc/*.cpp, csrc/common/*.cpp and csrc/cpu/*.cpp.
 - With CUDA torch and a CUDA toolkit, or FORCE_CUDA=1: a CUDAExtension that adds csrc/cuda/*.cu and
   csrc/cuda/*.cpp, for the architectures in TORCH_CUDA_ARCH_LIST (read by torch's CUDAExtension; a
   V100 needs a CUDA 12.x toolkit and "7.0", since CUDA 13 dropped sm_70).
@@ -44,7 +44,7 @@ def _extension():
     # -fopenmp: at::parallel_for is a header template that parallelizes only when compiled with OpenMP.
     # -ffp-contract=fast: fused multiply-adds in the vector loops (csrc/cpu/tap_kernels.h).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-    sources = _sources("*.cpp", "cpu/*.cpp")
+    sources = _sources("*.cpp", "common/*.cpp", "cpu/*.cpp")
     if _want_cuda():
         return CUDAExtension(
             "pushpull_ext._C",

@@ -7,8 +7,9 @@
 namespace pushpull {
 namespace {
 
-int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
-  return (size + 2 * pad - dilation * (kernel - 1) - 1) / stride + 1;
+// The offset of the last window's start in the padded input: the output size is span / stride + 1.
+int64_t conv_span(int64_t size, int64_t kernel, int64_t pad, int64_t dilation) {
+  return size + 2 * pad - dilation * (kernel - 1) - 1;
 }
 
 void check_vector(const OptTensor& t, const at::Tensor& input, int64_t length, const char* name) {
@@ -91,6 +92,14 @@ void check_backward_args(const Geometry& geo, const at::Tensor& grad_output, con
   const auto shape = mask_shape(geo);
   TORCH_CHECK(masks.scalar_type() == at::kByte && masks.sizes() == at::IntArrayRef(shape),
               "masks must be the uint8 tensor saved by pushpull::forward(save_masks=True)");
+}
+
+int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  return conv_span(size, kernel, pad, dilation) / stride + 1;
+}
+
+int64_t conv_dropped(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
+  return conv_span(size, kernel, pad, dilation) % stride;
 }
 
 std::array<int64_t, 5> mask_shape(const Geometry& geo) {

@@ -6,16 +6,11 @@
 #include <array>
 #include <optional>
 
+#include "common/pull_kind.h"
+
 namespace pushpull {
 
 using OptTensor = std::optional<at::Tensor>;
-
-// How the pull response R (before its bias) is obtained from the push kernel; see ops.py.
-enum class PullKind {
-  kNegate,    // R = -P0 (2020, scale 1)
-  kShift,     // R = pull_shift[o] * S - P0 (2024 invert; S is the per-group box sum of the input)
-  kSeparable  // R = conv(x, -rows @ k @ cols^T) (2020 upsample)
-};
 
 struct Geometry {
   int64_t batch, in_channels, out_channels, groups;
@@ -36,6 +31,11 @@ Geometry check_forward_args(const at::Tensor& input, const at::Tensor& weight, c
                             int64_t groups, int64_t avg_kernel, bool dual_output);
 
 void check_backward_args(const Geometry& geo, const at::Tensor& grad_output, const at::Tensor& masks);
+
+// Output size of a convolution along one axis (torch's floor division), and the input rows or columns
+// that division drops at the end (what a transposed convolution must add back as output_padding).
+int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation);
+int64_t conv_dropped(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation);
 
 // Shape of the packed ReLU masks: [2, N, ceil(C_out / 8), Ho, Wo], bit (o % 8) of byte o / 8.
 std::array<int64_t, 5> mask_shape(const Geometry& geo);

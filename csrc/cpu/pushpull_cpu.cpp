@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/aten_algebra.h"
 #include "../pushpull.h"
 #include "panel_gemm.h"
 #include "tap_kernels.h"
@@ -39,27 +40,6 @@ namespace {
 #else
 #define PUSHPULL_CPU_CLONES
 #endif
-
-struct ConvArgs {
-  at::IntArrayRef stride, padding, pull_padding, dilation;
-  int64_t groups;
-};
-
-// ---------------------------------------------------------------- ATen building blocks
-
-using Pair = std::array<int64_t, 2>;
-
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, Pair stride, Pair padding, Pair dilation,
-                int64_t groups = 1) {
-  return at::conv2d(x, w, std::nullopt, stride, padding, dilation, groups);
-}
-Pair pair(at::IntArrayRef v) { return {v[0], v[1]}; }
-
-// Per-group sum of the input over (C_in/groups, kh, kw) windows: [N, groups, Ho, Wo].
-at::Tensor box_sum(const at::Tensor& x, const Geometry& geo, const ConvArgs& c) {
-  auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-  return conv(x, ones, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups);
-}
 
 // ---- upsample: q[o, c] = -rows @ k[o, c] @ cols^T, so conv(x, q)[o] = sum_{c,i,j} k[o,c,i,j] z[c,i,j] with
 // z[c,i,j] = conv(x[c], -rows[:, i] cols[:, j]^T): a separable prefilter of each input plane, after which
@@ -312,19 +292,6 @@ bool use_prefilter(const Geometry& geo) {
   return geo.pull == PullKind::kSeparable && geo.out_channels / geo.groups >= kMinChannelsForPrefilter;
 }
 
-// q = -rows @ k @ cols^T, formed in the accumulation type and rounded once (as F.interpolate does).
-at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols) {
-  const auto acc = at::toOpMathType(weight.scalar_type());
-  return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
-}
-
-// P0 = conv(x, k); pull0 = conv(x, q) (upsample, or any pull computed exactly); box = S for invert.
-// All contiguous; pull0 is [C_out, N, plane] when `pull_channel_major` (the batched prefilter), else NCHW.
-struct Responses {
-  at::Tensor push0, pull0, box;
-  bool pull_channel_major = false;
-};
-
 // Whether every value is finite: x - x is 0 for a finite x and NaN for NaN or +-Inf. Eight partial sums
 // so that the loop vectorizes (their order does not matter: any NaN stays NaN).
 template <typename T>
@@ -349,32 +316,37 @@ bool all_finite(const at::Tensor& t) {
   return finite;
 }
 
-// The pull response conv(x, q) with q formed explicitly: the forward's route for an input with NaN or
-// Inf, where the algebra (shift * S - P0, or k @ z) can give Inf - Inf = NaN where conv(x, q) gives +-Inf.
-at::Tensor exact_pull(const at::Tensor& x, const at::Tensor& weight, const OptTensor& shift, const OptTensor& rows,
-                      const OptTensor& cols, const Geometry& geo, const ConvArgs& c) {
-  const auto q = geo.pull == PullKind::kShift ? shift->view({-1, 1, 1, 1}) - weight : pull_kernel(weight, *rows, *cols);
-  return conv(x, q, pair(c.stride), pair(c.pull_padding), pair(c.dilation), geo.groups).contiguous();
-}
-
-// `exact`: conv(x, q) for any pull but negate (see exact_pull).
-Responses compute_responses(const at::Tensor& x, const at::Tensor& weight, const OptTensor& shift,
-                            const OptTensor& rows, const OptTensor& cols, const Geometry& geo, const ConvArgs& c,
-                            bool exact = false) {
-  Responses r;
-  r.push0 = conv(x, weight, pair(c.stride), pair(c.padding), pair(c.dilation), geo.groups).contiguous();
-  if (exact && geo.pull != PullKind::kNegate) {
-    r.pull0 = exact_pull(x, weight, shift, rows, cols, geo, c);
-  } else if (use_prefilter(geo)) {
-    r.pull0 = pull_from_prefilter(prefilter(x, *rows, *cols, geo, c), weight, geo);
-    r.pull_channel_major = true;
-  } else if (geo.pull == PullKind::kSeparable) {
-    r.pull0 = exact_pull(x, weight, shift, rows, cols, geo, c);
-  } else if (geo.pull == PullKind::kShift) {
-    r.box = box_sum(x, geo, c).contiguous();
+// The CPU side of the shared algebra: the batched prefilter and ONE matrix product per group.
+class CpuBackend : public AtenBackend {
+ public:
+  bool prefilter_pays(const Geometry& geo, const ConvArgs&, const at::Tensor&, const at::Tensor&) const override {
+    return use_prefilter(geo);
   }
-  return r;
-}
+
+  at::Tensor prefilter_pull(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
+                            const Geometry& geo, const ConvArgs& c) const override {
+    return pull_from_prefilter(prefilter(x, rows, cols, geo, c), w, geo);
+  }
+  bool prefilter_pull_is_channel_major() const override { return true; }
+
+  // R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
+  std::pair<at::Tensor, at::Tensor> prefilter_pull_backward(const at::Tensor& grad_pull, const at::Tensor& x,
+                                                            const at::Tensor& w, const at::Tensor& rows,
+                                                            const at::Tensor& cols, const Geometry& geo,
+                                                            const ConvArgs& c, bool need_x,
+                                                            bool need_w) const override {
+    const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
+    const auto grad_r = grad_pull.view({geo.groups, geo.out_channels / geo.groups, pixels});
+    const auto w_g = grouped_weight(w, geo.groups);
+    at::Tensor grad_x, grad_w;
+    if (need_w) {
+      const auto z = prefilter(x, rows, cols, geo, c).view({geo.groups, w_g.size(2), pixels});
+      grad_w = at::matmul(grad_r, z.transpose(-1, -2)).view(w.sizes());
+    }
+    if (need_x) grad_x = prefilter_adjoint(at::matmul(w_g.transpose(-1, -2), grad_r), rows, cols, geo, c);
+    return {grad_x, grad_w};
+  }
+};
 
 // ---------------------------------------------------------------- fused per-plane passes
 
@@ -574,10 +546,8 @@ void forward_epilogue(const PlaneInputs<scalar_t>& in, const ForwardOutputs<scal
 
 // Masked gradient fields and per-(image, channel) partial sums of the vector gradients.
 struct BackwardFields {
-  at::Tensor grad_push0;                         // dL/dP0 through the push conv (and through R = -P0 for negate/invert)
-  at::Tensor grad_pull0;                         // dL/d(conv(x, q)) for upsample
-  at::Tensor grad_box;                           // dL/dS for invert: sum_o shift[o] * gQ[o]
-  at::Tensor shift_part, bias_part, alpha_part;  // [N, C_out] in the accumulation type
+  GradientFields grads;  // allocated by the batched path only (the per-image paths use their workspace)
+  VectorParts parts;     // [N, C_out] in the accumulation type
 };
 
 template <typename scalar_t>
@@ -593,12 +563,12 @@ BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& 
   using acc_t = at::opmath_type<scalar_t>;
   auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
   auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-  return {push_field(geo, ptr(f.grad_push0)),
-          pull_field(geo, ptr(f.grad_pull0), use_prefilter(geo)),
-          ptr(f.grad_box),
-          acc_ptr(f.shift_part),
-          acc_ptr(f.bias_part),
-          acc_ptr(f.alpha_part)};
+  return {push_field(geo, ptr(f.grads.grad_push0)),
+          pull_field(geo, ptr(f.grads.grad_pull0), use_prefilter(geo)),
+          ptr(f.grads.grad_box),
+          acc_ptr(f.parts.shift),
+          acc_ptr(f.parts.bias),
+          acc_ptr(f.parts.alpha)};
 }
 
 // sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in eight interleaved partial sums: the loop vectorizes
@@ -1540,7 +1510,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at
       forward_image_path(path, x.const_data_ptr<scalar_t>(), b_in ? b_in->const_data_ptr<scalar_t>() : nullptr,
                          outputs);
     } else {
-      const Responses r = compute_responses(x, w, shift, pull_rows, pull_cols, geo, conv, exact);
+      const Responses r = compute_responses(CpuBackend(), x, w, shift, pull_rows, pull_cols, geo, conv, exact);
       forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
     }
   });
@@ -1553,93 +1523,44 @@ struct BackwardRequest {
   const ConvArgs& conv;
   const at::Tensor &x, &w, &grad_out, &masks, &alpha;
   const OptTensor &shift, &bias_in, &pull_rows, &pull_cols;
-  bool need_x, need_w, need_shift, need_alpha;
+  Needs need;
 };
 
 template <typename scalar_t>
 BackwardInputs<scalar_t> backward_inputs(const BackwardRequest& req) {
   return {req.grad_out.const_data_ptr<scalar_t>(), req.alpha.const_data_ptr<scalar_t>(),
-          req.masks.const_data_ptr<uint8_t>(), req.need_alpha};
+          req.masks.const_data_ptr<uint8_t>(), req.need.alpha};
 }
 
 // Input and weight gradients (undefined when not needed) through ATen's convolution_backward.
 std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, BackwardFields& f) {
   const Geometry& geo = req.geo;
-  const ConvArgs& conv = req.conv;
-  const at::Tensor &x = req.x, &w = req.w;
-  const bool need_x = req.need_x, need_w = req.need_w;
-  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
-  Responses r;
-  if (req.need_alpha)
-    r = compute_responses(x, w, req.shift, req.pull_rows, req.pull_cols, geo, conv);
-  else if (req.need_shift)
-    r.box = box_sum(x, geo, conv).contiguous();
-
-  const auto field = [&](int64_t channels) {
-    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
-  };
-  if (need_x || need_w) {
-    f.grad_push0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kSeparable) f.grad_pull0 = field(geo.out_channels);  // laid out as pull_field says
-    if (geo.pull == PullKind::kShift && need_x) f.grad_box = field(geo.groups);
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_backward_cpu", [&] {
+  const CpuBackend backend;
+  const Responses r = backward_responses(backend, req.x, req.w, req.pull_rows, req.pull_cols, geo, req.conv, req.need);
+  f.grads = gradient_fields(geo, req.need, req.x.options());
+  AT_DISPATCH_FLOATING_TYPES(req.x.scalar_type(), "pushpull_backward_cpu", [&] {
     backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, req.shift, req.bias_in), backward_inputs<scalar_t>(req),
                                 backward_outputs<scalar_t>(geo, f));
   });
-  at::Tensor grad_x, grad_w;
-  if (need_x || need_w) {
-    auto grads = at::convolution_backward(f.grad_push0, x, w, std::nullopt, conv.stride, conv.padding, conv.dilation,
-                                          false, {0, 0}, conv.groups, {need_x, need_w, false});
-    if (need_x) grad_x = std::get<0>(grads);
-    if (need_w) grad_w = std::get<1>(grads);
-  }
-  if (f.grad_pull0.defined() && use_prefilter(geo)) {
-    // Pull path: R = W_g @ z per group, so dW += gR @ z^T and dz = W_g^T @ gR (then the prefilter's adjoint).
-    const int64_t pixels = geo.batch * geo.out_height * geo.out_width;
-    const auto grad_r = f.grad_pull0.view({geo.groups, geo.out_channels / geo.groups, pixels});
-    const auto w_g = grouped_weight(w, geo.groups);
-    if (need_w) {
-      const auto z = prefilter(x, *req.pull_rows, *req.pull_cols, geo, conv).view({geo.groups, w_g.size(2), pixels});
-      grad_w = grad_w + at::matmul(grad_r, z.transpose(-1, -2)).view(w.sizes());
-    }
-    if (need_x) {
-      const auto grad_z = at::matmul(w_g.transpose(-1, -2), grad_r);
-      grad_x = grad_x + prefilter_adjoint(grad_z, *req.pull_rows, *req.pull_cols, geo, conv);
-    }
-  } else if (f.grad_pull0.defined()) {
-    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
-    auto grads = at::convolution_backward(f.grad_pull0, x, pull_kernel(w, *req.pull_rows, *req.pull_cols), std::nullopt,
-                                          conv.stride, conv.pull_padding, conv.dilation, false, {0, 0}, conv.groups,
-                                          {need_x, need_w, false});
-    if (need_x) grad_x = grad_x + std::get<0>(grads);
-    if (need_w) grad_w = grad_w - at::matmul(req.pull_rows->t(), at::matmul(std::get<1>(grads), *req.pull_cols));
-  }
-  if (f.grad_box.defined()) {
-    auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-    grad_x =
-        grad_x + std::get<0>(at::convolution_backward(f.grad_box, x, ones, std::nullopt, conv.stride, conv.padding,
-                                                      conv.dilation, false, {0, 0}, conv.groups, {true, false, false}));
-  }
-  return {grad_x, grad_w};
+  return input_and_weight_grads(backend, f.grads, req.x, req.w, req.pull_rows, req.pull_cols, geo, req.conv, req.need);
 }
 
 // The upsample path one image at a time (see ImagePath).
 std::pair<at::Tensor, at::Tensor> backward_image_path(const BackwardRequest& req, BackwardFields& f) {
   const Geometry& geo = req.geo;
   at::Tensor grad_x, grad_w, grad_w_images, weight_t;
-  if (req.need_x) {
+  if (req.need.x) {
     grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
     // W_g^T per group: [groups, K, C_out / groups].
     weight_t = grouped_weight(req.w, geo.groups).transpose(1, 2).contiguous();
   }
   // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
-  if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  if (req.need.w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
   AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_image", [&] {
     const auto rows = req.pull_rows->contiguous(), cols = req.pull_cols->contiguous();
     const ImagePath<scalar_t> path(geo, req.conv, rows, cols, req.w, /*blocked=*/false);
     const auto bin = backward_inputs<scalar_t>(req);
-    const scalar_t* x = (req.need_w || req.need_alpha) ? req.x.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x = (req.need.w || req.need.alpha) ? req.x.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
     const auto outputs = backward_outputs<scalar_t>(geo, f);
     at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
@@ -1647,13 +1568,13 @@ std::pair<at::Tensor, at::Tensor> backward_image_path(const BackwardRequest& req
       PlaneScratch<scalar_t> scratch(path.plane);
       std::vector<scalar_t> no_box;
       for (int64_t n = begin; n < end; ++n) {
-        scalar_t* grad_w_image = req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr;
-        backward_image(path, x, n, bias_in, bin, outputs, req.need_x ? weight_t.const_data_ptr<scalar_t>() : nullptr,
-                       grad_w_image, req.need_x ? grad_x.data_ptr<scalar_t>() : nullptr, ws, scratch, no_box);
+        scalar_t* grad_w_image = req.need.w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr;
+        backward_image(path, x, n, bias_in, bin, outputs, req.need.x ? weight_t.const_data_ptr<scalar_t>() : nullptr,
+                       grad_w_image, req.need.x ? grad_x.data_ptr<scalar_t>() : nullptr, ws, scratch, no_box);
       }
     });
   });
-  if (req.need_w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  if (req.need.w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
   return {grad_x, grad_w};
 }
 
@@ -1661,17 +1582,17 @@ std::pair<at::Tensor, at::Tensor> backward_image_path(const BackwardRequest& req
 std::pair<at::Tensor, at::Tensor> backward_prefilter_path(const BackwardRequest& req, BackwardFields& f) {
   const Geometry& geo = req.geo;
   at::Tensor grad_x, grad_w, grad_w_images, weight_t;
-  if (req.need_x) {
+  if (req.need.x) {
     grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
     weight_t = grouped_weight(req.w, geo.groups).transpose(1, 2).contiguous();  // [groups, K, C_out/groups]
   }
   // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
-  if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  if (req.need.w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
   AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_prefilter", [&] {
     const PrefilterPath<scalar_t> path(geo, req.conv, *req.pull_rows, *req.pull_cols, req.w.const_data_ptr<scalar_t>(),
-                                       req.need_x ? weight_t.const_data_ptr<scalar_t>() : nullptr);
+                                       req.need.x ? weight_t.const_data_ptr<scalar_t>() : nullptr);
     const auto bin = backward_inputs<scalar_t>(req);
-    const bool operands = req.need_w || req.need_alpha;
+    const bool operands = req.need.w || req.need.alpha;
     const scalar_t* x = operands ? req.x.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
     auto outputs = backward_outputs<scalar_t>(geo, f);
@@ -1688,14 +1609,14 @@ std::pair<at::Tensor, at::Tensor> backward_prefilter_path(const BackwardRequest&
         const auto in = path.inputs(ws.push, ws.pull, bias_in);
         for (int64_t grp = 0; grp < geo.groups; ++grp)
           backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
-        if (req.need_w || req.need_x) {
-          path.backward(req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
-                        req.need_x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
+        if (req.need.w || req.need.x) {
+          path.backward(req.need.w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
+                        req.need.x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
         }
       }
     });
   });
-  if (req.need_w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  if (req.need.w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
   return {grad_x, grad_w};
 }
 
@@ -1703,20 +1624,20 @@ std::pair<at::Tensor, at::Tensor> backward_prefilter_path(const BackwardRequest&
 std::pair<at::Tensor, at::Tensor> backward_tap_path(const BackwardRequest& req, BackwardFields& f) {
   const Geometry& geo = req.geo;
   at::Tensor grad_x, grad_w, grad_w_images, weight_t;
-  if (req.need_x) {
+  if (req.need.x) {
     grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
     weight_t = tap_transposed_weight(req.w, geo.groups);
   }
   // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
-  if (req.need_w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  if (req.need.w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
   const auto wstack = tap_stacked_weight(req.w);
   AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_tap", [&] {
     const TapPath<scalar_t> path(geo, req.conv, *req.pull_rows, *req.pull_cols, wstack.const_data_ptr<scalar_t>());
     const auto bin = backward_inputs<scalar_t>(req);
-    const bool read_x = req.need_w || req.need_alpha;
+    const bool read_x = req.need.w || req.need.alpha;
     const scalar_t* x = read_x ? req.x.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* bias_in = req.bias_in ? req.bias_in->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* wt = req.need_x ? weight_t.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wt = req.need.x ? weight_t.const_data_ptr<scalar_t>() : nullptr;
     auto outputs = backward_outputs<scalar_t>(geo, f);
     at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
       auto ws = path.workspace(true);
@@ -1731,14 +1652,14 @@ std::pair<at::Tensor, at::Tensor> backward_tap_path(const BackwardRequest& req, 
         const auto in = path.inputs(ws.push, ws.pull, bias_in);
         for (int64_t grp = 0; grp < geo.groups; ++grp)
           backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
-        if (req.need_w || req.need_x) {
-          path.backward(wt, req.need_w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
-                        req.need_x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
+        if (req.need.w || req.need.x) {
+          path.backward(wt, req.need.w ? grad_w_images[n].data_ptr<scalar_t>() : nullptr,
+                        req.need.x ? grad_x[n].data_ptr<scalar_t>() : nullptr, ws);
         }
       }
     });
   });
-  if (req.need_w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  if (req.need.w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
   return {grad_x, grad_w};
 }
 
@@ -1763,11 +1684,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt, alpha,
                                           stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
   check_backward_args(geo, grad_output, masks);
-  const bool need_x = output_mask[0], need_w = output_mask[1], need_alpha = output_mask[5] && !dual_output;
-  const bool need_shift = output_mask[2] && geo.pull == PullKind::kShift;
+  const Needs need = needs(geo, output_mask);
   const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
   // The autograd wrapper passes a shape-only placeholder for an input whose values are not needed.
-  const auto x = (need_w || need_shift || need_alpha) ? input.contiguous() : input;
+  const auto x = (need.w || need.shift || need.alpha) ? input.contiguous() : input;
   const auto w = weight.contiguous();
   const auto g = grad_output.contiguous();
   const auto masks_c = masks.contiguous();
@@ -1775,33 +1695,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
   const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
   const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const auto partial = [&](bool wanted) {
+    return wanted ? at::empty({geo.batch, geo.out_channels}, acc_options) : at::Tensor();
+  };
 
   BackwardFields f;
-  if (need_shift) f.shift_part = at::empty({geo.batch, geo.out_channels}, acc_options);
-  if (output_mask[3]) f.bias_part = at::empty({geo.batch, geo.out_channels}, acc_options);
-  if (need_alpha) f.alpha_part = at::empty({geo.batch, geo.out_channels}, acc_options);
-  const BackwardRequest req{geo,  conv,      x,         w,      g,      masks_c,    alpha_c,   shift,
-                            b_in, pull_rows, pull_cols, need_x, need_w, need_shift, need_alpha};
+  f.parts = {partial(need.shift), partial(need.bias), partial(need.alpha)};
+  const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, pull_rows, pull_cols, need};
   const auto none = at::empty({0}, x.options());
   const StrideOnePath stride_one = stride_one_path(geo, conv, pull_rows, pull_cols, x.scalar_type());
   auto [grad_x, grad_w] = stride_one == StrideOnePath::kTaps        ? backward_tap_path(req, f)
                           : stride_one == StrideOnePath::kPrefilter ? backward_prefilter_path(req, f)
                           : image_path_runs(geo, x.scalar_type())   ? backward_image_path(req, f)
                                                                     : backward_batched(req, f);
-  if (!need_x) grad_x = none;
-  if (!need_w) grad_w = none;
-  const auto reduce = [&](const at::Tensor& part, bool wanted) {
-    return wanted ? part.sum(0).to(x.scalar_type()) : none;
-  };
-  const auto grad_shift =
-      need_shift ? reduce(f.shift_part, true) : (output_mask[2] ? at::zeros({geo.out_channels}, x.options()) : none);
-  const auto grad_alpha =
-      need_alpha ? reduce(f.alpha_part, true) : (output_mask[5] ? at::zeros({geo.out_channels}, x.options()) : none);
-  // bias_out does not exist with the dual output (its gradient, if asked for, is zero).
-  const auto grad_bias_out = !output_mask[4] ? none
-                             : dual_output   ? at::zeros({geo.out_channels}, x.options())
-                                             : g.sum({0, 2, 3});
-  return {grad_x, grad_w, grad_shift, reduce(f.bias_part, output_mask[3]), grad_bias_out, grad_alpha};
+  const auto [grad_shift, grad_bias_in, grad_bias_out, grad_alpha] =
+      vector_grads(f.parts, g, geo, output_mask, x.options());
+  return {need.x ? grad_x : none, need.w ? grad_w : none, grad_shift, grad_bias_in, grad_bias_out, grad_alpha};
 }
 
 }  // namespace

@@ -20,14 +20,11 @@
 
 #include <ATen/ATen.h>
 
+#include "../common/aten_algebra.h"
+
 namespace pushpull {
 namespace cuda {
 namespace {
-
-struct ConvArgs {
-  at::IntArrayRef stride, padding, pull_padding, dilation;
-  int64_t groups;
-};
 
 at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -83,11 +80,6 @@ T* mutable_ptr(at::Tensor& t) {
 
 void check_launch(const char* error) { TORCH_CHECK(error == nullptr, "pushpull CUDA kernel launch failed: ", error); }
 
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
-                at::IntArrayRef dilation, int64_t groups) {
-  return at::conv2d(x, w, std::nullopt, stride, padding, dilation, groups).contiguous();
-}
-
 // ---------------------------------------------------------------- geometry for the kernels
 
 FieldGeometry field_geometry(const Geometry& geo) {
@@ -99,9 +91,7 @@ FieldGeometry field_geometry(const Geometry& geo) {
   g.width = geo.out_width;
   g.radius = geo.avg_kernel > 1 ? int((geo.avg_kernel - 1) / 2) : 0;
   g.dual_output = geo.dual_output;
-  g.pull = geo.pull == PullKind::kSeparable ? PullForm::kSeparable
-           : geo.pull == PullKind::kShift   ? PullForm::kShift
-                                            : PullForm::kNegate;
+  g.pull = geo.pull;
   return g;
 }
 
@@ -174,68 +164,69 @@ at::Tensor prefilter_adjoint(const at::Tensor& grad_z, const at::Tensor& rows, c
   return gx;
 }
 
+// The responses and [C_out] vectors both kernels read, in the accumulation type.
+template <typename Args>
+void set_responses(Args& args, const Responses& r, const OptTensor& shift, const OptTensor& bias_in,
+                   const at::Tensor& alpha) {
+  using acc_t = typename Args::acc_t;
+  args.push0 = ptr<acc_t>(r.push0), args.pull0 = ptr<acc_t>(r.pull0), args.box = ptr<acc_t>(r.box);
+  args.shift = ptr<acc_t>(shift), args.bias_in = ptr<acc_t>(bias_in), args.alpha = ptr<acc_t>(alpha);
+}
+
 // The push weight as the 1x1 convolution over z: [C_out, C_in/groups * kh * kw, 1, 1].
 at::Tensor weight_1x1(const at::Tensor& weight) { return weight.reshape({weight.size(0), -1, 1, 1}); }
 
-// q = -rows @ k @ cols^T, formed in the accumulation type and rounded once (as F.interpolate does).
-at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols) {
-  const auto acc = acc_dtype(weight.scalar_type());
-  return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
-}
+// The CUDA side of the shared algebra: our prefilter kernels and a 1x1 convolution over z.
+class CudaBackend : public AtenBackend {
+ public:
+  explicit CudaBackend(cudaStream_t stream) : stream_(stream) {}
 
-// R = conv(x, q) for upsample.
-at::Tensor separable_pull(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
-                          const Geometry& geo, const ConvArgs& c, cudaStream_t stream) {
-  if (use_prefilter(geo, c, rows, cols)) {
-    return conv(prefilter(x, rows, cols, geo, c, stream), weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, c.groups);
+  bool prefilter_pays(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows,
+                      const at::Tensor& cols) const override {
+    return use_prefilter(geo, c, rows, cols);
   }
-  return conv(x, pull_kernel(w, rows, cols), c.stride, c.pull_padding, c.dilation, c.groups);
-}
 
-// Per-group sum of the input over (C_in/groups, kh, kw) windows: [N, groups, Ho, Wo].
-at::Tensor box_sum(const at::Tensor& x, const Geometry& geo, const ConvArgs& c) {
-  const auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-  return conv(x, ones, c.stride, c.padding, c.dilation, c.groups);
-}
+  at::Tensor prefilter_pull(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
+                            const Geometry& geo, const ConvArgs& c) const override {
+    return conv(prefilter(x, rows, cols, geo, c, stream_), weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, c.groups);
+  }
 
-// P0, and R (upsample) or S (invert): the inputs of the epilogue.
-struct Responses {
-  at::Tensor push0, pull0, box;
-};
+  // R = conv1x1(z, k): the 1x1 convolution's backward gives dz and dk; dx = prefilter^T(dz).
+  std::pair<at::Tensor, at::Tensor> prefilter_pull_backward(const at::Tensor& grad_pull, const at::Tensor& x,
+                                                            const at::Tensor& w, const at::Tensor& rows,
+                                                            const at::Tensor& cols, const Geometry& geo,
+                                                            const ConvArgs& c, bool need_x,
+                                                            bool need_w) const override {
+    const auto z =
+        need_w ? prefilter(x, rows, cols, geo, c, stream_)
+               : at::empty({}, x.options())
+                     .expand({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width});
+    auto [grad_z, grad_w_1x1] =
+        conv_backward(grad_pull, z, weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, geo.groups, need_x, need_w);
+    return {need_x ? prefilter_adjoint(grad_z, rows, cols, geo, c, stream_) : at::Tensor(),
+            need_w ? grad_w_1x1.view(w.sizes()) : at::Tensor()};
+  }
 
-Responses compute_responses(const at::Tensor& x, const at::Tensor& w, const OptTensor& rows, const OptTensor& cols,
-                            const Geometry& geo, const ConvArgs& c, cudaStream_t stream) {
-  Responses r;
-  r.push0 = conv(x, w, c.stride, c.padding, c.dilation, c.groups);
-  if (geo.pull == PullKind::kSeparable) r.pull0 = separable_pull(x, w, *rows, *cols, geo, c, stream);
-  if (geo.pull == PullKind::kShift) r.box = box_sum(x, geo, c);
-  return r;
-}
-
-// ---------------------------------------------------------------- convolution gradients
-
-// Input and weight gradients of conv(input, w) for the field `grad`. Without the weight gradient
-// `input` may be a shape-only placeholder (the autograd wrapper's, for a weight without gradient):
-// then only its sizes are used, through a transposed convolution.
-std::pair<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& w,
-                                                at::IntArrayRef stride, at::IntArrayRef padding,
-                                                at::IntArrayRef dilation, int64_t groups, bool need_input,
-                                                bool need_weight) {
-  if (!need_weight) {
+  // Without the weight gradient `input` may be a shape-only placeholder (the autograd wrapper's, for a
+  // weight without gradient): then only its sizes are used, through a transposed convolution.
+  std::pair<at::Tensor, at::Tensor> conv_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& w,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation, int64_t groups, bool need_input,
+                                                  bool need_weight) const override {
+    if (need_weight) {
+      return AtenBackend::conv_backward(grad, input, w, stride, padding, dilation, groups, need_input, need_weight);
+    }
     if (!need_input) return {};
     std::array<int64_t, 2> output_padding{};
-    for (int d = 0; d < 2; ++d) {  // the rows/columns the forward's floor division dropped
-      output_padding[d] = input.size(2 + d) -
-                          ((grad.size(2 + d) - 1) * stride[d] - 2 * padding[d] + dilation[d] * (w.size(2 + d) - 1) + 1);
+    for (int d = 0; d < 2; ++d) {
+      output_padding[d] = conv_dropped(input.size(2 + d), w.size(2 + d), stride[d], padding[d], dilation[d]);
     }
     return {at::conv_transpose2d(grad, w, std::nullopt, stride, padding, output_padding, groups, dilation), {}};
   }
-  auto grads = at::convolution_backward(grad, input, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups,
-                                        {need_input, need_weight, false});
-  return {std::get<0>(grads), std::get<1>(grads)};
-}
 
-at::Tensor sum_terms(const at::Tensor& sum, const at::Tensor& term) { return sum.defined() ? sum + term : term; }
+ private:
+  cudaStream_t stream_;
+};
 
 }  // namespace
 
@@ -249,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const Geometry& geo, const at::Tensor
   check_pooling_fits(fg, input.scalar_type());
   const ConvArgs c{stride, padding, pull_padding, dilation, geo.groups};
   const auto x = acc_operand(input, true), w = acc_operand(weight, true);
-  const Responses r = compute_responses(x, w, to_acc(pull_rows), to_acc(pull_cols), geo, c, stream);
+  const Responses r =
+      compute_responses(CudaBackend(stream), x, w, std::nullopt, to_acc(pull_rows), to_acc(pull_cols), geo, c);
   const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in), b_out = to_acc(bias_out);
   const at::Tensor alpha_acc = to_acc(alpha);
   const int64_t out_channels = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
@@ -259,16 +251,11 @@ std::tuple<at::Tensor, at::Tensor> forward(const Geometry& geo, const at::Tensor
   dispatch_storage(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    const EpilogueArgs<scalar_t> args{fg,
-                                      ptr<acc_t>(r.push0),
-                                      ptr<acc_t>(r.pull0),
-                                      ptr<acc_t>(r.box),
-                                      ptr<acc_t>(shift),
-                                      ptr<acc_t>(b_in),
-                                      ptr<acc_t>(alpha_acc),
-                                      ptr<acc_t>(b_out),
-                                      mutable_ptr<scalar_t>(out),
-                                      save_masks ? mutable_ptr<uint8_t>(masks) : nullptr};
+    EpilogueArgs<scalar_t> args{fg};
+    set_responses(args, r, shift, b_in, alpha_acc);
+    args.bias_out = ptr<acc_t>(b_out);
+    args.out = mutable_ptr<scalar_t>(out);
+    args.masks = save_masks ? mutable_ptr<uint8_t>(masks) : nullptr;
     check_launch(launch_forward_epilogue(args, stream));
   });
   return {out, masks};
@@ -281,100 +268,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::IntArrayRef pull_padding, at::IntArrayRef dilation, std::array<bool, 6> output_mask, cudaStream_t stream) {
   const FieldGeometry fg = field_geometry(geo);
   check_pooling_fits(fg, input.scalar_type());
-  const bool need_x = output_mask[0], need_w = output_mask[1], need_bias = output_mask[3];
-  const bool need_shift = output_mask[2] && geo.pull == PullKind::kShift;
-  const bool need_alpha = output_mask[5] && !geo.dual_output;
+  const Needs need = needs(geo, output_mask);
   const ConvArgs c{stride, padding, pull_padding, dilation, geo.groups};
+  const CudaBackend backend(stream);
   // The autograd wrapper passes shape-only placeholders for tensors whose values are not needed.
-  const auto x = acc_operand(input, need_w || need_shift || need_alpha);
-  const auto w = acc_operand(weight, need_x || need_alpha);
+  const auto x = acc_operand(input, need.w || need.shift || need.alpha);
+  const auto w = acc_operand(weight, need.x || need.alpha);
   const OptTensor rows = to_acc(pull_rows), cols = to_acc(pull_cols);
-  const auto dtype = input.scalar_type();
-  const auto acc_options = x.options();
-
-  // Only a trainable alpha needs the responses again; the pull_shift gradient needs only S.
-  Responses r;
-  if (need_alpha)
-    r = compute_responses(x, w, rows, cols, geo, c, stream);
-  else if (need_shift)
-    r.box = box_sum(x, geo, c);
-
-  const auto field = [&](int64_t channels) {
-    return at::empty({geo.batch, channels, geo.out_height, geo.out_width}, x.options());
-  };
+  const Responses r = backward_responses(backend, x, w, rows, cols, geo, c, need);
+  GradientFields f = gradient_fields(geo, need, x.options());
   const auto partial = [&](bool wanted) {
-    return wanted ? at::empty({fields_partial_rows(fg), geo.out_channels}, acc_options) : at::Tensor();
+    return wanted ? at::empty({fields_partial_rows(fg), geo.out_channels}, x.options()) : at::Tensor();
   };
-  at::Tensor grad_push0, grad_pull0, grad_box;
-  if (need_x || need_w) {
-    grad_push0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kSeparable) grad_pull0 = field(geo.out_channels);
-    if (geo.pull == PullKind::kShift && need_x) grad_box = field(geo.groups);
-  }
-  at::Tensor bias_part = partial(need_bias), shift_part = partial(need_shift), alpha_part = partial(need_alpha);
+  VectorParts parts{partial(need.shift), partial(need.bias), partial(need.alpha)};
   const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in);
   const at::Tensor alpha_acc = to_acc(alpha), g = grad_output.contiguous(), masks_c = masks.contiguous();
-  dispatch_storage(dtype, [&](auto tag) {
+  dispatch_storage(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
-    const FieldsArgs<scalar_t> args{fg,
-                                    ptr<scalar_t>(g),
-                                    ptr<uint8_t>(masks_c),
-                                    ptr<acc_t>(r.push0),
-                                    ptr<acc_t>(r.pull0),
-                                    ptr<acc_t>(r.box),
-                                    ptr<acc_t>(shift),
-                                    ptr<acc_t>(b_in),
-                                    ptr<acc_t>(alpha_acc),
-                                    mutable_ptr<acc_t>(grad_push0),
-                                    mutable_ptr<acc_t>(grad_pull0),
-                                    mutable_ptr<acc_t>(grad_box),
-                                    mutable_ptr<acc_t>(bias_part),
-                                    mutable_ptr<acc_t>(shift_part),
-                                    mutable_ptr<acc_t>(alpha_part)};
+    FieldsArgs<scalar_t> args{fg, ptr<scalar_t>(g), ptr<uint8_t>(masks_c)};
+    set_responses(args, r, shift, b_in, alpha_acc);
+    args.grad_push0 = mutable_ptr<acc_t>(f.grad_push0);
+    args.grad_pull0 = mutable_ptr<acc_t>(f.grad_pull0);
+    args.grad_box = mutable_ptr<acc_t>(f.grad_box);
+    args.bias_part = mutable_ptr<acc_t>(parts.bias);
+    args.shift_part = mutable_ptr<acc_t>(parts.shift);
+    args.alpha_part = mutable_ptr<acc_t>(parts.alpha);
     check_launch(launch_backward_fields(args, stream));
   });
-
-  at::Tensor grad_x, grad_w;
-  if (need_x || need_w) {
-    std::tie(grad_x, grad_w) = conv_backward(grad_push0, x, w, stride, padding, dilation, geo.groups, need_x, need_w);
-  }
-  if (grad_pull0.defined() && use_prefilter(geo, c, *rows, *cols)) {
-    // R = conv1x1(z, k): the 1x1 convolution's backward gives dz and dk; dx = prefilter^T(dz).
-    const auto z =
-        need_w ? prefilter(x, *rows, *cols, geo, c, stream)
-               : at::empty({}, x.options())
-                     .expand({geo.batch, geo.in_channels * geo.kernel_h * geo.kernel_w, geo.out_height, geo.out_width});
-    auto [grad_z, grad_w_1x1] =
-        conv_backward(grad_pull0, z, weight_1x1(w), {1, 1}, {0, 0}, {1, 1}, geo.groups, need_x, need_w);
-    if (need_x) grad_x = sum_terms(grad_x, prefilter_adjoint(grad_z, *rows, *cols, geo, c, stream));
-    if (need_w) grad_w = sum_terms(grad_w, grad_w_1x1.view(w.sizes()));
-  } else if (grad_pull0.defined()) {
-    // Direct pull convolution with q = -rows @ k @ cols^T, so dk = -rows^T @ dq @ cols.
-    auto [gx, grad_q] = conv_backward(grad_pull0, x, pull_kernel(w, *rows, *cols), stride, pull_padding, dilation,
-                                      geo.groups, need_x, need_w);
-    if (need_x) grad_x = sum_terms(grad_x, gx);
-    if (need_w) grad_w = sum_terms(grad_w, -at::matmul(rows->t(), at::matmul(grad_q, *cols)));
-  }
-  if (grad_box.defined()) {
-    const auto ones = at::ones({geo.groups, geo.in_channels / geo.groups, geo.kernel_h, geo.kernel_w}, x.options());
-    grad_x =
-        sum_terms(grad_x, conv_backward(grad_box, x, ones, stride, padding, dilation, geo.groups, true, false).first);
-  }
-
+  const auto [grad_x, grad_w] = input_and_weight_grads(backend, f, x, w, rows, cols, geo, c, need);
+  const auto dtype = input.scalar_type();
   const auto none = at::empty({0}, input.options());
-  const auto zeros = [&] { return at::zeros({geo.out_channels}, input.options()); };
-  const auto reduce = [&](const at::Tensor& part) { return part.sum(0).to(dtype); };
-  const auto grad_shift = need_shift ? reduce(shift_part) : output_mask[2] ? zeros() : none;
-  const auto grad_alpha = need_alpha ? reduce(alpha_part) : output_mask[5] ? zeros() : none;
-  // bias_out does not exist with the dual output (its gradient, if asked for, is zero).
-  const auto grad_bias_out = !output_mask[4]   ? none
-                             : geo.dual_output ? zeros()
-                                               : g.sum({0, 2, 3}, false, acc_dtype(dtype)).to(dtype);
-  return {need_x ? grad_x.to(dtype) : none,
-          need_w ? grad_w.to(dtype) : none,
+  const auto [grad_shift, grad_bias_in, grad_bias_out, grad_alpha] =
+      vector_grads(parts, g, geo, output_mask, input.options());
+  return {need.x ? grad_x.to(dtype) : none,
+          need.w ? grad_w.to(dtype) : none,
           grad_shift,
-          need_bias ? reduce(bias_part) : none,
+          grad_bias_in,
           grad_bias_out,
           grad_alpha};
 }

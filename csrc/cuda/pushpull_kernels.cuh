@@ -73,37 +73,20 @@ PP_DEVICE_FN uint16_t float_to_bfloat16_bits(float f) {
 
 PP_DEVICE_FN float to_acc(float v) { return v; }
 PP_DEVICE_FN double to_acc(double v) { return v; }
-PP_DEVICE_FN float to_acc(HalfBits v) {
-#ifdef __CUDA_ARCH__
-  return __half2float(__ushort_as_half(v.bits));
-#else
-  return half_bits_to_float(v.bits);
-#endif
-}
-PP_DEVICE_FN float to_acc(BFloat16Bits v) {
-#ifdef __CUDA_ARCH__
-  return __bfloat162float(__ushort_as_bfloat16(v.bits));
-#else
-  return bfloat16_bits_to_float(v.bits);
-#endif
-}
-
 PP_DEVICE_FN void store(float* p, float v) { *p = v; }
 PP_DEVICE_FN void store(double* p, double v) { *p = v; }
-PP_DEVICE_FN void store(HalfBits* p, float v) {
+// The 16-bit types: CUDA's intrinsics on the device, the conversions above on the host.
 #ifdef __CUDA_ARCH__
-  p->bits = __half_as_ushort(__float2half_rn(v));
+PP_DEVICE_FN float to_acc(HalfBits v) { return __half2float(__ushort_as_half(v.bits)); }
+PP_DEVICE_FN float to_acc(BFloat16Bits v) { return __bfloat162float(__ushort_as_bfloat16(v.bits)); }
+PP_DEVICE_FN void store(HalfBits* p, float v) { p->bits = __half_as_ushort(__float2half_rn(v)); }
+PP_DEVICE_FN void store(BFloat16Bits* p, float v) { p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 #else
-  p->bits = float_to_half_bits(v);
+PP_DEVICE_FN float to_acc(HalfBits v) { return half_bits_to_float(v.bits); }
+PP_DEVICE_FN float to_acc(BFloat16Bits v) { return bfloat16_bits_to_float(v.bits); }
+PP_DEVICE_FN void store(HalfBits* p, float v) { p->bits = float_to_half_bits(v); }
+PP_DEVICE_FN void store(BFloat16Bits* p, float v) { p->bits = float_to_bfloat16_bits(v); }
 #endif
-}
-PP_DEVICE_FN void store(BFloat16Bits* p, float v) {
-#ifdef __CUDA_ARCH__
-  p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
-#else
-  p->bits = float_to_bfloat16_bits(v);
-#endif
-}
 
 // NaN propagates as in torch.relu (v < 0 is false for NaN).
 template <typename acc_t>
@@ -214,8 +197,8 @@ struct Responses {
   // Q = R - b_in before the pooling (the formula: the pull response with its bias).
   PP_DEVICE_FN acc_t pull(int64_t n, int64_t o, int64_t pixel) const {
     const int64_t i = index(n, o, pixel);
-    acc_t q = (geo.pull == PullForm::kSeparable ? pull0[i] : -push0[i]) - bias(o);
-    if (geo.pull == PullForm::kShift) q += shift[o] * box_sum(n, o, pixel);
+    acc_t q = (geo.pull == PullKind::kSeparable ? pull0[i] : -push0[i]) - bias(o);
+    if (geo.pull == PullKind::kShift) q += shift[o] * box_sum(n, o, pixel);
     return q;
   }
 };
@@ -379,9 +362,9 @@ PP_DEVICE_FN void backward_fields_block(Block& blk, const FieldsArgs<scalar_t>& 
       const int64_t pixel = px.h * geo.width + px.w, i = r.index(n, o, pixel);
       const acc_t gq = geo.radius > 0 ? win.sum_at(px.ty, px.tx) : g.masked_pull_grad(n, o, pixel);
       const acc_t g_out = g.push_grad(n, o, pixel), gp = g.bit(0, n, o, pixel) ? g_out : acc_t(0);
-      if (a.grad_push0) a.grad_push0[i] = geo.pull == PullForm::kSeparable ? gp : gp - gq;
+      if (a.grad_push0) a.grad_push0[i] = geo.pull == PullKind::kSeparable ? gp : gp - gq;
       if (a.grad_pull0) a.grad_pull0[i] = gq;
-      if (geo.pull == PullForm::kShift) s.box_grad += a.shift[o] * gq;
+      if (geo.pull == PullKind::kShift) s.box_grad += a.shift[o] * gq;
       reduce[t] = gp - gq;                                                   // d b_in
       if (a.shift_part) reduce[kThreads + t] = gq * r.box_sum(n, o, pixel);  // d shift
       if (a.alpha_part) reduce[2 * kThreads + t] = -g_out * s.pull_act;      // d alpha

@@ -17,6 +17,8 @@ typedef unsigned char uint8_t;
 #include <cstdint>
 #endif
 
+#include "../common/pull_kind.h"
+
 // The CUDA runtime's own definition (driver_types.h); repeating an identical typedef is allowed.
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;
@@ -52,20 +54,13 @@ struct AccOf<double> {
 template <typename scalar_t>
 using acc_of = typename AccOf<scalar_t>::type;
 
-// How the pull response before its bias, R, is obtained (as pushpull::PullKind).
-enum class PullForm : int {
-  kNegate = 0,    // R = -P0
-  kShift = 1,     // R = shift[o] * S - P0, S = box sum of the input for the channel's group
-  kSeparable = 2  // R = pull0 (conv of the input with the pull kernel, computed elsewhere)
-};
-
 // Sizes shared by the epilogue and the backward fields: responses are [N, C_out, Ho, Wo] contiguous,
 // the box sum [N, groups, Ho, Wo], the masks [2, N, ceil(C_out / 8), Ho, Wo].
 struct FieldGeometry {
   int64_t batch, channels, groups, height, width;
   int radius;  // of the average pooling, (avg_kernel - 1) / 2; 0 = no pooling
   bool dual_output;
-  PullForm pull;
+  PullKind pull;  // kSeparable: pull0 holds R, computed elsewhere
 };
 
 // Forward epilogue: y = ReLU(P0 + b_in) - alpha * ReLU(avg(R - b_in)) + b_out (or the dual output),
