@@ -183,16 +183,24 @@ def launch_step(config, input, weight, bias=None, **options) -> None:
     without masks, each under `config` (compiling_for's)."""
     from . import triton_launch
     from .functional import forward_args
-    from .ops import GEOMETRY, GRADIENTS
 
     args = forward_args(input, weight, bias, save_masks=True, **options)
     out, masks = triton_launch.forward(*args, config=config)
+    launch_backward(config, args, out, masks)
+    triton_launch.forward(*args._replace(save_masks=False), config=config)
+
+
+def launch_backward(config, args, out, masks) -> None:
+    """The backward launches of every gradient autograd would ask for (the op arguments `args` that
+    require grad), after the forward that gave `out` and `masks`; nothing if none does."""
+    from . import triton_launch
+    from .ops import GEOMETRY, GRADIENTS
+
     needed = [getattr(args, name) is not None and getattr(args, name).requires_grad for name in GRADIENTS]
     if any(needed):
         geometry = [getattr(args, name) for name in GEOMETRY]
         triton_launch.backward(out, args.input, args.weight, args.pull_shift, args.pull_rows, args.pull_cols,
                                args.bias_in, args.alpha, masks, *geometry, needed, config=config)
-    triton_launch.forward(*args._replace(save_masks=False), config=config)
 
 
 def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
@@ -206,7 +214,7 @@ def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
     papers' 128 and 256 do, in a fraction of the memory; a batch of 1 compiles other code."""
     import torch
 
-    from .shapes import CASES, case_by_name, make_inputs, parse_case
+    from .shapes import CASES, case_from_text, make_inputs
 
     def step(case, dtype):
         def run(config):
@@ -217,8 +225,7 @@ def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
                         **case.options())
         return run
 
-    cases = CASES if shapes is None else [case_by_name(name) if name in {c.name for c in CASES} else parse_case(name)
-                                          for name in shapes]
+    cases = CASES if shapes is None else [case_from_text(name) for name in shapes]
     return [(f"{case.name} N={batch} {str(dtype).replace('torch.', '')}", step(case, dtype))
             for case in cases for dtype in dtypes]
 

@@ -86,6 +86,11 @@ def case_by_name(name: str) -> Case:
 CASE_FORMAT = "N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg]"
 
 
+def case_from_text(text: str) -> Case:
+    """A paper shape by name, or an arbitrary case in CASE_FORMAT (parse_case): the command lines' --shapes."""
+    return case_by_name(text) if text in {c.name for c in CASES} else parse_case(text)
+
+
 def parse_case(text: str) -> Case:
     """An arbitrary case from "N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg]".
 

@@ -1,0 +1,86 @@
+"""The cost model of the Triton path (pushpull_ext/cost_model.py): its counts against first principles and
+the papers' algebra, and its command line. Pure arithmetic on the launcher's recorded launches: no kernel runs."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pushpull_ext import cost_model
+from pushpull_ext.shapes import case_by_name, parse_case
+
+
+def _launch(phase, name):
+    (launch,) = [c for c in phase.launches if c.launch == name]
+    return launch
+
+
+def test_lower_bound_is_the_products_of_conv2d():
+    case = parse_case("2,3,4,6,5,3,1,0,invert")  # no padding: every product of conv2d(ones, ones) adds 1
+    products = F.conv2d(torch.ones(2, 3, 6, 5, dtype=torch.float64), torch.ones(4, 3, 3, 3, dtype=torch.float64)).sum()
+    assert cost_model.convolution_macs(case) == int(products) == 2 * 4 * 4 * 3 * 3 * 3 * 3
+    forward, backward = cost_model.layer_cost(case, torch.float32)
+    assert forward.lower.macs == int(products)
+    assert backward.lower.macs == 2 * int(products)  # input and weight gradients
+
+
+def test_invert_forward_does_one_convolutions_products():
+    # 16 channels x 3 x 3 = 144 = 9 chunks of BLOCK_K 16; 2 x 8 x 8 pixels = one 128-pixel tile; 16 channels
+    case = parse_case("2,16,16,8,8,3,1,1,invert")
+    forward, _ = cost_model.layer_cost(case, torch.float32)
+    assert _launch(forward, "pp_fwd_conv_kernel").macs == cost_model.convolution_macs(case)
+
+
+@pytest.mark.parametrize("name", ["cifar-b1-2020", "imagenet-b1-2020"])
+def test_upsample_forward_runs_the_pull_window_and_the_push_taps(name):
+    # 3x3 at scale 2: a 7x7 pull window (49 taps) for the pull product, plus 9 push taps
+    case = case_by_name(name)
+    forward, _ = cost_model.layer_cost(case, torch.float32)
+    macs = _launch(forward, "pp_fwd_conv_kernel").macs
+    assert macs * 9 == cost_model.convolution_macs(case) * (49 + 9)
+    assert macs / cost_model.convolution_macs(case) == pytest.approx(6.44, abs=0.01)
+
+
+def test_chunks_touching_push_taps_are_counted_at_block_k():
+    # 3 channels, 7x7 window, push taps rows / cols 2..4: r = tap * 3 + c over 147 indices, chunks of 16.
+    # Push taps 16-18, 23-25, 30-32 are r 48-56, 69-77, 90-98: chunks 3, 4, 5, 6. 10 chunks + 4 push MMAs.
+    assert cost_model.mmas_per_chunk_loop(147, 16, True, 3, 7, (2, 4, 2, 4)) == 14
+    assert cost_model.mmas_per_chunk_loop(147, 16, False, 3, 7, (2, 4, 2, 4)) == 10
+
+
+def test_pooled_forward_writes_and_reads_the_scratch_fields():
+    pooled = case_by_name("cifar-stem-2024")
+    unpooled = parse_case("128,3,64,32,32,3,1,1,invert,0")
+    forward, _ = cost_model.layer_cost(pooled, torch.bfloat16)
+    plain, _ = cost_model.layer_cost(unpooled, torch.bfloat16)
+    assert [c.launch for c in forward.launches if c.launch != "torch"] == ["pp_fwd_conv_kernel",
+                                                                          "pp_fwd_pool_epilogue_kernel"]
+    field_fp32 = 128 * 64 * 32 * 32 * 4  # P and Q in the accumulator dtype
+    assert _launch(forward, "pp_fwd_conv_kernel").bytes_written == 2 * field_fp32
+    assert _launch(forward, "pp_fwd_pool_epilogue_kernel").bytes_read >= 2 * field_fp32
+    # the scratch pass: 2 writes and 2 reads of an accumulator-dtype field more than without pooling
+    assert forward.bytes - plain.bytes == pytest.approx(4 * field_fp32, rel=1e-3)
+    assert forward.lower.bytes == plain.lower.bytes
+
+
+def test_trainable_alpha_recomputes_the_forward_in_the_backward():
+    _, with_alpha = cost_model.layer_cost(case_by_name("cifar-stem-2024"), torch.float32)
+    _, fixed_alpha = cost_model.layer_cost(case_by_name("cifar-b1-2020"), torch.float32)
+    assert "pp_fwd_conv_kernel" in [c.launch for c in with_alpha.launches]
+    assert "pp_fwd_conv_kernel" not in [c.launch for c in fixed_alpha.launches]
+
+
+def test_unpooled_forward_moves_about_the_lower_bound():
+    forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.bfloat16)
+    conv = _launch(forward, "pp_fwd_conv_kernel")
+    assert forward.lower.bytes <= conv.bytes <= 1.01 * forward.lower.bytes  # x, y, masks and the weights
+
+
+def test_command_line_prints_every_launch_and_the_summary(capsys):
+    assert cost_model.main(["--shapes", "cifar-b1-2020", "2,8,8,10,10,3,1,1,invert,3", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    for text in ("pp_fwd_conv_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel", "pp_fwd_pool_epilogue_kernel",
+                 "lower bound", "Summary"):
+        assert text in out
+    summary = out.split("Summary")[1]
+    assert re.search(r"^cifar-b1-2020 +bfloat16 +6\.89 ", summary, re.MULTILINE)  # forward MACs x conv
