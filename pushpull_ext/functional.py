@@ -51,8 +51,31 @@ def _problem(backend: str, input: Tensor):
     return None  # reference runs anywhere
 
 
-def resolve_backend(backend: str, input: Tensor) -> str:
-    """The backend that will run: `backend`, or for "auto" the best one available for `input`.
+# backend="auto" on a CUDA GPU: the backend tried first per pull mode, the other one being the fallback
+# (Triton needs compute capability >= 8.0 and Triton installed; the CUDA extension runs on sm_70+).
+# PLACEHOLDERS, set by the cost model's prediction (python -m pushpull_ext.cost_model) until GPU figures
+# exist: no kernel has been timed on a GPU. Both are "triton", today's behaviour: the Triton products run on
+# the tensor cores, and the model finds no pull mode whose Triton path it can show slower (it does not price
+# the CUDA extension). The figure that should set each entry: benchmarks/gpu_suite.sh's forward + backward
+# time of backend="triton" against backend="cuda" on that mode's paper shapes (upsample: cifar-b1-2020 and
+# imagenet-b1-2020, where the model counts 6.4x one convolution's products in the Triton forward; invert:
+# imagenet-stem-2024 and cifar-stem-2024, where it counts 4-8x the lower bound's bytes): "cuda" where that
+# backend is faster on the mode's shapes.
+AUTO_GPU_BACKEND = {"upsample": "triton", "invert": "triton"}
+
+
+def auto_candidates(device_type: str, pull: str | None = None) -> tuple[str, ...]:
+    """The backends backend="auto" tries, in order, for tensors on `device_type` and a layer of pull
+    mode `pull` (None: not known, as for resolve_backend(backend, input) called alone: Triton first)."""
+    if device_type != "cuda":
+        return ("cpu",)
+    first = AUTO_GPU_BACKEND.get(pull, "triton")
+    return (first, "cuda" if first == "triton" else "triton")
+
+
+def resolve_backend(backend: str, input: Tensor, pull: str | None = None) -> str:
+    """The backend that will run: `backend`, or for "auto" the best one available for `input` and a layer of
+    pull mode `pull` ("upsample" / "invert"; see AUTO_GPU_BACKEND).
 
     PUSHPULL_BACKEND in the environment overrides "auto". A named backend that cannot run the given
     tensors raises a RuntimeError naming what is missing.
@@ -68,9 +91,8 @@ def resolve_backend(backend: str, input: Tensor) -> str:
         if problem is not None:
             raise RuntimeError(f"backend={backend!r} cannot run here: {problem}")
         return backend
-    candidates = ("triton", "cuda") if input.device.type == "cuda" else ("cpu",)
     problems = []
-    for candidate in candidates:
+    for candidate in auto_candidates(input.device.type, pull):
         problem = _problem(candidate, input)
         if problem is None:
             return candidate
@@ -231,7 +253,7 @@ def _push_pull(input, weight, bias, bias_out, alpha, *, push_weight, backend, **
     the weight before any autocast cast: in its precision (as autocast derives the pull kernel of the
     papers' layers), and so that inference keeps them for the parameter itself."""
     args, alpha_vec = normalize(input, weight, bias, bias_out, alpha, **options)
-    chosen = resolve_backend(backend, input)
+    chosen = resolve_backend(backend, input, args.pull)
     if chosen == "reference":
         pull_weight = None if push_weight is weight else pull_kernel(push_weight, args.pull, args.scale).to(weight.dtype)
         return push_pull_reference(input, weight, bias, bias_out, alpha_vec, args, pull_weight)

@@ -1,11 +1,15 @@
 """The cost model of the Triton path (pushpull_ext/cost_model.py): its counts against first principles and
-the papers' algebra, and its command line. Pure arithmetic on the launcher's recorded launches: no kernel runs."""
+the papers' algebra, and its command line. Pure arithmetic on the launcher's recorded launches: no kernel runs.
+Also the rule backend="auto" follows on a GPU (functional.AUTO_GPU_BACKEND, per pull mode), which the model's
+predictions set until GPU timings exist, tested with a stand-in CUDA device."""
 import re
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import pushpull_ext.functional as functional
 from pushpull_ext import cost_model
 from pushpull_ext.shapes import case_by_name, parse_case
 
@@ -84,3 +88,49 @@ def test_command_line_prints_every_launch_and_the_summary(capsys):
         assert text in out
     summary = out.split("Summary")[1]
     assert re.search(r"^cifar-b1-2020 +bfloat16 +6\.89 ", summary, re.MULTILINE)  # forward MACs x conv
+
+
+# ---------------------------------------------------------------- backend="auto": the per-mode rule the model sets
+
+
+def _cuda_tensor_stand_in():
+    """resolve_backend reads only `.device`: a stand-in lets the GPU rule be tested without a GPU."""
+    return types.SimpleNamespace(device=torch.device("cuda", 0))
+
+
+@pytest.fixture
+def gpu_with_both_backends(monkeypatch):
+    """An sm_90 GPU on which Triton and the CUDA extension can both run."""
+    monkeypatch.delenv("PUSHPULL_BACKEND", raising=False)
+    monkeypatch.setattr(functional, "CPP_ERROR", None)
+    monkeypatch.setattr(functional, "has_cpp_kernel", lambda device_type: True)
+    monkeypatch.setattr(functional.ops, "TRITON_OP_ERROR", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_auto_keeps_triton_first_on_a_gpu_for_every_pull_mode():
+    for pull in ("upsample", "invert", None):
+        assert functional.auto_candidates("cuda", pull) == ("triton", "cuda")
+    assert functional.auto_candidates("cpu", "upsample") == ("cpu",)
+
+
+def test_auto_follows_the_table_per_pull_mode(monkeypatch, gpu_with_both_backends):
+    monkeypatch.setitem(functional.AUTO_GPU_BACKEND, "upsample", "cuda")
+    assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "upsample") == "cuda"
+    assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "invert") == "triton"
+    monkeypatch.setattr(functional, "has_cpp_kernel", lambda device_type: False)  # no CUDA kernels: the other one
+    assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "upsample") == "triton"
+
+
+def test_the_layer_passes_its_pull_mode_to_the_rule(monkeypatch):
+    seen = []
+
+    def recording(backend, input, pull=None):
+        seen.append(pull)
+        return "reference"
+
+    monkeypatch.setattr(functional, "resolve_backend", recording)
+    x, w = torch.randn(1, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    for pull in ("invert", "upsample"):
+        functional.push_pull_conv2d(x, w, padding=1, pull=pull)
+    assert seen == ["invert", "upsample"]
