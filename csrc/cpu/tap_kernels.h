@@ -1,4 +1,4 @@
-// Dense loops of the CPU tap path (TapPath in pushpull_cpu.cpp): a matrix product, a Gram product and
+// Dense loops of the CPU stride-1 routes (tap_path.h, prefilter_path.h): a matrix product, a Gram product and
 // a weighted sum of shifted lines. Each is written once, with GCC vector extensions, and compiled
 // three times: for AVX-512, for AVX2/FMA and for the build's baseline; the CPU picks one at run time
 // (ATen's own kernels dispatch on the CPU's capability in the same spirit). The environment variable

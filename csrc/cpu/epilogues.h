@@ -1,0 +1,383 @@
+// The fused per-plane passes of the CPU backend, shared by every route: one pass per (image, 8 output
+// channels) does the pooling, ReLUs, alpha, biases and packs the ReLU masks 8 channels per byte
+// (forward); one pass per (image, group) forms the masked gradient fields and the partial sums of the
+// vector gradients from the masks (backward).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../common/aten_algebra.h"
+#include "clones.h"
+#include "prefilter.h"
+
+namespace pushpull {
+namespace cpu {
+
+// Clipped box window along one axis for the average pooling (count_include_pad=False).
+struct Window {
+  int64_t radius;
+  int64_t lo(int64_t i) const { return std::max<int64_t>(i - radius, 0); }
+  int64_t hi(int64_t i, int64_t n) const { return std::min<int64_t>(i + radius, n - 1); }
+};
+
+// out[h, w] = sum of in over the clipped (2r+1)^2 window around (h, w), divided by the number of
+// valid positions when `average`; tmp is scratch of the plane's size. Row-wise loops over shifted
+// ranges (no bounds test inside) so that they vectorize.
+template <typename acc_t>
+PUSHPULL_CPU_CLONES void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out,
+                                    int64_t height, int64_t width, int64_t radius, bool average) {
+  std::fill(tmp, tmp + height * width, acc_t(0));
+  for (int64_t h = 0; h < height; ++h) {
+    const acc_t* __restrict__ row = in + h * width;
+    acc_t* __restrict__ sum = tmp + h * width;
+    for (int64_t dw = -radius; dw <= radius; ++dw) {
+      const int64_t lo = std::max<int64_t>(0, -dw), hi = std::min<int64_t>(width, width - dw);
+      for (int64_t w = lo; w < hi; ++w) sum[w] += row[w + dw];
+    }
+  }
+  const Window win{radius};
+  for (int64_t h = 0; h < height; ++h) {
+    acc_t* __restrict__ o = out + h * width;
+    std::fill(o, o + width, acc_t(0));
+    for (int64_t u = win.lo(h); u <= win.hi(h, height); ++u) {
+      const acc_t* __restrict__ sum = tmp + u * width;
+      for (int64_t w = 0; w < width; ++w) o[w] += sum[w];
+    }
+    if (!average) continue;
+    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
+    for (int64_t w = 0; w < width; ++w) o[w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
+  }
+}
+
+// Divides each value by the size of its clipped pooling window (first half of the pooling adjoint).
+template <typename acc_t>
+void divide_by_window_count(acc_t* values, int64_t height, int64_t width, int64_t radius) {
+  const Window win{radius};
+  for (int64_t h = 0; h < height; ++h) {
+    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
+    for (int64_t w = 0; w < width; ++w)
+      values[h * width + w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
+  }
+}
+
+// Where the planes of a field live: plane (n, o) starts at base + n * image + o * channel. The batched
+// paths point into ATen's results; the per-image path into its workspace (image stride 0).
+template <typename T>
+struct FieldView {
+  T* base = nullptr;
+  int64_t image = 0, channel = 0;
+  T* plane(int64_t n, int64_t o) const { return base + n * image + o * channel; }
+  explicit operator bool() const { return base != nullptr; }
+};
+
+// Read-only view of the responses and the per-channel vectors, shared by forward and backward.
+template <typename scalar_t>
+struct PlaneInputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& geo;
+  FieldView<const scalar_t> push0, pull0;
+  const scalar_t *box, *shift, *bias_in;
+  int64_t plane;  // Ho * Wo
+
+  acc_t bias(int64_t o) const { return bias_in ? static_cast<acc_t>(bias_in[o]) : acc_t(0); }
+
+  // Q' of channel o of image n into `q` (tmp, pooled: scratch of one plane each).
+  void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, acc_t* pooled) const {
+    const scalar_t* p0 = push0.plane(n, o);
+    const scalar_t* r0 = pull0 ? pull0.plane(n, o) : nullptr;
+    const int64_t g = o / (geo.out_channels / geo.groups);
+    const scalar_t* s = box ? box + (n * geo.groups + g) * plane : nullptr;
+    const acc_t m = shift ? static_cast<acc_t>(shift[o]) : acc_t(0), b = bias(o);
+    if (r0) {
+      for (int64_t p = 0; p < plane; ++p) q[p] = static_cast<acc_t>(r0[p]) - b;
+    } else {
+      for (int64_t p = 0; p < plane; ++p) q[p] = -static_cast<acc_t>(p0[p]) - b;
+    }
+    if (s) {
+      for (int64_t p = 0; p < plane; ++p) q[p] += m * static_cast<acc_t>(s[p]);
+    }
+    if (geo.avg_kernel > 1) {
+      box_filter(q, tmp, pooled, geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2, true);
+      std::copy(pooled, pooled + plane, q);
+    }
+  }
+};
+
+// The layout of the batched responses: P0 is [N, C_out, plane]; conv(x, q) is [C_out, N, plane] on the
+// batched prefilter path (one matrix product per group) and [N, C_out, plane] on the direct one.
+template <typename T>
+FieldView<T> push_field(const Geometry& geo, T* base) {
+  const int64_t plane = geo.out_height * geo.out_width;
+  return {base, geo.out_channels * plane, plane};
+}
+template <typename T>
+FieldView<T> pull_field(const Geometry& geo, T* base, bool channel_major) {
+  const int64_t plane = geo.out_height * geo.out_width;
+  return channel_major ? FieldView<T>{base, plane, geo.batch * plane} : push_field(geo, base);
+}
+
+template <typename scalar_t>
+PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, const OptTensor& shift,
+                                   const OptTensor& bias_in) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+  auto opt_ptr = [](const OptTensor& t) { return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr; };
+  return {geo,
+          push_field(geo, ptr(r.push0)),
+          pull_field(geo, ptr(r.pull0), r.pull_channel_major),
+          ptr(r.box),
+          opt_ptr(shift),
+          opt_ptr(bias_in),
+          geo.out_height * geo.out_width};
+}
+
+// Per-thread scratch of the epilogues: a few planes in the accumulation type.
+template <typename acc_t>
+struct PlaneScratch {
+  std::vector<acc_t> q, tmp, pooled, grad;
+  explicit PlaneScratch(int64_t plane) : q(plane), tmp(plane), pooled(plane), grad(plane) {}
+};
+
+template <typename scalar_t>
+struct ForwardOutputs {
+  const scalar_t *alpha, *bias_out;
+  scalar_t* y;
+  uint8_t* masks;  // nullptr when they are not saved
+};
+
+// Output and masks of image n, channels 8 * octet .. 8 * octet + 7, from the responses of image n_in of
+// `in` (n itself, or 0 for a one-image workspace). Each mask byte has a single writer.
+template <typename scalar_t>
+PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t octet,
+                                                const ForwardOutputs<scalar_t>& out,
+                                                PlaneScratch<at::opmath_type<scalar_t>>& scratch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& geo = in.geo;
+  const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8;
+  const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
+  uint8_t* mask_p = out.masks ? out.masks + (n * octets + octet) * plane : nullptr;
+  uint8_t* mask_q = out.masks ? mask_p + geo.batch * octets * plane : nullptr;  // masks[1]
+  if (out.masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
+  // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN), and its mask bit is set
+  // as torch's ReLU backward passes the gradient wherever !(v <= 0).
+  auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
+  for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
+    in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
+    const scalar_t* p0 = in.push0.plane(n_in, o);
+    const acc_t b = in.bias(o), a = static_cast<acc_t>(out.alpha[o]);
+    const acc_t bo = out.bias_out ? static_cast<acc_t>(out.bias_out[o]) : acc_t(0);
+    scalar_t* y_push = out.y + (n * out_c + o) * plane;
+    scalar_t* y_pull = geo.dual_output ? out.y + (n * out_c + geo.out_channels + o) * plane : nullptr;
+    const acc_t* __restrict__ pull = scratch.q.data();
+    if (y_pull) {
+      for (int64_t p = 0; p < plane; ++p) {
+        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b));
+        y_pull[p] = static_cast<scalar_t>(relu(pull[p]));
+      }
+    } else {
+      for (int64_t p = 0; p < plane; ++p) {
+        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
+      }
+    }
+    if (out.masks) {
+      const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+      for (int64_t p = 0; p < plane; ++p) {
+        mask_p[p] |= (static_cast<acc_t>(p0[p]) + b <= acc_t(0)) ? uint8_t(0) : bit;
+        mask_q[p] |= (pull[p] <= acc_t(0)) ? uint8_t(0) : bit;
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+ForwardOutputs<scalar_t> forward_outputs(const OptTensor& bias_out, const at::Tensor& alpha, at::Tensor& out,
+                                         uint8_t* masks) {
+  return {alpha.const_data_ptr<scalar_t>(), bias_out ? bias_out->const_data_ptr<scalar_t>() : nullptr,
+          out.data_ptr<scalar_t>(), masks};
+}
+
+template <typename scalar_t>
+void forward_epilogue(const PlaneInputs<scalar_t>& in, const ForwardOutputs<scalar_t>& out) {
+  const Geometry& geo = in.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch * octets, 1, [&](int64_t begin, int64_t end) {
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    for (int64_t task = begin; task < end; ++task) {
+      forward_epilogue_octet(in, task / octets, task / octets, task % octets, out, scratch);
+    }
+  });
+}
+
+// Masked gradient fields and per-(image, channel) partial sums of the vector gradients.
+struct BackwardFields {
+  GradientFields grads;  // allocated by the batched path only (the per-image paths use their workspace)
+  VectorParts parts;     // [N, C_out] in the accumulation type
+};
+
+template <typename scalar_t>
+struct BackwardOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  FieldView<scalar_t> grad_push0, grad_pull0;
+  scalar_t* grad_box;  // [N, groups, plane]
+  acc_t *shift_part, *bias_part, *alpha_part;
+};
+
+template <typename scalar_t>
+BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  auto acc_ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
+  return {push_field(geo, ptr(f.grads.grad_push0)),
+          pull_field(geo, ptr(f.grads.grad_pull0), use_prefilter(geo)),
+          ptr(f.grads.grad_box),
+          acc_ptr(f.parts.shift),
+          acc_ptr(f.parts.bias),
+          acc_ptr(f.parts.alpha)};
+}
+
+// sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in eight interleaved partial sums: the loop vectorizes
+// and the order is fixed, so the result is deterministic.
+template <typename acc_t, typename T>
+inline acc_t lane_dot(const acc_t* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  acc_t lanes[8] = {};
+  int64_t p = 0;
+  if (b) {
+    for (; p + 8 <= n; p += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += a[p + l] * static_cast<acc_t>(b[p + l]);
+  } else {
+    for (; p + 8 <= n; p += 8)
+      for (int l = 0; l < 8; ++l) lanes[l] += a[p + l];
+  }
+  for (; p < n; ++p) lanes[0] += b ? a[p] * static_cast<acc_t>(b[p]) : a[p];
+  acc_t sum = 0;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  return sum;
+}
+
+// out[p] = scale * g[p] where the mask bit is set, else 0 (also for a NaN g: ReLU' is 0 there, as in torch).
+template <typename acc_t, typename T>
+inline void masked_gradient(const uint8_t* __restrict__ mask, uint8_t bit, const T* __restrict__ g, acc_t scale,
+                            int64_t n, acc_t* __restrict__ out) {
+  // Branch-free, so that it vectorizes: the value's bits AND all-ones (bit set) or zero (+0.0).
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  static_assert(sizeof(bits_t) == sizeof(acc_t));
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t value = scale * static_cast<acc_t>(g[p]);
+    const bits_t keep = bits_t(0) - static_cast<bits_t>((mask[p] & bit) != 0);
+    bits_t v;
+    std::memcpy(&v, &value, sizeof v);
+    v &= keep;
+    std::memcpy(&out[p], &v, sizeof v);
+  }
+}
+
+// What the backward epilogue reads besides the responses.
+template <typename scalar_t>
+struct BackwardInputs {
+  const scalar_t *grad_out, *alpha;
+  const uint8_t* masks;
+  bool recompute_pull;  // for the alpha gradient
+};
+
+// Gradient fields of image n, group grp (n_in: its index in `in`; see forward_epilogue_octet). One task
+// per (image, group), so the group's box-sum gradient has a single writer.
+template <typename scalar_t>
+PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t grp,
+                                                 const BackwardInputs<scalar_t>& bin,
+                                                 const BackwardOutputs<scalar_t>& f,
+                                                 PlaneScratch<at::opmath_type<scalar_t>>& scratch,
+                                                 std::vector<at::opmath_type<scalar_t>>& box_grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Geometry& geo = in.geo;
+  const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
+  const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels, radius = (geo.avg_kernel - 1) / 2;
+  acc_t* gq = scratch.grad.data();
+  std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
+  for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
+    const int64_t byte = (n * octets + o / 8) * plane, no = n * geo.out_channels + o;
+    const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+    const uint8_t *mask_p = bin.masks + byte, *mask_q = bin.masks + geo.batch * octets * plane + byte;
+    const scalar_t* g_p = bin.grad_out + (n * out_c + o) * plane;
+    const scalar_t* g_q = geo.dual_output ? bin.grad_out + (n * out_c + geo.out_channels + o) * plane : g_p;
+    const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(bin.alpha[o]);
+    if (bin.recompute_pull) {
+      acc_t* q = scratch.q.data();
+      in.pull_response(n_in, o, q, scratch.tmp.data(), scratch.pooled.data());
+      for (int64_t p = 0; p < plane; ++p) q[p] = q[p] < acc_t(0) ? acc_t(0) : q[p];  // ReLU, NaN kept
+      f.alpha_part[no] = -lane_dot(q, g_p, plane);
+    }
+    acc_t* gp = scratch.q.data();
+    masked_gradient(mask_q, bit, g_q, pull_scale, plane, gq);
+    if (geo.avg_kernel > 1) {
+      // Adjoint of the average: divide by each output's window count, then sum over the same windows.
+      divide_by_window_count(gq, geo.out_height, geo.out_width, radius);
+      box_filter(gq, scratch.tmp.data(), scratch.pooled.data(), geo.out_height, geo.out_width, radius, false);
+      std::copy(scratch.pooled.begin(), scratch.pooled.end(), gq);
+    }
+    masked_gradient(mask_p, bit, g_p, acc_t(1), plane, gp);
+    const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
+    const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
+    // One simple loop per output, so that each vectorizes.
+    if (f.grad_push0) {
+      scalar_t* g_push = f.grad_push0.plane(n_in, o);
+      if (geo.pull != PullKind::kSeparable) {  // the pull goes through the push response (R = -P0 + ...)
+        for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p] - gq[p]);
+      } else {
+        for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p]);
+      }
+    }
+    if (f.grad_pull0) {
+      scalar_t* g_pull = f.grad_pull0.plane(n_in, o);
+      for (int64_t p = 0; p < plane; ++p) g_pull[p] = static_cast<scalar_t>(gq[p]);
+    }
+    if (f.grad_box) {
+      for (int64_t p = 0; p < plane; ++p) box_grad[p] += m * gq[p];
+    }
+    const acc_t sum_gp = f.bias_part ? lane_dot(gp, static_cast<const acc_t*>(nullptr), plane) : acc_t(0);
+    const acc_t sum_gq = f.bias_part ? lane_dot(gq, static_cast<const acc_t*>(nullptr), plane) : acc_t(0);
+    const acc_t sum_gq_box = (s && f.shift_part) ? lane_dot(gq, s, plane) : acc_t(0);
+    if (f.bias_part) f.bias_part[no] = sum_gp - sum_gq;
+    if (f.shift_part) f.shift_part[no] = sum_gq_box;
+  }
+  if (f.grad_box) {
+    scalar_t* out = f.grad_box + (n * geo.groups + grp) * plane;
+    for (int64_t p = 0; p < plane; ++p) out[p] = static_cast<scalar_t>(box_grad[p]);
+  }
+}
+
+template <typename scalar_t>
+void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<scalar_t>& bin,
+                       const BackwardOutputs<scalar_t>& f) {
+  const Geometry& geo = in.geo;
+  at::parallel_for(0, geo.batch * geo.groups, 1, [&](int64_t begin, int64_t end) {
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    std::vector<at::opmath_type<scalar_t>> box_grad(f.grad_box ? in.plane : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      backward_epilogue_group(in, task / geo.groups, task / geo.groups, task % geo.groups, bin, f, scratch, box_grad);
+    }
+  });
+}
+
+// Everything the backward paths read.
+struct BackwardRequest {
+  const Geometry& geo;
+  const ConvArgs& conv;
+  const at::Tensor &x, &w, &grad_out, &masks, &alpha;
+  const OptTensor &shift, &bias_in, &pull_rows, &pull_cols;
+  Needs need;
+};
+
+template <typename scalar_t>
+BackwardInputs<scalar_t> backward_inputs(const BackwardRequest& req) {
+  return {req.grad_out.const_data_ptr<scalar_t>(), req.alpha.const_data_ptr<scalar_t>(),
+          req.masks.const_data_ptr<uint8_t>(), req.need.alpha};
+}
+
+}  // namespace cpu
+}  // namespace pushpull

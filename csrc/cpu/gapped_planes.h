@@ -1,0 +1,114 @@
+// The "gapped" layout of the two stride-1 upsample routes (TapPath, PrefilterPath).
+//
+// Layout ("gapped rows"): every plane is stored flat with row stride Ws = max(W, Wo) + G, entry (r, c) at
+// (V + r) * Ws + G + c, zero in the gaps between rows, in V margin rows above and below, and in the slack
+// at the end. G and V are the largest horizontal and vertical shifts of any pass, so a shifted read past
+// a row's end or the plane's edge reads zeros: each pass is ONE 1-D loop over the whole plane with no
+// bounds test (tap_kernels::weighted_sum), and the matrix products run over the plane's flat range.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "epilogues.h"
+#include "tap_kernels.h"
+
+namespace pushpull {
+namespace cpu {
+
+// out[e] += weight * in[e + offset] over a plane: `in` and `out` index lines of the pass's input and output.
+template <typename T>
+struct ShiftTerm {
+  int64_t in, out, offset;
+  T weight;
+};
+
+template <typename T>
+struct TermScratch {
+  std::vector<const T*> src;  // the terms of one weighted sum
+  std::vector<T> weights;
+};
+
+// The gapped layout and what both stride-1 paths do with it.
+struct GappedPlanes {
+  const Geometry& geo;
+  int64_t taps, in_per_group, out_per_group, plane;
+  int64_t dh, dw, ph, pw, qh, qw, pull_h, pull_w;
+  int64_t gap, margin, ws_stride, plane_size;  // G, V, Ws and the length of one gapped plane
+
+  GappedPlanes(const Geometry& g, const ConvArgs& c, int64_t pull_rows, int64_t pull_cols, int64_t grain)
+      : geo(g),
+        taps(g.kernel_h * g.kernel_w),
+        in_per_group(g.in_channels / g.groups),
+        out_per_group(g.out_channels / g.groups),
+        plane(g.out_height * g.out_width),
+        dh(c.dilation[0]),
+        dw(c.dilation[1]),
+        ph(c.padding[0]),
+        pw(c.padding[1]),
+        qh(c.pull_padding[0]),
+        qw(c.pull_padding[1]),
+        pull_h(pull_rows),
+        pull_w(pull_cols) {
+    // Forward shifts reach pw / qw left and (kw - 1) dw - pw / (pull_w - 1) dw - qw right; backward the reverse.
+    gap = std::max({pw, qw, (g.kernel_w - 1) * dw - pw, (pull_w - 1) * dw - qw, int64_t(0)});
+    margin = std::max({ph, qh, (g.kernel_h - 1) * dh - ph, (pull_h - 1) * dh - qh, int64_t(0)});
+    ws_stride = std::max(g.width, g.out_width) + gap;
+    const int64_t rows_max = std::max(g.height, g.out_height);
+    plane_size = tap_kernels::round_up((2 * margin + rows_max) * ws_stride + 2 * gap, grain) + grain;
+  }
+
+  int64_t at(int64_t r, int64_t c) const { return (margin + r) * ws_stride + gap + c; }
+  // Lengths of the flat ranges from at(0, 0) over the input plane and over the output plane.
+  int64_t input_length() const { return (geo.height - 1) * ws_stride + geo.width; }
+  int64_t output_length() const { return (geo.out_height - 1) * ws_stride + geo.out_width; }
+
+  // Copies plane(s) [rows, cols] (row stride `cols`) into / out of the gapped layout.
+  template <typename T>
+  void to_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
+    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * cols, src + (r + 1) * cols, dst + at(r, 0));
+  }
+  template <typename T>
+  void from_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
+    for (int64_t r = 0; r < rows; ++r) std::copy(src + at(r, 0), src + at(r, 0) + cols, dst + r * cols);
+  }
+  template <typename T>
+  void load_input(const T* x, int64_t n, T* xg) const {
+    const int64_t in_plane = geo.height * geo.width;
+    for (int64_t c = 0; c < geo.in_channels; ++c)
+      to_gapped(x + (n * geo.in_channels + c) * in_plane, geo.height, geo.width, xg + c * plane_size);
+  }
+
+  // Line `line` of out_base (lines plane_size apart), positions [begin, begin + n), from the terms of
+  // `terms` writing it; adjoint: from the terms reading it, the shifts reversed.
+  template <typename T>
+  void apply(const std::vector<ShiftTerm<T>>& terms, int64_t line, bool adjoint, const T* in_base, T* out_base,
+             int64_t begin, int64_t n, TermScratch<T>& scratch) const {
+    scratch.src.clear(), scratch.weights.clear();
+    for (const auto& t : terms) {
+      if ((adjoint ? t.in : t.out) != line) continue;
+      const int64_t from = adjoint ? t.out : t.in;
+      scratch.src.push_back(in_base + from * plane_size + begin + (adjoint ? -t.offset : t.offset));
+      scratch.weights.push_back(t.weight);
+    }
+    tap_kernels::weighted_sum(scratch.src.data(), scratch.weights.data(), static_cast<int64_t>(scratch.src.size()), n,
+                              out_base + line * plane_size + begin);
+  }
+
+  // The responses (or their gradients) in a workspace's push / pull, [C_out, plane], as the epilogues see them.
+  int64_t field_stride() const { return plane; }
+  template <typename Workspace, typename T>
+  PlaneInputs<T> inputs(const Workspace& ws, const T* bias_in) const {
+    return {geo, {ws.push.data(), 0, plane}, {ws.pull.data(), 0, plane}, nullptr, nullptr, bias_in, plane};
+  }
+};
+
+// The interpolation matrices as doubles, [pull_h, kh] and [pull_w, kw].
+inline std::pair<at::Tensor, at::Tensor> interpolation_doubles(const at::Tensor& rows, const at::Tensor& cols) {
+  return {rows.contiguous().to(at::kDouble), cols.contiguous().to(at::kDouble)};
+}
+}  // namespace cpu
+}  // namespace pushpull

@@ -1,0 +1,244 @@
+// The upsample pull with the prefilter algebra, one image per task, everything in cache (ImagePath).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "epilogues.h"
+#include "panel_gemm.h"
+#include "prefilter.h"
+
+namespace pushpull {
+namespace cpu {
+
+// The upsample pull with the prefilter algebra, one image per task, everything in cache: for each group
+// the input's im2col and its prefilter z are packed as panels (panel_gemm.h), and ONE weight matrix
+// W_g [C_out/groups, K], K = C_in/groups * kh * kw, multiplies both: P0 = W_g @ im2col, R = W_g @ z. The
+// epilogue then reads P0 and R from the workspace. Backward, per image: dW += gP @ im2col^T + gR @ z^T
+// (partial sums per image, added in a fixed order), dx = col2im(W_g^T @ gP) + prefilter^T(W_g^T @ gR).
+template <typename scalar_t>
+struct ImageWorkspace {
+  std::vector<scalar_t> cols, z;              // packed operands of a block of rows, group g at g * operand_size
+  std::vector<scalar_t> push, pull;           // [C_out, field_ld]: responses, then their gradients
+  std::vector<scalar_t> packed_grad;          // one group's gradient field, packed
+  std::vector<scalar_t> tap_rows;             // one channel's im2col or prefilter [taps, block pixels]
+  std::vector<scalar_t> grad_rows;            // W_g^T @ (a gradient field) [K, padded]
+  std::vector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
+};
+
+// Packed operands of this many bytes per block of output rows (both of them) stay in the 512 KiB L2 of
+// the CPU the path was tuned on (benchmarks/results/cpu-2core) while the products read them.
+constexpr int64_t kOperandBlockBytes = 256 * 1024;
+
+template <typename scalar_t>
+struct ImagePath {
+  using T = scalar_t;
+  const Geometry& geo;
+  const ConvArgs& conv;
+  PrefilterGeometry pre;
+  const scalar_t *rows, *cols;  // interpolation matrices, contiguous
+  const scalar_t* weight;       // [C_out, K]
+  const scalar_t* weight_t;     // per group W_g^T [groups, K, C_out/groups] (backward, for dx; else null)
+  int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
+  int64_t block_rows;  // output rows packed at a time (forward; backward packs whole planes)
+  int64_t field_ld;    // row stride of the push/pull fields: a block's product may write 23 past it
+
+  // `blocked`: pack blocks of rows (forward) rather than whole planes (backward).
+  ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const at::Tensor& w,
+            const scalar_t* w_t, bool blocked)
+      : geo(g),
+        conv(c),
+        pre(prefilter_geometry(g, c, r, k)),
+        rows(r.const_data_ptr<scalar_t>()),
+        cols(k.const_data_ptr<scalar_t>()),
+        weight(w.const_data_ptr<scalar_t>()),
+        weight_t(w_t),
+        plane(g.out_height * g.out_width),
+        padded(panel::padded(plane)),
+        taps(g.kernel_h * g.kernel_w),
+        in_per_group(g.in_channels / g.groups),
+        out_per_group(g.out_channels / g.groups),
+        k_size(in_per_group * taps),
+        field_ld(plane + panel::kPanel) {
+    const int64_t row_bytes = 2 * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
+    block_rows = blocked ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
+                         : g.out_height;
+  }
+
+  int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }
+  const scalar_t* weight_of(int64_t grp) const { return weight + grp * out_per_group * k_size; }
+
+  // The same workspace serves forward and backward.
+  ImageWorkspace<scalar_t> workspace(bool /*backward*/) const {
+    ImageWorkspace<scalar_t> ws;
+    ws.cols.resize(geo.groups * operand_size());
+    ws.z.resize(geo.groups * operand_size());
+    ws.push.resize(geo.out_channels * field_ld);
+    ws.pull.resize(geo.out_channels * field_ld);
+    ws.packed_grad.resize(out_per_group * padded);
+    ws.tap_rows.resize(taps * block_rows * geo.out_width);
+    ws.grad_rows.resize(k_size * padded);
+    ws.prefilter_tmp.resize(pre.tmp_size());
+    ws.line.resize(std::max(geo.out_width, geo.height * geo.width));
+    return ws;
+  }
+
+  // Valid output columns of tap column j: those reading an input column in [0, W).
+  std::pair<int64_t, int64_t> valid_columns(int64_t j) const {
+    const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+    const int64_t lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
+    const int64_t hi = geo.width - offset <= 0 ? 0 : std::min(geo.out_width, (geo.width - offset + s - 1) / s);
+    return {lo, std::max(lo, hi)};
+  }
+
+  // im2col of output rows [ho_begin, ho_end) of one input plane, packed: row first_row + i * kw + j, pixel
+  // (ho - ho_begin) * Wo + wo holds x[ho * sh + i * dh - ph, wo * sw + j * dw - pw] (0 outside the input).
+  // One tap at a time goes through `row` (scratch), so that packing copies whole panels.
+  void pack_im2col_plane(const scalar_t* x, int64_t ho_begin, int64_t ho_end, int64_t first_row, scalar_t* packed,
+                         scalar_t* row) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
+    for (int64_t i = 0; i < geo.kernel_h; ++i) {
+      for (int64_t j = 0; j < geo.kernel_w; ++j) {
+        const auto [lo, hi] = valid_columns(j);
+        const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+        std::fill(row, row + pixels, scalar_t(0));
+        for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+          const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
+          if (h < 0 || h >= geo.height) continue;
+          const scalar_t* x_row = x + h * geo.width + offset;
+          scalar_t* out = row + (ho - ho_begin) * geo.out_width;
+          for (int64_t wo = lo; wo < hi; ++wo) out[wo] = x_row[wo * s];
+        }
+        panel::pack_row(row, pixels, k_size, first_row + i * geo.kernel_w + j, packed);
+      }
+    }
+  }
+
+  // Adds the adjoint of pack_im2col_plane: gx[h, w] += the entries of grad (rows i * kw + j, row stride ld)
+  // that read (h, w).
+  void col2im_plane(const scalar_t* grad, int64_t ld, scalar_t* gx) const {
+    for (int64_t i = 0; i < geo.kernel_h; ++i) {
+      for (int64_t j = 0; j < geo.kernel_w; ++j) {
+        const auto [lo, hi] = valid_columns(j);
+        const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+        for (int64_t ho = 0; ho < geo.out_height; ++ho) {
+          const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
+          if (h < 0 || h >= geo.height) continue;
+          const scalar_t* src = grad + (i * geo.kernel_w + j) * ld + ho * geo.out_width;
+          scalar_t* gx_row = gx + h * geo.width + offset;
+          for (int64_t wo = lo; wo < hi; ++wo) gx_row[wo * s] += src[wo];
+        }
+      }
+    }
+  }
+
+  // The packed im2col and prefilter operands of every group of image n, output rows [ho_begin, ho_end).
+  void pack_operands(const scalar_t* x, int64_t n, int64_t ho_begin, int64_t ho_end,
+                     ImageWorkspace<scalar_t>& ws) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
+    for (int64_t c = 0; c < geo.in_channels; ++c) {
+      const scalar_t* x_plane = x + (n * geo.in_channels + c) * geo.height * geo.width;
+      const int64_t grp = c / in_per_group, first_row = (c % in_per_group) * taps;
+      pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(),
+                        ws.tap_rows.data());
+      prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(), ws.line.data(),
+                      [&](int64_t tap, int64_t ho, const scalar_t* row) {
+                        std::copy(row, row + geo.out_width,
+                                  ws.tap_rows.data() + tap * pixels + (ho - ho_begin) * geo.out_width);
+                      });
+      for (int64_t t = 0; t < taps; ++t) {
+        panel::pack_row(ws.tap_rows.data() + t * pixels, pixels, k_size, first_row + t,
+                        ws.z.data() + grp * operand_size());
+      }
+    }
+  }
+
+  // P0 and R of the packed rows [ho_begin, ho_end) into columns ho_begin * Wo.. of the fields.
+  void responses(int64_t ho_begin, int64_t ho_end, ImageWorkspace<scalar_t>& ws) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width, column = ho_begin * geo.out_width;
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      const int64_t row = grp * out_per_group;
+      panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, pixels,
+                     ws.push.data() + row * field_ld + column, field_ld);
+      panel::product(weight_of(grp), k_size, out_per_group, ws.z.data() + grp * operand_size(), k_size, pixels,
+                     ws.pull.data() + row * field_ld + column, field_ld);
+    }
+  }
+
+  // Backward, whole planes (the path is not blocked): the operands of image n, then P0 and R from them.
+  void load_operands(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+    pack_operands(x, n, 0, geo.out_height, ws);
+  }
+  void responses(ImageWorkspace<scalar_t>& ws) const { responses(0, geo.out_height, ws); }
+
+  // Forward: P0 and R of image n, block by block.
+  void image_responses(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t ho = 0; ho < geo.out_height; ho += block_rows) {
+      const int64_t end = std::min(ho + block_rows, geo.out_height);
+      pack_operands(x, n, ho, end, ws);
+      responses(ho, end, ws);
+    }
+  }
+
+  // The workspace's fields as the epilogues see them (one image: image stride 0).
+  int64_t field_stride() const { return field_ld; }
+  PlaneInputs<scalar_t> inputs(const ImageWorkspace<scalar_t>& ws, const scalar_t* bias_in) const {
+    return {geo, {ws.push.data(), 0, field_ld}, {ws.pull.data(), 0, field_ld}, nullptr, nullptr, bias_in, plane};
+  }
+
+  // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
+  void pack_group_field(const std::vector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t r = 0; r < out_per_group; ++r) {
+      panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld, plane, out_per_group, r,
+                      ws.packed_grad.data());
+    }
+  }
+
+  // grad_w[grp rows] += packed gradient (one group) @ operand^T.
+  void add_weight_grad(const scalar_t* operand, int64_t grp, const ImageWorkspace<scalar_t>& ws,
+                       scalar_t* grad_w) const {
+    panel::gram(ws.packed_grad.data(), out_per_group, operand, k_size, plane, grad_w + grp * out_per_group * k_size,
+                k_size);
+  }
+
+  // W_g^T @ (packed gradient) into ws.grad_rows [K, padded]; weight_t is W_g^T [K, C_out/groups].
+  void backproject(const scalar_t* weight_t, ImageWorkspace<scalar_t>& ws) const {
+    panel::product(weight_t, out_per_group, k_size, ws.packed_grad.data(), out_per_group, plane, ws.grad_rows.data(),
+                   padded);
+  }
+
+  // From the gradient fields in ws.push / ws.pull (the operands packed when grad_w_image is wanted): the
+  // weight gradient of the image (grad_w_image, [C_out, K], added to) and its input gradient planes
+  // (grad_x_image, [C_in, H, W]).
+  void backward(scalar_t* grad_w_image, scalar_t* grad_x_image, ImageWorkspace<scalar_t>& ws) const {
+    const int64_t in_plane = geo.height * geo.width;
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      const scalar_t* w_t = grad_x_image ? weight_t + grp * k_size * out_per_group : nullptr;
+      scalar_t* gx_group = grad_x_image ? grad_x_image + grp * in_per_group * in_plane : nullptr;
+      // Pull first: the prefilter adjoint overwrites the input-gradient planes, col2im then adds.
+      pack_group_field(ws.pull, grp, ws);
+      if (grad_w_image) add_weight_grad(ws.z.data() + grp * operand_size(), grp, ws, grad_w_image);
+      if (gx_group) {
+        backproject(w_t, ws);
+        for (int64_t c = 0; c < in_per_group; ++c) {
+          prefilter_adjoint_plane(pre, rows, cols, ws.grad_rows.data() + c * taps * padded, padded,
+                                  ws.prefilter_tmp.data(), gx_group + c * in_plane, ws.line.data());
+        }
+      }
+      pack_group_field(ws.push, grp, ws);
+      if (grad_w_image) add_weight_grad(ws.cols.data() + grp * operand_size(), grp, ws, grad_w_image);
+      if (gx_group) {
+        backproject(w_t, ws);
+        for (int64_t c = 0; c < in_per_group; ++c) {
+          col2im_plane(ws.grad_rows.data() + c * taps * padded, padded, gx_group + c * in_plane);
+        }
+      }
+    }
+  }
+};
+
+}  // namespace cpu
+}  // namespace pushpull

@@ -1,0 +1,202 @@
+// The per-image upsample routes (see image_routes.h). Each route (ImagePath, TapPath, PrefilterPath)
+// offers the same steps to the driver below:
+//   workspace(backward)          per-thread buffers;
+//   image_responses / load_operands + responses   P0 and R of image n into ws.push / ws.pull;
+//   inputs(ws, bias_in), field_stride()           the fields as the epilogues see them;
+//   backward(grad_w_image, grad_x_image, ws)      the transposed maps of image n's gradient fields.
+#include "image_routes.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "image_path.h"
+#include "panel_gemm.h"
+#include "prefilter_path.h"
+#include "tap_path.h"
+
+namespace pushpull {
+namespace cpu {
+namespace {
+
+// Whether the tap path beats the input-side prefilter (ImagePath or the batched product): multiply-adds per
+// pixel, a filter term (an unaligned load and a multiply-add) counted as two register-tiled products.
+// The tap path filters each OUTPUT channel, the prefilter each INPUT channel and multiplies twice:
+// the ResNet stems (3 input channels) keep the prefilter, the 16- and 64-channel blocks take the tap path.
+bool tap_path_pays(const Geometry& geo, const at::Tensor& rows, const at::Tensor& cols) {
+  const int64_t kh = geo.kernel_h, taps = kh * geo.kernel_w;
+  const int64_t rows_nz = rows.ne(0).sum().item<int64_t>(), cols_nz = cols.ne(0).sum().item<int64_t>();
+  const int64_t products = geo.out_channels * (geo.in_channels / geo.groups) * taps;
+  const int64_t tap_filters = geo.out_channels * (taps + kh * cols_nz + kh + rows_nz);
+  const int64_t prefilters = geo.in_channels * (rows_nz + kh * cols_nz);
+  return products + 2 * tap_filters <= 2 * products + 2 * prefilters;
+}
+
+// The stride-1 routes (float and double): the tap path where it pays, else the input-side prefilter on
+// the gapped layout. PUSHPULL_CPU_TAP_PATH=always / never overrides the cost rule: the tests run every
+// stride-1 upsample case both ways.
+ImageRoute stride_one_route(const Geometry& geo, const OptTensor& rows, const OptTensor& cols) {
+  const char* choice = std::getenv("PUSHPULL_CPU_TAP_PATH");
+  const bool taps = choice && std::strcmp(choice, "always") == 0  ? true
+                    : choice && std::strcmp(choice, "never") == 0 ? false
+                                                                  : tap_path_pays(geo, *rows, *cols);
+  return taps ? ImageRoute::kTaps : ImageRoute::kPrefilter;
+}
+
+// ImagePath: below kMinChannelsForPrefilter output channels per group, where the batched matrix product
+// is thin. float64 takes it too (so that the float64 tests hold its index math to 1e-9); float where the
+// AVX2 products run, else the direct pull convolution.
+bool image_path_runs(const Geometry& geo, at::ScalarType dtype) {
+  if (use_prefilter(geo)) return false;
+  return dtype == at::kDouble || (dtype == at::kFloat && panel::fast_float_kernels());
+}
+
+// The A operands: W stacked by tap for Y, [C_out, taps, C_in/groups]; and per group W^T for dx,
+// [groups, C_in/groups, C_out/groups, taps].
+at::Tensor tap_stacked_weight(const at::Tensor& w) {
+  return w.reshape({w.size(0), w.size(1), -1}).transpose(1, 2).contiguous();
+}
+at::Tensor tap_transposed_weight(const at::Tensor& w, int64_t groups) {
+  return w.reshape({groups, w.size(0) / groups, w.size(1), -1}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// Per group W_g^T, [groups, K, C_out/groups]: the A operand of dx (ImagePath, PrefilterPath).
+at::Tensor grouped_transposed_weight(const at::Tensor& w, int64_t groups) {
+  return grouped_weight(w, groups).transpose(1, 2).contiguous();
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// fn(the route of `kind`), built for the forward or the backward (need_x: with W^T for dx). The tensors
+// its raw pointers read live until fn returns.
+template <typename scalar_t, typename Fn>
+void with_route(ImageRoute kind, const Geometry& geo, const ConvArgs& conv, const at::Tensor& w, const at::Tensor& rows,
+                const at::Tensor& cols, bool backward, bool need_x, Fn fn) {
+  if (kind == ImageRoute::kTaps) {
+    const auto stacked = tap_stacked_weight(w);
+    const auto w_t = need_x ? tap_transposed_weight(w, geo.groups) : at::Tensor();
+    fn(TapPath<scalar_t>(geo, conv, rows, cols, stacked.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w_t)));
+    return;
+  }
+  const auto w_t = need_x ? grouped_transposed_weight(w, geo.groups) : at::Tensor();
+  if (kind == ImageRoute::kPrefilter) {
+    fn(PrefilterPath<scalar_t>(geo, conv, rows, cols, w.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w_t)));
+    return;
+  }
+  TORCH_CHECK(kind == ImageRoute::kBlocks, "pushpull CPU: no per-image route");
+  const auto rows_c = rows.contiguous(), cols_c = cols.contiguous();
+  fn(ImagePath<scalar_t>(geo, conv, rows_c, cols_c, w, data_or_null<scalar_t>(w_t), /*blocked=*/!backward));
+}
+
+template <typename Route>
+struct IsImagePath : std::false_type {};
+template <typename T>
+struct IsImagePath<ImagePath<T>> : std::true_type {};
+
+// P0 and R of image n: ImagePath packs blocks of rows; the gapped routes load the whole image.
+template <typename Route, typename Workspace>
+void image_responses(const Route& route, const typename Route::T* x, int64_t n, Workspace& ws) {
+  if constexpr (IsImagePath<Route>::value) {
+    route.image_responses(x, n, ws);
+  } else {
+    route.load_operands(x, n, ws);
+    route.responses(ws);
+  }
+}
+
+template <typename Route>
+void forward_images(const Route& route, const typename Route::T* x, const typename Route::T* bias_in,
+                    const ForwardOutputs<typename Route::T>& out) {
+  using T = typename Route::T;
+  const Geometry& geo = route.geo;
+  const int64_t octets = (geo.out_channels + 7) / 8;
+  at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+    auto ws = route.workspace(false);
+    PlaneScratch<T> scratch(route.plane);
+    for (int64_t n = begin; n < end; ++n) {
+      image_responses(route, x, n, ws);
+      const auto in = route.inputs(ws, bias_in);
+      for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
+    }
+  });
+}
+
+// Per image n: the gradient fields into the workspace (over P0 and R, channel by channel after reading
+// them), then the weight gradient of the image (a row of grad_w_images) and its input gradient.
+template <typename Route>
+void backward_images(const Route& route, const BackwardRequest& req, BackwardFields& f, at::Tensor& grad_x,
+                     at::Tensor& grad_w_images) {
+  using T = typename Route::T;
+  const Geometry& geo = req.geo;
+  const auto bin = backward_inputs<T>(req);
+  const bool operands = req.need.w || req.need.alpha;
+  const T* x = operands ? req.x.const_data_ptr<T>() : nullptr;
+  const T* bias_in = req.bias_in ? req.bias_in->const_data_ptr<T>() : nullptr;
+  const auto outputs = backward_outputs<T>(geo, f);
+  at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
+    auto ws = route.workspace(true);
+    PlaneScratch<T> scratch(route.plane);
+    std::vector<T> no_box;
+    auto fields = outputs;
+    fields.grad_push0 = {ws.push.data(), 0, route.field_stride()};
+    fields.grad_pull0 = {ws.pull.data(), 0, route.field_stride()};
+    for (int64_t n = begin; n < end; ++n) {
+      if (operands) route.load_operands(x, n, ws);
+      if (bin.recompute_pull) route.responses(ws);
+      const auto in = route.inputs(ws, bias_in);
+      for (int64_t grp = 0; grp < geo.groups; ++grp)
+        backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
+      if (req.need.w || req.need.x) {
+        route.backward(req.need.w ? grad_w_images[n].data_ptr<T>() : nullptr,
+                       req.need.x ? grad_x[n].data_ptr<T>() : nullptr, ws);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+ImageRoute image_route(const Geometry& geo, const ConvArgs& conv, const OptTensor& rows, const OptTensor& cols,
+                       at::ScalarType dtype) {
+  if (geo.pull != PullKind::kSeparable || (dtype != at::kFloat && dtype != at::kDouble)) return ImageRoute::kBatched;
+  if (conv.stride[0] == 1 && conv.stride[1] == 1) return stride_one_route(geo, rows, cols);
+  return image_path_runs(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
+}
+
+template <typename scalar_t>
+void forward_by_image(ImageRoute route, const Geometry& geo, const ConvArgs& conv, const at::Tensor& x,
+                      const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols, const scalar_t* bias_in,
+                      const ForwardOutputs<scalar_t>& out) {
+  with_route<scalar_t>(route, geo, conv, w, rows, cols, /*backward=*/false, /*need_x=*/false,
+                       [&](const auto& r) { forward_images(r, x.const_data_ptr<scalar_t>(), bias_in, out); });
+}
+template void forward_by_image<float>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const float*,
+                                      const ForwardOutputs<float>&);
+template void forward_by_image<double>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const double*,
+                                       const ForwardOutputs<double>&);
+
+std::pair<at::Tensor, at::Tensor> backward_by_image(ImageRoute route, const BackwardRequest& req, BackwardFields& f) {
+  const Geometry& geo = req.geo;
+  at::Tensor grad_x, grad_w, grad_w_images;
+  if (req.need.x) grad_x = at::empty({geo.batch, geo.in_channels, geo.height, geo.width}, req.w.options());
+  // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
+  if (req.need.w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
+  AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_by_image", [&] {
+    with_route<scalar_t>(route, geo, req.conv, req.w, *req.pull_rows, *req.pull_cols, /*backward=*/true, req.need.x,
+                         [&](const auto& r) { backward_images(r, req, f, grad_x, grad_w_images); });
+  });
+  if (req.need.w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
+  return {grad_x, grad_w};
+}
+
+}  // namespace cpu
+}  // namespace pushpull

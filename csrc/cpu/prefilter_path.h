@@ -1,0 +1,180 @@
+// The stride-1 upsample route that filters each INPUT channel (PrefilterPath).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "gapped_planes.h"
+#include "tap_kernels.h"
+
+namespace pushpull {
+namespace cpu {
+
+// The input-side prefilter at stride 1, on the same gapped layout: z[c, t] = the separable prefilter of
+// input plane c for tap t (README.md, "How it is fast"), and one weight matrix W [C_out/groups, K], K = C_in/groups *
+// taps, times two operands whose rows are planes: P0 = W @ (x shifted by each tap), R = W @ z. Shifted
+// planes are pointers into the gapped input, so there is no im2col. The choice for few input channels
+// (the ResNet stems), where filtering each input channel is cheaper than filtering each output one.
+// Backward: dW += gP0 @ (shifted x)^T + gR @ z^T; dx = the shifts' adjoint of W^T @ gP0 plus the
+// prefilter's adjoint of W^T @ gR.
+template <typename T>
+struct PrefilterWorkspace {
+  std::vector<T> xg;          // the input image [C_in, plane_size], gapped
+  std::vector<T> z;           // its prefilter [C_in * taps, plane_size]
+  std::vector<T> lines;       // one channel's vertical pass (or its adjoint) [kh, plane_size]
+  std::vector<T> resp;        // P0 and R [2, C_out, plane_size] (their gradients, backward: zero outside the planes)
+  std::vector<T> push, pull;  // [C_out, plane]: as the epilogues read them
+  std::vector<T> grad_cols;   // W^T @ gP0 and W^T @ gR of one group [2, K, plane_size]
+  std::vector<T> line;        // one input gradient plane, gapped
+  std::vector<const T*> rows;
+  TermScratch<T> terms;
+};
+
+template <typename scalar_t>
+struct PrefilterPath : GappedPlanes {
+  using T = scalar_t;
+  const T* weight;    // [C_out, K]
+  const T* weight_t;  // per group W^T [groups, K, C_out/groups] (backward only)
+  int64_t k_size;
+  std::vector<ShiftTerm<T>> vertical, horizontal;  // input line -> kh lines -> taps lines
+  std::vector<int64_t> shift;                      // tap t's offset in the push operand
+
+  PrefilterPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* w,
+                const T* w_t)
+      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>),
+        weight(w),
+        weight_t(w_t),
+        k_size(in_per_group * taps) {
+    const int64_t kh = g.kernel_h, kw = g.kernel_w;
+    const auto [r, k] = interpolation_doubles(rows, cols);
+    const double *rp = r.const_data_ptr<double>(), *kp = k.const_data_ptr<double>();
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t a = 0; a < pull_h; ++a)
+        if (rp[a * kh + i] != 0) vertical.push_back({0, i, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j) {
+        shift.push_back((i * dh - ph) * ws_stride + j * dw - pw);
+        for (int64_t b = 0; b < pull_w; ++b)
+          if (kp[b * kw + j] != 0) horizontal.push_back({i, i * kw + j, b * dw - qw, static_cast<T>(kp[b * kw + j])});
+      }
+  }
+
+  int64_t product_length() const { return tap_kernels::round_up(output_length(), tap_kernels::kGrain<T>); }
+
+  PrefilterWorkspace<T> workspace(bool backward) const {
+    PrefilterWorkspace<T> ws;
+    ws.xg.resize(geo.in_channels * plane_size);
+    ws.z.resize(geo.in_channels * taps * plane_size);
+    ws.lines.resize(geo.kernel_h * plane_size);
+    ws.resp.resize(2 * geo.out_channels * plane_size);
+    ws.push.resize(geo.out_channels * plane);
+    ws.pull.resize(geo.out_channels * plane);
+    if (backward) {
+      ws.grad_cols.resize(2 * k_size * plane_size);
+      ws.line.resize(plane_size);
+    }
+    return ws;
+  }
+
+  void load_operands(const T* x, int64_t n, PrefilterWorkspace<T>& ws) const {
+    load_input(x, n, ws.xg.data());
+    prefilter(ws);
+  }
+
+  // z of every input channel, from ws.xg. The vertical pass covers whole rows (gaps included: zeros), so
+  // that the horizontal one reads zeros past the rows' ends.
+  void prefilter(PrefilterWorkspace<T>& ws) const {
+    const int64_t rows_begin = margin * ws_stride, rows_length = geo.out_height * ws_stride;
+    for (int64_t c = 0; c < geo.in_channels; ++c) {
+      for (int64_t i = 0; i < geo.kernel_h; ++i)
+        apply(vertical, i, false, static_cast<const T*>(ws.xg.data() + c * plane_size), ws.lines.data(), rows_begin,
+              rows_length, ws.terms);
+      for (int64_t t = 0; t < taps; ++t)
+        apply(horizontal, t, false, static_cast<const T*>(ws.lines.data()), ws.z.data() + c * taps * plane_size,
+              at(0, 0), output_length(), ws.terms);
+    }
+  }
+
+  // B rows of group grp: the shifted input planes (push) or the prefiltered ones (pull), from at(0, 0).
+  const T* const* operand(int64_t grp, bool pull, PrefilterWorkspace<T>& ws) const {
+    ws.rows.resize(k_size);
+    for (int64_t k = 0; k < k_size; ++k) {
+      const int64_t c = grp * in_per_group + k / taps, t = k % taps;
+      ws.rows[k] = pull ? ws.z.data() + (c * taps + t) * plane_size + at(0, 0)
+                        : ws.xg.data() + c * plane_size + at(0, 0) + shift[t];
+    }
+    return ws.rows.data();
+  }
+
+  // P0 and R of the image in ws.xg (prefilter() done) into ws.push / ws.pull.
+  void responses(PrefilterWorkspace<T>& ws) const {
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      const T* a = weight + grp * out_per_group * k_size;
+      for (int64_t r = 0; r < 2; ++r) {
+        T* c = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + at(0, 0);
+        tap_kernels::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size,
+                          false);
+      }
+    }
+    for (int64_t o = 0; o < geo.out_channels; ++o) {
+      from_gapped(ws.resp.data() + o * plane_size, geo.out_height, geo.out_width, ws.push.data() + o * plane);
+      from_gapped(ws.resp.data() + (geo.out_channels + o) * plane_size, geo.out_height, geo.out_width,
+                  ws.pull.data() + o * plane);
+    }
+  }
+
+  // From the gradient fields in ws.push / ws.pull (ws.xg and ws.z filled when grad_w_image is wanted).
+  void backward(T* grad_w_image, T* grad_x, PrefilterWorkspace<T>& ws) const {
+    // The gradients in the gapped layout, zero outside the planes (resp may hold responses: clear it).
+    std::fill(ws.resp.begin(), ws.resp.end(), T(0));
+    for (int64_t o = 0; o < geo.out_channels; ++o) {
+      to_gapped(ws.push.data() + o * plane, geo.out_height, geo.out_width, ws.resp.data() + o * plane_size);
+      to_gapped(ws.pull.data() + o * plane, geo.out_height, geo.out_width,
+                ws.resp.data() + (geo.out_channels + o) * plane_size);
+    }
+    const int64_t n = product_length(), begin = at(0, 0);
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      for (int64_t r = 0; r < 2; ++r) {
+        const T* g = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + begin;
+        if (grad_w_image) {
+          tap_kernels::gram(g, plane_size, out_per_group, operand(grp, r == 1, ws), k_size, n,
+                            grad_w_image + grp * out_per_group * k_size, k_size);
+        }
+        if (grad_x) {
+          ws.rows.resize(out_per_group);
+          for (int64_t o = 0; o < out_per_group; ++o) ws.rows[o] = g + o * plane_size;
+          tap_kernels::gemm(weight_t + grp * k_size * out_per_group, out_per_group, k_size, out_per_group,
+                            ws.rows.data(), n, ws.grad_cols.data() + r * k_size * plane_size + begin, plane_size,
+                            false);
+        }
+      }
+      if (grad_x) {
+        for (int64_t c = 0; c < in_per_group; ++c)
+          input_gradient(c, grad_x + (grp * in_per_group + c) * geo.height * geo.width, ws);
+      }
+    }
+  }
+
+  // dx of input channel c of the group: the shifts' adjoint of its push rows plus the prefilter's adjoint
+  // of its pull rows, ONE weighted sum over the input plane.
+  void input_gradient(int64_t c, T* grad_x_plane, PrefilterWorkspace<T>& ws) const {
+    const T* push_rows = ws.grad_cols.data() + c * taps * plane_size;
+    const T* pull_rows = ws.grad_cols.data() + (k_size + c * taps) * plane_size;
+    const int64_t rows_begin = margin * ws_stride, rows_length = geo.out_height * ws_stride;
+    for (int64_t i = 0; i < geo.kernel_h; ++i)
+      apply(horizontal, i, true, pull_rows, ws.lines.data(), rows_begin, rows_length, ws.terms);
+    auto& src = ws.terms.src;
+    auto& w = ws.terms.weights;
+    src.clear(), w.clear();
+    const int64_t begin = at(0, 0);
+    for (int64_t t = 0; t < taps; ++t) src.push_back(push_rows + t * plane_size + begin - shift[t]), w.push_back(T(1));
+    for (const auto& term : vertical)
+      src.push_back(ws.lines.data() + term.out * plane_size + begin - term.offset), w.push_back(term.weight);
+    tap_kernels::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(),
+                              ws.line.data() + begin);
+    from_gapped(ws.line.data(), geo.height, geo.width, grad_x_plane);
+  }
+};
+}  // namespace cpu
+}  // namespace pushpull

@@ -1,0 +1,183 @@
+// The stride-1 upsample route that filters each OUTPUT channel (TapPath).
+//
+// At stride 1 the separable pull moves to the output side. The per-tap products
+//   Y[o, t] = sum_c k[o, c, t] x[c]            (t = (i, j) a kernel tap; c over o's group)
+// are ONE matrix product, [C_out * kh * kw, C_in/groups] by the input's pixels, and give both responses
+// by shifts and separable filters of Y (rows / cols are the interpolation matrices, q = -rows k cols^T):
+//   P0[o](h, w) = sum_{i,j} Y[o,i,j](h + i dh - ph, w + j dw - pw)
+//   R[o](h, w)  = sum_{i,j,a,b} -rows[a,i] cols[b,j] Y[o,i,j](h + a dh - qh, w + b dw - qw)
+// Per pixel that is C_out * C_in/groups * kh * kw multiply-adds for BOTH responses (half of the
+// prefilter's two products, and no im2col), plus per output channel a horizontal pass (tap row i: the
+// sum over j, 2 * kh lines) and a vertical one. Backward runs the transposed maps: the masked gradient
+// fields give gY, then dW = gY @ x^T and dx = W^T @ gY.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gapped_planes.h"
+#include "tap_kernels.h"
+
+namespace pushpull {
+namespace cpu {
+
+template <typename T>
+struct TapWorkspace {
+  std::vector<T> xg;           // the input image [C_in, plane_size], gapped
+  std::vector<T> y;            // Y of a block of output channels [block * taps, plane_size] (or gY)
+  std::vector<T> lines;        // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
+  std::vector<T> resp;         // one channel's two responses [2, plane_size]
+  std::vector<T> grad_resp;    // their gradients: written only inside the planes (the rest stays zero)
+  std::vector<T> push, pull;   // [C_out, plane]: the responses, then their gradients (as the epilogues read)
+  std::vector<T> gx;           // the input gradient [C_in, plane_size], gapped
+  std::vector<T> dw;           // a block's weight gradient [block * taps, C_in/groups]
+  std::vector<const T*> rows;  // B operand rows of a product
+  TermScratch<T> terms;
+};
+
+// Bytes of Y and the horizontal lines of one block of output channels: in L2 while the passes read them.
+constexpr int64_t kTapBlockBytes = 512 * 1024;
+
+template <typename scalar_t>
+struct TapPath : GappedPlanes {
+  using T = scalar_t;
+  const T* wstack;    // [C_out, taps, C_in/groups]: the A operand of Y
+  const T* weight_t;  // per group W^T [groups, C_in/groups, C_out/groups, taps] (backward, for dx; else null)
+  int64_t block;      // output channels per block
+  std::vector<ShiftTerm<T>> horizontal, vertical;
+
+  TapPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* wstack_,
+          const T* w_t)
+      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>), wstack(wstack_), weight_t(w_t) {
+    const int64_t kh = g.kernel_h, kw = g.kernel_w;
+    const auto [r, k] = interpolation_doubles(rows, cols);
+    const double *rp = r.const_data_ptr<double>(), *kp = k.const_data_ptr<double>();
+    // Horizontal: line i (push) and kh + i (pull) of a channel from its tap rows t = i * kw + j.
+    for (int64_t i = 0; i < kh; ++i) {
+      for (int64_t j = 0; j < kw; ++j) horizontal.push_back({i * kw + j, i, j * dw - pw, T(1)});
+      for (int64_t j = 0; j < kw; ++j)
+        for (int64_t b = 0; b < pull_w; ++b)
+          if (kp[b * kw + j] != 0)
+            horizontal.push_back({i * kw + j, kh + i, b * dw - qw, static_cast<T>(kp[b * kw + j])});
+    }
+    // Vertical: response 0 (push) and 1 (pull) from the lines, shifted by whole rows.
+    for (int64_t i = 0; i < kh; ++i) vertical.push_back({i, 0, (i * dh - ph) * ws_stride, T(1)});
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t a = 0; a < pull_h; ++a)
+        if (rp[a * kh + i] != 0)
+          vertical.push_back({kh + i, 1, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
+    const int64_t per_channel = (taps + 2 * kh) * plane_size * static_cast<int64_t>(sizeof(T));
+    block = 8;
+    while (block > 1 && block * per_channel > kTapBlockBytes) block /= 2;
+    block = std::min(block, out_per_group);
+  }
+
+  // The flat range of the input rows and their gaps, the matrix products' pixel axis (a multiple of kGrain).
+  int64_t product_begin() const { return margin * ws_stride; }
+  int64_t product_length() const { return tap_kernels::round_up(geo.height * ws_stride + gap, tap_kernels::kGrain<T>); }
+
+  TapWorkspace<T> workspace(bool backward) const {
+    TapWorkspace<T> ws;
+    ws.xg.resize(geo.in_channels * plane_size);
+    ws.y.resize(block * taps * plane_size);
+    ws.lines.resize(block * 2 * geo.kernel_h * plane_size);
+    ws.resp.resize(2 * plane_size);
+    ws.push.resize(geo.out_channels * plane);
+    ws.pull.resize(geo.out_channels * plane);
+    if (backward) {
+      ws.grad_resp.resize(2 * plane_size);
+      ws.gx.resize(geo.in_channels * plane_size);
+      ws.dw.resize(block * taps * in_per_group);
+    }
+    return ws;
+  }
+
+  // Pointers to `count` rows of `base` (plane_size apart) at `offset`: a product's B operand.
+  const T* const* row_pointers(const T* base, int64_t count, int64_t offset, TapWorkspace<T>& ws) const {
+    ws.rows.resize(count);
+    for (int64_t k = 0; k < count; ++k) ws.rows[k] = base + k * plane_size + offset;
+    return ws.rows.data();
+  }
+
+  void load_operands(const T* x, int64_t n, TapWorkspace<T>& ws) const { load_input(x, n, ws.xg.data()); }
+
+  // P0 and R of image n (its input already in ws.xg) into ws.push / ws.pull.
+  void responses(TapWorkspace<T>& ws) const {
+    const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
+    for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
+      const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, product_begin(), ws);
+      tap_kernels::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b,
+                        product_length(), ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
+      for (int64_t ol = 0; ol < count; ++ol) {
+        const T* y = ws.y.data() + ol * taps * plane_size;
+        T* l = ws.lines.data() + ol * lines * plane_size;
+        for (int64_t line = 0; line < lines; ++line)
+          apply(horizontal, line, false, y, l, begin, output_length_h(), ws.terms);
+        for (int64_t r = 0; r < 2; ++r)
+          apply(vertical, r, false, static_cast<const T*>(l), ws.resp.data(), begin, output_length(), ws.terms);
+        from_gapped(ws.resp.data(), geo.out_height, geo.out_width, ws.push.data() + (o0 + ol) * plane);
+        from_gapped(ws.resp.data() + plane_size, geo.out_height, geo.out_width, ws.pull.data() + (o0 + ol) * plane);
+      }
+    });
+  }
+
+  // The horizontal lines cover the input rows at the output's columns.
+  int64_t output_length_h() const { return (geo.height - 1) * ws_stride + geo.out_width; }
+
+  // From the gradient fields in ws.push / ws.pull: the weight gradient of the image (grad_w_image,
+  // [C_out, C_in/groups * taps], added to) and its input gradient (grad_x, [C_in, H, W]).
+  void backward(T* grad_w_image, T* grad_x, TapWorkspace<T>& ws) const {
+    const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
+    if (grad_x) std::fill(ws.gx.begin(), ws.gx.end(), T(0));
+    for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
+      for (int64_t ol = 0; ol < count; ++ol) {
+        T* l = ws.lines.data() + ol * lines * plane_size;
+        T* gy = ws.y.data() + ol * taps * plane_size;
+        to_gapped(ws.push.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data());
+        to_gapped(ws.pull.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data() + plane_size);
+        for (int64_t line = 0; line < lines; ++line)
+          apply(vertical, line, true, static_cast<const T*>(ws.grad_resp.data()), l, begin, output_length_h(),
+                ws.terms);
+        for (int64_t t = 0; t < taps; ++t) {
+          apply(horizontal, t, true, static_cast<const T*>(l), gy, begin, input_length(), ws.terms);
+          // The gaps must read zero in the products below (the sums above leave shifted values there).
+          for (int64_t r = 0; r + 1 < geo.height; ++r)
+            std::fill(gy + t * plane_size + at(r, geo.width), gy + t * plane_size + at(r + 1, 0), T(0));
+        }
+      }
+      const int64_t m_rows = count * taps, first = product_begin(), n = product_length();
+      if (grad_w_image) {
+        std::fill(ws.dw.begin(), ws.dw.end(), T(0));
+        const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, first, ws);
+        tap_kernels::gram(ws.y.data() + first, plane_size, m_rows, b, in_per_group, n, ws.dw.data(), in_per_group);
+        for (int64_t ol = 0; ol < count; ++ol)
+          for (int64_t c = 0; c < in_per_group; ++c)
+            for (int64_t t = 0; t < taps; ++t)
+              grad_w_image[((o0 + ol) * in_per_group + c) * taps + t] += ws.dw[(ol * taps + t) * in_per_group + c];
+      }
+      if (grad_x) {
+        const int64_t lda = out_per_group * taps;
+        const auto b = row_pointers(ws.y.data(), m_rows, first, ws);
+        tap_kernels::gemm(weight_t + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group,
+                          m_rows, b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size,
+                          /*accumulate=*/true);
+      }
+    });
+    if (grad_x) {
+      for (int64_t c = 0; c < geo.in_channels; ++c)
+        from_gapped(ws.gx.data() + c * plane_size, geo.height, geo.width, grad_x + c * geo.height * geo.width);
+    }
+  }
+
+  // fn(group, first output channel, count) over the blocks of output channels.
+  template <typename Fn>
+  void for_each_block(Fn fn) const {
+    for (int64_t grp = 0; grp < geo.groups; ++grp)
+      for (int64_t o0 = grp * out_per_group; o0 < (grp + 1) * out_per_group; o0 += block)
+        fn(grp, o0, std::min(block, (grp + 1) * out_per_group - o0));
+  }
+};
+}  // namespace cpu
+}  // namespace pushpull
