@@ -23,7 +23,10 @@ from pushpull_ext._ext import CPP_ERROR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(CPP_ERROR is not None, reason=f"needs the compiled extension: {CPP_ERROR}")
+pytestmark = [
+    pytest.mark.skipif(CPP_ERROR is not None, reason=f"needs the compiled extension: {CPP_ERROR}"),
+    pytest.mark.slow,  # compiles the emulator (C++) first: 40 to 80 s cold on 2 cores (README, "Testing")
+]
 
 
 @pytest.fixture(scope="module")
