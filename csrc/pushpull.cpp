@@ -94,6 +94,19 @@ void check_backward_args(const Geometry& geo, const at::Tensor& grad_output, con
               "masks must be the uint8 tensor saved by pushpull::forward(save_masks=True)");
 }
 
+Geometry check_args(const ForwardArgs& a) {
+  return check_forward_args(a.input, a.weight, a.pull_shift, a.pull_rows, a.pull_cols, a.bias_in, a.bias_out, a.alpha,
+                            a.stride, a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel, a.dual_output);
+}
+
+Geometry check_args(const BackwardArgs& a) {
+  const Geometry geo =
+      check_forward_args(a.input, a.weight, a.pull_shift, a.pull_rows, a.pull_cols, a.bias_in, std::nullopt, a.alpha,
+                         a.stride, a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel, a.dual_output);
+  check_backward_args(geo, a.grad_output, a.masks);
+  return geo;
+}
+
 int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
   return conv_span(size, kernel, pad, dilation) / stride + 1;
 }

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
 
 #include "common/pull_kind.h"
 
@@ -21,6 +22,49 @@ struct Geometry {
   PullKind pull;
 };
 
+// The ops' arguments by name, in the order of the schemas (pushpull.cpp).
+struct ForwardArgs {
+  const at::Tensor &input, &weight;
+  const OptTensor &pull_shift, &pull_rows, &pull_cols, &bias_in, &bias_out;
+  const at::Tensor& alpha;
+  at::IntArrayRef stride, padding, pull_padding, dilation;
+  int64_t groups, avg_kernel;
+  bool dual_output, save_masks;
+};
+struct BackwardArgs {
+  const at::Tensor &grad_output, &input, &weight;
+  const OptTensor &pull_shift, &pull_rows, &pull_cols, &bias_in;
+  const at::Tensor &alpha, &masks;
+  at::IntArrayRef stride, padding, pull_padding, dilation;
+  int64_t groups, avg_kernel;
+  bool dual_output;
+  std::array<bool, 6> output_mask;
+};
+using ForwardResult = std::tuple<at::Tensor, at::Tensor>;
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The schemas' flat signatures over a backend's implementation on named arguments, written once for
+// every backend: TORCH_LIBRARY_IMPL registers forward_op<impl> and backward_op<impl>.
+template <ForwardResult (*impl)(const ForwardArgs&)>
+ForwardResult forward_op(const at::Tensor& input, const at::Tensor& weight, const OptTensor& pull_shift,
+                         const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in,
+                         const OptTensor& bias_out, const at::Tensor& alpha, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef pull_padding, at::IntArrayRef dilation,
+                         int64_t groups, int64_t avg_kernel, bool dual_output, bool save_masks) {
+  return impl({input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding, pull_padding,
+               dilation, groups, avg_kernel, dual_output, save_masks});
+}
+template <BackwardResult (*impl)(const BackwardArgs&)>
+BackwardResult backward_op(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+                           const OptTensor& pull_shift, const OptTensor& pull_rows, const OptTensor& pull_cols,
+                           const OptTensor& bias_in, const at::Tensor& alpha, const at::Tensor& masks,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pull_padding,
+                           at::IntArrayRef dilation, int64_t groups, int64_t avg_kernel, bool dual_output,
+                           std::array<bool, 6> output_mask) {
+  return impl({grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride, padding,
+               pull_padding, dilation, groups, avg_kernel, dual_output, output_mask});
+}
+
 // Checks that the arguments of pushpull::forward / pushpull::backward are consistent (so that no
 // kernel reads out of bounds) and returns the geometry. The public Python API checks the same
 // things first with friendlier messages; this guards direct calls of torch.ops.pushpull.*.
@@ -31,6 +75,10 @@ Geometry check_forward_args(const at::Tensor& input, const at::Tensor& weight, c
                             int64_t groups, int64_t avg_kernel, bool dual_output);
 
 void check_backward_args(const Geometry& geo, const at::Tensor& grad_output, const at::Tensor& masks);
+
+// Both checks above on an op call's arguments; the geometry.
+Geometry check_args(const ForwardArgs& a);
+Geometry check_args(const BackwardArgs& a);
 
 // Output size of a convolution along one axis (torch's floor division), and the input rows or columns
 // that division drops at the end (what a transposed convolution must add back as output_padding).

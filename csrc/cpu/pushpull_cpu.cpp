@@ -61,43 +61,38 @@ at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
 
 OptTensor to_float(const OptTensor& t) { return t ? OptTensor(to_float(*t)) : std::nullopt; }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& input, const at::Tensor& weight,
-                                               const OptTensor& pull_shift, const OptTensor& pull_rows,
-                                               const OptTensor& pull_cols, const OptTensor& bias_in,
-                                               const OptTensor& bias_out, const at::Tensor& alpha,
-                                               at::IntArrayRef stride, at::IntArrayRef padding,
-                                               at::IntArrayRef pull_padding, at::IntArrayRef dilation, int64_t groups,
-                                               int64_t avg_kernel, bool dual_output, bool save_masks) {
-  if (runs_in_float(input)) {
-    auto [out, masks] = forward_cpu(to_float(input), to_float(weight), to_float(pull_shift), to_float(pull_rows),
-                                    to_float(pull_cols), to_float(bias_in), to_float(bias_out), to_float(alpha), stride,
-                                    padding, pull_padding, dilation, groups, avg_kernel, dual_output, save_masks);
-    return {out.to(input.scalar_type()), masks};
+OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
+
+ForwardResult forward_cpu(const ForwardArgs& a) {
+  if (runs_in_float(a.input)) {
+    auto [out, masks] =
+        forward_cpu({to_float(a.input), to_float(a.weight), to_float(a.pull_shift), to_float(a.pull_rows),
+                     to_float(a.pull_cols), to_float(a.bias_in), to_float(a.bias_out), to_float(a.alpha), a.stride,
+                     a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel, a.dual_output, a.save_masks});
+    return {out.to(a.input.scalar_type()), masks};
   }
-  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
-                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
-  const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
-  const auto x = input.contiguous();
-  const auto w = weight.contiguous();
-  const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
-  const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
-  const OptTensor b_out = bias_out ? OptTensor(bias_out->contiguous()) : std::nullopt;
-  const auto alpha_c = alpha.contiguous();
-  const int64_t out_c = dual_output ? 2 * geo.out_channels : geo.out_channels;
+  const Geometry geo = check_args(a);
+  const ConvArgs conv{a.stride, a.padding, a.pull_padding, a.dilation, a.groups};
+  const auto x = a.input.contiguous();
+  const auto w = a.weight.contiguous();
+  const OptTensor shift = contiguous(a.pull_shift), b_in = contiguous(a.bias_in), b_out = contiguous(a.bias_out);
+  const auto alpha_c = a.alpha.contiguous();
+  const int64_t out_c = a.dual_output ? 2 * geo.out_channels : geo.out_channels;
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
-  auto masks = save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte))
-                          : at::empty({0}, x.options().dtype(at::kByte));
+  auto masks = a.save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte))
+                            : at::empty({0}, x.options().dtype(at::kByte));
   // NaN and Inf propagate as in the formula: such an input takes the exact pull (see compute_responses).
   const bool exact = geo.pull != PullKind::kNegate && !all_finite(x);
-  const ImageRoute route = exact ? ImageRoute::kBatched : image_route(geo, conv, pull_rows, pull_cols, x.scalar_type());
+  const OptTensor &rows = a.pull_rows, &cols = a.pull_cols;
+  const ImageRoute route = exact ? ImageRoute::kBatched : image_route(geo, conv, rows, cols, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
     const auto outputs =
-        forward_outputs<scalar_t>(b_out, alpha_c, out, save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+        forward_outputs<scalar_t>(b_out, alpha_c, out, a.save_masks ? masks.data_ptr<uint8_t>() : nullptr);
     const scalar_t* bias_ptr = b_in ? b_in->const_data_ptr<scalar_t>() : nullptr;
     if (route != ImageRoute::kBatched) {
-      forward_by_image(route, geo, conv, x, w, *pull_rows, *pull_cols, bias_ptr, outputs);
+      forward_by_image(route, geo, conv, x, w, *rows, *cols, bias_ptr, outputs);
     } else {
-      const Responses r = compute_responses(CpuBackend(), x, w, shift, pull_rows, pull_cols, geo, conv, exact);
+      const Responses r = compute_responses(CpuBackend(), x, w, shift, rows, cols, geo, conv, exact);
       forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
     }
   });
@@ -117,37 +112,31 @@ std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, B
   return input_and_weight_grads(backend, f.grads, req.x, req.w, req.pull_rows, req.pull_cols, geo, req.conv, req.need);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const OptTensor& pull_shift,
-    const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in, const at::Tensor& alpha,
-    const at::Tensor& masks, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pull_padding,
-    at::IntArrayRef dilation, int64_t groups, int64_t avg_kernel, bool dual_output, std::array<bool, 6> output_mask) {
-  if (runs_in_float(input)) {
+BackwardResult backward_cpu(const BackwardArgs& a) {
+  if (runs_in_float(a.input)) {
     // The input may be a shape-only placeholder (an expanded scalar) when its values are not needed:
     // keep it one rather than allocating it in full.
-    const bool read_input = output_mask[1] || output_mask[2] || output_mask[5];
+    const bool read_input = a.output_mask[1] || a.output_mask[2] || a.output_mask[5];
     const auto input_f =
-        read_input ? to_float(input) : at::zeros({}, input.options().dtype(at::kFloat)).expand(input.sizes());
-    auto grads = backward_cpu(to_float(grad_output), input_f, to_float(weight), to_float(pull_shift),
-                              to_float(pull_rows), to_float(pull_cols), to_float(bias_in), to_float(alpha), masks,
-                              stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output, output_mask);
-    const auto dtype = input.scalar_type();
+        read_input ? to_float(a.input) : at::zeros({}, a.input.options().dtype(at::kFloat)).expand(a.input.sizes());
+    auto grads = backward_cpu({to_float(a.grad_output), input_f, to_float(a.weight), to_float(a.pull_shift),
+                               to_float(a.pull_rows), to_float(a.pull_cols), to_float(a.bias_in), to_float(a.alpha),
+                               a.masks, a.stride, a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel,
+                               a.dual_output, a.output_mask});
+    const auto dtype = a.input.scalar_type();
     return {std::get<0>(grads).to(dtype), std::get<1>(grads).to(dtype), std::get<2>(grads).to(dtype),
             std::get<3>(grads).to(dtype), std::get<4>(grads).to(dtype), std::get<5>(grads).to(dtype)};
   }
-  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt, alpha,
-                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
-  check_backward_args(geo, grad_output, masks);
-  const Needs need = needs(geo, output_mask);
-  const ConvArgs conv{stride, padding, pull_padding, dilation, groups};
+  const Geometry geo = check_args(a);
+  const Needs need = needs(geo, a.output_mask);
+  const ConvArgs conv{a.stride, a.padding, a.pull_padding, a.dilation, a.groups};
   // The autograd wrapper passes a shape-only placeholder for an input whose values are not needed.
-  const auto x = (need.w || need.shift || need.alpha) ? input.contiguous() : input;
-  const auto w = weight.contiguous();
-  const auto g = grad_output.contiguous();
-  const auto masks_c = masks.contiguous();
-  const auto alpha_c = alpha.contiguous();
-  const OptTensor shift = pull_shift ? OptTensor(pull_shift->contiguous()) : std::nullopt;
-  const OptTensor b_in = bias_in ? OptTensor(bias_in->contiguous()) : std::nullopt;
+  const auto x = (need.w || need.shift || need.alpha) ? a.input.contiguous() : a.input;
+  const auto w = a.weight.contiguous();
+  const auto g = a.grad_output.contiguous();
+  const auto masks_c = a.masks.contiguous();
+  const auto alpha_c = a.alpha.contiguous();
+  const OptTensor shift = contiguous(a.pull_shift), b_in = contiguous(a.bias_in);
   const auto acc_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
   const auto partial = [&](bool wanted) {
     return wanted ? at::empty({geo.batch, geo.out_channels}, acc_options) : at::Tensor();
@@ -155,20 +144,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   BackwardFields f;
   f.parts = {partial(need.shift), partial(need.bias), partial(need.alpha)};
-  const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, pull_rows, pull_cols, need};
+  const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, a.pull_rows, a.pull_cols, need};
   const auto none = at::empty({0}, x.options());
-  const ImageRoute route = image_route(geo, conv, pull_rows, pull_cols, x.scalar_type());
+  const ImageRoute route = image_route(geo, conv, a.pull_rows, a.pull_cols, x.scalar_type());
   auto [grad_x, grad_w] = route != ImageRoute::kBatched ? backward_by_image(route, req, f) : backward_batched(req, f);
   const auto [grad_shift, grad_bias_in, grad_bias_out, grad_alpha] =
-      vector_grads(f.parts, g, geo, output_mask, x.options());
+      vector_grads(f.parts, g, geo, a.output_mask, x.options());
   return {need.x ? grad_x : none, need.w ? grad_w : none, grad_shift, grad_bias_in, grad_bias_out, grad_alpha};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pushpull, CPU, m) {
-  m.impl("forward", &forward_cpu);
-  m.impl("backward", &backward_cpu);
+  m.impl("forward", &forward_op<forward_cpu>);
+  m.impl("backward", &backward_op<backward_cpu>);
 }
 
 }  // namespace cpu

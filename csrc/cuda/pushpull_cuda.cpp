@@ -9,41 +9,29 @@
 namespace pushpull {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& input, const at::Tensor& weight,
-                                                const OptTensor& pull_shift, const OptTensor& pull_rows,
-                                                const OptTensor& pull_cols, const OptTensor& bias_in,
-                                                const OptTensor& bias_out, const at::Tensor& alpha,
-                                                at::IntArrayRef stride, at::IntArrayRef padding,
-                                                at::IntArrayRef pull_padding, at::IntArrayRef dilation, int64_t groups,
-                                                int64_t avg_kernel, bool dual_output, bool save_masks) {
-  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
-                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
-  const c10::cuda::CUDAGuard guard(input.device());
-  return cuda::forward(geo, input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                       pull_padding, dilation, save_masks, c10::cuda::getCurrentCUDAStream().stream());
+ForwardResult forward_cuda(const ForwardArgs& a) {
+  const Geometry geo = check_args(a);
+  const c10::cuda::CUDAGuard guard(a.input.device());
+  return cuda::forward(geo, a.input, a.weight, a.pull_shift, a.pull_rows, a.pull_cols, a.bias_in, a.bias_out, a.alpha,
+                       a.stride, a.padding, a.pull_padding, a.dilation, a.save_masks,
+                       c10::cuda::getCurrentCUDAStream().stream());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const OptTensor& pull_shift,
-    const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in, const at::Tensor& alpha,
-    const at::Tensor& masks, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pull_padding,
-    at::IntArrayRef dilation, int64_t groups, int64_t avg_kernel, bool dual_output, std::array<bool, 6> output_mask) {
-  const Geometry geo = check_forward_args(input, weight, pull_shift, pull_rows, pull_cols, bias_in, std::nullopt, alpha,
-                                          stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output);
-  check_backward_args(geo, grad_output, masks);
-  TORCH_CHECK(grad_output.device() == input.device() && masks.device() == input.device(),
+BackwardResult backward_cuda(const BackwardArgs& a) {
+  const Geometry geo = check_args(a);
+  TORCH_CHECK(a.grad_output.device() == a.input.device() && a.masks.device() == a.input.device(),
               "grad_output and masks must be on the input's device");
-  const c10::cuda::CUDAGuard guard(input.device());
-  return cuda::backward(geo, grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks,
-                        stride, padding, pull_padding, dilation, output_mask,
+  const c10::cuda::CUDAGuard guard(a.input.device());
+  return cuda::backward(geo, a.grad_output, a.input, a.weight, a.pull_shift, a.pull_rows, a.pull_cols, a.bias_in,
+                        a.alpha, a.masks, a.stride, a.padding, a.pull_padding, a.dilation, a.output_mask,
                         c10::cuda::getCurrentCUDAStream().stream());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pushpull, CUDA, m) {
-  m.impl("forward", &forward_cuda);
-  m.impl("backward", &backward_cuda);
+  m.impl("forward", &forward_op<forward_cuda>);
+  m.impl("backward", &backward_op<backward_cuda>);
 }
 
 }  // namespace pushpull

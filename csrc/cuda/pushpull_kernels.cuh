@@ -396,21 +396,29 @@ PP_DEVICE_FN int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1
 
 inline int64_t prefilter_blocks(const PrefilterGeometry& g, const Tiling& tl) { return g.planes * tl.count(); }
 
+// Block `block` of a prefilter kernel: tile `tile` (first row and column row0, col0) of input plane `plane`.
+struct PlaneTile {
+  int64_t tile, plane, row0, col0;
+};
+PP_DEVICE_FN PlaneTile plane_tile(const Tiling& tl, int64_t block) {
+  const int64_t tile = block % tl.count();
+  return {tile, block / tl.count(), tile_row0(tl, tile), tile_col0(tl, tile)};
+}
+
 template <class Block, typename acc_t>
 PP_DEVICE_FN void prefilter_block(Block& blk, const PrefilterArgs<acc_t>& a, const Tiling& tl, int64_t block,
                                   acc_t* smem) {
   const PrefilterGeometry& g = a.geo;
-  const int64_t tile = block % tl.count(), p = block / tl.count();
-  const int64_t row0 = tile_row0(tl, tile), col0 = tile_col0(tl, tile);
-  const int64_t span_w = int64_t(tl.tile_w - 1) * g.stride_w + int64_t(g.pull_w - 1) * g.dil_w + 1;
-  const int64_t in_col0 = col0 * g.stride_w - g.pad_w;  // input column of span entry 0
-  const acc_t* x = a.in + p * g.height * g.width;
+  const PlaneTile pt = plane_tile(tl, block);
+  const int64_t span_w = prefilter_span_w(g, tl.tile_w);
+  const int64_t in_col0 = pt.col0 * g.stride_w - g.pad_w;  // input column of span entry 0
+  const acc_t* x = a.in + pt.plane * g.height * g.width;
   // Vertical pass: vert[i][ly][s] = sum_a -rows[a, i] * x[(row0 + ly) * sh + a * dh - ph][in_col0 + s].
   blk.phase([&](int t, NoState&) {
     const int64_t per_tap = int64_t(tl.tile_h) * span_w;
     for (int64_t e = t; e < g.kernel_h * per_tap; e += kThreads) {
       const int64_t i = e / per_tap, ly = (e % per_tap) / span_w, w = in_col0 + e % span_w;
-      const int64_t ho = row0 + ly;
+      const int64_t ho = pt.row0 + ly;
       acc_t v = 0;
       if (ho < g.out_height && w >= 0 && w < g.width) {
         for (int ta = 0; ta < g.pull_h; ++ta) {
@@ -423,10 +431,10 @@ PP_DEVICE_FN void prefilter_block(Block& blk, const PrefilterArgs<acc_t>& a, con
   });
   // Horizontal pass: z[i, j] at (ho, wo) = sum_b cols[b, j] * vert[i][ly][tx * sw + b * dw].
   blk.phase([&](int t, NoState&) {
-    const TilePixel px = tile_pixel(tl, tile, t, g.out_height, g.out_width);
+    const TilePixel px = tile_pixel(tl, pt.tile, t, g.out_height, g.out_width);
     if (!px.inside) return;
     const int64_t out_plane = g.out_height * g.out_width, taps = int64_t(g.kernel_h) * g.kernel_w;
-    acc_t* z = a.out + p * taps * out_plane + px.h * g.out_width + px.w;
+    acc_t* z = a.out + pt.plane * taps * out_plane + px.h * g.out_width + px.w;
     for (int i = 0; i < g.kernel_h; ++i) {
       const acc_t* vert = smem + (int64_t(i) * tl.tile_h + px.ty) * span_w + int64_t(px.tx) * g.stride_w;
       for (int j = 0; j < g.kernel_w; ++j) {
@@ -442,20 +450,19 @@ template <class Block, typename acc_t>
 PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<acc_t>& a, const Tiling& tl, int64_t block,
                                           acc_t* smem) {
   const PrefilterGeometry& g = a.geo;
-  const int64_t tile = block % tl.count(), p = block / tl.count();
-  const int64_t row0 = tile_row0(tl, tile), col0 = tile_col0(tl, tile);
+  const PlaneTile pt = plane_tile(tl, block);
   // Output rows that reach input rows [row0, row0 + tile_h): ho * sh = h + ph - a * dh for some tap a.
-  const int64_t ho_lo0 = ceil_div(row0 + g.pad_h - int64_t(g.pull_h - 1) * g.dil_h, g.stride_h);
+  const int64_t ho_lo0 = ceil_div(pt.row0 + g.pad_h - int64_t(g.pull_h - 1) * g.dil_h, g.stride_h);
   const int64_t ho_lo = ho_lo0 > 0 ? ho_lo0 : 0;
-  const int64_t span_h = (int64_t(tl.tile_h - 1) + int64_t(g.pull_h - 1) * g.dil_h) / g.stride_h + 1;
+  const int64_t span_h = adjoint_span_h(g, tl.tile_h);
   const int64_t out_plane = g.out_height * g.out_width, taps = int64_t(g.kernel_h) * g.kernel_w;
-  const acc_t* gz = a.in + p * taps * out_plane;
+  const acc_t* gz = a.in + pt.plane * taps * out_plane;
   // Horizontal adjoint: horiz[i][oh][lx] = sum_{j, b} cols[b, j] * gz[i, j][ho_lo + oh][wo] over the
   // output columns wo with wo * sw + b * dw - pw == col0 + lx.
   blk.phase([&](int t, NoState&) {
     const int64_t per_tap = span_h * tl.tile_w;
     for (int64_t e = t; e < g.kernel_h * per_tap; e += kThreads) {
-      const int64_t i = e / per_tap, ho = ho_lo + (e % per_tap) / tl.tile_w, w = col0 + e % tl.tile_w;
+      const int64_t i = e / per_tap, ho = ho_lo + (e % per_tap) / tl.tile_w, w = pt.col0 + e % tl.tile_w;
       acc_t v = 0;
       if (ho < g.out_height && w < g.width) {
         for (int tb = 0; tb < g.pull_w; ++tb) {
@@ -470,7 +477,7 @@ PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<acc_t>
   });
   // Vertical adjoint: grad_x[h][w] = sum_{i, a} -rows[a, i] * horiz[i][ho - ho_lo][lx], ho * sh = h + ph - a * dh.
   blk.phase([&](int t, NoState&) {
-    const TilePixel px = tile_pixel(tl, tile, t, g.height, g.width);
+    const TilePixel px = tile_pixel(tl, pt.tile, t, g.height, g.width);
     if (!px.inside) return;
     acc_t v = 0;
     for (int ta = 0; ta < g.pull_h; ++ta) {
@@ -480,7 +487,7 @@ PP_DEVICE_FN void prefilter_adjoint_block(Block& blk, const PrefilterArgs<acc_t>
       for (int i = 0; i < g.kernel_h; ++i)
         v -= a.rows[ta * g.kernel_h + i] * smem[(i * span_h + oh) * tl.tile_w + px.tx];
     }
-    a.out[p * g.height * g.width + px.h * g.width + px.w] = v;
+    a.out[pt.plane * g.height * g.width + px.h * g.width + px.w] = v;
   });
 }
 

@@ -147,11 +147,12 @@ PP_HOST_DEVICE inline int64_t window_shared_elems(const FieldGeometry& geo) {
   return halo_h * halo_w + halo_h * t.tile_w;
 }
 
-// Input columns one prefilter tile reads, and output rows one adjoint tile receives from.
-inline int64_t prefilter_span_w(const PrefilterGeometry& g, int tile_w) {
+// Input columns one prefilter tile reads, and output rows one adjoint tile receives from (the kernels'
+// shared-memory tiles).
+PP_HOST_DEVICE inline int64_t prefilter_span_w(const PrefilterGeometry& g, int tile_w) {
   return int64_t(tile_w - 1) * g.stride_w + int64_t(g.pull_w - 1) * g.dil_w + 1;
 }
-inline int64_t adjoint_span_h(const PrefilterGeometry& g, int tile_h) {
+PP_HOST_DEVICE inline int64_t adjoint_span_h(const PrefilterGeometry& g, int tile_h) {
   return (int64_t(tile_h - 1) + int64_t(g.pull_h - 1) * g.dil_h) / g.stride_h + 1;
 }
 
