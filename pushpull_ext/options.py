@@ -1,7 +1,7 @@
 """Argument checking and the pull-kernel geometry, written once for every backend.
 
 `normalize` turns the public arguments of `push_pull_conv2d` into a `PushPullArgs`, raising a clear
-error (naming the argument) for anything the SPEC does not allow. The backends (C++ op, Triton op,
+error (naming the argument) for anything the layer does not allow. The backends (C++ op, Triton op,
 reference) all receive the same normalized arguments, so no backend repeats these checks in Python.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ def interpolation_matrix(size: int, new_size: int, dtype, device) -> torch.Tenso
 
 @dataclass(frozen=True)
 class PushPullArgs:
-    """Normalized arguments shared by every backend (see ../shared/SPEC.md)."""
+    """Normalized arguments shared by every backend (the formula: README.md, "The formula")."""
 
     stride: tuple[int, int]
     padding: tuple[int, int]
@@ -92,7 +92,7 @@ class PushPullArgs:
         return tuple(kernel_size)
 
     def pull_padding(self, kernel_size: tuple[int, int]) -> tuple[int, int]:
-        # The 2020 code grows the padding by the kernel growth, not scaled by dilation (SPEC).
+        # The 2020 code grows the padding by the kernel growth, not scaled by dilation (reproduced).
         pull_size = self.pull_size(kernel_size)
         return tuple(q // 2 - k // 2 + p for q, k, p in zip(pull_size, kernel_size, self.padding))
 
@@ -267,7 +267,7 @@ def pull_operands(weight: torch.Tensor, args: PushPullArgs):
     """What the fused ops need to know of q(k): (pull_shift, pull_rows, pull_cols), at most one kind set.
 
     - invert: pull_shift [C_out] = max + min of each filter, so q = -k + pull_shift (autograd carries its
-      gradient back to `weight` through amax/amin, sharing it evenly among ties as the SPEC asks);
+      gradient back to `weight` through amax/amin, sharing it evenly among ties, as autograd of the formula does);
     - upsample, scale != 1: q = -pull_rows @ k @ pull_cols^T, two fixed interpolation matrices;
     - upsample, scale 1: q = -k, all three None.
     """

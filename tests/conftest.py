@@ -65,12 +65,17 @@ def fused_backend_device(request):
 # Marked `interpreter` (tests of the Triton kernels run by TRITON_INTERPRET=1 on CPU tensors: slow), so that
 # `pytest -m "not slow and not interpreter"` is a fast tier; `slow` modules mark themselves (pytestmark).
 INTERPRETER_MODULES = {"test_triton_launch.py"}
+# Grids whose interpreter cases take most of the README tier's time: in the slow tier (CI runs both).
+SLOW_UNDER_INTERPRETER = {"test_gradgradcheck", "test_padding_mode_is_each_convolution_as_conv2d"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if "triton-cpu" in item.nodeid or item.path.name in INTERPRETER_MODULES:
+        under_interpreter = "triton-cpu" in item.nodeid
+        if under_interpreter or item.path.name in INTERPRETER_MODULES:
             item.add_marker(pytest.mark.interpreter)
+        if under_interpreter and item.originalname in SLOW_UNDER_INTERPRETER:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_report_header(config):

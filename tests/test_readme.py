@@ -9,12 +9,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 # A block preceded by this comment is not run (it needs a model zoo download or a checkpoint file).
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->\s*$")
-# Blocks of the section "Drop-in use in real models" that still lack their NOT_RUN comment, by a line they
-# hold: the section's owner adds the comments (then these entries go).
-NOT_RUN_PENDING = {
-    'model = torchvision.models.resnet50(weights="IMAGENET1K_V2")': "needs the torchvision model zoo download",
-    'model.load_state_dict(torch.load("resnet-20-pp/model_best.pth.tar")': "needs the paper's checkpoint file",
-}
 
 
 def python_blocks(text: str) -> list:
@@ -25,8 +19,7 @@ def python_blocks(text: str) -> list:
         before = next((line for line in reversed(lines[:start]) if line.strip()), "")
         reason = NOT_RUN.search(before)
         code = match.group(1)
-        pending = next((why for line, why in NOT_RUN_PENDING.items() if line in code), None)
-        blocks.append((start + 1, code, reason.group(1) if reason else pending))
+        blocks.append((start + 1, code, reason.group(1) if reason else None))
     return blocks
 
 
@@ -58,7 +51,5 @@ def _section(heading: str) -> str:
 
 
 def test_every_reference_points_inside_the_repository():
-    """No document outside the repository is cited (checked here in the sections before the drop-in one,
-    and in Testing)."""
-    for text in (README.split("\n## Drop-in use in real models\n")[0], _section("Testing")):
-        assert "SPEC" not in text and "../shared" not in text
+    """No document outside the repository is cited."""
+    assert "SPEC" not in README and "../shared" not in README
