@@ -20,8 +20,10 @@ from setuptools import setup
 from setuptools.errors import CCompilerError, ExecError, PlatformError
 
 if int(setuptools.__version__.split(".")[0]) < 77:  # pyproject.toml's license field (PEP 639) needs 77
-    sys.exit(f"pushpull_ext needs setuptools>=77 and wheel (found setuptools {setuptools.__version__}): "
-             "pip install -U 'setuptools>=77' wheel")
+    sys.exit(
+        f"pushpull_ext needs setuptools>=77 and wheel (found setuptools {setuptools.__version__}): "
+        "pip install -U 'setuptools>=77' wheel"
+    )
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -96,11 +98,15 @@ def _last_line(error: BaseException) -> str:
 
 def _announce_failure(reason: str) -> None:
     bar = "=" * 100
-    print(f"\n{bar}\npushpull_ext: the C++ extension pushpull_ext._C could not be built ({reason}).\n"
-          "Installing without it: the 'reference' backend (and 'triton' on a GPU) still run; the fused CPU and\n"
-          "CUDA kernels need a C++ compiler (g++ or clang++, with OpenMP). Install one and reinstall with\n"
-          "`pip install -v --no-build-isolation .` to see the compiler's output.\n"
-          f"{bar}\n", file=sys.stderr, flush=True)
+    print(
+        f"\n{bar}\npushpull_ext: the C++ extension pushpull_ext._C could not be built ({reason}).\n"
+        "Installing without it: the 'reference' backend (and 'triton' on a GPU) still run; the fused CPU and\n"
+        "CUDA kernels need a C++ compiler (g++ or clang++, with OpenMP). Install one and reinstall with\n"
+        "`pip install -v --no-build-isolation .` to see the compiler's output.\n"
+        f"{bar}\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 setup(

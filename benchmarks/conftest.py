@@ -1,4 +1,5 @@
 """Lets `pytest benchmarks/` import pushpull_ext from this checkout when it is not installed."""
+
 import sys
 from pathlib import Path
 

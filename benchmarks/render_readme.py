@@ -6,6 +6,7 @@ Each results.json (written by `python -m pushpull_ext.bench --out DIR`) becomes 
 versions, commit and date, then per shape and provider the median forward and forward+backward
 times and the speedup over the eager reference. Only figures a committed file holds reach the README.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,8 +23,9 @@ def _commit_date(path: Path) -> str:
     """Date of the commit that added `path` (results written before bench.py recorded the date); today if
     it is not committed yet."""
     try:
-        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
     return out or datetime.date.today().isoformat()
@@ -50,8 +52,11 @@ def _table(result: dict, folder: Path) -> list[str]:
             m = modes.get(mode)
             cells += [f"{m['ms']:.2f}", f"{m['speedup']:.2f}x"] if m else ["-", "-"]
         batch = f"{row['batch']}" + ("" if row["batch"] == row["spec_batch"] else f" (paper {row['spec_batch']})")
-        lines.append(f"| {row['shape']} | {batch} | {row['dtype']} | {row['provider']} | " + " | ".join(cells)
-                     + f" | {row['tolerance']} |")
+        lines.append(
+            f"| {row['shape']} | {batch} | {row['dtype']} | {row['provider']} | "
+            + " | ".join(cells)
+            + f" | {row['tolerance']} |"
+        )
     for png in sorted(folder.glob("speedup_*.png")):
         lines += ["", f"![{png.stem}]({png.relative_to(ROOT)})"]
     return lines + [""]

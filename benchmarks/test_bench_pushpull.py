@@ -5,6 +5,7 @@ timed by pytest-benchmark instead (no accuracy figures here: the tests and the m
 Batch: the paper's N on GPU; on CPU the largest power of two whose reference forward stays under
 CPU_SUITE_FLOPS (small, so the whole suite runs in minutes on two cores). Nothing is asserted on timings.
 """
+
 import pytest
 import torch
 

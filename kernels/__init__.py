@@ -2,6 +2,7 @@
 
 Pure @triton.jit code; the host-side launchers live in pushpull_ext/triton_launch.py.
 """
+
 from .backward import (
     pp_bwd_bias_kernel,
     pp_bwd_input_kernel,

@@ -33,6 +33,7 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
    adjoint preserves sums (each q spreads gQ'[q] / count(q) over count(q) pixels), so it reads g and
    the masks at the same pixel only, no window gather.
 """
+
 import triton
 import triton.language as tl
 
@@ -48,8 +49,7 @@ def _mask_bit(mask_ptr, which_off, n_img, o, pix, CB, HOWO, valid):
 
 
 @triton.jit
-def grad_push(g_ptr, mask_ptr, n_img, o, pix, valid, C_OUT, HOWO,
-              DUAL: tl.constexpr, ACC: tl.constexpr):
+def grad_push(g_ptr, mask_ptr, n_img, o, pix, valid, C_OUT, HOWO, DUAL: tl.constexpr, ACC: tl.constexpr):
     """gP = g * [P > 0] at (n_img (int64), o, pix), broadcast to valid's shape; 0 where not valid."""
     CB = (C_OUT + 7) // 8
     if DUAL:
@@ -61,8 +61,25 @@ def grad_push(g_ptr, mask_ptr, n_img, o, pix, valid, C_OUT, HOWO,
 
 
 @triton.jit
-def grad_pull(g_ptr, mask_ptr, alpha_ptr, n_img, o, ho, wo, valid, N, C_OUT, HO, WO, AVG, AVG_PAD,
-              DUAL: tl.constexpr, POOLED: tl.constexpr, ACC: tl.constexpr):
+def grad_pull(
+    g_ptr,
+    mask_ptr,
+    alpha_ptr,
+    n_img,
+    o,
+    ho,
+    wo,
+    valid,
+    N,
+    C_OUT,
+    HO,
+    WO,
+    AVG,
+    AVG_PAD,
+    DUAL: tl.constexpr,
+    POOLED: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """gQ = pool_adjoint(c_o * g_Q * [Q' > 0]) at (n_img (int64), o, ho, wo), broadcast to valid's
     shape; 0 where not valid. c_o = -alpha[o], or 1 for the dual output (g_Q = g[:, C_OUT + o])."""
     HOWO = HO * WO
@@ -98,13 +115,45 @@ def grad_pull(g_ptr, mask_ptr, alpha_ptr, n_img, o, ho, wo, valid, N, C_OUT, HO,
 
 @triton.jit
 def pp_bwd_input_kernel(
-    g_ptr, mask_ptr, alpha_ptr, shift_ptr, wp_ptr, wq_ptr, gx_ptr,
-    N, C_IN, H, W, C_OUT, HO, WO, G, CG, CGO,
-    SH, SW, PH, PW, DH, DW, TH, TW,
-    PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1, AVG, AVG_PAD,
-    MODE: tl.constexpr, DUAL: tl.constexpr, POOLED: tl.constexpr,
-    IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    g_ptr,
+    mask_ptr,
+    alpha_ptr,
+    shift_ptr,
+    wp_ptr,
+    wq_ptr,
+    gx_ptr,
+    N,
+    C_IN,
+    H,
+    W,
+    C_OUT,
+    HO,
+    WO,
+    G,
+    CG,
+    CGO,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    TH,
+    TW,
+    PUSH_I0,
+    PUSH_I1,
+    PUSH_J0,
+    PUSH_J1,
+    AVG,
+    AVG_PAD,
+    MODE: tl.constexpr,
+    DUAL: tl.constexpr,
+    POOLED: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -134,12 +183,21 @@ def pp_bwd_input_kernel(
         wn = w[:, None] + PW - (t % TW)[None, :] * DW
         ho = hn // SH
         wo = wn // SW
-        a_mask = (m_valid[:, None] & r_valid[None, :] & (hn >= 0) & (wn >= 0)
-                  & (hn % SH == 0) & (wn % SW == 0) & (ho < HO) & (wo < WO))
+        a_mask = (
+            m_valid[:, None]
+            & r_valid[None, :]
+            & (hn >= 0)
+            & (wn >= 0)
+            & (hn % SH == 0)
+            & (wn % SW == 0)
+            & (ho < HO)
+            & (wo < WO)
+        )
         w_mask = r_valid[:, None] & c_valid[None, :]
         w_off = w_base + r[:, None] * CG + offs_c[None, :]
-        gq = grad_pull(g_ptr, mask_ptr, alpha_ptr, n_col, o, ho, wo, a_mask, N, C_OUT, HO, WO, AVG, AVG_PAD,
-                       DUAL, POOLED, ACC)
+        gq = grad_pull(
+            g_ptr, mask_ptr, alpha_ptr, n_col, o, ho, wo, a_mask, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC
+        )
         if MODE == MODE_UPSAMPLE:
             wq = tl.load(wq_ptr + w_off, mask=w_mask, other=0.0)
             acc = mma_grad_operand(gq.to(w_ty), wq, acc, IS_FP64, ALLOW_TF32)
@@ -165,14 +223,48 @@ def pp_bwd_input_kernel(
 
 @triton.jit
 def pp_bwd_weight_kernel(
-    x_ptr, g_ptr, mask_ptr, alpha_ptr, gw1_ptr, gw2_ptr, gs_ptr,
-    N, C_IN, H, W, C_OUT, HO, WO, CG, CGO,
-    SH, SW, PH, PW, DH, DW, TH, TW,
-    PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1, AVG, AVG_PAD,
-    PIX_PER_SPLIT, NUM_O_TILES, NUM_R_TILES,
-    MODE: tl.constexpr, DUAL: tl.constexpr, POOLED: tl.constexpr, NEED_W: tl.constexpr,
-    IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    g_ptr,
+    mask_ptr,
+    alpha_ptr,
+    gw1_ptr,
+    gw2_ptr,
+    gs_ptr,
+    N,
+    C_IN,
+    H,
+    W,
+    C_OUT,
+    HO,
+    WO,
+    CG,
+    CGO,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    TH,
+    TW,
+    PUSH_I0,
+    PUSH_I1,
+    PUSH_J0,
+    PUSH_J1,
+    AVG,
+    AVG_PAD,
+    PIX_PER_SPLIT,
+    NUM_O_TILES,
+    NUM_R_TILES,
+    MODE: tl.constexpr,
+    DUAL: tl.constexpr,
+    POOLED: tl.constexpr,
+    NEED_W: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_go = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -217,8 +309,25 @@ def pp_bwd_weight_kernel(
         x_off = n_img[:, None] * C_IN * HW + c[None, :] * HW + hi * W + wi
         xt = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
         n_row = n_img[None, :]
-        gq = grad_pull(g_ptr, mask_ptr, alpha_ptr, n_row, o_row, ho[None, :], wo[None, :], f_mask,
-                       N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC)
+        gq = grad_pull(
+            g_ptr,
+            mask_ptr,
+            alpha_ptr,
+            n_row,
+            o_row,
+            ho[None, :],
+            wo[None, :],
+            f_mask,
+            N,
+            C_OUT,
+            HO,
+            WO,
+            AVG,
+            AVG_PAD,
+            DUAL,
+            POOLED,
+            ACC,
+        )
         if MODE == MODE_UPSAMPLE:
             acc2 = mma_grad_operand(gq.to(x_ty), xt, acc2, IS_FP64, ALLOW_TF32)
             if has_push:
@@ -245,10 +354,19 @@ def pp_bwd_weight_kernel(
 
 @triton.jit
 def pp_bwd_bias_kernel(
-    g_ptr, mask_ptr, alpha_ptr, part_ptr,
-    N, C_OUT, HO, WO, PIX_PER_SPLIT,
-    DUAL: tl.constexpr, IS_FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    g_ptr,
+    mask_ptr,
+    alpha_ptr,
+    part_ptr,
+    N,
+    C_OUT,
+    HO,
+    WO,
+    PIX_PER_SPLIT,
+    DUAL: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """part[split, o] = sum over the split's pixels p (flattened over batch) of gP[o, p] - gQ'[o, p]
     (unpooled: the pooling adjoint keeps the sum)."""
@@ -267,7 +385,8 @@ def pp_bwd_bias_kernel(
         valid = p_valid[:, None] & n_valid[None, :]
         gp = grad_push(g_ptr, mask_ptr, n_col, o_row, pix, valid, C_OUT, HOWO, DUAL, ACC)
         # unpooled gQ': with POOLED=False grad_pull reads the single position ho * WO + wo = pix
-        gq = grad_pull(g_ptr, mask_ptr, alpha_ptr, n_col, o_row, 0, pix, valid, N, C_OUT, HO, WO, 1, 0,
-                       DUAL, False, ACC)
+        gq = grad_pull(
+            g_ptr, mask_ptr, alpha_ptr, n_col, o_row, 0, pix, valid, N, C_OUT, HO, WO, 1, 0, DUAL, False, ACC
+        )
         acc += tl.sum(gp - gq, axis=0)
     tl.store(part_ptr + split * C_OUT + offs_n, acc, mask=n_valid)

@@ -1,10 +1,11 @@
 """Small @triton.jit helpers shared by the forward and backward kernels."""
+
 import triton
 import triton.language as tl
 
 # Pull modes, as the `MODE` constexpr of every kernel (the launcher passes `.value`).
-MODE_SCALE1 = tl.constexpr(0)    # 2020, scale 1: q = -k, the pull response is -P0
-MODE_INVERT = tl.constexpr(1)    # 2024: q = -k + shift[o], pull response = shift[o] * S - P0
+MODE_SCALE1 = tl.constexpr(0)  # 2020, scale 1: q = -k, the pull response is -P0
+MODE_INVERT = tl.constexpr(1)  # 2024: q = -k + shift[o], pull response = shift[o] * S - P0
 MODE_UPSAMPLE = tl.constexpr(2)  # 2020, scale != 1: q = -U k V^T on its own (larger) window
 
 

@@ -30,6 +30,7 @@ two scratch fields of the output's size, and `pp_fwd_pool_epilogue_kernel` pools
 Cost versus a fully fused kernel: 2 extra writes + (1 + a^2, mostly cache-served) reads of an
 [N, C_out, Ho, Wo] accumulator-dtype field, and a second launch.
 """
+
 import triton
 import triton.language as tl
 
@@ -37,11 +38,28 @@ from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, flat_tile, image_a
 
 
 @triton.jit
-def _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
-                 bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr,
-                 N, C_OUT, HOWO,
-                 HAS_BOUT: tl.constexpr, DUAL: tl.constexpr, SAVE_MASKS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _pp_epilogue(
+    P,
+    Q,
+    offs_m,
+    offs_n,
+    m_valid,
+    n_valid,
+    pid_n,
+    bin_ptr,
+    bout_ptr,
+    alpha_ptr,
+    y_ptr,
+    mask_ptr,
+    N,
+    C_OUT,
+    HOWO,
+    HAS_BOUT: tl.constexpr,
+    DUAL: tl.constexpr,
+    SAVE_MASKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """P, Q: [BLOCK_M, BLOCK_N] push response and (pooled) pull response, biases included."""
     n_img = (offs_m // HOWO).to(tl.int64)
     pix = offs_m % HOWO
@@ -83,18 +101,51 @@ def _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
 
 @triton.jit
 def pp_fwd_conv_kernel(
-    x_ptr, wp_ptr, wq_ptr, shift_ptr, bin_ptr, bout_ptr, alpha_ptr,
-    y_ptr, mask_ptr, pbuf_ptr, qbuf_ptr,
-    N, C_IN, H, W, C_OUT, HO, WO,
-    CG, CGO,                        # input / output channels per group
-    SH, SW, PH, PW, DH, DW,         # stride; padding and dilation of the tap window
-    TH, TW,                         # tap window (push kernel, or pull kernel for upsample)
-    NG_TILE,                        # most groups one BLOCK_N channel tile straddles
-    PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1,  # push taps inside the window (upsample MMA skipping)
-    MODE: tl.constexpr, HAS_BIN: tl.constexpr, HAS_BOUT: tl.constexpr, DUAL: tl.constexpr,
-    SAVE_MASKS: tl.constexpr, POOLED: tl.constexpr, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr,
-    STRADDLE: tl.constexpr,         # NG_TILE > 1: some channel tile spans several groups
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,
+    wp_ptr,
+    wq_ptr,
+    shift_ptr,
+    bin_ptr,
+    bout_ptr,
+    alpha_ptr,
+    y_ptr,
+    mask_ptr,
+    pbuf_ptr,
+    qbuf_ptr,
+    N,
+    C_IN,
+    H,
+    W,
+    C_OUT,
+    HO,
+    WO,
+    CG,
+    CGO,  # input / output channels per group
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,  # stride; padding and dilation of the tap window
+    TH,
+    TW,  # tap window (push kernel, or pull kernel for upsample)
+    NG_TILE,  # most groups one BLOCK_N channel tile straddles
+    PUSH_I0,
+    PUSH_I1,
+    PUSH_J0,
+    PUSH_J1,  # push taps inside the window (upsample MMA skipping)
+    MODE: tl.constexpr,
+    HAS_BIN: tl.constexpr,
+    HAS_BOUT: tl.constexpr,
+    DUAL: tl.constexpr,
+    SAVE_MASKS: tl.constexpr,
+    POOLED: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    STRADDLE: tl.constexpr,  # NG_TILE > 1: some channel tile spans several groups
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -107,7 +158,7 @@ def pp_fwd_conv_kernel(
     n_img, pix = image_and_pixel(offs_m, HOWO)
     hi0 = (pix // WO) * SH - PH
     wi0 = (pix % WO) * SW - PW
-    x_img = x_ptr + n_img * C_IN * HW          # [BLOCK_M] pointers (64-bit image offset)
+    x_img = x_ptr + n_img * C_IN * HW  # [BLOCK_M] pointers (64-bit image offset)
     o_group = offs_n // CGO
 
     ACC = tl.float64 if IS_FP64 else tl.float32
@@ -190,17 +241,50 @@ def pp_fwd_conv_kernel(
         tl.store(pbuf_ptr + off, P, mask=valid)
         tl.store(qbuf_ptr + off, Q, mask=valid)
     else:
-        _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
-                     bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO,
-                     HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N)
+        _pp_epilogue(
+            P,
+            Q,
+            offs_m,
+            offs_n,
+            m_valid,
+            n_valid,
+            pid_n,
+            bin_ptr,
+            bout_ptr,
+            alpha_ptr,
+            y_ptr,
+            mask_ptr,
+            N,
+            C_OUT,
+            HOWO,
+            HAS_BOUT,
+            DUAL,
+            SAVE_MASKS,
+            BLOCK_M,
+            BLOCK_N,
+        )
 
 
 @triton.jit
 def pp_fwd_pool_epilogue_kernel(
-    pbuf_ptr, qbuf_ptr, bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr,
-    N, C_OUT, HO, WO, AVG, AVG_PAD,
-    HAS_BOUT: tl.constexpr, DUAL: tl.constexpr, SAVE_MASKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    pbuf_ptr,
+    qbuf_ptr,
+    bin_ptr,
+    bout_ptr,
+    alpha_ptr,
+    y_ptr,
+    mask_ptr,
+    N,
+    C_OUT,
+    HO,
+    WO,
+    AVG,
+    AVG_PAD,
+    HAS_BOUT: tl.constexpr,
+    DUAL: tl.constexpr,
+    SAVE_MASKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Q' = avg_pool2d(Q, AVG, stride 1, pad AVG_PAD, count_include_pad=False), then the epilogue."""
     pid_m = tl.program_id(0)
@@ -221,11 +305,29 @@ def pp_fwd_pool_epilogue_kernel(
         for dj in range(0, AVG):
             ww = wo + dj - AVG_PAD
             inside = (hh >= 0) & (hh < HO) & (ww >= 0) & (ww < WO)
-            q_sum += tl.load(qbuf_ptr + base + (hh * WO + ww)[:, None],
-                             mask=valid & inside[:, None], other=0.0)
+            q_sum += tl.load(qbuf_ptr + base + (hh * WO + ww)[:, None], mask=valid & inside[:, None], other=0.0)
             count += inside.to(P.dtype)
     count = tl.maximum(count, 1.0)
     Q = q_sum / count[:, None]
-    _pp_epilogue(P, Q, offs_m, offs_n, m_valid, n_valid, pid_n,
-                 bin_ptr, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO,
-                 HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N)
+    _pp_epilogue(
+        P,
+        Q,
+        offs_m,
+        offs_n,
+        m_valid,
+        n_valid,
+        pid_n,
+        bin_ptr,
+        bout_ptr,
+        alpha_ptr,
+        y_ptr,
+        mask_ptr,
+        N,
+        C_OUT,
+        HOWO,
+        HAS_BOUT,
+        DUAL,
+        SAVE_MASKS,
+        BLOCK_M,
+        BLOCK_N,
+    )

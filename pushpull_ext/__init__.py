@@ -36,5 +36,17 @@ def available_backends() -> dict:
     return {"cpu": _cpp_problem(torch.empty(0), "cpu"), "cuda": cuda, "triton": triton, "reference": None}
 
 
-__all__ = ["push_pull_conv2d", "PushPullConv2d", "convert", "PushPullArgs", "pull_kernel", "push_pull_reference",
-           "resolve_backend", "available_backends", "clear_pull_cache", "CPP_ERROR", "TRITON_ERROR", "__version__"]
+__all__ = [
+    "push_pull_conv2d",
+    "PushPullConv2d",
+    "convert",
+    "PushPullArgs",
+    "pull_kernel",
+    "push_pull_reference",
+    "resolve_backend",
+    "available_backends",
+    "clear_pull_cache",
+    "CPP_ERROR",
+    "TRITON_ERROR",
+    "__version__",
+]

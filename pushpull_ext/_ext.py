@@ -3,6 +3,7 @@
 `CPP_ERROR` / `TRITON_ERROR` say why a backend is missing (None when it is there), so that a user who
 asks for it gets an error that names the cause and the fix.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,9 +20,11 @@ _BUILD_RECORD = Path(__file__).with_name("_C_BUILD_ERROR.txt")
 def _cpp_error(error: Exception) -> str:
     """Why pushpull_ext._C cannot be loaded, and how to get it."""
     if _BUILD_RECORD.exists():  # setup.py removes it after a successful build
-        return (f"the install could not compile the C++ extension pushpull_ext._C ({_BUILD_RECORD.read_text().strip()});"
-                " install a C++ compiler with OpenMP (g++ or clang++), then rebuild: `pip install -v "
-                "--no-build-isolation .` (or `-e .`) in the pushpull_ext checkout")
+        return (
+            f"the install could not compile the C++ extension pushpull_ext._C ({_BUILD_RECORD.read_text().strip()});"
+            " install a C++ compiler with OpenMP (g++ or clang++), then rebuild: `pip install -v "
+            "--no-build-isolation .` (or `-e .`) in the pushpull_ext checkout"
+        )
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return f"the C++ extension pushpull_ext._C is not built; {_BUILD_HINT}"
     message = f"the compiled extension pushpull_ext._C could not be loaded ({error}); "
@@ -50,8 +53,11 @@ except ImportError as error:
 def _cpp_kernels() -> frozenset:
     if CPP_ERROR is not None:
         return frozenset()
-    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-                     if torch._C._dispatch_has_kernel_for_dispatch_key("pushpull::forward", key))
+    return frozenset(
+        device
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key("pushpull::forward", key)
+    )
 
 
 # Read once at import (the kernels register when _C loads), so torch.compile traces a constant.

@@ -14,6 +14,7 @@ the convolutions stacked where the kernels have one size, a torch.compile'd epil
 "compiled-reference" (torch.compile of the reference), and our backends (cpu; cuda, triton on GPU).
 See benchmarks/README.md for what each figure means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,10 @@ PROVIDERS = (BASELINE,) + COMPILED + ("ours",)
 DEFAULT_PROVIDERS = (BASELINE, "ours")  # without --full: the torch.compile providers cost most of the time
 MODES = ("fwd", "bwd", "fwdbwd", "inference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-CPU_FLOP_BUDGET = 4e9     # CPU batch: the largest power of two whose reference forward stays under this
+CPU_FLOP_BUDGET = 4e9  # CPU batch: the largest power of two whose reference forward stays under this
 QUICK_BATCH = 2
 QUANTILES = [0.5, 0.2, 0.8]
-CPU_ROUNDS = 3            # interleaved timing rounds per mode on CPU
+CPU_ROUNDS = 3  # interleaved timing rounds per mode on CPU
 MIN_RUN_TIME = {"quick": 0.05, "default": 1.0, "full": 2.0}  # CPU seconds per provider and mode
 # The progress bar's weights (expected seconds of each step, `expected_seconds`): a torch.compile'd
 # provider's (or Triton's) first calls on a cold cache, a GPU timing, and the share of the measured
@@ -75,6 +76,7 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------- the FLOPs / bytes model (written once)
+
 
 def _geometry(case: Case):
     ho = conv_output_size(case.h, case.kernel, case.stride, case.padding, 1)
@@ -94,12 +96,12 @@ def work(case: Case, batch: int, itemsize: int, mode: str) -> tuple[float, float
     """
     ho, wo, q = _geometry(case)
     outputs = batch * case.c_out * ho * wo
-    macs = outputs * case.c_in * (case.kernel ** 2 + q ** 2)
-    pointwise = outputs * (5 + (case.avg_kernel ** 2 if case.avg_kernel > 1 else 0))
+    macs = outputs * case.c_in * (case.kernel**2 + q**2)
+    pointwise = outputs * (5 + (case.avg_kernel**2 if case.avg_kernel > 1 else 0))
     fwd_flops = 2 * macs + pointwise
     bwd_flops = 2 * macs * (2 if case.input_grad else 1) + pointwise
     x = batch * case.c_in * case.h * case.w
-    params = case.c_out * case.c_in * case.kernel ** 2 + case.c_out * (case.bias_in + case.bias_out + 1)
+    params = case.c_out * case.c_in * case.kernel**2 + case.c_out * (case.bias_in + case.bias_out + 1)
     fwd_bytes = (x + params + outputs) * itemsize
     bwd_bytes = (outputs + x + 2 * params + (x if case.input_grad else 0)) * itemsize
     flops = {"fwd": fwd_flops, "inference": fwd_flops, "bwd": bwd_flops, "fwdbwd": fwd_flops + bwd_flops}[mode]
@@ -116,6 +118,7 @@ def roofline_percent(flops: float, nbytes: float, seconds: float, peaks: dict) -
 
 
 # ---------------------------------------------------------------- providers
+
 
 def _epilogue(push, pull, alpha, bias_out, avg_kernel: int):
     if avg_kernel > 1:
@@ -140,8 +143,17 @@ def _stacked(x, w, b_in, b_out, alpha, args, epilogue):
 
 def _normalized(inputs: CaseInputs):
     t = inputs.tensors
-    return normalize(t["input"], t["weight"], t["bias"], t["bias_out"], t["alpha"], dilation=1, groups=1,
-                     dual_output=False, **inputs.case.options())
+    return normalize(
+        t["input"],
+        t["weight"],
+        t["bias"],
+        t["bias_out"],
+        t["alpha"],
+        dilation=1,
+        groups=1,
+        dual_output=False,
+        **inputs.case.options(),
+    )
 
 
 def build_provider(name: str, inputs: CaseInputs) -> Callable[[], torch.Tensor]:
@@ -157,8 +169,9 @@ def build_provider(name: str, inputs: CaseInputs) -> Callable[[], torch.Tensor]:
         compiled = torch.compile(functools.partial(push_pull_reference, args=args), fullgraph=True, dynamic=False)
         return lambda: compiled(*tensors, alpha)
     if name == "stacked+compile":
-        epilogue = torch.compile(functools.partial(_epilogue, avg_kernel=args.avg_kernel), fullgraph=True,
-                                 dynamic=False)
+        epilogue = torch.compile(
+            functools.partial(_epilogue, avg_kernel=args.avg_kernel), fullgraph=True, dynamic=False
+        )
         return lambda: _stacked(*tensors, alpha, args, epilogue)
     raise ValueError(f"unknown provider {name!r}")
 
@@ -174,14 +187,17 @@ def _check_backend(name: str, input: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------- what a mode runs
 
+
 def mode_callable(fn: Callable, inputs: CaseInputs, mode: str, grad_out: torch.Tensor) -> Callable[[], object]:
     grads = inputs.grad_tensors()
     if mode == "fwd":
         return fn
     if mode == "inference":
+
         def inference():
             with torch.no_grad():
                 return fn()
+
         return inference
     if mode == "fwdbwd":
         return lambda: torch.autograd.grad(fn(), grads, grad_out)
@@ -198,6 +214,7 @@ def forward_backward(fn: Callable, inputs: CaseInputs, grad_out: torch.Tensor):
 
 # ---------------------------------------------------------------- timing
 
+
 def time_cpu(fn: Callable, threads: int, min_run_time: float) -> list:
     """Seconds per call: the per-block means of torch.utils.benchmark.Timer.blocked_autorange."""
     from torch.utils.benchmark import Timer
@@ -210,8 +227,13 @@ def summarize_cpu(times: list) -> dict:
     import numpy as np
 
     p50, p20, p80 = np.percentile(times, [50, 20, 80])
-    return {"ms": p50 * 1e3, "ms_p20": p20 * 1e3, "ms_p80": p80 * 1e3, "samples": len(times),
-            "timer": f"torch.utils.benchmark.Timer.blocked_autorange, {CPU_ROUNDS} interleaved rounds"}
+    return {
+        "ms": p50 * 1e3,
+        "ms_p20": p20 * 1e3,
+        "ms_p80": p80 * 1e3,
+        "samples": len(times),
+        "timer": f"torch.utils.benchmark.Timer.blocked_autorange, {CPU_ROUNDS} interleaved rounds",
+    }
 
 
 def time_gpu(fn: Callable, cudagraph: bool, quick: bool) -> dict:
@@ -230,6 +252,7 @@ def time_gpu(fn: Callable, cudagraph: bool, quick: bool) -> dict:
 
 
 # ---------------------------------------------------------------- memory
+
 
 def saved_bytes(fn: Callable) -> int:
     """Bytes the forward keeps for backward: saved tensors' storages, each counted once."""
@@ -258,6 +281,7 @@ def gpu_peak_bytes(fn: Callable) -> int:
 
 # ---------------------------------------------------------------- peaks for the roofline
 
+
 def measure_peaks(device: str, dtype: torch.dtype, threads: int, quick: bool) -> dict:
     """Copy bandwidth (read + write of a large tensor) and a large matmul's FLOP/s, in `dtype`."""
     copy_elems = (1 << 22 if quick else 1 << 25) if device == "cpu" else 1 << 28
@@ -266,15 +290,23 @@ def measure_peaks(device: str, dtype: torch.dtype, threads: int, quick: bool) ->
     dst = torch.empty_like(src)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    timed = (lambda f: summarize_cpu(time_cpu(f, threads, 0.1 if quick else 0.5))) if device == "cpu" else (
-        lambda f: time_gpu(f, False, quick))
+    timed = (
+        (lambda f: summarize_cpu(time_cpu(f, threads, 0.1 if quick else 0.5)))
+        if device == "cpu"
+        else (lambda f: time_gpu(f, False, quick))
+    )
     copy_s = timed(lambda: dst.copy_(src))["ms"] / 1e3
     mm_s = timed(lambda: torch.mm(a, b))["ms"] / 1e3
-    return {"bytes_per_s": 2 * src.numel() * src.element_size() / copy_s, "flops_per_s": 2 * n ** 3 / mm_s,
-            "copy_bytes": src.numel() * src.element_size(), "matmul_n": n}
+    return {
+        "bytes_per_s": 2 * src.numel() * src.element_size() / copy_s,
+        "flops_per_s": 2 * n**3 / mm_s,
+        "copy_bytes": src.numel() * src.element_size(),
+        "matmul_n": n,
+    }
 
 
 # ---------------------------------------------------------------- one case
+
 
 @dataclass
 class Settings:
@@ -309,12 +341,14 @@ def cpu_batch(case: Case, flop_budget: float = CPU_FLOP_BUDGET) -> int:
 def _errors(out, grads, exact_out, exact_grads, names) -> dict:
     tensors = {"output": (out, exact_out)}
     tensors.update({f"grad_{n}": pair for n, pair in zip(names, zip(grads, exact_grads))})
-    return {k: {"abs": (v.double() - e.double()).abs().max().item(), "rel": relative_error(v, e)}
-            for k, (v, e) in tensors.items()}
+    return {
+        k: {"abs": (v.double() - e.double()).abs().max().item(), "rel": relative_error(v, e)}
+        for k, (v, e) in tensors.items()
+    }
 
 
 def verdict(errors: dict, dtype, eager: Optional[dict], tf32: bool) -> str:
-    """"ok": every tensor within the tolerance (shapes.tolerance) (float32 / float64: the fixed figure; low precision
+    """ "ok": every tensor within the tolerance (shapes.tolerance) (float32 / float64: the fixed figure; low precision
     and TF32: relative to the eager reference's own error). "as eager": some tensor exceeds the fixed
     figure but by no more than the low-precision rule allows against eager PyTorch's own error in
     the same dtype (e.g. a ReLU whose input lies within rounding of 0 flips: eager float32 does too).
@@ -382,8 +416,13 @@ def _time_gpu_mode(fn, inputs, mode, grad_out, settings) -> dict:
 def add_figures(timing: dict, inputs: CaseInputs, mode: str, peaks: dict) -> dict:
     flops, nbytes = work(inputs.case, inputs.batch, inputs.input.element_size(), mode)
     seconds = timing["ms"] / 1e3
-    timing.update(gflops_per_s=flops / seconds / 1e9, gb_per_s=nbytes / seconds / 1e9, flops=flops, bytes=nbytes,
-                  roofline_pct=roofline_percent(flops, nbytes, seconds, peaks))
+    timing.update(
+        gflops_per_s=flops / seconds / 1e9,
+        gb_per_s=nbytes / seconds / 1e9,
+        flops=flops,
+        bytes=nbytes,
+        roofline_pct=roofline_percent(flops, nbytes, seconds, peaks),
+    )
     return timing
 
 
@@ -437,9 +476,12 @@ def expected_seconds(case: Case, batch: int, settings: Settings, peaks: dict, ch
 
 
 def total_expected_seconds(cases: list, settings: Settings, peaks: dict) -> float:
-    return sum(expected_seconds(case, case_batch(case, settings), settings, peaks[_dtype_name(dtype)], **step)
-               for case in cases for dtype in settings.dtypes
-               for step in [{"check": p} for p in settings.providers] + [{"mode": m} for m in settings.modes])
+    return sum(
+        expected_seconds(case, case_batch(case, settings), settings, peaks[_dtype_name(dtype)], **step)
+        for case in cases
+        for dtype in settings.dtypes
+        for step in [{"check": p} for p in settings.providers] + [{"mode": m} for m in settings.modes]
+    )
 
 
 def _sync_quietly() -> None:
@@ -459,9 +501,17 @@ def _failure(error: Exception) -> str:
 def failed_case_rows(case: Case, dtype, settings: Settings, error: Exception) -> list:
     """One skipped row per provider, for a case that failed as a whole (e.g. the reference ran out of
     memory): the run goes on with the next case."""
-    return [{"shape": case.name, "dtype": _dtype_name(dtype), "batch": case_batch(case, settings),
-             "spec_batch": case.n, "provider": name, "skipped": "case " + _failure(error)}
-            for name in settings.providers]
+    return [
+        {
+            "shape": case.name,
+            "dtype": _dtype_name(dtype),
+            "batch": case_batch(case, settings),
+            "spec_batch": case.n,
+            "provider": name,
+            "skipped": "case " + _failure(error),
+        }
+        for name in settings.providers
+    ]
 
 
 def _grad_output(inputs: CaseInputs) -> torch.Tensor:
@@ -482,6 +532,7 @@ def _add_speedups(rows: list) -> None:
 
 # ---------------------------------------------------------------- reporting
 
+
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -500,21 +551,33 @@ def format_table(rows: list, modes: list) -> str:
             lines.append([r["shape"], str(r["batch"]), r["dtype"], r["provider"], "skipped"])
             continue
         grad_errors = [e["abs"] for k, e in r["errors"].items() if k != "output"]
-        line = [r["shape"], str(r["batch"]), r["dtype"], r["provider"], f"{r['errors']['output']['abs']:.1e}",
-                f"{max(grad_errors):.1e}" if grad_errors else "-", r["tolerance"]]
+        line = [
+            r["shape"],
+            str(r["batch"]),
+            r["dtype"],
+            r["provider"],
+            f"{r['errors']['output']['abs']:.1e}",
+            f"{max(grad_errors):.1e}" if grad_errors else "-",
+            r["tolerance"],
+        ]
         for mode in modes:
             t = r["modes"].get(mode)
             line += [f"{t['ms']:.2f}/{_fmt(t['ref_ms'])}", _fmt(t["speedup"], ".2f")] if t else ["failed", "-"]
         lines.append(line)
     skipped = dict.fromkeys(f"{r['provider']} skipped: {r['skipped']}" for r in rows if "skipped" in r)
-    failed = [f"{r['shape']} {r['dtype']} {r['provider']} timing of {mode} {why}"
-              for r in rows for mode, why in r.get("timing_failed", {}).items()]
+    failed = [
+        f"{r['shape']} {r['dtype']} {r['provider']} timing of {mode} {why}"
+        for r in rows
+        for mode, why in r.get("timing_failed", {}).items()
+    ]
     return "\n".join([_columns(lines)] + list(skipped) + failed)
 
 
-TOLERANCE_LEGEND = ("err: max abs error vs float64 (output; worst gradient). tol: ok = every tensor within the "
-                    "tolerance; as eager = beyond the fixed figure but within 2x the eager reference's own "
-                    "error in this dtype (e.g. a ReLU input within rounding of 0); FAIL = neither.")
+TOLERANCE_LEGEND = (
+    "err: max abs error vs float64 (output; worst gradient). tol: ok = every tensor within the "
+    "tolerance; as eager = beyond the fixed figure but within 2x the eager reference's own "
+    "error in this dtype (e.g. a ReLU input within rounding of 0); FAIL = neither."
+)
 
 
 def format_figures(rows: list, modes: list) -> str:
@@ -529,10 +592,20 @@ def format_figures(rows: list, modes: list) -> str:
         line = [r["shape"], r["dtype"], r["provider"]]
         for mode in modes:
             t = r["modes"].get(mode)
-            line += [f"{t['ms_p20']:.2f}-{t['ms_p80']:.2f}", f"{t['gflops_per_s']:.1f}", f"{t['gb_per_s']:.2f}",
-                     _fmt(t["roofline_pct"], ".1f")] if t else ["failed", "-", "-", "-"]
-        line += [f"{r['saved_for_backward_bytes'] / 2**20:.1f}",
-                 _fmt(r.get("gpu_peak_fwdbwd_bytes") and r["gpu_peak_fwdbwd_bytes"] / 2**20, ".1f")]
+            line += (
+                [
+                    f"{t['ms_p20']:.2f}-{t['ms_p80']:.2f}",
+                    f"{t['gflops_per_s']:.1f}",
+                    f"{t['gb_per_s']:.2f}",
+                    _fmt(t["roofline_pct"], ".1f"),
+                ]
+                if t
+                else ["failed", "-", "-", "-"]
+            )
+        line += [
+            f"{r['saved_for_backward_bytes'] / 2**20:.1f}",
+            _fmt(r.get("gpu_peak_fwdbwd_bytes") and r["gpu_peak_fwdbwd_bytes"] / 2**20, ".1f"),
+        ]
         lines.append(line)
     return _columns(lines)
 
@@ -547,14 +620,27 @@ def csv_rows(rows: list) -> list:
     """One flat record per (shape, dtype, provider, mode)."""
     records = []
     for r in rows:
-        base = {k: r.get(k) for k in ("shape", "dtype", "batch", "spec_batch", "provider", "skipped",
-                                      "tolerance", "within_tolerance", "saved_for_backward_bytes",
-                                      "gpu_peak_fwdbwd_bytes")}
+        base = {
+            k: r.get(k)
+            for k in (
+                "shape",
+                "dtype",
+                "batch",
+                "spec_batch",
+                "provider",
+                "skipped",
+                "tolerance",
+                "within_tolerance",
+                "saved_for_backward_bytes",
+                "gpu_peak_fwdbwd_bytes",
+            )
+        }
         for name, e in r.get("errors", {}).items():
             base[f"abs_err_{name}"], base[f"rel_err_{name}"] = e["abs"], e["rel"]
         for mode, t in (r.get("modes") or {"": {}}).items():
-            records.append({**base, "mode": mode, **{k: v for k, v in t.items() if k != "timer"},
-                            "timer": t.get("timer")})
+            records.append(
+                {**base, "mode": mode, **{k: v for k, v in t.items() if k != "timer"}, "timer": t.get("timer")}
+            )
     return records
 
 
@@ -573,6 +659,7 @@ def write_outputs(out_dir: Path, result: dict) -> None:
 def write_plots(out_dir: Path, rows: list, modes: list) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -585,10 +672,14 @@ def write_plots(out_dir: Path, rows: list, modes: list) -> None:
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
         width = 0.8 / max(1, len(providers))
         for i, provider in enumerate(providers):
-            values = {f"{r['shape']}\n{r['dtype']}": r["modes"].get(mode, {}).get("speedup") or 0 for r in timed
-                      if r["provider"] == provider}
-            ax.bar([g + i * width for g in range(len(groups))], [values.get(g, 0) for g in groups], width,
-                   label=provider)
+            values = {
+                f"{r['shape']}\n{r['dtype']}": r["modes"].get(mode, {}).get("speedup") or 0
+                for r in timed
+                if r["provider"] == provider
+            }
+            ax.bar(
+                [g + i * width for g in range(len(groups))], [values.get(g, 0) for g in groups], width, label=provider
+            )
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([g + width * (len(providers) - 1) / 2 for g in range(len(groups))], groups, fontsize=7)
         ax.set_ylabel(f"speedup vs reference ({mode})")
@@ -600,22 +691,36 @@ def write_plots(out_dir: Path, rows: list, modes: list) -> None:
 
 # ---------------------------------------------------------------- environment
 
+
 def git_commit() -> str:
     """HEAD of the checkout; else $PUSHPULL_GIT_COMMIT (a copy of the tree without .git, e.g. on a lent
     GPU machine, names its commit so); else "unknown"."""
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("PUSHPULL_GIT_COMMIT", "unknown")
 
 
 def environment(device: str) -> dict:
-    info = {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-            "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
@@ -646,37 +751,68 @@ _EPILOG = (
     "  invert:   the 2024 layer (b_out, trainable [C_out] alpha); optional 10th field = avg kernel (default 0)\n"
     "  the input needs a gradient. e.g. --shape 32,64,64,56,56,3,1,1,upsample,2 --shape 8,3,64,224,224,7,2,3,invert,3\n"
     "providers: reference (eager formula, the baseline), stacked+compile (stacked convolutions + torch.compile'd "
-    "epilogue), compiled-reference (torch.compile of the reference), ours = cpu (CPU) / cuda, triton (GPU)")
+    "epilogue), compiled-reference (torch.compile of the reference), ours = cpu (CPU) / cuda, triton (GPU)"
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pushpull_ext.bench", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=_EPILOG)
+    p = argparse.ArgumentParser(
+        prog="python -m pushpull_ext.bench",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG,
+    )
     p.add_argument("--shapes", nargs="+", default=None, help="the papers' shapes by name (default: all)")
     p.add_argument("--shape", action="append", default=[], help=f"an extra case: {CASE_FORMAT}; repeatable")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=None,
-                   help="default: float32 (and bfloat16 on GPU)")
-    p.add_argument("--batch", type=int, default=None, help="batch for every case (default: the paper's N on GPU, "
-                   f"scaled on CPU so the reference forward stays under {CPU_FLOP_BUDGET / 1e9:g} GFLOP)")
-    p.add_argument("--backends", nargs="+", choices=OUR_BACKENDS, default=None,
-                   help="our backends (default: those available on the device)")
-    p.add_argument("--providers", nargs="+", default=None,
-                   help=f"any of {', '.join(PROVIDERS)} or a backend name (default: {' '.join(DEFAULT_PROVIDERS)}; "
-                        "all with --full); "
-                        "the reference always runs (the baseline)")
+    p.add_argument(
+        "--dtype", nargs="+", choices=list(DTYPES), default=None, help="default: float32 (and bfloat16 on GPU)"
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch for every case (default: the paper's N on GPU, "
+        f"scaled on CPU so the reference forward stays under {CPU_FLOP_BUDGET / 1e9:g} GFLOP)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=OUR_BACKENDS,
+        default=None,
+        help="our backends (default: those available on the device)",
+    )
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help=f"any of {', '.join(PROVIDERS)} or a backend name (default: {' '.join(DEFAULT_PROVIDERS)}; "
+        "all with --full); "
+        "the reference always runs (the baseline)",
+    )
     p.add_argument("--modes", default="fwd,fwdbwd", help=f"comma-separated, of {','.join(MODES)} (default fwd,fwdbwd)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 (default off, as the float32 tolerance)")
-    p.add_argument("--min-run-time", type=float, default=None,
-                   help=f"CPU seconds per provider and mode, split over {CPU_ROUNDS} interleaved rounds (default "
-                        f"{MIN_RUN_TIME['default']:g}, {MIN_RUN_TIME['full']:g} with --full)")
-    p.add_argument("--out", type=Path, default=None, help="folder for results.json, results.csv, speedup_<mode>.png "
-                   "(default: bench_out/<date-time>/)")
-    p.add_argument("--full", action="store_true", help="the whole sweep: every provider (also the torch.compile "
-                   f"ones), {MIN_RUN_TIME['full']:g} s per measurement; without it: reference and ours, "
-                   f"{MIN_RUN_TIME['default']:g} s")
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help=f"CPU seconds per provider and mode, split over {CPU_ROUNDS} interleaved rounds (default "
+        f"{MIN_RUN_TIME['default']:g}, {MIN_RUN_TIME['full']:g} with --full)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for results.json, results.csv, speedup_<mode>.png (default: bench_out/<date-time>/)",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole sweep: every provider (also the torch.compile "
+        f"ones), {MIN_RUN_TIME['full']:g} s per measurement; without it: reference and ours, "
+        f"{MIN_RUN_TIME['default']:g} s",
+    )
     p.add_argument("--quick", action="store_true", help=f"batch {QUICK_BATCH}, short measurements: a smoke run")
     return p.parse_args(argv)
 
@@ -703,8 +839,11 @@ def settings_from(ns) -> Settings:
     modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes):
         raise SystemExit(f"--modes takes a comma-separated list of {MODES}, got {ns.modes!r}")
-    dtypes = [DTYPES[d] for d in ns.dtype] if ns.dtype else (
-        [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32])
+    dtypes = (
+        [DTYPES[d] for d in ns.dtype]
+        if ns.dtype
+        else ([torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32])
+    )
     threads = ns.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     min_run = ns.min_run_time or MIN_RUN_TIME["quick" if ns.quick else "full" if ns.full else "default"]
     return Settings(device, dtypes, _providers(ns, device), modes, threads, ns.batch, ns.quick, ns.tf32, min_run)
@@ -719,19 +858,25 @@ def set_precision(tf32: bool, threads: int) -> None:
 
 
 def _header(settings: Settings, env: dict, cases: list) -> list:
-    lines = [f"device: {env['device_name']} ({settings.device}); torch {env['torch']}, triton {env['triton']}, "
-             f"CUDA {env['cuda']}; commit {env['git_commit'][:12]}",
-             f"precision: TF32 {'on' if settings.tf32 else 'off'} (matmul and cuDNN) for every provider; "
-             f"dtypes {', '.join(_dtype_name(d) for d in settings.dtypes)}"]
+    lines = [
+        f"device: {env['device_name']} ({settings.device}); torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA {env['cuda']}; commit {env['git_commit'][:12]}",
+        f"precision: TF32 {'on' if settings.tf32 else 'off'} (matmul and cuDNN) for every provider; "
+        f"dtypes {', '.join(_dtype_name(d) for d in settings.dtypes)}",
+    ]
     if settings.device == "cpu":
-        lines.append(f"threads: {settings.threads} (torch.set_num_threads and Timer num_threads, every provider); "
-                     f"load average at start {tuple(round(x, 2) for x in env.get('load_average_at_start') or ())}")
+        lines.append(
+            f"threads: {settings.threads} (torch.set_num_threads and Timer num_threads, every provider); "
+            f"load average at start {tuple(round(x, 2) for x in env.get('load_average_at_start') or ())}"
+        )
         lines.append(f"allocator: {env.get('cpu_allocator') or 'as the process found it'}")
     for case in cases:
         batch = case_batch(case, settings)
         if batch != case.n:
-            lines.append(f"{case.name}: batch scaled from {case.n} to {batch} on {settings.device.upper()}"
-                         + (" (--quick)" if settings.quick else " (--batch)" if settings.batch else ""))
+            lines.append(
+                f"{case.name}: batch scaled from {case.n} to {batch} on {settings.device.upper()}"
+                + (" (--quick)" if settings.quick else " (--batch)" if settings.batch else "")
+            )
     return lines
 
 
@@ -773,14 +918,21 @@ def main(argv=None) -> dict:
     header = _header(settings, env, cases)
     print("\n".join(header), flush=True)
     start = time.perf_counter()
-    peaks = {_dtype_name(d): measure_peaks(settings.device, d, settings.threads, settings.quick)
-             for d in settings.dtypes}
+    peaks = {
+        _dtype_name(d): measure_peaks(settings.device, d, settings.threads, settings.quick) for d in settings.dtypes
+    }
     rows = []
 
     def result_so_far() -> dict:
-        return {"environment": env, "header": header, "elapsed_s": time.perf_counter() - start, "peaks": peaks,
-                "rows": rows, "cases": [asdict(c) for c in cases],
-                "settings": {**asdict(settings), "dtypes": [_dtype_name(d) for d in settings.dtypes]}}
+        return {
+            "environment": env,
+            "header": header,
+            "elapsed_s": time.perf_counter() - start,
+            "peaks": peaks,
+            "rows": rows,
+            "cases": [asdict(c) for c in cases],
+            "settings": {**asdict(settings), "dtypes": [_dtype_name(d) for d in settings.dtypes]},
+        }
 
     # Weighted by each step's expected seconds, so that the time left is that of the steps left.
     total = total_expected_seconds(cases, settings, peaks)
@@ -799,9 +951,13 @@ def main(argv=None) -> dict:
     print("\n" + format_table(rows, settings.modes))
     print(TOLERANCE_LEGEND)
     print("\n" + format_figures(rows, settings.modes))
-    print("\npeaks measured in this run: " + "; ".join(
-        f"{k}: copy {v['bytes_per_s'] / 1e9:.1f} GB/s, matmul {v['flops_per_s'] / 1e9:.1f} GFLOP/s"
-        for k, v in peaks.items()))
+    print(
+        "\npeaks measured in this run: "
+        + "; ".join(
+            f"{k}: copy {v['bytes_per_s'] / 1e9:.1f} GB/s, matmul {v['flops_per_s'] / 1e9:.1f} GFLOP/s"
+            for k, v in peaks.items()
+        )
+    )
     print(f"total time {elapsed:.1f} s")
     result = result_so_far()
     write_outputs(out, result)

@@ -25,6 +25,7 @@ or with a warning on the targets the benchmarks are for (TARGET_ARCHS: A100 and 
 
 Under TRITON_INTERPRET=1 the kernels are not compiled at all, so this refuses to run there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,9 @@ class CompiledKernel:
     def judge(self) -> None:
         limit = SHARED_LIMIT.get(self.arch)
         if limit is not None and self.shared > limit:
-            self.problems.append(f"shared memory {self.shared} B > {limit} B, the most one block gets on sm_{self.arch}")
+            self.problems.append(
+                f"shared memory {self.shared} B > {limit} B, the most one block gets on sm_{self.arch}"
+            )
         # ptxas itself trades a few spilled bytes for occupancy (e.g. 128 registers and 8 B of spills);
         # spills at the 255-register cap, or many, mean the tile does not fit the registers.
         if self.spill_bytes and (self.spill_bytes > 64 or (self.registers or 0) >= 255):
@@ -93,6 +96,7 @@ class _TargetDriver:
 
     def __init__(self, arch: int):
         from triton.backends.compiler import GPUTarget
+
         self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_device(self):
@@ -110,6 +114,7 @@ def cuobjdump() -> Optional[str]:
     """The cuobjdump Triton ships (or one on PATH); None if there is neither."""
     try:
         import triton
+
         bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     except ImportError:
         bundled = ""
@@ -126,8 +131,10 @@ def _dump(cubin: bytes, tool: str, flag: str) -> str:
 def resource_usage(cubin: bytes, tool: str) -> dict:
     """{function name: {"REG": registers per thread, "STACK": bytes, "LOCAL": bytes, ...}} of a cubin."""
     usage = _dump(cubin, tool, "-res-usage")
-    return {name: {k: int(v) for k, v in re.findall(r"\b([A-Z]+(?:\[\d+\])?):(\d+)", fields)}
-            for name, fields in re.findall(r"Function (\S+):\s*\n\s*(REG:[^\n]*)", usage)}
+    return {
+        name: {k: int(v) for k, v in re.findall(r"\b([A-Z]+(?:\[\d+\])?):(\d+)", fields)}
+        for name, fields in re.findall(r"Function (\S+):\s*\n\s*(REG:[^\n]*)", usage)
+    }
 
 
 def _machine_code_figures(cubin: bytes, tool: Optional[str]) -> tuple:
@@ -154,6 +161,7 @@ class _CompileOnly:
             constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
             dtypes = ",".join(sorted({str(a.dtype).replace("torch.", "") for a in args if hasattr(a, "dtype")}))
             self.compiled.append((self.kernel.__name__, _CompileOnly.label, constexprs, dtypes, binary))
+
         return compile_launch
 
 
@@ -199,12 +207,25 @@ def launch_backward(config, args, out, masks) -> None:
     needed = [getattr(args, name) is not None and getattr(args, name).requires_grad for name in GRADIENTS]
     if any(needed):
         geometry = [getattr(args, name) for name in GEOMETRY]
-        triton_launch.backward(out, args.input, args.weight, args.pull_shift, args.pull_rows, args.pull_cols,
-                               args.bias_in, args.alpha, masks, *geometry, needed, config=config)
+        triton_launch.backward(
+            out,
+            args.input,
+            args.weight,
+            args.pull_shift,
+            args.pull_rows,
+            args.pull_cols,
+            args.bias_in,
+            args.alpha,
+            masks,
+            *geometry,
+            needed,
+            config=config,
+        )
 
 
-def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
-                  batch: int = 16) -> list[tuple[str, Callable[[object], None]]]:
+def spec_launches(
+    dtypes: Iterable, shapes: Optional[Iterable[str]] = None, batch: int = 16
+) -> list[tuple[str, Callable[[object], None]]]:
     """(label, call(config)) per paper shape (or `shapes`: names, or cases for shapes.parse_case) and dtype:
     launch_step of a training step (forward, the backward of every tensor the layer trains) and an
     inference forward. Tensors are empty (nothing runs).
@@ -219,15 +240,26 @@ def spec_launches(dtypes: Iterable, shapes: Optional[Iterable[str]] = None,
     def step(case, dtype):
         def run(config):
             inputs = make_inputs(case, batch=1, dtype=dtype)
-            t = {k: (torch.empty((batch, *v.shape[1:]), dtype=dtype).requires_grad_(v.requires_grad)
-                     if k == "input" else v) for k, v in inputs.tensors.items()}
-            launch_step(config, t["input"], t["weight"], t["bias"], bias_out=t["bias_out"], alpha=t["alpha"],
-                        **case.options())
+            t = {
+                k: (
+                    torch.empty((batch, *v.shape[1:]), dtype=dtype).requires_grad_(v.requires_grad)
+                    if k == "input"
+                    else v
+                )
+                for k, v in inputs.tensors.items()
+            }
+            launch_step(
+                config, t["input"], t["weight"], t["bias"], bias_out=t["bias_out"], alpha=t["alpha"], **case.options()
+            )
+
         return run
 
     cases = CASES if shapes is None else [case_from_text(name) for name in shapes]
-    return [(f"{case.name} N={batch} {str(dtype).replace('torch.', '')}", step(case, dtype))
-            for case in cases for dtype in dtypes]
+    return [
+        (f"{case.name} N={batch} {str(dtype).replace('torch.', '')}", step(case, dtype))
+        for case in cases
+        for dtype in dtypes
+    ]
 
 
 def compile_all(archs: Iterable[int], launches: list, tf32: bool = True, progress=None) -> list[CompiledKernel]:
@@ -253,8 +285,20 @@ def compile_all(archs: Iterable[int], launches: list, tf32: bool = True, progres
                 seen.add(binary.hash)
                 registers, spills, mma = _machine_code_figures(binary.asm["cubin"], tool)
                 meta = binary.metadata
-                kernel = CompiledKernel(arch, name, label, constexprs, dtypes, meta.num_warps, meta.num_stages, meta.shared,
-                                        binary.hash, registers, spills, mma)
+                kernel = CompiledKernel(
+                    arch,
+                    name,
+                    label,
+                    constexprs,
+                    dtypes,
+                    meta.num_warps,
+                    meta.num_stages,
+                    meta.shared,
+                    binary.hash,
+                    registers,
+                    spills,
+                    mma,
+                )
                 kernel.judge()
                 results.append(kernel)
     finally:
@@ -275,15 +319,19 @@ def _flags(constexprs: dict) -> str:
 
 
 def format_table(results: list[CompiledKernel]) -> str:
-    lines = [f"{'arch':5} {'kernel':28} {'first launched by':36} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} "
-             f"{'smem KB':>7} {'mma':12} flags / problems"]
+    lines = [
+        f"{'arch':5} {'kernel':28} {'first launched by':36} {'warps':>5} {'stages':>6} {'regs':>4} {'spill':>5} "
+        f"{'smem KB':>7} {'mma':12} flags / problems"
+    ]
     for r in results:
         mma = ",".join(f"{k}:{v}" for k, v in (r.mma or {}).items() if v) or "-"
-        lines.append(f"sm_{r.arch:<2} {r.kernel:28} {r.launch[:36]:36} {r.num_warps:5} {r.num_stages:6} "
-                     f"{r.registers if r.registers is not None else '?':>4} "
-                     f"{r.spill_bytes if r.spill_bytes is not None else '?':>5} {r.shared / 1024:7.1f} {mma:12} "
-                     f"{_flags(r.constexprs)}{'  PROBLEM: ' + '; '.join(r.problems) if r.problems else ''}"
-                     f"{'  WARNING: ' + '; '.join(r.warnings) if r.warnings else ''}")
+        lines.append(
+            f"sm_{r.arch:<2} {r.kernel:28} {r.launch[:36]:36} {r.num_warps:5} {r.num_stages:6} "
+            f"{r.registers if r.registers is not None else '?':>4} "
+            f"{r.spill_bytes if r.spill_bytes is not None else '?':>5} {r.shared / 1024:7.1f} {mma:12} "
+            f"{_flags(r.constexprs)}{'  PROBLEM: ' + '; '.join(r.problems) if r.problems else ''}"
+            f"{'  WARNING: ' + '; '.join(r.warnings) if r.warnings else ''}"
+        )
     return "\n".join(lines)
 
 
@@ -291,10 +339,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 90], help="compute capabilities x10")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16", "float64"])
-    parser.add_argument("--shapes", nargs="+", help="paper shapes by name (default: all), or cases as "
-                        "N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg] (python -m pushpull_ext.bench --help)")
-    parser.add_argument("--batch", type=int, default=16, help="batch of every shape (default 16: compiles what "
-                        "the papers' batches do, see spec_launches)")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        help="paper shapes by name (default: all), or cases as "
+        "N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg] (python -m pushpull_ext.bench --help)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="batch of every shape (default 16: compiles what the papers' batches do, see spec_launches)",
+    )
     parser.add_argument("--no-tf32", action="store_true", help="float32 without TF32 (the benchmark's setting)")
     parser.add_argument("--json", help="write every compiled kernel's figures here")
     parser.add_argument("--quiet", action="store_true")
@@ -306,9 +362,11 @@ def main(argv=None) -> int:
     results = compile_all(args.arch, launches, tf32=not args.no_tf32, progress=progress)
     print(format_table(results))
     bad = failures(results)
-    print(f"{len(results)} kernels compiled for {', '.join(f'sm_{a}' for a in args.arch)}; "
-          f"{sum(bool(r.problems) for r in results)} with a problem, {sum(bool(r.warnings) for r in results)} with a "
-          f"warning; {len(bad)} failed (a problem, or a warning on {', '.join(f'sm_{a}' for a in TARGET_ARCHS)})")
+    print(
+        f"{len(results)} kernels compiled for {', '.join(f'sm_{a}' for a in args.arch)}; "
+        f"{sum(bool(r.problems) for r in results)} with a problem, {sum(bool(r.warnings) for r in results)} with a "
+        f"warning; {len(bad)} failed (a problem, or a warning on {', '.join(f'sm_{a}' for a in TARGET_ARCHS)})"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1, default=str)

@@ -10,6 +10,7 @@ convolution, as the ICLR 2021 paper does), an iterable of module names, or a pre
 `PushPullConv2d.from_conv2d` copy of it (same geometry, weights, device, dtype, train mode and
 requires_grad), built with `pushpull_options` (the keyword-only arguments of PushPullConv2d).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -53,8 +54,10 @@ def _check_options(options: dict) -> None:
     if unknown:
         raise TypeError(f"convert() got unknown push-pull option(s) {unknown}; the options are {allowed}")
     if options.get("dual_output"):
-        raise ValueError("convert() cannot use dual_output=True: it doubles the output channels, so the layer would "
-                         "not fit in place of the convolution")
+        raise ValueError(
+            "convert() cannot use dual_output=True: it doubles the output channels, so the layer would "
+            "not fit in place of the convolution"
+        )
 
 
 def _push_pull_copy(conv: nn.Conv2d, options: dict) -> PushPullConv2d:
@@ -78,16 +81,20 @@ def _conv_names(model: nn.Module) -> list[str]:
 def _chosen_names(model: nn.Module, where: Where) -> list[str]:
     if isinstance(where, str):
         if where not in PLACEMENTS:
-            raise ValueError(f"where must be one of the placements {PLACEMENTS}, a predicate (name, conv) -> bool, "
-                             f"or an iterable of module names; got the string {where!r} (for one name use [{where!r}])")
+            raise ValueError(
+                f"where must be one of the placements {PLACEMENTS}, a predicate (name, conv) -> bool, "
+                f"or an iterable of module names; got the string {where!r} (for one name use [{where!r}])"
+            )
         return _stem_and_first_stage(model) if where == "b1" else [_stem(model)]
     if callable(where):
         return [name for name in _conv_names(model) if where(name, model.get_submodule(name))]
     try:
         wanted = list(where)
     except TypeError:
-        raise TypeError(f"where must be a placement {PLACEMENTS}, a predicate or an iterable of module names; "
-                        f"got {type(where).__name__}") from None
+        raise TypeError(
+            f"where must be a placement {PLACEMENTS}, a predicate or an iterable of module names; "
+            f"got {type(where).__name__}"
+        ) from None
     return _named_convs(model, wanted)
 
 
@@ -99,8 +106,10 @@ def _named_convs(model: nn.Module, wanted: list) -> list[str]:
         if name not in modules:
             raise ValueError(f"where names {name!r}, which is not a module of the model")
         if not _is_plain_conv(modules[name]):
-            raise ValueError(f"where names {name!r}, a {type(modules[name]).__name__}, not an nn.Conv2d (only plain "
-                             "nn.Conv2d layers are converted: a subclass's own forward would be lost)")
+            raise ValueError(
+                f"where names {name!r}, a {type(modules[name]).__name__}, not an nn.Conv2d (only plain "
+                "nn.Conv2d layers are converted: a subclass's own forward would be lost)"
+            )
     chosen = set(wanted)
     return [name for name in _conv_names(model) if name in chosen]
 
@@ -123,8 +132,10 @@ def _first_stage(model: nn.Module) -> list[tuple[str, nn.Module]]:
     its residual siblings in the same nn.Sequential, or the first block alone outside one."""
     first = next((name for name, m in model.named_modules() if name and _is_residual_block(m)), None)
     if first is None:
-        raise ValueError("where='b1' needs residual blocks (submodules with nn.Conv2d children conv1 and conv2, as "
-                         "torchvision's BasicBlock/Bottleneck) but the model has none; pass module names or a predicate")
+        raise ValueError(
+            "where='b1' needs residual blocks (submodules with nn.Conv2d children conv1 and conv2, as "
+            "torchvision's BasicBlock/Bottleneck) but the model has none; pass module names or a predicate"
+        )
     stage_name = first.rpartition(".")[0]
     stage = model.get_submodule(stage_name)
     if not stage_name or not isinstance(stage, (nn.Sequential, nn.ModuleList)):

@@ -28,6 +28,7 @@ for the forward, and that once per gradient of input and weight for the backward
 reads x once and writes y once and the two masks at 1 bit per channel and pixel; the backward reads
 grad_output, the masks and (weight gradient) x once and writes grad_input once (if asked).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,6 +117,7 @@ class _RecordLaunch:
         def record(*args, **kwargs):
             named = {**dict(zip(names, args)), **kwargs}
             self.recording.events.append((self.recording.phase, "kernel", self.kernel.fn.__name__, tuple(grid), named))
+
         return record
 
 
@@ -147,7 +149,9 @@ class _RecordTorch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not func.is_view and func.overloadpacket.__name__ not in _FREE_OPS:
-            written_in_place = {a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+            written_in_place = {
+                a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write
+            }
             bound = dict(zip((a.name for a in func._schema.arguments), args), **(kwargs or {}))
             read = sum(_nbytes(t) for name, v in bound.items() if name not in written_in_place for t in _tensors([v]))
             written = sum(_nbytes(t) for t in _tensors([out]))
@@ -158,8 +162,10 @@ class _RecordTorch(TorchDispatchMode):
 def _meta_inputs(case: Case, dtype: torch.dtype) -> dict:
     """The case's tensors on the meta device (shapes, dtypes and requires_grad; no memory), at its batch."""
     small = make_inputs(case, batch=1, dtype=dtype).tensors
-    tensors = {k: v.detach().to("meta").requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
-               for k, v in small.items()}
+    tensors = {
+        k: v.detach().to("meta").requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+        for k, v in small.items()
+    }
     x = small["input"]
     tensors["input"] = torch.empty((case.n, *x.shape[1:]), dtype=dtype, device="meta").requires_grad_(x.requires_grad)
     return tensors
@@ -171,8 +177,9 @@ def record_training_step(case: Case, dtype: torch.dtype) -> list:
     recording = _Recording()
     config = triton_launch.LaunchConfig(gpu_tiles_on_cpu=True, launch=lambda kernel: _RecordLaunch(kernel, recording))
     t = _meta_inputs(case, dtype)
-    args = forward_args(t["input"], t["weight"], t["bias"], save_masks=True, bias_out=t["bias_out"], alpha=t["alpha"],
-                        **case.options())
+    args = forward_args(
+        t["input"], t["weight"], t["bias"], save_masks=True, bias_out=t["bias_out"], alpha=t["alpha"], **case.options()
+    )
     with _RecordTorch(recording):
         recording.phase = "forward"
         out, masks = triton_launch.forward(*args, config=config)
@@ -235,8 +242,9 @@ def _bwd_weight_macs(grid: tuple, a: dict) -> int:
     go_tiles, r_tiles, split = grid
     k_total, bn = a["TH"] * a["TW"] * a["CG"], a["BLOCK_N"]
     if _upsample(a):
-        products = sum(1 + _push_taps_in(r0, r0 + bn, k_total, a["CG"], a["TW"], _box(a))
-                       for r0 in range(0, r_tiles * bn, bn))
+        products = sum(
+            1 + _push_taps_in(r0, r0 + bn, k_total, a["CG"], a["TW"], _box(a)) for r0 in range(0, r_tiles * bn, bn)
+        )
     else:
         products = r_tiles if a["NEED_W"] else 0
     chunks = len(range(0, a["PIX_PER_SPLIT"], a["BLOCK_K"]))
@@ -266,18 +274,30 @@ def _conv_writes(a: dict) -> tuple:
 _EPILOGUE_READS = ("bin_ptr", "bout_ptr", "alpha_ptr")
 KERNELS = {
     "pp_fwd_conv_kernel": _KernelModel(
-        _fwd_conv_macs, ("x_ptr", "wp_ptr", "wq_ptr", "shift_ptr", *_EPILOGUE_READS), _conv_writes,
-        lambda grid, a: _swept("x", grid[1])),
+        _fwd_conv_macs,
+        ("x_ptr", "wp_ptr", "wq_ptr", "shift_ptr", *_EPILOGUE_READS),
+        _conv_writes,
+        lambda grid, a: _swept("x", grid[1]),
+    ),
     "pp_fwd_pool_epilogue_kernel": _KernelModel(
-        None, ("pbuf_ptr", "qbuf_ptr", *_EPILOGUE_READS), lambda a: ("y_ptr", "mask_ptr"),
-        lambda grid, a: f"P, Q scratch read; Q pooled {a['AVG']}x{a['AVG']} (window re-reads cache-served)"),
+        None,
+        ("pbuf_ptr", "qbuf_ptr", *_EPILOGUE_READS),
+        lambda a: ("y_ptr", "mask_ptr"),
+        lambda grid, a: f"P, Q scratch read; Q pooled {a['AVG']}x{a['AVG']} (window re-reads cache-served)",
+    ),
     "pp_bwd_bias_kernel": _KernelModel(None, ("g_ptr", "mask_ptr", "alpha_ptr"), lambda a: ("part_ptr",)),
     "pp_bwd_input_kernel": _KernelModel(
-        _bwd_input_macs, ("g_ptr", "mask_ptr", "alpha_ptr", "shift_ptr", "wp_ptr", "wq_ptr"), lambda a: ("gx_ptr",),
-        lambda grid, a: _swept("g, masks", grid[1])),
+        _bwd_input_macs,
+        ("g_ptr", "mask_ptr", "alpha_ptr", "shift_ptr", "wp_ptr", "wq_ptr"),
+        lambda a: ("gx_ptr",),
+        lambda grid, a: _swept("g, masks", grid[1]),
+    ),
     "pp_bwd_weight_kernel": _KernelModel(
-        _bwd_weight_macs, ("x_ptr", "g_ptr", "mask_ptr", "alpha_ptr"), lambda a: ("gw1_ptr", "gw2_ptr", "gs_ptr"),
-        lambda grid, a: _swept("g, masks", grid[1])),
+        _bwd_weight_macs,
+        ("x_ptr", "g_ptr", "mask_ptr", "alpha_ptr"),
+        lambda a: ("gw1_ptr", "gw2_ptr", "gs_ptr"),
+        lambda grid, a: _swept("g, masks", grid[1]),
+    ),
 }
 
 
@@ -320,8 +340,10 @@ def price_events(events: list) -> list[LaunchCost]:
 
 # ---------------------------------------------------------------------------------------- lower bound
 def output_size(case: Case) -> tuple[int, int]:
-    return (conv_output_size(case.h, case.kernel, case.stride, case.padding, 1),
-            conv_output_size(case.w, case.kernel, case.stride, case.padding, 1))
+    return (
+        conv_output_size(case.h, case.kernel, case.stride, case.padding, 1),
+        conv_output_size(case.w, case.kernel, case.stride, case.padding, 1),
+    )
 
 
 def convolution_macs(case: Case) -> int:
@@ -346,9 +368,17 @@ def layer_cost(case: Case, dtype: torch.dtype) -> list[PhaseCost]:
     """Forward and backward of a training step of `case`, priced launch by launch."""
     costs = price_events(record_training_step(case, dtype))
     ho, wo = output_size(case)
-    return [PhaseCost(case, dtype, phase, [c for c in costs if c.phase == phase], lower_bound(case, dtype, phase),
-                      case.n * case.c_out * ho * wo)
-            for phase in ("forward", "backward")]
+    return [
+        PhaseCost(
+            case,
+            dtype,
+            phase,
+            [c for c in costs if c.phase == phase],
+            lower_bound(case, dtype, phase),
+            case.n * case.c_out * ho * wo,
+        )
+        for phase in ("forward", "backward")
+    ]
 
 
 # ---------------------------------------------------------------------------------------- table
@@ -364,8 +394,17 @@ COLUMNS = ("phase", "launch", "grid", "MACs/output", "MACs", "x conv", "bytes", 
 
 
 def _row(phase: PhaseCost, launch: str, grid: str, macs: int, nbytes: int, note: str) -> tuple:
-    return (phase.phase, launch, grid, f"{macs / phase.outputs:.1f}", _si(macs),
-            f"{macs / phase.convolution_macs:.2f}", _si(nbytes) + "B", f"{nbytes / phase.lower.bytes:.2f}", note)
+    return (
+        phase.phase,
+        launch,
+        grid,
+        f"{macs / phase.outputs:.1f}",
+        _si(macs),
+        f"{macs / phase.convolution_macs:.2f}",
+        _si(nbytes) + "B",
+        f"{nbytes / phase.lower.bytes:.2f}",
+        note,
+    )
 
 
 def table_rows(phases: list[PhaseCost]) -> list[tuple]:
@@ -374,20 +413,40 @@ def table_rows(phases: list[PhaseCost]) -> list[tuple]:
         for c in phase.launches:
             rows.append(_row(phase, c.launch, "x".join(map(str, c.grid)) or "-", c.macs, c.bytes, c.note))
         rows.append(_row(phase, "TOTAL", "", phase.macs, phase.bytes, ""))
-        rows.append(_row(phase, "lower bound", "", phase.lower.macs, phase.lower.bytes, "one convolution; x, y, masks"
-                         if phase.phase == "forward" else "conv per gradient; g, masks, x, grad_input"))
+        rows.append(
+            _row(
+                phase,
+                "lower bound",
+                "",
+                phase.lower.macs,
+                phase.lower.bytes,
+                "one convolution; x, y, masks"
+                if phase.phase == "forward"
+                else "conv per gradient; g, masks, x, grad_input",
+            )
+        )
     return rows
 
 
-SUMMARY_COLUMNS = ("shape", "dtype", "forward MACs x conv", "forward bytes x min", "backward MACs x conv",
-                   "backward bytes x min", "backward lower bound x conv")
+SUMMARY_COLUMNS = (
+    "shape",
+    "dtype",
+    "forward MACs x conv",
+    "forward bytes x min",
+    "backward MACs x conv",
+    "backward bytes x min",
+    "backward lower bound x conv",
+)
 
 
 def summary_row(phases: list[PhaseCost]) -> tuple:
     """One layer's totals: forward and backward MACs (x one convolution) and bytes (x the lower bound)."""
     forward, backward = phases
-    ratios = [f"{p.macs / p.convolution_macs:.2f}" if i % 2 == 0 else f"{p.bytes / p.lower.bytes:.2f}"
-              for p in (forward, backward) for i in range(2)]
+    ratios = [
+        f"{p.macs / p.convolution_macs:.2f}" if i % 2 == 0 else f"{p.bytes / p.lower.bytes:.2f}"
+        for p in (forward, backward)
+        for i in range(2)
+    ]
     dtype = str(forward.dtype).replace("torch.", "")
     return (forward.case.name, dtype, *ratios, f"{backward.lower.macs / backward.convolution_macs:.0f}")
 
@@ -402,8 +461,11 @@ def format_table(rows: list[tuple], markdown: bool, columns: tuple = COLUMNS) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", help="paper shapes by name (default: all), or cases as "
-                        "N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg]")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        help="paper shapes by name (default: all), or cases as N,Cin,Cout,H,W,k,stride,pad,pull[,scale|avg]",
+    )
     parser.add_argument("--dtype", nargs="+", default=["float32"], help="float32 (default), bfloat16, float16")
     parser.add_argument("--markdown", action="store_true", help="markdown tables")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ convolution responds most to the clean image.
 
 Needs the `demo` extra: pip install "pushpull_ext[demo]" (scikit-image, matplotlib).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,7 @@ def edge_kernel(size: int = KERNEL_SIZE, sigma: float = KERNEL_SIGMA) -> torch.T
     unit L1 norm."""
     r = torch.arange(size, dtype=torch.float32) - size // 2
     y, x = torch.meshgrid(r, r, indexing="ij")
-    kernel = x * torch.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+    kernel = x * torch.exp(-(x**2 + y**2) / (2 * sigma**2))
     return (kernel / kernel.abs().sum())[None, None]
 
 
@@ -56,7 +57,8 @@ def operators(kernel: torch.Tensor) -> dict:
         "convolution": lambda x: F.relu(F.conv2d(x, kernel, padding=pad)),
         "push-pull 2020 (scale 2)": lambda x: F.relu(push_pull_conv2d(x, kernel, padding=pad, pull="upsample")),
         "push-pull 2024 (invert, PP5)": lambda x: F.relu(
-            push_pull_conv2d(x, kernel, padding=pad, pull="invert", avg_kernel=5)),
+            push_pull_conv2d(x, kernel, padding=pad, pull="invert", avg_kernel=5)
+        ),
     }
 
 
@@ -144,7 +146,9 @@ def _snr_panel(axes, result: dict) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pushpull_ext.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="pushpull_demo.png", help="PNG to write (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=256, help="photograph resized to SIZE x SIZE (default: %(default)s)")
+    parser.add_argument(
+        "--size", type=int, default=256, help="photograph resized to SIZE x SIZE (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.size < 16:
         parser.error(f"--size must be at least 16, got {args.size}")

@@ -23,6 +23,7 @@ Limits: the decomposition computes the layer's output, the second output of the 
 ReLU masks that only their backward reads) is an empty uint8 tensor: exported graphs are for
 inference, and any graph that read the masks would fail on that empty tensor, never get wrong bits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,11 +33,42 @@ from . import ops  # noqa: F401  (defines the Triton ops, where Triton loads)
 from .reference import op_formula
 
 
-def _forward_decomposition(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                           pull_padding, dilation, groups, avg_kernel, dual_output, save_masks):
+def _forward_decomposition(
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    bias_out,
+    alpha,
+    stride,
+    padding,
+    pull_padding,
+    dilation,
+    groups,
+    avg_kernel,
+    dual_output,
+    save_masks,
+):
     """The fused forward op in plain ops: (output, empty uint8 masks); see the module docstring."""
-    out = op_formula(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                     pull_padding, dilation, groups, avg_kernel, dual_output)
+    out = op_formula(
+        input,
+        weight,
+        pull_shift,
+        pull_rows,
+        pull_cols,
+        bias_in,
+        bias_out,
+        alpha,
+        stride,
+        padding,
+        pull_padding,
+        dilation,
+        groups,
+        avg_kernel,
+        dual_output,
+    )
     return out, input.new_empty((0,), dtype=torch.uint8)
 
 

@@ -1,4 +1,5 @@
 """`push_pull_conv2d`: the public functional form, and the choice of backend."""
+
 from __future__ import annotations
 
 import inspect
@@ -99,8 +100,9 @@ def resolve_backend(backend: str, input: Tensor, pull: str | None = None) -> str
         problems.append(f"{candidate}: {problem}")
     if input.device.type not in _warned_fallback:
         _warned_fallback.add(input.device.type)
-        warnings.warn("pushpull_ext falls back to the eager reference: " + "; ".join(problems), RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "pushpull_ext falls back to the eager reference: " + "; ".join(problems), RuntimeWarning, stacklevel=2
+        )
     return "reference"
 
 
@@ -163,7 +165,8 @@ def _fused(backend: str, op: OpInputs, bias, bias_out, alpha, args: PushPullArgs
     # A trace (torch.jit.trace) keeps whatever this call decides: save the masks, so that a module
     # traced under no_grad can still be trained.
     save_masks = torch.jit.is_tracing() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs))
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
+    )
     forward_op = torch.ops.pushpull.triton_forward if backend == "triton" else torch.ops.pushpull.forward
     out, _masks = forward_op(*op_args._replace(save_masks=save_masks))
     if _is_channels_last(layout_of):
@@ -173,13 +176,29 @@ def _fused(backend: str, op: OpInputs, bias, bias_out, alpha, args: PushPullArgs
 
 def _forward_args(op: OpInputs, bias, bias_out, alpha, args: PushPullArgs, save_masks: bool) -> ops.ForwardArgs:
     pull_shift, pull_rows, pull_cols = op.pull
-    return ops.ForwardArgs(op.input, op.weight, pull_shift, pull_rows, pull_cols, bias, bias_out, alpha,
-                           list(args.stride), list(op.padding), list(op.pull_padding), list(args.dilation), args.groups,
-                           args.avg_kernel, args.dual_output, save_masks)
+    return ops.ForwardArgs(
+        op.input,
+        op.weight,
+        pull_shift,
+        pull_rows,
+        pull_cols,
+        bias,
+        bias_out,
+        alpha,
+        list(args.stride),
+        list(op.padding),
+        list(op.pull_padding),
+        list(args.dilation),
+        args.groups,
+        args.avg_kernel,
+        args.dual_output,
+        save_masks,
+    )
 
 
-def forward_args(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, save_masks: bool, **options
-                 ) -> ops.ForwardArgs:
+def forward_args(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, *, save_masks: bool, **options
+) -> ops.ForwardArgs:
     """The arguments push_pull_conv2d gives the fused forward op for these (a 4-D input, tensors of one
     dtype, push_pull_conv2d's keyword arguments but `backend`): for driving the launchers directly
     (compile_check)."""
@@ -211,10 +230,24 @@ def _autocast_cast(t, dtype: torch.dtype):
     return t.to(dtype) if eligible else t
 
 
-def push_pull_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1, padding=0, dilation=1,
-                     groups: int = 1, pull: str = "upsample", scale: float = 2.0, alpha=1.0,
-                     bias_out: Tensor | None = None, avg_kernel: int = 0, dual_output: bool = False,
-                     padding_mode: str = "zeros", backend: str = "auto") -> Tensor:
+def push_pull_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    pull: str = "upsample",
+    scale: float = 2.0,
+    alpha=1.0,
+    bias_out: Tensor | None = None,
+    avg_kernel: int = 0,
+    dual_output: bool = False,
+    padding_mode: str = "zeros",
+    backend: str = "auto",
+) -> Tensor:
     """Push-pull convolution: ReLU(P) - alpha * ReLU(Q') + bias_out (the formula in README.md).
 
     P = conv2d(input, weight, bias), Q = conv2d(input, q(weight), -bias) with the pull kernel q of
@@ -232,12 +265,35 @@ def push_pull_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     unbatched output.
     """
     if isinstance(input, Tensor) and input.dim() == 3:  # unbatched, as nn.Conv2d
-        return push_pull_conv2d(input.unsqueeze(0), weight, bias, stride=stride, padding=padding, dilation=dilation,
-                                groups=groups, pull=pull, scale=scale, alpha=alpha, bias_out=bias_out,
-                                avg_kernel=avg_kernel, dual_output=dual_output, padding_mode=padding_mode,
-                                backend=backend).squeeze(0)
-    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, pull=pull, scale=scale,
-                   avg_kernel=avg_kernel, dual_output=dual_output, padding_mode=padding_mode, backend=backend)
+        return push_pull_conv2d(
+            input.unsqueeze(0),
+            weight,
+            bias,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            pull=pull,
+            scale=scale,
+            alpha=alpha,
+            bias_out=bias_out,
+            avg_kernel=avg_kernel,
+            dual_output=dual_output,
+            padding_mode=padding_mode,
+            backend=backend,
+        ).squeeze(0)
+    options = dict(
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        pull=pull,
+        scale=scale,
+        avg_kernel=avg_kernel,
+        dual_output=dual_output,
+        padding_mode=padding_mode,
+        backend=backend,
+    )
     dtype = _autocast_dtype(input)
     if dtype is None:
         return _push_pull(input, weight, bias, bias_out, alpha, push_weight=weight, **options)
@@ -255,12 +311,17 @@ def _push_pull(input, weight, bias, bias_out, alpha, *, push_weight, backend, **
     args, alpha_vec = normalize(input, weight, bias, bias_out, alpha, **options)
     chosen = resolve_backend(backend, input, args.pull)
     if chosen == "reference":
-        pull_weight = None if push_weight is weight else pull_kernel(push_weight, args.pull, args.scale).to(weight.dtype)
+        pull_weight = (
+            None if push_weight is weight else pull_kernel(push_weight, args.pull, args.scale).to(weight.dtype)
+        )
         return push_pull_reference(input, weight, bias, bias_out, alpha_vec, args, pull_weight)
     pull = _pull_operands(push_weight, args, weight.dtype)
     return _fused(chosen, _op_inputs(input, weight, pull, args), bias, bias_out, alpha_vec, args, layout_of=input)
 
 
 # push_pull_conv2d's keyword arguments and their defaults, but the backend (forward_args).
-_KEYWORD_DEFAULTS = {name: p.default for name, p in inspect.signature(push_pull_conv2d).parameters.items()
-                     if p.kind is p.KEYWORD_ONLY and name != "backend"}
+_KEYWORD_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(push_pull_conv2d).parameters.items()
+    if p.kind is p.KEYWORD_ONLY and name != "backend"
+}

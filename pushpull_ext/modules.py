@@ -1,4 +1,5 @@
 """`PushPullConv2d`: a drop-in for torch.nn.Conv2d computing the push-pull response."""
+
 from __future__ import annotations
 
 import math
@@ -21,11 +22,30 @@ class PushPullConv2d(nn.Module):
     `alpha_relu=True`, as the 2020 layer does).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 pull: str = "upsample", scale: float = 2.0, alpha: float = 1.0, train_alpha: bool = False,
-                 alpha_relu: bool = False, bias_out: bool = False, avg_kernel: int = 0, dual_output: bool = False,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        pull: str = "upsample",
+        scale: float = 2.0,
+        alpha: float = 1.0,
+        train_alpha: bool = False,
+        alpha_relu: bool = False,
+        bias_out: bool = False,
+        avg_kernel: int = 0,
+        dual_output: bool = False,
+        backend: str = "auto",
+    ):
         super().__init__()
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {tuple(PADDING_MODES)}, got {padding_mode!r}")
@@ -68,15 +88,28 @@ class PushPullConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return push_pull_conv2d(
-            input, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
-            groups=self.groups, pull=self.pull, scale=self.scale, alpha=self.effective_alpha(),
-            bias_out=self.bias_out, avg_kernel=self.avg_kernel, dual_output=self.dual_output,
-            padding_mode=self.padding_mode, backend=self.backend,
+            input,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            pull=self.pull,
+            scale=self.scale,
+            alpha=self.effective_alpha(),
+            bias_out=self.bias_out,
+            avg_kernel=self.avg_kernel,
+            dual_output=self.dual_output,
+            padding_mode=self.padding_mode,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-             f"padding={self.padding}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}"
+        )
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -105,9 +138,20 @@ class PushPullConv2d(nn.Module):
         """A push-pull layer with `conv`'s geometry and a copy of its weights (conv's bias becomes `bias`)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv2d expects an nn.Conv2d, got {type(conv).__name__}")
-        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device,
-                    dtype=conv.weight.dtype, **pushpull_options)
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            **pushpull_options,
+        )
         with torch.no_grad():
             layer.weight.copy_(conv.weight)
             if conv.bias is not None:
@@ -130,11 +174,13 @@ class PushPullConv2d(nn.Module):
 
     # ------------------------------------------------------------------ the papers' checkpoints
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         _translate_paper_keys(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def _alpha_options(alpha, trainable: bool, relu: bool) -> dict:
@@ -155,8 +201,12 @@ def _copy_into(layer: PushPullConv2d, values: dict) -> PushPullConv2d:
 def _from_2020(cls, module, overrides):
     push = module.push
     alpha = module.alpha
-    options = dict(pull="upsample", scale=float(module.scale_factor), dual_output=bool(getattr(module, "dual_output", False)),
-                   **_alpha_options(alpha, bool(getattr(module, "train_alpha", False)), relu=True))
+    options = dict(
+        pull="upsample",
+        scale=float(module.scale_factor),
+        dual_output=bool(getattr(module, "dual_output", False)),
+        **_alpha_options(alpha, bool(getattr(module, "train_alpha", False)), relu=True),
+    )
     options.update(overrides)
     layer = cls.from_conv2d(push, **options)
     return _copy_into(layer, {"alpha": alpha if isinstance(alpha, Tensor) else None})
@@ -168,8 +218,12 @@ def _from_2024(cls, module, overrides):
     avg_kernel = _pair(avg.kernel_size)[0] if isinstance(avg, nn.AvgPool2d) else 0
     strength = module.pull_inhibition_strength
     bias = getattr(module, "bias", None)
-    options = dict(pull="invert", avg_kernel=avg_kernel, bias_out=bias is not None,
-                   **_alpha_options(strength, bool(getattr(module, "trainable_pull_inhibition", False)), relu=False))
+    options = dict(
+        pull="invert",
+        avg_kernel=avg_kernel,
+        bias_out=bias is not None,
+        **_alpha_options(strength, bool(getattr(module, "trainable_pull_inhibition", False)), relu=False),
+    )
     options.update(overrides)
     layer = cls.from_conv2d(push, **options)
     return _copy_into(layer, {"alpha": strength if isinstance(strength, Tensor) else None, "bias_out": bias})
@@ -177,8 +231,12 @@ def _from_2024(cls, module, overrides):
 
 # state-dict key of a paper's layout -> our parameter name (reshaped to our shape when loading)
 _PAPER_KEYS_2020 = {"push.weight": "weight", "push.bias": "bias", "alpha": "alpha"}
-_PAPER_KEYS_2024 = {"push_conv.weight": "weight", "push_conv.bias": "bias", "bias": "bias_out",
-                    "pull_inhibition_strength": "alpha"}
+_PAPER_KEYS_2024 = {
+    "push_conv.weight": "weight",
+    "push_conv.bias": "bias",
+    "bias": "bias_out",
+    "pull_inhibition_strength": "alpha",
+}
 
 
 def _translate_paper_keys(layer: PushPullConv2d, state_dict, prefix: str) -> None:

@@ -6,6 +6,7 @@ messages (options.normalize); the C++ ops run the same checks as this module in 
 Python, so these are their counterpart: consistent shapes, dtypes and devices, or a RuntimeError
 naming the argument — never an out-of-bounds read on the GPU.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -32,20 +33,41 @@ def _check_like_input(t: Optional[Tensor], input: Tensor, name: str, shape: Opti
     if shape is not None and tuple(t.shape) != shape:
         _fail(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if t.dtype != input.dtype or t.device != input.device:
-        _fail(f"{name} must have the input's dtype and device ({input.dtype}, {input.device}), "
-              f"got {t.dtype} on {t.device}")
+        _fail(
+            f"{name} must have the input's dtype and device ({input.dtype}, {input.device}), "
+            f"got {t.dtype} on {t.device}"
+        )
 
 
-def check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                  pull_padding, dilation, groups, avg_kernel, dual_output) -> tuple[int, int]:
+def check_forward(
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    bias_out,
+    alpha,
+    stride,
+    padding,
+    pull_padding,
+    dilation,
+    groups,
+    avg_kernel,
+    dual_output,
+) -> tuple[int, int]:
     """Checks the arguments of a push-pull forward op; returns the output size (Ho, Wo)."""
     if input.dim() != 4 or weight.dim() != 4:
         _fail(f"input and weight must be 4-D, got {list(input.shape)} and {list(weight.shape)}")
     if not input.dtype.is_floating_point:
         _fail(f"input must be floating point, got {input.dtype}")
     _check_like_input(weight, input, "weight")
-    for values, name, minimum in ((stride, "stride", 1), (dilation, "dilation", 1), (padding, "padding", 0),
-                                  (pull_padding, "pull_padding", 0)):
+    for values, name, minimum in (
+        (stride, "stride", 1),
+        (dilation, "dilation", 1),
+        (padding, "padding", 0),
+        (pull_padding, "pull_padding", 0),
+    ):
         _check_pair(values, name, minimum)
     if groups < 1:
         _fail(f"groups must be positive, got {groups}")
@@ -61,7 +83,10 @@ def check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias
     c_out, c_group, kh, kw = weight.shape
     if min(c_out, kh, kw) < 1 or c_in % groups or c_out % groups or c_group * groups != c_in:
         _fail(f"input channels {c_in}, weight {list(weight.shape)} and groups {groups} do not match")
-    out = (conv_output_size(h, kh, stride[0], padding[0], dilation[0]), conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+    out = (
+        conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+        conv_output_size(w, kw, stride[1], padding[1], dilation[1]),
+    )
     if min(out) < 1:
         _fail("kernel is larger than the padded input")
     for t, name in ((pull_shift, "pull_shift"), (bias_in, "bias_in"), (bias_out, "bias_out"), (alpha, "alpha")):
@@ -71,18 +96,51 @@ def check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias
             if m.dim() != 2 or m.shape[1] != k or m.shape[0] < k:
                 _fail(f"{name} must have shape [q, {k}] with q >= {k}, got {list(m.shape)}")
             _check_like_input(m, input, name)
-        pull_out = (conv_output_size(h, pull_rows.shape[0], stride[0], pull_padding[0], dilation[0]),
-                    conv_output_size(w, pull_cols.shape[0], stride[1], pull_padding[1], dilation[1]))
+        pull_out = (
+            conv_output_size(h, pull_rows.shape[0], stride[0], pull_padding[0], dilation[0]),
+            conv_output_size(w, pull_cols.shape[0], stride[1], pull_padding[1], dilation[1]),
+        )
         if pull_out != out:
             _fail(f"pull and push responses would have different shapes ({list(pull_out)} and {list(out)})")
     return out
 
 
-def check_backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
-                   padding, pull_padding, dilation, groups, avg_kernel, dual_output) -> None:
+def check_backward(
+    grad_output,
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    alpha,
+    masks,
+    stride,
+    padding,
+    pull_padding,
+    dilation,
+    groups,
+    avg_kernel,
+    dual_output,
+) -> None:
     """Checks the arguments of the Triton backward op (the forward's, grad_output and the masks)."""
-    ho, wo = check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, None, alpha, stride, padding,
-                           pull_padding, dilation, groups, avg_kernel, dual_output)
+    ho, wo = check_forward(
+        input,
+        weight,
+        pull_shift,
+        pull_rows,
+        pull_cols,
+        bias_in,
+        None,
+        alpha,
+        stride,
+        padding,
+        pull_padding,
+        dilation,
+        groups,
+        avg_kernel,
+        dual_output,
+    )
     n, c_out = input.shape[0], weight.shape[0]
     expected = (n, (2 if dual_output else 1) * c_out, ho, wo)
     _check_like_input(grad_output, input, "grad_output", expected)
@@ -90,7 +148,9 @@ def check_backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols,
     # An empty uint8 tensor (a forward with save_masks=False) is accepted: the Triton backward then
     # recomputes the masks.
     if masks.dtype != torch.uint8 or (masks.numel() != 0 and tuple(masks.shape) != mask_shape):
-        _fail(f"masks must be the uint8 tensor {list(mask_shape)} saved by the forward (save_masks=True) or empty, "
-              f"got {masks.dtype} {list(masks.shape)}")
+        _fail(
+            f"masks must be the uint8 tensor {list(mask_shape)} saved by the forward (save_masks=True) or empty, "
+            f"got {masks.dtype} {list(masks.shape)}"
+        )
     if masks.device != input.device:
         _fail(f"masks must be on the input's device ({input.device}), got {masks.device}")

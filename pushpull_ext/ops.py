@@ -8,6 +8,7 @@ Two op pairs share one contract (documented in `forward_fake` below):
   kernels; under TRITON_INTERPRET=1 they are opaque custom ops (the interpreter cannot run on the
   fake tensors a trace would feed it).
 """
+
 from __future__ import annotations
 
 # typing.Sequence: the annotation the Triton ops' schema is inferred from, on every supported torch.
@@ -47,11 +48,27 @@ class ForwardArgs(NamedTuple):
 # takes its output_mask).
 GRADIENTS = ("input", "weight", "pull_shift", "bias_in", "bias_out", "alpha")
 # The geometry the backward op takes after the tensors: the forward's, without save_masks.
-GEOMETRY = ForwardArgs._fields[ForwardArgs._fields.index("stride"):-1]
+GEOMETRY = ForwardArgs._fields[ForwardArgs._fields.index("stride") : -1]
 
 
-def forward_fake(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                 pull_padding, dilation, groups, avg_kernel, dual_output, save_masks):
+def forward_fake(
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    bias_out,
+    alpha,
+    stride,
+    padding,
+    pull_padding,
+    dilation,
+    groups,
+    avg_kernel,
+    dual_output,
+    save_masks,
+):
     """Shapes of (output, masks).
 
     output: [N, C_out (2*C_out if dual_output), Ho, Wo], contiguous, input's dtype.
@@ -59,15 +76,33 @@ def forward_fake(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_
     ReLU'(Q') (masks[1]) of channel o; empty when save_masks is False.
     """
     n, c_out = input.shape[0], weight.shape[0]
-    ho, wo = (conv_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-              for i in range(2))
+    ho, wo = (
+        conv_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)
+    )
     out = input.new_empty((n, 2 * c_out if dual_output else c_out, ho, wo))
     mask_shape = (2, n, (c_out + 7) // 8, ho, wo) if save_masks else (0,)
     return out, input.new_empty(mask_shape, dtype=torch.uint8)
 
 
-def backward_fake(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
-                  padding, pull_padding, dilation, groups, avg_kernel, dual_output, output_mask):
+def backward_fake(
+    grad_output,
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    alpha,
+    masks,
+    stride,
+    padding,
+    pull_padding,
+    dilation,
+    groups,
+    avg_kernel,
+    dual_output,
+    output_mask,
+):
     """(grad_input, grad_weight, grad_pull_shift, grad_bias_in, grad_bias_out, grad_alpha); entries
     not asked for in output_mask are empty tensors."""
     c_out = weight.shape[0]
@@ -98,10 +133,20 @@ def _make_autograd(backward_op):
         # response for alpha; the weight only by the input gradient and that recomputation.
         keep_input = need["weight"] or need["pull_shift"] or need["alpha"]
         keep_weight = need["input"] or need["alpha"]
-        ctx.placeholders = (None if keep_input else _placeholder(args.input),
-                            None if keep_weight else _placeholder(args.weight))
-        ctx.save_for_backward(args.input if keep_input else None, args.weight if keep_weight else None,
-                              args.pull_shift, args.pull_rows, args.pull_cols, args.bias_in, args.alpha, output[1])
+        ctx.placeholders = (
+            None if keep_input else _placeholder(args.input),
+            None if keep_weight else _placeholder(args.weight),
+        )
+        ctx.save_for_backward(
+            args.input if keep_input else None,
+            args.weight if keep_weight else None,
+            args.pull_shift,
+            args.pull_rows,
+            args.pull_cols,
+            args.bias_in,
+            args.alpha,
+            output[1],
+        )
         ctx.mark_non_differentiable(output[1])
         ctx.input_channels_last = _is_channels_last(args.input)
 
@@ -109,16 +154,35 @@ def _make_autograd(backward_op):
         input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks = ctx.saved_tensors
         need = list(_needed(ctx).values())
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            grads = _differentiable_grads(grad_output, (input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha),
-                                          masks, ctx.placeholders, ctx.options, need)
+            grads = _differentiable_grads(
+                grad_output,
+                (input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha),
+                masks,
+                ctx.placeholders,
+                ctx.options,
+                need,
+            )
             return _by_argument(grads, need)
         input = ctx.placeholders[0] if input is None else input
         weight = ctx.placeholders[1] if weight is None else weight
         # The kernels accumulate in float32 with ATen ops, which autocast (still on if backward runs inside
         # its context) must not cast down again.
         with torch.autocast(grad_output.device.type, enabled=False):
-            grads = list(backward_op(grad_output.contiguous(), input, weight, pull_shift, pull_rows, pull_cols, bias_in,
-                                     alpha, masks, *ctx.options, need))
+            grads = list(
+                backward_op(
+                    grad_output.contiguous(),
+                    input,
+                    weight,
+                    pull_shift,
+                    pull_rows,
+                    pull_cols,
+                    bias_in,
+                    alpha,
+                    masks,
+                    *ctx.options,
+                    need,
+                )
+            )
         if ctx.input_channels_last and need[0]:  # as nn.Conv2d: the input's gradient in the input's layout
             grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
         return _by_argument(grads, need)
@@ -155,8 +219,18 @@ def _differentiable_grads(grad_output, saved, masks, placeholders, options, need
     leaves = [*stand_in, pull_shift, bias_in, bias_out, alpha]
     leaves = [t.detach().requires_grad_() if wanted and not t.requires_grad else t for t, wanted in zip(leaves, need)]
     with torch.enable_grad():
-        out = op_formula(leaves[0], leaves[1], leaves[2], pull_rows, pull_cols, leaves[3], leaves[4], leaves[5],
-                         *options, masks=unpack_masks(masks, c_out, grad_output.dtype))
+        out = op_formula(
+            leaves[0],
+            leaves[1],
+            leaves[2],
+            pull_rows,
+            pull_cols,
+            leaves[3],
+            leaves[4],
+            leaves[5],
+            *options,
+            masks=unpack_masks(masks, c_out, grad_output.dtype),
+        )
         wanted = [t for t, n in zip(leaves, need) if n]
         grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True, materialize_grads=True))
     return [next(grads) if n else None for n in need]
@@ -172,7 +246,9 @@ def _register(forward_op_name: str, backward_op_name: str):
     backward_op = getattr(torch.ops.pushpull, backward_op_name.split("::")[1])
     setup_context, backward = _make_autograd(backward_op)
     torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
-    torch.library.register_autograd(backward_op_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+    torch.library.register_autograd(
+        backward_op_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
 
 
 if CPP_ERROR is None:
@@ -195,25 +271,85 @@ def _define_triton_ops():
     define = torch.library.custom_op if TRITON_INTERPRET else torch.library.triton_op
 
     @define("pushpull::triton_forward", mutates_args=())
-    def triton_forward(input: Tensor, weight: Tensor, pull_shift: Optional[Tensor], pull_rows: Optional[Tensor],
-                       pull_cols: Optional[Tensor], bias_in: Optional[Tensor], bias_out: Optional[Tensor],
-                       alpha: Tensor, stride: Sequence[int], padding: Sequence[int], pull_padding: Sequence[int],
-                       dilation: Sequence[int], groups: int, avg_kernel: int, dual_output: bool,
-                       save_masks: bool) -> tuple[Tensor, Tensor]:
-        args = (input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                pull_padding, dilation, groups, avg_kernel, dual_output, save_masks)
+    def triton_forward(
+        input: Tensor,
+        weight: Tensor,
+        pull_shift: Optional[Tensor],
+        pull_rows: Optional[Tensor],
+        pull_cols: Optional[Tensor],
+        bias_in: Optional[Tensor],
+        bias_out: Optional[Tensor],
+        alpha: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        pull_padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        avg_kernel: int,
+        dual_output: bool,
+        save_masks: bool,
+    ) -> tuple[Tensor, Tensor]:
+        args = (
+            input,
+            weight,
+            pull_shift,
+            pull_rows,
+            pull_cols,
+            bias_in,
+            bias_out,
+            alpha,
+            stride,
+            padding,
+            pull_padding,
+            dilation,
+            groups,
+            avg_kernel,
+            dual_output,
+            save_masks,
+        )
         if input.shape[0] == 0:  # no program to launch
             return _empty_batch_forward(*args)
         return triton_launch.forward(*args)
 
     @define("pushpull::triton_backward", mutates_args=())
-    def triton_backward(grad_output: Tensor, input: Tensor, weight: Tensor, pull_shift: Optional[Tensor],
-                        pull_rows: Optional[Tensor], pull_cols: Optional[Tensor], bias_in: Optional[Tensor],
-                        alpha: Tensor, masks: Tensor, stride: Sequence[int], padding: Sequence[int],
-                        pull_padding: Sequence[int], dilation: Sequence[int], groups: int, avg_kernel: int,
-                        dual_output: bool, output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        args = (grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride, padding,
-                pull_padding, dilation, groups, avg_kernel, dual_output, output_mask)
+    def triton_backward(
+        grad_output: Tensor,
+        input: Tensor,
+        weight: Tensor,
+        pull_shift: Optional[Tensor],
+        pull_rows: Optional[Tensor],
+        pull_cols: Optional[Tensor],
+        bias_in: Optional[Tensor],
+        alpha: Tensor,
+        masks: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        pull_padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        avg_kernel: int,
+        dual_output: bool,
+        output_mask: Sequence[bool],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        args = (
+            grad_output,
+            input,
+            weight,
+            pull_shift,
+            pull_rows,
+            pull_cols,
+            bias_in,
+            alpha,
+            masks,
+            stride,
+            padding,
+            pull_padding,
+            dilation,
+            groups,
+            avg_kernel,
+            dual_output,
+            output_mask,
+        )
         if input.shape[0] == 0:
             return _empty_batch_backward(*args)
         return triton_launch.backward(*args)

@@ -4,6 +4,7 @@
 error (naming the argument) for anything the layer does not allow. The backends (C++ op, Triton op,
 reference) all receive the same normalized arguments, so no backend repeats these checks in Python.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,10 @@ def _pair(value, name: str) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, numbers.Integral):
         return (int(value), int(value))
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
     ):
         return (int(value[0]), int(value[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -98,18 +101,37 @@ class PushPullArgs:
 
     def output_size(self, input_hw, kernel_size) -> tuple[int, int]:
         grown = (h + e for h, e in zip(input_hw, self.padding_extra))
-        return tuple(conv_output_size(*dims) for dims in zip(grown, kernel_size, self.stride, self.padding, self.dilation))
+        return tuple(
+            conv_output_size(*dims) for dims in zip(grown, kernel_size, self.stride, self.padding, self.dilation)
+        )
 
     def pull_output_size(self, input_hw, kernel_size) -> tuple[int, int]:
         grown = (h + e for h, e in zip(input_hw, self.padding_extra))
         return tuple(
             conv_output_size(*dims)
-            for dims in zip(grown, self.pull_size(kernel_size), self.stride, self.pull_padding(kernel_size), self.dilation)
+            for dims in zip(
+                grown, self.pull_size(kernel_size), self.stride, self.pull_padding(kernel_size), self.dilation
+            )
         )
 
 
-def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation, groups, pull, scale,
-              avg_kernel, dual_output, padding_mode="zeros") -> tuple[PushPullArgs, torch.Tensor]:
+def normalize(
+    input,
+    weight,
+    bias,
+    bias_out,
+    alpha,
+    *,
+    stride,
+    padding,
+    dilation,
+    groups,
+    pull,
+    scale,
+    avg_kernel,
+    dual_output,
+    padding_mode="zeros",
+) -> tuple[PushPullArgs, torch.Tensor]:
     """Check every argument; return the normalized options and alpha as a [C_out] tensor."""
     _check_tensors(input, weight, bias, bias_out, alpha)
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
@@ -135,8 +157,18 @@ def normalize(input, weight, bias, bias_out, alpha, *, stride, padding, dilation
         raise ValueError(f"avg_kernel must be odd (or 0/1 for no pooling), got {avg_kernel}")
     if dual_output and bias_out is not None:
         raise ValueError("bias_out cannot be used with dual_output=True (the dual output has no combination)")
-    args = PushPullArgs(stride, padding, dilation, int(groups), pull, float(scale), int(avg_kernel), bool(dual_output),
-                        padding_mode, padding_extra)
+    args = PushPullArgs(
+        stride,
+        padding,
+        dilation,
+        int(groups),
+        pull,
+        float(scale),
+        int(avg_kernel),
+        bool(dual_output),
+        padding_mode,
+        padding_extra,
+    )
     # Under torch.jit.trace the checks hold for the example input, and the ops check every later call.
     traced_quietly(_check_shapes, input, weight, bias, bias_out, args)
     return args, traced_quietly(_alpha_vector, alpha, weight)
@@ -178,8 +210,9 @@ def _check_tensors(input, weight, bias, bias_out, alpha):
         if t is not None and t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}; all must be on one device")
     if input.dim() != 4:
-        raise ValueError(f"input must be 3-D [C_in, H, W] or 4-D [N, C_in, H, W], got {input.dim()}-D shape "
-                         f"{tuple(input.shape)}")
+        raise ValueError(
+            f"input must be 3-D [C_in, H, W] or 4-D [N, C_in, H, W], got {input.dim()}-D shape {tuple(input.shape)}"
+        )
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D [C_out, C_in/groups, kh, kw], got shape {tuple(weight.shape)}")
     if not isinstance(alpha, torch.Tensor) and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)):
@@ -248,8 +281,10 @@ def _check_padding_mode(input, kernel_size, args: PushPullArgs):
     for pad, size, dim in ((max(top, bottom), input.shape[2], "height"), (max(left, right), input.shape[3], "width")):
         if pad > size or (args.padding_mode == "reflect" and pad == size):
             limit = "smaller than" if args.padding_mode == "reflect" else "at most"
-            raise ValueError(f"padding_mode={args.padding_mode!r} pads the input by {pad} (the pull convolution's "
-                             f"padding) but its {dim} is {size}: the padding must be {limit} the input size")
+            raise ValueError(
+                f"padding_mode={args.padding_mode!r} pads the input by {pad} (the pull convolution's "
+                f"padding) but its {dim} is {size}: the padding must be {limit} the input size"
+            )
 
 
 def _alpha_vector(alpha, weight) -> torch.Tensor:

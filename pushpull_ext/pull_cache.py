@@ -12,6 +12,7 @@ of the weight alters:
 The one change PyTorch does not record is an in-place update through `.data` (`weight.data.mul_(2)`:
 `.data` has a version counter of its own, by design): after one, call `clear()`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,15 +35,20 @@ def cacheable(weight: torch.Tensor) -> bool:
     version counter (not an inference tensor)."""
     if torch.is_grad_enabled() and weight.requires_grad:
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or type(weight) not in (torch.Tensor, torch.nn.Parameter)
+    ):
         return False
     if weight.is_inference():  # created under inference_mode: it has no version counter to key on
         return False
     return not torch._C._functorch.is_functorch_wrapped_tensor(weight)
 
 
-def cached_operands(weight: torch.Tensor, args: PushPullArgs, dtype: torch.dtype,
-                    derive: Callable[[torch.Tensor, PushPullArgs], tuple]) -> tuple:
+def cached_operands(
+    weight: torch.Tensor, args: PushPullArgs, dtype: torch.dtype, derive: Callable[[torch.Tensor, PushPullArgs], tuple]
+) -> tuple:
     """derive(weight, args) cast to `dtype`, computed once per state of `weight` (see module docstring).
 
     Computed outside inference mode, so that the kept tensors can also serve later calls made

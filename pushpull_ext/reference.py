@@ -5,6 +5,7 @@ pooling the way the papers' own modules do. Being plain ops, it supports every a
 transform (double backward, forward-mode AD, vmap, ...): `op_formula` evaluates it from the fused ops'
 own arguments, and serves where the fused kernels cannot (see functional.py and ops.py).
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,8 +69,7 @@ def _conv(input, kernel, bias, args: PushPullArgs, pad_amounts) -> torch.Tensor:
     return F.conv2d(input, kernel, bias, padding=(pad_amounts[2], pad_amounts[0]), **conv)
 
 
-def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullArgs,
-                        pull_weight=None) -> torch.Tensor:
+def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullArgs, pull_weight=None) -> torch.Tensor:
     """y = ReLU(P) - alpha * ReLU(Q') + b_out, or cat([ReLU(P), ReLU(Q')]) for the dual output.
 
     `alpha` is a [C_out] tensor (see options.normalize); `args` the normalized options; `pull_weight`
@@ -83,8 +83,24 @@ def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullA
     return combine(push, pull, bias_out, alpha, args.avg_kernel, args.dual_output)
 
 
-def op_formula(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-               pull_padding, dilation, groups, avg_kernel, dual_output, masks=None) -> torch.Tensor:
+def op_formula(
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    bias_out,
+    alpha,
+    stride,
+    padding,
+    pull_padding,
+    dilation,
+    groups,
+    avg_kernel,
+    dual_output,
+    masks=None,
+) -> torch.Tensor:
     """The output of the fused forward op (ops.py) for the same arguments, in plain ops (zero padding,
     the pull kernel from the pull operands). `masks` as in `combine`."""
     pull_weight = pull_kernel_from_operands(weight, pull_shift, pull_rows, pull_cols)

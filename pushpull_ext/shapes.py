@@ -5,6 +5,7 @@ Tests and benchmarks import `CASES` (or `case_by_name`) and build a case's tenso
 extra, arbitrary case. The tolerance rules (README.md, "Testing") are here too (`tolerance`, `within_tolerance`),
 so that the benchmark and the tests judge errors the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,27 +45,60 @@ class Case:
 
     def options(self) -> dict:
         """Keyword arguments of `push_pull_conv2d` other than the tensors."""
-        return dict(stride=self.stride, padding=self.padding, pull=self.pull, scale=self.scale,
-                    avg_kernel=self.avg_kernel)
+        return dict(
+            stride=self.stride, padding=self.padding, pull=self.pull, scale=self.scale, avg_kernel=self.avg_kernel
+        )
 
     def describe(self) -> str:
         pull = f"upsample s={self.scale:g}" if self.pull == "upsample" else "invert"
         if self.avg_kernel > 1:
             pull += f", avg {self.avg_kernel}"
-        return (f"{self.c_in}->{self.c_out} {self.h}x{self.w} k{self.kernel} s{self.stride} p{self.padding}, {pull}, "
-                f"bias_in={self.bias_in}, bias_out={self.bias_out}, alpha={self.alpha}, input_grad={self.input_grad}")
+        return (
+            f"{self.c_in}->{self.c_out} {self.h}x{self.w} k{self.kernel} s{self.stride} p{self.padding}, {pull}, "
+            f"bias_in={self.bias_in}, bias_out={self.bias_out}, alpha={self.alpha}, input_grad={self.input_grad}"
+        )
 
 
 def _paper_2020(name, layer, n, c_in, c_out, hw, input_grad):
     # PPmodule2d: push = Conv2d(bias=True) -> b_in; alpha 1, not trained; pull = bilinear x2 (3x3 -> 7x7).
-    return Case(name, layer, n, c_in, c_out, hw, hw, kernel=3, stride=1, padding=1, pull="upsample", scale=2.0,
-                bias_in=True, alpha="number", input_grad=input_grad)
+    return Case(
+        name,
+        layer,
+        n,
+        c_in,
+        c_out,
+        hw,
+        hw,
+        kernel=3,
+        stride=1,
+        padding=1,
+        pull="upsample",
+        scale=2.0,
+        bias_in=True,
+        alpha="number",
+        input_grad=input_grad,
+    )
 
 
 def _paper_2024(name, layer, n, c_in, c_out, hw, kernel, stride, padding, avg_kernel):
     # PushPullConv2DUnit: push_conv without bias, b_out after the combination, trainable [C_out] alpha.
-    return Case(name, layer, n, c_in, c_out, hw, hw, kernel=kernel, stride=stride, padding=padding, pull="invert",
-                avg_kernel=avg_kernel, bias_out=True, alpha="per-channel", input_grad=False)
+    return Case(
+        name,
+        layer,
+        n,
+        c_in,
+        c_out,
+        hw,
+        hw,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        pull="invert",
+        avg_kernel=avg_kernel,
+        bias_out=True,
+        alpha="per-channel",
+        input_grad=False,
+    )
 
 
 CASES: tuple[Case, ...] = (
@@ -132,11 +166,13 @@ class CaseInputs:
     def call(self, fn, **extra):
         """fn(input, weight, bias, bias_out=..., alpha=..., **case options, **extra)."""
         t = self.tensors
-        return fn(t["input"], t["weight"], t["bias"], bias_out=t["bias_out"], alpha=t["alpha"],
-                  **self.case.options(), **extra)
+        return fn(
+            t["input"], t["weight"], t["bias"], bias_out=t["bias_out"], alpha=t["alpha"], **self.case.options(), **extra
+        )
 
     def cast(self, dtype: torch.dtype, device=None) -> CaseInputs:
         """Copies with the same values in another dtype/device (and the same requires_grad)."""
+
         def convert(t):
             if not isinstance(t, torch.Tensor):
                 return t
@@ -145,8 +181,9 @@ class CaseInputs:
         return CaseInputs(self.case, self.batch, {k: convert(v) for k, v in self.tensors.items()}, self.grad_names)
 
 
-def make_inputs(case: Case, device="cpu", dtype: torch.dtype = torch.float32, batch: Optional[int] = None,
-                seed: int = 0) -> CaseInputs:
+def make_inputs(
+    case: Case, device="cpu", dtype: torch.dtype = torch.float32, batch: Optional[int] = None, seed: int = 0
+) -> CaseInputs:
     """The case's tensors: input ~ N(0, 1) (batch `batch` or the case's N), parameters initialised as
     nn.Conv2d does (uniform +-1/sqrt(fan_in)), alpha = alpha_value. Values are drawn in float64 on
     the CPU from `seed`, so every device and dtype sees the same numbers. requires_grad is set as the
@@ -168,8 +205,11 @@ def make_inputs(case: Case, device="cpu", dtype: torch.dtype = torch.float32, ba
         "weight": put(uniform(case.c_out, case.c_in, case.kernel, case.kernel), True),
         "bias": put(uniform(case.c_out), True) if case.bias_in else None,
         "bias_out": put(uniform(case.c_out), True) if case.bias_out else None,
-        "alpha": (put(torch.full((case.c_out,), case.alpha_value, dtype=torch.float64), True)
-                  if case.alpha == "per-channel" else case.alpha_value),
+        "alpha": (
+            put(torch.full((case.c_out,), case.alpha_value, dtype=torch.float64), True)
+            if case.alpha == "per-channel"
+            else case.alpha_value
+        ),
     }
     grad_names = tuple(k for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.requires_grad)
     return CaseInputs(case, n, tensors, grad_names)
@@ -200,6 +240,7 @@ def tolerance(dtype: torch.dtype, eager_error: Optional[float] = None) -> float:
     return max(LOW_PRECISION_FACTOR * eager_error, RELATIVE_TOLERANCE.get(dtype, 0.0))
 
 
-def within_tolerance(value: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
-                     eager_error: Optional[float] = None) -> bool:
+def within_tolerance(
+    value: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, eager_error: Optional[float] = None
+) -> bool:
     return relative_error(value, exact) <= tolerance(dtype, eager_error)

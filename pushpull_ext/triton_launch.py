@@ -35,6 +35,7 @@ grad_output and the packed masks as it loads them; see kernels/backward.py)
 Everything here besides the kernel launches is small work on the weights (a few KB) or per-channel
 reductions; no atomics, so results are bitwise reproducible run to run.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -147,13 +148,13 @@ class _Geom:
         if (self.TH, self.TW) == (a, b):
             return k
         out = k.new_zeros(k.shape[0], k.shape[1], self.TH, self.TW)
-        out[:, :, oh:oh + (a - 1) * sh + 1:sh, ow:ow + (b - 1) * sw + 1:sw] = k
+        out[:, :, oh : oh + (a - 1) * sh + 1 : sh, ow : ow + (b - 1) * sw + 1 : sw] = k
         return out
 
     def extract(self, kwin: Tensor, pos, size) -> Tensor:
         (oh, sh), (ow, sw) = pos
         a, b = size
-        return kwin[:, :, oh:oh + (a - 1) * sh + 1:sh, ow:ow + (b - 1) * sw + 1:sw]
+        return kwin[:, :, oh : oh + (a - 1) * sh + 1 : sh, ow : ow + (b - 1) * sw + 1 : sw]
 
 
 def _fwd_matrix(kwin: Tensor) -> Tensor:
@@ -173,8 +174,11 @@ def _bwd_matrix(kwin: Tensor, groups: int) -> Tensor:
 # Configs (bucketed shapes; no per-batch retuning)
 # ----------------------------------------------------------------------------------------------
 def _interpreted() -> bool:
-    return isinstance(_k.pp_fwd_conv_kernel, triton.runtime.interpreter.InterpretedFunction) if hasattr(
-        triton.runtime, "interpreter") else False
+    return (
+        isinstance(_k.pp_fwd_conv_kernel, triton.runtime.interpreter.InterpretedFunction)
+        if hasattr(triton.runtime, "interpreter")
+        else False
+    )
 
 
 @dataclass(frozen=True)
@@ -248,12 +252,42 @@ def _num_sms(device) -> int:
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha,
-            stride: list[int], padding: list[int], pull_padding: list[int], dilation: list[int], groups: int,
-            avg_kernel: int, dual_output: bool, save_masks: bool,
-            config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor]:
-    check_forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding,
-                  pull_padding, dilation, groups, avg_kernel, dual_output)
+def forward(
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    bias_out,
+    alpha,
+    stride: list[int],
+    padding: list[int],
+    pull_padding: list[int],
+    dilation: list[int],
+    groups: int,
+    avg_kernel: int,
+    dual_output: bool,
+    save_masks: bool,
+    config: LaunchConfig = DEFAULT_LAUNCH,
+) -> tuple[Tensor, Tensor]:
+    check_forward(
+        input,
+        weight,
+        pull_shift,
+        pull_rows,
+        pull_cols,
+        bias_in,
+        bias_out,
+        alpha,
+        stride,
+        padding,
+        pull_padding,
+        dilation,
+        groups,
+        avg_kernel,
+        dual_output,
+    )
     x = input.contiguous()
     w = weight.contiguous()
     geo = _Geom(x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups)
@@ -263,7 +297,11 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
     acc_dtype = torch.float64 if is_fp64 else torch.float32
 
     wp = _fwd_matrix(geo.embed(w, geo.push_pos))
-    wq = _fwd_matrix(geo.embed(pull_kernel_from_operands(w, None, pull_rows, pull_cols), geo.pull_pos)) if geo.mode == MODE_UPSAMPLE else wp
+    wq = (
+        _fwd_matrix(geo.embed(pull_kernel_from_operands(w, None, pull_rows, pull_cols), geo.pull_pos))
+        if geo.mode == MODE_UPSAMPLE
+        else wp
+    )
     shift = pull_shift.contiguous() if pull_shift is not None else wp
     b_in = bias_in.contiguous() if bias_in is not None else wp
     b_out = bias_out.contiguous() if bias_out is not None else wp
@@ -285,26 +323,83 @@ def forward(input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, 
     BM, BN, BK, nw, ns = _fwd_config(dtype, config.gpu_tuned(x), C_out, geo.Cgo)
     grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
     i0, i1, j0, j1 = geo.push_box
-    ng_tile = max(min(n0 + BN, C_out) // geo.Cgo - n0 // geo.Cgo + ((min(n0 + BN, C_out)) % geo.Cgo != 0)
-                  for n0 in range(0, C_out, BN))
+    ng_tile = max(
+        min(n0 + BN, C_out) // geo.Cgo - n0 // geo.Cgo + ((min(n0 + BN, C_out)) % geo.Cgo != 0)
+        for n0 in range(0, C_out, BN)
+    )
     config.launch(_k.pp_fwd_conv_kernel)[grid](
-        x, wp, wq, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf,
-        N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, geo.Cg, geo.Cgo,
-        geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1],
-        geo.TH, geo.TW, ng_tile, i0, i1, j0, j1,
-        MODE=geo.mode, HAS_BIN=bias_in is not None, HAS_BOUT=bias_out is not None, DUAL=bool(dual_output),
-        SAVE_MASKS=bool(save_masks), POOLED=pooled, IS_FP64=is_fp64, ALLOW_TF32=config.allow_tf32(x),
-        STRADDLE=ng_tile > 1, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
+        x,
+        wp,
+        wq,
+        shift,
+        b_in,
+        b_out,
+        alpha_v,
+        y,
+        mask_arg,
+        pbuf,
+        qbuf,
+        N,
+        geo.C_in,
+        geo.H,
+        geo.W,
+        C_out,
+        Ho,
+        Wo,
+        geo.Cg,
+        geo.Cgo,
+        geo.stride[0],
+        geo.stride[1],
+        geo.pad[0],
+        geo.pad[1],
+        geo.win_dil[0],
+        geo.win_dil[1],
+        geo.TH,
+        geo.TW,
+        ng_tile,
+        i0,
+        i1,
+        j0,
+        j1,
+        MODE=geo.mode,
+        HAS_BIN=bias_in is not None,
+        HAS_BOUT=bias_out is not None,
+        DUAL=bool(dual_output),
+        SAVE_MASKS=bool(save_masks),
+        POOLED=pooled,
+        IS_FP64=is_fp64,
+        ALLOW_TF32=config.allow_tf32(x),
+        STRADDLE=ng_tile > 1,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_K=BK,
+        num_warps=nw,
+        num_stages=ns,
     )
     if pooled:
         # Half the conv tile's pixels: a [128, 64] tile of 64-bit window offsets spilled 440-576 B
         # whenever Ho * Wo is not a multiple of 16 (compile_check.py, e.g. 14 x 14 or 110 x 110).
         pool_bm = BM // 2 if config.gpu_tuned(x) else BM
         config.launch(_k.pp_fwd_pool_epilogue_kernel)[(triton.cdiv(N * Ho * Wo, pool_bm), grid[1])](
-            pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg,
-            N, C_out, Ho, Wo, int(avg_kernel), (int(avg_kernel) - 1) // 2,
-            HAS_BOUT=bias_out is not None, DUAL=bool(dual_output), SAVE_MASKS=bool(save_masks),
-            BLOCK_M=pool_bm, BLOCK_N=BN, num_warps=nw,
+            pbuf,
+            qbuf,
+            b_in,
+            b_out,
+            alpha_v,
+            y,
+            mask_arg,
+            N,
+            C_out,
+            Ho,
+            Wo,
+            int(avg_kernel),
+            (int(avg_kernel) - 1) // 2,
+            HAS_BOUT=bias_out is not None,
+            DUAL=bool(dual_output),
+            SAVE_MASKS=bool(save_masks),
+            BLOCK_M=pool_bm,
+            BLOCK_N=BN,
+            num_warps=nw,
         )
     return y, masks
 
@@ -330,12 +425,44 @@ def _pixel_split(n_tiles: int, k_pix: int, block_k: int, gpu: bool, device, over
     return max(1, min(split, triton.cdiv(k_pix, 8 * block_k), 256))
 
 
-def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks,
-             stride, padding, pull_padding, dilation, groups, avg_kernel, dual_output,
-             output_mask: list[bool], config: LaunchConfig = DEFAULT_LAUNCH
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks, stride,
-                   padding, pull_padding, dilation, groups, avg_kernel, dual_output)
+def backward(
+    grad_output,
+    input,
+    weight,
+    pull_shift,
+    pull_rows,
+    pull_cols,
+    bias_in,
+    alpha,
+    masks,
+    stride,
+    padding,
+    pull_padding,
+    dilation,
+    groups,
+    avg_kernel,
+    dual_output,
+    output_mask: list[bool],
+    config: LaunchConfig = DEFAULT_LAUNCH,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_backward(
+        grad_output,
+        input,
+        weight,
+        pull_shift,
+        pull_rows,
+        pull_cols,
+        bias_in,
+        alpha,
+        masks,
+        stride,
+        padding,
+        pull_padding,
+        dilation,
+        groups,
+        avg_kernel,
+        dual_output,
+    )
     # input / weight may be shape-only placeholders (expanded 0-d tensors) when the gradients asked
     # for do not read them: make them contiguous only where they are read.
     x, w = input, weight
@@ -360,8 +487,25 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
     need_fields = any(want[:4])
     need_alpha = want[5] and not dual_output
     if (need_fields and masks.numel() == 0) or need_alpha:
-        y_dual, m2 = forward(x.contiguous(), w.contiguous(), pull_shift, pull_rows, pull_cols, bias_in, None, alpha_v, stride, padding,
-                             pull_padding, dilation, groups, avg_kernel, True, masks.numel() == 0, config)
+        y_dual, m2 = forward(
+            x.contiguous(),
+            w.contiguous(),
+            pull_shift,
+            pull_rows,
+            pull_cols,
+            bias_in,
+            None,
+            alpha_v,
+            stride,
+            padding,
+            pull_padding,
+            dilation,
+            groups,
+            avg_kernel,
+            True,
+            masks.numel() == 0,
+            config,
+        )
         if masks.numel() == 0:
             masks = m2
         if need_alpha:
@@ -389,8 +533,20 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         split = triton.cdiv(p_total, pix_per_split)
         part = torch.empty((split, C_out), dtype=acc_dtype, device=dev)
         config.launch(_kb.pp_bwd_bias_kernel)[(n_c_tiles, split)](
-            g, masks, alpha_v, part, N, C_out, Ho, Wo, pix_per_split,
-            DUAL=bool(dual_output), IS_FP64=is_fp64, BLOCK_M=BM, BLOCK_N=BN, num_warps=nw,
+            g,
+            masks,
+            alpha_v,
+            part,
+            N,
+            C_out,
+            Ho,
+            Wo,
+            pix_per_split,
+            DUAL=bool(dual_output),
+            IS_FP64=is_fp64,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            num_warps=nw,
         )
         out[3] = part.sum(0).to(dtype)
 
@@ -411,10 +567,36 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         gx = torch.empty(x.shape, dtype=dtype, device=dev)
         grid = (triton.cdiv(N * geo.H * geo.W, BM), triton.cdiv(Cg, BN), G)
         config.launch(_kb.pp_bwd_input_kernel)[grid](
-            g, masks, alpha_v, shift, wpt, wqt, gx,
-            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, G, Cg, Cgo, *win, i0, i1, j0, j1, *pool,
-            **flags, ALLOW_TF32=tf32,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
+            g,
+            masks,
+            alpha_v,
+            shift,
+            wpt,
+            wqt,
+            gx,
+            N,
+            geo.C_in,
+            geo.H,
+            geo.W,
+            C_out,
+            Ho,
+            Wo,
+            G,
+            Cg,
+            Cgo,
+            *win,
+            i0,
+            i1,
+            j0,
+            j1,
+            *pool,
+            **flags,
+            ALLOW_TF32=tf32,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_K=BK,
+            num_warps=nw,
+            num_stages=ns,
         )
         out[0] = gx
 
@@ -430,6 +612,7 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
         split = triton.cdiv(p_total, pix_per_split)
         need_w = bool(want[1])
+
         def buf(*shape):  # written outputs, each its own tensor (placeholders of size 1 when unused)
             return torch.empty(shape, dtype=acc_dtype, device=dev)
 
@@ -438,11 +621,39 @@ def backward(grad_output, input, weight, pull_shift, pull_rows, pull_cols, bias_
         gs = buf(split, n_r_tiles, C_out) if mode == MODE_INVERT else buf(1)
         grid = (G * n_o_tiles, n_r_tiles, split)
         config.launch(_kb.pp_bwd_weight_kernel)[grid](
-            x, g, masks, alpha_v, gw1, gw2, gs,
-            N, geo.C_in, geo.H, geo.W, C_out, Ho, Wo, Cg, Cgo, *win, i0, i1, j0, j1, *pool,
-            pix_per_split, n_o_tiles, n_r_tiles,
-            **flags, NEED_W=need_w, ALLOW_TF32=tf32,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=nw, num_stages=ns,
+            x,
+            g,
+            masks,
+            alpha_v,
+            gw1,
+            gw2,
+            gs,
+            N,
+            geo.C_in,
+            geo.H,
+            geo.W,
+            C_out,
+            Ho,
+            Wo,
+            Cg,
+            Cgo,
+            *win,
+            i0,
+            i1,
+            j0,
+            j1,
+            *pool,
+            pix_per_split,
+            n_o_tiles,
+            n_r_tiles,
+            **flags,
+            NEED_W=need_w,
+            ALLOW_TF32=tf32,
+            BLOCK_M=BM,
+            BLOCK_N=BN,
+            BLOCK_K=BK,
+            num_warps=nw,
+            num_stages=ns,
         )
 
         def to_kernel(gw: Tensor) -> Tensor:  # [split, C_out, (tap, c)] -> [C_out, Cg, TH, TW]

@@ -5,6 +5,7 @@ switched on before triton is first imported: hence the environment variable set 
 The tests' own helpers (the option grid, the papers' modules, the hardening figures, the distributed
 workers) live in tests/support/, importable by their module names.
 """
+
 import os
 import sys
 
@@ -79,8 +80,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_report_header(config):
-    return [f"pushpull_ext backends here: {_ids(BACKEND_DEVICES)}",
-            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; available: {pushpull_ext.available_backends()}"]
+    return [
+        f"pushpull_ext backends here: {_ids(BACKEND_DEVICES)}",
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}; available: {pushpull_ext.available_backends()}",
+    ]
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -90,5 +93,11 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    hardening_results.write_if_asked({"backends": _ids(BACKEND_DEVICES), "exit_status": int(exitstatus),
-                                      "torch": torch.__version__, "cuda": torch.version.cuda})
+    hardening_results.write_if_asked(
+        {
+            "backends": _ids(BACKEND_DEVICES),
+            "exit_status": int(exitstatus),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        }
+    )

@@ -1,5 +1,6 @@
 """Every backend against the reference (the formula, pushpull_ext/reference.py) on every option: float64 to 1e-9 with
 gradcheck, float32 to 1e-4 relative, low precision within 2x of eager PyTorch's own error."""
+
 import pytest
 import torch
 from agreement import assert_matches_reference, assert_rel_close, outputs_and_grads, reference_float64

@@ -1,4 +1,5 @@
 """Smoke test of the benchmark's entry point: it runs and writes its outputs (no timing is asserted)."""
+
 import csv
 import json
 
@@ -8,8 +9,20 @@ from pushpull_ext import bench
 
 
 def test_bench_quick_writes_table_json_csv(tmp_path, capsys):
-    result = bench.main(["--quick", "--shapes", "cifar-stem-2020", "--providers", "reference", "ours",
-                         "--min-run-time", "0.01", "--out", str(tmp_path)])
+    result = bench.main(
+        [
+            "--quick",
+            "--shapes",
+            "cifar-stem-2020",
+            "--providers",
+            "reference",
+            "ours",
+            "--min-run-time",
+            "0.01",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "cifar-stem-2020" in printed and "ms fwd ours/ref" in printed and "x fwdbwd" in printed
     assert "batch scaled from 128 to 2" in printed
@@ -23,7 +36,9 @@ def test_bench_quick_writes_table_json_csv(tmp_path, capsys):
     with open(tmp_path / "results.csv") as f:
         records = list(csv.DictReader(f))
     assert {(r["provider"], r["mode"]) for r in records if r["provider"] == "reference"} == {
-        ("reference", "fwd"), ("reference", "fwdbwd")}
+        ("reference", "fwd"),
+        ("reference", "fwdbwd"),
+    }
 
 
 def test_a_failing_case_or_timing_costs_only_its_rows(tmp_path, capsys, monkeypatch):
@@ -46,10 +61,24 @@ def test_a_failing_case_or_timing_costs_only_its_rows(tmp_path, capsys, monkeypa
     real_write = bench.write_outputs
     monkeypatch.setattr(bench, "run_case", run_case)
     monkeypatch.setattr(bench, "time_providers", time_providers)
-    monkeypatch.setattr(bench, "write_outputs", lambda out, result: (written.append(len(result["rows"])),
-                                                                      real_write(out, result)))
-    bench.main(["--quick", "--shapes", "cifar-stem-2020", "cifar-b1-2020", "--providers", "reference", "cpu",
-                "--min-run-time", "0.01", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        bench, "write_outputs", lambda out, result: (written.append(len(result["rows"])), real_write(out, result))
+    )
+    bench.main(
+        [
+            "--quick",
+            "--shapes",
+            "cifar-stem-2020",
+            "cifar-b1-2020",
+            "--providers",
+            "reference",
+            "cpu",
+            "--min-run-time",
+            "0.01",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "case failed: RuntimeError: CUDA out of memory (simulated)" in printed
     assert "cifar-stem-2020 float32 cpu timing of fwdbwd failed: RuntimeError: simulated" in printed
@@ -86,8 +115,19 @@ def test_progress_weights_are_expected_seconds():
 
 def test_results_go_to_a_dated_folder_named_at_the_end(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    bench.main(["--quick", "--shapes", "cifar-stem-2020", "--providers", "reference", "--modes", "fwd",
-                "--min-run-time", "0.01"])
+    bench.main(
+        [
+            "--quick",
+            "--shapes",
+            "cifar-stem-2020",
+            "--providers",
+            "reference",
+            "--modes",
+            "fwd",
+            "--min-run-time",
+            "0.01",
+        ]
+    )
     (folder,) = (tmp_path / "bench_out").iterdir()
     assert {"results.json", "results.csv"} <= {p.name for p in folder.iterdir()}
     last = capsys.readouterr().out.strip().splitlines()[-1]

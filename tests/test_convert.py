@@ -1,4 +1,5 @@
 """pushpull_ext.convert on ResNets and other module trees, and the papers' checkpoints in whole models."""
+
 import pytest
 import torch
 from paper_models import Bottleneck, PPmodule2d, PushPullConv2DUnit, resnet20, tiny_resnet
@@ -9,12 +10,24 @@ from pushpull_ext import PushPullConv2d, convert
 
 PLACEMENTS = [
     pytest.param(tiny_resnet, "pp", ["conv1"], id="basic-pp"),
-    pytest.param(tiny_resnet, "b1",
-                 ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"], id="basic-b1"),
-    pytest.param(lambda: tiny_resnet(Bottleneck, stem="imagenet"), "b1", ["conv1", "layer1.0.conv2", "layer1.1.conv2"],
-                 id="bottleneck-b1"),
-    pytest.param(lambda: resnet20(), "b1", ["conv1"] + [f"layer1.{b}.conv{c}" for b in range(3) for c in (1, 2)],
-                 id="resnet20-b1"),
+    pytest.param(
+        tiny_resnet,
+        "b1",
+        ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"],
+        id="basic-b1",
+    ),
+    pytest.param(
+        lambda: tiny_resnet(Bottleneck, stem="imagenet"),
+        "b1",
+        ["conv1", "layer1.0.conv2", "layer1.1.conv2"],
+        id="bottleneck-b1",
+    ),
+    pytest.param(
+        lambda: resnet20(),
+        "b1",
+        ["conv1"] + [f"layer1.{b}.conv{c}" for b in range(3) for c in (1, 2)],
+        id="resnet20-b1",
+    ),
 ]
 
 
@@ -29,8 +42,11 @@ def _assert_replaced(model, before, replaced):
         if name in replaced:
             assert isinstance(layer, PushPullConv2d), name
             torch.testing.assert_close(layer.weight, before[name].weight, rtol=0, atol=0)
-            assert (layer.stride, layer.padding, layer.groups) == (before[name].stride, before[name].padding,
-                                                                   before[name].groups)
+            assert (layer.stride, layer.padding, layer.groups) == (
+                before[name].stride,
+                before[name].padding,
+                before[name].groups,
+            )
         else:
             assert layer is before[name], name
 
@@ -46,12 +62,21 @@ def test_papers_placements(make, where, expected):
     assert all(model.get_submodule(name).weight.grad is not None for name in replaced)
 
 
-@pytest.mark.parametrize("where, expected", [
-    pytest.param(["layer2.0.downsample.0", "conv1", "layer2.0.conv1"], ["conv1", "layer2.0.conv1", "layer2.0.downsample.0"],
-                 id="names"),
-    pytest.param(lambda name, conv: conv.kernel_size == (1, 1) or name == "conv1", ["conv1", "layer2.0.downsample.0"],
-                 id="predicate"),
-])
+@pytest.mark.parametrize(
+    "where, expected",
+    [
+        pytest.param(
+            ["layer2.0.downsample.0", "conv1", "layer2.0.conv1"],
+            ["conv1", "layer2.0.conv1", "layer2.0.downsample.0"],
+            id="names",
+        ),
+        pytest.param(
+            lambda name, conv: conv.kernel_size == (1, 1) or name == "conv1",
+            ["conv1", "layer2.0.downsample.0"],
+            id="predicate",
+        ),
+    ],
+)
 def test_names_and_predicates(where, expected):
     model = tiny_resnet()
     before = _convs(model)
@@ -69,12 +94,23 @@ def test_keeps_device_dtype_mode_and_frozen_weights(backend_device):
     model, replaced = convert(model, "b1", pull="invert", avg_kernel=3, backend=backend)
     for name, conv in originals.items():
         layer = model.get_submodule(name)
-        assert (layer.weight.device, layer.weight.dtype, layer.training) == (conv.weight.device, torch.float64,
-                                                                             conv.training), name
+        assert (layer.weight.device, layer.weight.dtype, layer.training) == (
+            conv.weight.device,
+            torch.float64,
+            conv.training,
+        ), name
         assert layer.weight.requires_grad == conv.weight.requires_grad, name
         x = torch.randn(2, conv.in_channels, 8, 8, device=device, dtype=torch.float64)
-        expected = pushpull_ext.push_pull_conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding,
-                                                 pull="invert", avg_kernel=3, backend="reference")
+        expected = pushpull_ext.push_pull_conv2d(
+            x,
+            conv.weight,
+            conv.bias,
+            stride=conv.stride,
+            padding=conv.padding,
+            pull="invert",
+            avg_kernel=3,
+            backend="reference",
+        )
         torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
 
 
@@ -123,21 +159,31 @@ def test_bad_arguments_raise_and_change_nothing(kwargs, error, message):
     assert _convs(model) == before
 
 
-@pytest.mark.parametrize("model, where, message", [
-    pytest.param("not a model", "pp", "model must be a torch.nn.Module, got str", id="model"),
-    pytest.param(nn.Sequential(nn.Linear(2, 2)), "pp", "where='pp' needs a stem convolution", id="no-conv"),
-    pytest.param(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), "b1", "where='b1' needs residual blocks",
-                 id="no-block"),
-])
+@pytest.mark.parametrize(
+    "model, where, message",
+    [
+        pytest.param("not a model", "pp", "model must be a torch.nn.Module, got str", id="model"),
+        pytest.param(nn.Sequential(nn.Linear(2, 2)), "pp", "where='pp' needs a stem convolution", id="no-conv"),
+        pytest.param(
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)),
+            "b1",
+            "where='b1' needs residual blocks",
+            id="no-block",
+        ),
+    ],
+)
 def test_models_without_what_the_placement_needs(model, where, message):
     with pytest.raises((TypeError, ValueError), match=message):
         convert(model, where)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("resnet18", ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]),
-    ("resnet50", ["conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("resnet18", ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]),
+        ("resnet50", ["conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"]),
+    ],
+)
 def test_torchvision_resnets(name, expected):
     models = pytest.importorskip("torchvision.models", reason="torchvision is not installed (no CPU wheel on PyPI)")
     model, replaced = convert(getattr(models, name)(weights=None), "b1")
@@ -149,10 +195,16 @@ def test_torchvision_resnets(name, expected):
 
 PAPER_STEMS = [  # (the paper's ResNet-20 stem, our options for it)
     pytest.param(lambda: PPmodule2d(3, 16, 3, padding=1, bias=False), dict(), id="2020-pp"),
-    pytest.param(lambda: PPmodule2d(3, 16, 3, padding=1, bias=False, train_alpha=True, alpha=0.5),
-                 dict(train_alpha=True, alpha_relu=True), id="2020-pp-train-alpha"),
-    pytest.param(lambda: PushPullConv2DUnit(3, 16, 3, avg_kernel_size=3, padding=1, trainable_pull_inhibition=True),
-                 dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True), id="2024-pp3"),
+    pytest.param(
+        lambda: PPmodule2d(3, 16, 3, padding=1, bias=False, train_alpha=True, alpha=0.5),
+        dict(train_alpha=True, alpha_relu=True),
+        id="2020-pp-train-alpha",
+    ),
+    pytest.param(
+        lambda: PushPullConv2DUnit(3, 16, 3, avg_kernel_size=3, padding=1, trainable_pull_inhibition=True),
+        dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True),
+        id="2024-pp3",
+    ),
 ]
 
 

@@ -2,6 +2,7 @@
 the papers' algebra, and its command line. Pure arithmetic on the launcher's recorded launches: no kernel runs.
 Also the rule backend="auto" follows on a GPU (functional.AUTO_GPU_BACKEND, per pull mode), which the model's
 predictions set until GPU timings exist, tested with a stand-in CUDA device."""
+
 import re
 import types
 
@@ -57,8 +58,10 @@ def test_pooled_forward_writes_and_reads_the_scratch_fields():
     unpooled = parse_case("128,3,64,32,32,3,1,1,invert,0")
     forward, _ = cost_model.layer_cost(pooled, torch.bfloat16)
     plain, _ = cost_model.layer_cost(unpooled, torch.bfloat16)
-    assert [c.launch for c in forward.launches if c.launch != "torch"] == ["pp_fwd_conv_kernel",
-                                                                          "pp_fwd_pool_epilogue_kernel"]
+    assert [c.launch for c in forward.launches if c.launch != "torch"] == [
+        "pp_fwd_conv_kernel",
+        "pp_fwd_pool_epilogue_kernel",
+    ]
     field_fp32 = 128 * 64 * 32 * 32 * 4  # P and Q in the accumulator dtype
     assert _launch(forward, "pp_fwd_conv_kernel").bytes_written == 2 * field_fp32
     assert _launch(forward, "pp_fwd_pool_epilogue_kernel").bytes_read >= 2 * field_fp32
@@ -83,8 +86,14 @@ def test_unpooled_forward_moves_about_the_lower_bound():
 def test_command_line_prints_every_launch_and_the_summary(capsys):
     assert cost_model.main(["--shapes", "cifar-b1-2020", "2,8,8,10,10,3,1,1,invert,3", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
-    for text in ("pp_fwd_conv_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel", "pp_fwd_pool_epilogue_kernel",
-                 "lower bound", "Summary"):
+    for text in (
+        "pp_fwd_conv_kernel",
+        "pp_bwd_input_kernel",
+        "pp_bwd_weight_kernel",
+        "pp_fwd_pool_epilogue_kernel",
+        "lower bound",
+        "Summary",
+    ):
         assert text in out
     summary = out.split("Summary")[1]
     assert re.search(r"^cifar-b1-2020 +bfloat16 +6\.89 ", summary, re.MULTILINE)  # forward MACs x conv

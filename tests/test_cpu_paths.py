@@ -6,6 +6,7 @@ panels, or one batched product from 32 output channels per group up). PUSHPULL_C
 never overrides the rule, so every case below runs both ways. The tap path's dense loops are
 compiled for AVX-512, AVX2 and the baseline; PUSHPULL_CPU_ISA caps the one taken (per process).
 """
+
 import os
 import subprocess
 import sys
@@ -22,11 +23,17 @@ pytestmark = pytest.mark.skipif(not has_cpp_kernel("cpu"), reason="the C++ CPU k
 
 # Upsample cases of the shared grid that have stride 1, and shapes aimed at the tap path's layout:
 # rectangular kernels and images, groups, padding 0 and wider than the kernel, every output option.
-UPSAMPLE_STRIDE1 = [(name, sizes, opts) for name, sizes, opts in CASES
-                    if opts.get("pull") == "upsample" and opts.get("stride", 1) == 1 and opts.get("scale", 2.0) != 1.0]
+UPSAMPLE_STRIDE1 = [
+    (name, sizes, opts)
+    for name, sizes, opts in CASES
+    if opts.get("pull") == "upsample" and opts.get("stride", 1) == 1 and opts.get("scale", 2.0) != 1.0
+]
 TAP_CASES = UPSAMPLE_STRIDE1 + [
-    ("tap-groups-rect-avg3-biases", (2, 8, 8, 7, 9, 3, 5),
-     dict(pull="upsample", groups=2, padding=(1, 2), avg_kernel=3, bias_in=True, bias_out=True, alpha="vector")),
+    (
+        "tap-groups-rect-avg3-biases",
+        (2, 8, 8, 7, 9, 3, 5),
+        dict(pull="upsample", groups=2, padding=(1, 2), avg_kernel=3, bias_in=True, bias_out=True, alpha="vector"),
+    ),
     ("tap-dual-cout16", (1, 8, 16, 6, 7, 3, 3), dict(pull="upsample", padding=1, dual_output=True, bias_in=True)),
     ("tap-pad0-scale3", (2, 3, 5, 9, 8, 3, 3), dict(pull="upsample", scale=3.0, padding=0, alpha="scalar")),
     ("tap-pad-wide-5x5", (1, 2, 3, 6, 10, 5, 5), dict(pull="upsample", padding=3, bias_out=True)),

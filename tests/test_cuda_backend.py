@@ -1,6 +1,7 @@
 """The CUDA backend where tests/conftest.py's agreement grid does not reach: the choice of it by
 backend="auto" (runs anywhere), and on a GPU the direct pull path of large kernels, streams, empty
 batches. The agreement grid itself (tests/test_agreement.py) runs with backend="cuda" on a GPU."""
+
 import types
 
 import pytest
@@ -18,12 +19,15 @@ def _cuda_tensor_stand_in():
     return types.SimpleNamespace(device=torch.device("cuda", 0))
 
 
-@pytest.mark.parametrize("capability, triton_error, expected", [
-    ((7, 0), None, "cuda"),          # V100: Triton needs compute capability >= 8.0
-    ((7, 5), None, "cuda"),          # T4
-    ((9, 0), "no triton", "cuda"),   # H100 without Triton
-    ((9, 0), None, "triton"),
-])
+@pytest.mark.parametrize(
+    "capability, triton_error, expected",
+    [
+        ((7, 0), None, "cuda"),  # V100: Triton needs compute capability >= 8.0
+        ((7, 5), None, "cuda"),  # T4
+        ((9, 0), "no triton", "cuda"),  # H100 without Triton
+        ((9, 0), None, "triton"),
+    ],
+)
 def test_auto_falls_back_to_cuda_where_triton_cannot_run(monkeypatch, capability, triton_error, expected):
     monkeypatch.delenv("PUSHPULL_BACKEND", raising=False)
     monkeypatch.setattr(functional, "CPP_ERROR", None)
@@ -40,8 +44,10 @@ def test_cuda_backend_missing_names_the_fix(monkeypatch):
         functional.resolve_backend("cuda", _cuda_tensor_stand_in())
 
 
-needs_cuda_kernels = pytest.mark.skipif(not (torch.cuda.is_available() and has_cpp_kernel("cuda")),
-                                        reason="needs a GPU and pushpull_ext._C built with its CUDA kernels")
+needs_cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and has_cpp_kernel("cuda")),
+    reason="needs a GPU and pushpull_ext._C built with its CUDA kernels",
+)
 
 
 @needs_cuda_kernels
@@ -54,8 +60,9 @@ def test_large_upsampled_kernel(dtype, rtol):
 
 @needs_cuda_kernels
 def test_side_stream_gives_the_same_result():
-    inputs, opts = make_case((2, 4, 6, 17, 19, 3, 3), dict(pull="invert", padding=1, avg_kernel=5, bias_in=True),
-                             torch.float64, "cuda")
+    inputs, opts = make_case(
+        (2, 4, 6, 17, 19, 3, 3), dict(pull="invert", padding=1, avg_kernel=5, bias_in=True), torch.float64, "cuda"
+    )
     expected, expected_grads = outputs_and_grads("cuda", inputs, opts)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -68,8 +75,9 @@ def test_side_stream_gives_the_same_result():
 
 @needs_cuda_kernels
 def test_empty_batch():
-    inputs, opts = make_case((0, 4, 6, 7, 6, 3, 3), dict(pull="upsample", padding=1, avg_kernel=3, bias_in=True),
-                             torch.float32, "cuda")
+    inputs, opts = make_case(
+        (0, 4, 6, 7, 6, 3, 3), dict(pull="upsample", padding=1, avg_kernel=3, bias_in=True), torch.float32, "cuda"
+    )
     out, grads = outputs_and_grads("cuda", inputs, opts)
     assert out.shape == (0, 6, 7, 6)
     assert all(g.abs().sum() == 0 for g in grads)

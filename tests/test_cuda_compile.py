@@ -16,6 +16,7 @@
 Missing wheels skip these tests, unless PUSHPULL_REQUIRE_CUDA_COMPILE=1 (CI), which makes them fail instead; a
 missing system nvcc always skips (it is not on PyPI).
 """
+
 import ctypes
 import importlib.util
 import os
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.slow  # minutes on 2 cores: CI runs it as a step of its
 
 
 def _missing(what):
-    message = f"{what}; `pip install \"pushpull_ext[cuda-check]\"` in the checkout"
+    message = f'{what}; `pip install "pushpull_ext[cuda-check]"` in the checkout'
     if REQUIRED:
         pytest.fail(message + " (PUSHPULL_REQUIRE_CUDA_COMPILE=1)")
     pytest.skip(message)
@@ -105,8 +106,15 @@ def _nvrtc_compile(nvrtc, source_path, options):
 def test_kernels_compile_with_cuda12_for(arch):
     nvrtc = _nvrtc()
     # --use_fast_math as setup.py builds them, so that the machine code is what a build makes.
-    options = ["-std=c++20", f"--gpu-architecture={arch}", "-default-device", "--use_fast_math",
-               f"-I{_cuda_runtime_include()}", f"-I{CUDA_DIR}", *TORCH_NVCC_DEFINES]
+    options = [
+        "-std=c++20",
+        f"--gpu-architecture={arch}",
+        "-default-device",
+        "--use_fast_math",
+        f"-I{_cuda_runtime_include()}",
+        f"-I{CUDA_DIR}",
+        *TORCH_NVCC_DEFINES,
+    ]
     result, log, cubin = _nvrtc_compile(nvrtc, KERNELS, options)
     assert result == 0, f"NVRTC failed for {arch}:\n{log}"
     # The one warning allowed: CUDA 12.9 calls sm_70 deprecated (it still compiles it).
@@ -131,8 +139,11 @@ def _check_resources(arch, cubin):
         pytest.skip("no cuobjdump (it comes with the triton wheel) to read the kernels' resource usage")
     usage = resource_usage(cubin, tool)
     assert len(usage) >= 8, f"expected every kernel instantiation in the {arch} machine code, got {list(usage)}"
-    heavy = {name: fields for name, fields in usage.items()
-             if fields.get("LOCAL", 0) or fields.get("STACK", 0) > MAX_STACK_BYTES}
+    heavy = {
+        name: fields
+        for name, fields in usage.items()
+        if fields.get("LOCAL", 0) or fields.get("STACK", 0) > MAX_STACK_BYTES
+    }
     assert not heavy, f"{arch}: kernels using local memory or more than {MAX_STACK_BYTES} B of stack: {heavy}"
 
 
@@ -151,8 +162,18 @@ def test_kernels_and_launchers_compile_with_nvcc(tmp_path):
     archs = [a for a in ARCHS if a in supported]
     assert archs, f"{nvcc} supports none of {ARCHS}"
     gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
-    command = [nvcc, "-std=c++20", "-O3", "-c", KERNELS, "-o", str(tmp_path / "kernels.o"), "-Werror=all-warnings",
-               *TORCH_NVCC_DEFINES, *gencode]
+    command = [
+        nvcc,
+        "-std=c++20",
+        "-O3",
+        "-c",
+        KERNELS,
+        "-o",
+        str(tmp_path / "kernels.o"),
+        "-Werror=all-warnings",
+        *TORCH_NVCC_DEFINES,
+        *gencode,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
 
@@ -163,7 +184,15 @@ def test_registration_compiles():
     include_dirs = cpp_extension.include_paths() + [_cuda_runtime_include(), _cuda_compiler_include()]
     compiler = os.environ.get("CXX", "c++")
     # The CPU wheel of torch ships the c10/cuda headers but not the one CMake generates for CUDA builds.
-    command = [compiler, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-DC10_USING_CUSTOM_GENERATED_MACROS",
-               *[f"-I{d}" for d in include_dirs], os.path.join(CUDA_DIR, "pushpull_cuda.cpp")]
+    command = [
+        compiler,
+        "-std=c++20",
+        "-fsyntax-only",
+        "-Wall",
+        "-Werror",
+        "-DC10_USING_CUSTOM_GENERATED_MACROS",
+        *[f"-I{d}" for d in include_dirs],
+        os.path.join(CUDA_DIR, "pushpull_cuda.cpp"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-5000:]}"

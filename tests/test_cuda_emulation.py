@@ -10,6 +10,7 @@ CUDA backend's code through the package's real autograd wrapper (pushpull_ext/op
 What this cannot catch: races and out-of-bounds accesses on the GPU, launch configuration errors,
 cuDNN's own behaviour. benchmarks/gpu_suite.sh runs the real thing (and compute-sanitizer) on a GPU.
 """
+
 import os
 
 import pytest
@@ -34,10 +35,18 @@ def emulation():
     """The emulation module, built once (cached by torch.utils.cpp_extension between runs)."""
     from torch.utils.cpp_extension import load
 
-    sources = ["tests/cuda_emulation/emulate.cpp", "csrc/pushpull.cpp", "csrc/common/aten_algebra.cpp",
-               "csrc/cuda/pushpull_cuda_ops.cpp"]
-    return load("pushpull_cuda_emulation", [os.path.join(ROOT, s) for s in sources],
-                extra_cflags=["-O2", "-DPUSHPULL_CHECKS_ONLY"], verbose=False)
+    sources = [
+        "tests/cuda_emulation/emulate.cpp",
+        "csrc/pushpull.cpp",
+        "csrc/common/aten_algebra.cpp",
+        "csrc/cuda/pushpull_cuda_ops.cpp",
+    ]
+    return load(
+        "pushpull_cuda_emulation",
+        [os.path.join(ROOT, s) for s in sources],
+        extra_cflags=["-O2", "-DPUSHPULL_CHECKS_ONLY"],
+        verbose=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +77,7 @@ def test_override_runs_the_emulation(cuda_backend_on_cpu):
 
 
 # ---------------------------------------------------------------- agreement with the formula
+
 
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
 def test_float64_matches_reference(cuda_backend_on_cpu, sizes, options):
@@ -119,19 +129,55 @@ def test_low_precision_is_float32_rounded_once(cuda_backend_on_cpu, dtype, sizes
     inputs, opts = make_case(sizes, options, torch.float64, "cpu", requires_grad=False, scale_hw=2)
     low = {k: v.to(dtype) for k, v in inputs.items()}
     args, alpha, (shift, rows, cols) = _op_arguments(low, opts)
-    operands = dict(input=low["input"], weight=low["weight"], shift=shift, rows=rows, cols=cols,
-                    bias_in=low.get("bias"), bias_out=low.get("bias_out"), alpha=alpha)
+    operands = dict(
+        input=low["input"],
+        weight=low["weight"],
+        shift=shift,
+        rows=rows,
+        cols=cols,
+        bias_in=low.get("bias"),
+        bias_out=low.get("bias_out"),
+        alpha=alpha,
+    )
     as_float = {k: None if v is None else v.float() for k, v in operands.items()}
-    options_list = [list(args.stride), list(args.padding), list(args.pull_padding(tuple(low["weight"].shape[2:]))),
-                    list(args.dilation), args.groups, args.avg_kernel, args.dual_output]
+    options_list = [
+        list(args.stride),
+        list(args.padding),
+        list(args.pull_padding(tuple(low["weight"].shape[2:]))),
+        list(args.dilation),
+        args.groups,
+        args.avg_kernel,
+        args.dual_output,
+    ]
 
     def forward(o):
-        return torch.ops.pushpull.forward(o["input"], o["weight"], o["shift"], o["rows"], o["cols"], o["bias_in"],
-                                          o["bias_out"], o["alpha"], *options_list, True)
+        return torch.ops.pushpull.forward(
+            o["input"],
+            o["weight"],
+            o["shift"],
+            o["rows"],
+            o["cols"],
+            o["bias_in"],
+            o["bias_out"],
+            o["alpha"],
+            *options_list,
+            True,
+        )
 
     def backward(o, grad, masks):
-        return torch.ops.pushpull.backward(grad, o["input"], o["weight"], o["shift"], o["rows"], o["cols"],
-                                           o["bias_in"], o["alpha"], masks, *options_list, [True] * 6)
+        return torch.ops.pushpull.backward(
+            grad,
+            o["input"],
+            o["weight"],
+            o["shift"],
+            o["rows"],
+            o["cols"],
+            o["bias_in"],
+            o["alpha"],
+            masks,
+            *options_list,
+            [True] * 6,
+        )
 
     out, masks = forward(operands)
     out32, masks32 = forward(as_float)
@@ -172,8 +218,10 @@ def test_invert_ties_share_gradient_like_autograd(cuda_backend_on_cpu):
 
 # A 9x9 kernel upsampled to 19x19 with stride 4: in float64 the prefilter's tiles exceed the 48 KiB of
 # shared memory, so the pull kernel is formed and convolved directly; in float32 they fit.
-LARGE_KERNEL = ((2, 3, 5, 40, 37, 9, 9), dict(pull="upsample", stride=4, padding=4, bias_in=True, avg_kernel=3,
-                                               alpha="vector"))
+LARGE_KERNEL = (
+    (2, 3, 5, 40, 37, 9, 9),
+    dict(pull="upsample", stride=4, padding=4, bias_in=True, avg_kernel=3, alpha="vector"),
+)
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["direct", "prefilter"])
@@ -185,9 +233,14 @@ def test_large_upsampled_kernel(cuda_backend_on_cpu, dtype, rtol):
 # Several tiles per plane, partial tiles at the right and bottom borders, C_out not a multiple of 8, halos
 # crossing tile borders (avg 5), every prefilter/adjoint tile shape of a 70 x 45 image.
 MANY_TILES = [
-    pytest.param((3, 5, 11, 70, 45, 3, 3), dict(pull="upsample", padding=1, avg_kernel=3, alpha="vector"), id="upsample"),
-    pytest.param((2, 4, 10, 70, 45, 3, 3), dict(pull="invert", padding=1, avg_kernel=5, bias_in=True, bias_out=True,
-                                                 alpha="vector"), id="invert"),
+    pytest.param(
+        (3, 5, 11, 70, 45, 3, 3), dict(pull="upsample", padding=1, avg_kernel=3, alpha="vector"), id="upsample"
+    ),
+    pytest.param(
+        (2, 4, 10, 70, 45, 3, 3),
+        dict(pull="invert", padding=1, avg_kernel=5, bias_in=True, bias_out=True, alpha="vector"),
+        id="invert",
+    ),
 ]
 
 
@@ -198,14 +251,16 @@ def test_many_tiles(cuda_backend_on_cpu, sizes, options):
 
 
 def test_empty_batch(cuda_backend_on_cpu):
-    inputs, opts = make_case((0, 4, 6, 7, 6, 3, 3), dict(pull="invert", padding=1, avg_kernel=3, bias_in=True),
-                             torch.float64, "cpu")
+    inputs, opts = make_case(
+        (0, 4, 6, 7, 6, 3, 3), dict(pull="invert", padding=1, avg_kernel=3, bias_in=True), torch.float64, "cpu"
+    )
     out, grads = outputs_and_grads("cpu", inputs, opts)
     assert out.shape == (0, 6, 7, 6)
     assert all(g.abs().sum() == 0 for g in grads)
 
 
 # ---------------------------------------------------------------- the masks
+
 
 def _packed_masks(push, pull):
     """uint8 [2, N, ceil(C/8), H, W] with bit o % 8 of byte o // 8 set where the response is > 0."""
@@ -220,11 +275,14 @@ def _op_arguments(inputs, opts):
     """(args, alpha vector, pull operands) as push_pull_conv2d passes them to pushpull::forward."""
     from pushpull_ext.options import normalize, pull_operands
 
-    kwargs = dict(stride=1, padding=0, dilation=1, groups=1, pull="upsample", scale=2.0, avg_kernel=0, dual_output=False)
+    kwargs = dict(
+        stride=1, padding=0, dilation=1, groups=1, pull="upsample", scale=2.0, avg_kernel=0, dual_output=False
+    )
     kwargs.update({k: v for k, v in opts.items() if k != "alpha"})
     alpha = inputs.get("alpha", opts.get("alpha", 1.0))
-    args, alpha_vec = normalize(inputs["input"], inputs["weight"], inputs.get("bias"), inputs.get("bias_out"), alpha,
-                                **kwargs)
+    args, alpha_vec = normalize(
+        inputs["input"], inputs["weight"], inputs.get("bias"), inputs.get("bias_out"), alpha, **kwargs
+    )
     return args, alpha_vec, pull_operands(inputs["weight"], args)
 
 
@@ -238,13 +296,29 @@ def test_masks_are_the_relu_derivatives(cuda_backend_on_cpu, sizes, options):
     x, w, bias = inputs["input"], inputs["weight"], inputs.get("bias")
     args, alpha_vec, (shift, rows, cols) = _op_arguments(inputs, opts)
     pull_padding = args.pull_padding(tuple(w.shape[2:]))
-    _, masks = torch.ops.pushpull.forward(x, w, shift, rows, cols, bias, inputs.get("bias_out"), alpha_vec,
-                                          list(args.stride), list(args.padding), list(pull_padding),
-                                          list(args.dilation), args.groups, args.avg_kernel, args.dual_output, True)
+    _, masks = torch.ops.pushpull.forward(
+        x,
+        w,
+        shift,
+        rows,
+        cols,
+        bias,
+        inputs.get("bias_out"),
+        alpha_vec,
+        list(args.stride),
+        list(args.padding),
+        list(pull_padding),
+        list(args.dilation),
+        args.groups,
+        args.avg_kernel,
+        args.dual_output,
+        True,
+    )
     conv = dict(stride=args.stride, dilation=args.dilation, groups=args.groups)
     push = F.conv2d(x, w, bias, padding=args.padding, **conv)
-    pull = F.conv2d(x, pull_kernel(w, args.pull, args.scale), None if bias is None else -bias, padding=pull_padding,
-                    **conv)
+    pull = F.conv2d(
+        x, pull_kernel(w, args.pull, args.scale), None if bias is None else -bias, padding=pull_padding, **conv
+    )
     if args.avg_kernel > 1:
         a = args.avg_kernel
         pull = F.avg_pool2d(pull, a, stride=1, padding=(a - 1) // 2, count_include_pad=False)
@@ -252,6 +326,7 @@ def test_masks_are_the_relu_derivatives(cuda_backend_on_cpu, sizes, options):
 
 
 # ---------------------------------------------------------------- 16-bit conversions of the kernels
+
 
 def test_half_to_float_is_exact_for_every_bit_pattern(emulation):
     bits = torch.arange(-32768, 32768, dtype=torch.int32)
@@ -268,8 +343,25 @@ def test_float_to_16bit_rounds_to_nearest_even(emulation, dtype):
     every = every[~every.isnan()]
     neighbours = torch.nextafter(every, torch.full_like(every, float("inf")))
     midpoints = (every[:-1].double() + every[1:].double()).div(2).float()  # ties: even rounding decides
-    special = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 6e-8, 3e-8, 65504.0, 65519.0, 65520.0, 1e6, -1e6,
-                            float("inf"), float("-inf"), 3.0e38, 1e-40])
+    special = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1e-8,
+            -1e-8,
+            6e-8,
+            3e-8,
+            65504.0,
+            65519.0,
+            65520.0,
+            1e6,
+            -1e6,
+            float("inf"),
+            float("-inf"),
+            3.0e38,
+            1e-40,
+        ]
+    )
     values = torch.cat([every, neighbours, midpoints.sort().values, special, torch.randn(100000) * 100])
     values = values[torch.isfinite(values) | values.isinf()]
     ours = emulation.float_to_16bit(values, dtype == torch.bfloat16)

@@ -1,4 +1,5 @@
 """The demo picture: a photograph with noise, a convolution's and the push-pull layers' responses, SNR."""
+
 import math
 
 import pytest

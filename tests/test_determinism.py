@@ -1,5 +1,6 @@
 """With torch.use_deterministic_algorithms(True), every backend's forward and backward are bitwise
 reproducible from run to run, or raise the error PyTorch's own ops raise in that mode."""
+
 import re
 
 import hardening_results
@@ -18,7 +19,10 @@ PYTORCH_DETERMINISM_ERROR = r"does not have a deterministic implementation|CUBLA
 
 @pytest.fixture
 def deterministic_algorithms():
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

@@ -1,5 +1,6 @@
 """Data-parallel training of a model with push-pull layers on two processes (gloo, CPU) equals
 single-process training: DistributedDataParallel, and FSDP2 (fully_shard, parameters sharded)."""
+
 import distributed_training
 import pytest
 import torch
@@ -11,8 +12,9 @@ import torch.multiprocessing as mp
 @pytest.mark.parametrize("wrapper", sorted(distributed_training.WRAPPERS))
 def test_two_processes_equal_one_process(wrapper, tmp_path):
     # A file store rendezvous: no port to find free (and to lose to another process meanwhile).
-    mp.spawn(distributed_training.worker, args=(2, str(tmp_path / "store"), str(tmp_path / "result.pt"), wrapper),
-             nprocs=2)
+    mp.spawn(
+        distributed_training.worker, args=(2, str(tmp_path / "store"), str(tmp_path / "result.pt"), wrapper), nprocs=2
+    )
     parallel = torch.load(tmp_path / "result.pt")
     model = distributed_training.make_model()
     grads = distributed_training.train(model)

@@ -10,6 +10,7 @@ Hypothesis is derandomized (same examples every run) with no deadline. The profi
 PUSHPULL_FUZZ_PROFILE: "ci" (default; a couple of minutes on 2 CPU cores) or "long" (thousands of
 examples per backend, for GPU runs). The examples run per backend are counted (hardening_results).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,11 @@ EXAMPLES = {
 }
 for _name in EXAMPLES:
     settings.register_profile(
-        _name, derandomize=True, deadline=None, database=None, print_blob=True,
+        _name,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
 
@@ -102,8 +107,15 @@ def configs(draw, tiny: bool) -> Config:
         batch=draw(st.sampled_from((2, 1, 0) if tiny else (2, 3, 1, 0))),  # empty batches, but not too often
         in_channels=groups * draw(st.integers(1, 3)),
         out_channels=groups * draw(st.integers(1, 3 if tiny else 6)),  # > 8: masks span several bytes
-        height=height, width=width, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, pull=pull, scale=scale,
+        height=height,
+        width=width,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        pull=pull,
+        scale=scale,
         avg_kernel=draw(st.sampled_from((0, 1, 3, 5))),
         dual_output=dual_output,
         bias_in=draw(st.booleans()),
@@ -138,18 +150,31 @@ def _make_tensors(cfg: Config, device) -> tuple[dict, dict]:
     make = dict(dtype=torch.float64, generator=gen)
     c_in_group = cfg.in_channels // cfg.groups
     x = torch.randn(cfg.batch, cfg.in_channels, cfg.height, cfg.width, **make)
-    w = torch.randn(cfg.out_channels, c_in_group, *cfg.kernel, **make) / (c_in_group * cfg.kernel[0] * cfg.kernel[1]) ** 0.5
+    w = (
+        torch.randn(cfg.out_channels, c_in_group, *cfg.kernel, **make)
+        / (c_in_group * cfg.kernel[0] * cfg.kernel[1]) ** 0.5
+    )
     if cfg.tied_weights:  # quantized weights: many equal taps, ties in the 2024 max/min
         w = torch.round(w * 4) / 4
     # A non-contiguous weight (the reversed layout of a permuted tensor) with the same values.
     w = w.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
-    tensors = {"input": _laid_out(x.to(device), cfg.layout).requires_grad_(cfg.input_grad),
-               "weight": w.to(device).requires_grad_(cfg.weight_grad)}
+    tensors = {
+        "input": _laid_out(x.to(device), cfg.layout).requires_grad_(cfg.input_grad),
+        "weight": w.to(device).requires_grad_(cfg.weight_grad),
+    }
     for name, present in (("bias", cfg.bias_in), ("bias_out", cfg.bias_out)):
         if present:
             tensors[name] = (0.3 * torch.randn(cfg.out_channels, **make)).to(device).requires_grad_(True)
-    options = dict(stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=cfg.groups, pull=cfg.pull,
-                   scale=cfg.scale, avg_kernel=cfg.avg_kernel, dual_output=cfg.dual_output)
+    options = dict(
+        stride=cfg.stride,
+        padding=cfg.padding,
+        dilation=cfg.dilation,
+        groups=cfg.groups,
+        pull=cfg.pull,
+        scale=cfg.scale,
+        avg_kernel=cfg.avg_kernel,
+        dual_output=cfg.dual_output,
+    )
     if cfg.alpha_form == "number":
         options["alpha"] = cfg.alpha_value
     else:
@@ -173,8 +198,7 @@ def _output_and_grads(backend, tensors, options, grad_seed):
 
 def _assert_close(actual, expected, what):
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * max(scale, 1e-30), msg=lambda m: f"{what}: {m}")
 
 
 def check_against_reference(backend: str, device: str, cfg: Config) -> None:
@@ -210,4 +234,3 @@ def test_fuzzed_configurations_match_reference(fused_backend_device):
         hardening_results.count("fuzz_examples", f"{backend}-{device}")
 
     check()
-

@@ -1,5 +1,6 @@
 """Bad or unusual input on every backend, beyond test_inputs.py: tensors on two GPUs, inference mode
 (matching torch.nn.functional.conv2d), and a stale compiled extension."""
+
 import os
 import shutil
 import subprocess
@@ -58,8 +59,11 @@ def _outcome(fn, x, w, inside):
     return ("ok", out.requires_grad, out.is_inference(), out)
 
 
-INFERENCE_SCENARIOS = ["inside inference_mode", "inference input, trainable weight",
-                       "inference weight, input requiring grad"]
+INFERENCE_SCENARIOS = [
+    "inside inference_mode",
+    "inference input, trainable weight",
+    "inference weight, input requiring grad",
+]
 
 
 @pytest.mark.parametrize("scenario", INFERENCE_SCENARIOS)
@@ -126,8 +130,13 @@ def _stale_library(tmp_path) -> str:
 def test_stale_compiled_extension_is_reported_and_falls_back(tmp_path):
     """The package imports, says what is wrong and how to fix it, and "auto" falls back with a warning."""
     env = {k: v for k, v in os.environ.items() if k != "PUSHPULL_BACKEND"}
-    result = subprocess.run([sys.executable, "-c", STALE_CHECK.format(library=_stale_library(tmp_path))], env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", STALE_CHECK.format(library=_stale_library(tmp_path))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = result.stdout
     assert "undefined symbol: _ZN3c1019symbol_of_another_torchEv" in report  # what is wrong

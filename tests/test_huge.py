@@ -6,6 +6,7 @@ gradient is nonzero only on a few regions (the first and last images, or the top
 so the reference, run in float64 on those regions alone, gives the exact output there, the exact
 input gradient there and, summed over the regions, the exact weight gradient.
 """
+
 from dataclasses import dataclass
 
 import pytest
@@ -60,8 +61,9 @@ def no_tf32():
 
 def _close(actual, expected, what):
     scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected, rtol=1e-4, atol=1e-4 * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=1e-4, atol=1e-4 * max(scale, 1e-30), msg=lambda m: f"{what}: {m}"
+    )
 
 
 def _reference_on(x, w, bias, grad_out, options):
@@ -95,11 +97,15 @@ def test_more_than_2_31_elements(fused_backend_device, no_tf32, name):
     grad_x, grad_w = torch.autograd.grad(out, (x, w), grad_out)
     expected_grad_w = torch.zeros_like(grad_w, dtype=torch.float64)
     for crop, valid in regions:
-        ref_out, ref_grad_x, ref_grad_w = _reference_on(_take(x.detach(), case.split_dim, crop), w.detach(), bias,
-                                                        _take(grad_out, case.split_dim, crop), options)
+        ref_out, ref_grad_x, ref_grad_w = _reference_on(
+            _take(x.detach(), case.split_dim, crop), w.detach(), bias, _take(grad_out, case.split_dim, crop), options
+        )
         local = range(valid.start - crop.start, valid.stop - crop.start)
-        _close(_take(_take(out, case.split_dim, crop), case.split_dim, local), _take(ref_out, case.split_dim, local),
-               f"output on {case.split_dim=} {valid}")
+        _close(
+            _take(_take(out, case.split_dim, crop), case.split_dim, local),
+            _take(ref_out, case.split_dim, local),
+            f"output on {case.split_dim=} {valid}",
+        )
         _close(_take(grad_x, case.split_dim, crop), ref_grad_x, f"input gradient on {case.split_dim=} {crop}")
         expected_grad_w += ref_grad_w
     _close(grad_w, expected_grad_w, "weight gradient")

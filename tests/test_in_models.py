@@ -1,5 +1,6 @@
 """The layer inside real models: inference keeps the pull operands, torch.compile / torch.export of a
 whole converted ResNet, autocast, channels_last."""
+
 import pytest
 import torch
 from paper_models import PPmodule2d, PushPullConv2DUnit, tiny_resnet
@@ -33,8 +34,9 @@ def _layer(backend, device, **options):
 
 def _expected(layer, x):
     """The formula on the layer's current weights."""
-    return push_pull_conv2d(x, layer.weight, layer.bias, padding=1, pull=layer.pull, avg_kernel=layer.avg_kernel,
-                            backend="reference")
+    return push_pull_conv2d(
+        x, layer.weight, layer.bias, padding=1, pull=layer.pull, avg_kernel=layer.avg_kernel, backend="reference"
+    )
 
 
 def _frozen_with_grad_enabled(layer):
@@ -84,7 +86,9 @@ def _dtype_change(layer):
     layer.float()
 
 
-@pytest.mark.parametrize("change", [_in_place_update, _load_state_dict, _new_parameter, _data_assignment, _dtype_change])
+@pytest.mark.parametrize(
+    "change", [_in_place_update, _load_state_dict, _new_parameter, _data_assignment, _dtype_change]
+)
 @pytest.mark.parametrize("options", PULLS)
 def test_any_change_of_the_weights_derives_them_again(fused_backend_device, derivations, options, change):
     backend, device = fused_backend_device
@@ -147,6 +151,7 @@ def test_converted_model_inference_derives_once_per_layer(derivations):
 
 # ---------------------------------------------------------------------------- compile and export
 
+
 def _skip_interpreter(backend, device):
     if backend == "triton" and device == "cpu":
         pytest.skip("under the Triton interpreter the op is opaque to tracing, as the C++ op is: test_ops covers it")
@@ -193,7 +198,10 @@ def test_export_whole_resnet_one_node_per_layer(fused_backend_device):
 
 AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bf16")]
 if torch.cuda.is_available():
-    AUTOCAST += [pytest.param("cuda", torch.float16, id="cuda-fp16"), pytest.param("cuda", torch.bfloat16, id="cuda-bf16")]
+    AUTOCAST += [
+        pytest.param("cuda", torch.float16, id="cuda-fp16"),
+        pytest.param("cuda", torch.bfloat16, id="cuda-bf16"),
+    ]
 
 PAPER_LAYERS = [
     pytest.param(lambda: PPmodule2d(16, 32, 3, padding=1, train_alpha=True), id="2020"),
@@ -203,8 +211,11 @@ PAPER_LAYERS = [
 
 def _output_and_grads(layer, x, grad_out, autocast, backward_inside):
     """(output, grad of x, grad of the push kernel) with the forward (and maybe backward) under autocast."""
-    push_weight = {PushPullConv2d: lambda: layer.weight, PPmodule2d: lambda: layer.push.weight,
-                   PushPullConv2DUnit: lambda: layer.push_conv.weight}[type(layer)]()
+    push_weight = {
+        PushPullConv2d: lambda: layer.weight,
+        PPmodule2d: lambda: layer.push.weight,
+        PushPullConv2DUnit: lambda: layer.push_conv.weight,
+    }[type(layer)]()
     x = x.detach().requires_grad_()
     with autocast:
         out = layer(x)
@@ -243,7 +254,9 @@ def test_autocast_like_conv2d(backend_device, device_type, dtype, make_paper_lay
     assert our_results[0].dtype == conv_dtype == dtype
     assert our_results[1].dtype == our_results[2].dtype == torch.float32
     for what, value, eager, truth in zip(("output", "input grad", "weight grad"), our_results, eager_results, exact):
-        assert _error(value, truth) <= 2 * _error(eager, truth), f"{what}: ours {_error(value, truth):.3g} vs eager {_error(eager, truth):.3g}"
+        assert _error(value, truth) <= 2 * _error(eager, truth), (
+            f"{what}: ours {_error(value, truth):.3g} vs eager {_error(eager, truth):.3g}"
+        )
 
 
 def test_converted_resnet_trains_under_autocast():
@@ -254,11 +267,13 @@ def test_converted_resnet_trains_under_autocast():
         loss = model(x).float().square().mean()
     loss.backward()
     assert stem_out.dtype == torch.bfloat16
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all()
-               for p in model.parameters())
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in model.parameters()
+    )
 
 
 # ---------------------------------------------------------------------------- channels_last
+
 
 def _is_channels_last(t):
     return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()

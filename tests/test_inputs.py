@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument; odd but valid layouts get the right answer."""
+
 import hardening_results
 import pytest
 import torch
@@ -12,10 +13,18 @@ def _ok(device, dtype=torch.float64):
 
 BAD_INPUTS = [
     ("2-D input", lambda x, w: dict(input=x[0, 0], weight=w), ValueError, r"input must be 3-D \[C_in, H, W\] or 4-D"),
-    ("padding mode", lambda x, w: dict(input=x, weight=w, padding_mode="mirror"), ValueError,
-     "padding_mode must be one of"),
-    ("reflect padding too wide", lambda x, w: dict(input=x[:, :, :3, :3], weight=w, padding=1, padding_mode="reflect"),
-     ValueError, "pads the input by 3 .* its height is 3"),
+    (
+        "padding mode",
+        lambda x, w: dict(input=x, weight=w, padding_mode="mirror"),
+        ValueError,
+        "padding_mode must be one of",
+    ),
+    (
+        "reflect padding too wide",
+        lambda x, w: dict(input=x[:, :, :3, :3], weight=w, padding=1, padding_mode="reflect"),
+        ValueError,
+        "pads the input by 3 .* its height is 3",
+    ),
     ("2-D weight", lambda x, w: dict(input=x, weight=w[:, :, 0, 0]), ValueError, "weight must be 4-D"),
     ("channels", lambda x, w: dict(input=x[:, :3], weight=w), ValueError, "weight expects 4 input channels"),
     ("groups", lambda x, w: dict(input=x, weight=w[:, :2], groups=3), ValueError, "groups=3 must divide"),
@@ -32,17 +41,37 @@ BAD_INPUTS = [
     ("pull mode", lambda x, w: dict(input=x, weight=w, pull="push"), ValueError, "pull must be one of"),
     ("scale", lambda x, w: dict(input=x, weight=w, scale=0.5), ValueError, "scale must be a finite number >= 1"),
     ("avg even", lambda x, w: dict(input=x, weight=w, avg_kernel=4), ValueError, "avg_kernel must be odd"),
-    ("avg negative", lambda x, w: dict(input=x, weight=w, avg_kernel=-3), ValueError, "avg_kernel must be a non-negative"),
-    ("alpha shape", lambda x, w: dict(input=x, weight=w, alpha=torch.ones(5, dtype=x.dtype, device=x.device)), ValueError,
-     r"alpha must be a number or a tensor of shape \[\] or \[6\]"),
+    (
+        "avg negative",
+        lambda x, w: dict(input=x, weight=w, avg_kernel=-3),
+        ValueError,
+        "avg_kernel must be a non-negative",
+    ),
+    (
+        "alpha shape",
+        lambda x, w: dict(input=x, weight=w, alpha=torch.ones(5, dtype=x.dtype, device=x.device)),
+        ValueError,
+        r"alpha must be a number or a tensor of shape \[\] or \[6\]",
+    ),
     ("alpha type", lambda x, w: dict(input=x, weight=w, alpha="strong"), TypeError, "alpha must be a number"),
-    ("bias shape", lambda x, w: dict(input=x, weight=w, bias=torch.ones(5, dtype=x.dtype, device=x.device)), ValueError,
-     r"bias must have shape \[6\]"),
-    ("dual with bias_out", lambda x, w: dict(input=x, weight=w, dual_output=True,
-                                             bias_out=torch.ones(6, dtype=x.dtype, device=x.device)), ValueError,
-     "bias_out cannot be used with dual_output"),
-    ("upsample dilation", lambda x, w: dict(input=x, weight=w, dilation=2, padding=2), ValueError,
-     "different shape than the push response"),
+    (
+        "bias shape",
+        lambda x, w: dict(input=x, weight=w, bias=torch.ones(5, dtype=x.dtype, device=x.device)),
+        ValueError,
+        r"bias must have shape \[6\]",
+    ),
+    (
+        "dual with bias_out",
+        lambda x, w: dict(input=x, weight=w, dual_output=True, bias_out=torch.ones(6, dtype=x.dtype, device=x.device)),
+        ValueError,
+        "bias_out cannot be used with dual_output",
+    ),
+    (
+        "upsample dilation",
+        lambda x, w: dict(input=x, weight=w, dilation=2, padding=2),
+        ValueError,
+        "different shape than the push response",
+    ),
     ("backend", lambda x, w: dict(input=x, weight=w, backend="fastest"), ValueError, "backend must be one of"),
 ]
 
@@ -77,7 +106,9 @@ def test_direct_op_call_with_inconsistent_tensors_raises(fused_backend_device):
     with pytest.raises(RuntimeError, match=r"alpha must have shape \[6\]"):
         forward(x, w, None, None, None, None, None, torch.ones(5, dtype=x.dtype, device=device), *geometry, False)
     with pytest.raises(RuntimeError, match="do not match"):
-        forward(x, w[:, :2], None, None, None, None, None, torch.ones(6, dtype=x.dtype, device=device), *geometry, False)
+        forward(
+            x, w[:, :2], None, None, None, None, None, torch.ones(6, dtype=x.dtype, device=device), *geometry, False
+        )
     rows = torch.ones(7, 2, dtype=x.dtype, device=device)
     with pytest.raises(RuntimeError, match=r"pull_rows must have shape \[q, 3\]"):
         forward(x, w, None, rows, rows, None, None, torch.ones(6, dtype=x.dtype, device=device), *geometry, False)
@@ -109,9 +140,11 @@ def test_empty_batch_gives_empty_output_and_gradients(backend_device, options):
 def test_non_contiguous_inputs(backend_device, layout, options):
     backend, device = backend_device
     base = torch.randn(2, 4, 9, 18, device=device, dtype=torch.float64)
-    x = {"channels_last": base.contiguous(memory_format=torch.channels_last),
-         "sliced": base[:, :, :, ::2],
-         "transposed": base[:, :, :, :9].transpose(2, 3)}[layout]
+    x = {
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "sliced": base[:, :, :, ::2],
+        "transposed": base[:, :, :, :9].transpose(2, 3),
+    }[layout]
     w = torch.randn(3, 3, 4, 6, device=device, dtype=torch.float64).permute(3, 2, 0, 1)  # non-contiguous weight
     x.requires_grad_(True)
     out = push_pull_conv2d(x, w, backend=backend, **options)
@@ -120,6 +153,7 @@ def test_non_contiguous_inputs(backend_device, layout, options):
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
     (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
-    (expected_grad,) = torch.autograd.grad(push_pull_conv2d(x, w.contiguous(), backend="reference", **options), x,
-                                           torch.ones_like(out))
+    (expected_grad,) = torch.autograd.grad(
+        push_pull_conv2d(x, w.contiguous(), backend="reference", **options), x, torch.ones_like(out)
+    )
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)

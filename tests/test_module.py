@@ -1,4 +1,5 @@
 """PushPullConv2d as a drop-in for nn.Conv2d, and the papers' modules and checkpoints."""
+
 import os
 
 import pytest
@@ -15,7 +16,9 @@ PAPER_MODULES = [
     pytest.param(lambda: PPmodule2d(3, 8, 5, stride=2, padding=2, scale=1), id="2020-scale1"),
     pytest.param(lambda: PPmodule2d(3, 8, 3, padding=1, dual_output=True), id="2020-dual"),
     pytest.param(lambda: PushPullConv2DUnit(3, 8, 3, padding=1), id="2024"),
-    pytest.param(lambda: PushPullConv2DUnit(3, 8, 7, 5, stride=2, padding=3, trainable_pull_inhibition=True), id="2024-pp5"),
+    pytest.param(
+        lambda: PushPullConv2DUnit(3, 8, 7, 5, stride=2, padding=3, trainable_pull_inhibition=True), id="2024-pp5"
+    ),
     pytest.param(lambda: PushPullConv2DUnit(3, 8, 3, 0, bias=False, pull_inhibition_strength=2.0), id="2024-no-avg"),
 ]
 
@@ -52,9 +55,12 @@ def test_load_state_dict_of_paper_layouts(make):
 
 def test_paper_checkpoint_inside_a_model():
     """A model whose first layer is a 2020 layer: its state dict loads into the same model with ours."""
-    paper_model = nn.Sequential(PPmodule2d(3, 8, 3, padding=1, train_alpha=True), nn.ReLU(), nn.Conv2d(8, 4, 3)).double()
-    our_model = nn.Sequential(PushPullConv2d(3, 8, 3, padding=1, train_alpha=True, alpha_relu=True), nn.ReLU(),
-                              nn.Conv2d(8, 4, 3)).double()
+    paper_model = nn.Sequential(
+        PPmodule2d(3, 8, 3, padding=1, train_alpha=True), nn.ReLU(), nn.Conv2d(8, 4, 3)
+    ).double()
+    our_model = nn.Sequential(
+        PushPullConv2d(3, 8, 3, padding=1, train_alpha=True, alpha_relu=True), nn.ReLU(), nn.Conv2d(8, 4, 3)
+    ).double()
     our_model.load_state_dict(paper_model.state_dict())
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
     torch.testing.assert_close(our_model(x), paper_model(x), rtol=1e-9, atol=1e-9)
@@ -71,7 +77,16 @@ def test_own_state_dict_round_trip():
 
 def test_conv2d_defaults_and_init():
     conv, ours = nn.Conv2d(6, 12, 3), PushPullConv2d(6, 12, 3)
-    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+    for name in (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    ):
         assert getattr(ours, name) == getattr(conv, name), name
     assert ours.weight.shape == conv.weight.shape and ours.bias.shape == conv.bias.shape
     bound = 1 / (6 * 9) ** 0.5
@@ -92,8 +107,9 @@ def test_from_conv2d_copies(backend_device):
         conv.weight.add_(1)
     assert not torch.equal(layer.weight, conv.weight)
     x = torch.randn(2, 4, 9, 9, device=device, dtype=torch.float64)
-    expected = pushpull_ext.push_pull_conv2d(x, layer.weight, layer.bias, stride=2, padding=1, groups=2, pull="invert",
-                                             avg_kernel=3, backend="reference")
+    expected = pushpull_ext.push_pull_conv2d(
+        x, layer.weight, layer.bias, stride=2, padding=1, groups=2, pull="invert", avg_kernel=3, backend="reference"
+    )
     torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
 
 

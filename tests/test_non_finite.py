@@ -6,6 +6,7 @@ non-finite value a sum of infinities gives depends on the order of summation, so
 a gradient is not compared). A NaN or Inf reaching the layer must never come out as a finite
 number: a silently wrong loss.
 """
+
 import hardening_results
 import pytest
 import torch
@@ -13,8 +14,9 @@ from cases import call, case_params, make_case
 
 from pushpull_ext import push_pull_conv2d
 
-NON_FINITE_CASES = case_params("2020-default", "2020-scale1-dilation", "2020-dual", "2024-stem",
-                               "2024-avg5-groups-biases")
+NON_FINITE_CASES = case_params(
+    "2020-default", "2020-scale1-dilation", "2020-dual", "2024-stem", "2024-avg5-groups-biases"
+)
 # (tensor, value): one element of that tensor is replaced by the value.
 POISONS = [("input", float("nan")), ("input", float("inf")), ("input", -float("inf")), ("weight", float("nan"))]
 
@@ -36,15 +38,22 @@ def _output_and_grads(backend, inputs, opts):
 
 def _assert_finite_values_close(actual, expected, finite, what):
     scale = expected[finite].abs().max().item() if finite.any() else 0.0
-    torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-9, atol=1e-9 * max(scale, 1e-30),
-                               msg=lambda m: f"{what}, finite positions: {m}")
+    torch.testing.assert_close(
+        actual[finite],
+        expected[finite],
+        rtol=1e-9,
+        atol=1e-9 * max(scale, 1e-30),
+        msg=lambda m: f"{what}, finite positions: {m}",
+    )
 
 
 def _assert_same_non_finite(actual, expected, what, kinds):
     for kind, test in kinds:
         mismatch = (test(actual) != test(expected)).sum().item()
-        assert mismatch == 0, (f"{what}: {kind} at {mismatch} positions where the reference differs "
-                               f"(ours {test(actual).sum().item()}, reference {test(expected).sum().item()})")
+        assert mismatch == 0, (
+            f"{what}: {kind} at {mismatch} positions where the reference differs "
+            f"(ours {test(actual).sum().item()}, reference {test(expected).sum().item()})"
+        )
     _assert_finite_values_close(actual, expected, torch.isfinite(expected), what)
 
 
@@ -53,8 +62,10 @@ GRADIENT_KINDS = (("non-finite", lambda t: ~torch.isfinite(t)),)
 
 # Known deviations, (backend, pull, poison) -> (reason, strict). Strict ones are reported to be fixed:
 # they fail the suite (XPASS) once fixed, so that the entry is removed.
-_INVERT_INF = ("the invert fast path computes the pull response as max_plus_min * box_sum(x) - conv2d(x, k) "
-               "(README, section How it is fast): an Inf input gives Inf - Inf = NaN where conv2d(x, q(k)) gives +-Inf")
+_INVERT_INF = (
+    "the invert fast path computes the pull response as max_plus_min * box_sum(x) - conv2d(x, k) "
+    "(README, section How it is fast): an Inf input gives Inf - Inf = NaN where conv2d(x, q(k)) gives +-Inf"
+)
 KNOWN_DEVIATIONS = {
     ("triton", "invert", "inf"): (f"Triton: {_INVERT_INF}", True),
     ("cuda", "invert", "inf"): (f"CUDA, if it uses the same algebra: {_INVERT_INF}", False),

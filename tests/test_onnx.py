@@ -1,5 +1,6 @@
 """ONNX: torch.onnx.export(model, (x,), dynamo=True) of models with push-pull layers, with no extra
 argument, gives a graph of standard ONNX operators that onnxruntime runs with the eager outputs."""
+
 import importlib
 import os
 
@@ -40,8 +41,9 @@ class DualOutputNet(nn.Module):
         self.mix = nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
-        both = push_pull_conv2d(x, self.weight, self.bias, padding=1, pull="invert", avg_kernel=3,
-                                dual_output=True, backend=self.backend)
+        both = push_pull_conv2d(
+            x, self.weight, self.bias, padding=1, pull="invert", avg_kernel=3, dual_output=True, backend=self.backend
+        )
         return self.mix(both)
 
 

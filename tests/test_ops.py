@@ -1,4 +1,5 @@
 """The registered ops: opcheck (schema, fake, autograd registration), torch.compile and export."""
+
 import pytest
 import torch
 from cases import case_params, make_case
@@ -8,25 +9,56 @@ from pushpull_ext import PushPullConv2d
 from pushpull_ext.ops import GEOMETRY, GRADIENTS, ForwardArgs
 from pushpull_ext.options import normalize, pull_operands
 
-OPCHECK_CASES = case_params("2020-default", "2020-scale1.5-avg3-bout", "2020-dual", "2024-stem",
-                             "2024-dilation-rect-nopad", "2020-wide-groups-stride-avg3")
+OPCHECK_CASES = case_params(
+    "2020-default",
+    "2020-scale1.5-avg3-bout",
+    "2020-dual",
+    "2024-stem",
+    "2024-dilation-rect-nopad",
+    "2020-wide-groups-stride-avg3",
+)
 
 
 def _op_args(inputs, opts, save_masks):
     opts = dict(opts)
     alpha = inputs.get("alpha", opts.pop("alpha", 1.0))
-    args, alpha_vec = normalize(inputs["input"], inputs["weight"], inputs.get("bias"), inputs.get("bias_out"), alpha,
-                                stride=opts.get("stride", 1), padding=opts.get("padding", 0),
-                                dilation=opts.get("dilation", 1), groups=opts.get("groups", 1),
-                                pull=opts["pull"], scale=opts.get("scale", 2.0), avg_kernel=opts.get("avg_kernel", 0),
-                                dual_output=opts.get("dual_output", False))
+    args, alpha_vec = normalize(
+        inputs["input"],
+        inputs["weight"],
+        inputs.get("bias"),
+        inputs.get("bias_out"),
+        alpha,
+        stride=opts.get("stride", 1),
+        padding=opts.get("padding", 0),
+        dilation=opts.get("dilation", 1),
+        groups=opts.get("groups", 1),
+        pull=opts["pull"],
+        scale=opts.get("scale", 2.0),
+        avg_kernel=opts.get("avg_kernel", 0),
+        dual_output=opts.get("dual_output", False),
+    )
     shift, rows, cols = pull_operands(inputs["weight"], args)
     if shift is not None:  # a leaf of its own, so opcheck may backprop through it repeatedly
         shift = shift.detach().requires_grad_(save_masks)
     kernel = tuple(inputs["weight"].shape[2:])
-    return (inputs["input"], inputs["weight"], shift, rows, cols, inputs.get("bias"), inputs.get("bias_out"),
-            alpha_vec, list(args.stride), list(args.padding), list(args.pull_padding(kernel)), list(args.dilation),
-            args.groups, args.avg_kernel, args.dual_output, save_masks)
+    return (
+        inputs["input"],
+        inputs["weight"],
+        shift,
+        rows,
+        cols,
+        inputs.get("bias"),
+        inputs.get("bias_out"),
+        alpha_vec,
+        list(args.stride),
+        list(args.padding),
+        list(args.pull_padding(kernel)),
+        list(args.dilation),
+        args.groups,
+        args.avg_kernel,
+        args.dual_output,
+        save_masks,
+    )
 
 
 def _ops_for(backend):
@@ -41,7 +73,7 @@ def test_argument_names_match_the_schemas(fused_backend_device):
     forward_names = [a.name for a in forward.default._schema.arguments]
     assert forward_names == list(ForwardArgs._fields)
     backward_names = [a.name for a in backward.default._schema.arguments]
-    assert backward_names[-len(GEOMETRY) - 1:-1] == list(GEOMETRY) and backward_names[-1] == "output_mask"
+    assert backward_names[-len(GEOMETRY) - 1 : -1] == list(GEOMETRY) and backward_names[-1] == "output_mask"
     assert set(GRADIENTS) <= set(forward_names)
 
 
@@ -75,8 +107,11 @@ class _SmallNet(nn.Module):
         return self.head(torch.relu(self.bn(self.stem(x))).mean((2, 3)))
 
 
-@pytest.mark.parametrize("pushpull", [dict(pull="upsample"), dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True)],
-                         ids=["2020", "2024"])
+@pytest.mark.parametrize(
+    "pushpull",
+    [dict(pull="upsample"), dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True)],
+    ids=["2020", "2024"],
+)
 def test_compile_fullgraph_matches_eager(fused_backend_device, pushpull):
     backend, device = fused_backend_device
     net = _SmallNet(backend, **pushpull).to(device=device, dtype=torch.float64)

@@ -39,10 +39,17 @@ def test_available_backends_say_why_on_a_cpu_only_machine():
     if _ext.TRITON_ERROR is None:  # installed, but it cannot run here: say what it needs
         assert "compute capability >= 8.0" in plain["triton"] and "TRITON_INTERPRET=1" in plain["triton"]
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):  # the same reason as calling it
-            code = ("import torch, pushpull_ext as p; p.push_pull_conv2d(torch.ones(1, 1, 3, 3), "
-                    "torch.ones(1, 1, 3, 3), backend='triton')")
-            run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
-                                 capture_output=True, text=True, cwd=ROOT)
+            code = (
+                "import torch, pushpull_ext as p; p.push_pull_conv2d(torch.ones(1, 1, 3, 3), "
+                "torch.ones(1, 1, 3, 3), backend='triton')"
+            )
+            run = subprocess.run(
+                [sys.executable, "-c", code],
+                env={**os.environ, "TRITON_INTERPRET": "0"},
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
             raise RuntimeError(run.stderr)
         assert _backends_in_subprocess({"TRITON_INTERPRET": "1"})["triton"] is None
     else:
@@ -66,8 +73,14 @@ def _copy_sources(tmp_path: Path) -> Path:
 
 def _build_with_a_broken_compiler(src: Path, require: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "CC": "false", "CXX": "false", "PUSHPULL_REQUIRE_CPP": require}
-    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_failed_compile_installs_without_the_extension_and_says_why(tmp_path):
@@ -79,13 +92,21 @@ def test_a_failed_compile_installs_without_the_extension_and_says_why(tmp_path):
     assert "false" in (src / "pushpull_ext" / "_C_BUILD_ERROR.txt").read_text()  # the failing compiler
 
     # the copy, not an editable install of the checkout (whose import hook comes before sys.path)
-    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in f.__module__]; "
-            "import torch, pushpull_ext as p; assert p.__file__.startswith(sys.argv[1]), p.__file__; "
-            "print(p.available_backends()['cpu']); "
-            "x = torch.randn(1, 2, 6, 6); w = torch.randn(3, 2, 3, 3, requires_grad=True); "
-            "p.push_pull_conv2d(x, w, padding=1).sum().backward(); print('ran', tuple(w.grad.shape))")
-    used = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(src)], cwd=src, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(src)})
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in f.__module__]; "
+        "import torch, pushpull_ext as p; assert p.__file__.startswith(sys.argv[1]), p.__file__; "
+        "print(p.available_backends()['cpu']); "
+        "x = torch.randn(1, 2, 6, 6); w = torch.randn(3, 2, 3, 3, requires_grad=True); "
+        "p.push_pull_conv2d(x, w, padding=1).sum().backward(); print('ran', tuple(w.grad.shape))"
+    )
+    used = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code, str(src)],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(src)},
+    )
     assert used.returncode == 0, used.stderr[-2000:]
     assert "the install could not compile the C++ extension" in used.stdout and "ran (3, 2, 3, 3)" in used.stdout
 
@@ -98,13 +119,19 @@ def test_a_failed_compile_fails_the_install_when_the_extension_is_required(tmp_p
 def test_the_sdist_takes_every_build_input(tmp_path):
     """MANIFEST.in: every tracked file under csrc/ and kernels/ (headers and CUDA sources too), LICENSE."""
     src = _copy_sources(tmp_path / "src")
-    run = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)], cwd=src,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     (sdist,) = tmp_path.glob("pushpull_ext-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {Path(*Path(n).parts[1:]).as_posix() for n in tar.getnames() if len(Path(n).parts) > 1}
-    tracked = subprocess.run(["git", "ls-files", "csrc", "kernels"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files", "csrc", "kernels"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert tracked and set(tracked) <= names
     assert {"LICENSE", "README.md", "pyproject.toml", "setup.py", "pushpull_ext/_version.py"} <= names

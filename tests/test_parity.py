@@ -5,6 +5,7 @@ backward, unbatched input, torch.jit.trace, torch.compile(dynamic=True, fullgrap
 padding="same" with an even kernel. Derivatives are checked against PyTorch's own autograd of the reference
 formula in float64; padding modes against two nn.Conv2d layers with that padding mode.
 """
+
 import warnings
 
 import pytest
@@ -103,8 +104,12 @@ def test_func_grad_functional_call_and_hessian(backend_device):
     """Per-parameter gradients through functional_call, as in per-sample-gradient and meta-learning code."""
     backend, device = backend_device
     torch.manual_seed(0)
-    layers = {run: PushPullConv2d(3, 4, 3, padding=1, pull="invert", avg_kernel=3, bias_out=True, train_alpha=True,
-                                  backend=run).to(device, F64) for run in (backend, "reference")}
+    layers = {
+        run: PushPullConv2d(
+            3, 4, 3, padding=1, pull="invert", avg_kernel=3, bias_out=True, train_alpha=True, backend=run
+        ).to(device, F64)
+        for run in (backend, "reference")
+    }
     layers["reference"].load_state_dict(layers[backend].state_dict())
     params = {k: v.detach() for k, v in layers[backend].named_parameters()}
     x = torch.randn(2, 3, 6, 6, device=device, dtype=F64)
@@ -116,7 +121,9 @@ def test_func_grad_functional_call_and_hessian(backend_device):
     expected = torch.func.grad(lambda p: loss("reference", p, x))(params)
     for name in params:
         _close(grads[name], expected[name], f"grad of {name}")
-    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi: loss(backend, p, xi[None])), in_dims=(None, 0))(params, x)
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xi: loss(backend, p, xi[None])), in_dims=(None, 0))(
+        params, x
+    )
     _close(per_sample["weight"].sum(0), expected["weight"], "per-sample gradients summed")
     alpha_hessian = torch.func.hessian(lambda a: loss(backend, {**params, "alpha": a}, x))(params["alpha"])
     expected_hessian = torch.func.hessian(lambda a: loss("reference", {**params, "alpha": a}, x))(params["alpha"])
@@ -184,8 +191,9 @@ def test_unbatched_input(backend_device, sizes, options):
 
 def test_jit_trace_with_checks_and_trained_after_a_no_grad_trace(backend_device):
     backend, device = backend_device
-    layer = PushPullConv2d(3, 4, 3, padding=1, pull="invert", avg_kernel=3, bias_out=True, train_alpha=True,
-                           backend=backend).to(device, F64)
+    layer = PushPullConv2d(
+        3, 4, 3, padding=1, pull="invert", avg_kernel=3, bias_out=True, train_alpha=True, backend=backend
+    ).to(device, F64)
     x = torch.randn(2, 3, 7, 7, device=device, dtype=F64)
     traced = torch.jit.trace(layer, x)  # check_trace=True: runs it again and compares the graphs
     _close(traced(x), layer(x), "traced output")
@@ -199,9 +207,11 @@ def test_jit_trace_with_checks_and_trained_after_a_no_grad_trace(backend_device)
         _close(grads[name], p.grad, f"grad of {name} through the no_grad trace")
 
 
-@pytest.mark.parametrize("options", [dict(pull="upsample", bias=True),
-                                     dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True)],
-                         ids=["2020", "2024"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(pull="upsample", bias=True), dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True)],
+    ids=["2020", "2024"],
+)
 def test_compile_dynamic_fullgraph_one_graph(fused_backend_device, options):
     """torch.compile(dynamic=True, fullgraph=True) with Inductor: one graph for several batch and image
     sizes, training and eager numbers."""
@@ -233,15 +243,28 @@ def _two_conv2d_oracle(x, layer: PushPullConv2d):
     w = layer.weight
     q = pull_kernel(w, layer.pull, layer.scale)
     kernel_growth = [(a - b) // 2 for a, b in zip(q.shape[2:], w.shape[2:])]
-    padding = layer.padding if isinstance(layer.padding, str) else tuple(
-        p + g for p, g in zip(layer.padding, kernel_growth))
+    padding = (
+        layer.padding if isinstance(layer.padding, str) else tuple(p + g for p, g in zip(layer.padding, kernel_growth))
+    )
     pull_bias = None if layer.bias is None else -layer.bias
     responses = []
     for kernel, bias, pad in ((w, layer.bias, layer.padding), (q, pull_bias, padding)):
-        conv = nn.Conv2d(w.shape[1] * layer.groups, w.shape[0], tuple(kernel.shape[2:]), layer.stride, pad,
-                         layer.dilation, layer.groups, bias is not None, layer.padding_mode).to(x)
-        responses.append(torch.func.functional_call(conv, {"weight": kernel, "bias": bias} if bias is not None
-                                                    else {"weight": kernel}, (x,)))
+        conv = nn.Conv2d(
+            w.shape[1] * layer.groups,
+            w.shape[0],
+            tuple(kernel.shape[2:]),
+            layer.stride,
+            pad,
+            layer.dilation,
+            layer.groups,
+            bias is not None,
+            layer.padding_mode,
+        ).to(x)
+        responses.append(
+            torch.func.functional_call(
+                conv, {"weight": kernel, "bias": bias} if bias is not None else {"weight": kernel}, (x,)
+            )
+        )
     alpha = torch.full((w.shape[0],), layer.alpha_value, dtype=x.dtype, device=x.device)
     return combine(*responses, layer.bias_out, alpha, layer.avg_kernel, layer.dual_output)
 
@@ -262,13 +285,15 @@ def test_padding_mode_is_each_convolution_as_conv2d(backend_device, mode, layer_
     layer = PushPullConv2d(4, 6, padding_mode=mode, alpha=0.7, backend=backend, **layer_options).to(device, F64)
     x = torch.randn(2, 4, 9, 8, device=device, dtype=F64, requires_grad=True)
     _close(layer(x), _two_conv2d_oracle(x, layer), "output")
-    assert torch.autograd.gradcheck(lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x,)),
-                                    (x, layer.weight), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x,)), (x, layer.weight), fast_mode=True
+    )
 
 
 @pytest.mark.parametrize("kernel_size", [4, (2, 3)])
-@pytest.mark.parametrize("pull", [dict(pull="invert", avg_kernel=3), dict(pull="upsample", scale=1.0)],
-                         ids=["invert", "upsample-scale1"])
+@pytest.mark.parametrize(
+    "pull", [dict(pull="invert", avg_kernel=3), dict(pull="upsample", scale=1.0)], ids=["invert", "upsample-scale1"]
+)
 def test_same_padding_with_an_even_kernel_pads_as_conv2d(backend_device, kernel_size, pull):
     backend, device = backend_device
     layer = PushPullConv2d(4, 6, kernel_size, padding="same", dilation=(1, 2), backend=backend, **pull).to(device, F64)

@@ -17,6 +17,7 @@ to machine code and read back with cuobjdump, for
 Each target compiles in a process of its own without TRITON_INTERPRET (this process has it set);
 the processes run side by side.
 """
+
 import functools
 import json
 import os
@@ -29,10 +30,19 @@ import torch
 from pushpull_ext._ext import TRITON_ERROR
 
 # Ho * Wo not a multiple of 16 (Triton then cannot assume aligned rows), a batch of 1, a 56 x 56 block.
-EXTRA_SHAPES = ["2,64,64,14,14,3,1,1,invert,5", "2,3,64,220,220,7,2,3,invert,3", "2,64,64,56,56,3,1,1,upsample",
-                "1,16,16,7,7,3,1,1,upsample"]
-KERNELS = {"pp_fwd_conv_kernel", "pp_fwd_pool_epilogue_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel",
-           "pp_bwd_bias_kernel"}
+EXTRA_SHAPES = [
+    "2,64,64,14,14,3,1,1,invert,5",
+    "2,3,64,220,220,7,2,3,invert,3",
+    "2,64,64,56,56,3,1,1,upsample",
+    "1,16,16,7,7,3,1,1,upsample",
+]
+KERNELS = {
+    "pp_fwd_conv_kernel",
+    "pp_fwd_pool_epilogue_kernel",
+    "pp_bwd_input_kernel",
+    "pp_bwd_weight_kernel",
+    "pp_bwd_bias_kernel",
+}
 # Another Triton to compile with as well: a folder holding a `triton` package (pip install --target DIR
 # --no-deps triton==3.6.0, as .ci/run does: the oldest supported, the one the lent GPU machines run).
 OTHER_TRITON = os.environ.get("PUSHPULL_OTHER_TRITON")
@@ -40,6 +50,7 @@ OTHER_TRITON = os.environ.get("PUSHPULL_OTHER_TRITON")
 
 def _other_triton_version():
     import importlib.metadata
+
     dists = [d for d in importlib.metadata.distributions(path=[OTHER_TRITON]) if d.metadata["Name"] == "triton"]
     return dists[0].version if dists else None
 
@@ -74,8 +85,12 @@ def compiled(tmp_path_factory):
         for which in sets:
             path = out / f"{target[0]}-{target[1].replace(' ', '')}-{which}.json"
             children[(target, which, path)] = subprocess.Popen(
-                [sys.executable, __file__, str(target[0]), str(path), which], env=child_env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                [sys.executable, __file__, str(target[0]), str(path), which],
+                env=child_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
     results = {target: [] for target in TARGETS}
     for (target, which, path), child in children.items():
         output, _ = child.communicate(timeout=1800)
@@ -130,10 +145,14 @@ def _grid_launches(dtypes):
         def run(config):
             inputs, opts = make_case(sizes, options, dtype, "cpu")
             call(functools.partial(launch_step, config), inputs, opts)
+
         return run
 
-    return [(f"{name} {str(dtype).replace('torch.', '')}", step(sizes, options, dtype))
-            for name, sizes, options in CASES for dtype in dtypes]
+    return [
+        (f"{name} {str(dtype).replace('torch.', '')}", step(sizes, options, dtype))
+        for name, sizes, options in CASES
+        for dtype in dtypes
+    ]
 
 
 def _child(arch, out_path, sets):

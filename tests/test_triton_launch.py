@@ -6,6 +6,7 @@ The pull operands (pull_shift / pull_rows / pull_cols, from options.pull_operand
 inputs of the launchers: the reference below builds q from them the same way, so every gradient,
 pull_shift's included, is autograd of the same formula.
 """
+
 import os
 
 import torch
@@ -25,8 +26,9 @@ from pushpull_ext.reference import push_pull_reference  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if DEVICE == "cpu" and not TL._interpreted():
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: the kernels cannot run on CPU",
-                allow_module_level=True)
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 was set: the kernels cannot run on CPU", allow_module_level=True
+    )
 
 GRAD_NAMES = ("input", "weight", "pull_shift", "bias_in", "bias_out", "alpha")
 
@@ -44,9 +46,26 @@ def _no_tf32():
 class Case:
     """Random inputs of one configuration, their normalized options and the launcher arguments."""
 
-    def __init__(self, pull="invert", scale=2.0, avg=0, bias_in=True, bias_out=False, dual=False, stride=1,
-                 padding=1, dilation=1, groups=1, kernel=(3, 3), n=2, c_in=4, c_out=6, hw=(6, 7),
-                 dtype=torch.float64, device=DEVICE):
+    def __init__(
+        self,
+        pull="invert",
+        scale=2.0,
+        avg=0,
+        bias_in=True,
+        bias_out=False,
+        dual=False,
+        stride=1,
+        padding=1,
+        dilation=1,
+        groups=1,
+        kernel=(3, 3),
+        n=2,
+        c_in=4,
+        c_out=6,
+        hw=(6, 7),
+        dtype=torch.float64,
+        device=DEVICE,
+    ):
         if dual:
             bias_out = False
         t = dict(dtype=dtype, device=device)
@@ -55,13 +74,32 @@ class Case:
         self.b_in = torch.randn(c_out, **t) if bias_in else None
         self.b_out = torch.randn(c_out, **t) if bias_out else None
         alpha = torch.rand(c_out, **t) + 0.5
-        self.args, self.alpha = normalize(self.x, self.w, self.b_in, self.b_out, alpha, stride=stride,
-                                          padding=padding, dilation=dilation, groups=groups, pull=pull,
-                                          scale=scale, avg_kernel=avg, dual_output=dual)
+        self.args, self.alpha = normalize(
+            self.x,
+            self.w,
+            self.b_in,
+            self.b_out,
+            alpha,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            pull=pull,
+            scale=scale,
+            avg_kernel=avg,
+            dual_output=dual,
+        )
         self.shift, self.rows, self.cols = pull_operands(self.w, self.args)
         a = self.args
-        self.opts = (list(a.stride), list(a.padding), list(a.pull_padding(tuple(self.w.shape[2:]))),
-                     list(a.dilation), a.groups, a.avg_kernel, a.dual_output)
+        self.opts = (
+            list(a.stride),
+            list(a.padding),
+            list(a.pull_padding(tuple(self.w.shape[2:]))),
+            list(a.dilation),
+            a.groups,
+            a.avg_kernel,
+            a.dual_output,
+        )
 
     # --- the formula with the pull operands as independent inputs -------------------------
     def responses(self, x, w, shift, b_in):
@@ -94,18 +132,37 @@ class Case:
     def forward(self, save_masks=True, x=None, w=None):
         x = self.x if x is None else x
         w = self.w if w is None else w
-        return TL.forward(x, w, self.shift, self.rows, self.cols, self.b_in, self.b_out, self.alpha,
-                          *self.opts, save_masks)
+        return TL.forward(
+            x, w, self.shift, self.rows, self.cols, self.b_in, self.b_out, self.alpha, *self.opts, save_masks
+        )
 
     def backward(self, grad, masks, output_mask, x=None, w=None, config=TL.DEFAULT_LAUNCH):
         x = self.x if x is None else x
         w = self.w if w is None else w
-        return TL.backward(grad, x, w, self.shift, self.rows, self.cols, self.b_in, self.alpha, masks,
-                           *self.opts, list(output_mask), config)
+        return TL.backward(
+            grad,
+            x,
+            w,
+            self.shift,
+            self.rows,
+            self.cols,
+            self.b_in,
+            self.alpha,
+            masks,
+            *self.opts,
+            list(output_mask),
+            config,
+        )
 
     def output_mask(self):
-        return [True, True, self.shift is not None, self.b_in is not None,
-                self.b_out is not None, not self.args.dual_output]
+        return [
+            True,
+            True,
+            self.shift is not None,
+            self.b_in is not None,
+            self.b_out is not None,
+            not self.args.dual_output,
+        ]
 
 
 def _tol(dtype):
@@ -192,31 +249,52 @@ GEOMETRIES = {
     "d2-g2-avg3-bout": dict(dilation=2, padding=2, groups=2, avg=3, bias_in=False, bias_out=True),
     "g2-straddle-avg3": dict(groups=2, c_out=20, c_in=4, avg=3, bias_in=True, bias_out=True, hw=(5, 6)),
 }
-GRID = [(p, s, g) for p, s in PULLS for g in GEOMETRIES
-        if not (GEOMETRIES[g].get("dilation", 1) > 1 and p == "upsample" and s != 1.0)]
+GRID = [
+    (p, s, g)
+    for p, s in PULLS
+    for g in GEOMETRIES
+    if not (GEOMETRIES[g].get("dilation", 1) > 1 and p == "upsample" and s != 1.0)
+]
 
 
-@pytest.mark.parametrize("pull,scale,geometry", GRID,
-                         ids=[f"{p}{'' if p == 'invert' else s}-{g}" for p, s, g in GRID])
+@pytest.mark.parametrize("pull,scale,geometry", GRID, ids=[f"{p}{'' if p == 'invert' else s}-{g}" for p, s, g in GRID])
 def test_forward_backward_float64(pull, scale, geometry):
     check_case(Case(pull=pull, scale=scale, **GEOMETRIES[geometry]))
 
 
-@pytest.mark.parametrize("pull,scale,geometry", [
-    ("invert", 2.0, "s1p1-bias-bout"), ("upsample", 2.0, "s2p2-g2-avg3"),
-    ("upsample", 1.5, "rect3x5-avg5-dual"), ("upsample", 1.0, "d2-g2-avg3-bout"),
-])
+@pytest.mark.parametrize(
+    "pull,scale,geometry",
+    [
+        ("invert", 2.0, "s1p1-bias-bout"),
+        ("upsample", 2.0, "s2p2-g2-avg3"),
+        ("upsample", 1.5, "rect3x5-avg5-dual"),
+        ("upsample", 1.0, "d2-g2-avg3-bout"),
+    ],
+)
 def test_forward_backward_float32(pull, scale, geometry):
     check_case(Case(pull=pull, scale=scale, dtype=torch.float32, **GEOMETRIES[geometry]))
 
 
-@pytest.mark.parametrize("dilation,stride,hw", [(2, 5, (9, 9)), ((3, 1), (9, 5), (15, 7))],
-                         ids=["pull-grid", "sparse-window"])
+@pytest.mark.parametrize(
+    "dilation,stride,hw", [(2, 5, (9, 9)), ((3, 1), (9, 5), (15, 7))], ids=["pull-grid", "sparse-window"]
+)
 def test_upsample_dilation_equal_shapes(dilation, stride, hw):
     # The rare dilation > 1 upsample cases whose pull and push outputs happen to have one shape:
     # the push taps land on the pull window's grid (dilation 2) or not (3: a sparse tap window).
-    check_case(Case(pull="upsample", scale=2.0, dilation=dilation, stride=stride, padding=0, hw=hw, avg=3,
-                    bias_out=True, c_in=2, c_out=4))
+    check_case(
+        Case(
+            pull="upsample",
+            scale=2.0,
+            dilation=dilation,
+            stride=stride,
+            padding=0,
+            hw=hw,
+            avg=3,
+            bias_out=True,
+            c_in=2,
+            c_out=4,
+        )
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -322,20 +400,24 @@ class _LaunchFn(torch.autograd.Function):
         x, w, shift, b_in, alpha, masks = ctx.saved_tensors
         case = ctx.case
         need = list(ctx.needs_input_grad[1:])
-        grads = TL.backward(grad.contiguous(), x, w, shift, case.rows, case.cols, b_in, alpha, masks,
-                            *case.opts, need)
+        grads = TL.backward(grad.contiguous(), x, w, shift, case.rows, case.cols, b_in, alpha, masks, *case.opts, need)
         return (None,) + tuple(g if n else None for g, n in zip(grads, need))
 
 
-@pytest.mark.parametrize("pull,scale,opts", [
-    ("invert", 2.0, dict(avg=3, bias_in=True, bias_out=True, groups=2, stride=2, padding=1)),
-    ("upsample", 1.5, dict(avg=3, bias_in=True, dual=True, kernel=(3, 3))),
-], ids=["invert-avg3-g2-s2", "upsample1.5-avg3-dual"])
+@pytest.mark.parametrize(
+    "pull,scale,opts",
+    [
+        ("invert", 2.0, dict(avg=3, bias_in=True, bias_out=True, groups=2, stride=2, padding=1)),
+        ("upsample", 1.5, dict(avg=3, bias_in=True, dual=True, kernel=(3, 3))),
+    ],
+    ids=["invert-avg3-g2-s2", "upsample1.5-avg3-dual"],
+)
 def test_gradcheck(pull, scale, opts):
     case = Case(pull=pull, scale=scale, n=1, c_in=2, c_out=4, hw=(5, 6), **opts)
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case.leaves()]
-    assert torch.autograd.gradcheck(lambda *a: _LaunchFn.apply(case, *a), tuple(leaves), eps=1e-6, atol=1e-7,
-                                    rtol=1e-6, fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda *a: _LaunchFn.apply(case, *a), tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True
+    )
 
 
 def test_bias_gradient_split_deterministic():

@@ -1,5 +1,6 @@
 """Outputs and gradients of a backend against the reference in float64, judged by relative error: the
 check the agreement tests (and the CUDA emulation's) run on every case."""
+
 import torch
 from cases import call
 
@@ -24,8 +25,9 @@ def reference_float64(inputs, opts):
 
 def assert_rel_close(actual, expected, rtol, what):
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=rtol * max(scale, 1e-30),
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=rtol * max(scale, 1e-30), msg=lambda m: f"{what}: {m}"
+    )
 
 
 def assert_matches_reference(backend, inputs, opts, rtol):

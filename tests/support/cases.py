@@ -4,6 +4,7 @@ A case is (id, sizes, options): sizes = (N, C_in, C_out, H, W, kh, kw); options 
 arguments of push_pull_conv2d, plus "bias_in" / "bias_out" (bool) and "alpha" ("number", "scalar"
 for a 0-d tensor, "vector" for [C_out]).
 """
+
 import pytest
 import torch
 
@@ -11,18 +12,41 @@ SMALL = (2, 4, 6, 7, 6, 3, 3)
 
 CASES = [
     ("2020-default", SMALL, dict(pull="upsample", scale=2.0, padding=1, bias_in=True, alpha="number")),
-    ("2020-groups-stride-rect", (2, 4, 6, 9, 8, 3, 5), dict(pull="upsample", groups=2, stride=2, padding=(1, 2), alpha="vector")),
-    ("2020-scale1-dilation", SMALL, dict(pull="upsample", scale=1.0, dilation=2, padding=2, bias_in=True, alpha="scalar")),
-    ("2020-scale1.5-avg3-bout", SMALL, dict(pull="upsample", scale=1.5, padding=1, avg_kernel=3, bias_out=True, alpha="vector")),
+    (
+        "2020-groups-stride-rect",
+        (2, 4, 6, 9, 8, 3, 5),
+        dict(pull="upsample", groups=2, stride=2, padding=(1, 2), alpha="vector"),
+    ),
+    (
+        "2020-scale1-dilation",
+        SMALL,
+        dict(pull="upsample", scale=1.0, dilation=2, padding=2, bias_in=True, alpha="scalar"),
+    ),
+    (
+        "2020-scale1.5-avg3-bout",
+        SMALL,
+        dict(pull="upsample", scale=1.5, padding=1, avg_kernel=3, bias_out=True, alpha="vector"),
+    ),
     # >= 32 output channels per group: the CPU kernel's prefilter + matrix-product path for upsample
-    ("2020-wide-groups-stride-avg3", (1, 4, 64, 6, 5, 3, 3),
-     dict(pull="upsample", groups=2, stride=(1, 2), padding=1, avg_kernel=3, bias_in=True, alpha="vector")),
+    (
+        "2020-wide-groups-stride-avg3",
+        (1, 4, 64, 6, 5, 3, 3),
+        dict(pull="upsample", groups=2, stride=(1, 2), padding=1, avg_kernel=3, bias_in=True, alpha="vector"),
+    ),
     ("2020-dual", SMALL, dict(pull="upsample", padding=1, bias_in=True, dual_output=True)),
     ("2024-stem", SMALL, dict(pull="invert", stride=2, padding=1, avg_kernel=3, bias_out=True, alpha="vector")),
-    ("2024-avg5-groups-biases", SMALL, dict(pull="invert", padding=2, groups=2, avg_kernel=5, bias_in=True, bias_out=True, alpha="scalar")),
+    (
+        "2024-avg5-groups-biases",
+        SMALL,
+        dict(pull="invert", padding=2, groups=2, avg_kernel=5, bias_in=True, bias_out=True, alpha="scalar"),
+    ),
     ("2024-dual-avg3", SMALL, dict(pull="invert", avg_kernel=3, bias_in=True, dual_output=True)),
     ("2024-dilation-rect-nopad", (2, 4, 5, 9, 9, 1, 3), dict(pull="invert", dilation=2, stride=(1, 2), alpha="vector")),
-    ("2024-no-pooling-cout9", (1, 3, 9, 6, 7, 3, 3), dict(pull="invert", padding=1, avg_kernel=1, bias_in=True, alpha="number")),
+    (
+        "2024-no-pooling-cout9",
+        (1, 3, 9, 6, 7, 3, 3),
+        dict(pull="invert", padding=1, avg_kernel=1, bias_in=True, alpha="number"),
+    ),
 ]
 
 CASE_PARAMS = [pytest.param(sizes, options, id=name) for name, sizes, options in CASES]

@@ -1,6 +1,7 @@
 """A small model with push-pull layers trained a few SGD steps, the same way in one process on the whole
 batch and in data-parallel processes on a shard each: DistributedDataParallel, or FSDP2 (fully_shard)
 with every parameter sharded across the processes. Imported by the spawned workers."""
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -17,8 +18,15 @@ STEPS, BATCH = 3, 8
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)  # every process builds the same model
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
     convert(model, ["0"], pull="invert", avg_kernel=3, bias_out=True, train_alpha=True)  # 2024 stem
     convert(model, ["2"], pull="upsample", train_alpha=True, alpha_relu=True)  # 2020 layer
     return model.double()
@@ -26,8 +34,13 @@ def make_model() -> nn.Module:
 
 def batches() -> list:
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, 12, 12, generator=generator, dtype=torch.float64),
-             torch.randint(0, 4, (BATCH,), generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(BATCH, 3, 12, 12, generator=generator, dtype=torch.float64),
+            torch.randint(0, 4, (BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ Tests call `count(section, key)` as they run (examples fuzzed per backend, bad i
 At the end of the session conftest.py prints them and, when the environment variable
 PUSHPULL_TEST_RESULTS names a file, writes them there as JSON (benchmarks/gpu_suite.sh does so).
 """
+
 from __future__ import annotations
 
 import glob

@@ -1,5 +1,6 @@
 """Stand-ins of the papers' push-pull layers (written from the papers' formulas, README.md "The formula",
 with the attribute and state-dict names of the papers' code) and small torchvision-style ResNets to put them in."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,8 +9,9 @@ from torch import nn
 class PPmodule2d(nn.Module):
     """Stand-in for the 2020 layer, written from the paper's formula (attributes as in the paper's code)."""
 
-    def __init__(self, cin, cout, k, stride=1, padding=0, alpha=1.0, scale=2, dual_output=False, train_alpha=False,
-                 bias=True):
+    def __init__(
+        self, cin, cout, k, stride=1, padding=0, alpha=1.0, scale=2, dual_output=False, train_alpha=False, bias=True
+    ):
         super().__init__()
         self.push = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=bias)
         self.scale_factor, self.dual_output, self.train_alpha = scale, dual_output, train_alpha
@@ -19,7 +21,10 @@ class PPmodule2d(nn.Module):
         k = self.push.weight
         size = [int(s * self.scale_factor) + (1 - int(s * self.scale_factor) % 2) for s in k.shape[2:]]
         pull = -F.interpolate(k, size=size, mode="bilinear", align_corners=True)
-        pad = [size[0] // 2 - k.shape[2] // 2 + self.push.padding[0], size[1] // 2 - k.shape[3] // 2 + self.push.padding[1]]
+        pad = [
+            size[0] // 2 - k.shape[2] // 2 + self.push.padding[0],
+            size[1] // 2 - k.shape[3] // 2 + self.push.padding[1],
+        ]
         p = self.push(x)
         q = F.conv2d(x, pull, None if self.push.bias is None else -self.push.bias, self.push.stride, pad)
         if self.dual_output:
@@ -31,16 +36,32 @@ class PPmodule2d(nn.Module):
 class PushPullConv2DUnit(nn.Module):
     """Stand-in for the 2024 layer, written from the paper's formula."""
 
-    def __init__(self, cin, cout, k, avg_kernel_size=3, stride=1, padding=0, pull_inhibition_strength=1.0,
-                 trainable_pull_inhibition=False, bias=True):
+    def __init__(
+        self,
+        cin,
+        cout,
+        k,
+        avg_kernel_size=3,
+        stride=1,
+        padding=0,
+        pull_inhibition_strength=1.0,
+        trainable_pull_inhibition=False,
+        bias=True,
+    ):
         super().__init__()
         self.push_conv = nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=False)
-        self.avg = (nn.AvgPool2d(avg_kernel_size, 1, (avg_kernel_size - 1) // 2, count_include_pad=False)
-                    if avg_kernel_size > 1 else None)
+        self.avg = (
+            nn.AvgPool2d(avg_kernel_size, 1, (avg_kernel_size - 1) // 2, count_include_pad=False)
+            if avg_kernel_size > 1
+            else None
+        )
         self.bias = nn.Parameter(0.1 * torch.randn(cout)) if bias else None
         self.trainable_pull_inhibition = trainable_pull_inhibition
-        self.pull_inhibition_strength = (nn.Parameter(pull_inhibition_strength * torch.ones(cout))
-                                         if trainable_pull_inhibition else pull_inhibition_strength)
+        self.pull_inhibition_strength = (
+            nn.Parameter(pull_inhibition_strength * torch.ones(cout))
+            if trainable_pull_inhibition
+            else pull_inhibition_strength
+        )
 
     def forward(self, x):
         k = self.push_conv.weight
@@ -108,8 +129,9 @@ class ResNet(nn.Module):
     def __init__(self, block, blocks_per_stage, widths, stem="cifar", num_classes=10, stem_layer=None):
         super().__init__()
         cifar = stem == "cifar"
-        self.conv1 = stem_layer or (nn.Conv2d(3, widths[0], 3, 1, 1, bias=False) if cifar
-                                    else nn.Conv2d(3, widths[0], 7, 2, 3, bias=False))
+        self.conv1 = stem_layer or (
+            nn.Conv2d(3, widths[0], 3, 1, 1, bias=False) if cifar else nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        )
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar else nn.MaxPool2d(3, 2, 1)
@@ -123,8 +145,10 @@ class ResNet(nn.Module):
     def _stage(self, block, planes, count, stride):
         downsample = None
         if stride != 1 or self.channels != planes * block.expansion:
-            downsample = nn.Sequential(nn.Conv2d(self.channels, planes * block.expansion, 1, stride, bias=False),
-                                       nn.BatchNorm2d(planes * block.expansion))
+            downsample = nn.Sequential(
+                nn.Conv2d(self.channels, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         layers = [block(self.channels, planes, stride, downsample)]
         self.channels = planes * block.expansion
         layers += [block(self.channels, planes) for _ in range(1, count)]

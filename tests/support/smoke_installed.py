@@ -15,8 +15,10 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 def outputs(backend: str, pull: str):
     gen = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-               for shape in ((2, 3, 12, 12), (4, 3, 3, 3), (4,)))
+    x, w, b = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        for shape in ((2, 3, 12, 12), (4, 3, 3, 3), (4,))
+    )
     options = dict(pull="upsample", scale=2.0) if pull == "upsample" else dict(pull="invert", avg_kernel=3)
     y = push_pull_conv2d(x, w, b, padding=1, alpha=0.7, backend=backend, **options)
     grads = torch.autograd.grad(y, (x, w, b), torch.randn(y.shape, generator=gen, dtype=torch.float64))
@@ -31,8 +33,9 @@ def main() -> int:
         return 1
     failures = 0
     for pull in ("upsample", "invert"):
-        for name, ours, ref in zip(("output", "grad_x", "grad_w", "grad_b"), outputs("cpu", pull),
-                                   outputs("reference", pull)):
+        for name, ours, ref in zip(
+            ("output", "grad_x", "grad_w", "grad_b"), outputs("cpu", pull), outputs("reference", pull)
+        ):
             error = (ours - ref).abs().max().item()
             ok = error <= 1e-9 * max(1.0, ref.abs().max().item())
             failures += not ok
