@@ -29,47 +29,15 @@ from __future__ import annotations
 import torch
 import torch._decomp
 
-from . import ops  # noqa: F401  (defines the Triton ops, where Triton loads)
+from . import ops  # (importing it defines the Triton ops, where Triton loads)
 from .reference import op_formula
 
 
-def _forward_decomposition(
-    input,
-    weight,
-    pull_shift,
-    pull_rows,
-    pull_cols,
-    bias_in,
-    bias_out,
-    alpha,
-    stride,
-    padding,
-    pull_padding,
-    dilation,
-    groups,
-    avg_kernel,
-    dual_output,
-    save_masks,
-):
+def _forward_decomposition(*args):
     """The fused forward op in plain ops: (output, empty uint8 masks); see the module docstring."""
-    out = op_formula(
-        input,
-        weight,
-        pull_shift,
-        pull_rows,
-        pull_cols,
-        bias_in,
-        bias_out,
-        alpha,
-        stride,
-        padding,
-        pull_padding,
-        dilation,
-        groups,
-        avg_kernel,
-        dual_output,
-    )
-    return out, input.new_empty((0,), dtype=torch.uint8)
+    forward = ops.ForwardArgs(*args)
+    out = op_formula(*forward[:-1])  # all but save_masks
+    return out, forward.input.new_empty((0,), dtype=torch.uint8)
 
 
 def fused_forward_ops() -> list:

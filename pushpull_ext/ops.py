@@ -51,61 +51,28 @@ GRADIENTS = ("input", "weight", "pull_shift", "bias_in", "bias_out", "alpha")
 GEOMETRY = ForwardArgs._fields[ForwardArgs._fields.index("stride") : -1]
 
 
-def forward_fake(
-    input,
-    weight,
-    pull_shift,
-    pull_rows,
-    pull_cols,
-    bias_in,
-    bias_out,
-    alpha,
-    stride,
-    padding,
-    pull_padding,
-    dilation,
-    groups,
-    avg_kernel,
-    dual_output,
-    save_masks,
-):
+def forward_fake(*args):
     """Shapes of (output, masks).
 
     output: [N, C_out (2*C_out if dual_output), Ho, Wo], contiguous, input's dtype.
     masks: uint8 [2, N, ceil(C_out/8), Ho, Wo]; bit o % 8 of byte o // 8 is ReLU'(P) (masks[0]) and
     ReLU'(Q') (masks[1]) of channel o; empty when save_masks is False.
     """
-    n, c_out = input.shape[0], weight.shape[0]
+    a = ForwardArgs(*args)
+    n, c_out = a.input.shape[0], a.weight.shape[0]
     ho, wo = (
-        conv_output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)
+        conv_output_size(a.input.shape[2 + i], a.weight.shape[2 + i], a.stride[i], a.padding[i], a.dilation[i])
+        for i in range(2)
     )
-    out = input.new_empty((n, 2 * c_out if dual_output else c_out, ho, wo))
-    mask_shape = (2, n, (c_out + 7) // 8, ho, wo) if save_masks else (0,)
-    return out, input.new_empty(mask_shape, dtype=torch.uint8)
+    out = a.input.new_empty((n, 2 * c_out if a.dual_output else c_out, ho, wo))
+    mask_shape = (2, n, (c_out + 7) // 8, ho, wo) if a.save_masks else (0,)
+    return out, a.input.new_empty(mask_shape, dtype=torch.uint8)
 
 
-def backward_fake(
-    grad_output,
-    input,
-    weight,
-    pull_shift,
-    pull_rows,
-    pull_cols,
-    bias_in,
-    alpha,
-    masks,
-    stride,
-    padding,
-    pull_padding,
-    dilation,
-    groups,
-    avg_kernel,
-    dual_output,
-    output_mask,
-):
+def backward_fake(grad_output, input, weight, *rest):
     """(grad_input, grad_weight, grad_pull_shift, grad_bias_in, grad_bias_out, grad_alpha); entries
     not asked for in output_mask are empty tensors."""
-    c_out = weight.shape[0]
+    output_mask, c_out = rest[-1], weight.shape[0]
     shapes = (input.shape, weight.shape, (c_out,), (c_out,), (c_out,), (c_out,))
     return tuple(input.new_empty(shape if wanted else (0,)) for shape, wanted in zip(shapes, output_mask))
 
