@@ -8,7 +8,7 @@ with the pull kernel q(k) of Strisciuglio et al. 2020 ("upsample") or Bennabhakt
 
 import torch
 
-from . import export  # noqa: F401  (registers the decomposition torch.onnx.export uses)
+from . import export  # noqa: F401  (pushpull_ext.export.to_onnx)
 from ._ext import CPP_ERROR, TRITON_ERROR, has_cpp_kernel
 from ._version import __version__
 from .conversion import convert

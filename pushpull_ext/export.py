@@ -1,33 +1,33 @@
 """Export of push-pull layers to graphs of standard operators: ONNX, and plain-op torch.export programs.
 
-The fused forward ops (`pushpull::forward`, and `pushpull::triton_forward` where Triton loads) are
-given a decomposition into plain PyTorch ops: `reference.op_formula`, the formula the kernels are
-tested against (two convolutions, ReLUs, average pooling, a multiply and adds). It is registered,
-at package import, in torch's decomposition table (`torch._decomp.register_decomposition`).
+The fused forward ops (`pushpull::forward`, and `pushpull::triton_forward` where Triton loads) have a
+decomposition into plain PyTorch ops: `reference.op_formula`, the formula the kernels are tested against
+(two convolutions, ReLUs, average pooling, a multiply and adds). `decomposition_table()` gives it to
+`ExportedProgram.run_decompositions`, and `to_onnx` exports a model through it:
 
-Why there: `torch.onnx.export(model, args, dynamo=True)` runs torch.export, then decomposes every
-op that has no ONNX translation with `torch.export.default_decompositions()` together with
-`torch._decomp.decomposition_table` (torch/onnx/_internal/exporter/_decomp.py), then translates the
-standard ops. So a converted model exports with no argument from the user, as one with
-nn.Conv2d does. The alternatives need one: an onnxscript function passed as
-`custom_translation_table=` at every export call (torch has no public registry that the default
-export reads), or a decomposition table passed to `ExportedProgram.run_decompositions`. Being a
-decomposition, it also writes the formula once, in `op_formula`, not again in onnxscript.
+    onnx_program = pushpull_ext.export.to_onnx(model, (x,))   # then onnx_program.save("model.onnx")
 
-torch.export itself is unchanged: the decomposition is not in `default_decompositions()`, so
-`torch.export.export(model, args)` and its default `run_decompositions()` keep each push-pull
-layer as one `pushpull` node (for runtimes that load this extension). For a program of plain ops
-only, pass `decomposition_table()`: `program.run_decompositions(decomposition_table())`.
+Why a function of ours rather than plain `torch.onnx.export(model, ...)`: the exporter would need the
+decomposition in torch's global decomposition table, and there Inductor takes it for a conflict with
+the op's fallback (`make_fallback(...): a decomposition exists`, an error whenever the environment
+variable CI is set), so torch.compile of the same model would fail. An onnxscript translation passed as
+`custom_translation_table=` would write the formula a second time. So `to_onnx` runs torch.export, the
+decomposition, then `torch.onnx.export` of the resulting program.
 
-Limits: the decomposition computes the layer's output, the second output of the ops (the packed
-ReLU masks that only their backward reads) is an empty uint8 tensor: exported graphs are for
-inference, and any graph that read the masks would fail on that empty tensor, never get wrong bits.
+torch.export itself is unchanged: `torch.export.export(model, args)` and its default
+`run_decompositions()` keep each push-pull layer as one `pushpull` node (for runtimes that load this
+extension).
+
+Limits: the decomposition computes the layer's output, the second output of the ops (the packed ReLU
+masks that only their backward reads) is an empty uint8 tensor: exported graphs are for inference, and
+any graph that read the masks would fail on that empty tensor, never get wrong bits. A plain
+`torch.onnx.export(model, ...)` of a model with push-pull layers fails with the exporter's
+"no ONNX translation" error for `pushpull::forward`: it never exports something wrong.
 """
 
 from __future__ import annotations
 
 import torch
-import torch._decomp
 
 from . import ops  # (importing it defines the Triton ops, where Triton loads)
 from .reference import op_formula
@@ -52,10 +52,9 @@ def decomposition_table() -> dict:
     return {op: _forward_decomposition for op in fused_forward_ops()}
 
 
-def _register() -> None:
-    for op in fused_forward_ops():
-        if op not in torch._decomp.decomposition_table:  # a second import (importlib.reload) registers nothing
-            torch._decomp.register_decomposition(op)(_forward_decomposition)
-
-
-_register()
+def to_onnx(model: torch.nn.Module, args: tuple, *, dynamic_shapes=None, **onnx_options):
+    """torch.onnx.export of `model` (its push-pull layers as standard operators): torch.export.export(model,
+    args, dynamic_shapes=...), the decomposition of the fused ops, then torch.onnx.export of that program
+    with `onnx_options` (e.g. f="model.onnx"). Returns what torch.onnx.export returns (an ONNXProgram)."""
+    program = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    return torch.onnx.export(program.run_decompositions(decomposition_table()), args, dynamo=True, **onnx_options)

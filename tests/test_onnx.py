@@ -1,5 +1,5 @@
-"""ONNX: torch.onnx.export(model, (x,), dynamo=True) of models with push-pull layers, with no extra
-argument, gives a graph of standard ONNX operators that onnxruntime runs with the eager outputs."""
+"""ONNX: pushpull_ext.export.to_onnx(model, (x,)) of models with push-pull layers gives a graph of standard
+ONNX operators that onnxruntime runs with the eager outputs."""
 
 import importlib
 import os
@@ -53,7 +53,7 @@ def _export_and_run(model: nn.Module, path, batches=(2,), dynamic_batch=False) -
     model.eval()
     example = torch.randn(batches[0], 3, 12, 12)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    torch.onnx.export(model, (example,), str(path), dynamo=True, dynamic_shapes=dynamic_shapes, verbose=False)
+    pushpull_ext.export.to_onnx(model, (example,), dynamic_shapes=dynamic_shapes, f=str(path), verbose=False)
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph, full_check=True)
     op_types = {(node.domain, node.op_type) for node in graph.graph.node}
@@ -103,3 +103,14 @@ def test_torch_export_keeps_the_op_and_decomposes_on_request(fused_backend_devic
     assert not pushpull_nodes(plain)
     with torch.no_grad():
         torch.testing.assert_close(plain.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_no_global_decomposition_and_plain_export_refuses():
+    """The decomposition stays out of torch's global table (Inductor would take it for a conflict with the
+    op's fallback, an error under CI=1), so a plain torch.onnx.export raises rather than exporting."""
+    import torch._decomp
+
+    assert not set(pushpull_ext.export.fused_forward_ops()) & set(torch._decomp.decomposition_table)
+    layer = pushpull_ext.PushPullConv2d(3, 4, 3, padding=1, backend="cpu").eval()
+    with pytest.raises(Exception, match="pushpull"):
+        torch.onnx.export(layer, (torch.randn(1, 3, 8, 8),), dynamo=True)
