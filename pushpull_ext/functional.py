@@ -169,7 +169,7 @@ def _fused(backend: str, op: OpInputs, bias, bias_out, alpha, args: PushPullArgs
     )
     forward_op = torch.ops.pushpull.triton_forward if backend == "triton" else torch.ops.pushpull.forward
     out, _masks = forward_op(*op_args._replace(save_masks=save_masks))
-    if _is_channels_last(layout_of):
+    if ops.is_channels_last(layout_of):
         out = out.contiguous(memory_format=torch.channels_last)
     return out
 
@@ -207,10 +207,6 @@ def forward_args(
     args, alpha_vec = normalize(input, weight, bias, bias_out, alpha, **options)
     op = _op_inputs(input, weight, _pull_operands(weight, args, weight.dtype), args)
     return _forward_args(op, bias, bias_out, alpha_vec, args, save_masks)
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _autocast_dtype(input) -> torch.dtype | None:

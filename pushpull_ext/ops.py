@@ -82,7 +82,8 @@ def _placeholder(t: Tensor) -> Tensor:
     return t.new_empty(()).expand(t.shape)
 
 
-def _is_channels_last(t: Tensor) -> bool:
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor in channels_last layout (and not also contiguous, as size-1 dims allow)."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
@@ -115,7 +116,7 @@ def _make_autograd(backward_op):
             output[1],
         )
         ctx.mark_non_differentiable(output[1])
-        ctx.input_channels_last = _is_channels_last(args.input)
+        ctx.input_channels_last = is_channels_last(args.input)
 
     def backward(ctx, grad_output, _grad_masks):
         input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks = ctx.saved_tensors
