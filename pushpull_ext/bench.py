@@ -5,40 +5,68 @@ For every case of pushpull_ext/shapes.py (or --shapes / --shape), dtype and prov
    formula (max abs error, and whether the relative error is within the tolerance (shapes.tolerance));
 2. times forward / backward / forward+backward / inference (CPU: torch.utils.benchmark.Timer,
    GPU: triton.testing.do_bench, CUDA graphs for the small CIFAR shapes): median, 20th and 80th
-   percentile, speedup against the eager reference;
+   percentile, speedup against the eager reference, and time over the plain convolution + ReLU;
 3. derives GFLOP/s and GB/s from one FLOPs/bytes model (`work`), the percentage of a roofline whose
    peaks (copy bandwidth, large matmul) are measured in the same run, and the memory the forward
    keeps for backward (saved tensors, deduplicated by storage; on GPU also the peak allocation).
-Providers: "reference" (eager formula, the baseline), "stacked+compile" (the best plain PyTorch:
-the convolutions stacked where the kernels have one size, a torch.compile'd epilogue),
-"compiled-reference" (torch.compile of the reference), and our backends (cpu; cuda, triton on GPU).
+Providers (bench_providers.py): "reference" (eager formula, the baseline), "conv+relu" (nn.Conv2d + ReLU of
+the same geometry), "stacked+compile" (the best plain PyTorch: the convolutions stacked where the kernels
+have one size, a torch.compile'd epilogue), "compiled-reference" (torch.compile of the reference), and our
+backends (cpu; cuda, triton on GPU).
+`--models`: whole networks instead (bench_models.py): ResNet-20 and ResNet-50 training steps and
+inference, plain against push-pull layers in the papers' placements.
 See benchmarks/README.md for what each figure means.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import functools
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .functional import push_pull_conv2d, resolve_backend
-from .options import conv_output_size, normalize, upsampled_size
-from .reference import pull_kernel, push_pull_reference
+from .bench_providers import (  # noqa: F401  (re-exported: the benchmark's names, as before the split)
+    BASELINE,
+    COMPILED,
+    CONV_RELU,
+    DEFAULT_PROVIDERS,
+    OUR_BACKENDS,
+    PROVIDERS,
+    Skip,
+    build_provider,
+    forward_backward,
+    grad_names,
+    mode_callable,
+    roofline_percent,
+    work,
+)
+from .bench_report import (  # noqa: F401
+    TOLERANCE_LEGEND,
+    _dtype_name,
+    environment,
+    format_figures,
+    format_table,
+    write_outputs,
+)
+from .bench_timing import (  # noqa: F401
+    CPU_ROUNDS,
+    gpu_peak_bytes,
+    measure_peaks,
+    saved_bytes,
+    set_precision,
+    steady_cpu_allocator,
+    summarize_cpu,
+    time_cpu,
+    time_gpu,
+)
+from .functional import push_pull_conv2d
 from .shapes import (
     CASE_FORMAT,
     CASES,
@@ -51,17 +79,10 @@ from .shapes import (
     tolerance,
 )
 
-BASELINE = "reference"
-COMPILED = ("stacked+compile", "compiled-reference")
-OUR_BACKENDS = ("cpu", "cuda", "triton")
-PROVIDERS = (BASELINE,) + COMPILED + ("ours",)
-DEFAULT_PROVIDERS = (BASELINE, "ours")  # without --full: the torch.compile providers cost most of the time
 MODES = ("fwd", "bwd", "fwdbwd", "inference")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 CPU_FLOP_BUDGET = 4e9  # CPU batch: the largest power of two whose reference forward stays under this
 QUICK_BATCH = 2
-QUANTILES = [0.5, 0.2, 0.8]
-CPU_ROUNDS = 3  # interleaved timing rounds per mode on CPU
 MIN_RUN_TIME = {"quick": 0.05, "default": 1.0, "full": 2.0}  # CPU seconds per provider and mode
 # The progress bar's weights (expected seconds of each step, `expected_seconds`): a torch.compile'd
 # provider's (or Triton's) first calls on a cold cache, a GPU timing, and the share of the measured
@@ -69,240 +90,6 @@ MIN_RUN_TIME = {"quick": 0.05, "default": 1.0, "full": 2.0}  # CPU seconds per p
 FIRST_COMPILE_S = {"cpu": 25.0, "cuda": 10.0}
 GPU_TIMING_S = 0.5
 PEAK_SHARE = 0.25
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the message says why."""
-
-
-# ---------------------------------------------------------------- the FLOPs / bytes model (written once)
-
-
-def _geometry(case: Case):
-    ho = conv_output_size(case.h, case.kernel, case.stride, case.padding, 1)
-    wo = conv_output_size(case.w, case.kernel, case.stride, case.padding, 1)
-    pull = upsampled_size(case.kernel, case.scale) if case.pull == "upsample" and case.scale != 1 else case.kernel
-    return ho, wo, pull
-
-
-def work(case: Case, batch: int, itemsize: int, mode: str) -> tuple[float, float]:
-    """(FLOPs, bytes) of one call in `mode`, for the formula as the reference computes it.
-
-    FLOPs: forward = 2 MACs of the push conv (k x k) and of the pull conv (q x q), a*a per output for
-    the average, 5 per output for bias / ReLUs / combination; backward = the weight gradient of both
-    convolutions (2 MACs each), their input gradient when the input needs one, the same pooling and
-    elementwise work. Bytes: forward = input + weights (+ biases, alpha) + output; backward =
-    grad_output + input + weights + every gradient written. fwdbwd = both; inference = forward.
-    """
-    ho, wo, q = _geometry(case)
-    outputs = batch * case.c_out * ho * wo
-    macs = outputs * case.c_in * (case.kernel**2 + q**2)
-    pointwise = outputs * (5 + (case.avg_kernel**2 if case.avg_kernel > 1 else 0))
-    fwd_flops = 2 * macs + pointwise
-    bwd_flops = 2 * macs * (2 if case.input_grad else 1) + pointwise
-    x = batch * case.c_in * case.h * case.w
-    params = case.c_out * case.c_in * case.kernel**2 + case.c_out * (case.bias_in + case.bias_out + 1)
-    fwd_bytes = (x + params + outputs) * itemsize
-    bwd_bytes = (outputs + x + 2 * params + (x if case.input_grad else 0)) * itemsize
-    flops = {"fwd": fwd_flops, "inference": fwd_flops, "bwd": bwd_flops, "fwdbwd": fwd_flops + bwd_flops}[mode]
-    nbytes = {"fwd": fwd_bytes, "inference": fwd_bytes, "bwd": bwd_bytes, "fwdbwd": fwd_bytes + bwd_bytes}[mode]
-    return float(flops), float(nbytes)
-
-
-def roofline_percent(flops: float, nbytes: float, seconds: float, peaks: dict) -> Optional[float]:
-    """Achieved FLOP/s as a percentage of min(peak FLOP/s, intensity x peak bandwidth)."""
-    if not peaks or seconds <= 0:
-        return None
-    attainable = min(peaks["flops_per_s"], flops / nbytes * peaks["bytes_per_s"])
-    return 100.0 * flops / seconds / attainable
-
-
-# ---------------------------------------------------------------- providers
-
-
-def _epilogue(push, pull, alpha, bias_out, avg_kernel: int):
-    if avg_kernel > 1:
-        pull = F.avg_pool2d(pull, avg_kernel, stride=1, padding=(avg_kernel - 1) // 2, count_include_pad=False)
-    out = F.relu(push) - alpha.view(1, -1, 1, 1) * F.relu(pull)
-    return out if bias_out is None else out + bias_out.view(1, -1, 1, 1)
-
-
-def _stacked(x, w, b_in, b_out, alpha, args, epilogue):
-    """Plain PyTorch at its best: invert stacks [k; q] into one convolution (same size); upsample, whose
-    pull kernel is larger, runs two convolutions; then the compiled epilogue."""
-    conv = dict(stride=args.stride, dilation=args.dilation, groups=args.groups)
-    q = pull_kernel(w, args.pull, args.scale)
-    if q.shape == w.shape and args.groups == 1:
-        bias = None if b_in is None else torch.cat([b_in, -b_in])
-        push, pull = F.conv2d(x, torch.cat([w, q]), bias, padding=args.padding, **conv).split(w.shape[0], dim=1)
-    else:
-        push = F.conv2d(x, w, b_in, padding=args.padding, **conv)
-        pull = F.conv2d(x, q, None if b_in is None else -b_in, padding=args.pull_padding(tuple(w.shape[2:])), **conv)
-    return epilogue(push, pull, alpha, b_out)
-
-
-def _normalized(inputs: CaseInputs):
-    t = inputs.tensors
-    return normalize(
-        t["input"],
-        t["weight"],
-        t["bias"],
-        t["bias_out"],
-        t["alpha"],
-        dilation=1,
-        groups=1,
-        dual_output=False,
-        **inputs.case.options(),
-    )
-
-
-def build_provider(name: str, inputs: CaseInputs) -> Callable[[], torch.Tensor]:
-    """A no-argument callable computing the layer's output on `inputs` with provider `name`."""
-    t = inputs.tensors
-    if name in (BASELINE,) + OUR_BACKENDS:
-        if name != BASELINE:
-            _check_backend(name, inputs.input)
-        return functools.partial(inputs.call, push_pull_conv2d, backend=name)
-    args, alpha = _normalized(inputs)
-    tensors = (t["input"], t["weight"], t["bias"], t["bias_out"])
-    if name == "compiled-reference":
-        compiled = torch.compile(functools.partial(push_pull_reference, args=args), fullgraph=True, dynamic=False)
-        return lambda: compiled(*tensors, alpha)
-    if name == "stacked+compile":
-        epilogue = torch.compile(
-            functools.partial(_epilogue, avg_kernel=args.avg_kernel), fullgraph=True, dynamic=False
-        )
-        return lambda: _stacked(*tensors, alpha, args, epilogue)
-    raise ValueError(f"unknown provider {name!r}")
-
-
-def _check_backend(name: str, input: torch.Tensor) -> None:
-    if name == "triton" and input.device.type != "cuda":
-        raise Skip("triton runs on CPU only under the TRITON_INTERPRET debugger; not benchmarked")
-    try:
-        resolve_backend(name, input)
-    except RuntimeError as error:
-        raise Skip(str(error)) from None
-
-
-# ---------------------------------------------------------------- what a mode runs
-
-
-def mode_callable(fn: Callable, inputs: CaseInputs, mode: str, grad_out: torch.Tensor) -> Callable[[], object]:
-    grads = inputs.grad_tensors()
-    if mode == "fwd":
-        return fn
-    if mode == "inference":
-
-        def inference():
-            with torch.no_grad():
-                return fn()
-
-        return inference
-    if mode == "fwdbwd":
-        return lambda: torch.autograd.grad(fn(), grads, grad_out)
-    if mode == "bwd":
-        out = fn()  # one graph, kept alive: only the backward is timed
-        return lambda: torch.autograd.grad(out, grads, grad_out, retain_graph=True)
-    raise ValueError(f"unknown mode {mode!r}")
-
-
-def forward_backward(fn: Callable, inputs: CaseInputs, grad_out: torch.Tensor):
-    out = fn()
-    return out.detach(), [g.detach() for g in torch.autograd.grad(out, inputs.grad_tensors(), grad_out)]
-
-
-# ---------------------------------------------------------------- timing
-
-
-def time_cpu(fn: Callable, threads: int, min_run_time: float) -> list:
-    """Seconds per call: the per-block means of torch.utils.benchmark.Timer.blocked_autorange."""
-    from torch.utils.benchmark import Timer
-
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
-    return list(m.times)
-
-
-def summarize_cpu(times: list) -> dict:
-    import numpy as np
-
-    p50, p20, p80 = np.percentile(times, [50, 20, 80])
-    return {
-        "ms": p50 * 1e3,
-        "ms_p20": p20 * 1e3,
-        "ms_p80": p80 * 1e3,
-        "samples": len(times),
-        "timer": f"torch.utils.benchmark.Timer.blocked_autorange, {CPU_ROUNDS} interleaved rounds",
-    }
-
-
-def time_gpu(fn: Callable, cudagraph: bool, quick: bool) -> dict:
-    import triton.testing
-
-    note = "triton.testing.do_bench"
-    if cudagraph:
-        try:
-            ms = triton.testing.do_bench_cudagraph(fn, rep=5 if quick else 20, quantiles=QUANTILES)
-            return {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "timer": "triton.testing.do_bench_cudagraph"}
-        except Exception as error:  # capture not possible (e.g. a host sync): plain do_bench instead
-            torch.cuda.synchronize()
-            note += f" (CUDA graph capture failed: {type(error).__name__}: {str(error)[:120]})"
-    ms = triton.testing.do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, quantiles=QUANTILES)
-    return {"ms": ms[0], "ms_p20": ms[1], "ms_p80": ms[2], "timer": note}
-
-
-# ---------------------------------------------------------------- memory
-
-
-def saved_bytes(fn: Callable) -> int:
-    """Bytes the forward keeps for backward: saved tensors' storages, each counted once."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
-
-
-def gpu_peak_bytes(fn: Callable) -> int:
-    """Peak allocation of one forward+backward above what was allocated before it."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-# ---------------------------------------------------------------- peaks for the roofline
-
-
-def measure_peaks(device: str, dtype: torch.dtype, threads: int, quick: bool) -> dict:
-    """Copy bandwidth (read + write of a large tensor) and a large matmul's FLOP/s, in `dtype`."""
-    copy_elems = (1 << 22 if quick else 1 << 25) if device == "cpu" else 1 << 28
-    n = (512 if quick else 2048) if device == "cpu" else 8192
-    src = torch.empty(copy_elems, dtype=dtype, device=device).normal_()
-    dst = torch.empty_like(src)
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    timed = (
-        (lambda f: summarize_cpu(time_cpu(f, threads, 0.1 if quick else 0.5)))
-        if device == "cpu"
-        else (lambda f: time_gpu(f, False, quick))
-    )
-    copy_s = timed(lambda: dst.copy_(src))["ms"] / 1e3
-    mm_s = timed(lambda: torch.mm(a, b))["ms"] / 1e3
-    return {
-        "bytes_per_s": 2 * src.numel() * src.element_size() / copy_s,
-        "flops_per_s": 2 * n**3 / mm_s,
-        "copy_bytes": src.numel() * src.element_size(),
-        "matmul_n": n,
-    }
 
 
 # ---------------------------------------------------------------- one case
@@ -371,7 +158,8 @@ def check_provider(name, inputs, exact, grad_out, settings, eager_errors):
     out, grads = forward_backward(fn, inputs, grad_out)  # compiles, if it does
     forward_backward(fn, inputs, grad_out)
     row["first_calls_s"] = time.perf_counter() - start
-    row["errors"] = _errors(out, grads, exact[0], exact[1], inputs.grad_names)
+    exact_out, exact_grads = exact[CONV_RELU if name == CONV_RELU else BASELINE]
+    row["errors"] = _errors(out, grads, exact_out, exact_grads, grad_names(fn, inputs))
     own = row["errors"] if name == BASELINE else eager_errors
     row["tolerance"] = verdict(row["errors"], inputs.input.dtype, own, settings.tf32)
     row["within_tolerance"] = row["tolerance"] == "ok"
@@ -433,9 +221,7 @@ def run_case(case: Case, dtype, settings: Settings, peaks: dict, progress) -> li
     batch = case_batch(case, settings)
     inputs = make_inputs(case, settings.device, dtype, batch)
     grad_out = _grad_output(inputs)
-    exact64 = inputs.cast(torch.float64)
-    exact = forward_backward(build_provider(BASELINE, exact64), exact64, grad_out.double())
-    del exact64
+    exact = exact_results(inputs, grad_out, settings.providers)
     rows, fns, eager_errors = {}, {}, None
     for name in settings.providers:
         progress.set_postfix_str(f"{case.name} {_dtype_name(dtype)} {name} (check)")
@@ -462,6 +248,14 @@ def run_case(case: Case, dtype, settings: Settings, peaks: dict, progress) -> li
     rows = list(rows.values())
     _add_speedups(rows)
     return rows
+
+
+def exact_results(inputs: CaseInputs, grad_out: torch.Tensor, providers: list) -> dict:
+    """The float64 evaluation each provider is judged against: the reference formula's output and
+    gradients, and for conv+relu (a different function) its own."""
+    exact64 = inputs.cast(torch.float64)
+    names = [BASELINE] + ([CONV_RELU] if CONV_RELU in providers else [])
+    return {name: forward_backward(build_provider(name, exact64), exact64, grad_out.double()) for name in names}
 
 
 def expected_seconds(case: Case, batch: int, settings: Settings, peaks: dict, check=None, mode=None) -> float:
@@ -522,224 +316,21 @@ def _grad_output(inputs: CaseInputs) -> torch.Tensor:
 
 
 def _add_speedups(rows: list) -> None:
-    base = next((r for r in rows if r["provider"] == BASELINE and "modes" in r), None)
+    """speedup = reference / this provider; conv_ratio = this provider / conv+relu (x the plain convolution)."""
+    base = _timed_row(rows, BASELINE)
+    conv = _timed_row(rows, CONV_RELU)
     for row in rows:
         for mode, timing in row.get("modes", {}).items():
             ref = base["modes"].get(mode) if base else None
             timing["speedup"] = ref["ms"] / timing["ms"] if ref else None
             timing["ref_ms"] = ref["ms"] if ref else None
+            plain = conv["modes"].get(mode) if conv else None
+            timing["conv_ratio"] = timing["ms"] / plain["ms"] if plain else None
+            timing["conv_relu_ms"] = plain["ms"] if plain else None
 
 
-# ---------------------------------------------------------------- reporting
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _fmt(value, spec=".2f", missing="-") -> str:
-    return missing if value is None else format(value, spec)
-
-
-def format_table(rows: list, modes: list) -> str:
-    head = ["shape", "batch", "dtype", "provider", "err fwd", "err grad", "tol"]
-    for mode in modes:
-        head += [f"ms {mode} ours/ref", f"x {mode}"]
-    lines = [head]
-    for r in rows:
-        if "skipped" in r:
-            lines.append([r["shape"], str(r["batch"]), r["dtype"], r["provider"], "skipped"])
-            continue
-        grad_errors = [e["abs"] for k, e in r["errors"].items() if k != "output"]
-        line = [
-            r["shape"],
-            str(r["batch"]),
-            r["dtype"],
-            r["provider"],
-            f"{r['errors']['output']['abs']:.1e}",
-            f"{max(grad_errors):.1e}" if grad_errors else "-",
-            r["tolerance"],
-        ]
-        for mode in modes:
-            t = r["modes"].get(mode)
-            line += [f"{t['ms']:.2f}/{_fmt(t['ref_ms'])}", _fmt(t["speedup"], ".2f")] if t else ["failed", "-"]
-        lines.append(line)
-    skipped = dict.fromkeys(f"{r['provider']} skipped: {r['skipped']}" for r in rows if "skipped" in r)
-    failed = [
-        f"{r['shape']} {r['dtype']} {r['provider']} timing of {mode} {why}"
-        for r in rows
-        for mode, why in r.get("timing_failed", {}).items()
-    ]
-    return "\n".join([_columns(lines)] + list(skipped) + failed)
-
-
-TOLERANCE_LEGEND = (
-    "err: max abs error vs float64 (output; worst gradient). tol: ok = every tensor within the "
-    "tolerance; as eager = beyond the fixed figure but within 2x the eager reference's own "
-    "error in this dtype (e.g. a ReLU input within rounding of 0); FAIL = neither."
-)
-
-
-def format_figures(rows: list, modes: list) -> str:
-    head = ["shape", "dtype", "provider"]
-    for mode in modes:
-        head += [f"{mode} ms p20-p80", f"{mode} GFLOP/s", f"{mode} GB/s", f"{mode} %roof"]
-    head += ["saved MB", "GPU peak MB"]
-    lines = [head]
-    for r in rows:
-        if "skipped" in r:
-            continue
-        line = [r["shape"], r["dtype"], r["provider"]]
-        for mode in modes:
-            t = r["modes"].get(mode)
-            line += (
-                [
-                    f"{t['ms_p20']:.2f}-{t['ms_p80']:.2f}",
-                    f"{t['gflops_per_s']:.1f}",
-                    f"{t['gb_per_s']:.2f}",
-                    _fmt(t["roofline_pct"], ".1f"),
-                ]
-                if t
-                else ["failed", "-", "-", "-"]
-            )
-        line += [
-            f"{r['saved_for_backward_bytes'] / 2**20:.1f}",
-            _fmt(r.get("gpu_peak_fwdbwd_bytes") and r["gpu_peak_fwdbwd_bytes"] / 2**20, ".1f"),
-        ]
-        lines.append(line)
-    return _columns(lines)
-
-
-def _columns(lines: list) -> str:
-    widths = [max(len(line[i]) for line in lines if i < len(line)) for i in range(len(lines[0]))]
-    fmt = lambda line: "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
-    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines[1:]])
-
-
-def csv_rows(rows: list) -> list:
-    """One flat record per (shape, dtype, provider, mode)."""
-    records = []
-    for r in rows:
-        base = {
-            k: r.get(k)
-            for k in (
-                "shape",
-                "dtype",
-                "batch",
-                "spec_batch",
-                "provider",
-                "skipped",
-                "tolerance",
-                "within_tolerance",
-                "saved_for_backward_bytes",
-                "gpu_peak_fwdbwd_bytes",
-            )
-        }
-        for name, e in r.get("errors", {}).items():
-            base[f"abs_err_{name}"], base[f"rel_err_{name}"] = e["abs"], e["rel"]
-        for mode, t in (r.get("modes") or {"": {}}).items():
-            records.append(
-                {**base, "mode": mode, **{k: v for k, v in t.items() if k != "timer"}, "timer": t.get("timer")}
-            )
-    return records
-
-
-def write_outputs(out_dir: Path, result: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    records = csv_rows(result["rows"])
-    keys = list(dict.fromkeys(k for rec in records for k in rec))
-    with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(records)
-    write_plots(out_dir, result["rows"], result["settings"]["modes"])
-
-
-def write_plots(out_dir: Path, rows: list, modes: list) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; no speedup plots written (pip install matplotlib)")
-        return
-    timed = [r for r in rows if "modes" in r]
-    groups = list(dict.fromkeys(f"{r['shape']}\n{r['dtype']}" for r in timed))
-    providers = list(dict.fromkeys(r["provider"] for r in timed))
-    for mode in modes:
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
-        width = 0.8 / max(1, len(providers))
-        for i, provider in enumerate(providers):
-            values = {
-                f"{r['shape']}\n{r['dtype']}": r["modes"].get(mode, {}).get("speedup") or 0
-                for r in timed
-                if r["provider"] == provider
-            }
-            ax.bar(
-                [g + i * width for g in range(len(groups))], [values.get(g, 0) for g in groups], width, label=provider
-            )
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks([g + width * (len(providers) - 1) / 2 for g in range(len(groups))], groups, fontsize=7)
-        ax.set_ylabel(f"speedup vs reference ({mode})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"speedup_{mode}.png", dpi=120)
-        plt.close(fig)
-
-
-# ---------------------------------------------------------------- environment
-
-
-def git_commit() -> str:
-    """HEAD of the checkout; else $PUSHPULL_GIT_COMMIT (a copy of the tree without .git, e.g. on a lent
-    GPU machine, names its commit so); else "unknown"."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("PUSHPULL_GIT_COMMIT", "unknown")
-
-
-def environment(device: str) -> dict:
-    info = {
-        "device": device,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": sys.version.split()[0],
-        "git_commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if device == "cuda":
-        info["device_name"] = torch.cuda.get_device_name()
-    else:
-        info["device_name"] = _cpu_name()
-        info["load_average_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+def _timed_row(rows: list, provider: str) -> Optional[dict]:
+    return next((r for r in rows if r["provider"] == provider and "modes" in r), None)
 
 
 # ---------------------------------------------------------------- command line
@@ -849,14 +440,6 @@ def settings_from(ns) -> Settings:
     return Settings(device, dtypes, _providers(ns, device), modes, threads, ns.batch, ns.quick, ns.tf32, min_run)
 
 
-def set_precision(tf32: bool, threads: int) -> None:
-    """The same for every provider: TF32 on/off for matmuls and cuDNN convolutions, CPU threads."""
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.set_num_threads(threads)
-
-
 def _header(settings: Settings, env: dict, cases: list) -> list:
     lines = [
         f"device: {env['device_name']} ({settings.device}); torch {env['torch']}, triton {env['triton']}, "
@@ -878,28 +461,6 @@ def _header(settings: Settings, env: dict, cases: list) -> list:
                 + (" (--quick)" if settings.quick else " (--batch)" if settings.batch else "")
             )
     return lines
-
-
-def steady_cpu_allocator() -> Optional[str]:
-    """Fixes glibc's malloc thresholds (mmap at 1 GiB, no trimming), where glibc is the C library.
-
-    Left alone, glibc serves a large tensor by mmap and returns it on free, so every call of every provider
-    faults its temporaries in afresh, and how often depends on what ran before in the process (the
-    dynamic threshold): the same provider measured 45 or 80 ms. Fixed thresholds reuse freed memory, as a
-    training loop's steady state does, for every provider alike. Returns what was set, or None."""
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
-            return "glibc mallopt: M_MMAP_THRESHOLD = M_TRIM_THRESHOLD = 1 GiB"
-    except (OSError, AttributeError):
-        pass
-    return None
 
 
 def main(argv=None) -> dict:

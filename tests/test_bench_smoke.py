@@ -92,8 +92,9 @@ def test_a_failing_case_or_timing_costs_only_its_rows(tmp_path, capsys, monkeypa
 def test_default_run_is_representative_and_full_is_the_sweep():
     default = bench.settings_from(bench.parse_args([]))
     full = bench.settings_from(bench.parse_args(["--full"]))
-    assert default.providers == ["reference", "cpu"] and default.min_run_time == bench.MIN_RUN_TIME["default"]
-    assert full.providers == ["reference", "stacked+compile", "compiled-reference", "cpu"]
+    assert default.providers == ["reference", "conv+relu", "cpu"]
+    assert default.min_run_time == bench.MIN_RUN_TIME["default"]
+    assert full.providers == ["reference", "conv+relu", "stacked+compile", "compiled-reference", "cpu"]
     assert full.min_run_time == bench.MIN_RUN_TIME["full"] > default.min_run_time
     assert len(bench._cases(bench.parse_args([]))) == len(bench.CASES)  # every paper shape in both
 
@@ -107,7 +108,8 @@ def test_progress_weights_are_expected_seconds():
     compiled = bench.expected_seconds(case, batch, settings, peaks, check="stacked+compile")
     assert compiled - eager == pytest.approx(bench.FIRST_COMPILE_S["cpu"]) and eager > 0
     timing = bench.expected_seconds(case, batch, settings, peaks, mode="fwd")
-    assert 4 * settings.min_run_time < timing < 4 * settings.min_run_time + 10
+    providers = len(settings.providers)
+    assert providers * settings.min_run_time < timing < providers * settings.min_run_time + 10
     total = bench.total_expected_seconds([case], settings, {"float32": peaks})
     steps = [{"check": p} for p in settings.providers] + [{"mode": m} for m in settings.modes]
     assert total == pytest.approx(sum(bench.expected_seconds(case, batch, settings, peaks, **s) for s in steps))
@@ -132,3 +134,40 @@ def test_results_go_to_a_dated_folder_named_at_the_end(tmp_path, capsys, monkeyp
     assert {"results.json", "results.csv"} <= {p.name for p in folder.iterdir()}
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.endswith(f"bench_out/{folder.name}/")
+
+
+def test_conv_relu_row_is_the_plain_convolution_of_the_same_geometry(tmp_path, capsys):
+    """conv+relu: nn.Conv2d + ReLU of the layer's geometry, judged against its own float64 evaluation; every
+    provider's time also reads as a multiple of it (conv_ratio, the "/conv+relu" column)."""
+    result = bench.main(
+        [
+            "--quick",
+            "--shapes",
+            "imagenet-stem-2024",
+            "--providers",
+            "conv+relu",
+            "cpu",
+            "--modes",
+            "fwdbwd",
+            "--min-run-time",
+            "0.01",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert "fwdbwd /conv+relu" in capsys.readouterr().out
+    rows = {r["provider"]: r for r in result["rows"]}
+    assert list(rows) == ["reference", "conv+relu", "cpu"]
+    conv = rows["conv+relu"]
+    assert conv["within_tolerance"] and set(conv["errors"]) == {"output", "grad_weight", "grad_bias_out"}
+    assert conv["modes"]["fwdbwd"]["conv_ratio"] == pytest.approx(1.0)
+    ours = rows["cpu"]["modes"]["fwdbwd"]
+    assert ours["conv_ratio"] == pytest.approx(ours["ms"] / conv["modes"]["fwdbwd"]["ms"])
+
+
+def test_conv_relu_has_the_layers_geometry_and_input_gradient():
+    inputs = bench.make_inputs(bench.case_by_name("cifar-b1-2020"), batch=1)
+    conv = bench.build_provider("conv+relu", inputs)
+    layer = bench.build_provider("reference", inputs)
+    assert conv().shape == layer().shape
+    assert conv.grad_names == ("input", "weight", "bias")
