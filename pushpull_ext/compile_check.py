@@ -193,34 +193,20 @@ def launch_step(config, input, weight, bias=None, **options) -> None:
     from .functional import forward_args
 
     args = forward_args(input, weight, bias, save_masks=True, **options)
-    out, masks = triton_launch.forward(*args, config=config)
+    out, masks = triton_launch.forward(args, config=config)
     launch_backward(config, args, out, masks)
-    triton_launch.forward(*args._replace(save_masks=False), config=config)
+    triton_launch.forward(args._replace(save_masks=False), config=config)
 
 
 def launch_backward(config, args, out, masks) -> None:
     """The backward launches of every gradient autograd would ask for (the op arguments `args` that
     require grad), after the forward that gave `out` and `masks`; nothing if none does."""
     from . import triton_launch
-    from .ops import GEOMETRY, GRADIENTS
+    from .ops import GRADIENTS, BackwardArgs
 
     needed = [getattr(args, name) is not None and getattr(args, name).requires_grad for name in GRADIENTS]
     if any(needed):
-        geometry = [getattr(args, name) for name in GEOMETRY]
-        triton_launch.backward(
-            out,
-            args.input,
-            args.weight,
-            args.pull_shift,
-            args.pull_rows,
-            args.pull_cols,
-            args.bias_in,
-            args.alpha,
-            masks,
-            *geometry,
-            needed,
-            config=config,
-        )
+        triton_launch.backward(BackwardArgs.after(args, out, masks, needed), config=config)
 
 
 def spec_launches(

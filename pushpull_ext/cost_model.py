@@ -182,7 +182,7 @@ def record_training_step(case: Case, dtype: torch.dtype) -> list:
     )
     with _RecordTorch(recording):
         recording.phase = "forward"
-        out, masks = triton_launch.forward(*args, config=config)
+        out, masks = triton_launch.forward(args, config=config)
         recording.phase = "backward"
         launch_backward(config, args, out, masks)
     return recording.events

@@ -39,111 +39,65 @@ def _check_like_input(t: Optional[Tensor], input: Tensor, name: str, shape: Opti
         )
 
 
-def check_forward(
-    input,
-    weight,
-    pull_shift,
-    pull_rows,
-    pull_cols,
-    bias_in,
-    bias_out,
-    alpha,
-    stride,
-    padding,
-    pull_padding,
-    dilation,
-    groups,
-    avg_kernel,
-    dual_output,
-) -> tuple[int, int]:
-    """Checks the arguments of a push-pull forward op; returns the output size (Ho, Wo)."""
+def check_forward(args) -> tuple[int, int]:
+    """Checks the arguments of a push-pull forward op (an ops.ForwardArgs); returns the output size (Ho, Wo)."""
+    input, weight = args.input, args.weight
     if input.dim() != 4 or weight.dim() != 4:
         _fail(f"input and weight must be 4-D, got {list(input.shape)} and {list(weight.shape)}")
     if not input.dtype.is_floating_point:
         _fail(f"input must be floating point, got {input.dtype}")
     _check_like_input(weight, input, "weight")
-    for values, name, minimum in (
-        (stride, "stride", 1),
-        (dilation, "dilation", 1),
-        (padding, "padding", 0),
-        (pull_padding, "pull_padding", 0),
-    ):
-        _check_pair(values, name, minimum)
+    for name, minimum in (("stride", 1), ("dilation", 1), ("padding", 0), ("pull_padding", 0)):
+        _check_pair(getattr(args, name), name, minimum)
+    groups, avg_kernel = args.groups, args.avg_kernel
     if groups < 1:
         _fail(f"groups must be positive, got {groups}")
     if avg_kernel < 0 or (avg_kernel > 1 and avg_kernel % 2 == 0):
         _fail(f"avg_kernel must be 0, 1 or odd, got {avg_kernel}")
-    if pull_shift is not None and pull_rows is not None:
+    if args.pull_shift is not None and args.pull_rows is not None:
         _fail("give pull_shift or pull_rows/pull_cols, not both")
-    if (pull_rows is None) != (pull_cols is None):
+    if (args.pull_rows is None) != (args.pull_cols is None):
         _fail("pull_rows and pull_cols go together")
-    if dual_output and bias_out is not None:
+    if args.dual_output and args.bias_out is not None:
         _fail("bias_out cannot be used with dual_output")
     n, c_in, h, w = input.shape
     c_out, c_group, kh, kw = weight.shape
     if min(c_out, kh, kw) < 1 or c_in % groups or c_out % groups or c_group * groups != c_in:
         _fail(f"input channels {c_in}, weight {list(weight.shape)} and groups {groups} do not match")
-    out = (
-        conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
-        conv_output_size(w, kw, stride[1], padding[1], dilation[1]),
-    )
+    out = _output_size(args, (h, w), (kh, kw), args.padding)
     if min(out) < 1:
         _fail("kernel is larger than the padded input")
-    for t, name in ((pull_shift, "pull_shift"), (bias_in, "bias_in"), (bias_out, "bias_out"), (alpha, "alpha")):
-        _check_like_input(t, input, name, (c_out,))
-    if pull_rows is not None:
-        for m, k, name in ((pull_rows, kh, "pull_rows"), (pull_cols, kw, "pull_cols")):
-            if m.dim() != 2 or m.shape[1] != k or m.shape[0] < k:
-                _fail(f"{name} must have shape [q, {k}] with q >= {k}, got {list(m.shape)}")
-            _check_like_input(m, input, name)
-        pull_out = (
-            conv_output_size(h, pull_rows.shape[0], stride[0], pull_padding[0], dilation[0]),
-            conv_output_size(w, pull_cols.shape[0], stride[1], pull_padding[1], dilation[1]),
-        )
-        if pull_out != out:
-            _fail(f"pull and push responses would have different shapes ({list(pull_out)} and {list(out)})")
+    for name in ("pull_shift", "bias_in", "bias_out", "alpha"):
+        _check_like_input(getattr(args, name), input, name, (c_out,))
+    if args.pull_rows is not None:
+        _check_pull_matrices(args, (h, w), (kh, kw), out)
     return out
 
 
-def check_backward(
-    grad_output,
-    input,
-    weight,
-    pull_shift,
-    pull_rows,
-    pull_cols,
-    bias_in,
-    alpha,
-    masks,
-    stride,
-    padding,
-    pull_padding,
-    dilation,
-    groups,
-    avg_kernel,
-    dual_output,
-) -> None:
-    """Checks the arguments of the Triton backward op (the forward's, grad_output and the masks)."""
-    ho, wo = check_forward(
-        input,
-        weight,
-        pull_shift,
-        pull_rows,
-        pull_cols,
-        bias_in,
-        None,
-        alpha,
-        stride,
-        padding,
-        pull_padding,
-        dilation,
-        groups,
-        avg_kernel,
-        dual_output,
-    )
-    n, c_out = input.shape[0], weight.shape[0]
-    expected = (n, (2 if dual_output else 1) * c_out, ho, wo)
-    _check_like_input(grad_output, input, "grad_output", expected)
+def _output_size(args, size, kernel, padding) -> tuple[int, int]:
+    return tuple(conv_output_size(size[i], kernel[i], args.stride[i], padding[i], args.dilation[i]) for i in range(2))
+
+
+def _check_pull_matrices(args, size, kernel, out) -> None:
+    """pull_rows [qh, kh] and pull_cols [qw, kw], whose pull response has the push response's size `out`."""
+    for name, k in zip(("pull_rows", "pull_cols"), kernel):
+        m = getattr(args, name)
+        if m.dim() != 2 or m.shape[1] != k or m.shape[0] < k:
+            _fail(f"{name} must have shape [q, {k}] with q >= {k}, got {list(m.shape)}")
+        _check_like_input(m, args.input, name)
+    pull_out = _output_size(args, size, (args.pull_rows.shape[0], args.pull_cols.shape[0]), args.pull_padding)
+    if pull_out != out:
+        _fail(f"pull and push responses would have different shapes ({list(pull_out)} and {list(out)})")
+
+
+def check_backward(args) -> None:
+    """Checks the arguments of the Triton backward op (an ops.BackwardArgs: the forward's, grad_output and
+    the masks)."""
+    ho, wo = check_forward(args.forward_args())
+    input, masks = args.input, args.masks
+    n, c_out = input.shape[0], args.weight.shape[0]
+    expected = (n, (2 if args.dual_output else 1) * c_out, ho, wo)
+    _check_like_input(args.grad_output, input, "grad_output", expected)
     mask_shape = (2, n, (c_out + 7) // 8, ho, wo)
     # An empty uint8 tensor (a forward with save_masks=False) is accepted: the Triton backward then
     # recomputes the masks.

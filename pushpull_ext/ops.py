@@ -11,6 +11,9 @@ Two op pairs share one contract (documented in `forward_fake` below):
 
 from __future__ import annotations
 
+import inspect
+import typing
+
 # typing.Sequence: the annotation the Triton ops' schema is inferred from, on every supported torch.
 from typing import NamedTuple, Optional, Sequence  # noqa: UP035
 
@@ -49,6 +52,45 @@ class ForwardArgs(NamedTuple):
 GRADIENTS = ("input", "weight", "pull_shift", "bias_in", "bias_out", "alpha")
 # The geometry the backward op takes after the tensors: the forward's, without save_masks.
 GEOMETRY = ForwardArgs._fields[ForwardArgs._fields.index("stride") : -1]
+# The forward's tensors the backward op takes (after grad_output, before the masks) and saves for it.
+SAVED = ("input", "weight", "pull_shift", "pull_rows", "pull_cols", "bias_in", "alpha")
+
+
+def _typed(names) -> list:
+    """[(name, annotation)] of forward arguments, as ForwardArgs declares them."""
+    hints = typing.get_type_hints(ForwardArgs)
+    return [(name, hints[name]) for name in names]
+
+
+class BackwardArgs(
+    NamedTuple(
+        "BackwardArgs",
+        [
+            ("grad_output", Tensor),
+            *_typed(SAVED),
+            ("masks", Tensor),
+            *_typed(GEOMETRY),
+            ("output_mask", Sequence[bool]),
+        ],
+    )
+):
+    """The arguments of the backward ops, by name (built from ForwardArgs' fields; tests/test_ops.py checks
+    them against the schemas too)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def after(cls, forward: ForwardArgs, grad_output, masks, output_mask) -> BackwardArgs:
+        """The backward op's arguments after the forward op was called with `forward`."""
+        saved, geometry = ((getattr(forward, name) for name in names) for names in (SAVED, GEOMETRY))
+        return cls(grad_output, *saved, masks, *geometry, output_mask)
+
+    def forward_args(self, bias_out=None, dual_output=None, save_masks=False) -> ForwardArgs:
+        """The forward arguments these came from (bias_out is not among them), or a variant of them."""
+        same = {name: getattr(self, name) for name in (*SAVED, *GEOMETRY)}
+        if dual_output is not None:
+            same["dual_output"] = dual_output
+        return ForwardArgs(**same, bias_out=bias_out, save_masks=save_masks)
 
 
 def forward_fake(*args):
@@ -105,52 +147,22 @@ def _make_autograd(backward_op):
             None if keep_input else _placeholder(args.input),
             None if keep_weight else _placeholder(args.weight),
         )
-        ctx.save_for_backward(
-            args.input if keep_input else None,
-            args.weight if keep_weight else None,
-            args.pull_shift,
-            args.pull_rows,
-            args.pull_cols,
-            args.bias_in,
-            args.alpha,
-            output[1],
-        )
+        kept = {"input": keep_input, "weight": keep_weight}
+        ctx.save_for_backward(*(getattr(args, name) if kept.get(name, True) else None for name in SAVED), output[1])
         ctx.mark_non_differentiable(output[1])
         ctx.input_channels_last = is_channels_last(args.input)
 
     def backward(ctx, grad_output, _grad_masks):
-        input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha, masks = ctx.saved_tensors
+        *saved, masks = ctx.saved_tensors  # SAVED, input / weight None where not kept
         need = list(_needed(ctx).values())
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable
-            grads = _differentiable_grads(
-                grad_output,
-                (input, weight, pull_shift, pull_rows, pull_cols, bias_in, alpha),
-                masks,
-                ctx.placeholders,
-                ctx.options,
-                need,
-            )
+            grads = _differentiable_grads(grad_output, saved, masks, ctx.placeholders, ctx.options, need)
             return _by_argument(grads, need)
-        input = ctx.placeholders[0] if input is None else input
-        weight = ctx.placeholders[1] if weight is None else weight
+        saved[:2] = [placeholder if t is None else t for t, placeholder in zip(saved[:2], ctx.placeholders)]
         # The kernels accumulate in float32 with ATen ops, which autocast (still on if backward runs inside
         # its context) must not cast down again.
         with torch.autocast(grad_output.device.type, enabled=False):
-            grads = list(
-                backward_op(
-                    grad_output.contiguous(),
-                    input,
-                    weight,
-                    pull_shift,
-                    pull_rows,
-                    pull_cols,
-                    bias_in,
-                    alpha,
-                    masks,
-                    *ctx.options,
-                    need,
-                )
-            )
+            grads = list(backward_op(grad_output.contiguous(), *saved, masks, *ctx.options, need))
         if ctx.input_channels_last and need[0]:  # as nn.Conv2d: the input's gradient in the input's layout
             grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
         return _by_argument(grads, need)
@@ -232,6 +244,22 @@ def _empty_batch_backward(grad_output, input, weight, *rest):
     return tuple(g.zero_() for g in backward_fake(grad_output, input, weight, *rest))
 
 
+def _taking(arguments: type, returns):
+    """Gives the decorated fn(*args, **kwargs) the signature of a function of `arguments`' fields (a
+    NamedTuple), with their annotations: the signature torch.library infers the op's schema from."""
+    hints = typing.get_type_hints(arguments)
+    parameters = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[name])
+        for name in arguments._fields
+    ]
+
+    def decorate(fn):
+        fn.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+        return fn
+
+    return decorate
+
+
 def _define_triton_ops():
     from . import triton_launch
 
@@ -239,88 +267,20 @@ def _define_triton_ops():
     define = torch.library.custom_op if TRITON_INTERPRET else torch.library.triton_op
 
     @define("pushpull::triton_forward", mutates_args=())
-    def triton_forward(
-        input: Tensor,
-        weight: Tensor,
-        pull_shift: Optional[Tensor],
-        pull_rows: Optional[Tensor],
-        pull_cols: Optional[Tensor],
-        bias_in: Optional[Tensor],
-        bias_out: Optional[Tensor],
-        alpha: Tensor,
-        stride: Sequence[int],
-        padding: Sequence[int],
-        pull_padding: Sequence[int],
-        dilation: Sequence[int],
-        groups: int,
-        avg_kernel: int,
-        dual_output: bool,
-        save_masks: bool,
-    ) -> tuple[Tensor, Tensor]:
-        args = (
-            input,
-            weight,
-            pull_shift,
-            pull_rows,
-            pull_cols,
-            bias_in,
-            bias_out,
-            alpha,
-            stride,
-            padding,
-            pull_padding,
-            dilation,
-            groups,
-            avg_kernel,
-            dual_output,
-            save_masks,
-        )
-        if input.shape[0] == 0:  # no program to launch
-            return _empty_batch_forward(*args)
-        return triton_launch.forward(*args)
+    @_taking(ForwardArgs, tuple[Tensor, Tensor])
+    def triton_forward(*args, **kwargs) -> tuple[Tensor, Tensor]:
+        forward = ForwardArgs(*args, **kwargs)
+        if forward.input.shape[0] == 0:  # no program to launch
+            return _empty_batch_forward(*forward)
+        return triton_launch.forward(forward)
 
     @define("pushpull::triton_backward", mutates_args=())
-    def triton_backward(
-        grad_output: Tensor,
-        input: Tensor,
-        weight: Tensor,
-        pull_shift: Optional[Tensor],
-        pull_rows: Optional[Tensor],
-        pull_cols: Optional[Tensor],
-        bias_in: Optional[Tensor],
-        alpha: Tensor,
-        masks: Tensor,
-        stride: Sequence[int],
-        padding: Sequence[int],
-        pull_padding: Sequence[int],
-        dilation: Sequence[int],
-        groups: int,
-        avg_kernel: int,
-        dual_output: bool,
-        output_mask: Sequence[bool],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        args = (
-            grad_output,
-            input,
-            weight,
-            pull_shift,
-            pull_rows,
-            pull_cols,
-            bias_in,
-            alpha,
-            masks,
-            stride,
-            padding,
-            pull_padding,
-            dilation,
-            groups,
-            avg_kernel,
-            dual_output,
-            output_mask,
-        )
-        if input.shape[0] == 0:
-            return _empty_batch_backward(*args)
-        return triton_launch.backward(*args)
+    @_taking(BackwardArgs, tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor])
+    def triton_backward(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        backward = BackwardArgs(*args, **kwargs)
+        if backward.input.shape[0] == 0:
+            return _empty_batch_backward(*backward)
+        return triton_launch.backward(backward)
 
     _register("pushpull::triton_forward", "pushpull::triton_backward")
 

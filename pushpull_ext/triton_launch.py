@@ -97,7 +97,11 @@ class _Geom:
     inside the window are (offset, step) per dimension for each kernel.
     """
 
-    def __init__(self, x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups):
+    def __init__(self, x, w, args):
+        """x, w: the input and weight (or placeholders of their shapes); args: the op's arguments (an
+        ops.ForwardArgs or ops.BackwardArgs)."""
+        pull_rows, pull_cols, pull_padding, groups = args.pull_rows, args.pull_cols, args.pull_padding, args.groups
+        stride, padding, dilation = args.stride, args.padding, args.dilation
         self.N, self.C_in, self.H, self.W = x.shape
         self.C_out, self.Cg, self.kh, self.kw = w.shape
         self.G = int(groups)
@@ -107,7 +111,7 @@ class _Geom:
         padding = tuple(int(p) for p in padding)
         self.Ho = conv_output_size(self.H, self.kh, self.stride[0], padding[0], self.dilation[0])
         self.Wo = conv_output_size(self.W, self.kw, self.stride[1], padding[1], self.dilation[1])
-        if pull_shift is not None:
+        if args.pull_shift is not None:
             self.mode = MODE_INVERT
         elif pull_rows is not None:
             self.mode = MODE_UPSAMPLE
@@ -140,6 +144,14 @@ class _Geom:
             self.push_pos, self.pull_pos = tuple(push_pos), tuple(pull_pos)
         (oh, sh), (ow, sw) = self.push_pos
         self.push_box = (oh, oh + (self.kh - 1) * sh, ow, ow + (self.kw - 1) * sw)
+
+    def sizes(self) -> tuple:
+        """The kernels' size arguments N, C_in, H, W, C_out, Ho, Wo."""
+        return self.N, self.C_in, self.H, self.W, self.C_out, self.Ho, self.Wo
+
+    def window(self) -> tuple:
+        """The kernels' tap-window arguments: stride, padding, dilation (each as h, w) and its size TH, TW."""
+        return (*self.stride, *self.pad, *self.win_dil, self.TH, self.TW)
 
     def embed(self, k: Tensor, pos) -> Tensor:
         """k [C_out, Cg, a, b] placed in the tap window at positions pos = ((oh, sh), (ow, sw))."""
@@ -252,67 +264,54 @@ def _num_sms(device) -> int:
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-def forward(
-    input,
-    weight,
-    pull_shift,
-    pull_rows,
-    pull_cols,
-    bias_in,
-    bias_out,
-    alpha,
-    stride: list[int],
-    padding: list[int],
-    pull_padding: list[int],
-    dilation: list[int],
-    groups: int,
-    avg_kernel: int,
-    dual_output: bool,
-    save_masks: bool,
-    config: LaunchConfig = DEFAULT_LAUNCH,
-) -> tuple[Tensor, Tensor]:
-    check_forward(
-        input,
-        weight,
-        pull_shift,
-        pull_rows,
-        pull_cols,
-        bias_in,
-        bias_out,
-        alpha,
-        stride,
-        padding,
-        pull_padding,
-        dilation,
-        groups,
-        avg_kernel,
-        dual_output,
+def _tiles(block_m, block_n, block_k, num_warps, num_stages) -> dict:
+    """A GEMM kernel's tile and launch keywords, from a (_fwd_config / _bwd_config) tuple."""
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+
+
+def _tensor_or(t: Optional[Tensor], stand_in: Tensor) -> Tensor:
+    """t made contiguous, or for an absent t a tensor the kernel does not read (its flag is off)."""
+    return stand_in if t is None else t.contiguous()
+
+
+def _groups_per_tile(c_out: int, c_out_per_group: int, block_n: int) -> int:
+    """The most groups one tile of block_n output channels touches (a tile may straddle groups)."""
+    return max(
+        min(n0 + block_n, c_out) // c_out_per_group
+        - n0 // c_out_per_group
+        + (min(n0 + block_n, c_out) % c_out_per_group != 0)
+        for n0 in range(0, c_out, block_n)
     )
-    x = input.contiguous()
-    w = weight.contiguous()
-    geo = _Geom(x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups)
+
+
+def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor]:
+    """The forward op (args: an ops.ForwardArgs): (output, packed masks), as ops.forward_fake describes."""
+    check_forward(args)
+    x = args.input.contiguous()
+    w = args.weight.contiguous()
+    geo = _Geom(x, w, args)
     N, C_out, Ho, Wo = geo.N, geo.C_out, geo.Ho, geo.Wo
     dtype, dev = x.dtype, x.device
     is_fp64 = dtype == torch.float64
     acc_dtype = torch.float64 if is_fp64 else torch.float32
+    dual_output, save_masks = bool(args.dual_output), bool(args.save_masks)
 
     wp = _fwd_matrix(geo.embed(w, geo.push_pos))
     wq = (
-        _fwd_matrix(geo.embed(pull_kernel_from_operands(w, None, pull_rows, pull_cols), geo.pull_pos))
+        _fwd_matrix(geo.embed(pull_kernel_from_operands(w, None, args.pull_rows, args.pull_cols), geo.pull_pos))
         if geo.mode == MODE_UPSAMPLE
         else wp
     )
-    shift = pull_shift.contiguous() if pull_shift is not None else wp
-    b_in = bias_in.contiguous() if bias_in is not None else wp
-    b_out = bias_out.contiguous() if bias_out is not None else wp
-    alpha_v = alpha.contiguous() if alpha is not None else wp
+    shift, b_in, b_out, alpha_v = (
+        _tensor_or(t, wp) for t in (args.pull_shift, args.bias_in, args.bias_out, args.alpha)
+    )
 
     y = torch.empty((N, (2 if dual_output else 1) * C_out, Ho, Wo), dtype=dtype, device=dev)
     if save_masks:
         masks = torch.empty((2, N, (C_out + 7) // 8, Ho, Wo), dtype=torch.uint8, device=dev)
     else:
         masks = torch.empty(0, dtype=torch.uint8, device=dev)
-    pooled = avg_kernel > 1
+    pooled = args.avg_kernel > 1
     if pooled:
         pbuf = torch.empty((N, C_out, Ho, Wo), dtype=acc_dtype, device=dev)
         qbuf = torch.empty_like(pbuf)
@@ -320,88 +319,41 @@ def forward(
         pbuf, qbuf = x.new_empty(1, dtype=acc_dtype), x.new_empty(1, dtype=acc_dtype)
     mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
 
-    BM, BN, BK, nw, ns = _fwd_config(dtype, config.gpu_tuned(x), C_out, geo.Cgo)
+    tiles = _fwd_config(dtype, config.gpu_tuned(x), C_out, geo.Cgo)
+    BM, BN = tiles[:2]
     grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
-    i0, i1, j0, j1 = geo.push_box
-    ng_tile = max(
-        min(n0 + BN, C_out) // geo.Cgo - n0 // geo.Cgo + ((min(n0 + BN, C_out)) % geo.Cgo != 0)
-        for n0 in range(0, C_out, BN)
-    )
+    ng_tile = _groups_per_tile(C_out, geo.Cgo, BN)
+    epilogue = dict(HAS_BOUT=args.bias_out is not None, DUAL=dual_output, SAVE_MASKS=save_masks)
     config.launch(_k.pp_fwd_conv_kernel)[grid](
-        x,
-        wp,
-        wq,
-        shift,
-        b_in,
-        b_out,
-        alpha_v,
-        y,
-        mask_arg,
-        pbuf,
-        qbuf,
-        N,
-        geo.C_in,
-        geo.H,
-        geo.W,
-        C_out,
-        Ho,
-        Wo,
-        geo.Cg,
-        geo.Cgo,
-        geo.stride[0],
-        geo.stride[1],
-        geo.pad[0],
-        geo.pad[1],
-        geo.win_dil[0],
-        geo.win_dil[1],
-        geo.TH,
-        geo.TW,
-        ng_tile,
-        i0,
-        i1,
-        j0,
-        j1,
+        *(x, wp, wq, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf),
+        *geo.sizes(),
+        *(geo.Cg, geo.Cgo, *geo.window(), ng_tile, *geo.push_box),
+        **epilogue,
         MODE=geo.mode,
-        HAS_BIN=bias_in is not None,
-        HAS_BOUT=bias_out is not None,
-        DUAL=bool(dual_output),
-        SAVE_MASKS=bool(save_masks),
+        HAS_BIN=args.bias_in is not None,
         POOLED=pooled,
         IS_FP64=is_fp64,
         ALLOW_TF32=config.allow_tf32(x),
         STRADDLE=ng_tile > 1,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_K=BK,
-        num_warps=nw,
-        num_stages=ns,
+        **_tiles(*tiles),
     )
     if pooled:
-        # Half the conv tile's pixels: a [128, 64] tile of 64-bit window offsets spilled 440-576 B
-        # whenever Ho * Wo is not a multiple of 16 (compile_check.py, e.g. 14 x 14 or 110 x 110).
+        # Half the conv tile's pixels: a [128, 64] tile of window offsets spills (benchmarks/tuning.md).
         pool_bm = BM // 2 if config.gpu_tuned(x) else BM
         config.launch(_k.pp_fwd_pool_epilogue_kernel)[(triton.cdiv(N * Ho * Wo, pool_bm), grid[1])](
-            pbuf,
-            qbuf,
-            b_in,
-            b_out,
-            alpha_v,
-            y,
-            mask_arg,
-            N,
-            C_out,
-            Ho,
-            Wo,
-            int(avg_kernel),
-            (int(avg_kernel) - 1) // 2,
-            HAS_BOUT=bias_out is not None,
-            DUAL=bool(dual_output),
-            SAVE_MASKS=bool(save_masks),
+            *(pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg),
+            *(N, C_out, Ho, Wo, *_pool_window(args.avg_kernel)),
+            **epilogue,
             BLOCK_M=pool_bm,
             BLOCK_N=BN,
-            num_warps=nw,
+            num_warps=tiles[3],
         )
     return y, masks
+
+
+def _pool_window(avg_kernel: int) -> tuple[int, int]:
+    """The pooling kernels' arguments: the window and its half width."""
+    return int(avg_kernel), (int(avg_kernel) - 1) // 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,87 +377,37 @@ def _pixel_split(n_tiles: int, k_pix: int, block_k: int, gpu: bool, device, over
     return max(1, min(split, triton.cdiv(k_pix, 8 * block_k), 256))
 
 
-def backward(
-    grad_output,
-    input,
-    weight,
-    pull_shift,
-    pull_rows,
-    pull_cols,
-    bias_in,
-    alpha,
-    masks,
-    stride,
-    padding,
-    pull_padding,
-    dilation,
-    groups,
-    avg_kernel,
-    dual_output,
-    output_mask: list[bool],
-    config: LaunchConfig = DEFAULT_LAUNCH,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_backward(
-        grad_output,
-        input,
-        weight,
-        pull_shift,
-        pull_rows,
-        pull_cols,
-        bias_in,
-        alpha,
-        masks,
-        stride,
-        padding,
-        pull_padding,
-        dilation,
-        groups,
-        avg_kernel,
-        dual_output,
-    )
+def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward op (args: an ops.BackwardArgs): the gradients of ops.GRADIENTS, empty where not asked."""
+    check_backward(args)
     # input / weight may be shape-only placeholders (expanded 0-d tensors) when the gradients asked
     # for do not read them: make them contiguous only where they are read.
-    x, w = input, weight
-    g = grad_output.contiguous()
-    geo = _Geom(x, w, pull_shift, pull_rows, pull_cols, stride, padding, pull_padding, dilation, groups)
+    x, w = args.input, args.weight
+    g = args.grad_output.contiguous()
+    geo = _Geom(x, w, args)
     N, C_out, Ho, Wo, G, Cg, Cgo = geo.N, geo.C_out, geo.Ho, geo.Wo, geo.G, geo.Cg, geo.Cgo
     dtype, dev = x.dtype, x.device
     is_fp64 = dtype == torch.float64
     acc_dtype = torch.float64 if is_fp64 else torch.float32
     tf32 = config.allow_tf32(x)
     mode = geo.mode
-    pooled = avg_kernel > 1
+    dual_output, masks, pull_shift = bool(args.dual_output), args.masks, args.pull_shift
+    pooled = args.avg_kernel > 1
+    output_mask = args.output_mask
     want = [bool(b) for b in output_mask] + [False] * (6 - len(output_mask))
     if pull_shift is None:
         want[2] = False
     out = [x.new_empty(0) for _ in range(6)]
     if output_mask[2] and pull_shift is None:  # asked for but absent: zeros, shaped as the fake kernel says
         out[2] = torch.zeros(C_out, dtype=dtype, device=dev)
-    alpha_v = alpha.contiguous()
+    alpha_v = args.alpha.contiguous()
 
     # Recompute what forward did not keep: masks when not saved, relu(Q') for the alpha gradient.
     need_fields = any(want[:4])
     need_alpha = want[5] and not dual_output
     if (need_fields and masks.numel() == 0) or need_alpha:
-        y_dual, m2 = forward(
-            x.contiguous(),
-            w.contiguous(),
-            pull_shift,
-            pull_rows,
-            pull_cols,
-            bias_in,
-            None,
-            alpha_v,
-            stride,
-            padding,
-            pull_padding,
-            dilation,
-            groups,
-            avg_kernel,
-            True,
-            masks.numel() == 0,
-            config,
-        )
+        recompute = args.forward_args(dual_output=True, save_masks=masks.numel() == 0)
+        y_dual, m2 = forward(recompute._replace(input=x.contiguous(), weight=w.contiguous(), alpha=alpha_v), config)
         if masks.numel() == 0:
             masks = m2
         if need_alpha:
@@ -518,13 +420,12 @@ def backward(
     if not need_fields:
         return tuple(out)
     masks = masks.contiguous()
-    pool = (int(avg_kernel), (int(avg_kernel) - 1) // 2)
-    flags = dict(MODE=mode, DUAL=bool(dual_output), POOLED=pooled, IS_FP64=is_fp64)
+    flags = dict(MODE=mode, DUAL=dual_output, POOLED=pooled, IS_FP64=is_fp64)
 
     # 1. bias_in gradient: sum_p gP - sum_p gQ per channel, one reduction over g and the masks.
     if want[3]:
         BM, BN, _, nw, _ = _fwd_config(dtype, config.gpu_tuned(x), C_out, C_out)
-        if config.gpu_tuned(x):  # half the rows: a [128, 64] tile spilled 80-88 B with Triton 3.6 (compile_check.py)
+        if config.gpu_tuned(x):  # half the rows: a [128, 64] tile spills (benchmarks/tuning.md)
             BM //= 2
         p_total = N * Ho * Wo
         n_c_tiles = triton.cdiv(C_out, BN)
@@ -533,16 +434,8 @@ def backward(
         split = triton.cdiv(p_total, pix_per_split)
         part = torch.empty((split, C_out), dtype=acc_dtype, device=dev)
         config.launch(_kb.pp_bwd_bias_kernel)[(n_c_tiles, split)](
-            g,
-            masks,
-            alpha_v,
-            part,
-            N,
-            C_out,
-            Ho,
-            Wo,
-            pix_per_split,
-            DUAL=bool(dual_output),
+            *(g, masks, alpha_v, part, N, C_out, Ho, Wo, pix_per_split),
+            DUAL=dual_output,
             IS_FP64=is_fp64,
             BLOCK_M=BM,
             BLOCK_N=BN,
@@ -550,9 +443,10 @@ def backward(
         )
         out[3] = part.sum(0).to(dtype)
 
-    i0, i1, j0, j1 = geo.push_box
-    win = (geo.stride[0], geo.stride[1], geo.pad[0], geo.pad[1], geo.win_dil[0], geo.win_dil[1], geo.TH, geo.TW)
-    BM, BN, BK, nw, ns = _bwd_config(dtype, config.gpu_tuned(x), pooled=pooled)
+    # The arguments the two GEMM kernels share after their tensors and their channel counts.
+    window = (*geo.window(), *geo.push_box, *_pool_window(args.avg_kernel))
+    tiles = _bwd_config(dtype, config.gpu_tuned(x), pooled=pooled)
+    BM, BN = tiles[:2]
 
     # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
     if want[0]:
@@ -560,49 +454,26 @@ def backward(
         kp = geo.embed(w, geo.push_pos)
         wpt = _bwd_matrix(kp, G)
         if mode == MODE_UPSAMPLE:
-            wqt = _bwd_matrix(geo.embed(pull_kernel_from_operands(w, None, pull_rows, pull_cols), geo.pull_pos), G)
+            pull = pull_kernel_from_operands(w, None, args.pull_rows, args.pull_cols)
+            wqt = _bwd_matrix(geo.embed(pull, geo.pull_pos), G)
         else:
             wqt = wpt
         shift = pull_shift.contiguous() if mode == MODE_INVERT else alpha_v
         gx = torch.empty(x.shape, dtype=dtype, device=dev)
         grid = (triton.cdiv(N * geo.H * geo.W, BM), triton.cdiv(Cg, BN), G)
         config.launch(_kb.pp_bwd_input_kernel)[grid](
-            g,
-            masks,
-            alpha_v,
-            shift,
-            wpt,
-            wqt,
-            gx,
-            N,
-            geo.C_in,
-            geo.H,
-            geo.W,
-            C_out,
-            Ho,
-            Wo,
-            G,
-            Cg,
-            Cgo,
-            *win,
-            i0,
-            i1,
-            j0,
-            j1,
-            *pool,
+            *(g, masks, alpha_v, shift, wpt, wqt, gx),
+            *(*geo.sizes(), G, Cg, Cgo, *window),
             **flags,
             ALLOW_TF32=tf32,
-            BLOCK_M=BM,
-            BLOCK_N=BN,
-            BLOCK_K=BK,
-            num_warps=nw,
-            num_stages=ns,
+            **_tiles(*tiles),
         )
         out[0] = gx
 
     # 3. Weight gradient (and, for invert, the pull_shift gradient).
     if want[1] or want[2]:
-        BM, BN, BK, nw, ns = _bwd_config(dtype, config.gpu_tuned(x), weight_kernel=True, pooled=pooled)
+        tiles = _bwd_config(dtype, config.gpu_tuned(x), weight_kernel=True, pooled=pooled)
+        BM, BN, BK = tiles[:3]
         x = x.contiguous()
         k_total = geo.TH * geo.TW * Cg
         n_o_tiles = triton.cdiv(Cgo, BM)
@@ -621,39 +492,13 @@ def backward(
         gs = buf(split, n_r_tiles, C_out) if mode == MODE_INVERT else buf(1)
         grid = (G * n_o_tiles, n_r_tiles, split)
         config.launch(_kb.pp_bwd_weight_kernel)[grid](
-            x,
-            g,
-            masks,
-            alpha_v,
-            gw1,
-            gw2,
-            gs,
-            N,
-            geo.C_in,
-            geo.H,
-            geo.W,
-            C_out,
-            Ho,
-            Wo,
-            Cg,
-            Cgo,
-            *win,
-            i0,
-            i1,
-            j0,
-            j1,
-            *pool,
-            pix_per_split,
-            n_o_tiles,
-            n_r_tiles,
+            *(x, g, masks, alpha_v, gw1, gw2, gs),
+            *(*geo.sizes(), Cg, Cgo, *window),
+            *(pix_per_split, n_o_tiles, n_r_tiles),
             **flags,
             NEED_W=need_w,
             ALLOW_TF32=tf32,
-            BLOCK_M=BM,
-            BLOCK_N=BN,
-            BLOCK_K=BK,
-            num_warps=nw,
-            num_stages=ns,
+            **_tiles(*tiles),
         )
 
         def to_kernel(gw: Tensor) -> Tensor:  # [split, C_out, (tap, c)] -> [C_out, Cg, TH, TW]
@@ -663,7 +508,7 @@ def backward(
             gk = geo.extract(to_kernel(gw1), geo.push_pos, (geo.kh, geo.kw))
             if mode == MODE_UPSAMPLE:
                 gq = geo.extract(to_kernel(gw2), geo.pull_pos, geo.q_size)
-                rows, cols = pull_rows.to(acc_dtype), pull_cols.to(acc_dtype)
+                rows, cols = args.pull_rows.to(acc_dtype), args.pull_cols.to(acc_dtype)
                 gk = gk - rows.t() @ gq @ cols  # q = -U k V^T  =>  dk = -U^T dq V
             out[1] = gk.to(dtype).contiguous()
         if want[2]:
