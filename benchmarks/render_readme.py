@@ -4,7 +4,10 @@
 
 Each results.json (written by `python -m pushpull_ext.bench --out DIR`) becomes one table: device,
 versions, commit and date, then per shape and provider the median forward and forward+backward
-times and the speedup over the eager reference. Only figures a committed file holds reach the README.
+times, the speedup over the eager reference and, where the run had the conv+relu provider, the time
+over the plain convolution + ReLU of the same geometry. A results.json of `--models` becomes the
+whole-network table: per model, mode and variant the median step time and its excess over plain.
+Only figures a committed file holds reach the README.
 """
 
 from __future__ import annotations
@@ -31,19 +34,28 @@ def _commit_date(path: Path) -> str:
     return out or datetime.date.today().isoformat()
 
 
+def _load(env: dict) -> str:
+    load = env.get("load_average_at_start")
+    return f"; load average at start {', '.join(f'{v:.2f}' for v in load)}" if load else ""
+
+
 def _table(result: dict, folder: Path) -> list[str]:
     env, settings = result["environment"], result["settings"]
     date = (env.get("date") or _commit_date(folder / "results.json"))[:10]
+    with_conv = any(m.get("conv_ratio") for row in result["rows"] for m in row.get("modes", {}).values())
+    conv_head = " fwd / conv+relu | fwd+bwd / conv+relu |" if with_conv else ""
     lines = [
         f"### {env.get('device_name', env['device'])} ({env['device']}, {settings.get('threads')} threads) — "
         f"`{folder.relative_to(ROOT)}`",
         "",
         f"torch {env['torch']}, Triton {env.get('triton')}, CUDA {env.get('cuda')}; commit "
         f"`{env['git_commit'][:12]}`; {date}; TF32 {'on' if settings.get('tf32') else 'off'}; "
-        f"dtypes {', '.join(settings['dtypes'])}.",
+        f"dtypes {', '.join(settings['dtypes'])}{_load(env)}.",
         "",
-        "| shape | batch | dtype | provider | fwd ms | fwd speedup | fwd+bwd ms | fwd+bwd speedup | within tolerance |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | batch | dtype | provider | fwd ms | fwd speedup | fwd+bwd ms | fwd+bwd speedup |"
+        + conv_head
+        + " within tolerance |",
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_conv else "") + "---|",
     ]
     for row in result["rows"]:
         modes = row.get("modes", {})
@@ -51,6 +63,9 @@ def _table(result: dict, folder: Path) -> list[str]:
         for mode in ("fwd", "fwdbwd"):
             m = modes.get(mode)
             cells += [f"{m['ms']:.2f}", f"{m['speedup']:.2f}x"] if m else ["-", "-"]
+        for mode in ("fwd", "fwdbwd") if with_conv else ():
+            ratio = modes.get(mode, {}).get("conv_ratio")
+            cells.append(f"{ratio:.2f}x" if ratio else "-")
         batch = f"{row['batch']}" + ("" if row["batch"] == row["spec_batch"] else f" (paper {row['spec_batch']})")
         lines.append(
             f"| {row['shape']} | {batch} | {row['dtype']} | {row['provider']} | "
@@ -62,10 +77,36 @@ def _table(result: dict, folder: Path) -> list[str]:
     return lines + [""]
 
 
+def _models_table(result: dict, folder: Path) -> list[str]:
+    """The whole-network run (`--models`): median step time per model, mode and variant, and + % over plain."""
+    env, settings = result["environment"], result["settings"]
+    lines = [
+        f"### Whole networks: {env.get('device_name', env['device'])} ({env['device']}, {settings['threads']} "
+        f"threads) — `{folder.relative_to(ROOT)}`",
+        "",
+        f"torch {env['torch']}; commit `{env['git_commit'][:12]}`; {env['date'][:10]}; {settings['rounds']} "
+        f"interleaved rounds x {settings['calls']} calls per variant and mode{_load(env)}.",
+        "",
+        "| model | batch | input | mode | variant | ms (median) | ms (best) | vs plain | layers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        over = "-" if r["variant"] == "plain" else f"{r['over_plain_pct']:+.1f} %"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['image']} px | {r['mode']} | {r['variant']} | {r['ms']:.1f} | "
+            f"{r['ms_best']:.1f} | {over} | {r['description']} |"
+        )
+    for png in sorted(folder.glob("*.png")):
+        lines += ["", f"![{png.stem}]({png.relative_to(ROOT)})"]
+    return lines + [""]
+
+
 def render() -> str:
     sections = []
     for path in sorted((ROOT / "benchmarks" / "results").glob("**/results.json")):
-        sections += _table(json.loads(path.read_text()), path.parent)
+        result = json.loads(path.read_text())
+        table = _models_table if result.get("benchmark") == "models" else _table
+        sections += table(result, path.parent)
     if not sections:
         sections = ["No committed benchmark results yet.", ""]
     return "\n".join(sections)

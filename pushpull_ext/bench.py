@@ -405,7 +405,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"{MIN_RUN_TIME['default']:g} s",
     )
     p.add_argument("--quick", action="store_true", help=f"batch {QUICK_BATCH}, short measurements: a smoke run")
+    _model_arguments(p)
     return p.parse_args(argv)
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    from .bench_models import CALLS, ROUNDS
+
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        metavar="MODEL",
+        help="whole networks instead of single layers: resnet20 (CIFAR, 32 px, batch 128 on CPU) and/or resnet50 "
+        "(112 px, batch 8 on CPU), plain against push-pull in the placements pp, b1 and b1 on the eager "
+        "reference; training step and inference (default: both models). --batch, --quick, --full, --threads, "
+        "--device and --out apply",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help=f"--models: interleaved timing rounds per mode (default {ROUNDS['default']}, {ROUNDS['full']} with "
+        "--full)",
+    )
+    p.add_argument(
+        "--calls",
+        type=int,
+        default=None,
+        help=f"--models: timed calls per variant and round (default {CALLS['default']}, {CALLS['full']} with --full)",
+    )
 
 
 def _cases(ns) -> list:
@@ -471,6 +500,10 @@ def main(argv=None) -> dict:
     ns = parse_args(argv)
     settings, cases = settings_from(ns), _cases(ns)
     out = ns.out or Path("bench_out") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if ns.models is not None:
+        from .bench_models import run_models
+
+        return run_models(ns, settings.device, settings.threads, out)
     set_precision(settings.tf32, settings.threads)
     if hasattr(torch, "_dynamo"):
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)

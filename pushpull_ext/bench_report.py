@@ -135,13 +135,17 @@ def csv_rows(rows: list) -> list:
 def write_outputs(out_dir: Path, result: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=str))
-    records = csv_rows(result["rows"])
+    write_csv(out_dir / "results.csv", csv_rows(result["rows"]))
+    write_plots(out_dir, result["rows"], result["settings"]["modes"])
+
+
+def write_csv(path: Path, records: list) -> None:
+    """One line per record; the columns are every key of any record, in first-seen order."""
     keys = list(dict.fromkeys(k for rec in records for k in rec))
-    with open(out_dir / "results.csv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(records)
-    write_plots(out_dir, result["rows"], result["settings"]["modes"])
 
 
 def write_plots(out_dir: Path, rows: list, modes: list) -> None:

@@ -171,3 +171,38 @@ def test_conv_relu_has_the_layers_geometry_and_input_gradient():
     layer = bench.build_provider("reference", inputs)
     assert conv().shape == layer().shape
     assert conv.grad_names == ("input", "weight", "bias")
+
+
+def test_models_quick_writes_table_json_csv_plot(tmp_path, capsys):
+    """--models: every variant of a whole network, training step and inference, against plain (no timing
+    is asserted)."""
+    result = bench.main(["--models", "resnet20", "--quick", "--batch", "2", "--threads", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "resnet20" in printed and "b1-reference" in printed and "vs plain" in printed
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["benchmark"] == "models" and saved["environment"]["git_commit"]
+    assert "load_average_at_start" in saved["environment"]
+    got = {(r["variant"], r["mode"]) for r in saved["rows"]}
+    assert got == {(v, m) for v in ("plain", "pp", "b1", "b1-reference") for m in ("train", "inference")}
+    assert all(r["over_plain_pct"] == 0 for r in saved["rows"] if r["variant"] == "plain")
+    b1 = next(r for r in result["rows"] if r["variant"] == "b1")
+    assert b1["replaced"] == ["conv1"] + [f"layer1.{i}.conv{j}" for i in range(3) for j in (1, 2)]
+    assert b1["b1_vs_reference_logits_rel_diff"] < 1e-4
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+    assert (tmp_path / "models.png").stat().st_size > 0
+
+
+def test_models_resnet50_placements_are_the_papers():
+    """ResNet-50: pp = the 2024 PP3 stem, b1 = the 2020 layer in the stem and layer1's middle 3x3 convolutions
+    (torchvision's layout, built by pushpull_ext.resnets without torchvision)."""
+    from pushpull_ext import bench_models
+    from pushpull_ext.resnets import resnet50
+
+    spec = bench_models.model_specs()["resnet50"]
+    spec = bench_models.ModelSpec(**{**spec.__dict__, "build": lambda: resnet50(num_classes=10)})
+    built = bench_models.build_variants(spec, "cpu")
+    assert built["plain"]["replaced"] == [] and built["pp"]["replaced"] == ["conv1"]
+    assert built["pp"]["model"].conv1.pull == "invert" and built["pp"]["model"].conv1.avg_kernel == 3
+    assert built["b1"]["replaced"] == ["conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"]
+    assert built["b1-reference"]["model"].layer1[0].conv2.backend == "reference"
