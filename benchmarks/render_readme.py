@@ -34,9 +34,10 @@ def _commit_date(path: Path) -> str:
     return out or datetime.date.today().isoformat()
 
 
-def _load(env: dict) -> str:
-    load = env.get("load_average_at_start")
-    return f"; load average at start {', '.join(f'{v:.2f}' for v in load)}" if load else ""
+def _load(env: dict, end=None) -> str:
+    """The shared machine's load average (1, 5, 15 min) at the run's start, and at its end where recorded."""
+    parts = [(when, load) for when, load in (("start", env.get("load_average_at_start")), ("end", end)) if load]
+    return "".join(f"; load average at {when} {', '.join(f'{v:.2f}' for v in load)}" for when, load in parts)
 
 
 def _table(result: dict, folder: Path) -> list[str]:
@@ -50,7 +51,7 @@ def _table(result: dict, folder: Path) -> list[str]:
         "",
         f"torch {env['torch']}, Triton {env.get('triton')}, CUDA {env.get('cuda')}; commit "
         f"`{env['git_commit'][:12]}`; {date}; TF32 {'on' if settings.get('tf32') else 'off'}; "
-        f"dtypes {', '.join(settings['dtypes'])}{_load(env)}.",
+        f"dtypes {', '.join(settings['dtypes'])}{_load(env, env.get('load_average_at_end'))}.",
         "",
         "| shape | batch | dtype | provider | fwd ms | fwd speedup | fwd+bwd ms | fwd+bwd speedup |"
         + conv_head
@@ -85,7 +86,7 @@ def _models_table(result: dict, folder: Path) -> list[str]:
         f"threads) — `{folder.relative_to(ROOT)}`",
         "",
         f"torch {env['torch']}; commit `{env['git_commit'][:12]}`; {env['date'][:10]}; {settings['rounds']} "
-        f"interleaved rounds x {settings['calls']} calls per variant and mode{_load(env)}.",
+        f"interleaved rounds x {settings['calls']} calls per variant and mode{_load(env, result.get('load_average_at_end'))}.",
         "",
         "| model | batch | input | mode | variant | ms (median) | ms (best) | vs plain | layers |",
         "|---|---|---|---|---|---|---|---|---|",

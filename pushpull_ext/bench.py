@@ -552,7 +552,10 @@ def main(argv=None) -> dict:
             for k, v in peaks.items()
         )
     )
-    print(f"total time {elapsed:.1f} s")
+    if settings.device == "cpu" and hasattr(os, "getloadavg"):
+        env["load_average_at_end"] = os.getloadavg()  # a shared machine's load during the run, as at its start
+    load = tuple(round(v, 2) for v in env.get("load_average_at_end") or ())
+    print(f"total time {elapsed:.1f} s" + (f"; load average at end {load}" if load else ""))
     result = result_so_far()
     write_outputs(out, result)
     print(f"results (results.json, results.csv, speedup_<mode>.png): {out}/")
