@@ -14,7 +14,16 @@ from torch.autograd import forward_ad
 
 from . import ops, pull_cache
 from ._ext import CPP_ERROR, TRITON_INTERPRET, has_cpp_kernel
-from .options import BACKENDS, PADDING_MODES, PushPullArgs, kernel_size_ints, normalize, pull_operands, traced_quietly
+from .options import (
+    BACKENDS,
+    LAYER_OPTIONS,
+    PADDING_MODES,
+    PushPullArgs,
+    kernel_size_ints,
+    normalize,
+    pull_operands,
+    traced_quietly,
+)
 from .reference import op_formula, pull_kernel, push_pull_reference
 
 _warned_fallback = set()
@@ -260,36 +269,10 @@ def push_pull_conv2d(
     `padding`, the pull one by its own, larger for upsample); an unbatched input [C_in, H, W] gives an
     unbatched output.
     """
+    values = (stride, padding, dilation, groups, pull, scale, avg_kernel, dual_output, padding_mode, backend)
+    options = dict(zip((*LAYER_OPTIONS, "padding_mode", "backend"), values))  # by name, as the signature has them
     if isinstance(input, Tensor) and input.dim() == 3:  # unbatched, as nn.Conv2d
-        return push_pull_conv2d(
-            input.unsqueeze(0),
-            weight,
-            bias,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            pull=pull,
-            scale=scale,
-            alpha=alpha,
-            bias_out=bias_out,
-            avg_kernel=avg_kernel,
-            dual_output=dual_output,
-            padding_mode=padding_mode,
-            backend=backend,
-        ).squeeze(0)
-    options = dict(
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        pull=pull,
-        scale=scale,
-        avg_kernel=avg_kernel,
-        dual_output=dual_output,
-        padding_mode=padding_mode,
-        backend=backend,
-    )
+        return push_pull_conv2d(input.unsqueeze(0), weight, bias, alpha=alpha, bias_out=bias_out, **options).squeeze(0)
     dtype = _autocast_dtype(input)
     if dtype is None:
         return _push_pull(input, weight, bias, bias_out, alpha, push_weight=weight, **options)

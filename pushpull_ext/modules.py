@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from .functional import push_pull_conv2d
-from .options import BACKENDS, PADDING_MODES, PULL_MODES
+from .options import BACKENDS, PADDING_MODES, PULL_MODES, layer_options
 
 
 class PushPullConv2d(nn.Module):
@@ -91,18 +91,11 @@ class PushPullConv2d(nn.Module):
             input,
             self.weight,
             self.bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            pull=self.pull,
-            scale=self.scale,
             alpha=self.effective_alpha(),
             bias_out=self.bias_out,
-            avg_kernel=self.avg_kernel,
-            dual_output=self.dual_output,
             padding_mode=self.padding_mode,
             backend=self.backend,
+            **layer_options(self),
         )
 
     def extra_repr(self) -> str:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 PULL_MODES = ("upsample", "invert")
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+# The geometry keywords of push_pull_conv2d, each also an attribute of PushPullConv2d (layer_options).
+LAYER_OPTIONS = ("stride", "padding", "dilation", "groups", "pull", "scale", "avg_kernel", "dual_output")
 # nn.Conv2d's padding modes and the F.pad mode each one pads with.
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
@@ -33,6 +35,12 @@ def _pair(value, name: str) -> tuple[int, int]:
     ):
         return (int(value[0]), int(value[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def layer_options(source) -> dict:
+    """The LAYER_OPTIONS keywords of push_pull_conv2d, read from the attributes of `source` (a
+    PushPullConv2d, or a test's configuration)."""
+    return {name: getattr(source, name) for name in LAYER_OPTIONS}
 
 
 def upsampled_size(size: int, scale: float) -> int:

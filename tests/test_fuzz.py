@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from pushpull_ext import push_pull_conv2d
-from pushpull_ext.options import upsampled_size
+from pushpull_ext.options import layer_options, upsampled_size
 
 PROFILE_ENV = "PUSHPULL_FUZZ_PROFILE"
 # Examples per backend kind in each profile. The Triton interpreter runs NumPy per kernel step:
@@ -165,16 +165,7 @@ def _make_tensors(cfg: Config, device) -> tuple[dict, dict]:
     for name, present in (("bias", cfg.bias_in), ("bias_out", cfg.bias_out)):
         if present:
             tensors[name] = (0.3 * torch.randn(cfg.out_channels, **make)).to(device).requires_grad_(True)
-    options = dict(
-        stride=cfg.stride,
-        padding=cfg.padding,
-        dilation=cfg.dilation,
-        groups=cfg.groups,
-        pull=cfg.pull,
-        scale=cfg.scale,
-        avg_kernel=cfg.avg_kernel,
-        dual_output=cfg.dual_output,
-    )
+    options = layer_options(cfg)
     if cfg.alpha_form == "number":
         options["alpha"] = cfg.alpha_value
     else:

@@ -20,7 +20,8 @@ import torch.nn.functional as F  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from pushpull_ext import triton_launch as TL  # noqa: E402
-from pushpull_ext.options import normalize, pull_operands  # noqa: E402
+from pushpull_ext.ops import BackwardArgs, ForwardArgs  # noqa: E402
+from pushpull_ext.options import LAYER_OPTIONS, normalize, pull_operands  # noqa: E402
 from pushpull_ext.reference import push_pull_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,14 +81,7 @@ class Case:
             self.b_in,
             self.b_out,
             alpha,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            pull=pull,
-            scale=scale,
-            avg_kernel=avg,
-            dual_output=dual,
+            **dict(zip(LAYER_OPTIONS, (stride, padding, dilation, groups, pull, scale, avg, dual))),
         )
         self.shift, self.rows, self.cols = pull_operands(self.w, self.args)
         a = self.args
@@ -129,30 +123,22 @@ class Case:
         return [self.x, self.w, self.shift, self.b_in, self.b_out, self.alpha]
 
     # --- the launchers ----------------------------------------------------------------------------
+    def op_args(self, save_masks=True, leaves=None):
+        """The forward op's arguments (ops.ForwardArgs) with the case's leaves, or `leaves` in their place."""
+        x, w, shift, b_in, b_out, alpha = self.leaves() if leaves is None else leaves
+        return ForwardArgs(x, w, shift, self.rows, self.cols, b_in, b_out, alpha, *self.opts, save_masks)
+
+    def _with(self, x, w) -> list:
+        """The leaves with x / w in place of the case's input / weight where given."""
+        leaves = self.leaves()
+        return [self.x if x is None else x, self.w if w is None else w, *leaves[2:]]
+
     def forward(self, save_masks=True, x=None, w=None):
-        x = self.x if x is None else x
-        w = self.w if w is None else w
-        return TL.forward(
-            x, w, self.shift, self.rows, self.cols, self.b_in, self.b_out, self.alpha, *self.opts, save_masks
-        )
+        return TL.forward(self.op_args(save_masks, self._with(x, w)))
 
     def backward(self, grad, masks, output_mask, x=None, w=None, config=TL.DEFAULT_LAUNCH):
-        x = self.x if x is None else x
-        w = self.w if w is None else w
-        return TL.backward(
-            grad,
-            x,
-            w,
-            self.shift,
-            self.rows,
-            self.cols,
-            self.b_in,
-            self.alpha,
-            masks,
-            *self.opts,
-            list(output_mask),
-            config,
-        )
+        forward = self.op_args(leaves=self._with(x, w))
+        return TL.backward(BackwardArgs.after(forward, grad, masks, list(output_mask)), config)
 
     def output_mask(self):
         return [
@@ -390,7 +376,7 @@ def test_non_contiguous_inputs():
 class _LaunchFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, case, x, w, shift, b_in, b_out, alpha):
-        y, masks = TL.forward(x, w, shift, case.rows, case.cols, b_in, b_out, alpha, *case.opts, True)
+        y, masks = TL.forward(case.op_args(True, (x, w, shift, b_in, b_out, alpha)))
         ctx.case = case
         ctx.save_for_backward(x, w, shift, b_in, alpha, masks)
         return y
@@ -400,7 +386,8 @@ class _LaunchFn(torch.autograd.Function):
         x, w, shift, b_in, alpha, masks = ctx.saved_tensors
         case = ctx.case
         need = list(ctx.needs_input_grad[1:])
-        grads = TL.backward(grad.contiguous(), x, w, shift, case.rows, case.cols, b_in, alpha, masks, *case.opts, need)
+        forward = case.op_args(True, (x, w, shift, b_in, None, alpha))
+        grads = TL.backward(BackwardArgs.after(forward, grad.contiguous(), masks, need))
         return (None,) + tuple(g if n else None for g, n in zip(grads, need))
 
 
