@@ -297,7 +297,9 @@ def write_models_plot(path: Path, rows: list, env: dict) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (model, mode) in zip(axes[0], panels):
         _plot_panel(ax, [r for r in rows if r["model"] == model and r["mode"] == mode])
-    fig.suptitle(f"step time, {env.get('device_name')} ({env.get('device')})", fontsize=9)
+    load = env.get("load_average_at_start")
+    shared = f"; load average {load[0]:.1f} at start (shared machine)" if load else ""
+    fig.suptitle(f"step time, {env.get('device_name')} ({env.get('device')}){shared}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
