@@ -341,7 +341,8 @@ _EPILOG = (
     "  upsample: the 2020 layer (b_in, alpha 1); optional 10th field = scale (default 2)\n"
     "  invert:   the 2024 layer (b_out, trainable [C_out] alpha); optional 10th field = avg kernel (default 0)\n"
     "  the input needs a gradient. e.g. --shape 32,64,64,56,56,3,1,1,upsample,2 --shape 8,3,64,224,224,7,2,3,invert,3\n"
-    "providers: reference (eager formula, the baseline), stacked+compile (stacked convolutions + torch.compile'd "
+    "providers: reference (eager formula, the baseline), conv+relu (nn.Conv2d + ReLU of the same geometry), "
+    "stacked+compile (stacked convolutions + torch.compile'd "
     "epilogue), compiled-reference (torch.compile of the reference), ours = cpu (CPU) / cuda, triton (GPU)"
 )
 
@@ -395,13 +396,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="folder for results.json, results.csv, speedup_<mode>.png (default: bench_out/<date-time>/)",
+        help="folder for results.json, results.csv, speedup_<mode>.png (--models: models.png) "
+        "(default: bench_out/<date-time>/)",
     )
     p.add_argument(
         "--full",
         action="store_true",
         help="the whole sweep: every provider (also the torch.compile "
-        f"ones), {MIN_RUN_TIME['full']:g} s per measurement; without it: reference and ours, "
+        f"ones), {MIN_RUN_TIME['full']:g} s per measurement; without it: reference, conv+relu and ours, "
         f"{MIN_RUN_TIME['default']:g} s",
     )
     p.add_argument("--quick", action="store_true", help=f"batch {QUICK_BATCH}, short measurements: a smoke run")
