@@ -21,6 +21,8 @@ from cases import CASE_PARAMS, call, case, make_case
 import pushpull_ext.functional  # noqa: F401  (registers the autograd of the ops)
 from pushpull_ext import push_pull_conv2d
 from pushpull_ext._ext import CPP_ERROR
+from pushpull_ext.functional import forward_args
+from pushpull_ext.ops import BackwardArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,56 +130,14 @@ def test_low_precision_is_float32_rounded_once(cuda_backend_on_cpu, dtype, sizes
     rounding error.)"""
     inputs, opts = make_case(sizes, options, torch.float64, "cpu", requires_grad=False, scale_hw=2)
     low = {k: v.to(dtype) for k, v in inputs.items()}
-    args, alpha, (shift, rows, cols) = _op_arguments(low, opts)
-    operands = dict(
-        input=low["input"],
-        weight=low["weight"],
-        shift=shift,
-        rows=rows,
-        cols=cols,
-        bias_in=low.get("bias"),
-        bias_out=low.get("bias_out"),
-        alpha=alpha,
-    )
-    as_float = {k: None if v is None else v.float() for k, v in operands.items()}
-    options_list = [
-        list(args.stride),
-        list(args.padding),
-        list(args.pull_padding(tuple(low["weight"].shape[2:]))),
-        list(args.dilation),
-        args.groups,
-        args.avg_kernel,
-        args.dual_output,
-    ]
+    operands = call(forward_args, low, opts, save_masks=True)
+    as_float = operands._replace(**{k: v.float() for k, v in operands._asdict().items() if isinstance(v, torch.Tensor)})
 
     def forward(o):
-        return torch.ops.pushpull.forward(
-            o["input"],
-            o["weight"],
-            o["shift"],
-            o["rows"],
-            o["cols"],
-            o["bias_in"],
-            o["bias_out"],
-            o["alpha"],
-            *options_list,
-            True,
-        )
+        return torch.ops.pushpull.forward(*o)
 
     def backward(o, grad, masks):
-        return torch.ops.pushpull.backward(
-            grad,
-            o["input"],
-            o["weight"],
-            o["shift"],
-            o["rows"],
-            o["cols"],
-            o["bias_in"],
-            o["alpha"],
-            masks,
-            *options_list,
-            [True] * 6,
-        )
+        return torch.ops.pushpull.backward(*BackwardArgs.after(o, grad, masks, [True] * 6))
 
     out, masks = forward(operands)
     out32, masks32 = forward(as_float)
@@ -188,19 +148,15 @@ def test_low_precision_is_float32_rounded_once(cuda_backend_on_cpu, dtype, sizes
         assert g.dtype == dtype and torch.equal(g, g32.to(dtype)), f"gradient {i}"
 
 
-@pytest.mark.parametrize("which", ["input", "weight", "bias_out", "alpha"])
-def test_gradient_of_one_input_only(cuda_backend_on_cpu, which):
-    """Only one gradient asked: the wrapper passes placeholders for what backward must not read."""
-    inputs, opts = make_case(*case("2024-stem"), torch.float64, "cpu", requires_grad=False)
-    inputs[which].requires_grad_(True)
-    _, grads = outputs_and_grads("cpu", inputs, opts)
-    _, ref_grads = reference_float64(inputs, opts)
-    assert_rel_close(grads[0], ref_grads[0], 1e-9, f"grad of {which}")
-
-
-@pytest.mark.parametrize("which", ["input", "weight"])
-def test_upsample_gradient_of_one_input_only(cuda_backend_on_cpu, which):
-    inputs, opts = make_case(*case("2020-wide-groups-stride-avg3"), torch.float64, "cpu", requires_grad=False)
+@pytest.mark.parametrize(
+    "name,which",
+    [("2024-stem", which) for which in ("input", "weight", "bias_out", "alpha")]
+    + [("2020-wide-groups-stride-avg3", which) for which in ("input", "weight")],
+)
+def test_gradient_of_one_input_only(cuda_backend_on_cpu, name, which):
+    """Only one gradient asked: the wrapper passes placeholders for what backward must not read (invert,
+    and upsample with its prefilter path)."""
+    inputs, opts = make_case(*case(name), torch.float64, "cpu", requires_grad=False)
     inputs[which].requires_grad_(True)
     _, grads = outputs_and_grads("cpu", inputs, opts)
     _, ref_grads = reference_float64(inputs, opts)
@@ -271,21 +227,6 @@ def _packed_masks(push, pull):
     return (bits * weights).sum(3).to(torch.uint8)
 
 
-def _op_arguments(inputs, opts):
-    """(args, alpha vector, pull operands) as push_pull_conv2d passes them to pushpull::forward."""
-    from pushpull_ext.options import normalize, pull_operands
-
-    kwargs = dict(
-        stride=1, padding=0, dilation=1, groups=1, pull="upsample", scale=2.0, avg_kernel=0, dual_output=False
-    )
-    kwargs.update({k: v for k, v in opts.items() if k != "alpha"})
-    alpha = inputs.get("alpha", opts.get("alpha", 1.0))
-    args, alpha_vec = normalize(
-        inputs["input"], inputs["weight"], inputs.get("bias"), inputs.get("bias_out"), alpha, **kwargs
-    )
-    return args, alpha_vec, pull_operands(inputs["weight"], args)
-
-
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
 def test_masks_are_the_relu_derivatives(cuda_backend_on_cpu, sizes, options):
     import torch.nn.functional as F
@@ -294,33 +235,14 @@ def test_masks_are_the_relu_derivatives(cuda_backend_on_cpu, sizes, options):
 
     inputs, opts = make_case(sizes, options, torch.float64, "cpu", requires_grad=False)
     x, w, bias = inputs["input"], inputs["weight"], inputs.get("bias")
-    args, alpha_vec, (shift, rows, cols) = _op_arguments(inputs, opts)
-    pull_padding = args.pull_padding(tuple(w.shape[2:]))
-    _, masks = torch.ops.pushpull.forward(
-        x,
-        w,
-        shift,
-        rows,
-        cols,
-        bias,
-        inputs.get("bias_out"),
-        alpha_vec,
-        list(args.stride),
-        list(args.padding),
-        list(pull_padding),
-        list(args.dilation),
-        args.groups,
-        args.avg_kernel,
-        args.dual_output,
-        True,
-    )
-    conv = dict(stride=args.stride, dilation=args.dilation, groups=args.groups)
-    push = F.conv2d(x, w, bias, padding=args.padding, **conv)
-    pull = F.conv2d(
-        x, pull_kernel(w, args.pull, args.scale), None if bias is None else -bias, padding=pull_padding, **conv
-    )
-    if args.avg_kernel > 1:
-        a = args.avg_kernel
+    op = call(forward_args, inputs, opts, save_masks=True)
+    _, masks = torch.ops.pushpull.forward(*op)
+    conv = dict(stride=op.stride, dilation=op.dilation, groups=op.groups)
+    push = F.conv2d(x, w, bias, padding=op.padding, **conv)
+    pull_weight = pull_kernel(w, opts["pull"], opts.get("scale", 2.0))
+    pull = F.conv2d(x, pull_weight, None if bias is None else -bias, padding=op.pull_padding, **conv)
+    if op.avg_kernel > 1:
+        a = op.avg_kernel
         pull = F.avg_pool2d(pull, a, stride=1, padding=(a - 1) // 2, count_include_pad=False)
     assert torch.equal(masks, _packed_masks(push, pull))
 

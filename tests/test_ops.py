@@ -6,7 +6,7 @@ from cases import case_params, make_case
 from torch import nn
 
 from pushpull_ext import PushPullConv2d
-from pushpull_ext.ops import GEOMETRY, GRADIENTS, ForwardArgs
+from pushpull_ext.ops import GEOMETRY, GRADIENTS, BackwardArgs, ForwardArgs
 from pushpull_ext.options import normalize, pull_operands
 
 OPCHECK_CASES = case_params(
@@ -68,12 +68,14 @@ def _ops_for(backend):
 
 
 def test_argument_names_match_the_schemas(fused_backend_device):
-    """ops.ForwardArgs / GRADIENTS / GEOMETRY name the ops' arguments: they must be the schemas' names."""
+    """ops.ForwardArgs / BackwardArgs / GRADIENTS / GEOMETRY name the ops' arguments: they must be the schemas'
+    names."""
     forward, backward = _ops_for(fused_backend_device[0])
     forward_names = [a.name for a in forward.default._schema.arguments]
     assert forward_names == list(ForwardArgs._fields)
     backward_names = [a.name for a in backward.default._schema.arguments]
     assert backward_names[-len(GEOMETRY) - 1 : -1] == list(GEOMETRY) and backward_names[-1] == "output_mask"
+    assert backward_names == list(BackwardArgs._fields)
     assert set(GRADIENTS) <= set(forward_names)
 
 

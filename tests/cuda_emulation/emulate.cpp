@@ -40,6 +40,13 @@ const char* emulate(int64_t blocks, int64_t shared_bytes, Body body) {
   return nullptr;
 }
 
+// The prefilter and its adjoint: the same blocks and shared memory, over the tiling `tl`.
+template <typename acc_t, typename BlockFn>
+const char* emulate_prefilter(const PrefilterArgs<acc_t>& args, const Tiling& tl, BlockFn block_fn) {
+  return emulate<acc_t, NoState>(prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
+                                 block_fn);
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -63,17 +70,15 @@ const char* launch_backward_fields(const FieldsArgs<scalar_t>& args, cudaStream_
 template <typename acc_t>
 const char* launch_prefilter(const PrefilterArgs<acc_t>& args, cudaStream_t) {
   const Tiling tl = tiling(args.geo.out_height, args.geo.out_width);
-  return emulate<acc_t, NoState>(
-      prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
-      [&](int64_t block, auto& blk, acc_t* smem) { prefilter_block(blk, args, tl, block, smem); });
+  return emulate_prefilter(args, tl,
+                           [&](int64_t block, auto& blk, acc_t* smem) { prefilter_block(blk, args, tl, block, smem); });
 }
 
 template <typename acc_t>
 const char* launch_prefilter_adjoint(const PrefilterArgs<acc_t>& args, cudaStream_t) {
   const Tiling tl = tiling(args.geo.height, args.geo.width);
-  return emulate<acc_t, NoState>(
-      prefilter_blocks(args.geo, tl), prefilter_shared_bytes(args.geo, sizeof(acc_t)),
-      [&](int64_t block, auto& blk, acc_t* smem) { prefilter_adjoint_block(blk, args, tl, block, smem); });
+  return emulate_prefilter(
+      args, tl, [&](int64_t block, auto& blk, acc_t* smem) { prefilter_adjoint_block(blk, args, tl, block, smem); });
 }
 
 #define PUSHPULL_INSTANTIATE(scalar_t)                                                                 \
