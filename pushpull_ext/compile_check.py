@@ -9,7 +9,7 @@ shape (pushpull_ext/shapes.py; batch 16, see spec_launches) runs through `push_p
 CPU tensors, training (forward, then every gradient the layer needs) and inference, with the GPU
 configs, and each launch compiles its kernel instead of running it (`JITFunction.warmup`).
 `--shapes` adds any layer (e.g. 2,64,64,14,14,3,1,1,invert,5: Ho * Wo not a multiple of 16 compiles
-other code; it made the pooling epilogue spill until its tile was halved).
+other code). What it found so far: benchmarks/tuning.md.
 
 Checked per compiled kernel, against the smallest GPU of each target:
 - problems (a launch would fail): it does not compile (what the interpreter, which the CPU tests

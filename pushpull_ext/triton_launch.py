@@ -60,11 +60,9 @@ MODE_SCALE1, MODE_INVERT, MODE_UPSAMPLE = (mode.value for mode in (_kc.MODE_SCAL
 
 
 def _patch_interpreter_index() -> None:
-    """COMPAT SHIM (TRITON_INTERPRET=1 only): Triton 3.6's interpreter turns a loop bound that is a
-    kernel argument into int(ndarray of shape (1,)), which NumPy >= 2.3 refuses ("only 0-dimensional
-    arrays can be converted to Python scalars"), so `for k in range(0, K, BLOCK)` fails there. Wrap
-    the interpreter's tensor patching to take the single element instead. No effect on compiled
-    kernels; a no-op where the interpreter module layout differs."""
+    """COMPAT SHIM (TRITON_INTERPRET=1 only): loop bounds that are kernel arguments reach __index__ as
+    1-element arrays, which NumPy >= 2.3 refuses (benchmarks/tuning.md); take the single element. A no-op
+    where the interpreter module layout differs."""
     try:
         import numpy as np
         from triton.runtime import interpreter as _interp
@@ -218,17 +216,9 @@ class LaunchConfig:
 DEFAULT_LAUNCH = LaunchConfig()
 
 
-# GPU tiles: checked without a GPU by compile_check.py (no spills, tensor cores on sm_80 / sm_90, shared
-# memory within the 99 KB of sm_86 / sm_89); not yet timed on a GPU. The index and pointer tiles of the
-# gathered operands cost registers per element, hence:
-# - BLOCK_K 16 for float32: each float32 product is 3 TF32 MMAs on hi / lo parts (tf32x3, TF32 off) or
-#   TF32 operands in registers; with BLOCK_K 32 the upsample kernels (two products) spilled 64-424 B;
-# - BLOCK_K 32 for 16-bit types: a [128, 64] gathered input tile spilled 528-1168 B (sm_90, bfloat16);
-#   16 in the backward with pooling, whose gQ operand gathers an a x a window per element (the input
-#   gradient of a 14 x 14 invert avg 5 layer spilled 32 B on sm_80 with 32);
-# - 8 warps, and 2 stages in backward: with 4 warps or 3-4 stages the masked-gradient operands (gathered
-#   g and mask bytes, software-pipelined through registers) spilled.
+# GPU tiles: the largest that compile_check.py finds free of register spills (history: benchmarks/tuning.md).
 def _block_k(dtype, pooled: bool = False) -> int:
+    # float32 (three TF32 products each) and pooled gradients (gathered windows) spill with 32.
     return 16 if (dtype == torch.float32 or pooled) else 32
 
 
@@ -237,8 +227,7 @@ def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int):
     if not gpu:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
         return 64, 16, 32, 4, 1
     bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
-    # A channel tile no wider than a group where groups allow it: a tile straddling two groups keeps a
-    # second set of accumulators (upsample with 2 groups of 32 spilled 104 B with Triton 3.6).
+    # No wider than a group where groups allow: a tile straddling groups keeps a second set of accumulators.
     bn = min(bn, max(16, triton.next_power_of_2(c_out_per_group)))
     if dtype == torch.float64:
         return 64, min(bn, 32), 16, 4, 1
@@ -251,7 +240,7 @@ def _bwd_config(dtype, gpu: bool, weight_kernel: bool = False, pooled: bool = Fa
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:  # float64 products on the CUDA cores here (kernels/common.py: mma_grad_operand)
         return 32, 32, 8, 4, 1
-    return 64, 64, _block_k(dtype, pooled), 8, 2
+    return 64, 64, _block_k(dtype, pooled), 8, 2  # fewer warps or more stages spill the gradient operands
 
 
 def _num_sms(device) -> int:
