@@ -1,7 +1,9 @@
 """The shapes of the papers' push-pull layers, written once, and the tensors of a case.
 
 Tests and benchmarks import `CASES` (or `case_by_name`) and build a case's tensors with
-`make_inputs`; nothing else lists these shapes. `parse_case` turns a command-line string into an
+`make_inputs`; nothing else lists these shapes. `make_inputs` is also the builder of the tests' option
+grid (tests/support/cases.py), whose cases add groups, dilation, the dual output, rectangular kernels
+and other alpha forms. `parse_case` turns a command-line string into an
 extra, arbitrary case. The tolerance rules (README.md, "Testing") are here too (`tolerance`, `within_tolerance`),
 so that the benchmark and the tests judge errors the same way.
 """
@@ -9,7 +11,7 @@ so that the benchmark and the tests judge errors the same way.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import torch
@@ -17,11 +19,14 @@ import torch
 
 @dataclass(frozen=True)
 class Case:
-    """One push-pull layer of the papers, with the options its module uses.
+    """One push-pull layer: a layer of the papers (CASES), or of the tests' option grid.
 
-    `alpha`: "number" (a fixed Python float, `alpha_value`) or "per-channel" (a trainable [C_out]
-    tensor initialised to `alpha_value`, as the 2024 module with trainable_pull_inhibition).
-    `input_grad`: whether the layer's input needs a gradient (False for stems, whose input is the image).
+    `kernel` is the kernel's height, `kernel_w` its width (None: square); `stride`, `padding` and
+    `dilation` are ints, or (h, w) pairs in the test grid. `alpha`: "number" (a fixed Python float,
+    `alpha_value`), "scalar" (a 0-d tensor) or "per-channel" (a trainable [C_out] tensor: `alpha_value`,
+    plus `alpha_spread` times uniform [0, 1) noise per channel; the 2024 module with
+    trainable_pull_inhibition starts at alpha_value). `input_grad`: whether the layer's input needs a
+    gradient (False for stems, whose input is the image).
     """
 
     name: str
@@ -42,12 +47,24 @@ class Case:
     alpha: str = "number"
     alpha_value: float = 1.0
     input_grad: bool = True
+    kernel_w: Optional[int] = None
+    dilation: int = 1
+    groups: int = 1
+    dual_output: bool = False
+    alpha_spread: float = 0.0
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return (self.kernel, self.kernel if self.kernel_w is None else self.kernel_w)
 
     def options(self) -> dict:
-        """Keyword arguments of `push_pull_conv2d` other than the tensors."""
-        return dict(
+        """Keyword arguments of `push_pull_conv2d` other than the tensors (the geometry beyond the papers'
+        only where a case has it)."""
+        options = dict(
             stride=self.stride, padding=self.padding, pull=self.pull, scale=self.scale, avg_kernel=self.avg_kernel
         )
+        extra = dict(dilation=self.dilation, groups=self.groups, dual_output=self.dual_output)
+        return {**options, **{name: value for name, value in extra.items() if value != _DEFAULTS[name]}}
 
     def describe(self) -> str:
         pull = f"upsample s={self.scale:g}" if self.pull == "upsample" else "invert"
@@ -59,46 +76,22 @@ class Case:
         )
 
 
+_DEFAULTS = {f.name: f.default for f in fields(Case)}
+
+# The two papers' layers. 2020, PPmodule2d: push = Conv2d(bias=True) -> b_in; alpha 1, not trained;
+# pull = bilinear x2 (3x3 -> 7x7). 2024, PushPullConv2DUnit: push_conv without bias, b_out after the
+# combination, trainable [C_out] alpha.
+_LAYER_2020 = dict(kernel=3, stride=1, padding=1, pull="upsample", scale=2.0, bias_in=True, alpha="number")
+_LAYER_2024 = dict(pull="invert", bias_out=True, alpha="per-channel", input_grad=False)
+
+
 def _paper_2020(name, layer, n, c_in, c_out, hw, input_grad):
-    # PPmodule2d: push = Conv2d(bias=True) -> b_in; alpha 1, not trained; pull = bilinear x2 (3x3 -> 7x7).
-    return Case(
-        name,
-        layer,
-        n,
-        c_in,
-        c_out,
-        hw,
-        hw,
-        kernel=3,
-        stride=1,
-        padding=1,
-        pull="upsample",
-        scale=2.0,
-        bias_in=True,
-        alpha="number",
-        input_grad=input_grad,
-    )
+    return Case(name, layer, n, c_in, c_out, hw, hw, input_grad=input_grad, **_LAYER_2020)
 
 
 def _paper_2024(name, layer, n, c_in, c_out, hw, kernel, stride, padding, avg_kernel):
-    # PushPullConv2DUnit: push_conv without bias, b_out after the combination, trainable [C_out] alpha.
-    return Case(
-        name,
-        layer,
-        n,
-        c_in,
-        c_out,
-        hw,
-        hw,
-        kernel=kernel,
-        stride=stride,
-        padding=padding,
-        pull="invert",
-        avg_kernel=avg_kernel,
-        bias_out=True,
-        alpha="per-channel",
-        input_grad=False,
-    )
+    geometry = dict(kernel=kernel, stride=stride, padding=padding, avg_kernel=avg_kernel)
+    return Case(name, layer, n, c_in, c_out, hw, hw, **geometry, **_LAYER_2024)
 
 
 CASES: tuple[Case, ...] = (
@@ -185,13 +178,14 @@ def make_inputs(
     case: Case, device="cpu", dtype: torch.dtype = torch.float32, batch: Optional[int] = None, seed: int = 0
 ) -> CaseInputs:
     """The case's tensors: input ~ N(0, 1) (batch `batch` or the case's N), parameters initialised as
-    nn.Conv2d does (uniform +-1/sqrt(fan_in)), alpha = alpha_value. Values are drawn in float64 on
+    nn.Conv2d does (uniform +-1/sqrt(fan_in)), alpha as Case describes. Values are drawn in float64 on
     the CPU from `seed`, so every device and dtype sees the same numbers. requires_grad is set as the
-    layer needs: weight always, bias / bias_out / per-channel alpha when present, input if input_grad."""
+    layer needs: weight always, bias / bias_out / tensor alpha when present, input if input_grad."""
     gen = torch.Generator().manual_seed(seed)
     n = case.n if batch is None else batch
-    fan_in = case.c_in * case.kernel * case.kernel
-    bound = 1 / math.sqrt(fan_in)
+    kh, kw = case.kernel_size
+    c_group = case.c_in // case.groups
+    bound = 1 / math.sqrt(c_group * kh * kw)  # fan_in of one output channel
 
     def uniform(*shape):
         return (torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
@@ -202,17 +196,27 @@ def make_inputs(
     x = torch.randn(n, case.c_in, case.h, case.w, generator=gen, dtype=torch.float64)
     tensors = {
         "input": put(x, case.input_grad),
-        "weight": put(uniform(case.c_out, case.c_in, case.kernel, case.kernel), True),
+        "weight": put(uniform(case.c_out, c_group, kh, kw), True),
         "bias": put(uniform(case.c_out), True) if case.bias_in else None,
         "bias_out": put(uniform(case.c_out), True) if case.bias_out else None,
-        "alpha": (
-            put(torch.full((case.c_out,), case.alpha_value, dtype=torch.float64), True)
-            if case.alpha == "per-channel"
-            else case.alpha_value
-        ),
+        "alpha": _alpha(case, gen),
     }
+    if isinstance(tensors["alpha"], torch.Tensor):
+        tensors["alpha"] = put(tensors["alpha"], True)
     grad_names = tuple(k for k, v in tensors.items() if isinstance(v, torch.Tensor) and v.requires_grad)
     return CaseInputs(case, n, tensors, grad_names)
+
+
+def _alpha(case: Case, gen: torch.Generator):
+    """The case's alpha: a float, or a float64 tensor (0-d, or [C_out] with the per-channel spread)."""
+    if case.alpha == "number":
+        return case.alpha_value
+    if case.alpha == "scalar":
+        return torch.tensor(case.alpha_value, dtype=torch.float64)
+    alpha = torch.full((case.c_out,), case.alpha_value, dtype=torch.float64)
+    if case.alpha_spread:  # (no draw otherwise: the papers' cases keep their numbers)
+        alpha += case.alpha_spread * torch.rand(case.c_out, generator=gen, dtype=torch.float64)
+    return alpha
 
 
 # ---------------------------------------------------------------- the tolerance rules

@@ -2,11 +2,17 @@
 
 A case is (id, sizes, options): sizes = (N, C_in, C_out, H, W, kh, kw); options are the keyword
 arguments of push_pull_conv2d, plus "bias_in" / "bias_out" (bool) and "alpha" ("number", "scalar"
-for a 0-d tensor, "vector" for [C_out]).
+for a 0-d tensor, "vector" for [C_out]). Its tensors are built by pushpull_ext.shapes.make_inputs,
+the benchmarks' builder, from the shapes.Case `grid_case` makes of it.
 """
 
 import pytest
 import torch
+
+from pushpull_ext.shapes import Case, make_inputs
+
+# The grid's alpha forms as shapes.Case alphas: (alpha, alpha_value, alpha_spread).
+_ALPHAS = {"number": ("number", 0.7, 0.0), "scalar": ("scalar", 0.8, 0.0), "vector": ("per-channel", 0.2, 1.0)}
 
 SMALL = (2, 4, 6, 7, 6, 3, 3)
 
@@ -61,29 +67,41 @@ def case_params(*names):
     return [p for p in CASE_PARAMS if p.id in names]
 
 
-def make_case(sizes, options, dtype, device, requires_grad=True, scale_hw=1):
-    """Tensors and keyword arguments of one case: returns (inputs dict, kwargs)."""
+def grid_case(sizes, options, scale_hw=1) -> Case:
+    """The shapes.Case of a grid case (its spatial size scale_hw times larger)."""
     n, c_in, c_out, h, w, kh, kw = sizes
-    opts = dict(options)
-    groups = opts.get("groups", 1)
-    make = dict(dtype=dtype, device=device)
-    inputs = {
-        "input": torch.randn(n, c_in, h * scale_hw, w * scale_hw, **make),
-        "weight": torch.randn(c_out, c_in // groups, kh, kw, **make) / (c_in * kh * kw) ** 0.5,
+    alpha, alpha_value, alpha_spread = _ALPHAS[options.get("alpha", "number")]
+    geometry = {
+        name: options[name] for name in ("scale", "avg_kernel", "dilation", "groups", "dual_output") if name in options
     }
-    if opts.pop("bias_in", False):
-        inputs["bias"] = 0.1 * torch.randn(c_out, **make)
-    if opts.pop("bias_out", False):
-        inputs["bias_out"] = 0.1 * torch.randn(c_out, **make)
-    alpha = opts.pop("alpha", "number")
-    if alpha == "scalar":
-        inputs["alpha"] = torch.tensor(0.8, **make)
-    elif alpha == "vector":
-        inputs["alpha"] = torch.rand(c_out, **make) + 0.2
-    else:
-        opts["alpha"] = 0.7
-    for t in inputs.values():
-        t.requires_grad_(requires_grad)
+    return Case(
+        "grid",
+        "test grid",
+        *(n, c_in, c_out, h * scale_hw, w * scale_hw),
+        kernel=kh,
+        kernel_w=kw,
+        stride=options.get("stride", 1),
+        padding=options.get("padding", 0),
+        pull=options["pull"],
+        bias_in=options.get("bias_in", False),
+        bias_out=options.get("bias_out", False),
+        alpha=alpha,
+        alpha_value=alpha_value,
+        alpha_spread=alpha_spread,
+        **geometry,
+    )
+
+
+def make_case(sizes, options, dtype, device, requires_grad=True, scale_hw=1):
+    """Tensors and keyword arguments of one case: returns (inputs dict: input, weight and the present ones
+    of bias, bias_out and a tensor alpha; options but bias_in / bias_out, with a number alpha). The values
+    are drawn from a seed taken from torch's global generator."""
+    seed = int(torch.randint(2**31 - 1, ()))
+    built = make_inputs(grid_case(sizes, options, scale_hw), device, dtype, seed=seed)
+    inputs = {name: t.requires_grad_(requires_grad) for name, t in built.tensors.items() if isinstance(t, torch.Tensor)}
+    opts = {name: value for name, value in options.items() if name not in ("bias_in", "bias_out", "alpha")}
+    if not isinstance(built.tensors["alpha"], torch.Tensor):
+        opts["alpha"] = built.tensors["alpha"]
     return inputs, opts
 
 
