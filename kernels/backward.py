@@ -37,7 +37,16 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, flat_tile, image_and_pixel, mma_grad_operand, split_chunk
+from .common import (
+    MODE_INVERT,
+    MODE_UPSAMPLE,
+    any_push_tap,
+    flat_tile,
+    image_and_pixel,
+    mma_grad_operand,
+    split_chunk,
+    tap_chunk,
+)
 
 
 @triton.jit
@@ -175,10 +184,8 @@ def pp_bwd_input_kernel(
     if MODE == MODE_INVERT:
         t_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     for k0 in range(0, K_TOTAL, BLOCK_K):
-        r = k0 + tl.arange(0, BLOCK_K)
-        r_valid = r < K_TOTAL
-        t = r // CGO
-        o = (g * CGO + r % CGO)[None, :]
+        r, r_valid, t, o = tap_chunk(k0, BLOCK_K, K_TOTAL, CGO, g)  # reduction over (tap, output channel)
+        o = o[None, :]
         hn = h[:, None] + PH - (t // TW)[None, :] * DH
         wn = w[:, None] + PW - (t % TW)[None, :] * DW
         ho = hn // SH
@@ -282,10 +289,7 @@ def pp_bwd_weight_kernel(
     o_valid = ol < CGO
     offs_o = g * CGO + ol
     o_row = offs_o[:, None]
-    r = pid_r * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_valid = r < K_TOTAL
-    t = r // CG
-    c = g * CG + r % CG
+    r, r_valid, t, c = tap_chunk(pid_r * BLOCK_N, BLOCK_N, K_TOTAL, CG, g)
     ti = t // TW
     tj = t % TW
     if MODE == MODE_UPSAMPLE:

@@ -27,6 +27,14 @@ def split_chunk(split, k0, BLOCK: tl.constexpr, PIX_PER_SPLIT, P_TOTAL):
 
 
 @triton.jit
+def tap_chunk(r0, BLOCK: tl.constexpr, K_TOTAL, INNER, g):
+    """Chunk r0 + [0, BLOCK) of a tap-major reduction index r = tap * INNER + i (i: channel i of group g,
+    INNER channels a group): r, which r are < K_TOTAL, the tap, and the channel g * INNER + i."""
+    r = r0 + tl.arange(0, BLOCK)
+    return r, r < K_TOTAL, r // INNER, g * INNER + r % INNER
+
+
+@triton.jit
 def image_and_pixel(offs, PIXELS):
     """Flat (image, pixel) indices split into the image (int64: image offsets exceed 2^31 in big batches)
     and the pixel within the image."""
@@ -56,8 +64,8 @@ def mma(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
 def mma_grad_operand(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr):
     """mma for the backward kernels, whose `a` is a masked gradient formed by elementwise ops (gP - gQ,
     -alpha[o] * gQ'). float64 runs on the CUDA cores (products broadcast over an [M, K, N] tile, summed
-    over K): Triton 3.6 moves those elementwise ops into the float64 MMA operand layout, which it then
-    cannot lower (ConvertTritonGPUToLLVM fails; found by compile_check.py). Keep K small for float64."""
+    over K), since Triton cannot lower such an operand to a float64 MMA (benchmarks/tuning.md); keep K
+    small for float64."""
     if IS_FP64:
         out = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:

@@ -34,19 +34,13 @@ Cost versus a fully fused kernel: 2 extra writes + (1 + a^2, mostly cache-served
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, flat_tile, image_and_pixel, mma, push_taps
+from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, flat_tile, image_and_pixel, mma, push_taps, tap_chunk
 
 
 @triton.jit
 def _pp_epilogue(
     P,
     Q,
-    offs_m,
-    offs_n,
-    m_valid,
-    n_valid,
-    pid_n,
-    bin_ptr,
     bout_ptr,
     alpha_ptr,
     y_ptr,
@@ -60,7 +54,11 @@ def _pp_epilogue(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """P, Q: [BLOCK_M, BLOCK_N] push response and (pooled) pull response, biases included."""
+    """P, Q: [BLOCK_M, BLOCK_N] push response and (pooled) pull response, biases included, of this
+    program's tile (program ids (pixel tile, channel tile), as both forward kernels launch)."""
+    pid_n = tl.program_id(1)
+    offs_m, m_valid = flat_tile(tl.program_id(0), BLOCK_M, N * HOWO)
+    offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
     n_img = (offs_m // HOWO).to(tl.int64)
     pix = offs_m % HOWO
     valid = m_valid[:, None] & n_valid[None, :]
@@ -188,10 +186,7 @@ def pp_fwd_conv_kernel(
             if MODE == MODE_INVERT:
                 s_g = tl.zeros((BLOCK_M,), dtype=ACC)
             for k0 in range(0, K_TOTAL, BLOCK_K):
-                r = k0 + tl.arange(0, BLOCK_K)
-                r_valid = r < K_TOTAL
-                t = r // CG
-                c = g * CG + r % CG
+                r, r_valid, t, c = tap_chunk(k0, BLOCK_K, K_TOTAL, CG, g)
                 hi = hi0[:, None] + (t // TW)[None, :] * DH
                 wi = wi0[:, None] + (t % TW)[None, :] * DW
                 a_mask = m_valid[:, None] & r_valid[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
@@ -242,26 +237,7 @@ def pp_fwd_conv_kernel(
         tl.store(qbuf_ptr + off, Q, mask=valid)
     else:
         _pp_epilogue(
-            P,
-            Q,
-            offs_m,
-            offs_n,
-            m_valid,
-            n_valid,
-            pid_n,
-            bin_ptr,
-            bout_ptr,
-            alpha_ptr,
-            y_ptr,
-            mask_ptr,
-            N,
-            C_OUT,
-            HOWO,
-            HAS_BOUT,
-            DUAL,
-            SAVE_MASKS,
-            BLOCK_M,
-            BLOCK_N,
+            P, Q, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO, HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N
         )
 
 
@@ -310,24 +286,5 @@ def pp_fwd_pool_epilogue_kernel(
     count = tl.maximum(count, 1.0)
     Q = q_sum / count[:, None]
     _pp_epilogue(
-        P,
-        Q,
-        offs_m,
-        offs_n,
-        m_valid,
-        n_valid,
-        pid_n,
-        bin_ptr,
-        bout_ptr,
-        alpha_ptr,
-        y_ptr,
-        mask_ptr,
-        N,
-        C_OUT,
-        HOWO,
-        HAS_BOUT,
-        DUAL,
-        SAVE_MASKS,
-        BLOCK_M,
-        BLOCK_N,
+        P, Q, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO, HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N
     )
