@@ -115,8 +115,8 @@ int64_t conv_dropped(int64_t size, int64_t kernel, int64_t stride, int64_t pad, 
   return conv_span(size, kernel, pad, dilation) % stride;
 }
 
-std::array<int64_t, 5> mask_shape(const Geometry& geo) {
-  return {2, geo.batch, (geo.out_channels + 7) / 8, geo.out_height, geo.out_width};
+std::array<int64_t, 1> mask_shape(const Geometry& geo) {
+  return {2 * geo.batch * ((geo.out_channels + 7) / 8) * geo.out_height * geo.out_width};
 }
 
 }  // namespace pushpull

@@ -85,7 +85,9 @@ Geometry check_args(const BackwardArgs& a);
 int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation);
 int64_t conv_dropped(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation);
 
-// Shape of the packed ReLU masks: [2, N, ceil(C_out / 8), Ho, Wo], bit (o % 8) of byte o / 8.
-std::array<int64_t, 5> mask_shape(const Geometry& geo);
+// Shape of the packed ReLU masks: one flat uint8 buffer holding [2, N, ceil(C_out / 8), Ho, Wo] in that
+// order, bit (o % 8) of byte o / 8. Flat, because only the backward reads it: a saved activation of
+// rank 1 has one layout, whatever a compiler (torch.compile) decides about the forward's outputs.
+std::array<int64_t, 1> mask_shape(const Geometry& geo);
 
 }  // namespace pushpull

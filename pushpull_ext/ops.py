@@ -12,6 +12,7 @@ Two op pairs share one contract (documented in `forward_fake` below):
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 
 # typing.Sequence: the annotation the Triton ops' schema is inferred from, on every supported torch.
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._ext import CPP_ERROR, TRITON_ERROR, TRITON_INTERPRET
-from .options import conv_output_size
+from .options import conv_output_size, mask_planes_shape
 from .reference import op_formula
 
 
@@ -97,8 +98,10 @@ def forward_fake(*args):
     """Shapes of (output, masks).
 
     output: [N, C_out (2*C_out if dual_output), Ho, Wo], contiguous, input's dtype.
-    masks: uint8 [2, N, ceil(C_out/8), Ho, Wo]; bit o % 8 of byte o // 8 is ReLU'(P) (masks[0]) and
-    ReLU'(Q') (masks[1]) of channel o; empty when save_masks is False.
+    masks: uint8, flat: the planes [2, N, ceil(C_out/8), Ho, Wo] in that order (mask_planes); bit o % 8
+    of byte o // 8 is ReLU'(P) (plane 0) and ReLU'(Q') (plane 1) of channel o; empty when save_masks is
+    False. Flat because only the backward reads it: a saved activation of rank 1 has one layout, so no
+    compiler's (torch.compile's) choice of strides for the forward's outputs can disagree with it.
     """
     a = ForwardArgs(*args)
     n, c_out = a.input.shape[0], a.weight.shape[0]
@@ -107,8 +110,14 @@ def forward_fake(*args):
         for i in range(2)
     )
     out = a.input.new_empty((n, 2 * c_out if a.dual_output else c_out, ho, wo))
-    mask_shape = (2, n, (c_out + 7) // 8, ho, wo) if a.save_masks else (0,)
-    return out, a.input.new_empty(mask_shape, dtype=torch.uint8)
+    mask_bytes = math.prod(mask_planes_shape(n, c_out, ho, wo)) if a.save_masks else 0
+    return out, a.input.new_empty((mask_bytes,), dtype=torch.uint8)
+
+
+def mask_planes(masks: Tensor, output_shape, c_out: int) -> Tensor:
+    """The flat masks of a forward whose output has `output_shape` [N, C, Ho, Wo], as their planes."""
+    n, _, ho, wo = output_shape
+    return masks.view(mask_planes_shape(n, c_out, ho, wo))
 
 
 def backward_fake(grad_output, input, weight, *rest):
@@ -176,8 +185,9 @@ def _by_argument(grads, need) -> tuple:
     return tuple(by_name.get(name) for name in ForwardArgs._fields)
 
 
-def unpack_masks(masks: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+def unpack_masks(masks: Tensor, output_shape, channels: int, dtype: torch.dtype) -> Tensor:
     """The packed ReLU masks (forward_fake) as 0/1 values [2, N, channels, Ho, Wo] of `dtype`."""
+    masks = mask_planes(masks, output_shape, channels)
     bits = torch.arange(8, device=masks.device, dtype=torch.uint8).view(1, 1, 1, 8, 1, 1)
     unpacked = (masks.unsqueeze(3) >> bits) & 1  # [2, N, bytes, 8, Ho, Wo]: bit b of byte j is channel 8j + b
     return unpacked.flatten(2, 3)[:, :, :channels].to(dtype)
@@ -209,7 +219,7 @@ def _differentiable_grads(grad_output, saved, masks, placeholders, options, need
             leaves[4],
             leaves[5],
             *options,
-            masks=unpack_masks(masks, c_out, grad_output.dtype),
+            masks=unpack_masks(masks, grad_output.shape, c_out, grad_output.dtype),
         )
         wanted = [t for t, n in zip(leaves, need) if n]
         grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True, materialize_grads=True))

@@ -49,6 +49,12 @@ def upsampled_size(size: int, scale: float) -> int:
     return grown + 1 if grown % 2 == 0 else grown
 
 
+def mask_planes_shape(n, c_out, ho, wo) -> tuple:
+    """The layout of the fused ops' packed ReLU masks, which they hold flat: [2 (push, pull), N,
+    ceil(C_out/8) bytes, Ho, Wo], bit o % 8 of byte o // 8 for channel o."""
+    return (2, n, (c_out + 7) // 8, ho, wo)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 

@@ -7,12 +7,22 @@ workers) live in tests/support/, importable by their module names.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's caches (Inductor's FX graph cache, AOTAutograd's cache) key a compiled graph by its code,
+# not by the fake kernels of the custom ops in it: an entry written by another version of this package
+# (a warm /tmp/torchinductor_<user>) can carry other output layouts for the ops. Each test session gets
+# its own cache, unless the caller chose one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pushpull-tests-inductor-")
+else:
+    _OWN_INDUCTOR_CACHE = None
 SUPPORT = os.path.join(os.path.dirname(__file__), "support")
 sys.path.insert(0, SUPPORT)
 
@@ -101,3 +111,5 @@ def pytest_sessionfinish(session, exitstatus):
             "cuda": torch.version.cuda,
         }
     )
+    if _OWN_INDUCTOR_CACHE is not None:
+        shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)

@@ -20,7 +20,7 @@ import torch.nn.functional as F  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from pushpull_ext import triton_launch as TL  # noqa: E402
-from pushpull_ext.ops import BackwardArgs, ForwardArgs  # noqa: E402
+from pushpull_ext.ops import BackwardArgs, ForwardArgs, mask_planes  # noqa: E402
 from pushpull_ext.options import LAYER_OPTIONS, normalize, pull_operands  # noqa: E402
 from pushpull_ext.reference import push_pull_reference  # noqa: E402
 
@@ -184,7 +184,8 @@ def check_case(case: Case, check_backward=True):
     with torch.no_grad():
         push, pull = case.responses(case.x, case.w, case.shift, case.b_in)
     assert masks.dtype == torch.uint8
-    assert tuple(masks.shape) == (2, y.shape[0], (c_out + 7) // 8, y.shape[2], y.shape[3])
+    assert tuple(masks.shape) == (2 * y.shape[0] * ((c_out + 7) // 8) * y.shape[2] * y.shape[3],)
+    masks = mask_planes(masks, y.shape, c_out)
     got = _unpack(masks, c_out)
     want = torch.stack([push > 0, pull > 0])
     scale = max(push.abs().max().item(), pull.abs().max().item())
