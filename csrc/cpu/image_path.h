@@ -72,7 +72,8 @@ struct ImagePath {
         out_per_group(g.out_channels / g.groups),
         k_size(in_per_group * taps),
         field_ld(plane + panel::kPanel) {
-    const int64_t row_bytes = (separable ? 2 : 1) * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t operands = separable ? 2 : 1;
+    const int64_t row_bytes = operands * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
     block_rows = blocked ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
                          : g.out_height;
   }
@@ -229,7 +230,9 @@ struct ImagePath {
   }
 
   // Invert: where the backward epilogue writes dL/dS of the image (when dx is wanted).
-  scalar_t* grad_box_field(ImageWorkspace<scalar_t>& ws) const { return ws.grad_box.empty() ? nullptr : ws.grad_box.data(); }
+  scalar_t* grad_box_field(ImageWorkspace<scalar_t>& ws) const {
+    return ws.grad_box.empty() ? nullptr : ws.grad_box.data();
+  }
 
   // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
   void pack_group_field(const std::vector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {

@@ -182,7 +182,9 @@ void backward_images(const Route& route, const BackwardRequest& req, BackwardFie
 ImageRoute image_route(const Geometry& geo, const ConvArgs& conv, const OptTensor& rows, const OptTensor& cols,
                        at::ScalarType dtype) {
   if (dtype != at::kFloat && dtype != at::kDouble) return ImageRoute::kBatched;
-  if (geo.pull != PullKind::kSeparable) return push_image_path_pays(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
+  if (geo.pull != PullKind::kSeparable) {
+    return push_image_path_pays(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
+  }
   if (conv.stride[0] == 1 && conv.stride[1] == 1) return stride_one_route(geo, rows, cols);
   return image_path_runs(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
 }
