@@ -14,58 +14,12 @@
 #include <vector>
 
 #include "../common/aten_algebra.h"
+#include "box_pool.h"
 #include "clones.h"
 #include "prefilter.h"
 
 namespace pushpull {
 namespace cpu {
-
-// Clipped box window along one axis for the average pooling (count_include_pad=False).
-struct Window {
-  int64_t radius;
-  int64_t lo(int64_t i) const { return std::max<int64_t>(i - radius, 0); }
-  int64_t hi(int64_t i, int64_t n) const { return std::min<int64_t>(i + radius, n - 1); }
-};
-
-// out[h, w] = sum of in over the clipped (2r+1)^2 window around (h, w), divided by the number of
-// valid positions when `average`; tmp is scratch of the plane's size. Row-wise loops over shifted
-// ranges (no bounds test inside) so that they vectorize.
-template <typename acc_t>
-PUSHPULL_CPU_CLONES void box_filter(const acc_t* __restrict__ in, acc_t* __restrict__ tmp, acc_t* __restrict__ out,
-                                    int64_t height, int64_t width, int64_t radius, bool average) {
-  std::fill(tmp, tmp + height * width, acc_t(0));
-  for (int64_t h = 0; h < height; ++h) {
-    const acc_t* __restrict__ row = in + h * width;
-    acc_t* __restrict__ sum = tmp + h * width;
-    for (int64_t dw = -radius; dw <= radius; ++dw) {
-      const int64_t lo = std::max<int64_t>(0, -dw), hi = std::min<int64_t>(width, width - dw);
-      for (int64_t w = lo; w < hi; ++w) sum[w] += row[w + dw];
-    }
-  }
-  const Window win{radius};
-  for (int64_t h = 0; h < height; ++h) {
-    acc_t* __restrict__ o = out + h * width;
-    std::fill(o, o + width, acc_t(0));
-    for (int64_t u = win.lo(h); u <= win.hi(h, height); ++u) {
-      const acc_t* __restrict__ sum = tmp + u * width;
-      for (int64_t w = 0; w < width; ++w) o[w] += sum[w];
-    }
-    if (!average) continue;
-    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
-    for (int64_t w = 0; w < width; ++w) o[w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
-  }
-}
-
-// Divides each value by the size of its clipped pooling window (first half of the pooling adjoint).
-template <typename acc_t>
-void divide_by_window_count(acc_t* values, int64_t height, int64_t width, int64_t radius) {
-  const Window win{radius};
-  for (int64_t h = 0; h < height; ++h) {
-    const int64_t rows = win.hi(h, height) - win.lo(h) + 1;
-    for (int64_t w = 0; w < width; ++w)
-      values[h * width + w] /= static_cast<acc_t>(rows * (win.hi(w, width) - win.lo(w) + 1));
-  }
-}
 
 // Where the planes of a field live: plane (n, o) starts at base + n * image + o * channel. The batched
 // paths point into ATen's results; the per-image path into its workspace (image stride 0).
@@ -88,8 +42,8 @@ struct PlaneInputs {
 
   acc_t bias(int64_t o) const { return bias_in ? static_cast<acc_t>(bias_in[o]) : acc_t(0); }
 
-  // Q' of channel o of image n into `q` (tmp, pooled: scratch of one plane each).
-  void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, acc_t* pooled) const {
+  // Q' of channel o of image n into `q`, pooled with `pool` (tmp: scratch of one plane).
+  void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, const BoxPool<acc_t>& pool) const {
     const scalar_t* p0 = push0.plane(n, o);
     const scalar_t* r0 = pull0 ? pull0.plane(n, o) : nullptr;
     const int64_t g = o / (geo.out_channels / geo.groups);
@@ -103,10 +57,7 @@ struct PlaneInputs {
     if (s) {
       for (int64_t p = 0; p < plane; ++p) q[p] += m * static_cast<acc_t>(s[p]);
     }
-    if (geo.avg_kernel > 1) {
-      box_filter(q, tmp, pooled, geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2, true);
-      std::copy(pooled, pooled + plane, q);
-    }
+    if (geo.avg_kernel > 1) pool.average(q, tmp);
   }
 };
 
@@ -137,11 +88,15 @@ PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, cons
           geo.out_height * geo.out_width};
 }
 
-// Per-thread scratch of the epilogues: a few planes in the accumulation type.
+// Per-thread scratch of the epilogues: a few planes in the accumulation type, and the pooling.
 template <typename acc_t>
 struct PlaneScratch {
-  std::vector<acc_t> q, tmp, pooled, grad;
-  explicit PlaneScratch(int64_t plane) : q(plane), tmp(plane), pooled(plane), grad(plane) {}
+  std::vector<acc_t> q, tmp, grad;
+  BoxPool<acc_t> pool;
+  explicit PlaneScratch(const Geometry& geo)
+      : q(geo.out_height * geo.out_width), tmp(q.size()), grad(q.size()) {
+    if (geo.avg_kernel > 1) pool = BoxPool<acc_t>(geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2);
+  }
 };
 
 template <typename scalar_t>
@@ -168,7 +123,7 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
   // as torch's ReLU backward passes the gradient wherever !(v <= 0).
   auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
   for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
-    in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pooled.data());
+    in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pool);
     const scalar_t* p0 = in.push0.plane(n_in, o);
     const acc_t b = in.bias(o), a = static_cast<acc_t>(out.alpha[o]);
     const acc_t bo = out.bias_out ? static_cast<acc_t>(out.bias_out[o]) : acc_t(0);
@@ -207,7 +162,7 @@ void forward_epilogue(const PlaneInputs<scalar_t>& in, const ForwardOutputs<scal
   const Geometry& geo = in.geo;
   const int64_t octets = (geo.out_channels + 7) / 8;
   at::parallel_for(0, geo.batch * octets, 1, [&](int64_t begin, int64_t end) {
-    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(geo);
     for (int64_t task = begin; task < end; ++task) {
       forward_epilogue_octet(in, task / octets, task / octets, task % octets, out, scratch);
     }
@@ -224,7 +179,7 @@ template <typename scalar_t>
 struct BackwardOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   FieldView<scalar_t> grad_push0, grad_pull0;
-  scalar_t* grad_box;  // [N, groups, plane]
+  scalar_t* grad_box;  // [N, groups, plane] (image n_in of backward_epilogue_group)
   acc_t *shift_part, *bias_part, *alpha_part;
 };
 
@@ -296,7 +251,7 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
-  const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels, radius = (geo.avg_kernel - 1) / 2;
+  const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
   acc_t* gq = scratch.grad.data();
   std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
   for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
@@ -308,18 +263,13 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(bin.alpha[o]);
     if (bin.recompute_pull) {
       acc_t* q = scratch.q.data();
-      in.pull_response(n_in, o, q, scratch.tmp.data(), scratch.pooled.data());
+      in.pull_response(n_in, o, q, scratch.tmp.data(), scratch.pool);
       for (int64_t p = 0; p < plane; ++p) q[p] = q[p] < acc_t(0) ? acc_t(0) : q[p];  // ReLU, NaN kept
       f.alpha_part[no] = -lane_dot(q, g_p, plane);
     }
     acc_t* gp = scratch.q.data();
     masked_gradient(mask_q, bit, g_q, pull_scale, plane, gq);
-    if (geo.avg_kernel > 1) {
-      // Adjoint of the average: divide by each output's window count, then sum over the same windows.
-      divide_by_window_count(gq, geo.out_height, geo.out_width, radius);
-      box_filter(gq, scratch.tmp.data(), scratch.pooled.data(), geo.out_height, geo.out_width, radius, false);
-      std::copy(scratch.pooled.begin(), scratch.pooled.end(), gq);
-    }
+    if (geo.avg_kernel > 1) scratch.pool.adjoint(gq, scratch.tmp.data());
     masked_gradient(mask_p, bit, g_p, acc_t(1), plane, gp);
     const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
     const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
@@ -346,7 +296,7 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     if (f.shift_part) f.shift_part[no] = sum_gq_box;
   }
   if (f.grad_box) {
-    scalar_t* out = f.grad_box + (n * geo.groups + grp) * plane;
+    scalar_t* out = f.grad_box + (n_in * geo.groups + grp) * plane;
     for (int64_t p = 0; p < plane; ++p) out[p] = static_cast<scalar_t>(box_grad[p]);
   }
 }
@@ -356,7 +306,7 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<sca
                        const BackwardOutputs<scalar_t>& f) {
   const Geometry& geo = in.geo;
   at::parallel_for(0, geo.batch * geo.groups, 1, [&](int64_t begin, int64_t end) {
-    PlaneScratch<at::opmath_type<scalar_t>> scratch(in.plane);
+    PlaneScratch<at::opmath_type<scalar_t>> scratch(geo);
     std::vector<at::opmath_type<scalar_t>> box_grad(f.grad_box ? in.plane : 0);
     for (int64_t task = begin; task < end; ++task) {
       backward_epilogue_group(in, task / geo.groups, task / geo.groups, task % geo.groups, bin, f, scratch, box_grad);

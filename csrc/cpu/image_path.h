@@ -1,4 +1,5 @@
-// The upsample pull with the prefilter algebra, one image per task, everything in cache (ImagePath).
+// One image per task, everything in cache (ImagePath): the upsample pull with the prefilter algebra, or the
+// pulls read off the push response (invert: R = shift * S - P0; negate: R = -P0).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +20,8 @@ namespace cpu {
 // W_g [C_out/groups, K], K = C_in/groups * kh * kw, multiplies both: P0 = W_g @ im2col, R = W_g @ z. The
 // epilogue then reads P0 and R from the workspace. Backward, per image: dW += gP @ im2col^T + gR @ z^T
 // (partial sums per image, added in a fixed order), dx = col2im(W_g^T @ gP) + prefilter^T(W_g^T @ gR).
+// Invert and negate take only the im2col and P0; invert's box sum S is the column sum of the packed
+// im2col, and the adjoint of S joins the im2col adjoint: dx = col2im(W_g^T @ gP + 1 (x) gS).
 template <typename scalar_t>
 struct ImageWorkspace {
   std::vector<scalar_t> cols, z;              // packed operands of a block of rows, group g at g * operand_size
@@ -27,6 +30,7 @@ struct ImageWorkspace {
   std::vector<scalar_t> tap_rows;             // one channel's im2col or prefilter [taps, block pixels]
   std::vector<scalar_t> grad_rows;            // W_g^T @ (a gradient field) [K, padded]
   std::vector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
+  std::vector<scalar_t> box, grad_box;        // invert: S and its gradient, [groups, plane]
 };
 
 // Packed operands of this many bytes per block of output rows (both of them) stay in the 512 KiB L2 of
@@ -39,7 +43,9 @@ struct ImagePath {
   const Geometry& geo;
   const ConvArgs& conv;
   PrefilterGeometry pre;
-  const scalar_t *rows, *cols;  // interpolation matrices, contiguous
+  const scalar_t *rows, *cols;  // interpolation matrices, contiguous (upsample; else null)
+  const scalar_t* shift;        // pull_shift (invert; else null)
+  bool separable;               // upsample: the prefilter operand z and the pull field R
   const scalar_t* weight;       // [C_out, K]
   const scalar_t* weight_t;     // per group W_g^T [groups, K, C_out/groups] (backward, for dx; else null)
   int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
@@ -47,13 +53,16 @@ struct ImagePath {
   int64_t field_ld;    // row stride of the push/pull fields: a block's product may write 23 past it
 
   // `blocked`: pack blocks of rows (forward) rather than whole planes (backward).
-  ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const at::Tensor& w,
-            const scalar_t* w_t, bool blocked)
+  // r, k: the contiguous interpolation matrices (upsample; else undefined); s: pull_shift or null.
+  ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const scalar_t* s,
+            const at::Tensor& w, const scalar_t* w_t, bool blocked)
       : geo(g),
         conv(c),
-        pre(prefilter_geometry(g, c, r, k)),
-        rows(r.const_data_ptr<scalar_t>()),
-        cols(k.const_data_ptr<scalar_t>()),
+        pre(g.pull == PullKind::kSeparable ? prefilter_geometry(g, c, r, k) : PrefilterGeometry{}),
+        rows(r.defined() ? r.const_data_ptr<scalar_t>() : nullptr),
+        cols(k.defined() ? k.const_data_ptr<scalar_t>() : nullptr),
+        shift(s),
+        separable(g.pull == PullKind::kSeparable),
         weight(w.const_data_ptr<scalar_t>()),
         weight_t(w_t),
         plane(g.out_height * g.out_width),
@@ -63,7 +72,8 @@ struct ImagePath {
         out_per_group(g.out_channels / g.groups),
         k_size(in_per_group * taps),
         field_ld(plane + panel::kPanel) {
-    const int64_t row_bytes = 2 * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t operands = separable ? 2 : 1;
+    const int64_t row_bytes = operands * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
     block_rows = blocked ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
                          : g.out_height;
   }
@@ -74,10 +84,13 @@ struct ImagePath {
   // The same workspace serves forward and backward.
   ImageWorkspace<scalar_t> workspace(bool /*backward*/) const {
     ImageWorkspace<scalar_t> ws;
+    const int64_t pulls = separable ? 1 : 0, boxes = geo.pull == PullKind::kShift ? geo.groups * plane : 0;
     ws.cols.resize(geo.groups * operand_size());
-    ws.z.resize(geo.groups * operand_size());
+    ws.z.resize(pulls * geo.groups * operand_size());
     ws.push.resize(geo.out_channels * field_ld);
-    ws.pull.resize(geo.out_channels * field_ld);
+    ws.pull.resize(pulls * geo.out_channels * field_ld);
+    ws.box.resize(boxes);
+    ws.grad_box.resize(boxes);
     ws.packed_grad.resize(out_per_group * padded);
     ws.tap_rows.resize(taps * block_rows * geo.out_width);
     ws.grad_rows.resize(k_size * padded);
@@ -135,7 +148,22 @@ struct ImagePath {
     }
   }
 
-  // The packed im2col and prefilter operands of every group of image n, output rows [ho_begin, ho_end).
+  // Invert: S of the packed rows (pixels from `column` of the plane) = each group's im2col column sums.
+  void box_sums(int64_t pixels, int64_t column, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      const scalar_t* packed = ws.cols.data() + grp * operand_size();
+      scalar_t* box = ws.box.data() + grp * plane + column;
+      for (int64_t p = 0; p < panel::panels(pixels); ++p) {
+        scalar_t acc[panel::kPanel] = {};
+        for (int64_t k = 0; k < k_size; ++k)
+          for (int64_t l = 0; l < panel::kPanel; ++l) acc[l] += packed[(p * k_size + k) * panel::kPanel + l];
+        std::copy_n(acc, std::min(panel::kPanel, pixels - p * panel::kPanel), box + p * panel::kPanel);
+      }
+    }
+  }
+
+  // The packed im2col (and prefilter) operands of every group of image n, output rows [ho_begin, ho_end);
+  // invert: their box sums.
   void pack_operands(const scalar_t* x, int64_t n, int64_t ho_begin, int64_t ho_end,
                      ImageWorkspace<scalar_t>& ws) const {
     const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
@@ -144,15 +172,23 @@ struct ImagePath {
       const int64_t grp = c / in_per_group, first_row = (c % in_per_group) * taps;
       pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(),
                         ws.tap_rows.data());
-      prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(), ws.line.data(),
-                      [&](int64_t tap, int64_t ho, const scalar_t* row) {
-                        std::copy(row, row + geo.out_width,
-                                  ws.tap_rows.data() + tap * pixels + (ho - ho_begin) * geo.out_width);
-                      });
-      for (int64_t t = 0; t < taps; ++t) {
-        panel::pack_row(ws.tap_rows.data() + t * pixels, pixels, k_size, first_row + t,
-                        ws.z.data() + grp * operand_size());
-      }
+      if (separable) pack_prefilter_plane(x_plane, ho_begin, ho_end, grp, first_row, ws);
+    }
+    if (geo.pull == PullKind::kShift) box_sums(pixels, ho_begin * geo.out_width, ws);
+  }
+
+  // The packed prefilter operand z of one input plane (channel row first_row of group grp).
+  void pack_prefilter_plane(const scalar_t* x_plane, int64_t ho_begin, int64_t ho_end, int64_t grp, int64_t first_row,
+                            ImageWorkspace<scalar_t>& ws) const {
+    const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
+    prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(), ws.line.data(),
+                    [&](int64_t tap, int64_t ho, const scalar_t* row) {
+                      std::copy(row, row + geo.out_width,
+                                ws.tap_rows.data() + tap * pixels + (ho - ho_begin) * geo.out_width);
+                    });
+    for (int64_t t = 0; t < taps; ++t) {
+      panel::pack_row(ws.tap_rows.data() + t * pixels, pixels, k_size, first_row + t,
+                      ws.z.data() + grp * operand_size());
     }
   }
 
@@ -163,12 +199,13 @@ struct ImagePath {
       const int64_t row = grp * out_per_group;
       panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, pixels,
                      ws.push.data() + row * field_ld + column, field_ld);
+      if (!separable) continue;
       panel::product(weight_of(grp), k_size, out_per_group, ws.z.data() + grp * operand_size(), k_size, pixels,
                      ws.pull.data() + row * field_ld + column, field_ld);
     }
   }
 
-  // Backward, whole planes (the path is not blocked): the operands of image n, then P0 and R from them.
+  // Backward, whole planes (the path is not blocked): the operands of image n (and S), then P0 and R from them.
   void load_operands(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
     pack_operands(x, n, 0, geo.out_height, ws);
   }
@@ -186,7 +223,15 @@ struct ImagePath {
   // The workspace's fields as the epilogues see them (one image: image stride 0).
   int64_t field_stride() const { return field_ld; }
   PlaneInputs<scalar_t> inputs(const ImageWorkspace<scalar_t>& ws, const scalar_t* bias_in) const {
-    return {geo, {ws.push.data(), 0, field_ld}, {ws.pull.data(), 0, field_ld}, nullptr, nullptr, bias_in, plane};
+    const FieldView<const scalar_t> pull = separable ? FieldView<const scalar_t>{ws.pull.data(), 0, field_ld}
+                                                     : FieldView<const scalar_t>{};
+    const scalar_t* box = shift ? ws.box.data() : nullptr;
+    return {geo, {ws.push.data(), 0, field_ld}, pull, box, shift, bias_in, plane};
+  }
+
+  // Invert: where the backward epilogue writes dL/dS of the image (when dx is wanted).
+  scalar_t* grad_box_field(ImageWorkspace<scalar_t>& ws) const {
+    return ws.grad_box.empty() ? nullptr : ws.grad_box.data();
   }
 
   // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
@@ -210,6 +255,29 @@ struct ImagePath {
                    padded);
   }
 
+  // The pull field's share of the weight gradient and of dx (overwrites the group's dx planes).
+  void backward_pull(int64_t grp, const scalar_t* w_t, scalar_t* grad_w_image, scalar_t* gx_group,
+                     ImageWorkspace<scalar_t>& ws) const {
+    const int64_t in_plane = geo.height * geo.width;
+    pack_group_field(ws.pull, grp, ws);
+    if (grad_w_image) add_weight_grad(ws.z.data() + grp * operand_size(), grp, ws, grad_w_image);
+    if (!gx_group) return;
+    backproject(w_t, ws);
+    for (int64_t c = 0; c < in_per_group; ++c) {
+      prefilter_adjoint_plane(pre, rows, cols, ws.grad_rows.data() + c * taps * padded, padded,
+                              ws.prefilter_tmp.data(), gx_group + c * in_plane, ws.line.data());
+    }
+  }
+
+  // Invert: adds dL/dS of group grp to every im2col row of ws.grad_rows (S sums them all).
+  void add_box_gradient(int64_t grp, ImageWorkspace<scalar_t>& ws) const {
+    const scalar_t* __restrict__ gs = ws.grad_box.data() + grp * plane;
+    for (int64_t k = 0; k < k_size; ++k) {
+      scalar_t* __restrict__ row = ws.grad_rows.data() + k * padded;
+      for (int64_t p = 0; p < plane; ++p) row[p] += gs[p];
+    }
+  }
+
   // From the gradient fields in ws.push / ws.pull (the operands packed when grad_w_image is wanted): the
   // weight gradient of the image (grad_w_image, [C_out, K], added to) and its input gradient planes
   // (grad_x_image, [C_in, H, W]).
@@ -219,19 +287,16 @@ struct ImagePath {
       const scalar_t* w_t = grad_x_image ? weight_t + grp * k_size * out_per_group : nullptr;
       scalar_t* gx_group = grad_x_image ? grad_x_image + grp * in_per_group * in_plane : nullptr;
       // Pull first: the prefilter adjoint overwrites the input-gradient planes, col2im then adds.
-      pack_group_field(ws.pull, grp, ws);
-      if (grad_w_image) add_weight_grad(ws.z.data() + grp * operand_size(), grp, ws, grad_w_image);
-      if (gx_group) {
-        backproject(w_t, ws);
-        for (int64_t c = 0; c < in_per_group; ++c) {
-          prefilter_adjoint_plane(pre, rows, cols, ws.grad_rows.data() + c * taps * padded, padded,
-                                  ws.prefilter_tmp.data(), gx_group + c * in_plane, ws.line.data());
-        }
+      if (separable) {
+        backward_pull(grp, w_t, grad_w_image, gx_group, ws);
+      } else if (gx_group) {
+        std::fill(gx_group, gx_group + in_per_group * in_plane, scalar_t(0));
       }
       pack_group_field(ws.push, grp, ws);
       if (grad_w_image) add_weight_grad(ws.cols.data() + grp * operand_size(), grp, ws, grad_w_image);
       if (gx_group) {
         backproject(w_t, ws);
+        if (grad_box_field(ws)) add_box_gradient(grp, ws);
         for (int64_t c = 0; c < in_per_group; ++c) {
           col2im_plane(ws.grad_rows.data() + c * taps * padded, padded, gx_group + c * in_plane);
         }

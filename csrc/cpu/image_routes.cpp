@@ -69,30 +69,45 @@ at::Tensor grouped_transposed_weight(const at::Tensor& w, int64_t groups) {
   return grouped_weight(w, groups).transpose(1, 2).contiguous();
 }
 
+// ImagePath for invert and negate (P0 and, for invert, S per image, the epilogue in cache) where the
+// operands are thin: the stems (K = 27, 147), whose batched route spends most of its time outside the
+// convolution, going through memory between the passes. Wide layers keep oneDNN's convolution.
+constexpr int64_t kMaxPushImageK = 256;
+bool push_image_path_pays(const Geometry& geo, at::ScalarType dtype) {
+  const int64_t k_size = geo.in_channels / geo.groups * geo.kernel_h * geo.kernel_w;
+  return k_size <= kMaxPushImageK && (dtype == at::kDouble || panel::fast_float_kernels());
+}
+
 template <typename T>
 const T* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+at::Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : at::Tensor(); }
+
 // fn(the route of `kind`), built for the forward or the backward (need_x: with W^T for dx). The tensors
 // its raw pointers read live until fn returns.
 template <typename scalar_t, typename Fn>
-void with_route(ImageRoute kind, const Geometry& geo, const ConvArgs& conv, const at::Tensor& w, const at::Tensor& rows,
-                const at::Tensor& cols, bool backward, bool need_x, Fn fn) {
+void with_route(ImageRoute kind, const Geometry& geo, const ConvArgs& conv, const at::Tensor& w,
+                const PullOperands& pull, bool backward, bool need_x, Fn fn) {
   if (kind == ImageRoute::kTaps) {
     const auto stacked = tap_stacked_weight(w);
     const auto w_t = need_x ? tap_transposed_weight(w, geo.groups) : at::Tensor();
-    fn(TapPath<scalar_t>(geo, conv, rows, cols, stacked.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w_t)));
+    fn(TapPath<scalar_t>(geo, conv, *pull.rows, *pull.cols, stacked.const_data_ptr<scalar_t>(),
+                         data_or_null<scalar_t>(w_t)));
     return;
   }
   const auto w_t = need_x ? grouped_transposed_weight(w, geo.groups) : at::Tensor();
   if (kind == ImageRoute::kPrefilter) {
-    fn(PrefilterPath<scalar_t>(geo, conv, rows, cols, w.const_data_ptr<scalar_t>(), data_or_null<scalar_t>(w_t)));
+    fn(PrefilterPath<scalar_t>(geo, conv, *pull.rows, *pull.cols, w.const_data_ptr<scalar_t>(),
+                               data_or_null<scalar_t>(w_t)));
     return;
   }
   TORCH_CHECK(kind == ImageRoute::kBlocks, "pushpull CPU: no per-image route");
-  const auto rows_c = rows.contiguous(), cols_c = cols.contiguous();
-  fn(ImagePath<scalar_t>(geo, conv, rows_c, cols_c, w, data_or_null<scalar_t>(w_t), /*blocked=*/!backward));
+  const auto rows_c = contiguous_or_undefined(pull.rows), cols_c = contiguous_or_undefined(pull.cols);
+  const auto shift = contiguous_or_undefined(pull.shift);
+  fn(ImagePath<scalar_t>(geo, conv, rows_c, cols_c, data_or_null<scalar_t>(shift), w, data_or_null<scalar_t>(w_t),
+                         /*blocked=*/!backward));
 }
 
 template <typename Route>
@@ -119,7 +134,7 @@ void forward_images(const Route& route, const typename Route::T* x, const typena
   const int64_t octets = (geo.out_channels + 7) / 8;
   at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
     auto ws = route.workspace(false);
-    PlaneScratch<T> scratch(route.plane);
+    PlaneScratch<T> scratch(geo);
     for (int64_t n = begin; n < end; ++n) {
       image_responses(route, x, n, ws);
       const auto in = route.inputs(ws, bias_in);
@@ -136,23 +151,24 @@ void backward_images(const Route& route, const BackwardRequest& req, BackwardFie
   using T = typename Route::T;
   const Geometry& geo = req.geo;
   const auto bin = backward_inputs<T>(req);
-  const bool operands = req.need.w || req.need.alpha;
+  const bool operands = req.need.w || req.need.alpha || req.need.shift;
   const T* x = operands ? req.x.const_data_ptr<T>() : nullptr;
   const T* bias_in = req.bias_in ? req.bias_in->const_data_ptr<T>() : nullptr;
   const auto outputs = backward_outputs<T>(geo, f);
   at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
     auto ws = route.workspace(true);
-    PlaneScratch<T> scratch(route.plane);
-    std::vector<T> no_box;
+    PlaneScratch<T> scratch(geo);
     auto fields = outputs;
     fields.grad_push0 = {ws.push.data(), 0, route.field_stride()};
     fields.grad_pull0 = {ws.pull.data(), 0, route.field_stride()};
+    if constexpr (IsImagePath<Route>::value) fields.grad_box = req.need.x ? route.grad_box_field(ws) : nullptr;
+    std::vector<at::opmath_type<T>> box_grad(fields.grad_box ? route.plane : 0);
     for (int64_t n = begin; n < end; ++n) {
       if (operands) route.load_operands(x, n, ws);
       if (bin.recompute_pull) route.responses(ws);
       const auto in = route.inputs(ws, bias_in);
       for (int64_t grp = 0; grp < geo.groups; ++grp)
-        backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, no_box);
+        backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, box_grad);
       if (req.need.w || req.need.x) {
         route.backward(req.need.w ? grad_w_images[n].data_ptr<T>() : nullptr,
                        req.need.x ? grad_x[n].data_ptr<T>() : nullptr, ws);
@@ -165,23 +181,26 @@ void backward_images(const Route& route, const BackwardRequest& req, BackwardFie
 
 ImageRoute image_route(const Geometry& geo, const ConvArgs& conv, const OptTensor& rows, const OptTensor& cols,
                        at::ScalarType dtype) {
-  if (geo.pull != PullKind::kSeparable || (dtype != at::kFloat && dtype != at::kDouble)) return ImageRoute::kBatched;
+  if (dtype != at::kFloat && dtype != at::kDouble) return ImageRoute::kBatched;
+  if (geo.pull != PullKind::kSeparable) {
+    return push_image_path_pays(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
+  }
   if (conv.stride[0] == 1 && conv.stride[1] == 1) return stride_one_route(geo, rows, cols);
   return image_path_runs(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
 }
 
 template <typename scalar_t>
 void forward_by_image(ImageRoute route, const Geometry& geo, const ConvArgs& conv, const at::Tensor& x,
-                      const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols, const scalar_t* bias_in,
+                      const at::Tensor& w, const PullOperands& pull, const scalar_t* bias_in,
                       const ForwardOutputs<scalar_t>& out) {
-  with_route<scalar_t>(route, geo, conv, w, rows, cols, /*backward=*/false, /*need_x=*/false,
+  with_route<scalar_t>(route, geo, conv, w, pull, /*backward=*/false, /*need_x=*/false,
                        [&](const auto& r) { forward_images(r, x.const_data_ptr<scalar_t>(), bias_in, out); });
 }
 template void forward_by_image<float>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
-                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const float*,
+                                      const at::Tensor&, const PullOperands&, const float*,
                                       const ForwardOutputs<float>&);
 template void forward_by_image<double>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
-                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, const double*,
+                                       const at::Tensor&, const PullOperands&, const double*,
                                        const ForwardOutputs<double>&);
 
 std::pair<at::Tensor, at::Tensor> backward_by_image(ImageRoute route, const BackwardRequest& req, BackwardFields& f) {
@@ -191,7 +210,8 @@ std::pair<at::Tensor, at::Tensor> backward_by_image(ImageRoute route, const Back
   // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
   if (req.need.w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
   AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_by_image", [&] {
-    with_route<scalar_t>(route, geo, req.conv, req.w, *req.pull_rows, *req.pull_cols, /*backward=*/true, req.need.x,
+    with_route<scalar_t>(route, geo, req.conv, req.w, {req.shift, req.pull_rows, req.pull_cols}, /*backward=*/true,
+                         req.need.x,
                          [&](const auto& r) { backward_images(r, req, f, grad_x, grad_w_images); });
   });
   if (req.need.w) grad_w = grad_w_images.sum(0).view(req.w.sizes());

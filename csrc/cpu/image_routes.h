@@ -12,8 +12,8 @@ namespace pushpull {
 namespace cpu {
 
 enum class ImageRoute {
-  kBatched,   // none: ATen's products on the whole batch (invert, negate, upsample from 32 channels per group)
-  kBlocks,    // ImagePath: strided upsample, panel-packed operands in blocks of output rows
+  kBatched,   // none: ATen's products on the whole batch (upsample from 32 channels per group, wide invert)
+  kBlocks,    // ImagePath: strided upsample, thin invert/negate; panel-packed operands in blocks of rows
   kTaps,      // TapPath: stride 1, filters per output channel on the gapped layout
   kPrefilter  // PrefilterPath: stride 1, filters per input channel on the gapped layout
 };
@@ -21,10 +21,15 @@ enum class ImageRoute {
 ImageRoute image_route(const Geometry& geo, const ConvArgs& conv, const OptTensor& rows, const OptTensor& cols,
                        at::ScalarType dtype);
 
+// The pull's operands: interpolation matrices (upsample) or pull_shift (invert); the others absent.
+struct PullOperands {
+  const OptTensor &shift, &rows, &cols;
+};
+
 // Output and masks of every image by `route` (not kBatched); float and double.
 template <typename scalar_t>
 void forward_by_image(ImageRoute route, const Geometry& geo, const ConvArgs& conv, const at::Tensor& x,
-                      const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols, const scalar_t* bias_in,
+                      const at::Tensor& w, const PullOperands& pull, const scalar_t* bias_in,
                       const ForwardOutputs<scalar_t>& out);
 
 // Input and weight gradients (undefined when not needed) by `route`, and the partial sums f.parts.

@@ -90,7 +90,7 @@ ForwardResult forward_cpu(const ForwardArgs& a) {
         forward_outputs<scalar_t>(b_out, alpha_c, out, a.save_masks ? masks.data_ptr<uint8_t>() : nullptr);
     const scalar_t* bias_ptr = b_in ? b_in->const_data_ptr<scalar_t>() : nullptr;
     if (route != ImageRoute::kBatched) {
-      forward_by_image(route, geo, conv, x, w, *rows, *cols, bias_ptr, outputs);
+      forward_by_image(route, geo, conv, x, w, {shift, rows, cols}, bias_ptr, outputs);
     } else {
       const Responses r = compute_responses(CpuBackend(), x, w, shift, rows, cols, geo, conv, exact);
       forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
