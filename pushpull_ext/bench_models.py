@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench_report import _columns, environment, write_csv
+from .bench_report import _columns, environment, pyplot_or_none, write_csv
 from .bench_timing import set_precision, steady_cpu_allocator
 from .conversion import convert
 from .resnets import resnet20, resnet50
@@ -285,13 +285,8 @@ def write_models_outputs(out_dir: Path, result: dict) -> None:
 
 
 def write_models_plot(path: Path, rows: list, env: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; no plot written (pip install matplotlib)")
+    plt = pyplot_or_none("plot")
+    if plt is None:
         return
     panels = list(dict.fromkeys((r["model"], r["mode"]) for r in rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)

@@ -148,14 +148,22 @@ def write_csv(path: Path, records: list) -> None:
         writer.writerows(records)
 
 
-def write_plots(out_dir: Path, rows: list, modes: list) -> None:
+def pyplot_or_none(what: str):
+    """matplotlib.pyplot on the Agg backend, or None (and a note that `what` is not written)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed; no speedup plots written (pip install matplotlib)")
+        print(f"note: matplotlib is not installed; no {what} written (pip install matplotlib)")
+        return None
+    return plt
+
+
+def write_plots(out_dir: Path, rows: list, modes: list) -> None:
+    plt = pyplot_or_none("speedup plots")
+    if plt is None:
         return
     timed = [r for r in rows if "modes" in r]
     groups = list(dict.fromkeys(f"{r['shape']}\n{r['dtype']}" for r in timed))
