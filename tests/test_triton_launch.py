@@ -185,14 +185,14 @@ def check_case(case: Case, check_backward=True):
         push, pull = case.responses(case.x, case.w, case.shift, case.b_in)
     assert masks.dtype == torch.uint8
     assert tuple(masks.shape) == (2 * y.shape[0] * ((c_out + 7) // 8) * y.shape[2] * y.shape[3],)
-    masks = mask_planes(masks, y.shape, c_out)
-    got = _unpack(masks, c_out)
+    planes = mask_planes(masks, y.shape, c_out)
+    got = _unpack(planes, c_out)
     want = torch.stack([push > 0, pull > 0])
     scale = max(push.abs().max().item(), pull.abs().max().item())
     sure = torch.stack([push, pull]).abs() > 10 * _tol(dtype) * scale  # ignore rounding-level ties
     assert torch.equal(got[sure], want[sure])
     if c_out % 8:  # the padding bits of the last byte are zero
-        assert int((masks[:, :, -1] >> (c_out % 8)).max()) == 0
+        assert int((planes[:, :, -1] >> (c_out % 8)).max()) == 0
 
     if not check_backward:
         return
