@@ -9,14 +9,13 @@ naming the argument — never an out-of-bounds read on the GPU.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .options import conv_output_size, mask_planes_shape
+from .options import conv_output_size, mask_bytes
 
 
 def _fail(message: str) -> None:
@@ -99,12 +98,12 @@ def check_backward(args) -> None:
     n, c_out = input.shape[0], args.weight.shape[0]
     expected = (n, (2 if args.dual_output else 1) * c_out, ho, wo)
     _check_like_input(args.grad_output, input, "grad_output", expected)
-    mask_bytes = math.prod(mask_planes_shape(n, c_out, ho, wo))
+    length = mask_bytes(n, c_out, ho, wo)
     # An empty uint8 tensor (a forward with save_masks=False) is accepted: the Triton backward then
     # recomputes the masks.
-    if masks.dtype != torch.uint8 or (masks.numel() != 0 and tuple(masks.shape) != (mask_bytes,)):
+    if masks.dtype != torch.uint8 or (masks.numel() != 0 and tuple(masks.shape) != (length,)):
         _fail(
-            f"masks must be the uint8 tensor [{mask_bytes}] saved by the forward (save_masks=True) or empty, "
+            f"masks must be the uint8 tensor [{length}] saved by the forward (save_masks=True) or empty, "
             f"got {masks.dtype} {list(masks.shape)}"
         )
     if masks.device != input.device:

@@ -12,7 +12,6 @@ Two op pairs share one contract (documented in `forward_fake` below):
 from __future__ import annotations
 
 import inspect
-import math
 import typing
 
 # typing.Sequence: the annotation the Triton ops' schema is inferred from, on every supported torch.
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._ext import CPP_ERROR, TRITON_ERROR, TRITON_INTERPRET
-from .options import conv_output_size, mask_planes_shape
+from .options import conv_output_size, mask_bytes, mask_planes_shape
 from .reference import op_formula
 
 
@@ -110,8 +109,8 @@ def forward_fake(*args):
         for i in range(2)
     )
     out = a.input.new_empty((n, 2 * c_out if a.dual_output else c_out, ho, wo))
-    mask_bytes = math.prod(mask_planes_shape(n, c_out, ho, wo)) if a.save_masks else 0
-    return out, a.input.new_empty((mask_bytes,), dtype=torch.uint8)
+    masks_length = mask_bytes(n, c_out, ho, wo) if a.save_masks else 0
+    return out, a.input.new_empty((masks_length,), dtype=torch.uint8)
 
 
 def mask_planes(masks: Tensor, output_shape, c_out: int) -> Tensor:

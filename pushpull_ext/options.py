@@ -55,6 +55,11 @@ def mask_planes_shape(n, c_out, ho, wo) -> tuple:
     return (2, n, (c_out + 7) // 8, ho, wo)
 
 
+def mask_bytes(n, c_out, ho, wo):
+    """The length of the fused ops' flat masks buffer (mask_planes_shape's elements)."""
+    return math.prod(mask_planes_shape(n, c_out, ho, wo))
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 

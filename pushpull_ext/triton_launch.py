@@ -38,7 +38,6 @@ reductions; no atomics, so results are bitwise reproducible run to run.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -53,7 +52,7 @@ from ._ext import TRITON_INTERPRET
 from .kernels import backward as _kb
 from .kernels import common as _kc
 from .op_checks import check_backward, check_forward
-from .options import conv_output_size, mask_planes_shape
+from .options import conv_output_size, mask_bytes
 from .reference import pull_kernel_from_operands
 
 # The pull modes of the kernels (kernels/common.py), as the ints passed to their MODE argument.
@@ -298,7 +297,7 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
 
     y = torch.empty((N, (2 if dual_output else 1) * C_out, Ho, Wo), dtype=dtype, device=dev)
     if save_masks:
-        masks = torch.empty(math.prod(mask_planes_shape(N, C_out, Ho, Wo)), dtype=torch.uint8, device=dev)
+        masks = torch.empty(mask_bytes(N, C_out, Ho, Wo), dtype=torch.uint8, device=dev)
     else:
         masks = torch.empty(0, dtype=torch.uint8, device=dev)
     pooled = args.avg_kernel > 1
