@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .functional import push_pull_conv2d, resolve_backend
 from .options import conv_output_size, normalize, upsampled_size
-from .reference import pull_kernel, push_pull_reference
+from .reference import pooled, pull_kernel, push_pull_reference, responses
 from .shapes import Case, CaseInputs
 
 BASELINE = "reference"
@@ -78,8 +78,7 @@ def roofline_percent(flops: float, nbytes: float, seconds: float, peaks: dict) -
 
 
 def _epilogue(push, pull, alpha, bias_out, avg_kernel: int):
-    if avg_kernel > 1:
-        pull = F.avg_pool2d(pull, avg_kernel, stride=1, padding=(avg_kernel - 1) // 2, count_include_pad=False)
+    pull = pooled(pull, avg_kernel)
     out = F.relu(push) - alpha.view(1, -1, 1, 1) * F.relu(pull)
     return out if bias_out is None else out + bias_out.view(1, -1, 1, 1)
 
@@ -111,6 +110,30 @@ def _normalized(inputs: CaseInputs):
         dual_output=False,
         **inputs.case.options(),
     )
+
+
+# A float32 ReLU input within this fraction of its field's largest magnitude can round to either side of 0
+# (each float32 operation carries a relative error of 6e-8, a 147-term dot product or the cancellation of
+# invert's m * S - P0 some 10 to 100 times that): there the ReLU's derivative is decided by rounding, in eager
+# PyTorch as in our kernels, and either side is right.
+KINK_BAND = 1e-4
+
+
+def away_from_kinks(inputs: CaseInputs) -> torch.Tensor:
+    """Where the output's derivative is decided by the formula rather than by rounding: False at the outputs
+    whose ReLU input (P, or the pooled pull response Q') lies within KINK_BAND of 0, relative to its
+    field's largest magnitude, evaluated in float64. The same for every provider (conv+relu's ReLU input
+    is P)."""
+    exact = inputs.cast(torch.float64)
+    args, _alpha = _normalized(exact)
+    t = exact.tensors
+    with torch.no_grad():
+        push, pull = responses(t["input"], t["weight"], t["bias"], args)
+        pull = pooled(pull, args.avg_kernel)
+    far_push, far_pull = (v.abs() > KINK_BAND * v.abs().max() for v in (push, pull))
+    if args.dual_output:
+        return torch.cat([far_push, far_pull], dim=1)
+    return far_push & far_pull
 
 
 def build_provider(name: str, inputs: CaseInputs) -> Callable[[], torch.Tensor]:

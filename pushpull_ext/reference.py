@@ -39,14 +39,20 @@ def pull_kernel_from_operands(weight, pull_shift, pull_rows, pull_cols) -> torch
     return -weight
 
 
+def pooled(pull, avg_kernel: int) -> torch.Tensor:
+    """Q' = the pull response averaged over avg_kernel x avg_kernel (stride 1, count_include_pad=False)."""
+    if avg_kernel > 1:
+        pull = F.avg_pool2d(pull, avg_kernel, stride=1, padding=(avg_kernel - 1) // 2, count_include_pad=False)
+    return pull
+
+
 def combine(push, pull, bias_out, alpha, avg_kernel: int, dual_output: bool, masks=None) -> torch.Tensor:
     """y from the push and pull responses P and Q: ReLU(P) - alpha * ReLU(Q') + b_out (or the dual output).
 
     With `masks` (ReLU'(P), ReLU'(Q') as two tensors of P's shape) the ReLUs are those fixed masks: the
     local linear map whose derivatives are the layer's (ReLU'' = 0), as the fused ops' backward uses.
     """
-    if avg_kernel > 1:
-        pull = F.avg_pool2d(pull, avg_kernel, stride=1, padding=(avg_kernel - 1) // 2, count_include_pad=False)
+    pull = pooled(pull, avg_kernel)
     relu_push, relu_pull = (F.relu(push), F.relu(pull)) if masks is None else (push * masks[0], pull * masks[1])
     if dual_output:
         return torch.cat([relu_push, relu_pull], dim=1)
@@ -75,12 +81,18 @@ def push_pull_reference(input, weight, bias_in, bias_out, alpha, args: PushPullA
     `alpha` is a [C_out] tensor (see options.normalize); `args` the normalized options; `pull_weight`
     the pull kernel if derived elsewhere (under autocast: from the float32 weight), else pull_kernel(weight).
     """
+    push, pull = responses(input, weight, bias_in, args, pull_weight)
+    return combine(push, pull, bias_out, alpha, args.avg_kernel, args.dual_output)
+
+
+def responses(input, weight, bias_in, args: PushPullArgs, pull_weight=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The push response P and the (unpooled) pull response Q of the formula, biases included."""
     if pull_weight is None:
         pull_weight = pull_kernel(weight, args.pull, args.scale)
     kernel_size = tuple(weight.shape[2:])
     push = _conv(input, weight, bias_in, args, args.pad_amounts(kernel_size))
     pull = _conv(input, pull_weight, _negated(bias_in), args, args.pad_amounts(kernel_size, pull=True))
-    return combine(push, pull, bias_out, alpha, args.avg_kernel, args.dual_output)
+    return push, pull
 
 
 def op_formula(
