@@ -275,13 +275,22 @@ def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int):
     return 128, bn, _block_k(dtype), 8, 3
 
 
-def _bwd_config(dtype, gpu: bool, weight_kernel: bool = False, pooled: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels."""
+def _bwd_config(dtype, gpu: bool, channels: int, weight_kernel: bool = False, pooled: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels. `channels`: the
+    extent of the tile's channel side, input channels per group (input gradient: BLOCK_N) or output
+    channels per group (weight gradient: BLOCK_M); the tile is no wider there than they need (a power
+    of two, at least the MMA's 16), so that 16-channel layers do not run 64-wide tiles."""
     if not gpu:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:  # float64 products on the CUDA cores here (kernels/common.py: mma_grad_operand)
-        return 32, 32, 8, 4, 1
-    return 64, 64, _block_k(dtype, pooled), 8, 2  # fewer warps or more stages spill the gradient operands
+        rows, cols, block_k, warps, stages = 32, 32, 8, 4, 1
+    else:  # fewer warps or more stages spill the gradient operands
+        rows, cols, block_k, warps, stages = 64, 64, _block_k(dtype, pooled), 8, 2
+    if weight_kernel:
+        rows = min(rows, max(16, triton.next_power_of_2(channels)))
+    else:
+        cols = min(cols, max(16, triton.next_power_of_2(channels)))
+    return rows, cols, block_k, warps, stages
 
 
 def _num_sms(device) -> int:
@@ -476,7 +485,7 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         out[3] = part.sum(0).to(dtype)
 
     pool_window = _pool_window(args.avg_kernel)
-    tiles = _bwd_config(dtype, config.gpu_tuned(x), pooled=pooled)
+    tiles = _bwd_config(dtype, config.gpu_tuned(x), Cg, pooled=pooled)
     BM, BN = tiles[:2]
 
     # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
@@ -503,7 +512,7 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
 
     # 3. Weight gradient (and, for invert, the pull_shift gradient).
     if want[1] or want[2]:
-        tiles = _bwd_config(dtype, config.gpu_tuned(x), weight_kernel=True, pooled=pooled)
+        tiles = _bwd_config(dtype, config.gpu_tuned(x), Cgo, weight_kernel=True, pooled=pooled)
         BM, BN, BK = tiles[:3]
         x = x.contiguous()
         k_total = geo.kh * geo.kw * Cg
