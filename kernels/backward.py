@@ -11,7 +11,9 @@ A operand:
 
 with c_o = -alpha[o], or 1 for the dual output, whose second half of g (channels C_out + o) feeds Q.
 Per mode the operands are
-    upsample:  gP against the embedded push kernel, gQ against the pull kernel (two MMAs)
+    upsample:  input gradient: gP against the embedded push kernel, gQ against the pull kernel over the
+               pull window (two MMAs); weight gradient: gP against the push taps, gQ against the
+               prefiltered z (forward.py, common.py `pull_prefilter`), both into dk (two MMAs)
     invert:    gP - gQ against k (push and the -P0 part of the pull share k), plus the box-sum term
     scale 1:   gP - gQ against k (Q = -P0 - b_in)
 formed in the accumulator dtype and rounded to the operand dtype (what autograd would hold) just
@@ -19,14 +21,18 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
 
 1. `pp_bwd_input_kernel`: transposed implicit GEMM, tile = BLOCK_M input pixels x BLOCK_N input
    channels of one group, reduction over (tap, output channel of the group), tap-major. Upsample
-   skips the push operand and its MMA on chunks without push taps. Invert adds the box-sum adjoint
+   runs over the pull window with the push kernel embedded in it (the prefilter's adjoint, which would
+   take it to 2x, needs dz = k^T gQ on a halo of output pixels: not built) and skips the push operand
+   and its MMA on chunks without push taps. Invert adds the box-sum adjoint
    sum_{tap, o in g} shift[o] * gQ[o, p(tap)] (the shift part of q = -k + shift[o]) as a row sum of
    the very gQ tile the MMA consumes: no per-group field goes through memory.
 2. `pp_bwd_weight_kernel`: weight-gradient implicit GEMM, tile = BLOCK_M output channels of one
    group x BLOCK_N folded (tap, c) indices, reduction over pixels, split in SPLIT contiguous pixel
    ranges written to separate partial buffers that the launcher sums (deterministic split-K).
-   Upsample accumulates gP x im2col (push, embedded window) and gQ x im2col (pull) from the same
-   gathered input tile; invert also reduces sum_p gQ[o, p] * (sum over the tile's (tap, c) of the
+   The (tap, c) side runs over the push kernel's taps in every mode. Upsample accumulates
+   dk = gP x im2col + gQ x z (z: the input prefiltered by -U[:, i] V[:, j]^T, built on the fly as the
+   forward's, since the pull response is k against z): 2x one convolution's products, and dk comes
+   out directly (no dq to carry back through U, V). Invert also reduces sum_p gQ[o, p] * (sum over the tile's (tap, c) of the
    input) whose total over the r tiles is sum_p gQ[o, p] * S[g, p] = d loss / d shift[o].
 3. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
    pixels (split in SPLIT ranges, partials [SPLIT, C_out] summed by the launcher). The pooling

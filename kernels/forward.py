@@ -12,9 +12,15 @@ Pull modes (MODE constexpr, see common.py):
 - scale 1 (q = -k): one MMA; the pull response is -P0.
 - invert (q = -k + shift[o]): one MMA; S (the per-group box sum of the input) is the row sum of the
   very input tiles the MMA consumes, so R = shift[o] * S - P0 costs no second convolution.
-- upsample (q = -U k V^T, window kh' x kw'): the tap window is the pull window; the push kernel is
-  embedded (zero padded) in it by the launcher, so ONE gathered input tile feeds both the push and
-  the pull MMA; chunks of the reduction that contain no push tap skip the push MMA.
+- upsample (q = -U k V^T, pull kernel kh' x kw'): the prefilter algebra (common.py `pull_prefilter`):
+  conv2d(x, q)[o] = sum_{c,i,j} k[o,c,i,j] z[c,i,j] with z[c,i,j] = conv2d(x[c], -U[:,i] V[:,j]^T), so
+  push and pull are the SAME weight tile against two operands: the gathered push taps, and z built in
+  registers from input loads weighted by the nonzero U[a,i] V[b,j] (pull padding). Two MMAs per chunk
+  of the push kernel's reduction: 2x one convolution's products (the pull window's 49 taps are never an
+  MMA's K). NaN / Inf: z's sums of infinities can differ from conv2d(x, q)'s (an Inf under weights of
+  mixed sign is NaN through z, +-Inf in conv2d), so a group whose pull accumulator comes out non-finite
+  on a tile (which any non-finite input it reads makes it) is redone as conv2d(x, q) over the whole pull
+  window (`_pull_window_conv`, against the pull kernel's own matrix): exact, and only such tiles pay.
 
 Output channels of one tile may straddle groups (the tile is aligned to 8 channels so that the
 packed mask bytes are owned by exactly one program): the program loops over the groups its tile

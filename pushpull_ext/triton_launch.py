@@ -7,7 +7,10 @@ kernels' design. What runs, and what goes through memory:
 
 forward
   - no pooling: ONE kernel (implicit-GEMM conv + whole epilogue): reads x (gathered, cache-served
-    halo) and the [K, C_out] weight matrices, writes y once and the packed masks once.
+    halo) and the [K, C_out] weight matrix, writes y once and the packed masks once. Upsample's pull
+    response is the same weights against the input prefiltered in registers (kernels/forward.py), from
+    the tables of U's and V's nonzeros built here (_prefilter_tables, device work, no host sync); the
+    pull kernel's own matrix is read only by tiles whose input is not finite.
   - avg_kernel > 1: the conv kernel writes P and Q (fp32 / fp64) to two scratch fields, a second
     kernel pools Q (count_include_pad=False) and applies the epilogue. Extra cost: 2 field writes and
     ~2 field reads (the a x a pooling reads hit cache) of [N, C_out, Ho, Wo] in the accumulator dtype.
@@ -21,13 +24,15 @@ grad_output and the packed masks as it loads them; see kernels/backward.py)
     per-group field). With pooling each gQ element gathers the a x a window of g and mask bits
     (cache-served re-reads of g and the masks, nothing written).
   - weight-gradient kernel, if weight or pull_shift is asked: deterministic split-K, writes only
-    the partial buffers [split, C_out, TH*TW*Cg] (accumulator dtype; one more for upsample's pull
-    kernel) and, for invert, [split, r_tiles, C_out] for pull_shift; torch sums them (split is 1
-    unless the GPU needs more programs).
+    the partial buffers [split, C_out, kh*kw*Cg] (accumulator dtype; upsample's pull part goes into
+    the same buffer through the prefilter) and, for invert, [split, r_tiles, C_out] for pull_shift;
+    torch sums them (split is 1 unless the GPU needs more programs).
+  - the backward tiles' channel side (input channels of the input gradient, output channels of the
+    weight gradient) is no wider than the group's channels need (16 for 16-channel layers).
   - bias_in gradient, if asked: one reduction kernel over g and the masks (sum_p gP - sum_p gQ;
     the pooling adjoint keeps sums, so no window), writes partials [split, C_out].
   - torch, small: bias_out gradient = per-channel sum of g (one read of g), the weight-matrix
-    layouts, U^T dq V for upsample, the sums of the partial buffers.
+    layouts, upsample's prefilter tables, the sums of the partial buffers.
   - grad_alpha needs relu(Q'), which is not saved: it is recomputed by one forward pass (it writes
     the dual output [N, 2*C_out, Ho, Wo], with pooling also forward's P / Q scratch fields), then
     reduced by torch with g. The same pass recomputes the masks when forward did not save them (the
