@@ -11,7 +11,9 @@ A operand:
 
 with c_o = -alpha[o], or 1 for the dual output, whose second half of g (channels C_out + o) feeds Q.
 Per mode the operands are
-    upsample:  gP against the embedded push kernel, gQ against the pull kernel (two MMAs)
+    upsample:  input gradient: gP against the embedded push kernel, gQ against the pull kernel over the
+               pull window (two MMAs); weight gradient: gP against the push taps, gQ against the
+               prefiltered z (forward.py, common.py `pull_prefilter`), both into dk (two MMAs)
     invert:    gP - gQ against k (push and the -P0 part of the pull share k), plus the box-sum term
     scale 1:   gP - gQ against k (Q = -P0 - b_in)
 formed in the accumulator dtype and rounded to the operand dtype (what autograd would hold) just
@@ -19,14 +21,18 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
 
 1. `pp_bwd_input_kernel`: transposed implicit GEMM, tile = BLOCK_M input pixels x BLOCK_N input
    channels of one group, reduction over (tap, output channel of the group), tap-major. Upsample
-   skips the push operand and its MMA on chunks without push taps. Invert adds the box-sum adjoint
+   runs over the pull window with the push kernel embedded in it (the prefilter's adjoint, which would
+   take it to 2x, needs dz = k^T gQ on a halo of output pixels: not built) and skips the push operand
+   and its MMA on chunks without push taps. Invert adds the box-sum adjoint
    sum_{tap, o in g} shift[o] * gQ[o, p(tap)] (the shift part of q = -k + shift[o]) as a row sum of
    the very gQ tile the MMA consumes: no per-group field goes through memory.
 2. `pp_bwd_weight_kernel`: weight-gradient implicit GEMM, tile = BLOCK_M output channels of one
    group x BLOCK_N folded (tap, c) indices, reduction over pixels, split in SPLIT contiguous pixel
    ranges written to separate partial buffers that the launcher sums (deterministic split-K).
-   Upsample accumulates gP x im2col (push, embedded window) and gQ x im2col (pull) from the same
-   gathered input tile; invert also reduces sum_p gQ[o, p] * (sum over the tile's (tap, c) of the
+   The (tap, c) side runs over the push kernel's taps in every mode. Upsample accumulates
+   dk = gP x im2col + gQ x z (z: the input prefiltered by -U[:, i] V[:, j]^T, built on the fly as the
+   forward's, since the pull response is k against z): 2x one convolution's products, and dk comes
+   out directly (no dq to carry back through U, V). Invert also reduces sum_p gQ[o, p] * (sum over the tile's (tap, c) of the
    input) whose total over the r tiles is sum_p gQ[o, p] * S[g, p] = d loss / d shift[o].
 3. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
    pixels (split in SPLIT ranges, partials [SPLIT, C_out] summed by the launcher). The pooling
@@ -42,8 +48,10 @@ from .common import (
     MODE_UPSAMPLE,
     any_push_tap,
     flat_tile,
+    gather_taps,
     image_and_pixel,
     mma_grad_operand,
+    pull_prefilter,
     split_chunk,
     tap_chunk,
 )
@@ -234,8 +242,9 @@ def pp_bwd_weight_kernel(
     g_ptr,
     mask_ptr,
     alpha_ptr,
-    gw1_ptr,
-    gw2_ptr,
+    pull_idx_ptr,
+    pull_coef_ptr,
+    gw_ptr,
     gs_ptr,
     N,
     C_IN,
@@ -253,11 +262,11 @@ def pp_bwd_weight_kernel(
     DH,
     DW,
     TH,
-    TW,
-    PUSH_I0,
-    PUSH_I1,
-    PUSH_J0,
-    PUSH_J1,
+    TW,  # stride, padding, dilation and size of the push kernel
+    QPH,
+    QPW,
+    QH,
+    QW,  # upsample: padding and size of the pull kernel
     AVG,
     AVG_PAD,
     PIX_PER_SPLIT,
@@ -278,7 +287,6 @@ def pp_bwd_weight_kernel(
     split = tl.program_id(2)
     g = pid_go // NUM_O_TILES
     o_tile = pid_go % NUM_O_TILES
-    HW = H * W
     HOWO = HO * WO
     P_TOTAL = N * HOWO
     K_TOTAL = TH * TW * CG
@@ -290,14 +298,8 @@ def pp_bwd_weight_kernel(
     offs_o = g * CGO + ol
     o_row = offs_o[:, None]
     r, r_valid, t, c = tap_chunk(pid_r * BLOCK_N, BLOCK_N, K_TOTAL, CG, g)
-    ti = t // TW
-    tj = t % TW
-    if MODE == MODE_UPSAMPLE:
-        has_push = any_push_tap(r, K_TOTAL, CG, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1)
 
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    if MODE == MODE_UPSAMPLE:
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     if MODE == MODE_INVERT:
         acc_s = tl.zeros((BLOCK_M,), dtype=ACC)
 
@@ -307,36 +309,22 @@ def pp_bwd_weight_kernel(
         ho = pix // WO
         wo = pix % WO
         f_mask = o_valid[:, None] & p_valid[None, :]
-        hi = (ho * SH - PH)[:, None] + ti[None, :] * DH
-        wi = (wo * SW - PW)[:, None] + tj[None, :] * DW
-        x_mask = p_valid[:, None] & r_valid[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        x_off = n_img[:, None] * C_IN * HW + c[None, :] * HW + hi * W + wi
-        xt = tl.load(x_ptr + x_off, mask=x_mask, other=0.0)
+        x_rows = x_ptr + n_img * C_IN * H * W
+        xt = gather_taps(x_rows, ho * SH - PH, wo * SW - PW, p_valid, r_valid, t, c, TW, DH, DW, H, W)
         n_row = n_img[None, :]
         gq = grad_pull(
-            g_ptr,
-            mask_ptr,
-            alpha_ptr,
-            n_row,
-            o_row,
-            ho[None, :],
-            wo[None, :],
-            f_mask,
-            N,
-            C_OUT,
-            HO,
-            WO,
-            AVG,
-            AVG_PAD,
-            DUAL,
-            POOLED,
-            ACC,
+            *(g_ptr, mask_ptr, alpha_ptr, n_row, o_row, ho[None, :], wo[None, :], f_mask),
+            *(N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC),
         )
         if MODE == MODE_UPSAMPLE:
-            acc2 = mma_grad_operand(gq.to(x_ty), xt, acc2, IS_FP64, ALLOW_TF32)
-            if has_push:
-                gp = grad_push(g_ptr, mask_ptr, n_row, o_row, pix[None, :], f_mask, C_OUT, HOWO, DUAL, ACC)
-                acc1 = mma_grad_operand(gp.to(x_ty), xt, acc1, IS_FP64, ALLOW_TF32)
+            # dk = gP^T x_taps + gQ^T z (forward.py: the pull response is k against the prefiltered z)
+            zt = pull_prefilter(
+                *(x_rows, ho * SH - QPH, wo * SW - QPW, p_valid, r_valid, t, c),
+                *(TH, TW, DH, DW, H, W, QH, pull_idx_ptr, pull_coef_ptr, ACC),
+            )
+            gp = grad_push(g_ptr, mask_ptr, n_row, o_row, pix[None, :], f_mask, C_OUT, HOWO, DUAL, ACC)
+            acc1 = mma_grad_operand(gp.to(x_ty), xt, acc1, IS_FP64, ALLOW_TF32)
+            acc1 = mma_grad_operand(gq.to(x_ty), zt.to(x_ty), acc1, IS_FP64, ALLOW_TF32)
         else:
             if NEED_W:
                 gp = grad_push(g_ptr, mask_ptr, n_row, o_row, pix[None, :], f_mask, C_OUT, HOWO, DUAL, ACC)
@@ -348,9 +336,7 @@ def pp_bwd_weight_kernel(
     out_mask = o_valid[:, None] & r_valid[None, :]
     w_off = split.to(tl.int64) * C_OUT * K_TOTAL + o_row * K_TOTAL + r[None, :]
     if NEED_W:
-        tl.store(gw1_ptr + w_off, acc1, mask=out_mask)
-    if MODE == MODE_UPSAMPLE:
-        tl.store(gw2_ptr + w_off, acc2, mask=out_mask)
+        tl.store(gw_ptr + w_off, acc1, mask=out_mask)
     if MODE == MODE_INVERT:
         s_off = (split * NUM_R_TILES + pid_r) * C_OUT + offs_o
         tl.store(gs_ptr + s_off, acc_s, mask=o_valid)

@@ -6,7 +6,7 @@ import triton.language as tl
 # Pull modes, as the `MODE` constexpr of every kernel (the launcher passes `.value`).
 MODE_SCALE1 = tl.constexpr(0)  # 2020, scale 1: q = -k, the pull response is -P0
 MODE_INVERT = tl.constexpr(1)  # 2024: q = -k + shift[o], pull response = shift[o] * S - P0
-MODE_UPSAMPLE = tl.constexpr(2)  # 2020, scale != 1: q = -U k V^T on its own (larger) window
+MODE_UPSAMPLE = tl.constexpr(2)  # 2020, scale != 1: q = -U k V^T on its own (larger) window (see pull_prefilter)
 
 
 @triton.jit
@@ -89,3 +89,57 @@ def any_push_tap(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
     skip the push MMA, whose embedded push weights are all zero there."""
     inside = push_taps(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1)
     return tl.max(inside.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def gather_taps(x_rows, hi0, wi0, row_valid, col_valid, t, c, TW, DH, DW, H, W):
+    """The implicit im2col tile x[row, c[col], hi0[row] + (t // TW) * DH, wi0[row] + (t % TW) * DW]
+    (0 outside the image and where a row or column is not valid). x_rows: [rows] pointers to each row's
+    image; hi0 / wi0: [rows] input coordinates of tap (0, 0); t / c: [cols] tap and channel."""
+    hi = hi0[:, None] + (t // TW)[None, :] * DH
+    wi = wi0[:, None] + (t % TW)[None, :] * DW
+    inside = row_valid[:, None] & col_valid[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    return tl.load(x_rows[:, None] + c[None, :] * (H * W) + hi * W + wi, mask=inside, other=0.0)
+
+
+@triton.jit
+def pull_prefilter(
+    x_rows, hi0, wi0, row_valid, col_valid, t, c, TH, TW, DH, DW, H, W, QH, idx_ptr, coef_ptr, ACC: tl.constexpr
+):
+    """The pull operand z of the upsample prefilter algebra, as a tile like gather_taps' (rows: output
+    pixels, columns: (push tap t = i * TW + j, channel c)), in the accumulator dtype:
+
+        q[o, c] = -U k[o, c] V^T  =>  conv2d(x, q)[o] = sum_{c, i, j} k[o, c, i, j] z[c, i, j],
+        z[c, i, j] = conv2d(x[c], -U[:, i] V[:, j]^T)  (stride, pull padding, dilation)
+
+    so the pull response is the push weights times z: the same GEMM as the push response's.
+    hi0 / wi0 are the input coordinates of the PULL window's tap (0, 0) (pull padding). Only the nonzero
+    entries of U's column i and V's column j are visited (bilinear U: up to 2 * scale - 1 a column),
+    from the launcher's tables (triton_launch._prefilter_tables): idx_ptr = [nnz_u, nnz_v, then row
+    a = idx[2 + e * TH + i] of the e-th nonzero of U's column i for e < QH, then column b of V's
+    column j at 2 + QH * TH + e * TW + j], coef_ptr the matching -U[a, i] and V[b, j] at the same
+    places less 2. Entries past a column's nonzeros have coefficient 0 and load nothing, so an input
+    value reaches z[c, i, j] only through a nonzero U[a, i] * V[b, j] (as it reaches conv2d(x, q) only
+    through the taps of q it is multiplied by: the forward's non-finite fallback relies on it)."""
+    i = t // TW  # push row / column of each column's tap
+    j = t % TW
+    nnz_u = tl.load(idx_ptr)
+    nnz_v = tl.load(idx_ptr + 1)
+    v_base = QH * TH  # start of V's tables (less the 2 counts for idx)
+    x_chan = x_rows[:, None] + c[None, :] * (H * W)
+    z = tl.zeros((hi0.shape[0], t.shape[0]), dtype=ACC)
+    for e in range(0, nnz_u):
+        a = tl.load(idx_ptr + 2 + e * TH + i, mask=col_valid, other=0)
+        u = tl.load(coef_ptr + e * TH + i, mask=col_valid, other=0.0).to(ACC)
+        hi = hi0[:, None] + (a * DH)[None, :]  # input row of pull tap row a
+        row_ok = row_valid[:, None] & (u != 0)[None, :] & (hi >= 0) & (hi < H)
+        z_row = tl.zeros_like(z)  # sum over b of V[b, j] * x at pull tap (a, b)
+        for f in range(0, nnz_v):
+            b = tl.load(idx_ptr + 2 + v_base + f * TW + j, mask=col_valid, other=0)
+            v = tl.load(coef_ptr + v_base + f * TW + j, mask=col_valid, other=0.0).to(ACC)
+            wi = wi0[:, None] + (b * DW)[None, :]  # input column of pull tap column b
+            ok = row_ok & (v != 0)[None, :] & (wi >= 0) & (wi < W)
+            xv = tl.load(x_chan + hi * W + wi, mask=ok, other=0.0).to(ACC)
+            z_row += v[None, :] * xv
+        z += u[None, :] * z_row
+    return z

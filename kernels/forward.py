@@ -12,9 +12,15 @@ Pull modes (MODE constexpr, see common.py):
 - scale 1 (q = -k): one MMA; the pull response is -P0.
 - invert (q = -k + shift[o]): one MMA; S (the per-group box sum of the input) is the row sum of the
   very input tiles the MMA consumes, so R = shift[o] * S - P0 costs no second convolution.
-- upsample (q = -U k V^T, window kh' x kw'): the tap window is the pull window; the push kernel is
-  embedded (zero padded) in it by the launcher, so ONE gathered input tile feeds both the push and
-  the pull MMA; chunks of the reduction that contain no push tap skip the push MMA.
+- upsample (q = -U k V^T, pull kernel kh' x kw'): the prefilter algebra (common.py `pull_prefilter`):
+  conv2d(x, q)[o] = sum_{c,i,j} k[o,c,i,j] z[c,i,j] with z[c,i,j] = conv2d(x[c], -U[:,i] V[:,j]^T), so
+  push and pull are the SAME weight tile against two operands: the gathered push taps, and z built in
+  registers from input loads weighted by the nonzero U[a,i] V[b,j] (pull padding). Two MMAs per chunk
+  of the push kernel's reduction: 2x one convolution's products (the pull window's 49 taps are never an
+  MMA's K). NaN / Inf: z's sums of infinities can differ from conv2d(x, q)'s (an Inf under weights of
+  mixed sign is NaN through z, +-Inf in conv2d), so a group whose pull accumulator comes out non-finite
+  on a tile (which any non-finite input it reads makes it) is redone as conv2d(x, q) over the whole pull
+  window (`_pull_window_conv`, against the pull kernel's own matrix): exact, and only such tiles pay.
 
 Output channels of one tile may straddle groups (the tile is aligned to 8 channels so that the
 packed mask bytes are owned by exactly one program): the program loops over the groups its tile
@@ -34,7 +40,7 @@ Cost versus a fully fused kernel: 2 extra writes + (1 + a^2, mostly cache-served
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, any_push_tap, flat_tile, image_and_pixel, mma, push_taps, tap_chunk
+from .common import MODE_INVERT, MODE_UPSAMPLE, flat_tile, gather_taps, image_and_pixel, mma, pull_prefilter, tap_chunk
 
 
 @triton.jit
@@ -98,10 +104,56 @@ def _pp_epilogue(
 
 
 @triton.jit
+def _non_finite_in(acc, row_valid, col_valid):
+    """Whether the tile acc holds a NaN or +-Inf among its valid entries (x - x is NaN exactly there)."""
+    bad = ((acc - acc) != 0) & row_valid[:, None] & col_valid[None, :]
+    return tl.max(bad.to(tl.int32)) > 0
+
+
+@triton.jit
+def _pull_window_conv(
+    x_img,
+    hq0,
+    wq0,
+    m_valid,
+    wq_ptr,
+    offs_n,
+    w_col,
+    g,
+    acc_like,
+    CG,
+    C_OUT,
+    H,
+    W,
+    QH,
+    QW,
+    DH,
+    DW,
+    IS_FP64,
+    ALLOW_TF32,
+    BLOCK_K: tl.constexpr,
+):
+    """conv2d(x, q) of group g on this tile as an implicit GEMM over the whole QH x QW pull window
+    (r = (a * QW + b) * CG + c against the pull kernel's matrix wq): the upsample forward's exact path
+    for tiles whose input holds a NaN / Inf, where the prefilter's sums of infinities can differ from
+    conv2d's (an Inf under weights of mixed sign: +-Inf in conv2d(x, q), NaN through z)."""
+    acc = tl.zeros_like(acc_like)
+    K_PULL = CG * QH * QW
+    for k0 in range(0, K_PULL, BLOCK_K):
+        r, r_valid, t, c = tap_chunk(k0, BLOCK_K, K_PULL, CG, g)
+        a = gather_taps(x_img, hq0, wq0, m_valid, r_valid, t, c, QW, DH, DW, H, W)
+        wq = tl.load(wq_ptr + r[:, None] * C_OUT + offs_n[None, :], mask=r_valid[:, None] & w_col[None, :], other=0.0)
+        acc = mma(a, wq, acc, IS_FP64, ALLOW_TF32)
+    return acc
+
+
+@triton.jit
 def pp_fwd_conv_kernel(
     x_ptr,
     wp_ptr,
     wq_ptr,
+    pull_idx_ptr,
+    pull_coef_ptr,
     shift_ptr,
     bin_ptr,
     bout_ptr,
@@ -124,14 +176,14 @@ def pp_fwd_conv_kernel(
     PH,
     PW,
     DH,
-    DW,  # stride; padding and dilation of the tap window
+    DW,
     TH,
-    TW,  # tap window (push kernel, or pull kernel for upsample)
+    TW,  # stride, padding, dilation and size of the push kernel
     NG_TILE,  # most groups one BLOCK_N channel tile straddles
-    PUSH_I0,
-    PUSH_I1,
-    PUSH_J0,
-    PUSH_J1,  # push taps inside the window (upsample MMA skipping)
+    QPH,
+    QPW,
+    QH,
+    QW,  # upsample: padding and size of the pull kernel
     MODE: tl.constexpr,
     HAS_BIN: tl.constexpr,
     HAS_BOUT: tl.constexpr,
@@ -148,15 +200,17 @@ def pp_fwd_conv_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     HOWO = HO * WO
-    HW = H * W
     K_TOTAL = CG * TH * TW
 
     offs_m, m_valid = flat_tile(pid_m, BLOCK_M, N * HOWO)
     offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
     n_img, pix = image_and_pixel(offs_m, HOWO)
+    # input coordinates of tap (0, 0) of the push window, and (upsample) of the pull window
     hi0 = (pix // WO) * SH - PH
     wi0 = (pix % WO) * SW - PW
-    x_img = x_ptr + n_img * C_IN * HW  # [BLOCK_M] pointers (64-bit image offset)
+    hq0 = (pix // WO) * SH - QPH
+    wq0 = (pix % WO) * SW - QPW
+    x_img = x_ptr + n_img * C_IN * H * W  # [BLOCK_M] pointers (64-bit image offset)
     o_group = offs_n // CGO
 
     ACC = tl.float64 if IS_FP64 else tl.float32
@@ -187,27 +241,27 @@ def pp_fwd_conv_kernel(
                 s_g = tl.zeros((BLOCK_M,), dtype=ACC)
             for k0 in range(0, K_TOTAL, BLOCK_K):
                 r, r_valid, t, c = tap_chunk(k0, BLOCK_K, K_TOTAL, CG, g)
-                hi = hi0[:, None] + (t // TW)[None, :] * DH
-                wi = wi0[:, None] + (t % TW)[None, :] * DW
-                a_mask = m_valid[:, None] & r_valid[None, :] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                a = tl.load(x_img[:, None] + c[None, :] * HW + hi * W + wi, mask=a_mask, other=0.0)
+                a = gather_taps(x_img, hi0, wi0, m_valid, r_valid, t, c, TW, DH, DW, H, W)
                 w_mask = r_valid[:, None] & w_col[None, :]
-                w_off = r[:, None] * C_OUT + offs_n[None, :]
+                wp = tl.load(wp_ptr + r[:, None] * C_OUT + offs_n[None, :], mask=w_mask, other=0.0)
+                acc_p = mma(a, wp, acc_p, IS_FP64, ALLOW_TF32)
                 if MODE == MODE_UPSAMPLE:
-                    wq = tl.load(wq_ptr + w_off, mask=w_mask, other=0.0)
-                    acc_q = mma(a, wq, acc_q, IS_FP64, ALLOW_TF32)
-                    if any_push_tap(r, K_TOTAL, CG, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
-                        wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
-                        # Only the push taps' inputs: a NaN / Inf under an embedded zero weight
-                        # must not reach P (0 * Inf = NaN), as it does not in conv2d(x, k).
-                        on_push = push_taps(r, K_TOTAL, CG, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1)
-                        a_push = tl.where(on_push[None, :], a, tl.zeros_like(a))
-                        acc_p = mma(a_push, wp, acc_p, IS_FP64, ALLOW_TF32)
-                else:
-                    wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
-                    acc_p = mma(a, wp, acc_p, IS_FP64, ALLOW_TF32)
+                    # the pull response: the same weights against the prefiltered input z
+                    z = pull_prefilter(
+                        *(x_img, hq0, wq0, m_valid, r_valid, t, c),
+                        *(TH, TW, DH, DW, H, W, QH, pull_idx_ptr, pull_coef_ptr, ACC),
+                    )
+                    acc_q = mma(z.to(a.dtype), wp, acc_q, IS_FP64, ALLOW_TF32)
                 if MODE == MODE_INVERT:
                     s_g += tl.sum(a.to(ACC), axis=1)
+            if MODE == MODE_UPSAMPLE:
+                # A NaN / Inf input (and only one: z is finite otherwise) leaves a non-finite z entry and
+                # so a non-finite acc_q row: redo this group's pull response as conv2d(x, q) itself.
+                if _non_finite_in(acc_q, m_valid, w_col):
+                    acc_q = _pull_window_conv(
+                        *(x_img, hq0, wq0, m_valid, wq_ptr, offs_n, w_col, g, acc_q),
+                        *(CG, C_OUT, H, W, QH, QW, DH, DW, IS_FP64, ALLOW_TF32, BLOCK_K),
+                    )
             if MODE == MODE_INVERT:
                 s_tile = tl.where((o_group == g)[None, :], s_g[:, None], s_tile)
             if STRADDLE:

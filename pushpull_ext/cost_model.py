@@ -12,10 +12,15 @@ decisions, at the paper's batch. Each recorded launch is then priced:
 
 - multiply-adds (MACs): the tensor-core products the kernel executes, counted as it executes them: every
   program of the grid, every K-chunk of its reduction loop at its BLOCK_K (a partial last chunk costs a
-  whole one), one MMA per chunk, plus for upsample the push MMA on the chunks that touch push taps
-  (`any_push_tap` in kernels/common.py) besides the pull MMA over the whole pull window. A float32
-  product with TF32 off is three tensor-core MMAs (tf32x3); it is counted once here. Torch's weight-sized
-  work (the pull kernel, U^T dq V) is not counted.
+  whole one), one MMA per chunk. Upsample's forward and weight gradient (the prefilter algebra,
+  kernels/common.py `pull_prefilter`) run two MMAs per chunk of the push kernel's reduction: the push
+  operand and the prefiltered z against the same weights; its input gradient runs the pull MMA over the
+  whole pull window plus the push MMA on the chunks that touch push taps (`any_push_tap`). The
+  prefilter's own multiply-adds on the CUDA cores (every element of z: one per nonzero U[a, i] V[b, j]
+  pair its loops visit, for the bilinear pull matrices of the case) are in the launch's note, as a
+  fraction of its MACs. The forward's exact fallback for tiles with a non-finite input is not counted. A
+  float32 product with TF32 off is three tensor-core MMAs (tf32x3); it is counted once here. Torch's
+  weight-sized work (the pull kernel, the prefilter tables) is not counted.
 - bytes: compulsory global-memory traffic of each launch: every tensor it reads, read once, and every
   tensor it writes, written once (the conv halo, the pooling window and re-reads of the same tensor by
   other programs assumed served by cache; `note` says where a tensor is swept by several tile columns).
@@ -43,7 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import triton_launch
 from .compile_check import launch_backward
 from .functional import forward_args
-from .options import conv_output_size
+from .options import conv_output_size, interpolation_matrix
 from .shapes import CASES, Case, case_from_text, make_inputs
 
 MASK_BITS = 2  # masks[0] = [P > 0] and masks[1] = [Q' > 0]: 1 bit each per channel and pixel
@@ -223,11 +228,15 @@ def _groups_per_channel_tile(a: dict, n_tiles: int) -> int:
     return sum((min(n0 + bn, c_out) - 1) // cgo - n0 // cgo + 1 for n0 in range(0, n_tiles * bn, bn))
 
 
+def _products_per_chunk(a: dict) -> int:
+    """MMAs per K-chunk of the forward / weight-gradient kernels: push and prefiltered pull for upsample."""
+    return 2 if _upsample(a) else 1
+
+
 def _fwd_conv_macs(grid: tuple, a: dict) -> int:
     m_tiles, n_tiles = grid
-    k_total = a["CG"] * a["TH"] * a["TW"]
-    mmas = mmas_per_chunk_loop(k_total, a["BLOCK_K"], _upsample(a), a["CG"], a["TW"], _box(a))
-    return m_tiles * _groups_per_channel_tile(a, n_tiles) * mmas * _tile(a)
+    chunks = len(range(0, a["CG"] * a["TH"] * a["TW"], a["BLOCK_K"]))
+    return m_tiles * _groups_per_channel_tile(a, n_tiles) * chunks * _products_per_chunk(a) * _tile(a)
 
 
 def _bwd_input_macs(grid: tuple, a: dict) -> int:
@@ -237,18 +246,45 @@ def _bwd_input_macs(grid: tuple, a: dict) -> int:
 
 
 def _bwd_weight_macs(grid: tuple, a: dict) -> int:
-    """Per program: one MMA per pixel chunk for each product its r tile takes part in (upsample: the pull
-    product, and the push one where the tile holds push taps; otherwise the weight product if asked)."""
+    """Per program: per pixel chunk, the products of its r tile (upsample: push and prefiltered pull;
+    otherwise the weight product if asked)."""
     go_tiles, r_tiles, split = grid
-    k_total, bn = a["TH"] * a["TW"] * a["CG"], a["BLOCK_N"]
-    if _upsample(a):
-        products = sum(
-            1 + _push_taps_in(r0, r0 + bn, k_total, a["CG"], a["TW"], _box(a)) for r0 in range(0, r_tiles * bn, bn)
-        )
-    else:
-        products = r_tiles if a["NEED_W"] else 0
+    products = _products_per_chunk(a) if (_upsample(a) or a["NEED_W"]) else 0
     chunks = len(range(0, a["PIX_PER_SPLIT"], a["BLOCK_K"]))
-    return go_tiles * split * chunks * products * _tile(a)
+    return go_tiles * r_tiles * split * chunks * products * _tile(a)
+
+
+def prefilter_visits(a: dict) -> int:
+    """U[a, i] V[b, j] pairs pull_prefilter's loops visit for each element of z: (most nonzeros of a
+    column of U) x (of V), for the bilinear matrices (options.interpolation_matrix) of the launch's sizes."""
+
+    def most_nonzeros(size: int, new_size: int) -> int:
+        m = interpolation_matrix(size, new_size, torch.float64, "cpu")
+        return int((m != 0).sum(0).max())
+
+    return most_nonzeros(a["TH"], a["QH"]) * most_nonzeros(a["TW"], a["QW"])
+
+
+def _prefilter_note(z_elements: int, a: dict, macs: int) -> str:
+    """The prefilter's CUDA-core multiply-adds for z_elements elements of z, against the launch's MACs."""
+    fmas = z_elements * prefilter_visits(a)
+    return f"prefilter: {_si(fmas)} CUDA-core FMAs ({fmas / macs:.2f}x the MACs)"
+
+
+def _fwd_conv_note(grid: tuple, a: dict) -> str:
+    notes = [_swept("x", grid[1])]
+    if _upsample(a):
+        macs = _fwd_conv_macs(grid, a)
+        notes.append(_prefilter_note(macs // (2 * a["BLOCK_N"]), a, macs))  # one z tile per push MMA
+    return "; ".join(n for n in notes if n)
+
+
+def _bwd_weight_note(grid: tuple, a: dict) -> str:
+    notes = [_swept("g, masks", grid[1])]
+    if _upsample(a):
+        macs = _bwd_weight_macs(grid, a)
+        notes.append(_prefilter_note(macs // (2 * a["BLOCK_M"]), a, macs))  # one z tile per push MMA
+    return "; ".join(n for n in notes if n)
 
 
 @dataclass(frozen=True)
@@ -275,9 +311,9 @@ _EPILOGUE_READS = ("bin_ptr", "bout_ptr", "alpha_ptr")
 KERNELS = {
     "pp_fwd_conv_kernel": _KernelModel(
         _fwd_conv_macs,
-        ("x_ptr", "wp_ptr", "wq_ptr", "shift_ptr", *_EPILOGUE_READS),
+        ("x_ptr", "wp_ptr", "pull_idx_ptr", "pull_coef_ptr", "shift_ptr", *_EPILOGUE_READS),
         _conv_writes,
-        lambda grid, a: _swept("x", grid[1]),
+        _fwd_conv_note,
     ),
     "pp_fwd_pool_epilogue_kernel": _KernelModel(
         None,
@@ -294,9 +330,9 @@ KERNELS = {
     ),
     "pp_bwd_weight_kernel": _KernelModel(
         _bwd_weight_macs,
-        ("x_ptr", "g_ptr", "mask_ptr", "alpha_ptr"),
-        lambda a: ("gw1_ptr", "gw2_ptr", "gs_ptr"),
-        lambda grid, a: _swept("g, masks", grid[1]),
+        ("x_ptr", "g_ptr", "mask_ptr", "alpha_ptr", "pull_idx_ptr", "pull_coef_ptr"),
+        lambda a: ("gw_ptr", "gs_ptr"),
+        _bwd_weight_note,
     ),
 }
 

@@ -7,7 +7,10 @@ kernels' design. What runs, and what goes through memory:
 
 forward
   - no pooling: ONE kernel (implicit-GEMM conv + whole epilogue): reads x (gathered, cache-served
-    halo) and the [K, C_out] weight matrices, writes y once and the packed masks once.
+    halo) and the [K, C_out] weight matrix, writes y once and the packed masks once. Upsample's pull
+    response is the same weights against the input prefiltered in registers (kernels/forward.py), from
+    the tables of U's and V's nonzeros built here (_prefilter_tables, device work, no host sync); the
+    pull kernel's own matrix is read only by tiles whose input is not finite.
   - avg_kernel > 1: the conv kernel writes P and Q (fp32 / fp64) to two scratch fields, a second
     kernel pools Q (count_include_pad=False) and applies the epilogue. Extra cost: 2 field writes and
     ~2 field reads (the a x a pooling reads hit cache) of [N, C_out, Ho, Wo] in the accumulator dtype.
@@ -21,13 +24,15 @@ grad_output and the packed masks as it loads them; see kernels/backward.py)
     per-group field). With pooling each gQ element gathers the a x a window of g and mask bits
     (cache-served re-reads of g and the masks, nothing written).
   - weight-gradient kernel, if weight or pull_shift is asked: deterministic split-K, writes only
-    the partial buffers [split, C_out, TH*TW*Cg] (accumulator dtype; one more for upsample's pull
-    kernel) and, for invert, [split, r_tiles, C_out] for pull_shift; torch sums them (split is 1
-    unless the GPU needs more programs).
+    the partial buffers [split, C_out, kh*kw*Cg] (accumulator dtype; upsample's pull part goes into
+    the same buffer through the prefilter) and, for invert, [split, r_tiles, C_out] for pull_shift;
+    torch sums them (split is 1 unless the GPU needs more programs).
+  - the backward tiles' channel side (input channels of the input gradient, output channels of the
+    weight gradient) is no wider than the group's channels need (16 for 16-channel layers).
   - bias_in gradient, if asked: one reduction kernel over g and the masks (sum_p gP - sum_p gQ;
     the pooling adjoint keeps sums, so no window), writes partials [split, C_out].
   - torch, small: bias_out gradient = per-channel sum of g (one read of g), the weight-matrix
-    layouts, U^T dq V for upsample, the sums of the partial buffers.
+    layouts, upsample's prefilter tables, the sums of the partial buffers.
   - grad_alpha needs relu(Q'), which is not saved: it is recomputed by one forward pass (it writes
     the dual output [N, 2*C_out, Ho, Wo], with pooling also forward's P / Q scratch fields), then
     reduced by torch with g. The same pass recomputes the masks when forward did not save them (the
@@ -88,11 +93,12 @@ if TRITON_INTERPRET:
 # Geometry
 # ----------------------------------------------------------------------------------------------
 class _Geom:
-    """Shapes and the tap window shared by forward and backward.
+    """Shapes, the push kernel's window, the pull kernel's, and the tap window of the input-gradient kernel.
 
-    The tap window is the set of input offsets the kernels gather: the push kernel's window, or for
-    upsample the pull kernel's window with the push kernel embedded in it (zero padded). Positions
-    inside the window are (offset, step) per dimension for each kernel.
+    The forward and the weight gradient gather the push kernel's taps (`push_window`) and, for upsample,
+    prefilter the input over the pull kernel's window (`pull_window`). The input gradient's tap window
+    is the push kernel's, or for upsample the pull kernel's window with the push kernel embedded in it
+    (zero padded; `window`, `embed`); positions inside it are (offset, step) per dimension for each kernel.
     """
 
     def __init__(self, x, w, args):
@@ -107,6 +113,8 @@ class _Geom:
         self.stride = tuple(int(s) for s in stride)
         self.dilation = tuple(int(d) for d in dilation)
         padding = tuple(int(p) for p in padding)
+        self.push_pad = padding
+        self.pull_pad, self.q_size = (0, 0), (1, 1)  # no pull window but upsample's
         self.Ho = conv_output_size(self.H, self.kh, self.stride[0], padding[0], self.dilation[0])
         self.Wo = conv_output_size(self.W, self.kw, self.stride[1], padding[1], self.dilation[1])
         if args.pull_shift is not None:
@@ -123,7 +131,7 @@ class _Geom:
             self.pull_pos = None
         else:
             self.q_size = (int(pull_rows.shape[0]), int(pull_cols.shape[0]))
-            pull_padding = tuple(int(p) for p in pull_padding)
+            pull_padding = self.pull_pad = tuple(int(p) for p in pull_padding)
             win, pad, dil, push_pos, pull_pos = [], [], [], [], []
             for dim in (0, 1):
                 qk, d = self.q_size[dim], self.dilation[dim]
@@ -148,8 +156,19 @@ class _Geom:
         return self.N, self.C_in, self.H, self.W, self.C_out, self.Ho, self.Wo
 
     def window(self) -> tuple:
-        """The kernels' tap-window arguments: stride, padding, dilation (each as h, w) and its size TH, TW."""
+        """The input-gradient kernel's tap-window arguments: stride, padding, dilation (each as h, w) and
+        its size TH, TW."""
         return (*self.stride, *self.pad, *self.win_dil, self.TH, self.TW)
+
+    def push_window(self) -> tuple:
+        """The forward and weight-gradient kernels' push-window arguments: stride, padding, dilation (each
+        as h, w) and the push kernel's size."""
+        return (*self.stride, *self.push_pad, *self.dilation, self.kh, self.kw)
+
+    def pull_window(self) -> tuple:
+        """The forward and weight-gradient kernels' pull-window arguments: the pull kernel's padding and
+        size (its stride and dilation are the push kernel's)."""
+        return (*self.pull_pad, *self.q_size)
 
     def embed(self, k: Tensor, pos) -> Tensor:
         """k [C_out, Cg, a, b] placed in the tap window at positions pos = ((oh, sh), (ow, sw))."""
@@ -178,6 +197,33 @@ def _bwd_matrix(kwin: Tensor, groups: int) -> Tensor:
     c_out, cg, th, tw = kwin.shape
     cgo = c_out // groups
     return kwin.reshape(groups, cgo, cg, th, tw).permute(0, 3, 4, 1, 2).reshape(groups, th * tw * cgo, cg).contiguous()
+
+
+def _nonzeros_by_column(m: Tensor, sign: float, acc_dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """For m [rows, cols]: the row indices of each column's nonzeros first (int32 [rows, cols], entry
+    (e, i) = row of column i's e-th nonzero, then its zero rows), their entries times sign (acc_dtype,
+    0 past the nonzeros) and the most nonzeros of a column (0-d). Device work: no host sync."""
+    nonzero = m != 0
+    order = torch.sort((~nonzero).to(torch.uint8), dim=0, stable=True).indices  # nonzero rows first
+    return order.to(torch.int32), (sign * m.to(acc_dtype)).gather(0, order), nonzero.sum(0).amax()
+
+
+def _prefilter_tables(rows: Tensor, cols: Tensor, acc_dtype) -> tuple[Tensor, Tensor]:
+    """The tables of kernels/common.py pull_prefilter for q = -rows @ k @ cols^T: (idx int32 [2 +
+    rows.numel() + cols.numel()] = [nnz of U's columns, nnz of V's, U's rows (e, i), V's (e, j)],
+    coef [rows.numel() + cols.numel()] = the matching -U[a, i] and V[b, j])."""
+    u_idx, u_coef, u_nnz = _nonzeros_by_column(rows, -1.0, acc_dtype)
+    v_idx, v_coef, v_nnz = _nonzeros_by_column(cols, 1.0, acc_dtype)
+    counts = torch.stack([u_nnz, v_nnz]).to(torch.int32)
+    idx = torch.cat([counts, u_idx.reshape(-1), v_idx.reshape(-1)])
+    return idx, torch.cat([u_coef.reshape(-1), v_coef.reshape(-1)])
+
+
+def _prefilter_operands(geo: _Geom, args, like: Tensor, acc_dtype) -> tuple[Tensor, Tensor]:
+    """The upsample kernels' prefilter tables (_prefilter_tables), or for other modes stand-ins they do not read."""
+    if geo.mode == MODE_UPSAMPLE:
+        return _prefilter_tables(args.pull_rows, args.pull_cols, acc_dtype)
+    return like.new_empty(1, dtype=torch.int32), like.new_empty(1, dtype=acc_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,13 +280,22 @@ def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int):
     return 128, bn, _block_k(dtype), 8, 3
 
 
-def _bwd_config(dtype, gpu: bool, weight_kernel: bool = False, pooled: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels."""
+def _bwd_config(dtype, gpu: bool, channels: int, weight_kernel: bool = False, pooled: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels. `channels`: the
+    extent of the tile's channel side, input channels per group (input gradient: BLOCK_N) or output
+    channels per group (weight gradient: BLOCK_M); the tile is no wider there than they need (a power
+    of two, at least the MMA's 16), so that 16-channel layers do not run 64-wide tiles."""
     if not gpu:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:  # float64 products on the CUDA cores here (kernels/common.py: mma_grad_operand)
-        return 32, 32, 8, 4, 1
-    return 64, 64, _block_k(dtype, pooled), 8, 2  # fewer warps or more stages spill the gradient operands
+        rows, cols, block_k, warps, stages = 32, 32, 8, 4, 1
+    else:  # fewer warps or more stages spill the gradient operands
+        rows, cols, block_k, warps, stages = 64, 64, _block_k(dtype, pooled), 8, 2
+    if weight_kernel:
+        rows = min(rows, max(16, triton.next_power_of_2(channels)))
+    else:
+        cols = min(cols, max(16, triton.next_power_of_2(channels)))
+    return rows, cols, block_k, warps, stages
 
 
 def _num_sms(device) -> int:
@@ -285,12 +340,14 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
     acc_dtype = torch.float64 if is_fp64 else torch.float32
     dual_output, save_masks = bool(args.dual_output), bool(args.save_masks)
 
-    wp = _fwd_matrix(geo.embed(w, geo.push_pos))
+    wp = _fwd_matrix(w)
+    # upsample: the pull kernel's own matrix, for tiles whose input is not finite (kernels/forward.py)
     wq = (
-        _fwd_matrix(geo.embed(pull_kernel_from_operands(w, None, args.pull_rows, args.pull_cols), geo.pull_pos))
+        _fwd_matrix(pull_kernel_from_operands(w, None, args.pull_rows, args.pull_cols))
         if geo.mode == MODE_UPSAMPLE
         else wp
     )
+    pull_idx, pull_coef = _prefilter_operands(geo, args, x, acc_dtype)
     shift, b_in, b_out, alpha_v = (
         _tensor_or(t, wp) for t in (args.pull_shift, args.bias_in, args.bias_out, args.alpha)
     )
@@ -314,9 +371,9 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
     ng_tile = _groups_per_tile(C_out, geo.Cgo, BN)
     epilogue = dict(HAS_BOUT=args.bias_out is not None, DUAL=dual_output, SAVE_MASKS=save_masks)
     config.launch(_k.pp_fwd_conv_kernel)[grid](
-        *(x, wp, wq, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf),
+        *(x, wp, wq, pull_idx, pull_coef, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf),
         *geo.sizes(),
-        *(geo.Cg, geo.Cgo, *geo.window(), ng_tile, *geo.push_box),
+        *(geo.Cg, geo.Cgo, *geo.push_window(), ng_tile, *geo.pull_window()),
         **epilogue,
         MODE=geo.mode,
         HAS_BIN=args.bias_in is not None,
@@ -432,9 +489,8 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         )
         out[3] = part.sum(0).to(dtype)
 
-    # The arguments the two GEMM kernels share after their tensors and their channel counts.
-    window = (*geo.window(), *geo.push_box, *_pool_window(args.avg_kernel))
-    tiles = _bwd_config(dtype, config.gpu_tuned(x), pooled=pooled)
+    pool_window = _pool_window(args.avg_kernel)
+    tiles = _bwd_config(dtype, config.gpu_tuned(x), Cg, pooled=pooled)
     BM, BN = tiles[:2]
 
     # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
@@ -452,7 +508,7 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         grid = (triton.cdiv(N * geo.H * geo.W, BM), triton.cdiv(Cg, BN), G)
         config.launch(_kb.pp_bwd_input_kernel)[grid](
             *(g, masks, alpha_v, shift, wpt, wqt, gx),
-            *(*geo.sizes(), G, Cg, Cgo, *window),
+            *(*geo.sizes(), G, Cg, Cgo, *geo.window(), *geo.push_box, *pool_window),
             **flags,
             ALLOW_TF32=tf32,
             **_tiles(*tiles),
@@ -461,10 +517,10 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
 
     # 3. Weight gradient (and, for invert, the pull_shift gradient).
     if want[1] or want[2]:
-        tiles = _bwd_config(dtype, config.gpu_tuned(x), weight_kernel=True, pooled=pooled)
+        tiles = _bwd_config(dtype, config.gpu_tuned(x), Cgo, weight_kernel=True, pooled=pooled)
         BM, BN, BK = tiles[:3]
         x = x.contiguous()
-        k_total = geo.TH * geo.TW * Cg
+        k_total = geo.kh * geo.kw * Cg
         n_o_tiles = triton.cdiv(Cgo, BM)
         n_r_tiles = triton.cdiv(k_total, BN)
         p_total = N * Ho * Wo
@@ -476,29 +532,20 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         def buf(*shape):  # written outputs, each its own tensor (placeholders of size 1 when unused)
             return torch.empty(shape, dtype=acc_dtype, device=dev)
 
-        gw1 = buf(split, C_out, k_total) if need_w else buf(1)
-        gw2 = buf(split, C_out, k_total) if (mode == MODE_UPSAMPLE and need_w) else buf(1)
+        gw = buf(split, C_out, k_total) if need_w else buf(1)
         gs = buf(split, n_r_tiles, C_out) if mode == MODE_INVERT else buf(1)
         grid = (G * n_o_tiles, n_r_tiles, split)
         config.launch(_kb.pp_bwd_weight_kernel)[grid](
-            *(x, g, masks, alpha_v, gw1, gw2, gs),
-            *(*geo.sizes(), Cg, Cgo, *window),
+            *(x, g, masks, alpha_v, *_prefilter_operands(geo, args, x, acc_dtype), gw, gs),
+            *(*geo.sizes(), Cg, Cgo, *geo.push_window(), *geo.pull_window(), *pool_window),
             *(pix_per_split, n_o_tiles, n_r_tiles),
             **flags,
             NEED_W=need_w,
             ALLOW_TF32=tf32,
             **_tiles(*tiles),
         )
-
-        def to_kernel(gw: Tensor) -> Tensor:  # [split, C_out, (tap, c)] -> [C_out, Cg, TH, TW]
-            return gw.sum(0).view(C_out, geo.TH, geo.TW, Cg).permute(0, 3, 1, 2)
-
-        if need_w:
-            gk = geo.extract(to_kernel(gw1), geo.push_pos, (geo.kh, geo.kw))
-            if mode == MODE_UPSAMPLE:
-                gq = geo.extract(to_kernel(gw2), geo.pull_pos, geo.q_size)
-                rows, cols = args.pull_rows.to(acc_dtype), args.pull_cols.to(acc_dtype)
-                gk = gk - rows.t() @ gq @ cols  # q = -U k V^T  =>  dk = -U^T dq V
+        if need_w:  # [split, C_out, (tap, c)] -> [C_out, Cg, kh, kw]
+            gk = gw.sum(0).view(C_out, geo.kh, geo.kw, Cg).permute(0, 3, 1, 2)
             out[1] = gk.to(dtype).contiguous()
         if want[2]:
             out[2] = gs.sum(dim=(0, 1)).to(dtype)

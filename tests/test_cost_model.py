@@ -37,13 +37,27 @@ def test_invert_forward_does_one_convolutions_products():
 
 
 @pytest.mark.parametrize("name", ["cifar-b1-2020", "imagenet-b1-2020"])
-def test_upsample_forward_runs_the_pull_window_and_the_push_taps(name):
-    # 3x3 at scale 2: a 7x7 pull window (49 taps) for the pull product, plus 9 push taps
+def test_upsample_forward_and_weight_gradient_run_two_convolutions_products(name):
+    # the prefilter algebra: push and pull both over the 9 push taps, 16 or 64 channels in whole chunks;
+    # the backward tiles' channel sides no wider than the channels (16-channel layers: 16, not 64)
     case = case_by_name(name)
-    forward, _ = cost_model.layer_cost(case, torch.float32)
-    macs = _launch(forward, "pp_fwd_conv_kernel").macs
-    assert macs * 9 == cost_model.convolution_macs(case) * (49 + 9)
-    assert macs / cost_model.convolution_macs(case) == pytest.approx(6.44, abs=0.01)
+    forward, backward = cost_model.layer_cost(case, torch.float32)
+    conv = cost_model.convolution_macs(case)
+    assert _launch(forward, "pp_fwd_conv_kernel").macs == 2 * conv
+    # the weight gradient's (tap, c) side in 64-wide tiles: 144 -> 192 for 16 channels, 576 for 64 (whole);
+    # its pixel splits are rounded up to whole chunks (under half a percent)
+    k_total = case.c_in * 9
+    padded = -(-k_total // 64) * 64
+    assert _launch(backward, "pp_bwd_weight_kernel").macs == pytest.approx(2 * conv * padded / k_total, rel=5e-3)
+    # the input gradient keeps the pull window (49 taps) and the push taps' chunks: 58 / 9 of a convolution
+    assert _launch(backward, "pp_bwd_input_kernel").macs * 9 == cost_model.convolution_macs(case) * (49 + 9)
+
+
+def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
+    # 3 -> 7 with align_corners: column 1 of U has 5 nonzeros (rows 1..5), columns 0 and 2 have 3
+    assert cost_model.prefilter_visits(dict(TH=3, TW=3, QH=7, QW=7)) == 25
+    forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.float32)
+    assert "prefilter: " in _launch(forward, "pp_fwd_conv_kernel").note
 
 
 def test_chunks_touching_push_taps_are_counted_at_block_k():
@@ -96,7 +110,8 @@ def test_command_line_prints_every_launch_and_the_summary(capsys):
     ):
         assert text in out
     summary = out.split("Summary")[1]
-    assert re.search(r"^cifar-b1-2020 +bfloat16 +6\.89 ", summary, re.MULTILINE)  # forward MACs x conv
+    # forward MACs x conv: 144-long reduction in 32-wide chunks (5 x 32 / 144), two MMAs each
+    assert re.search(r"^cifar-b1-2020 +bfloat16 +2\.22 ", summary, re.MULTILINE)
 
 
 # ---------------------------------------------------------------- backend="auto": the per-mode rule the model sets

@@ -171,7 +171,9 @@ def _unpack(masks, c_out):
     return planes.reshape(s[0], s[1], s[2] * 8, s[4], s[5])[:, :, :c_out].bool()
 
 
-def check_case(case: Case, check_backward=True):
+def check_case(case: Case, check_backward=True, package_reference=True):
+    """The launchers against case.reference (autograd of the formula on the case's pull operands); with
+    package_reference also against push_pull_reference, whose pull operands are the package's own."""
     dtype = case.x.dtype
     y, masks = case.forward()
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case.leaves()]
@@ -210,6 +212,8 @@ def check_case(case: Case, check_backward=True):
         r = torch.zeros_like(g) if r is None else r
         _close(f"grad {name}", g, r, dtype)
 
+    if not package_reference:
+        return
     # End to end against the package reference: the weight gradient plus the pull_shift gradient
     # carried back through options.pull_operands (amax + amin) is autograd of push_pull_reference.
     w = case.w.detach().clone().requires_grad_(True)
@@ -295,6 +299,52 @@ def test_half_precision(dtype):
     eager = case.reference(*case.leaves())
     err, err_eager = (y.double() - ref64).abs().max(), (eager.double() - ref64).abs().max()
     assert err <= 2 * err_eager + 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Upsample's prefilter algebra (kernels/common.py pull_prefilter) with pull matrices of any values
+# ------------------------------------------------------------------------------------------------
+def _irregular(m: torch.Tensor) -> torch.Tensor:
+    """A pull matrix of m's shape whose columns hold nonzeros apart (interior zeros), of both signs and
+    in different numbers, one column all zero: what bilinear matrices never have."""
+    g = torch.Generator().manual_seed(7)
+    out = torch.randn(m.shape, generator=g, dtype=torch.float64).to(m)
+    out[1::2] = 0  # every other row: the nonzeros of each column are not contiguous
+    out[0, -1] = 0  # column -1: one nonzero fewer than the others
+    if m.shape[1] > 2:
+        out[:, 1] = 0  # a column of no nonzero: its taps' z is 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(stride=2, padding=2, groups=2, avg=3, bias_in=True),
+        dict(kernel=(3, 5), padding=(1, 2), dual=True, hw=(7, 9)),
+        dict(kernel=(1, 3), padding=(0, 1), c_out=20, groups=2, hw=(5, 6), bias_out=True),
+    ],
+    ids=["s2-g2-avg3", "rect3x5-dual", "rect1x3-straddle"],
+)
+def test_upsample_prefilter_with_irregular_pull_matrices(geometry):
+    case = Case(pull="upsample", scale=2.0, **geometry)
+    case.rows, case.cols = _irregular(case.rows), _irregular(case.cols)
+    check_case(case, package_reference=False)
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_upsample_non_finite_input_gives_conv2d_of_the_pull_kernel(value):
+    # Mixed-sign pull weights around an Inf: conv2d(x, q) gives +-Inf per output, the prefilter's z an
+    # infinite entry under weights of both signs (NaN): the forward must take its exact fallback there.
+    case = Case(pull="upsample", scale=2.0, c_out=20, groups=2, hw=(6, 7), bias_in=True, dual=True)
+    case.rows, case.cols = _irregular(case.rows), _irregular(case.cols)
+    case.x[1, 3, 2, 4] = value
+    y, _ = case.forward()
+    want = case.reference(*case.leaves())
+    for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(kind(y), kind(want)), kind.__name__
+    finite = torch.isfinite(want)
+    assert finite.any() and not finite.all()
+    _close("finite outputs", y[finite], want[finite], y.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
