@@ -1,6 +1,7 @@
 // The average pooling of the pull response (avg_kernel, count_include_pad=False) on one plane in cache,
-// and its adjoint: a horizontal then a vertical box sum, scaled by 1 / (the clipped window's size) from
-// a table formed once per scratch, so that every loop vectorizes (no division per value).
+// and its adjoint: a horizontal then a vertical box sum over zero-padded copies (no clipped windows to
+// special-case), scaled by 1 / (the clipped window's size) from a table formed once per scratch, so that
+// every loop vectorizes (no division per value).
 #pragma once
 
 #include <algorithm>
@@ -49,53 +50,42 @@ __attribute__((always_inline)) inline void window_sums(const acc_t* __restrict__
   }
 }
 
-// out[h, w] = sum of in[h, w - r .. w + r] (clipped to the row). in and out are distinct. The sums run
-// over the plane as one flat range (the rows are short); the r columns at each end of a row, whose flat
-// windows reach into the next row, are then summed again, clipped.
+// out[h, w] = sum of in[h, w - r .. w + r] for `height` rows of `in` (row h at in + h * stride) with r
+// zeros before and after each row, so that the clipped windows need no case of their own.
 template <typename acc_t>
-PUSHPULL_CPU_CLONES void box_rows(const acc_t* __restrict__ in, acc_t* __restrict__ out, int64_t height,
-                                  int64_t width, int64_t radius) {
-  const int64_t plane = height * width, r = std::min(radius, width - 1);
-  window_sums(in, out, static_cast<const acc_t*>(nullptr), r, plane - r, 1, r);
-  const Window win{r};
-  const auto clipped = [&](int64_t h, int64_t w) {
-    acc_t sum = in[h * width + win.lo(w)];
-    for (int64_t v = win.lo(w) + 1; v <= win.hi(w, width); ++v) sum += in[h * width + v];
-    out[h * width + w] = sum;
-  };
-  for (int64_t h = 0; h < height; ++h) {
-    for (int64_t w = 0; w < std::min(r, width); ++w) clipped(h, w);
-    for (int64_t w = std::max(r, width - r); w < width; ++w) clipped(h, w);
-  }
+PUSHPULL_CPU_CLONES void box_rows(const acc_t* __restrict__ in, int64_t stride, acc_t* __restrict__ out,
+                                  int64_t height, int64_t width, int64_t r) {
+  for (int64_t h = 0; h < height; ++h)
+    window_sums(in + h * stride, out + h * width, static_cast<const acc_t*>(nullptr), 0, width, 1, r);
 }
 
-// out[h, w] = scale[h, w] * (sum of in[h - r .. h + r, w], clipped to the plane); scale null: 1. The
-// rows whose window is whole run as one flat range; the r rows at each end, clipped, row by row.
+// out[h, w] = scale[h, w] * (sum of in[h - r .. h + r, w]) (scale null: 1) for a plane `in` with r zero
+// rows above and below it.
 template <typename acc_t>
 PUSHPULL_CPU_CLONES void box_columns(const acc_t* __restrict__ in, acc_t* __restrict__ out, const acc_t* scale,
-                                     int64_t height, int64_t width, int64_t radius) {
-  const int64_t r = std::min(radius, height - 1);
-  window_sums(in, out, scale, r * width, (height - r) * width, width, r);
-  const Window win{r};
-  const auto clipped = [&](int64_t h) {
-    acc_t* __restrict__ o = out + h * width;
-    for (int64_t w = 0; w < width; ++w) o[w] = in[win.lo(h) * width + w];
-    for (int64_t u = win.lo(h) + 1; u <= win.hi(h, height); ++u)
-      for (int64_t w = 0; w < width; ++w) o[w] += in[u * width + w];
-    if (scale)
-      for (int64_t w = 0; w < width; ++w) o[w] *= scale[h * width + w];
-  };
-  for (int64_t h = 0; h < std::min(r, height); ++h) clipped(h);
-  for (int64_t h = std::max(r, height - r); h < height; ++h) clipped(h);
+                                     int64_t height, int64_t width, int64_t r) {
+  window_sums(in, out, scale, 0, height * width, width, r);
 }
 
+// The pooling of one plane at a time, and its scratch: the plane copied into rows padded with zeros
+// (count_include_pad=False then only scales by 1 / the clipped window's size). Zeros where windows
+// are clipped: the padding of both buffers is written once, here, and never again.
 template <typename acc_t>
 struct BoxPool {
-  int64_t height = 0, width = 0, radius = 0;
+  int64_t height = 0, width = 0, radius = 0, stride = 0;
   std::vector<acc_t> inverse_count;  // [plane]: 1 / the clipped window's size
+  std::vector<acc_t> rows;           // r zeros, then each row followed by r zeros (row stride width + r)
+  std::vector<acc_t> columns;        // r zero rows, the horizontal sums [height, width], r zero rows
 
   BoxPool() = default;
-  BoxPool(int64_t h, int64_t w, int64_t r) : height(h), width(w), radius(r), inverse_count(h * w) {
+  BoxPool(int64_t h, int64_t w, int64_t r)
+      : height(h),
+        width(w),
+        radius(r),
+        stride(w + r),
+        inverse_count(h * w),
+        rows(r + h * (w + r), acc_t(0)),
+        columns((h + 2 * r) * w, acc_t(0)) {
     const Window win{r};
     for (int64_t i = 0; i < h; ++i) {
       for (int64_t j = 0; j < w; ++j) {
@@ -105,19 +95,29 @@ struct BoxPool {
     }
   }
 
-  // values = their average over the windows, in place; tmp: scratch of a plane.
-  void average(acc_t* values, acc_t* tmp) const {
-    box_rows(values, tmp, height, width, radius);
-    box_columns(tmp, values, inverse_count.data(), height, width, radius);
-  }
+  // values = their average over the windows, in place.
+  void average(acc_t* values) { box_sums(values, nullptr, inverse_count.data()); }
 
   // values = the adjoint of `average` applied to them, in place: each value divided by its window's
   // size, then summed over the same (symmetric) windows.
-  void adjoint(acc_t* values, acc_t* tmp) const {
-    const int64_t plane = height * width;
-    for (int64_t p = 0; p < plane; ++p) values[p] *= inverse_count[p];
-    box_rows(values, tmp, height, width, radius);
-    box_columns(tmp, values, static_cast<const acc_t*>(nullptr), height, width, radius);
+  void adjoint(acc_t* values) { box_sums(values, inverse_count.data(), nullptr); }
+
+ private:
+  // values = scale_out * box sums of (scale_in * values) (a null scale: 1).
+  void box_sums(acc_t* values, const acc_t* scale_in, const acc_t* scale_out) {
+    for (int64_t h = 0; h < height; ++h) {
+      acc_t* __restrict__ row = rows.data() + radius + h * stride;
+      const acc_t* __restrict__ v = values + h * width;
+      if (scale_in) {
+        const acc_t* __restrict__ s = scale_in + h * width;
+        for (int64_t w = 0; w < width; ++w) row[w] = v[w] * s[w];
+      } else {
+        std::copy(v, v + width, row);
+      }
+    }
+    acc_t* sums = columns.data() + radius * width;
+    box_rows(rows.data() + radius, stride, sums, height, width, radius);
+    box_columns(static_cast<const acc_t*>(sums), values, scale_out, height, width, radius);
   }
 };
 

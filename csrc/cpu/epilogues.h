@@ -42,8 +42,8 @@ struct PlaneInputs {
 
   acc_t bias(int64_t o) const { return bias_in ? static_cast<acc_t>(bias_in[o]) : acc_t(0); }
 
-  // Q' of channel o of image n into `q`, pooled with `pool` (tmp: scratch of one plane).
-  void pull_response(int64_t n, int64_t o, acc_t* q, acc_t* tmp, const BoxPool<acc_t>& pool) const {
+  // Q' of channel o of image n into `q`, pooled with `pool`.
+  void pull_response(int64_t n, int64_t o, acc_t* q, BoxPool<acc_t>& pool) const {
     const scalar_t* p0 = push0.plane(n, o);
     const scalar_t* r0 = pull0 ? pull0.plane(n, o) : nullptr;
     const int64_t g = o / (geo.out_channels / geo.groups);
@@ -57,7 +57,7 @@ struct PlaneInputs {
     if (s) {
       for (int64_t p = 0; p < plane; ++p) q[p] += m * static_cast<acc_t>(s[p]);
     }
-    if (geo.avg_kernel > 1) pool.average(q, tmp);
+    if (geo.avg_kernel > 1) pool.average(q);
   }
 };
 
@@ -91,10 +91,9 @@ PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, cons
 // Per-thread scratch of the epilogues: a few planes in the accumulation type, and the pooling.
 template <typename acc_t>
 struct PlaneScratch {
-  std::vector<acc_t> q, tmp, grad;
+  std::vector<acc_t> q, grad;
   BoxPool<acc_t> pool;
-  explicit PlaneScratch(const Geometry& geo)
-      : q(geo.out_height * geo.out_width), tmp(q.size()), grad(q.size()) {
+  explicit PlaneScratch(const Geometry& geo) : q(geo.out_height * geo.out_width), grad(q.size()) {
     if (geo.avg_kernel > 1) pool = BoxPool<acc_t>(geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2);
   }
 };
@@ -123,7 +122,7 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
   // as torch's ReLU backward passes the gradient wherever !(v <= 0).
   auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
   for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
-    in.pull_response(n_in, o, scratch.q.data(), scratch.tmp.data(), scratch.pool);
+    in.pull_response(n_in, o, scratch.q.data(), scratch.pool);
     const scalar_t* p0 = in.push0.plane(n_in, o);
     const acc_t b = in.bias(o), a = static_cast<acc_t>(out.alpha[o]);
     const acc_t bo = out.bias_out ? static_cast<acc_t>(out.bias_out[o]) : acc_t(0);
@@ -263,13 +262,13 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     const acc_t pull_scale = geo.dual_output ? acc_t(1) : -static_cast<acc_t>(bin.alpha[o]);
     if (bin.recompute_pull) {
       acc_t* q = scratch.q.data();
-      in.pull_response(n_in, o, q, scratch.tmp.data(), scratch.pool);
+      in.pull_response(n_in, o, q, scratch.pool);
       for (int64_t p = 0; p < plane; ++p) q[p] = q[p] < acc_t(0) ? acc_t(0) : q[p];  // ReLU, NaN kept
       f.alpha_part[no] = -lane_dot(q, g_p, plane);
     }
     acc_t* gp = scratch.q.data();
     masked_gradient(mask_q, bit, g_q, pull_scale, plane, gq);
-    if (geo.avg_kernel > 1) scratch.pool.adjoint(gq, scratch.tmp.data());
+    if (geo.avg_kernel > 1) scratch.pool.adjoint(gq);
     masked_gradient(mask_p, bit, g_p, acc_t(1), plane, gp);
     const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
     const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
