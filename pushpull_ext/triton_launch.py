@@ -268,15 +268,19 @@ def _block_k(dtype, pooled: bool = False) -> int:
     return 16 if (dtype == torch.float32 or pooled) else 32
 
 
-def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward conv / epilogue kernels."""
+def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward conv / epilogue kernels. Upsample
+    keeps two accumulators and builds its prefilter operand in registers: 64 x 32 tiles (128 x 64 and 64 x 64
+    spill on sm_80 in float32; float64 32 x 32)."""
     if not gpu:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
         return 64, 16, 32, 4, 1
     bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
     # No wider than a group where groups allow: a tile straddling groups keeps a second set of accumulators.
     bn = min(bn, max(16, triton.next_power_of_2(c_out_per_group)))
     if dtype == torch.float64:
-        return 64, min(bn, 32), 16, 4, 1
+        return (32 if upsample else 64), min(bn, 32), 16, 4, 1
+    if upsample:
+        return 64, min(bn, 32), _block_k(dtype), 8, 3
     return 128, bn, _block_k(dtype), 8, 3
 
 
@@ -365,7 +369,7 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
         pbuf, qbuf = x.new_empty(1, dtype=acc_dtype), x.new_empty(1, dtype=acc_dtype)
     mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
 
-    tiles = _fwd_config(dtype, config.gpu_tuned(x), C_out, geo.Cgo)
+    tiles = _fwd_config(dtype, config.gpu_tuned(x), C_out, geo.Cgo, upsample=geo.mode == MODE_UPSAMPLE)
     BM, BN = tiles[:2]
     grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
     ng_tile = _groups_per_tile(C_out, geo.Cgo, BN)
