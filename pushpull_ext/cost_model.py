@@ -271,20 +271,22 @@ def _prefilter_note(z_elements: int, a: dict, macs: int) -> str:
     return f"prefilter: {_si(fmas)} CUDA-core FMAs ({fmas / macs:.2f}x the MACs)"
 
 
-def _fwd_conv_note(grid: tuple, a: dict) -> str:
-    notes = [_swept("x", grid[1])]
+def _gemm_note(grid: tuple, a: dict, swept: str, macs_of, z_tile_width: str) -> str:
+    """What a GEMM launch sweeps more than once and, for upsample, its prefilter's work: one z tile (one
+    column of the MMA's other side, z_tile_width wide) per push MMA."""
+    notes = [_swept(swept, grid[1])]
     if _upsample(a):
-        macs = _fwd_conv_macs(grid, a)
-        notes.append(_prefilter_note(macs // (2 * a["BLOCK_N"]), a, macs))  # one z tile per push MMA
+        macs = macs_of(grid, a)
+        notes.append(_prefilter_note(macs // (2 * a[z_tile_width]), a, macs))
     return "; ".join(n for n in notes if n)
+
+
+def _fwd_conv_note(grid: tuple, a: dict) -> str:
+    return _gemm_note(grid, a, "x", _fwd_conv_macs, "BLOCK_N")
 
 
 def _bwd_weight_note(grid: tuple, a: dict) -> str:
-    notes = [_swept("g, masks", grid[1])]
-    if _upsample(a):
-        macs = _bwd_weight_macs(grid, a)
-        notes.append(_prefilter_note(macs // (2 * a["BLOCK_M"]), a, macs))  # one z tile per push MMA
-    return "; ".join(n for n in notes if n)
+    return _gemm_note(grid, a, "g, masks", _bwd_weight_macs, "BLOCK_M")
 
 
 @dataclass(frozen=True)
