@@ -23,6 +23,10 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     _OWN_INDUCTOR_CACHE = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pushpull-tests-inductor-")
 else:
     _OWN_INDUCTOR_CACHE = None
+# Under pytest-xdist (README command 2 runs `-n auto`) each worker gets its share of the cores for torch's
+# intra-op threads: two workers of two threads each on two cores would make oneDNN's threads wait on each other.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 SUPPORT = os.path.join(os.path.dirname(__file__), "support")
 sys.path.insert(0, SUPPORT)
 

@@ -24,7 +24,12 @@ def deterministic_algorithms():
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     torch.use_deterministic_algorithms(True)
+    # At least two intra-op threads, so that the CPU kernels' parallel loops run split even where pytest-xdist
+    # gave this worker one (tests/conftest.py): a race between threads is what this test exists to catch.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
     yield
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
