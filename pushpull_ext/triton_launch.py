@@ -238,13 +238,16 @@ def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bo
     return 128, bn, _block_k(dtype), 8, 3
 
 
-def _bwd_config(dtype, gpu: bool, channels: int, weight_kernel: bool = False, pooled: bool = False, reduction=None):
+def _bwd_config(
+    dtype, gpu: bool, channels: int, weight_kernel: bool = False, pooled: bool = False, reduction=None, upsample=False
+):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels. `channels`: the
     extent of the tile's channel side, input channels per group (input gradient: BLOCK_N) or output
     channels per group (weight gradient: BLOCK_M); the tile is no wider there than they need (a power
     of two, at least the MMA's 16), so that 16-channel layers do not run 64-wide tiles. `reduction`: the
     input gradient's (push tap, output channel) reduction length (kh * kw * Cgo, 144 for a 3x3 kernel on
-    16 channels), which BLOCK_K then pads least (16 rather than 32 for 144: 9 chunks, not 4.5)."""
+    16 channels), which BLOCK_K then pads least (16 rather than 32 for 144: 9 chunks, not 4.5); with
+    `upsample`, its 16-wide tiles take 4 warps."""
     if not gpu:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:  # float64 products on the CUDA cores here (kernels/common.py: mma_grad_operand)
@@ -257,6 +260,8 @@ def _bwd_config(dtype, gpu: bool, channels: int, weight_kernel: bool = False, po
         cols = min(cols, max(16, triton.next_power_of_2(channels)))
     if reduction is not None and block_k > 16 and reduction % block_k:
         block_k = -min((triton.cdiv(reduction, bk) * bk, -bk) for bk in (block_k, block_k // 2))[1]
+    if upsample and not weight_kernel and cols == 16 and dtype != torch.float64:
+        warps = 4  # the adjoint's 64 x 16 tiles spilled 24-48 B with 8 warps (sm_80, tf32x3, Triton 3.9)
     return rows, cols, block_k, warps, stages
 
 
@@ -453,7 +458,9 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
 
     pool_window = _pool_window(args.avg_kernel)
     pull_tables = _prefilter_operands(geo, args, x, acc_dtype)  # both GEMM kernels' (upsample)
-    tiles = _bwd_config(dtype, config.gpu_tuned(x), Cg, pooled=pooled, reduction=geo.kh * geo.kw * Cgo)
+    tiles = _bwd_config(
+        dtype, config.gpu_tuned(x), Cg, pooled=pooled, reduction=geo.kh * geo.kw * Cgo, upsample=mode == MODE_UPSAMPLE
+    )
     BM, BN = tiles[:2]
 
     # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
