@@ -11,8 +11,8 @@ A operand:
 
 with c_o = -alpha[o], or 1 for the dual output, whose second half of g (channels C_out + o) feeds Q.
 Per mode the operands are
-    upsample:  input gradient: gP against the embedded push kernel, gQ against the pull kernel over the
-               pull window (two MMAs); weight gradient: gP against the push taps, gQ against the
+    upsample:  input gradient: G = gP + the prefilter's adjoint of gQ (`pull_prefilter_adjoint`) against
+               the push kernel (one MMA); weight gradient: gP against the push taps, gQ against the
                prefiltered z (forward.py, common.py `pull_prefilter`), both into dk (two MMAs)
     invert:    gP - gQ against k (push and the -P0 part of the pull share k), plus the box-sum term
     scale 1:   gP - gQ against k (Q = -P0 - b_in)
@@ -20,10 +20,14 @@ formed in the accumulator dtype and rounded to the operand dtype (what autograd 
 before the MMA. Three deterministic kernels (no atomics anywhere):
 
 1. `pp_bwd_input_kernel`: transposed implicit GEMM, tile = BLOCK_M input pixels x BLOCK_N input
-   channels of one group, reduction over (tap, output channel of the group), tap-major. Upsample
-   runs over the pull window with the push kernel embedded in it (the prefilter's adjoint, which would
-   take it to 2x, needs dz = k^T gQ on a halo of output pixels: not built) and skips the push operand
-   and its MMA on chunks without push taps. Invert adds the box-sum adjoint
+   channels of one group, reduction over (push tap, output channel of the group), tap-major, in every
+   mode. Upsample runs on the prefilter's adjoint: q = -U k V^T gives
+       dx[c](h) = sum_{o, i, j} k[o, c, i, j] G_ij[o](h),
+       G_ij[o](h) = gP[o, p(h, i, j)] + sum_{a, b} -U[a, i] V[b, j] gQ[o, p_q(h, a, b)]
+   (p / p_q: the output pixel (h + padding - tap * dilation) / stride of the push / pull window, where
+   divisible and inside), so G is formed on the CUDA cores from gP at one place and gQ at the nonzero
+   U[a, i] V[b, j] only (the forward's tables) and the products are ONE convolution's, against the push
+   weights alone (the pull kernel's matrix is not read). Invert adds the box-sum adjoint
    sum_{tap, o in g} shift[o] * gQ[o, p(tap)] (the shift part of q = -k + shift[o]) as a row sum of
    the very gQ tile the MMA consumes: no per-group field goes through memory.
 2. `pp_bwd_weight_kernel`: weight-gradient implicit GEMM, tile = BLOCK_M output channels of one
@@ -46,7 +50,6 @@ import triton.language as tl
 from .common import (
     MODE_INVERT,
     MODE_UPSAMPLE,
-    any_push_tap,
     flat_tile,
     gather_taps,
     image_and_pixel,
@@ -78,10 +81,19 @@ def grad_push(g_ptr, mask_ptr, n_img, o, pix, valid, C_OUT, HOWO, DUAL: tl.const
 
 
 @triton.jit
-def grad_pull(
+def pull_sign(alpha_ptr, o, C_OUT, DUAL: tl.constexpr, ACC: tl.constexpr):
+    """c_o of gQ: -alpha[o], or 1 for the dual output."""
+    if DUAL:
+        c = 1.0
+    else:
+        c = -tl.load(alpha_ptr + o, mask=o < C_OUT, other=0.0).to(ACC)
+    return c
+
+
+@triton.jit
+def grad_pull_unscaled(
     g_ptr,
     mask_ptr,
-    alpha_ptr,
     n_img,
     o,
     ho,
@@ -97,8 +109,8 @@ def grad_pull(
     POOLED: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """gQ = pool_adjoint(c_o * g_Q * [Q' > 0]) at (n_img (int64), o, ho, wo), broadcast to valid's
-    shape; 0 where not valid. c_o = -alpha[o], or 1 for the dual output (g_Q = g[:, C_OUT + o])."""
+    """gQ / c_o = pool_adjoint(g_Q * [Q' > 0]) at (n_img (int64), o, ho, wo), broadcast to valid's
+    shape; 0 where not valid (g_Q = g[:, C_OUT + o] for the dual output)."""
     HOWO = HO * WO
     CB = (C_OUT + 7) // 8
     q_which = tl.cast(N, tl.int64) * CB * HOWO  # offset of masks[1]
@@ -124,10 +136,109 @@ def grad_pull(
         pix = ho * WO + wo
         bit = _mask_bit(mask_ptr, q_which, n_img, o, pix, CB, HOWO, valid)
         gq = tl.load(g_ptr + g_base + pix, mask=valid & bit, other=0.0).to(ACC)
-    if not DUAL:
-        alpha = tl.load(alpha_ptr + o, mask=o < C_OUT, other=0.0).to(ACC)
-        gq = -alpha * gq
     return gq
+
+
+@triton.jit
+def grad_pull(
+    g_ptr,
+    mask_ptr,
+    alpha_ptr,
+    n_img,
+    o,
+    ho,
+    wo,
+    valid,
+    N,
+    C_OUT,
+    HO,
+    WO,
+    AVG,
+    AVG_PAD,
+    DUAL: tl.constexpr,
+    POOLED: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """gQ = pool_adjoint(c_o * g_Q * [Q' > 0]) at (n_img (int64), o, ho, wo), broadcast to valid's
+    shape; 0 where not valid. c_o = -alpha[o], or 1 for the dual output (g_Q = g[:, C_OUT + o])."""
+    gq = grad_pull_unscaled(g_ptr, mask_ptr, n_img, o, ho, wo, valid, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC)
+    return pull_sign(alpha_ptr, o, C_OUT, DUAL, ACC) * gq
+
+
+@triton.jit
+def output_coord(hn, S, HO):
+    """The output coordinate hn / S of a strided convolution's adjoint (hn = input coordinate + padding -
+    tap offset) and whether there is one: hn divisible by S and the quotient in [0, HO)."""
+    ho = hn // S
+    return ho, (hn >= 0) & (hn % S == 0) & (ho < HO)
+
+
+@triton.jit
+def pull_prefilter_adjoint(
+    g_ptr,
+    mask_ptr,
+    n_col,
+    o,
+    h,
+    w,
+    row_valid,
+    col_valid,
+    t,
+    SH,
+    SW,
+    QPH,
+    QPW,
+    DH,
+    DW,
+    TH,
+    TW,
+    QH,
+    idx_ptr,
+    coef_ptr,
+    N,
+    C_OUT,
+    HO,
+    WO,
+    AVG,
+    AVG_PAD,
+    DUAL: tl.constexpr,
+    POOLED: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The adjoint of common.py `pull_prefilter`: the pull part of the input gradient's A operand, as a
+    tile of rows = input pixels (n_col [rows, 1], h / w [rows]) and columns = (push tap t = i * TW + j,
+    output channel o [1, cols]), in the accumulator dtype, WITHOUT gQ's sign c_o:
+
+        q[o, c] = -U k[o, c] V^T  =>  dx_pull[c](h) = sum_{o, a, b} q[o, c, a, b] gQ[o, p(h, a, b)]
+                                                    = sum_{o, i, j} k[o, c, i, j] G_ij[o](h),
+        G_ij[o](h) = sum_{a, b} -U[a, i] V[b, j] gQ[o, p(h, a, b)],  p(h, a, b) = (h + pull pad - (a, b) * dil) / stride
+
+    (where divisible and inside the output), so the pull response's gradient is the push weights
+    against G: one MMA with the push part gP. Only the nonzero U[a, i] and V[b, j] are visited (the
+    tables of pull_prefilter, same layout): an entry of gQ reaches dx only through a nonzero tap of q."""
+    i = t // TW  # push row / column of each column's tap
+    j = t % TW
+    nnz_u = tl.load(idx_ptr)
+    nnz_v = tl.load(idx_ptr + 1)
+    v_base = QH * TH  # start of V's tables (less the 2 counts for idx)
+    acc = tl.zeros((h.shape[0], t.shape[0]), dtype=ACC)
+    for e in range(0, nnz_u):
+        a = tl.load(idx_ptr + 2 + e * TH + i, mask=col_valid, other=0)  # pull tap row of U's e-th nonzero
+        u = tl.load(coef_ptr + e * TH + i, mask=col_valid, other=0.0).to(ACC)  # -U[a, i]
+        ho, ok_h = output_coord(h[:, None] + QPH - (a * DH)[None, :], SH, HO)
+        row_ok = row_valid[:, None] & (u != 0)[None, :] & ok_h
+        acc_row = tl.zeros_like(acc)  # sum over b of V[b, j] * gQ at output pixel p(h, a, b)
+        for f in range(0, nnz_v):
+            b = tl.load(idx_ptr + 2 + v_base + f * TW + j, mask=col_valid, other=0)
+            v = tl.load(coef_ptr + v_base + f * TW + j, mask=col_valid, other=0.0).to(ACC)
+            wo, ok_w = output_coord(w[:, None] + QPW - (b * DW)[None, :], SW, WO)
+            ok = row_ok & (v != 0)[None, :] & ok_w
+            gq = grad_pull_unscaled(
+                g_ptr, mask_ptr, n_col, o, ho, wo, ok, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC
+            )
+            acc_row += v[None, :] * gq
+        acc += u[None, :] * acc_row
+    return acc
 
 
 @triton.jit
@@ -137,7 +248,8 @@ def pp_bwd_input_kernel(
     alpha_ptr,
     shift_ptr,
     wp_ptr,
-    wq_ptr,
+    pull_idx_ptr,
+    pull_coef_ptr,
     gx_ptr,
     N,
     C_IN,
@@ -156,11 +268,11 @@ def pp_bwd_input_kernel(
     DH,
     DW,
     TH,
-    TW,
-    PUSH_I0,
-    PUSH_I1,
-    PUSH_J0,
-    PUSH_J1,
+    TW,  # stride, padding, dilation and size of the push kernel
+    QPH,
+    QPW,
+    QH,
+    QW,  # upsample: padding and size of the pull kernel (QW: the cost model's, the tables need QH only)
     AVG,
     AVG_PAD,
     MODE: tl.constexpr,
@@ -192,42 +304,31 @@ def pp_bwd_input_kernel(
     if MODE == MODE_INVERT:
         t_sum = tl.zeros((BLOCK_M,), dtype=ACC)
     for k0 in range(0, K_TOTAL, BLOCK_K):
-        r, r_valid, t, o = tap_chunk(k0, BLOCK_K, K_TOTAL, CGO, g)  # reduction over (tap, output channel)
+        r, r_valid, t, o = tap_chunk(k0, BLOCK_K, K_TOTAL, CGO, g)  # reduction over (push tap, output channel)
         o = o[None, :]
-        hn = h[:, None] + PH - (t // TW)[None, :] * DH
-        wn = w[:, None] + PW - (t % TW)[None, :] * DW
-        ho = hn // SH
-        wo = wn // SW
-        a_mask = (
-            m_valid[:, None]
-            & r_valid[None, :]
-            & (hn >= 0)
-            & (wn >= 0)
-            & (hn % SH == 0)
-            & (wn % SW == 0)
-            & (ho < HO)
-            & (wo < WO)
-        )
+        ho, ok_h = output_coord(h[:, None] + PH - (t // TW)[None, :] * DH, SH, HO)
+        wo, ok_w = output_coord(w[:, None] + PW - (t % TW)[None, :] * DW, SW, WO)
+        a_mask = m_valid[:, None] & r_valid[None, :] & ok_h & ok_w
         w_mask = r_valid[:, None] & c_valid[None, :]
-        w_off = w_base + r[:, None] * CG + offs_c[None, :]
-        gq = grad_pull(
-            g_ptr, mask_ptr, alpha_ptr, n_col, o, ho, wo, a_mask, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC
-        )
+        wp = tl.load(wp_ptr + w_base + r[:, None] * CG + offs_c[None, :], mask=w_mask, other=0.0)
+        gp = grad_push(g_ptr, mask_ptr, n_col, o, ho * WO + wo, a_mask, C_OUT, HO * WO, DUAL, ACC)
         if MODE == MODE_UPSAMPLE:
-            wq = tl.load(wq_ptr + w_off, mask=w_mask, other=0.0)
-            acc = mma_grad_operand(gq.to(w_ty), wq, acc, IS_FP64, ALLOW_TF32)
-            if any_push_tap(r, K_TOTAL, CGO, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
-                gp = grad_push(g_ptr, mask_ptr, n_col, o, ho * WO + wo, a_mask, C_OUT, HO * WO, DUAL, ACC)
-                wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
-                acc = mma_grad_operand(gp.to(w_ty), wp, acc, IS_FP64, ALLOW_TF32)
+            # G = gP + c_o * sum_{a, b} -U[a, i] V[b, j] gQ (pull_prefilter_adjoint): one MMA against k
+            gq = pull_prefilter_adjoint(
+                *(g_ptr, mask_ptr, n_col, o, h, w, m_valid, r_valid, t, SH, SW, QPH, QPW, DH, DW, TH, TW, QH),
+                *(pull_idx_ptr, pull_coef_ptr, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC),
+            )
+            a_op = gp + pull_sign(alpha_ptr, o, C_OUT, DUAL, ACC) * gq
         else:
-            gp = grad_push(g_ptr, mask_ptr, n_col, o, ho * WO + wo, a_mask, C_OUT, HO * WO, DUAL, ACC)
-            wp = tl.load(wp_ptr + w_off, mask=w_mask, other=0.0)
-            acc = mma_grad_operand((gp - gq).to(w_ty), wp, acc, IS_FP64, ALLOW_TF32)
+            gq = grad_pull(
+                g_ptr, mask_ptr, alpha_ptr, n_col, o, ho, wo, a_mask, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC
+            )
+            a_op = gp - gq
             if MODE == MODE_INVERT:
                 # Box-sum adjoint: every input channel of the group gets sum_{tap, o} shift[o] * gQ.
                 sh = tl.load(shift_ptr + o, mask=r_valid[None, :], other=0.0).to(ACC)
                 t_sum += tl.sum(gq * sh, axis=1)
+        acc = mma_grad_operand(a_op.to(w_ty), wp, acc, IS_FP64, ALLOW_TF32)
 
     if MODE == MODE_INVERT:
         acc += t_sum[:, None]

@@ -74,24 +74,6 @@ def mma_grad_operand(a, b, acc, IS_FP64: tl.constexpr, ALLOW_TF32: tl.constexpr)
 
 
 @triton.jit
-def push_taps(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
-    """Which entries of the tap-major reduction index r = tap * RED_INNER + inner are push kernel
-    taps (rectangle [PUSH_I0, PUSH_I1] x [PUSH_J0, PUSH_J1] of the tap window)."""
-    t = r // RED_INNER
-    i = t // TW
-    j = t % TW
-    return (r < K_TOTAL) & (i >= PUSH_I0) & (i <= PUSH_I1) & (j >= PUSH_J0) & (j <= PUSH_J1)
-
-
-@triton.jit
-def any_push_tap(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1):
-    """Whether a chunk of r touches the push kernel's taps (upsample mode): chunks that do not
-    skip the push MMA, whose embedded push weights are all zero there."""
-    inside = push_taps(r, K_TOTAL, RED_INNER, TW, PUSH_I0, PUSH_I1, PUSH_J0, PUSH_J1)
-    return tl.max(inside.to(tl.int32), axis=0) > 0
-
-
-@triton.jit
 def gather_taps(x_rows, hi0, wi0, row_valid, col_valid, t, c, TW, DH, DW, H, W):
     """The implicit im2col tile x[row, c[col], hi0[row] + (t // TW) * DH, wi0[row] + (t % TW) * DW]
     (0 outside the image and where a row or column is not valid). x_rows: [rows] pointers to each row's
@@ -120,7 +102,9 @@ def pull_prefilter(
     column j at 2 + QH * TH + e * TW + j], coef_ptr the matching -U[a, i] and V[b, j] at the same
     places less 2. Entries past a column's nonzeros have coefficient 0 and load nothing, so an input
     value reaches z[c, i, j] only through a nonzero U[a, i] * V[b, j] (as it reaches conv2d(x, q) only
-    through the taps of q it is multiplied by: the forward's non-finite fallback relies on it)."""
+    through the taps of q it is multiplied by: the forward's non-finite fallback relies on it).
+    Its adjoint, which forms the input gradient's operand from gQ the same way, is backward.py
+    `pull_prefilter_adjoint`."""
     i = t // TW  # push row / column of each column's tap
     j = t % TW
     nnz_u = tl.load(idx_ptr)

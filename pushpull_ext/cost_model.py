@@ -14,11 +14,12 @@ decisions, at the paper's batch. Each recorded launch is then priced:
   program of the grid, every K-chunk of its reduction loop at its BLOCK_K (a partial last chunk costs a
   whole one), one MMA per chunk. Upsample's forward and weight gradient (the prefilter algebra,
   kernels/common.py `pull_prefilter`) run two MMAs per chunk of the push kernel's reduction: the push
-  operand and the prefiltered z against the same weights; its input gradient runs the pull MMA over the
-  whole pull window plus the push MMA on the chunks that touch push taps (`any_push_tap`). The
-  prefilter's own multiply-adds on the CUDA cores (every element of z: one per nonzero U[a, i] V[b, j]
-  pair its loops visit, for the bilinear pull matrices of the case) are in the launch's note, as a
-  fraction of its MACs. The forward's exact fallback for tiles with a non-finite input is not counted. A
+  operand and the prefiltered z against the same weights; its input gradient one MMA per chunk of the
+  same reduction (push taps x output channels: the prefilter's adjoint, kernels/backward.py
+  `pull_prefilter_adjoint`, forms gP + the pulled gQ as one operand G). The prefilter's own
+  multiply-adds on the CUDA cores (every element of z or G: one per nonzero U[a, i] V[b, j] pair its loops
+  visit, for the bilinear pull matrices of the case; with pooling each visit of G also sums an a x a
+  window of g) are in the launch's note, as a fraction of its MACs. The forward's exact fallback for tiles with a non-finite input is not counted. A
   float32 product with TF32 off is three tensor-core MMAs (tf32x3); it is counted once here. Torch's
   weight-sized work (the pull kernel, the prefilter tables) is not counted.
 - bytes: compulsory global-memory traffic of each launch: every tensor it reads, read once, and every
@@ -194,26 +195,6 @@ def record_training_step(case: Case, dtype: torch.dtype) -> list:
 
 
 # ---------------------------------------------------------------------------------------- pricing
-def _push_taps_in(r_lo: int, r_hi: int, k_total: int, inner: int, tw: int, box: tuple) -> bool:
-    """Whether the reduction indices [r_lo, r_hi) (r = tap * inner + i, tap = i * tw + j) hold a push tap
-    inside `box` = (i0, i1, j0, j1): any_push_tap of kernels/common.py, on the host."""
-    i0, i1, j0, j1 = box
-    taps = range(r_lo // inner, (min(r_hi, k_total) - 1) // inner + 1)
-    return any(i0 <= t // tw <= i1 and j0 <= t % tw <= j1 for t in taps)
-
-
-def mmas_per_chunk_loop(k_total: int, block_k: int, upsample: bool, inner: int, tw: int, box: tuple) -> int:
-    """MMAs of one `for k0 in range(0, k_total, block_k)` loop over the tap-major reduction: one per chunk,
-    plus, for upsample, the push MMA of every chunk that touches a push tap."""
-    chunks = range(0, k_total, block_k)
-    push = sum(_push_taps_in(k0, k0 + block_k, k_total, inner, tw, box) for k0 in chunks) if upsample else 0
-    return len(chunks) + push
-
-
-def _box(a: dict) -> tuple:
-    return a["PUSH_I0"], a["PUSH_I1"], a["PUSH_J0"], a["PUSH_J1"]
-
-
 def _tile(a: dict) -> int:
     return a["BLOCK_M"] * a["BLOCK_N"] * a["BLOCK_K"]
 
@@ -240,9 +221,9 @@ def _fwd_conv_macs(grid: tuple, a: dict) -> int:
 
 
 def _bwd_input_macs(grid: tuple, a: dict) -> int:
-    k_total = a["TH"] * a["TW"] * a["CGO"]
-    mmas = mmas_per_chunk_loop(k_total, a["BLOCK_K"], _upsample(a), a["CGO"], a["TW"], _box(a))
-    return math.prod(grid) * mmas * _tile(a)
+    """One MMA per chunk of the (push tap, output channel) reduction, in every mode."""
+    chunks = len(range(0, a["TH"] * a["TW"] * a["CGO"], a["BLOCK_K"]))
+    return math.prod(grid) * chunks * _tile(a)
 
 
 def _bwd_weight_macs(grid: tuple, a: dict) -> int:
@@ -265,10 +246,11 @@ def prefilter_visits(a: dict) -> int:
     return most_nonzeros(a["TH"], a["QH"]) * most_nonzeros(a["TW"], a["QW"])
 
 
-def _prefilter_note(z_elements: int, a: dict, macs: int) -> str:
-    """The prefilter's CUDA-core multiply-adds for z_elements elements of z, against the launch's MACs."""
-    fmas = z_elements * prefilter_visits(a)
-    return f"prefilter: {_si(fmas)} CUDA-core FMAs ({fmas / macs:.2f}x the MACs)"
+def _prefilter_note(z_elements: int, a: dict, macs: int, what: str = "prefilter", per_visit: int = 1) -> str:
+    """The prefilter's (or its adjoint's) CUDA-core multiply-adds for z_elements elements of z (or G),
+    per_visit each per U[a, i] V[b, j] pair, against the launch's MACs."""
+    fmas = z_elements * prefilter_visits(a) * per_visit
+    return f"{what}: {_si(fmas)} CUDA-core FMAs ({fmas / macs:.2f}x the MACs)"
 
 
 def _gemm_note(grid: tuple, a: dict, swept: str, macs_of, z_tile_width: str) -> str:
@@ -287,6 +269,18 @@ def _fwd_conv_note(grid: tuple, a: dict) -> str:
 
 def _bwd_weight_note(grid: tuple, a: dict) -> str:
     return _gemm_note(grid, a, "g, masks", _bwd_weight_macs, "BLOCK_M")
+
+
+def _bwd_input_note(grid: tuple, a: dict) -> str:
+    """g and the masks swept per channel tile; upsample: the adjoint's G, one [BLOCK_M, BLOCK_K] tile per
+    MMA (built again by every channel tile), each element one FMA per visited U V pair, and with pooling
+    the a x a window sum of each visit's gQ besides."""
+    notes = [_swept("g, masks", grid[1])]
+    if _upsample(a):
+        macs = _bwd_input_macs(grid, a)
+        window = a["AVG"] ** 2 if a["POOLED"] else 1
+        notes.append(_prefilter_note(macs // a["BLOCK_N"], a, macs, "adjoint prefilter (G)", window))
+    return "; ".join(n for n in notes if n)
 
 
 @dataclass(frozen=True)
@@ -326,9 +320,9 @@ KERNELS = {
     "pp_bwd_bias_kernel": _KernelModel(None, ("g_ptr", "mask_ptr", "alpha_ptr"), lambda a: ("part_ptr",)),
     "pp_bwd_input_kernel": _KernelModel(
         _bwd_input_macs,
-        ("g_ptr", "mask_ptr", "alpha_ptr", "shift_ptr", "wp_ptr", "wq_ptr"),
+        ("g_ptr", "mask_ptr", "alpha_ptr", "shift_ptr", "wp_ptr", "pull_idx_ptr", "pull_coef_ptr"),
         lambda a: ("gx_ptr",),
-        lambda grid, a: _swept("g, masks", grid[1]),
+        _bwd_input_note,
     ),
     "pp_bwd_weight_kernel": _KernelModel(
         _bwd_weight_macs,

@@ -93,12 +93,11 @@ if TRITON_INTERPRET:
 # Geometry
 # ----------------------------------------------------------------------------------------------
 class _Geom:
-    """Shapes, the push kernel's window, the pull kernel's, and the tap window of the input-gradient kernel.
+    """Shapes, the push kernel's window and, for upsample, the pull kernel's.
 
-    The forward and the weight gradient gather the push kernel's taps (`push_window`) and, for upsample,
-    prefilter the input over the pull kernel's window (`pull_window`). The input gradient's tap window
-    is the push kernel's, or for upsample the pull kernel's window with the push kernel embedded in it
-    (zero padded; `window`, `embed`); positions inside it are (offset, step) per dimension for each kernel.
+    Every GEMM kernel reduces over the push kernel's taps (`push_window`); upsample's forward and weight
+    gradient prefilter the input, and its input gradient gathers the pull gradient, over the pull
+    kernel's window (`pull_window`: kernels/common.py `pull_prefilter` and its adjoint).
     """
 
     def __init__(self, x, w, args):
@@ -121,69 +120,24 @@ class _Geom:
             self.mode = MODE_INVERT
         elif pull_rows is not None:
             self.mode = MODE_UPSAMPLE
+            self.q_size = (int(pull_rows.shape[0]), int(pull_cols.shape[0]))
+            self.pull_pad = tuple(int(p) for p in pull_padding)
         else:
             self.mode = MODE_SCALE1
-        if self.mode != MODE_UPSAMPLE:
-            self.TH, self.TW = self.kh, self.kw
-            self.pad = padding
-            self.win_dil = self.dilation
-            self.push_pos = ((0, 1), (0, 1))
-            self.pull_pos = None
-        else:
-            self.q_size = (int(pull_rows.shape[0]), int(pull_cols.shape[0]))
-            pull_padding = self.pull_pad = tuple(int(p) for p in pull_padding)
-            win, pad, dil, push_pos, pull_pos = [], [], [], [], []
-            for dim in (0, 1):
-                qk, d = self.q_size[dim], self.dilation[dim]
-                off = pull_padding[dim] - padding[dim]  # >= 0: the push window lies inside the pull one
-                if off % d == 0:  # push taps lie on the pull window's own grid (always so for dilation 1)
-                    window, step, push_at, pull_at = qk, d, (off // d, 1), (0, 1)
-                else:  # general dilation: a dense window covering both, both kernels sparse in it
-                    window, step, push_at, pull_at = (qk - 1) * d + 1, 1, (off, d), (0, d)
-                win.append(window)
-                pad.append(pull_padding[dim])
-                dil.append(step)
-                push_pos.append(push_at)
-                pull_pos.append(pull_at)
-            self.TH, self.TW = win
-            self.pad, self.win_dil = tuple(pad), tuple(dil)
-            self.push_pos, self.pull_pos = tuple(push_pos), tuple(pull_pos)
-        (oh, sh), (ow, sw) = self.push_pos
-        self.push_box = (oh, oh + (self.kh - 1) * sh, ow, ow + (self.kw - 1) * sw)
 
     def sizes(self) -> tuple:
         """The kernels' size arguments N, C_in, H, W, C_out, Ho, Wo."""
         return self.N, self.C_in, self.H, self.W, self.C_out, self.Ho, self.Wo
 
-    def window(self) -> tuple:
-        """The input-gradient kernel's tap-window arguments: stride, padding, dilation (each as h, w) and
-        its size TH, TW."""
-        return (*self.stride, *self.pad, *self.win_dil, self.TH, self.TW)
-
     def push_window(self) -> tuple:
-        """The forward and weight-gradient kernels' push-window arguments: stride, padding, dilation (each
-        as h, w) and the push kernel's size."""
+        """The GEMM kernels' push-window arguments: stride, padding, dilation (each as h, w) and the push
+        kernel's size."""
         return (*self.stride, *self.push_pad, *self.dilation, self.kh, self.kw)
 
     def pull_window(self) -> tuple:
-        """The forward and weight-gradient kernels' pull-window arguments: the pull kernel's padding and
-        size (its stride and dilation are the push kernel's)."""
+        """The upsample kernels' pull-window arguments: the pull kernel's padding and size (its stride and
+        dilation are the push kernel's)."""
         return (*self.pull_pad, *self.q_size)
-
-    def embed(self, k: Tensor, pos) -> Tensor:
-        """k [C_out, Cg, a, b] placed in the tap window at positions pos = ((oh, sh), (ow, sw))."""
-        (oh, sh), (ow, sw) = pos
-        a, b = k.shape[2:]
-        if (self.TH, self.TW) == (a, b):
-            return k
-        out = k.new_zeros(k.shape[0], k.shape[1], self.TH, self.TW)
-        out[:, :, oh : oh + (a - 1) * sh + 1 : sh, ow : ow + (b - 1) * sw + 1 : sw] = k
-        return out
-
-    def extract(self, kwin: Tensor, pos, size) -> Tensor:
-        (oh, sh), (ow, sw) = pos
-        a, b = size
-        return kwin[:, :, oh : oh + (a - 1) * sh + 1 : sh, ow : ow + (b - 1) * sw + 1 : sw]
 
 
 def _fwd_matrix(kwin: Tensor) -> Tensor:
@@ -284,11 +238,16 @@ def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bo
     return 128, bn, _block_k(dtype), 8, 3
 
 
-def _bwd_config(dtype, gpu: bool, channels: int, weight_kernel: bool = False, pooled: bool = False):
+def _bwd_config(
+    dtype, gpu: bool, channels: int, weight_kernel: bool = False, pooled: bool = False, reduction=None, upsample=False
+):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the backward GEMM kernels. `channels`: the
     extent of the tile's channel side, input channels per group (input gradient: BLOCK_N) or output
     channels per group (weight gradient: BLOCK_M); the tile is no wider there than they need (a power
-    of two, at least the MMA's 16), so that 16-channel layers do not run 64-wide tiles."""
+    of two, at least the MMA's 16), so that 16-channel layers do not run 64-wide tiles. `reduction`: the
+    input gradient's (push tap, output channel) reduction length (kh * kw * Cgo, 144 for a 3x3 kernel on
+    16 channels), which BLOCK_K then pads least (16 rather than 32 for 144: 9 chunks, not 4.5); with
+    `upsample`, its 16-wide tiles take 4 warps."""
     if not gpu:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:  # float64 products on the CUDA cores here (kernels/common.py: mma_grad_operand)
@@ -299,6 +258,10 @@ def _bwd_config(dtype, gpu: bool, channels: int, weight_kernel: bool = False, po
         rows = min(rows, max(16, triton.next_power_of_2(channels)))
     else:
         cols = min(cols, max(16, triton.next_power_of_2(channels)))
+    if reduction is not None and block_k > 16 and reduction % block_k:
+        block_k = -min((triton.cdiv(reduction, bk) * bk, -bk) for bk in (block_k, block_k // 2))[1]
+    if upsample and not weight_kernel and cols == 16 and dtype != torch.float64:
+        warps = 4  # the adjoint's 64 x 16 tiles spilled 24-48 B with 8 warps (sm_80, tf32x3, Triton 3.9)
     return rows, cols, block_k, warps, stages
 
 
@@ -494,25 +457,23 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         out[3] = part.sum(0).to(dtype)
 
     pool_window = _pool_window(args.avg_kernel)
-    tiles = _bwd_config(dtype, config.gpu_tuned(x), Cg, pooled=pooled)
+    pull_tables = _prefilter_operands(geo, args, x, acc_dtype)  # both GEMM kernels' (upsample)
+    tiles = _bwd_config(
+        dtype, config.gpu_tuned(x), Cg, pooled=pooled, reduction=geo.kh * geo.kw * Cgo, upsample=mode == MODE_UPSAMPLE
+    )
     BM, BN = tiles[:2]
 
     # 2. Input gradient (gP / gQ formed from g and the masks as the A operand is loaded).
     if want[0]:
-        w = w.contiguous()
-        kp = geo.embed(w, geo.push_pos)
-        wpt = _bwd_matrix(kp, G)
-        if mode == MODE_UPSAMPLE:
-            pull = pull_kernel_from_operands(w, None, args.pull_rows, args.pull_cols)
-            wqt = _bwd_matrix(geo.embed(pull, geo.pull_pos), G)
-        else:
-            wqt = wpt
+        # upsample too runs against the push kernel alone: its pull gradient goes through the
+        # prefilter's adjoint (kernels/backward.py pull_prefilter_adjoint), from the same tables
+        wpt = _bwd_matrix(w.contiguous(), G)
         shift = pull_shift.contiguous() if mode == MODE_INVERT else alpha_v
         gx = torch.empty(x.shape, dtype=dtype, device=dev)
         grid = (triton.cdiv(N * geo.H * geo.W, BM), triton.cdiv(Cg, BN), G)
         config.launch(_kb.pp_bwd_input_kernel)[grid](
-            *(g, masks, alpha_v, shift, wpt, wqt, gx),
-            *(*geo.sizes(), G, Cg, Cgo, *geo.window(), *geo.push_box, *pool_window),
+            *(g, masks, alpha_v, shift, wpt, *pull_tables, gx),
+            *(*geo.sizes(), G, Cg, Cgo, *geo.push_window(), *geo.pull_window(), *pool_window),
             **flags,
             ALLOW_TF32=tf32,
             **_tiles(*tiles),
@@ -540,7 +501,7 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         gs = buf(split, n_r_tiles, C_out) if mode == MODE_INVERT else buf(1)
         grid = (G * n_o_tiles, n_r_tiles, split)
         config.launch(_kb.pp_bwd_weight_kernel)[grid](
-            *(x, g, masks, alpha_v, *_prefilter_operands(geo, args, x, acc_dtype), gw, gs),
+            *(x, g, masks, alpha_v, *pull_tables, gw, gs),
             *(*geo.sizes(), Cg, Cgo, *geo.push_window(), *geo.pull_window(), *pool_window),
             *(pix_per_split, n_o_tiles, n_r_tiles),
             **flags,

@@ -5,6 +5,7 @@ predictions set until GPU timings exist, tested with a stand-in CUDA device."""
 
 import re
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,8 +50,9 @@ def test_upsample_forward_and_weight_gradient_run_two_convolutions_products(name
     k_total = case.c_in * 9
     padded = -(-k_total // 64) * 64
     assert _launch(backward, "pp_bwd_weight_kernel").macs == pytest.approx(2 * conv * padded / k_total, rel=5e-3)
-    # the input gradient keeps the pull window (49 taps) and the push taps' chunks: 58 / 9 of a convolution
-    assert _launch(backward, "pp_bwd_input_kernel").macs * 9 == cost_model.convolution_macs(case) * (49 + 9)
+    # the input gradient: the prefilter's adjoint, one MMA over (push tap, output channel), 16 or 64
+    # channels in whole chunks (float32: 16 wide): one convolution's products
+    assert _launch(backward, "pp_bwd_input_kernel").macs == conv
 
 
 def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
@@ -60,11 +62,15 @@ def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
     assert "prefilter: " in _launch(forward, "pp_fwd_conv_kernel").note
 
 
-def test_chunks_touching_push_taps_are_counted_at_block_k():
-    # 3 channels, 7x7 window, push taps rows / cols 2..4: r = tap * 3 + c over 147 indices, chunks of 16.
-    # Push taps 16-18, 23-25, 30-32 are r 48-56, 69-77, 90-98: chunks 3, 4, 5, 6. 10 chunks + 4 push MMAs.
-    assert cost_model.mmas_per_chunk_loop(147, 16, True, 3, 7, (2, 4, 2, 4)) == 14
-    assert cost_model.mmas_per_chunk_loop(147, 16, False, 3, 7, (2, 4, 2, 4)) == 10
+def test_upsample_input_gradient_notes_the_adjoint_prefilters_work():
+    # G: one [BLOCK_M, BLOCK_K] tile per MMA, built by each channel tile: 25 FMAs per element (5 x 5 nonzero
+    # U V pairs at most) over BLOCK_N MACs, BLOCK_N = 16 for 16 channels, 64 for 64; a x a more with pooling
+    for name, ratio in (("cifar-b1-2020", "1.56x"), ("imagenet-b1-2020", "0.39x")):
+        _, backward = cost_model.layer_cost(case_by_name(name), torch.float32)
+        assert "adjoint prefilter (G): " in _launch(backward, "pp_bwd_input_kernel").note
+        assert f"({ratio} the MACs)" in _launch(backward, "pp_bwd_input_kernel").note
+    _, pooled = cost_model.layer_cost(replace(parse_case("2,16,16,8,8,3,1,1,upsample"), avg_kernel=3), torch.float32)
+    assert "(14.06x the MACs)" in _launch(pooled, "pp_bwd_input_kernel").note
 
 
 def test_pooled_forward_writes_and_reads_the_scratch_fields():
