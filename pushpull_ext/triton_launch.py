@@ -278,20 +278,21 @@ def _block_k(dtype, pooled: bool = False) -> int:
     return 16 if (dtype == torch.float32 or pooled) else 32
 
 
-def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bool = False, pooled: bool = False):
+def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bool = False, avg: int = 1):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward kernel (and, BLOCK_M / BLOCK_N, the
     backward's bias kernel). Upsample keeps two accumulators and builds its prefilter operand in registers:
     64 x 32 tiles (128 x 64 and 64 x 64 spill on sm_80 in float32; float64 32 x 32).
-    Pooled: taller pixel tiles (a 2-D tile with its halo: the taller, the less halo is recomputed) and
-    narrower channel tiles, for the box sum's copies of Q (benchmarks/tuning.md)."""
+    Pooled (fused, avg > 1): taller pixel tiles (a 2-D tile with its halo: the taller, the less halo is
+    recomputed; _pool_tile may take fewer rows) and narrower channel tiles, for the box sum's copies of Q
+    (benchmarks/tuning.md)."""
     if not gpu:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
         return 64, 16, 32, 4, 1
     bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
     # No wider than a group where groups allow: a tile straddling groups keeps a second set of accumulators.
     bn = min(bn, max(16, triton.next_power_of_2(c_out_per_group)))
-    if pooled:
-        if dtype == torch.float64:
-            return (64 if upsample else 128), 16, 16, 4, 1
+    if avg > 1:
+        if dtype == torch.float64:  # 128 x 16 with 4 warps spilled 56 B on sm_90 (64 channels, 5x5 pooling)
+            return (64, 16, 16, 4, 1) if (upsample or avg >= 5) else (128, 16, 16, 8, 1)
         if upsample:
             return 128, 16, _block_k(dtype), 8, 3
         return 256, min(bn, 32), _block_k(dtype), 8, 3
@@ -387,7 +388,7 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
     eh = ew = 1
     scratch = False
     if avg > 1:
-        fused = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, pooled=True)
+        fused = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, avg=avg)
         block_m, eh, ew = _pool_tile(fused[0], avg, Ho, Wo)
         fused = (block_m, *fused[1:])
         scratch = config.pool_path == "scratch" or (
