@@ -1,12 +1,13 @@
 """Forward kernels of the fused push-pull convolution.
 
 `pp_fwd_conv_kernel` is an implicit-GEMM convolution: one program owns a tile of BLOCK_M output
-pixels (flattened over batch and space, so small feature maps do not waste the tile) times BLOCK_N
-output channels, and reduces over a *tap window* of the input: the folded index
-r = tap * C_in_per_group + c (tap = i * TW + j, input channel innermost), so that a 3-channel stem
-with a 3x3 kernel is one 27-long reduction and not 9 padded 3-long ones. Loads of the input are
-gathered with padding masks (no im2col buffer); the weights come as a [K, C_out] matrix prepared by
-the launcher. The accumulator is fp32 (fp64 for fp64).
+pixels (without pooling: flattened over batch and space, so small feature maps do not waste the
+tile; with pooling: a 2-D tile of one image with its halo, see below) times BLOCK_N output channels,
+and reduces over a *tap window* of the input: the folded index r = tap * C_in_per_group + c
+(tap = i * TW + j, input channel innermost), so that a 3-channel stem with a 3x3 kernel is one
+27-long reduction and not 9 padded 3-long ones. Loads of the input are gathered with padding masks
+(no im2col buffer); the weights come as a [K, C_out] matrix prepared by the launcher. The
+accumulator is fp32 (fp64 for fp64).
 
 Pull modes (MODE constexpr, see common.py):
 - scale 1 (q = -k): one MMA; the pull response is -P0.
@@ -29,12 +30,22 @@ touches, masking the weights of the other groups' channels. With groups == 1 thi
 Epilogue (no pooling): P = P0 + b_in, Q = R - b_in, y = relu(P) - alpha * relu(Q) + b_out (or the
 dual concat), mask bits, all in registers; y is written once and the masks once, 8 channels a byte.
 
-With pooling (avg_kernel > 1) every output pixel needs Q on a halo of (a-1)/2 pixels. This
-implementation does NOT recompute the halo: the conv kernel writes P and Q (accumulator dtype) to
-two scratch fields of the output's size, and `pp_fwd_pool_epilogue_kernel` pools Q
-(count_include_pad=False, exact at borders), applies the same epilogue and writes y and the masks.
-Cost versus a fully fused kernel: 2 extra writes + (1 + a^2, mostly cache-served) reads of an
-[N, C_out, Ho, Wo] accumulator-dtype field, and a second launch.
+With pooling (avg_kernel a > 1) every output pixel needs Q on a halo of r = (a-1)/2 pixels: the
+program's pixel tile is then a 2-D tile of one image WITH its halo, EH x EW pixels (flattened row-major
+into BLOCK_M >= EH * EW rows; the launcher picks all three, `triton_launch._pool_tile`), of which the inner
+(EH - 2r) x (EW - 2r) are this program's outputs. P and Q are computed on the whole tile (the halo is
+recomputed by the neighbouring tiles: the product overhead is BLOCK_M / inner pixels, see the cost
+model), Q outside the image is zeroed, and Q is box-summed on chip, separably (`_box_sum`: a
+gathers along the row, then a along the column, `tl.gather` over the tile's rows) and divided by the
+count of its window's pixels inside the image (count_include_pad=False, exact at borders). The same
+epilogue then writes y and the masks once for the inner pixels: no scratch field, no second launch.
+
+The scratch path (POOL_SCRATCH) is kept for the layers where the recomputed halo's products would cost
+more than the traffic they save (the launcher's rule, `triton_launch._fused_pooling_pays`: wide layers
+in float32 with TF32 off or float64, upsample with large windows): the flat tiles of the unpooled
+kernel write P and Q (accumulator dtype) to two fields of the output's size and
+`pp_fwd_pool_epilogue_kernel` pools Q (count_include_pad=False) and applies the same epilogue: 2 writes
+and 2 (cache-served a x a) reads of a field more, and a second launch.
 """
 
 import triton
@@ -47,6 +58,9 @@ from .common import MODE_INVERT, MODE_UPSAMPLE, flat_tile, gather_taps, image_an
 def _pp_epilogue(
     P,
     Q,
+    n_img,
+    pix,
+    m_valid,
     bout_ptr,
     alpha_ptr,
     y_ptr,
@@ -61,12 +75,10 @@ def _pp_epilogue(
     BLOCK_N: tl.constexpr,
 ):
     """P, Q: [BLOCK_M, BLOCK_N] push response and (pooled) pull response, biases included, of this
-    program's tile (program ids (pixel tile, channel tile), as both forward kernels launch)."""
+    program's tile; rows: image n_img (int64), pixel pix, written where m_valid; columns: channel tile
+    program_id(1)."""
     pid_n = tl.program_id(1)
-    offs_m, m_valid = flat_tile(tl.program_id(0), BLOCK_M, N * HOWO)
     offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
-    n_img = (offs_m // HOWO).to(tl.int64)
-    pix = offs_m % HOWO
     valid = m_valid[:, None] & n_valid[None, :]
     zero = tl.zeros_like(P)
     # ReLU as torch.relu: NaN stays NaN (tl.maximum's default would turn it into 0).
@@ -101,6 +113,25 @@ def _pp_epilogue(
         moff = n_img[:, None] * CB * HOWO + offs_b[None, :] * HOWO + pix[:, None]
         tl.store(mask_ptr + moff, byte_p, mask=bvalid)
         tl.store(mask_ptr + tl.cast(N, tl.int64) * CB * HOWO + moff, byte_q, mask=bvalid)
+
+
+@triton.jit
+def _box_sum(q, EW: tl.constexpr, AVG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The AVG x AVG box sum of q [BLOCK_M, channels], whose row e is pixel (e // EW, e % EW) of a 2-D
+    tile, on chip: AVG gathers of rows along the tile's rows, then AVG along its columns (separable).
+    Exact for the rows at least (AVG - 1) / 2 pixels inside the tile's edges; the others get clamped
+    neighbours (the caller writes no such row)."""
+    HALO: tl.constexpr = (AVG - 1) // 2
+    e = tl.arange(0, BLOCK_M)
+    rows = tl.zeros_like(q)
+    for dj in tl.static_range(AVG):
+        idx = tl.minimum(tl.maximum(e + (dj - HALO), 0), BLOCK_M - 1)
+        rows += tl.gather(q, tl.broadcast_to(idx[:, None], q.shape), axis=0)
+    box = tl.zeros_like(q)
+    for di in tl.static_range(AVG):
+        idx = tl.minimum(tl.maximum(e + (di - HALO) * EW, 0), BLOCK_M - 1)
+        box += tl.gather(rows, tl.broadcast_to(idx[:, None], q.shape), axis=0)
+    return box
 
 
 @triton.jit
@@ -189,7 +220,10 @@ def pp_fwd_conv_kernel(
     HAS_BOUT: tl.constexpr,
     DUAL: tl.constexpr,
     SAVE_MASKS: tl.constexpr,
-    POOLED: tl.constexpr,
+    AVG: tl.constexpr,  # pooling window (1: no pooling)
+    POOL_EH: tl.constexpr,
+    POOL_EW: tl.constexpr,  # pooling: the pixel tile, halo included (EH x EW of one image)
+    POOL_SCRATCH: tl.constexpr,  # pooling through the P / Q scratch fields and pp_fwd_pool_epilogue_kernel
     IS_FP64: tl.constexpr,
     ALLOW_TF32: tl.constexpr,
     STRADDLE: tl.constexpr,  # NG_TILE > 1: some channel tile spans several groups
@@ -202,14 +236,29 @@ def pp_fwd_conv_kernel(
     HOWO = HO * WO
     K_TOTAL = CG * TH * TW
 
-    offs_m, m_valid = flat_tile(pid_m, BLOCK_M, N * HOWO)
     offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
-    n_img, pix = image_and_pixel(offs_m, HOWO)
+    if AVG > 1 and not POOL_SCRATCH:
+        # a POOL_EH x POOL_EW tile of one image, its inner pixels this program's outputs, the rest halo
+        HALO: tl.constexpr = (AVG - 1) // 2
+        tiles_h = (HO + POOL_EH - 2 * HALO - 1) // (POOL_EH - 2 * HALO)
+        tiles_w = (WO + POOL_EW - 2 * HALO - 1) // (POOL_EW - 2 * HALO)
+        tile = pid_m % (tiles_h * tiles_w)
+        e = tl.arange(0, BLOCK_M)  # row e of the tile: pixel (e // POOL_EW, e % POOL_EW) of it
+        ho = (tile // tiles_w) * (POOL_EH - 2 * HALO) - HALO + e // POOL_EW
+        wo = (tile % tiles_w) * (POOL_EW - 2 * HALO) - HALO + e % POOL_EW
+        m_valid = (e < POOL_EH * POOL_EW) & (ho >= 0) & (ho < HO) & (wo >= 0) & (wo < WO)
+        n_img = tl.zeros((BLOCK_M,), dtype=tl.int64) + (pid_m // (tiles_h * tiles_w))
+        pix = ho * WO + wo
+    else:
+        offs_m, m_valid = flat_tile(pid_m, BLOCK_M, N * HOWO)
+        n_img, pix = image_and_pixel(offs_m, HOWO)
+        ho = pix // WO
+        wo = pix % WO
     # input coordinates of tap (0, 0) of the push window, and (upsample) of the pull window
-    hi0 = (pix // WO) * SH - PH
-    wi0 = (pix % WO) * SW - PW
-    hq0 = (pix // WO) * SH - QPH
-    wq0 = (pix % WO) * SW - QPW
+    hi0 = ho * SH - PH
+    wi0 = wo * SW - PW
+    hq0 = ho * SH - QPH
+    wq0 = wo * SW - QPW
     x_img = x_ptr + n_img * C_IN * H * W  # [BLOCK_M] pointers (64-bit image offset)
     o_group = offs_n // CGO
 
@@ -284,14 +333,24 @@ def pp_fwd_conv_kernel(
         P = P + b[None, :]
         Q = Q - b[None, :]
 
-    if POOLED:
+    if POOL_SCRATCH:
         valid = m_valid[:, None] & n_valid[None, :]
         off = n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO + pix[:, None]
         tl.store(pbuf_ptr + off, P, mask=valid)
         tl.store(qbuf_ptr + off, Q, mask=valid)
     else:
+        if AVG > 1:
+            # Q' = avg_pool2d(Q, AVG, stride 1, pad HALO, count_include_pad=False) on the inner pixels
+            Q = _box_sum(tl.where(m_valid[:, None], Q, 0.0), POOL_EW, AVG, BLOCK_M)
+            count_h = tl.minimum(ho + HALO, HO - 1) - tl.maximum(ho - HALO, 0) + 1
+            count_w = tl.minimum(wo + HALO, WO - 1) - tl.maximum(wo - HALO, 0) + 1
+            Q = Q / tl.maximum(count_h * count_w, 1).to(ACC)[:, None]
+            inner = (e // POOL_EW >= HALO) & (e // POOL_EW < POOL_EH - HALO)
+            inner = inner & (e % POOL_EW >= HALO) & (e % POOL_EW < POOL_EW - HALO)
+            m_valid = m_valid & inner
         _pp_epilogue(
-            P, Q, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO, HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N
+            *(P, Q, n_img, pix, m_valid, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO),
+            *(HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N),
         )
 
 
@@ -340,5 +399,6 @@ def pp_fwd_pool_epilogue_kernel(
     count = tl.maximum(count, 1.0)
     Q = q_sum / count[:, None]
     _pp_epilogue(
-        P, Q, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO, HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N
+        *(P, Q, n_img, pix, m_valid, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO),
+        *(HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N),
     )

@@ -12,7 +12,11 @@ decisions, at the paper's batch. Each recorded launch is then priced:
 
 - multiply-adds (MACs): the tensor-core products the kernel executes, counted as it executes them: every
   program of the grid, every K-chunk of its reduction loop at its BLOCK_K (a partial last chunk costs a
-  whole one), one MMA per chunk. Upsample's forward and weight gradient (the prefilter algebra,
+  whole one), one MMA per chunk. With pooling the forward's programs are 2-D tiles of one image with the
+  pooling halo: their rows (halo recomputed by the neighbouring tiles, padding rows to BLOCK_M, tiles past
+  the image's edge) are all counted, and the note gives them per output pixel (where the launcher's
+  roofline rule, triton_launch._fused_pooling_pays, takes the scratch path instead, its two launches are
+  priced as they are: flat tiles, P / Q fields written and read). Upsample's forward and weight gradient (the prefilter algebra,
   kernels/common.py `pull_prefilter`) run two MMAs per chunk of the push kernel's reduction: the push
   operand and the prefiltered z against the same weights; its input gradient one MMA per chunk of the
   same reduction (push taps x output channels: the prefilter's adjoint, kernels/backward.py
@@ -23,8 +27,9 @@ decisions, at the paper's batch. Each recorded launch is then priced:
   float32 product with TF32 off is three tensor-core MMAs (tf32x3); it is counted once here. Torch's
   weight-sized work (the pull kernel, the prefilter tables) is not counted.
 - bytes: compulsory global-memory traffic of each launch: every tensor it reads, read once, and every
-  tensor it writes, written once (the conv halo, the pooling window and re-reads of the same tensor by
-  other programs assumed served by cache; `note` says where a tensor is swept by several tile columns).
+  tensor it writes, written once (the conv halo, the pooled forward's halo tiles and re-reads of the same
+  tensor by other programs assumed served by cache; the pooled forward keeps Q's halo on chip, so it writes
+  y and the masks once, as without pooling; `note` says where a tensor is swept by several tile columns).
   Placeholder arguments (the launcher's size-1 tensors for unused outputs) cost their size, i.e. nothing.
   For torch operations: their tensor arguments read, their outputs written (views and empty allocations
   free).
@@ -263,8 +268,23 @@ def _gemm_note(grid: tuple, a: dict, swept: str, macs_of, z_tile_width: str) -> 
     return "; ".join(n for n in notes if n)
 
 
+def pooled_tile_overhead(grid: tuple, a: dict) -> float:
+    """The pooled forward's rows computed (programs x BLOCK_M: halo recomputed by neighbouring tiles,
+    padding rows, tiles past the image's edge) per output pixel: its products over an unpadded GEMM's."""
+    return grid[0] * a["BLOCK_M"] / (a["N"] * a["HO"] * a["WO"])
+
+
 def _fwd_conv_note(grid: tuple, a: dict) -> str:
-    return _gemm_note(grid, a, "x", _fwd_conv_macs, "BLOCK_N")
+    note = _gemm_note(grid, a, "x", _fwd_conv_macs, "BLOCK_N")
+    if a["AVG"] > 1 and not a["POOL_SCRATCH"]:
+        eh, ew, halo = a["POOL_EH"], a["POOL_EW"], a["AVG"] - 1
+        pooled = (
+            f"Q pooled {a['AVG']}x{a['AVG']} on chip: {eh}x{ew} tiles ({eh - halo}x{ew - halo} outputs, "
+            f"BLOCK_M {a['BLOCK_M']}), products x{pooled_tile_overhead(grid, a):.2f} the output pixels' (halo recomputed), "
+            f"box sum {2 * a['AVG']} on-chip gathers a tile element"
+        )
+        note = "; ".join(n for n in (pooled, note) if n)
+    return note
 
 
 def _bwd_weight_note(grid: tuple, a: dict) -> str:
@@ -299,8 +319,8 @@ def _swept(name: str, times: int) -> str:
 
 
 def _conv_writes(a: dict) -> tuple:
-    """With pooling the conv kernel writes the P / Q scratch fields, and the pooling epilogue y and masks."""
-    return ("pbuf_ptr", "qbuf_ptr") if a["POOLED"] else ("y_ptr", "mask_ptr")
+    """On the scratch path the conv kernel writes the P / Q scratch fields, and the pooling epilogue y and masks."""
+    return ("pbuf_ptr", "qbuf_ptr") if a["POOL_SCRATCH"] else ("y_ptr", "mask_ptr")
 
 
 _EPILOGUE_READS = ("bin_ptr", "bout_ptr", "alpha_ptr")

@@ -11,9 +11,16 @@ forward
     response is the same weights against the input prefiltered in registers (kernels/forward.py), from
     the tables of U's and V's nonzeros built here (_prefilter_tables, device work, no host sync); the
     pull kernel's own matrix is read only by tiles whose input is not finite.
-  - avg_kernel > 1: the conv kernel writes P and Q (fp32 / fp64) to two scratch fields, a second
-    kernel pools Q (count_include_pad=False) and applies the epilogue. Extra cost: 2 field writes and
-    ~2 field reads (the a x a pooling reads hit cache) of [N, C_out, Ho, Wo] in the accumulator dtype.
+  - avg_kernel > 1, fused (the pooled paper shapes): the same ONE kernel, on 2-D pixel tiles of one
+    image with the pooling halo (_pool_tile picks the tile): it recomputes P and Q on the halo, pools
+    Q on chip (count_include_pad=False) and writes y and the masks once, as without pooling; no scratch
+    field. Extra cost: the halo's products (the cost model's note: x1.3-2.0 of the output pixels' for
+    the pooled paper shapes) and the box sum's 2a on-chip gathers per tile element.
+  - avg_kernel > 1, scratch, where _fused_pooling_pays finds the halo's products dearer than the
+    traffic they save (a roofline at an H100's balance: wide layers in float32 without TF32 or float64,
+    upsample with large windows): the conv kernel writes P and Q (fp32 / fp64) to two scratch fields, a
+    second kernel pools Q and applies the epilogue. Extra cost: 2 field writes and ~2 field reads (the
+    a x a pooling reads hit cache) of [N, C_out, Ho, Wo] in the accumulator dtype.
 backward (no masked gradient field is ever written: every kernel forms gP = g * [P > 0] and
 gQ = pool_adjoint(c * g * [Q' > 0]) (c = -alpha, or 1 with g's second half for the dual output) from
 grad_output and the packed masks as it loads them; see kernels/backward.py)
@@ -34,7 +41,7 @@ grad_output and the packed masks as it loads them; see kernels/backward.py)
   - torch, small: bias_out gradient = per-channel sum of g (one read of g), the weight-matrix
     layouts, upsample's prefilter tables, the sums of the partial buffers.
   - grad_alpha needs relu(Q'), which is not saved: it is recomputed by one forward pass (it writes
-    the dual output [N, 2*C_out, Ho, Wo], with pooling also forward's P / Q scratch fields), then
+    the dual output [N, 2*C_out, Ho, Wo], by the same path as forward's, fused or scratch), then
     reduced by torch with g. The same pass recomputes the masks when forward did not save them (the
     only other case in which backward runs a forward).
 Everything here besides the kernel launches is small work on the weights (a few KB) or per-channel
@@ -43,6 +50,7 @@ reductions; no atomics, so results are bitwise reproducible run to run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -204,6 +212,8 @@ class LaunchConfig:
     bias_split: Optional[int] = None
     # kernel -> launcher: wrap_triton (traceable by torch.compile), or compile_check's compile-only one.
     launch: Callable = wrap_triton
+    # The pooled forward's path: "fused" or "scratch" (the tests force each), None: _fused_pooling_pays.
+    pool_path: Optional[str] = None
 
     def gpu_tuned(self, t: Tensor) -> bool:
         """Whether launches on t use the GPU configs (the interpreter has its own, see _fwd_config)."""
@@ -222,15 +232,24 @@ def _block_k(dtype, pooled: bool = False) -> int:
     return 16 if (dtype == torch.float32 or pooled) else 32
 
 
-def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bool = False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward conv / epilogue kernels. Upsample
-    keeps two accumulators and builds its prefilter operand in registers: 64 x 32 tiles (128 x 64 and 64 x 64
-    spill on sm_80 in float32; float64 32 x 32)."""
+def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bool = False, avg: int = 1):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward kernel (and, BLOCK_M / BLOCK_N, the
+    backward's bias kernel). Upsample keeps two accumulators and builds its prefilter operand in registers:
+    64 x 32 tiles (128 x 64 and 64 x 64 spill on sm_80 in float32; float64 32 x 32).
+    Pooled (fused, avg > 1): taller pixel tiles (a 2-D tile with its halo: the taller, the less halo is
+    recomputed; _pool_tile may take fewer rows) and narrower channel tiles, for the box sum's copies of Q
+    (benchmarks/tuning.md)."""
     if not gpu:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
         return 64, 16, 32, 4, 1
     bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
     # No wider than a group where groups allow: a tile straddling groups keeps a second set of accumulators.
     bn = min(bn, max(16, triton.next_power_of_2(c_out_per_group)))
+    if avg > 1:
+        if dtype == torch.float64:  # 128 x 16 with 4 warps spilled 56 B on sm_90 (64 channels, 5x5 pooling)
+            return (64, 16, 16, 4, 1) if (upsample or avg >= 5) else (128, 16, 16, 8, 1)
+        if upsample:
+            return 128, 16, _block_k(dtype), 8, 3
+        return 256, min(bn, 32), _block_k(dtype), 8, 3
     if dtype == torch.float64:
         return (32 if upsample else 64), min(bn, 32), 16, 4, 1
     if upsample:
@@ -324,17 +343,33 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
         masks = torch.empty(mask_bytes(N, C_out, Ho, Wo), dtype=torch.uint8, device=dev)
     else:
         masks = torch.empty(0, dtype=torch.uint8, device=dev)
-    pooled = args.avg_kernel > 1
-    if pooled:
+    mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
+
+    avg = int(args.avg_kernel) if args.avg_kernel > 1 else 1
+    gpu, upsample, tf32 = config.gpu_tuned(x), geo.mode == MODE_UPSAMPLE, config.allow_tf32(x)
+    tiles = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample)
+    eh = ew = 1
+    scratch = False
+    if avg > 1:
+        fused = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, avg=avg)
+        block_m, eh, ew = _pool_tile(fused[0], avg, Ho, Wo)
+        fused = (block_m, *fused[1:])
+        scratch = config.pool_path == "scratch" or (
+            config.pool_path is None and not _fused_pooling_pays(geo, dtype, tf32, fused, eh, ew, avg, tiles)
+        )
+        if not scratch:
+            tiles = fused
+    BM, BN = tiles[:2]
+    if avg > 1 and not scratch:  # one program per 2-D tile of one image, its pooling halo included
+        pixel_tiles = N * _pool_tiles(eh, ew, avg, Ho, Wo)
+    else:
+        pixel_tiles = triton.cdiv(N * Ho * Wo, BM)
+    if scratch:
         pbuf = torch.empty((N, C_out, Ho, Wo), dtype=acc_dtype, device=dev)
         qbuf = torch.empty_like(pbuf)
     else:  # unused outputs get their own placeholders: no written argument aliases another one
         pbuf, qbuf = x.new_empty(1, dtype=acc_dtype), x.new_empty(1, dtype=acc_dtype)
-    mask_arg = masks if save_masks else torch.empty(1, dtype=torch.uint8, device=dev)
-
-    tiles = _fwd_config(dtype, config.gpu_tuned(x), C_out, geo.Cgo, upsample=geo.mode == MODE_UPSAMPLE)
-    BM, BN = tiles[:2]
-    grid = (triton.cdiv(N * Ho * Wo, BM), triton.cdiv(C_out, BN))
+    grid = (pixel_tiles, triton.cdiv(C_out, BN))
     ng_tile = _groups_per_tile(C_out, geo.Cgo, BN)
     epilogue = dict(HAS_BOUT=args.bias_out is not None, DUAL=dual_output, SAVE_MASKS=save_masks)
     config.launch(_k.pp_fwd_conv_kernel)[grid](
@@ -344,18 +379,21 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
         **epilogue,
         MODE=geo.mode,
         HAS_BIN=args.bias_in is not None,
-        POOLED=pooled,
+        AVG=avg,
+        POOL_EH=eh,
+        POOL_EW=ew,
+        POOL_SCRATCH=scratch,
         IS_FP64=is_fp64,
-        ALLOW_TF32=config.allow_tf32(x),
+        ALLOW_TF32=tf32,
         STRADDLE=ng_tile > 1,
         **_tiles(*tiles),
     )
-    if pooled:
+    if scratch:
         # Half the conv tile's pixels: a [128, 64] tile of window offsets spills (benchmarks/tuning.md).
-        pool_bm = BM // 2 if config.gpu_tuned(x) else BM
+        pool_bm = BM // 2 if gpu else BM
         config.launch(_k.pp_fwd_pool_epilogue_kernel)[(triton.cdiv(N * Ho * Wo, pool_bm), grid[1])](
             *(pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg),
-            *(N, C_out, Ho, Wo, *_pool_window(args.avg_kernel)),
+            *(N, C_out, Ho, Wo, *_pool_window(avg)),
             **epilogue,
             BLOCK_M=pool_bm,
             BLOCK_N=BN,
@@ -364,9 +402,81 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
     return y, masks
 
 
+# Machine balance, tensor-core multiply-adds per byte of DRAM traffic, at which _fused_pooling_pays prices
+# the two pooled paths: an H100 SXM's dense peaks over its 3.35 TB/s (bfloat16 / float16 989 TFLOPS, TF32
+# 494, TF32 off: tf32x3, a third of that, float64 67). Model figures, not measurements.
+MACS_PER_BYTE = {"16-bit": 148.0, "tf32": 74.0, "tf32x3": 25.0, "float64": 10.0}
+
+
+def _pooled_path_costs(geo: _Geom, dtype, tiles: tuple, rows: int, scratch: bool) -> tuple[int, int]:
+    """(tensor-core MACs, compulsory bytes) of a pooled forward computing `rows` tile rows with `tiles`
+    (cost_model's counting, without straddling groups and the weights): through the scratch fields, 2 writes
+    and 2 reads of an accumulator-dtype field more; upsample, 2 products per chunk."""
+    block_n, block_k = tiles[1], tiles[2]
+    k_pad = triton.cdiv(geo.Cg * geo.kh * geo.kw, block_k) * block_k
+    products = 2 if geo.mode == MODE_UPSAMPLE else 1
+    macs = rows * triton.cdiv(geo.C_out, block_n) * block_n * k_pad * products
+    es = dtype.itemsize
+    field = geo.N * geo.C_out * geo.Ho * geo.Wo
+    nbytes = geo.N * geo.C_in * geo.H * geo.W * es + field * es + field // 4
+    if scratch:
+        nbytes += 4 * field * (8 if dtype == torch.float64 else 4)
+    return macs, nbytes
+
+
+def _fused_pooling_pays(geo: _Geom, dtype, tf32: bool, fused: tuple, eh: int, ew: int, avg: int, flat: tuple) -> bool:
+    """Whether the fused pooled forward (halo recomputed, y written once) is modeled no slower than the
+    scratch path (flat tiles `flat`, P / Q through two fields, a second launch): by a roofline, each path's
+    time max(MACs / MACS_PER_BYTE[dtype], bytes). The fused path's halo products cost more than the scratch
+    fields' 16 (float64: 32) bytes an output element where the products dominate: wide layers (e.g. 64
+    channels x 3 x 3) in float32 with TF32 off or float64, and upsample (two products) with large windows."""
+    if dtype == torch.float64:
+        balance = MACS_PER_BYTE["float64"]
+    elif dtype == torch.float32:
+        balance = MACS_PER_BYTE["tf32" if tf32 else "tf32x3"]
+    else:
+        balance = MACS_PER_BYTE["16-bit"]
+    rows_fused = geo.N * _pool_tiles(eh, ew, avg, geo.Ho, geo.Wo) * fused[0]
+    rows_flat = triton.cdiv(geo.N * geo.Ho * geo.Wo, flat[0]) * flat[0]
+    t_fused, t_scratch = (
+        max(macs / balance, nbytes)
+        for macs, nbytes in (
+            _pooled_path_costs(geo, dtype, fused, rows_fused, False),
+            _pooled_path_costs(geo, dtype, flat, rows_flat, True),
+        )
+    )
+    return t_fused <= t_scratch
+
+
 def _pool_window(avg_kernel: int) -> tuple[int, int]:
-    """The pooling kernels' arguments: the window and its half width."""
+    """The pooling backward kernels' arguments: the window and its half width."""
     return int(avg_kernel), (int(avg_kernel) - 1) // 2
+
+
+def _pool_tiles(eh: int, ew: int, avg: int, ho: int, wo: int) -> int:
+    """Tiles of an eh x ew pixel tile (halo included) per Ho x Wo image: inner (eh - a + 1) x (ew - a + 1)."""
+    return triton.cdiv(ho, eh - avg + 1) * triton.cdiv(wo, ew - avg + 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_tile(max_block_m: int, avg: int, ho: int, wo: int) -> tuple[int, int, int]:
+    """The pooled forward's pixel tile: (BLOCK_M, EH, EW), EH x EW pixels of one image (halo included,
+    EH * EW <= BLOCK_M, BLOCK_M a power of two from max_block_m down to 32) such that the rows computed per
+    image (tiles x BLOCK_M: inner pixels, recomputed halo, padding rows and rows past the image's edge) are
+    fewest; then the fewer tiles (the larger BLOCK_M), then the squarest. Inner pixels (EH - a + 1) x
+    (EW - a + 1) >= 1 x 1."""
+    best = None
+    block_m = max_block_m
+    while block_m >= min(32, max_block_m):
+        for ew in range(avg, block_m // avg + 1):
+            # no taller or wider than the image and its halo need
+            eh, ew_ = min(block_m // ew, ho + avg - 1), min(ew, wo + avg - 1)
+            tiles = _pool_tiles(eh, ew_, avg, ho, wo)
+            key = (tiles * block_m, tiles, abs(eh - ew_))
+            if best is None or key < best[0]:
+                best = (key, (block_m, eh, ew_))
+        block_m //= 2
+    return best[1]
 
 
 # ----------------------------------------------------------------------------------------------

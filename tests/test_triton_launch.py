@@ -133,8 +133,8 @@ class Case:
         leaves = self.leaves()
         return [self.x if x is None else x, self.w if w is None else w, *leaves[2:]]
 
-    def forward(self, save_masks=True, x=None, w=None):
-        return TL.forward(self.op_args(save_masks, self._with(x, w)))
+    def forward(self, save_masks=True, x=None, w=None, config=TL.DEFAULT_LAUNCH):
+        return TL.forward(self.op_args(save_masks, self._with(x, w)), config)
 
     def backward(self, grad, masks, output_mask, x=None, w=None, config=TL.DEFAULT_LAUNCH):
         forward = self.op_args(leaves=self._with(x, w))
@@ -171,11 +171,11 @@ def _unpack(masks, c_out):
     return planes.reshape(s[0], s[1], s[2] * 8, s[4], s[5])[:, :, :c_out].bool()
 
 
-def check_case(case: Case, check_backward=True, package_reference=True):
+def check_case(case: Case, check_backward=True, package_reference=True, config=TL.DEFAULT_LAUNCH):
     """The launchers against case.reference (autograd of the formula on the case's pull operands); with
     package_reference also against push_pull_reference, whose pull operands are the package's own."""
     dtype = case.x.dtype
-    y, masks = case.forward()
+    y, masks = case.forward(config=config)
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case.leaves()]
     ref = case.reference(*leaves)
     _close("output", y, ref.detach(), dtype)
@@ -202,7 +202,7 @@ def check_case(case: Case, check_backward=True, package_reference=True):
     wanted = case.output_mask()
     inputs = [t for t, want_it in zip(leaves, wanted) if want_it]
     ref_grads = iter(torch.autograd.grad(ref, inputs, grad, allow_unused=True))
-    got = case.backward(grad, masks, wanted)
+    got = case.backward(grad, masks, wanted, config=config)
     assert len(got) == 6
     for name, want_it, g in zip(GRAD_NAMES, wanted, got):
         if not want_it:
@@ -264,6 +264,32 @@ def test_forward_backward_float64(pull, scale, geometry):
 )
 def test_forward_backward_float32(pull, scale, geometry):
     check_case(Case(pull=pull, scale=scale, dtype=torch.float32, **GEOMETRIES[geometry]))
+
+
+@pytest.mark.parametrize("path", ["fused", "scratch"])
+@pytest.mark.parametrize(
+    "pull,scale,opts",
+    [
+        # several 2-D tiles per image, the last ones cut by the image's edge, batch 3, groups, dual output
+        ("invert", 2.0, dict(avg=5, n=3, hw=(13, 11), groups=2, c_in=4, c_out=6, dual=True)),
+        # a map smaller than the halo (2 x 3 under a 5 x 5 window), bias_out, masks not saved (backward reruns)
+        ("upsample", 2.0, dict(avg=5, n=2, hw=(2, 3), bias_out=True)),
+    ],
+    ids=["invert-13x11-avg5-g2-dual", "upsample-2x3-avg5"],
+)
+def test_pooled_forward_paths(path, pull, scale, opts):
+    # The pooled forward's two paths, forced: fused (2-D tiles with the halo, pooled on chip) and scratch.
+    config = TL.LaunchConfig(pool_path=path)
+    case = Case(pull=pull, scale=scale, **opts)
+    if opts["hw"] == (13, 11):  # the fused path's tiles (the interpreter's 64 rows): several per image
+        _, eh, ew = TL._pool_tile(64, 5, 13, 11)
+        assert TL._pool_tiles(eh, ew, 5, 13, 11) > 1
+    check_case(case, config=config)
+    y, _ = case.forward(save_masks=False, config=config)
+    got = case.backward(torch.ones_like(y), torch.empty(0, dtype=torch.uint8), case.output_mask(), config=config)
+    want = case.backward(torch.ones_like(y), case.forward(config=config)[1], case.output_mask(), config=config)
+    for name, a, b in zip(GRAD_NAMES, got, want):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize(
