@@ -57,6 +57,7 @@ from .common import (
     pull_prefilter,
     split_chunk,
     tap_chunk,
+    window_count,
 )
 
 
@@ -122,11 +123,11 @@ def grad_pull_unscaled(
         gq = tl.zeros_like(valid.to(ACC))
         for di in range(0, AVG):
             hh = ho + (di - AVG_PAD)
-            cnt_h = tl.minimum(hh + AVG_PAD, HO - 1) - tl.maximum(hh - AVG_PAD, 0) + 1
+            cnt_h = window_count(hh, AVG_PAD, HO)
             ok_h = valid & (hh >= 0) & (hh < HO)
             for dj in range(0, AVG):
                 ww = wo + (dj - AVG_PAD)
-                cnt_w = tl.minimum(ww + AVG_PAD, WO - 1) - tl.maximum(ww - AVG_PAD, 0) + 1
+                cnt_w = window_count(ww, AVG_PAD, WO)
                 nb = ok_h & (ww >= 0) & (ww < WO)
                 q_pix = hh * WO + ww
                 bit = _mask_bit(mask_ptr, q_which, n_img, o, q_pix, CB, HOWO, nb)

@@ -35,6 +35,13 @@ def tap_chunk(r0, BLOCK: tl.constexpr, K_TOTAL, INNER, g):
 
 
 @triton.jit
+def window_count(center, HALF, SIZE):
+    """How many of the coordinates center - HALF .. center + HALF lie in [0, SIZE): one side of an average
+    pooling window's in-image pixel count (count_include_pad=False)."""
+    return tl.minimum(center + HALF, SIZE - 1) - tl.maximum(center - HALF, 0) + 1
+
+
+@triton.jit
 def image_and_pixel(offs, PIXELS):
     """Flat (image, pixel) indices split into the image (int64: image offsets exceed 2^31 in big batches)
     and the pixel within the image."""

@@ -51,7 +51,17 @@ and 2 (cache-served a x a) reads of a field more, and a second launch.
 import triton
 import triton.language as tl
 
-from .common import MODE_INVERT, MODE_UPSAMPLE, flat_tile, gather_taps, image_and_pixel, mma, pull_prefilter, tap_chunk
+from .common import (
+    MODE_INVERT,
+    MODE_UPSAMPLE,
+    flat_tile,
+    gather_taps,
+    image_and_pixel,
+    mma,
+    pull_prefilter,
+    tap_chunk,
+    window_count,
+)
 
 
 @triton.jit
@@ -342,8 +352,8 @@ def pp_fwd_conv_kernel(
         if AVG > 1:
             # Q' = avg_pool2d(Q, AVG, stride 1, pad HALO, count_include_pad=False) on the inner pixels
             Q = _box_sum(tl.where(m_valid[:, None], Q, 0.0), POOL_EW, AVG, BLOCK_M)
-            count_h = tl.minimum(ho + HALO, HO - 1) - tl.maximum(ho - HALO, 0) + 1
-            count_w = tl.minimum(wo + HALO, WO - 1) - tl.maximum(wo - HALO, 0) + 1
+            count_h = window_count(ho, HALO, HO)
+            count_w = window_count(wo, HALO, WO)
             Q = Q / tl.maximum(count_h * count_w, 1).to(ACC)[:, None]
             inner = (e // POOL_EW >= HALO) & (e // POOL_EW < POOL_EH - HALO)
             inner = inner & (e % POOL_EW >= HALO) & (e % POOL_EW < POOL_EW - HALO)
@@ -388,16 +398,14 @@ def pp_fwd_pool_epilogue_kernel(
     base = n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO
     P = tl.load(pbuf_ptr + base + pix[:, None], mask=valid, other=0.0)
     q_sum = tl.zeros((BLOCK_M, BLOCK_N), dtype=P.dtype)
-    count = tl.zeros((BLOCK_M,), dtype=P.dtype)
     for di in range(0, AVG):
         hh = ho + di - AVG_PAD
         for dj in range(0, AVG):
             ww = wo + dj - AVG_PAD
             inside = (hh >= 0) & (hh < HO) & (ww >= 0) & (ww < WO)
             q_sum += tl.load(qbuf_ptr + base + (hh * WO + ww)[:, None], mask=valid & inside[:, None], other=0.0)
-            count += inside.to(P.dtype)
-    count = tl.maximum(count, 1.0)
-    Q = q_sum / count[:, None]
+    count = window_count(ho, AVG_PAD, HO) * window_count(wo, AVG_PAD, WO)
+    Q = q_sum / tl.maximum(count, 1).to(P.dtype)[:, None]
     _pp_epilogue(
         *(P, Q, n_img, pix, m_valid, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO),
         *(HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N),
