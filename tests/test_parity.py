@@ -10,7 +10,15 @@ import warnings
 
 import pytest
 import torch
-from cases import CASE_PARAMS, call, case, case_params, make_case
+from cases import (
+    CASE_PARAMS,
+    call,
+    case,
+    case_params,
+    make_case,
+    skip_the_wide_case_under_the_interpreter,
+    skip_under_the_interpreter_unless,
+)
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.autograd import forward_ad
@@ -22,13 +30,6 @@ F64 = torch.float64
 # A few cases for the slower checks (the interpreter runs the Triton kernels on the CPU).
 FEW_NAMES = ("2020-default", "2024-stem", "2024-dual-avg3")
 FEW = case_params(*FEW_NAMES)
-
-
-def _skip_under_the_interpreter_unless(backend, device, kept: bool, why: str):
-    """The Triton interpreter (triton on CPU tensors) runs a grid's kernel-facing part only: `why` says what the
-    other cases add, which the C++ kernel and the reference check here and a GPU checks for Triton."""
-    if backend == "triton" and device == "cpu" and not kept:
-        pytest.skip(f"too slow under the Triton interpreter, and {why}")
 
 
 def _fn(backend, names, opts):
@@ -147,7 +148,7 @@ def test_gradgradcheck(backend_device, request, sizes, options):
     # The second derivatives are autograd of the formula with the forward's masks (ops.py
     # _differentiable_grads): only the forward and its masks are the backend's.
     kept = request.node.callspec.id.split("-", 2)[-1] in FEW_NAMES
-    _skip_under_the_interpreter_unless(backend, device, kept, "its double backward is ATen's but for the masks")
+    skip_under_the_interpreter_unless(backend, device, kept, "its double backward is ATen's but for the masks")
     names, inputs, opts = _case(sizes, options, device)
     # Fast mode (random projections of the second-order Jacobians): full ones take minutes per case.
     assert torch.autograd.gradgradcheck(_fn(backend, names, opts), inputs, fast_mode=True)
@@ -181,8 +182,9 @@ def test_first_order_backward_builds_no_graph(fused_backend_device):
 
 
 @pytest.mark.parametrize("sizes, options", CASE_PARAMS)
-def test_unbatched_input(backend_device, sizes, options):
+def test_unbatched_input(backend_device, request, sizes, options):
     backend, device = backend_device
+    skip_the_wide_case_under_the_interpreter(backend, device, request, "the batch dimension is the launcher's")
     names, inputs, opts = _case(sizes, options, device)
     fn = _fn(backend, names, opts)
     single = inputs[0][0].detach().requires_grad_()
@@ -296,7 +298,10 @@ def test_padding_mode_is_each_convolution_as_conv2d(backend_device, mode, layer_
     backend, device = backend_device
     # A padding mode is F.pad before the fused op (functional.py), the same for every backend: under the
     # interpreter "zeros" (the kernel pads) and "reflect" (F.pad, the kernel does not) stand for the others.
-    _skip_under_the_interpreter_unless(backend, device, mode in ("zeros", "reflect"), "a padding mode is F.pad")
+    # With F.pad, upsample's push kernel runs embedded in the 7 x 7 pull window (49 taps, minutes under the
+    # interpreter for the 3 x 3 "2020" layer): the rectangular layer's 5 x 7 window checks that embedding.
+    kept = mode == "zeros" or (mode == "reflect" and layer_options is not PADDED_LAYERS["2020"])
+    skip_under_the_interpreter_unless(backend, device, kept, "a padding mode is F.pad")
     layer = PushPullConv2d(4, 6, padding_mode=mode, alpha=0.7, backend=backend, **layer_options).to(device, F64)
     x = torch.randn(2, 4, 9, 8, device=device, dtype=F64, requires_grad=True)
     _close(layer(x), _two_conv2d_oracle(x, layer), "output")

@@ -58,6 +58,23 @@ CASES = [
 CASE_PARAMS = [pytest.param(sizes, options, id=name) for name, sizes, options in CASES]
 
 
+# The grid's widest case: under the Triton interpreter (triton on CPU tensors) its 64 channels take minutes per
+# test, so the checks that add no kernel path of their own (float32, unbatched, opcheck) skip it there.
+WIDE_NAME = "2020-wide-groups-stride-avg3"
+
+
+def skip_under_the_interpreter_unless(backend, device, kept: bool, why: str):
+    """The Triton interpreter (triton on CPU tensors) runs a grid's kernel-facing part only: `why` says what the
+    other cases add, which the C++ kernel and the reference check here and a GPU checks for Triton."""
+    if backend == "triton" and device == "cpu" and not kept:
+        pytest.skip(f"too slow under the Triton interpreter, and {why}")
+
+
+def skip_the_wide_case_under_the_interpreter(backend, device, request, why: str):
+    """skip_under_the_interpreter_unless for WIDE_NAME (in the test's parameter id)."""
+    skip_under_the_interpreter_unless(backend, device, WIDE_NAME not in request.node.callspec.id, why)
+
+
 def case(name):
     """(sizes, options) of the case called `name`."""
     return next((sizes, options) for case_name, sizes, options in CASES if case_name == name)
