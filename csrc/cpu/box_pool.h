@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "clones.h"
+#include "scratch.h"
 
 namespace pushpull {
 namespace cpu {
@@ -73,9 +74,9 @@ PUSHPULL_CPU_CLONES void box_columns(const acc_t* __restrict__ in, acc_t* __rest
 template <typename acc_t>
 struct BoxPool {
   int64_t height = 0, width = 0, radius = 0, stride = 0;
-  std::vector<acc_t> inverse_count;  // [plane]: 1 / the clipped window's size
-  std::vector<acc_t> rows;           // r zeros, then each row followed by r zeros (row stride width + r)
-  std::vector<acc_t> columns;        // r zero rows, the horizontal sums [height, width], r zero rows
+  ScratchVector<acc_t> inverse_count;  // [plane]: 1 / the clipped window's size
+  ScratchVector<acc_t> rows;           // r zeros, then each row followed by r zeros (row stride width + r)
+  ScratchVector<acc_t> columns;        // r zero rows, the horizontal sums [height, width], r zero rows
 
   BoxPool() = default;
   BoxPool(int64_t h, int64_t w, int64_t r)

@@ -91,7 +91,7 @@ PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, cons
 // Per-thread scratch of the epilogues: a few planes in the accumulation type, and the pooling.
 template <typename acc_t>
 struct PlaneScratch {
-  std::vector<acc_t> q, grad;
+  ScratchVector<acc_t> q, grad;
   BoxPool<acc_t> pool;
   explicit PlaneScratch(const Geometry& geo) : q(geo.out_height * geo.out_width), grad(q.size()) {
     if (geo.avg_kernel > 1) pool = BoxPool<acc_t>(geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2);
@@ -246,7 +246,7 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
                                                  const BackwardInputs<scalar_t>& bin,
                                                  const BackwardOutputs<scalar_t>& f,
                                                  PlaneScratch<at::opmath_type<scalar_t>>& scratch,
-                                                 std::vector<at::opmath_type<scalar_t>>& box_grad) {
+                                                 ScratchVector<at::opmath_type<scalar_t>>& box_grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
@@ -306,7 +306,7 @@ void backward_epilogue(const PlaneInputs<scalar_t>& in, const BackwardInputs<sca
   const Geometry& geo = in.geo;
   at::parallel_for(0, geo.batch * geo.groups, 1, [&](int64_t begin, int64_t end) {
     PlaneScratch<at::opmath_type<scalar_t>> scratch(geo);
-    std::vector<at::opmath_type<scalar_t>> box_grad(f.grad_box ? in.plane : 0);
+    ScratchVector<at::opmath_type<scalar_t>> box_grad(f.grad_box ? in.plane : 0);
     for (int64_t task = begin; task < end; ++task) {
       backward_epilogue_group(in, task / geo.groups, task / geo.groups, task % geo.groups, bin, f, scratch, box_grad);
     }

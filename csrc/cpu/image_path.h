@@ -11,6 +11,7 @@
 #include "epilogues.h"
 #include "panel_gemm.h"
 #include "prefilter.h"
+#include "scratch.h"
 
 namespace pushpull {
 namespace cpu {
@@ -24,13 +25,13 @@ namespace cpu {
 // im2col, and the adjoint of S joins the im2col adjoint: dx = col2im(W_g^T @ gP + 1 (x) gS).
 template <typename scalar_t>
 struct ImageWorkspace {
-  std::vector<scalar_t> cols, z;              // packed operands of a block of rows, group g at g * operand_size
-  std::vector<scalar_t> push, pull;           // [C_out, field_ld]: responses, then their gradients
-  std::vector<scalar_t> packed_grad;          // one group's gradient field, packed
-  std::vector<scalar_t> tap_rows;             // one channel's im2col or prefilter [taps, block pixels]
-  std::vector<scalar_t> grad_rows;            // W_g^T @ (a gradient field) [K, padded]
-  std::vector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
-  std::vector<scalar_t> box, grad_box;        // invert: S and its gradient, [groups, plane]
+  ScratchVector<scalar_t> cols, z;              // packed operands of a block of rows, group g at g * operand_size
+  ScratchVector<scalar_t> push, pull;           // [C_out, field_ld]: responses, then their gradients
+  ScratchVector<scalar_t> packed_grad;          // one group's gradient field, packed
+  ScratchVector<scalar_t> tap_rows;             // one channel's im2col or prefilter [taps, block pixels]
+  ScratchVector<scalar_t> grad_rows;            // W_g^T @ (a gradient field) [K, padded]
+  ScratchVector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
+  ScratchVector<scalar_t> box, grad_box;        // invert: S and its gradient, [groups, plane]
 };
 
 // Packed operands of this many bytes per block of output rows (both of them) stay in the 512 KiB L2 of
@@ -81,8 +82,8 @@ struct ImagePath {
   int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }
   const scalar_t* weight_of(int64_t grp) const { return weight + grp * out_per_group * k_size; }
 
-  // The same workspace serves forward and backward.
-  ImageWorkspace<scalar_t> workspace(bool /*backward*/) const {
+  // The forward's buffers, and the backward's where it runs (grad_rows alone is 147 x the plane on a 7x7 stem).
+  ImageWorkspace<scalar_t> workspace(bool backward) const {
     ImageWorkspace<scalar_t> ws;
     const int64_t pulls = separable ? 1 : 0, boxes = geo.pull == PullKind::kShift ? geo.groups * plane : 0;
     ws.cols.resize(geo.groups * operand_size());
@@ -90,19 +91,21 @@ struct ImagePath {
     ws.push.resize(geo.out_channels * field_ld);
     ws.pull.resize(pulls * geo.out_channels * field_ld);
     ws.box.resize(boxes);
-    ws.grad_box.resize(boxes);
-    ws.packed_grad.resize(out_per_group * padded);
     ws.tap_rows.resize(taps * block_rows * geo.out_width);
-    ws.grad_rows.resize(k_size * padded);
     ws.prefilter_tmp.resize(pre.tmp_size());
     ws.line.resize(std::max(geo.out_width, geo.height * geo.width));
+    if (backward) {
+      ws.grad_box.resize(boxes);
+      ws.packed_grad.resize(out_per_group * padded);
+      ws.grad_rows.resize(k_size * padded);
+    }
     return ws;
   }
 
   // Valid output columns of tap column j: those reading an input column in [0, W).
   std::pair<int64_t, int64_t> valid_columns(int64_t j) const {
     const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
-    const int64_t lo = offset >= 0 ? 0 : (-offset + s - 1) / s;
+    const int64_t lo = offset >= 0 ? 0 : std::min(geo.out_width, (-offset + s - 1) / s);
     const int64_t hi = geo.width - offset <= 0 ? 0 : std::min(geo.out_width, (geo.width - offset + s - 1) / s);
     return {lo, std::max(lo, hi)};
   }
@@ -130,11 +133,17 @@ struct ImagePath {
       for (int64_t j = 0; j < geo.kernel_w; ++j) {
         const auto [lo, hi] = valid_columns(j);
         const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
-        std::fill(row, row + pixels, scalar_t(0));
         for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
           const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
-          if (h < 0 || h >= geo.height) continue;
-          strided_copy(x + h * geo.width + offset, s, lo, hi, row + (ho - ho_begin) * geo.out_width);
+          scalar_t* out = row + (ho - ho_begin) * geo.out_width;
+          if (h < 0 || h >= geo.height) {
+            std::fill(out, out + geo.out_width, scalar_t(0));
+            continue;
+          }
+          // Zeros only where the tap reads the padding: columns [0, lo) and [hi, Wo).
+          std::fill(out, out + lo, scalar_t(0));
+          strided_copy(x + h * geo.width + offset, s, lo, hi, out);
+          std::fill(out + hi, out + geo.out_width, scalar_t(0));
         }
         panel::pack_row(row, pixels, k_size, first_row + i * geo.kernel_w + j, packed);
       }
@@ -246,7 +255,7 @@ struct ImagePath {
   }
 
   // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
-  void pack_group_field(const std::vector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
+  void pack_group_field(const ScratchVector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
     for (int64_t r = 0; r < out_per_group; ++r) {
       panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld, plane, out_per_group, r,
                       ws.packed_grad.data());

@@ -162,7 +162,7 @@ void backward_images(const Route& route, const BackwardRequest& req, BackwardFie
     fields.grad_push0 = {ws.push.data(), 0, route.field_stride()};
     fields.grad_pull0 = {ws.pull.data(), 0, route.field_stride()};
     if constexpr (IsImagePath<Route>::value) fields.grad_box = req.need.x ? route.grad_box_field(ws) : nullptr;
-    std::vector<at::opmath_type<T>> box_grad(fields.grad_box ? route.plane : 0);
+    ScratchVector<at::opmath_type<T>> box_grad(fields.grad_box ? route.plane : 0);
     for (int64_t n = begin; n < end; ++n) {
       if (operands) route.load_operands(x, n, ws);
       if (bin.recompute_pull) route.responses(ws);

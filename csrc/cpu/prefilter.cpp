@@ -1,5 +1,6 @@
 // The batched separable prefilter of the upsample pull and CpuBackend (see prefilter.h).
 #include "prefilter.h"
+#include "scratch.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,7 +36,7 @@ void for_each_input_plane(const Geometry& geo, const PrefilterGeometry& g, const
   const auto r = rows.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   const auto k = cols.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   at::parallel_for(0, geo.batch * geo.in_channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tmp(g.tmp_size()), scratch(scratch_size);
+    ScratchVector<acc_t> tmp(g.tmp_size()), scratch(scratch_size);
     for (int64_t plane = begin; plane < end; ++plane) {
       plane_fn(plane, r.template data_ptr<acc_t>(), k.template data_ptr<acc_t>(), tmp.data(), scratch.data());
     }

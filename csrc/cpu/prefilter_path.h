@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "gapped_planes.h"
+#include "scratch.h"
 #include "tap_kernels.h"
 
 namespace pushpull {
@@ -20,13 +21,13 @@ namespace cpu {
 // prefilter's adjoint of W^T @ gR.
 template <typename T>
 struct PrefilterWorkspace {
-  std::vector<T> xg;          // the input image [C_in, plane_size], gapped
-  std::vector<T> z;           // its prefilter [C_in * taps, plane_size]
-  std::vector<T> lines;       // one channel's vertical pass (or its adjoint) [kh, plane_size]
-  std::vector<T> resp;        // P0 and R [2, C_out, plane_size] (their gradients, backward: zero outside the planes)
-  std::vector<T> push, pull;  // [C_out, plane]: as the epilogues read them
-  std::vector<T> grad_cols;   // W^T @ gP0 and W^T @ gR of one group [2, K, plane_size]
-  std::vector<T> line;        // one input gradient plane, gapped
+  ScratchVector<T> xg;          // the input image [C_in, plane_size], gapped
+  ScratchVector<T> z;           // its prefilter [C_in * taps, plane_size]
+  ScratchVector<T> lines;       // one channel's vertical pass (or its adjoint) [kh, plane_size]
+  ScratchVector<T> resp;        // P0 and R [2, C_out, plane_size] (their gradients, backward: zero outside the planes)
+  ScratchVector<T> push, pull;  // [C_out, plane]: as the epilogues read them
+  ScratchVector<T> grad_cols;   // W^T @ gP0 and W^T @ gR of one group [2, K, plane_size]
+  ScratchVector<T> line;        // one input gradient plane, gapped
   std::vector<const T*> rows;
   TermScratch<T> terms;
 };

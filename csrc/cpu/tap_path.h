@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "gapped_planes.h"
+#include "scratch.h"
 #include "tap_kernels.h"
 
 namespace pushpull {
@@ -25,14 +26,14 @@ namespace cpu {
 
 template <typename T>
 struct TapWorkspace {
-  std::vector<T> xg;           // the input image [C_in, plane_size], gapped
-  std::vector<T> y;            // Y of a block of output channels [block * taps, plane_size] (or gY)
-  std::vector<T> lines;        // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
-  std::vector<T> resp;         // one channel's two responses [2, plane_size]
-  std::vector<T> grad_resp;    // their gradients: written only inside the planes (the rest stays zero)
-  std::vector<T> push, pull;   // [C_out, plane]: the responses, then their gradients (as the epilogues read)
-  std::vector<T> gx;           // the input gradient [C_in, plane_size], gapped
-  std::vector<T> dw;           // a block's weight gradient [block * taps, C_in/groups]
+  ScratchVector<T> xg;           // the input image [C_in, plane_size], gapped
+  ScratchVector<T> y;            // Y of a block of output channels [block * taps, plane_size] (or gY)
+  ScratchVector<T> lines;        // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
+  ScratchVector<T> resp;         // one channel's two responses [2, plane_size]
+  ScratchVector<T> grad_resp;    // their gradients: written only inside the planes (the rest stays zero)
+  ScratchVector<T> push, pull;   // [C_out, plane]: the responses, then their gradients (as the epilogues read)
+  ScratchVector<T> gx;           // the input gradient [C_in, plane_size], gapped
+  ScratchVector<T> dw;           // a block's weight gradient [block * taps, C_in/groups]
   std::vector<const T*> rows;  // B operand rows of a product
   TermScratch<T> terms;
 };
