@@ -1,6 +1,6 @@
 // Per-thread scratch buffers that keep their memory from one call to the next (ScratchVector).
 //
-// The workspaces of the CPU routes are megabytes (imagenet-stem-2024: 15 MB per thread). A fresh buffer
+// The workspaces of the CPU routes are megabytes (imagenet-stem-2024: 15 MB per thread in the backward). A fresh buffer
 // that large comes from mmap, and every page of it faults on first touch: measured on the 2-core AMD
 // EPYC, half of that layer's forward time was spent in the kernel, zeroing pages. Here a thread keeps
 // the large blocks its workspaces free, and its next workspace takes them back: mapped, warm, no fault.
@@ -20,8 +20,8 @@ namespace scratch {
 
 // Blocks below this size come from the heap without a fault anyway: not cached.
 constexpr std::size_t kMinCachedBytes = 64 * 1024;
-// At most this much memory is kept per thread (the oldest blocks go first).
-constexpr std::size_t kMaxCachedBytes = std::size_t(256) << 20;
+// At most this much memory is kept per thread (the oldest blocks go first; larger blocks are freed).
+constexpr std::size_t kMaxCachedBytes = std::size_t(64) << 20;
 // Every block starts with a header holding its size; data follows it, 64-byte aligned.
 constexpr std::size_t kHeader = 64;
 
