@@ -482,3 +482,106 @@ def pp_bwd_bias_kernel(
         )
         acc += tl.sum(gp - gq, axis=0)
     tl.store(part_ptr + split * C_OUT + offs_n, acc, mask=n_valid)
+
+
+@triton.jit
+def pp_bwd_weight_adjoint_kernel(
+    x_ptr,
+    g_ptr,
+    mask_ptr,
+    alpha_ptr,
+    pull_idx_ptr,
+    pull_coef_ptr,
+    gw_ptr,
+    N,
+    C_IN,
+    H,
+    W,
+    C_OUT,
+    HO,
+    WO,
+    CG,
+    CGO,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    TH,
+    TW,  # stride, padding, dilation and size of the push kernel
+    QPH,
+    QPW,
+    QH,
+    QW,  # padding and size of the pull kernel (QW: the cost model's, the tables need QH only)
+    AVG,
+    AVG_PAD,
+    PIX_PER_SPLIT,
+    NUM_O_TILES,
+    NUM_C_TILES,
+    DUAL: tl.constexpr,
+    POOLED: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Upsample's weight gradient on the prefilter's adjoint (the input gradient's operand G):
+
+        dk[o, c, i, j] = sum_{n, h} x[n, c, h] G_ij[n, o](h),
+        G_ij[o](h) = gP[o, p(h, i, j)] + c_o sum_{a, b} -U[a, i] V[b, j] gQ'[o, p_q(h, a, b)]
+
+    over the INPUT pixels h (N * H * W), x read unshifted. Tile: BLOCK_M output channels x BLOCK_N input
+    channels of one group for ONE push tap (grid: (group, o tile), (tap, c tile), split); reduction over
+    the split's input pixels in BLOCK_K chunks, one MMA each. It accumulates dk^T (rows c, columns o):
+    G is formed as G^T [pixels, o], the layout of pull_prefilter_adjoint (rows pixels, columns (tap, o)),
+    and x^T [c, pixels] is the contiguous side of x. Partials [split, C_out, (tap, c)] as
+    pp_bwd_weight_kernel's."""
+    pid_go = tl.program_id(0)
+    pid_tc = tl.program_id(1)
+    split = tl.program_id(2)
+    g = pid_go // NUM_O_TILES
+    o_tile = pid_go % NUM_O_TILES
+    tap = pid_tc // NUM_C_TILES  # push tap (i, j) = (tap // TW, tap % TW)
+    c_tile = pid_tc % NUM_C_TILES
+    HW = H * W
+    K_TOTAL = TH * TW * CG
+    ACC = tl.float64 if IS_FP64 else tl.float32
+    x_ty = x_ptr.dtype.element_ty
+
+    ol = o_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel of the group
+    o_valid = ol < CGO
+    offs_o = g * CGO + ol
+    o = offs_o[None, :]
+    cl = c_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel of the group
+    c_valid = cl < CG
+    x_chan = (g * CG + cl)[:, None] * HW
+    t = tap + tl.zeros((BLOCK_M,), dtype=tl.int32)  # every G column's tap (the adjoint's column layout)
+    sign = pull_sign(alpha_ptr, o, C_OUT, DUAL, ACC)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)  # dk^T[c, o] of this tap
+    for p0 in range(0, PIX_PER_SPLIT, BLOCK_K):
+        p, p_valid = split_chunk(split, p0, BLOCK_K, PIX_PER_SPLIT, N * HW)  # flat input pixels
+        n_img, pix = image_and_pixel(p, HW)
+        h = pix // W
+        w = pix % W
+        n_col = n_img[:, None]
+        # push: input pixel h meets tap (i, j) of output pixel (h + pad - (i, j) * dil) / stride
+        ho, ok_h = output_coord(h + PH - (tap // TW) * DH, SH, HO)
+        wo, ok_w = output_coord(w + PW - (tap % TW) * DW, SW, WO)
+        gp_mask = (p_valid & ok_h & ok_w)[:, None] & o_valid[None, :]
+        gp = grad_push(g_ptr, mask_ptr, n_col, o, (ho * WO + wo)[:, None], gp_mask, C_OUT, HO * WO, DUAL, ACC)
+        gq = pull_prefilter_adjoint(
+            *(g_ptr, mask_ptr, n_col, o, h, w, p_valid, o_valid, t, SH, SW, QPH, QPW, DH, DW, TH, TW, QH),
+            *(pull_idx_ptr, pull_coef_ptr, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC),
+        )
+        g_t = (gp + sign * gq).to(x_ty)  # G^T [pixels, o], rounded to the operand dtype
+        # x^T [c, pixels]: x[n, c, h, w] unshifted (the tap's shift is in G)
+        x_off = n_img[None, :] * C_IN * HW + x_chan + pix[None, :]
+        xt = tl.load(x_ptr + x_off, mask=c_valid[:, None] & p_valid[None, :], other=0.0)
+        acc = mma_grad_operand(xt, g_t, acc, IS_FP64, ALLOW_TF32)
+
+    # partial [split, o, (tap, c)]: dk^T's row c, column o
+    w_off = split.to(tl.int64) * C_OUT * K_TOTAL + o * K_TOTAL + (tap * CG + cl)[:, None]
+    tl.store(gw_ptr + w_off, acc, mask=c_valid[:, None] & o_valid[None, :])
