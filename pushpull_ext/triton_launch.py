@@ -294,13 +294,17 @@ def _bwd_weight_adjoint_config(dtype, gpu: bool, cgo: int, cg: int, pooled: bool
     input gradient's [BLOCK_M, BLOCK_K] transposed: the same sizes (benchmarks/tuning.md)."""
     if not gpu:  # interpreter: few programs, long pixel chunks
         return 16, 16, 64, 4, 1
-    if dtype == torch.float64:  # products on the CUDA cores: K small (mma_grad_operand)
-        rows, cols, block_k, warps, stages = 32, 32, 8, 4, 1
-    else:
-        rows, cols, block_k, warps, stages = 64, 64, _block_k(dtype, pooled), 8, 2
-    rows = min(rows, max(16, triton.next_power_of_2(cgo)))
-    cols = min(cols, max(16, triton.next_power_of_2(cg)))
-    return rows, cols, block_k, warps, stages
+    fp64 = dtype == torch.float64  # products on the CUDA cores (mma_grad_operand)
+    rows = min(32 if fp64 else 64, max(16, triton.next_power_of_2(cgo)))
+    cols = min(32 if fp64 else 64, max(16, triton.next_power_of_2(cg)))
+    narrow = rows * cols <= 16 * 32
+    # warps and BLOCK_K where compile_check found no spill on sm_80 / sm_90, Triton 3.9 and 3.6 (ptxas spilled
+    # 8-48 B of other choices: benchmarks/tuning.md)
+    if fp64:
+        return rows, cols, 16 if narrow else 8, 2 if narrow else 8, 1
+    if narrow:
+        return rows, cols, 16, 4, 2
+    return rows, cols, _block_k(dtype, pooled), 4 if dtype == torch.float32 else 8, 2
 
 
 def _padded(size: int, block: int) -> int:
