@@ -12,12 +12,14 @@ A operand:
 with c_o = -alpha[o], or 1 for the dual output, whose second half of g (channels C_out + o) feeds Q.
 Per mode the operands are
     upsample:  input gradient: G = gP + the prefilter's adjoint of gQ (`pull_prefilter_adjoint`) against
-               the push kernel (one MMA); weight gradient: gP against the push taps, gQ against the
-               prefiltered z (forward.py, common.py `pull_prefilter`), both into dk (two MMAs)
+               the push kernel (one MMA); weight gradient: the same G against x over the input pixels
+               (one MMA, `pp_bwd_weight_adjoint_kernel`), or gP against the push taps and gQ against the
+               prefiltered z (forward.py, common.py `pull_prefilter`), both into dk (two MMAs,
+               `pp_bwd_weight_kernel`; the launcher picks by its cost model, triton_launch._weight_adjoint_pays)
     invert:    gP - gQ against k (push and the -P0 part of the pull share k), plus the box-sum term
     scale 1:   gP - gQ against k (Q = -P0 - b_in)
 formed in the accumulator dtype and rounded to the operand dtype (what autograd would hold) just
-before the MMA. Three deterministic kernels (no atomics anywhere):
+before the MMA. Four deterministic kernels (no atomics anywhere):
 
 1. `pp_bwd_input_kernel`: transposed implicit GEMM, tile = BLOCK_M input pixels x BLOCK_N input
    channels of one group, reduction over (push tap, output channel of the group), tap-major, in every
@@ -33,12 +35,22 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
 2. `pp_bwd_weight_kernel`: weight-gradient implicit GEMM, tile = BLOCK_M output channels of one
    group x BLOCK_N folded (tap, c) indices, reduction over pixels, split in SPLIT contiguous pixel
    ranges written to separate partial buffers that the launcher sums (deterministic split-K).
-   The (tap, c) side runs over the push kernel's taps in every mode. Upsample accumulates
-   dk = gP x im2col + gQ x z (z: the input prefiltered by -U[:, i] V[:, j]^T, built on the fly as the
-   forward's, since the pull response is k against z): 2x one convolution's products, and dk comes
-   out directly (no dq to carry back through U, V). Invert also reduces sum_p gQ[o, p] * (sum over the tile's (tap, c) of the
-   input) whose total over the r tiles is sum_p gQ[o, p] * S[g, p] = d loss / d shift[o].
-3. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
+   The (tap, c) side runs over the push kernel's taps in every mode. Upsample (the prefilter route)
+   accumulates dk = gP x im2col + gQ x z (z: the input prefiltered by -U[:, i] V[:, j]^T, built on the
+   fly as the forward's, since the pull response is k against z): 2x one convolution's products, and
+   dk comes out directly (no dq to carry back through U, V). Invert also reduces sum_p gQ[o, p] * (sum
+   over the tile's (tap, c) of the input) whose total over the r tiles is sum_p gQ[o, p] * S[g, p] =
+   d loss / d shift[o].
+3. `pp_bwd_weight_adjoint_kernel` (upsample, the adjoint route): the input gradient's algebra read the
+   other way round,
+       dk[o, c, i, j] = sum_{n, h} x[n, c, h] G_ij[n, o](h)
+   over the INPUT pixels h, x unshifted (the tap's shift is in G). Tile = BLOCK_M output channels x
+   BLOCK_N input channels of one group for ONE push tap (the tap is in the grid), reduction over the
+   input pixels, split-K as 2. One MMA a chunk: one convolution's products at stride 1 (s^2 at stride
+   s, the input pixels being s^2 the output pixels), plus G formed on the CUDA cores once per c tile
+   (~25 FMAs an element at scale 2, as the input gradient's). Its c side is padded to the MMA's 16, so
+   the prefilter route stays cheaper for few input channels a group (the 3-channel stem) and strides.
+4. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
    pixels (split in SPLIT ranges, partials [SPLIT, C_out] summed by the launcher). The pooling
    adjoint preserves sums (each q spreads gQ'[q] / count(q) over count(q) pixels), so it reads g and
    the masks at the same pixel only, no window gather.

@@ -16,11 +16,14 @@ decisions, at the paper's batch. Each recorded launch is then priced:
   pooling halo: their rows (halo recomputed by the neighbouring tiles, padding rows to BLOCK_M, tiles past
   the image's edge) are all counted, and the note gives them per output pixel (where the launcher's
   roofline rule, triton_launch._fused_pooling_pays, takes the scratch path instead, its two launches are
-  priced as they are: flat tiles, P / Q fields written and read). Upsample's forward and weight gradient (the prefilter algebra,
-  kernels/common.py `pull_prefilter`) run two MMAs per chunk of the push kernel's reduction: the push
-  operand and the prefiltered z against the same weights; its input gradient one MMA per chunk of the
-  same reduction (push taps x output channels: the prefilter's adjoint, kernels/backward.py
-  `pull_prefilter_adjoint`, forms gP + the pulled gQ as one operand G). The prefilter's own
+  priced as they are: flat tiles, P / Q fields written and read). Upsample's forward and its weight gradient
+  on the prefilter route (the prefilter algebra, kernels/common.py `pull_prefilter`) run two MMAs per chunk
+  of the push kernel's reduction: the push operand and the prefiltered z against the same weights; its
+  input gradient one MMA per chunk of the same reduction (push taps x output channels: the prefilter's
+  adjoint, kernels/backward.py `pull_prefilter_adjoint`, forms gP + the pulled gQ as one operand G), and
+  its weight gradient on the adjoint route (pp_bwd_weight_adjoint_kernel, where the launcher's rule
+  triton_launch._weight_adjoint_pays takes it) one MMA per chunk of the input pixels for each push tap's
+  output x input channel tile, against the same G. The prefilter's own
   multiply-adds on the CUDA cores (every element of z or G: one per nonzero U[a, i] V[b, j] pair its loops
   visit, for the bilinear pull matrices of the case; with pooling each visit of G also sums an a x a
   window of g) are in the launch's note, as a fraction of its MACs. The forward's exact fallback for tiles with a non-finite input is not counted. A

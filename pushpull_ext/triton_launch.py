@@ -34,6 +34,15 @@ grad_output and the packed masks as it loads them; see kernels/backward.py)
     the partial buffers [split, C_out, kh*kw*Cg] (accumulator dtype; upsample's pull part goes into
     the same buffer through the prefilter) and, for invert, [split, r_tiles, C_out] for pull_shift;
     torch sums them (split is 1 unless the GPU needs more programs).
+  - upsample's weight gradient has two routes (LaunchConfig.weight_grad_path forces one):
+    "prefilter" (pp_bwd_weight_kernel: dk = gP x_taps + gQ z, two MMAs over the output pixels) and
+    "adjoint" (pp_bwd_weight_adjoint_kernel: x against the input gradient's operand G, one MMA over the
+    input pixels, one push tap a program; same partial buffers). The rule, _weight_adjoint_pays: the
+    cost model's counts of each route for the layer's tiles (MACs with tiles padded to whole blocks, plus
+    the CUDA-core FMAs forming z or G, priced at FMA_COST_IN_MACS tensor-core MACs each for the dtype);
+    the adjoint where it is no dearer. It takes the 16- and 64-channel stride-1 layers (1x one
+    convolution's products instead of 2-2.7x) and leaves the 3-channel stem (its c side padded to 16)
+    and strided layers (s^2 the pixels) on the prefilter route.
   - the backward tiles' channel side (input channels of the input gradient, output channels of the
     weight gradient) is no wider than the group's channels need (16 for 16-channel layers).
   - bias_in gradient, if asked: one reduction kernel over g and the masks (sum_p gP - sum_p gQ;
@@ -292,8 +301,8 @@ def _bwd_weight_adjoint_config(dtype, gpu: bool, cgo: int, cg: int, pooled: bool
     BLOCK_M output channels x BLOCK_N input channels of a group (each no wider than the group's channels
     need, at least the MMA's 16), BLOCK_K input pixels. The G^T tile [BLOCK_K, BLOCK_M] it forms is the
     input gradient's [BLOCK_M, BLOCK_K] transposed: the same sizes (benchmarks/tuning.md)."""
-    if not gpu:  # interpreter: few programs, long pixel chunks
-        return 16, 16, 64, 4, 1
+    if not gpu:  # interpreter: cost is per NumPy call, so one long pixel chunk for the tests' small maps
+        return 16, 16, 128, 4, 1
     fp64 = dtype == torch.float64  # products on the CUDA cores (mma_grad_operand)
     rows = min(32 if fp64 else 64, max(16, triton.next_power_of_2(cgo)))
     cols = min(32 if fp64 else 64, max(16, triton.next_power_of_2(cg)))
