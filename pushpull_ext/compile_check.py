@@ -186,7 +186,10 @@ def compiling_for(arch: int, **config):
     previous = getattr(driver, "_active", None)  # None until a driver was asked for (reset_active needs a GPU)
     driver.set_active(_TargetDriver(arch))
     try:
-        yield LaunchConfig(gpu_tiles_on_cpu=True, launch=lambda kernel: _CompileOnly(kernel, compiled), **config), compiled
+        yield (
+            LaunchConfig(gpu_tiles_on_cpu=True, launch=lambda kernel: _CompileOnly(kernel, compiled), **config),
+            compiled,
+        )
     finally:
         driver.set_active(previous) if previous is not None else setattr(driver, "_active", None)
 
