@@ -309,8 +309,12 @@ def _bwd_weight_adjoint_config(dtype, gpu: bool, cgo: int, cg: int, pooled: bool
     narrow = rows * cols <= 16 * 32
     # warps and BLOCK_K where compile_check found no spill on sm_80 / sm_90, Triton 3.9 and 3.6 (ptxas spilled
     # 8-48 B of other choices: benchmarks/tuning.md)
+    if fp64 and pooled:  # G sums an a x a window per visit
+        return rows, cols, 8, 2 if rows * cols <= 16 * 16 else 4, 1
     if fp64:
         return rows, cols, 16 if narrow else 8, 2 if narrow else 8, 1
+    if pooled:
+        return rows, cols, 16, 8, 2
     if narrow:
         return rows, cols, 16, 4, 2
     return rows, cols, _block_k(dtype, pooled), 4 if dtype == torch.float32 else 8, 2
