@@ -6,6 +6,7 @@ Pure @triton.jit code; the host-side launchers live in pushpull_ext/triton_launc
 from .backward import (
     pp_bwd_bias_kernel,
     pp_bwd_input_kernel,
+    pp_bwd_weight_adjoint_kernel,
     pp_bwd_weight_kernel,
 )
 from .forward import pp_fwd_conv_kernel, pp_fwd_pool_epilogue_kernel
@@ -16,4 +17,5 @@ __all__ = [
     "pp_bwd_bias_kernel",
     "pp_bwd_input_kernel",
     "pp_bwd_weight_kernel",
+    "pp_bwd_weight_adjoint_kernel",
 ]

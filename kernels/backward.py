@@ -12,12 +12,14 @@ A operand:
 with c_o = -alpha[o], or 1 for the dual output, whose second half of g (channels C_out + o) feeds Q.
 Per mode the operands are
     upsample:  input gradient: G = gP + the prefilter's adjoint of gQ (`pull_prefilter_adjoint`) against
-               the push kernel (one MMA); weight gradient: gP against the push taps, gQ against the
-               prefiltered z (forward.py, common.py `pull_prefilter`), both into dk (two MMAs)
+               the push kernel (one MMA); weight gradient: the same G against x over the input pixels
+               (one MMA, `pp_bwd_weight_adjoint_kernel`), or gP against the push taps and gQ against the
+               prefiltered z (forward.py, common.py `pull_prefilter`), both into dk (two MMAs,
+               `pp_bwd_weight_kernel`; the launcher picks by its cost model, triton_launch._weight_adjoint_pays)
     invert:    gP - gQ against k (push and the -P0 part of the pull share k), plus the box-sum term
     scale 1:   gP - gQ against k (Q = -P0 - b_in)
 formed in the accumulator dtype and rounded to the operand dtype (what autograd would hold) just
-before the MMA. Three deterministic kernels (no atomics anywhere):
+before the MMA. Four deterministic kernels (no atomics anywhere):
 
 1. `pp_bwd_input_kernel`: transposed implicit GEMM, tile = BLOCK_M input pixels x BLOCK_N input
    channels of one group, reduction over (push tap, output channel of the group), tap-major, in every
@@ -33,12 +35,22 @@ before the MMA. Three deterministic kernels (no atomics anywhere):
 2. `pp_bwd_weight_kernel`: weight-gradient implicit GEMM, tile = BLOCK_M output channels of one
    group x BLOCK_N folded (tap, c) indices, reduction over pixels, split in SPLIT contiguous pixel
    ranges written to separate partial buffers that the launcher sums (deterministic split-K).
-   The (tap, c) side runs over the push kernel's taps in every mode. Upsample accumulates
-   dk = gP x im2col + gQ x z (z: the input prefiltered by -U[:, i] V[:, j]^T, built on the fly as the
-   forward's, since the pull response is k against z): 2x one convolution's products, and dk comes
-   out directly (no dq to carry back through U, V). Invert also reduces sum_p gQ[o, p] * (sum over the tile's (tap, c) of the
-   input) whose total over the r tiles is sum_p gQ[o, p] * S[g, p] = d loss / d shift[o].
-3. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
+   The (tap, c) side runs over the push kernel's taps in every mode. Upsample (the prefilter route)
+   accumulates dk = gP x im2col + gQ x z (z: the input prefiltered by -U[:, i] V[:, j]^T, built on the
+   fly as the forward's, since the pull response is k against z): 2x one convolution's products, and
+   dk comes out directly (no dq to carry back through U, V). Invert also reduces sum_p gQ[o, p] * (sum
+   over the tile's (tap, c) of the input) whose total over the r tiles is sum_p gQ[o, p] * S[g, p] =
+   d loss / d shift[o].
+3. `pp_bwd_weight_adjoint_kernel` (upsample, the adjoint route): the input gradient's algebra read the
+   other way round,
+       dk[o, c, i, j] = sum_{n, h} x[n, c, h] G_ij[n, o](h)
+   over the INPUT pixels h, x unshifted (the tap's shift is in G). Tile = BLOCK_M output channels x
+   BLOCK_N input channels of one group for ONE push tap (the tap is in the grid), reduction over the
+   input pixels, split-K as 2. One MMA a chunk: one convolution's products at stride 1 (s^2 at stride
+   s, the input pixels being s^2 the output pixels), plus G formed on the CUDA cores once per c tile
+   (~25 FMAs an element at scale 2, as the input gradient's). Its c side is padded to the MMA's 16, so
+   the prefilter route stays cheaper for few input channels a group (the 3-channel stem) and strides.
+4. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
    pixels (split in SPLIT ranges, partials [SPLIT, C_out] summed by the launcher). The pooling
    adjoint preserves sums (each q spreads gQ'[q] / count(q) over count(q) pixels), so it reads g and
    the masks at the same pixel only, no window gather.
@@ -482,3 +494,106 @@ def pp_bwd_bias_kernel(
         )
         acc += tl.sum(gp - gq, axis=0)
     tl.store(part_ptr + split * C_OUT + offs_n, acc, mask=n_valid)
+
+
+@triton.jit
+def pp_bwd_weight_adjoint_kernel(
+    x_ptr,
+    g_ptr,
+    mask_ptr,
+    alpha_ptr,
+    pull_idx_ptr,
+    pull_coef_ptr,
+    gw_ptr,
+    N,
+    C_IN,
+    H,
+    W,
+    C_OUT,
+    HO,
+    WO,
+    CG,
+    CGO,
+    SH,
+    SW,
+    PH,
+    PW,
+    DH,
+    DW,
+    TH,
+    TW,  # stride, padding, dilation and size of the push kernel
+    QPH,
+    QPW,
+    QH,
+    QW,  # padding and size of the pull kernel (QW: the cost model's, the tables need QH only)
+    AVG,
+    AVG_PAD,
+    PIX_PER_SPLIT,
+    NUM_O_TILES,
+    NUM_C_TILES,
+    DUAL: tl.constexpr,
+    POOLED: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Upsample's weight gradient on the prefilter's adjoint (the input gradient's operand G):
+
+        dk[o, c, i, j] = sum_{n, h} x[n, c, h] G_ij[n, o](h),
+        G_ij[o](h) = gP[o, p(h, i, j)] + c_o sum_{a, b} -U[a, i] V[b, j] gQ'[o, p_q(h, a, b)]
+
+    over the INPUT pixels h (N * H * W), x read unshifted. Tile: BLOCK_M output channels x BLOCK_N input
+    channels of one group for ONE push tap (grid: (group, o tile), (tap, c tile), split); reduction over
+    the split's input pixels in BLOCK_K chunks, one MMA each. It accumulates dk^T (rows c, columns o):
+    G is formed as G^T [pixels, o], the layout of pull_prefilter_adjoint (rows pixels, columns (tap, o)),
+    and x^T [c, pixels] is the contiguous side of x. Partials [split, C_out, (tap, c)] as
+    pp_bwd_weight_kernel's."""
+    pid_go = tl.program_id(0)
+    pid_tc = tl.program_id(1)
+    split = tl.program_id(2)
+    g = pid_go // NUM_O_TILES
+    o_tile = pid_go % NUM_O_TILES
+    tap = pid_tc // NUM_C_TILES  # push tap (i, j) = (tap // TW, tap % TW)
+    c_tile = pid_tc % NUM_C_TILES
+    HW = H * W
+    K_TOTAL = TH * TW * CG
+    ACC = tl.float64 if IS_FP64 else tl.float32
+    x_ty = x_ptr.dtype.element_ty
+
+    ol = o_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel of the group
+    o_valid = ol < CGO
+    offs_o = g * CGO + ol
+    o = offs_o[None, :]
+    cl = c_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel of the group
+    c_valid = cl < CG
+    x_chan = (g * CG + cl)[:, None] * HW
+    t = tap + tl.zeros((BLOCK_M,), dtype=tl.int32)  # every G column's tap (the adjoint's column layout)
+    sign = pull_sign(alpha_ptr, o, C_OUT, DUAL, ACC)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)  # dk^T[c, o] of this tap
+    for p0 in range(0, PIX_PER_SPLIT, BLOCK_K):
+        p, p_valid = split_chunk(split, p0, BLOCK_K, PIX_PER_SPLIT, N * HW)  # flat input pixels
+        n_img, pix = image_and_pixel(p, HW)
+        h = pix // W
+        w = pix % W
+        n_col = n_img[:, None]
+        # push: input pixel h meets tap (i, j) of output pixel (h + pad - (i, j) * dil) / stride
+        ho, ok_h = output_coord(h + PH - (tap // TW) * DH, SH, HO)
+        wo, ok_w = output_coord(w + PW - (tap % TW) * DW, SW, WO)
+        gp_mask = (p_valid & ok_h & ok_w)[:, None] & o_valid[None, :]
+        gp = grad_push(g_ptr, mask_ptr, n_col, o, (ho * WO + wo)[:, None], gp_mask, C_OUT, HO * WO, DUAL, ACC)
+        gq = pull_prefilter_adjoint(
+            *(g_ptr, mask_ptr, n_col, o, h, w, p_valid, o_valid, t, SH, SW, QPH, QPW, DH, DW, TH, TW, QH),
+            *(pull_idx_ptr, pull_coef_ptr, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC),
+        )
+        g_t = (gp + sign * gq).to(x_ty)  # G^T [pixels, o], rounded to the operand dtype
+        # x^T [c, pixels]: x[n, c, h, w] unshifted (the tap's shift is in G)
+        x_off = n_img[None, :] * C_IN * HW + x_chan + pix[None, :]
+        xt = tl.load(x_ptr + x_off, mask=c_valid[:, None] & p_valid[None, :], other=0.0)
+        acc = mma_grad_operand(xt, g_t, acc, IS_FP64, ALLOW_TF32)
+
+    # partial [split, o, (tap, c)]: dk^T's row c, column o
+    w_off = split.to(tl.int64) * C_OUT * K_TOTAL + o * K_TOTAL + (tap * CG + cl)[:, None]
+    tl.store(gw_ptr + w_off, acc, mask=c_valid[:, None] & o_valid[None, :])

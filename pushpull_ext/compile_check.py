@@ -88,7 +88,12 @@ class CompiledKernel:
         float64 products run on the CUDA cores (kernels/common.py: mma_grad_operand)."""
         if self.constexprs.get("IS_FP64"):
             return self.kernel == "pp_fwd_conv_kernel" and self.arch in (80, 90)
-        return self.kernel in ("pp_fwd_conv_kernel", "pp_bwd_input_kernel", "pp_bwd_weight_kernel")
+        return self.kernel in (
+            "pp_fwd_conv_kernel",
+            "pp_bwd_input_kernel",
+            "pp_bwd_weight_kernel",
+            "pp_bwd_weight_adjoint_kernel",
+        )
 
 
 class _TargetDriver:
@@ -166,10 +171,11 @@ class _CompileOnly:
 
 
 @contextlib.contextmanager
-def compiling_for(arch: int):
+def compiling_for(arch: int, **config):
     """Within: Triton targets sm_<arch>. Yields (the launch configuration under which the launchers compile,
     on CPU tensors, what a GPU would launch (its tiles), without running it; the list of (name, label,
-    constexprs, dtypes, binary) compiled so far)."""
+    constexprs, dtypes, binary) compiled so far). `config`: further LaunchConfig fields (e.g. a forced
+    weight_grad_path)."""
     if TRITON_INTERPRET:
         raise RuntimeError("compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
     from triton.runtime import driver
@@ -180,7 +186,10 @@ def compiling_for(arch: int):
     previous = getattr(driver, "_active", None)  # None until a driver was asked for (reset_active needs a GPU)
     driver.set_active(_TargetDriver(arch))
     try:
-        yield LaunchConfig(gpu_tiles_on_cpu=True, launch=lambda kernel: _CompileOnly(kernel, compiled)), compiled
+        yield (
+            LaunchConfig(gpu_tiles_on_cpu=True, launch=lambda kernel: _CompileOnly(kernel, compiled), **config),
+            compiled,
+        )
     finally:
         driver.set_active(previous) if previous is not None else setattr(driver, "_active", None)
 
@@ -248,8 +257,11 @@ def spec_launches(
     ]
 
 
-def compile_all(archs: Iterable[int], launches: list, tf32: bool = True, progress=None) -> list[CompiledKernel]:
-    """Run every launch for every arch; one CompiledKernel per distinct compiled specialization."""
+def compile_all(
+    archs: Iterable[int], launches: list, tf32: bool = True, progress=None, **config
+) -> list[CompiledKernel]:
+    """Run every launch for every arch; one CompiledKernel per distinct compiled specialization. `config`:
+    further LaunchConfig fields for every launch."""
     import torch
 
     tool = cuobjdump()
@@ -259,12 +271,12 @@ def compile_all(archs: Iterable[int], launches: list, tf32: bool = True, progres
     try:
         for arch in archs:
             seen = set()
-            with compiling_for(arch) as (config, compiled):
+            with compiling_for(arch, **config) as (launch_config, compiled):
                 for label, run in launches:
                     if progress:
                         progress(f"sm_{arch}: {label}")
                     _CompileOnly.label = label
-                    run(config)
+                    run(launch_config)
             for name, label, constexprs, dtypes, binary in compiled:
                 if binary.hash in seen:
                     continue
@@ -338,6 +350,11 @@ def main(argv=None) -> int:
         help="batch of every shape (default 16: compiles what the papers' batches do, see spec_launches)",
     )
     parser.add_argument("--no-tf32", action="store_true", help="float32 without TF32 (the benchmark's setting)")
+    parser.add_argument(
+        "--weight-grad-path",
+        choices=["prefilter", "adjoint"],
+        help="force upsample's weight-gradient route (default: the launcher's rule, _weight_adjoint_pays)",
+    )
     parser.add_argument("--json", help="write every compiled kernel's figures here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -345,7 +362,9 @@ def main(argv=None) -> int:
 
     launches = spec_launches([getattr(torch, d) for d in args.dtypes], args.shapes, args.batch)
     progress = None if args.quiet else (lambda text: print(f"compiling: {text}", file=sys.stderr, flush=True))
-    results = compile_all(args.arch, launches, tf32=not args.no_tf32, progress=progress)
+    results = compile_all(
+        args.arch, launches, tf32=not args.no_tf32, progress=progress, weight_grad_path=args.weight_grad_path
+    )
     print(format_table(results))
     bad = failures(results)
     print(

@@ -16,11 +16,14 @@ decisions, at the paper's batch. Each recorded launch is then priced:
   pooling halo: their rows (halo recomputed by the neighbouring tiles, padding rows to BLOCK_M, tiles past
   the image's edge) are all counted, and the note gives them per output pixel (where the launcher's
   roofline rule, triton_launch._fused_pooling_pays, takes the scratch path instead, its two launches are
-  priced as they are: flat tiles, P / Q fields written and read). Upsample's forward and weight gradient (the prefilter algebra,
-  kernels/common.py `pull_prefilter`) run two MMAs per chunk of the push kernel's reduction: the push
-  operand and the prefiltered z against the same weights; its input gradient one MMA per chunk of the
-  same reduction (push taps x output channels: the prefilter's adjoint, kernels/backward.py
-  `pull_prefilter_adjoint`, forms gP + the pulled gQ as one operand G). The prefilter's own
+  priced as they are: flat tiles, P / Q fields written and read). Upsample's forward and its weight gradient
+  on the prefilter route (the prefilter algebra, kernels/common.py `pull_prefilter`) run two MMAs per chunk
+  of the push kernel's reduction: the push operand and the prefiltered z against the same weights; its
+  input gradient one MMA per chunk of the same reduction (push taps x output channels: the prefilter's
+  adjoint, kernels/backward.py `pull_prefilter_adjoint`, forms gP + the pulled gQ as one operand G), and
+  its weight gradient on the adjoint route (pp_bwd_weight_adjoint_kernel, where the launcher's rule
+  triton_launch._weight_adjoint_pays takes it) one MMA per chunk of the input pixels for each push tap's
+  output x input channel tile, against the same G. The prefilter's own
   multiply-adds on the CUDA cores (every element of z or G: one per nonzero U[a, i] V[b, j] pair its loops
   visit, for the bilinear pull matrices of the case; with pooling each visit of G also sums an a x a
   window of g) are in the launch's note, as a fraction of its MACs. The forward's exact fallback for tiles with a non-finite input is not counted. A
@@ -54,7 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import triton_launch
 from .compile_check import launch_backward
 from .functional import forward_args
-from .options import conv_output_size, interpolation_matrix
+from .options import conv_output_size
 from .shapes import CASES, Case, case_from_text, make_inputs
 
 MASK_BITS = 2  # masks[0] = [P > 0] and masks[1] = [Q' > 0]: 1 bit each per channel and pixel
@@ -182,11 +185,14 @@ def _meta_inputs(case: Case, dtype: torch.dtype) -> dict:
     return tensors
 
 
-def record_training_step(case: Case, dtype: torch.dtype) -> list:
+def record_training_step(case: Case, dtype: torch.dtype, **config) -> list:
     """The launcher's events of a training step of `case` (forward with masks, then the backward of
-    every tensor the layer trains), with the GPU tiles, on meta tensors."""
+    every tensor the layer trains), with the GPU tiles, on meta tensors. `config`: further LaunchConfig
+    fields (e.g. a forced weight_grad_path)."""
     recording = _Recording()
-    config = triton_launch.LaunchConfig(gpu_tiles_on_cpu=True, launch=lambda kernel: _RecordLaunch(kernel, recording))
+    config = triton_launch.LaunchConfig(
+        gpu_tiles_on_cpu=True, launch=lambda kernel: _RecordLaunch(kernel, recording), **config
+    )
     t = _meta_inputs(case, dtype)
     args = forward_args(
         t["input"], t["weight"], t["bias"], save_masks=True, bias_out=t["bias_out"], alpha=t["alpha"], **case.options()
@@ -240,15 +246,18 @@ def _bwd_weight_macs(grid: tuple, a: dict) -> int:
     return go_tiles * r_tiles * split * chunks * products * _tile(a)
 
 
+def _bwd_weight_adjoint_macs(grid: tuple, a: dict) -> int:
+    """Upsample's weight gradient on the adjoint: per program (one push tap, an o x c tile), one MMA per
+    chunk of its split's INPUT pixels."""
+    chunks = len(range(0, a["PIX_PER_SPLIT"], a["BLOCK_K"]))
+    return math.prod(grid) * chunks * _tile(a)
+
+
 def prefilter_visits(a: dict) -> int:
     """U[a, i] V[b, j] pairs pull_prefilter's loops visit for each element of z: (most nonzeros of a
-    column of U) x (of V), for the bilinear matrices (options.interpolation_matrix) of the launch's sizes."""
-
-    def most_nonzeros(size: int, new_size: int) -> int:
-        m = interpolation_matrix(size, new_size, torch.float64, "cpu")
-        return int((m != 0).sum(0).max())
-
-    return most_nonzeros(a["TH"], a["QH"]) * most_nonzeros(a["TW"], a["QW"])
+    column of U) x (of V), for the bilinear matrices (options.interpolation_matrix) of the launch's sizes
+    (the launcher's count, triton_launch.prefilter_visits, which its weight-gradient rule prices with)."""
+    return triton_launch.prefilter_visits(a["TH"], a["TW"], a["QH"], a["QW"])
 
 
 def _prefilter_note(z_elements: int, a: dict, macs: int, what: str = "prefilter", per_visit: int = 1) -> str:
@@ -303,6 +312,21 @@ def _bwd_input_note(grid: tuple, a: dict) -> str:
     return "; ".join(n for n in notes if n)
 
 
+def _bwd_weight_adjoint_note(grid: tuple, a: dict) -> str:
+    """g and the masks swept once per (tap, c tile) column, x once per (o tile, tap); the adjoint's G, one
+    [BLOCK_K, BLOCK_M] tile per MMA (built again by every c tile), each element one FMA per visited U V
+    pair, times the a x a window sum of each visit's gQ with pooling."""
+    macs = _bwd_weight_adjoint_macs(grid, a)
+    window = a["AVG"] ** 2 if a["POOLED"] else 1
+    taps = a["TH"] * a["TW"]
+    notes = [
+        _swept("g, masks", grid[1]),
+        _swept("x", grid[0] * taps).replace("tile column", "o tile and tap"),
+        _prefilter_note(macs // a["BLOCK_N"], a, macs, "adjoint prefilter (G)", window),
+    ]
+    return "; ".join(n for n in notes if n)
+
+
 @dataclass(frozen=True)
 class _KernelModel:
     """How to price one kernel: its MACs ((grid, arguments) -> int; None: no products), the arguments it
@@ -349,6 +373,12 @@ KERNELS = {
         ("x_ptr", "g_ptr", "mask_ptr", "alpha_ptr", "pull_idx_ptr", "pull_coef_ptr"),
         lambda a: ("gw_ptr", "gs_ptr"),
         _bwd_weight_note,
+    ),
+    "pp_bwd_weight_adjoint_kernel": _KernelModel(
+        _bwd_weight_adjoint_macs,
+        ("x_ptr", "g_ptr", "mask_ptr", "alpha_ptr", "pull_idx_ptr", "pull_coef_ptr"),
+        lambda a: ("gw_ptr",),
+        _bwd_weight_adjoint_note,
     ),
 }
 
@@ -416,9 +446,10 @@ def lower_bound(case: Case, dtype: torch.dtype, phase: str) -> LowerBound:
     return LowerBound(grads * convolution_macs(case), field * es + masks + x + (x if case.input_grad else 0))
 
 
-def layer_cost(case: Case, dtype: torch.dtype) -> list[PhaseCost]:
-    """Forward and backward of a training step of `case`, priced launch by launch."""
-    costs = price_events(record_training_step(case, dtype))
+def layer_cost(case: Case, dtype: torch.dtype, **config) -> list[PhaseCost]:
+    """Forward and backward of a training step of `case`, priced launch by launch (`config`: further
+    LaunchConfig fields, e.g. weight_grad_path="prefilter" to price the route the launcher does not take)."""
+    costs = price_events(record_training_step(case, dtype, **config))
     ho, wo = output_size(case)
     return [
         PhaseCost(

@@ -34,6 +34,15 @@ grad_output and the packed masks as it loads them; see kernels/backward.py)
     the partial buffers [split, C_out, kh*kw*Cg] (accumulator dtype; upsample's pull part goes into
     the same buffer through the prefilter) and, for invert, [split, r_tiles, C_out] for pull_shift;
     torch sums them (split is 1 unless the GPU needs more programs).
+  - upsample's weight gradient has two routes (LaunchConfig.weight_grad_path forces one):
+    "prefilter" (pp_bwd_weight_kernel: dk = gP x_taps + gQ z, two MMAs over the output pixels) and
+    "adjoint" (pp_bwd_weight_adjoint_kernel: x against the input gradient's operand G, one MMA over the
+    input pixels, one push tap a program; same partial buffers). The rule, _weight_adjoint_pays: the
+    cost model's counts of each route for the layer's tiles (MACs with tiles padded to whole blocks, plus
+    the CUDA-core FMAs forming z or G, priced at FMA_COST_IN_MACS tensor-core MACs each for the dtype);
+    the adjoint where it is no dearer. It takes the 16- and 64-channel stride-1 layers (1x one
+    convolution's products instead of 2-2.7x) and leaves the 3-channel stem (its c side padded to 16)
+    and strided layers (s^2 the pixels) on the prefilter route.
   - the backward tiles' channel side (input channels of the input gradient, output channels of the
     weight gradient) is no wider than the group's channels need (16 for 16-channel layers).
   - bias_in gradient, if asked: one reduction kernel over g and the masks (sum_p gP - sum_p gQ;
@@ -214,6 +223,9 @@ class LaunchConfig:
     launch: Callable = wrap_triton
     # The pooled forward's path: "fused" or "scratch" (the tests force each), None: _fused_pooling_pays.
     pool_path: Optional[str] = None
+    # Upsample's weight-gradient route: "prefilter" (pp_bwd_weight_kernel) or "adjoint"
+    # (pp_bwd_weight_adjoint_kernel) (the tests force each), None: _weight_adjoint_pays.
+    weight_grad_path: Optional[str] = None
 
     def gpu_tuned(self, t: Tensor) -> bool:
         """Whether launches on t use the GPU configs (the interpreter has its own, see _fwd_config)."""
@@ -282,6 +294,104 @@ def _bwd_config(
     if upsample and not weight_kernel and cols == 16 and dtype != torch.float64:
         warps = 4  # the adjoint's 64 x 16 tiles spilled 24-48 B with 8 warps (sm_80, tf32x3, Triton 3.9)
     return rows, cols, block_k, warps, stages
+
+
+def _bwd_weight_adjoint_config(dtype, gpu: bool, cgo: int, cg: int, pooled: bool = False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of upsample's weight gradient on the adjoint:
+    BLOCK_M output channels x BLOCK_N input channels of a group (each no wider than the group's channels
+    need, at least the MMA's 16), BLOCK_K input pixels. The G^T tile [BLOCK_K, BLOCK_M] it forms is the
+    input gradient's [BLOCK_M, BLOCK_K] transposed: the same sizes (benchmarks/tuning.md)."""
+    if not gpu:  # interpreter: cost is per NumPy call, so one long pixel chunk for the tests' small maps
+        return 16, 16, 128, 4, 1
+    fp64 = dtype == torch.float64  # products on the CUDA cores (mma_grad_operand)
+    rows = min(32 if fp64 else 64, max(16, triton.next_power_of_2(cgo)))
+    cols = min(32 if fp64 else 64, max(16, triton.next_power_of_2(cg)))
+    narrow = rows * cols <= 16 * 32
+    # warps and BLOCK_K where compile_check found no spill on sm_80 / sm_90, Triton 3.9 and 3.6 (ptxas spilled
+    # 8-48 B of other choices: benchmarks/tuning.md)
+    if fp64 and pooled:  # G sums an a x a window per visit
+        return rows, cols, 8, 2 if rows * cols <= 16 * 16 else 4, 1
+    if fp64:
+        return rows, cols, 16 if narrow else 8, 2 if narrow else 8, 1
+    if pooled:
+        return rows, cols, 16, 8, 2
+    if narrow:
+        return rows, cols, 16, 4, 2
+    return rows, cols, _block_k(dtype, pooled), 4 if dtype == torch.float32 else 8, 2
+
+
+def _padded(size: int, block: int) -> int:
+    """size rounded up to whole blocks (what a tiled loop or grid executes)."""
+    return triton.cdiv(size, block) * block
+
+
+@functools.lru_cache(maxsize=64)
+def prefilter_visits(th: int, tw: int, qh: int, qw: int) -> int:
+    """U[a, i] V[b, j] pairs the prefilter's (and its adjoint's) loops visit per element of z (or G): the
+    most nonzeros of a column of U times those of V, for the bilinear matrices (align_corners=True, as
+    options.interpolation_matrix) of a th x tw push and qh x qw pull kernel. Counted in plain Python
+    (the launcher prices routes with it; no device work, nothing for the cost model's recording)."""
+
+    def most_nonzeros(size: int, new_size: int) -> int:
+        count = [0] * size
+        for a in range(new_size):
+            src = a * (size - 1) / (new_size - 1) if new_size > 1 else 0.0
+            lo = min(int(src), size - 1)
+            count[lo] += 1
+            if src > lo:  # a nonzero weight on the next column too
+                count[lo + 1] += 1
+        return max(count)
+
+    return most_nonzeros(th, qh) * most_nonzeros(tw, qw)
+
+
+def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoint: tuple) -> tuple:
+    """((MACs, CUDA-core FMAs) of the prefilter route, the same of the adjoint route) for upsample's
+    weight gradient, counted as they execute (cost_model's counting: tiles padded to whole blocks, pixel
+    chunks to whole BLOCK_K; split factors left out). Prefilter (tiles: o x (tap, c) x output pixels): two
+    MMAs a chunk, z built once per o tile (visits FMAs an element) and gQ's pooling window once per
+    (tap, c) tile. Adjoint (tiles: o x c x input pixels, one tap a program): one MMA, G built once per
+    c tile (visits x pooling window FMAs an element)."""
+    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size)
+    taps = geo.kh * geo.kw
+    bm, bn, bk = prefilter[:3]
+    o_rows = geo.G * _padded(geo.Cgo, bm)
+    r_cols = _padded(taps * geo.Cg, bn)
+    out_pix = _padded(geo.N * geo.Ho * geo.Wo, bk)
+    pre_macs = 2 * o_rows * r_cols * out_pix
+    pre_fmas = (o_rows // bm) * r_cols * out_pix * visits
+    if pooled_window > 1:
+        pre_fmas += o_rows * (r_cols // bn) * out_pix * pooled_window
+    bm, bn, bk = adjoint[:3]
+    o_rows = geo.G * _padded(geo.Cgo, bm)
+    c_cols = _padded(geo.Cg, bn)
+    in_pix = _padded(geo.N * geo.H * geo.W, bk)
+    adj_macs = o_rows * taps * c_cols * in_pix
+    adj_fmas = o_rows * taps * (c_cols // bn) * in_pix * visits * pooled_window
+    return (pre_macs, pre_fmas), (adj_macs, adj_fmas)
+
+
+# CUDA-core float32 FMAs priced in tensor-core multiply-adds, at an H100 SXM's dense peaks (33.5 T FMA/s on
+# the CUDA cores; tensor-core MACs: 16-bit 495 T/s, TF32 247 T/s, TF32 off: tf32x3, a third of that;
+# float64: the backward's products run on the CUDA cores too, mma_grad_operand). Model figures.
+FMA_COST_IN_MACS = {"16-bit": 14.8, "tf32": 7.4, "tf32x3": 2.5, "float64": 1.0}
+
+
+def _weight_adjoint_pays(geo: _Geom, dtype, tf32: bool, pooled_window: int, prefilter: tuple, adjoint: tuple) -> bool:
+    """Whether upsample's weight gradient takes the adjoint route (pp_bwd_weight_adjoint_kernel): its
+    time by model, MACs + CUDA-core FMAs x FMA_COST_IN_MACS[dtype] (_weight_route_costs), is no more
+    than the prefilter route's. The adjoint runs one convolution's products at stride 1 (s^2 at stride s:
+    its reduction runs over the input pixels) against the prefilter's two, but its c side is padded to
+    16 and it builds G per c tile: it loses on few input channels a group (the 3-channel stems: 16 / 3
+    of the products, and G's FMAs over 3 channels) and on strided layers."""
+    if dtype == torch.float64:
+        fma_cost = FMA_COST_IN_MACS["float64"]
+    elif dtype == torch.float32:
+        fma_cost = FMA_COST_IN_MACS["tf32" if tf32 else "tf32x3"]
+    else:
+        fma_cost = FMA_COST_IN_MACS["16-bit"]
+    (pre_macs, pre_fmas), (adj_macs, adj_fmas) = _weight_route_costs(geo, pooled_window, prefilter, adjoint)
+    return adj_macs + fma_cost * adj_fmas <= pre_macs + fma_cost * pre_fmas
 
 
 def _num_sms(device) -> int:
@@ -591,7 +701,9 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         out[0] = gx
 
     # 3. Weight gradient (and, for invert, the pull_shift gradient).
-    if want[1] or want[2]:
+    if want[1] and mode == MODE_UPSAMPLE and _weight_route(geo, args, config, x) == "adjoint":
+        out[1] = _weight_gradient_adjoint(geo, args, config, x.contiguous(), g, masks, alpha_v, pull_tables)
+    elif want[1] or want[2]:
         tiles = _bwd_config(dtype, config.gpu_tuned(x), Cgo, weight_kernel=True, pooled=pooled)
         BM, BN, BK = tiles[:3]
         x = x.contiguous()
@@ -625,3 +737,46 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         if want[2]:
             out[2] = gs.sum(dim=(0, 1)).to(dtype)
     return tuple(out)
+
+
+def _weight_route(geo: _Geom, args, config: LaunchConfig, x: Tensor) -> str:
+    """Upsample's weight-gradient route: config.weight_grad_path, or by _weight_adjoint_pays."""
+    if config.weight_grad_path is not None:
+        return config.weight_grad_path
+    gpu, pooled = config.gpu_tuned(x), args.avg_kernel > 1
+    prefilter = _bwd_config(x.dtype, gpu, geo.Cgo, weight_kernel=True, pooled=pooled)
+    adjoint = _bwd_weight_adjoint_config(x.dtype, gpu, geo.Cgo, geo.Cg, pooled)
+    window = int(args.avg_kernel) ** 2 if pooled else 1
+    pays = _weight_adjoint_pays(geo, x.dtype, config.allow_tf32(x), window, prefilter, adjoint)
+    return "adjoint" if pays else "prefilter"
+
+
+def _weight_gradient_adjoint(geo: _Geom, args, config: LaunchConfig, x, g, masks, alpha_v, pull_tables) -> Tensor:
+    """Upsample's weight gradient on the prefilter's adjoint (kernels/backward.py
+    pp_bwd_weight_adjoint_kernel): one program per (group, o tile) x (push tap, c tile) x split, the
+    split-K over the input pixels deterministic (partials [split, C_out, (tap, c)] summed here)."""
+    dtype, dev, pooled = x.dtype, x.device, args.avg_kernel > 1
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tiles = _bwd_weight_adjoint_config(dtype, config.gpu_tuned(x), geo.Cgo, geo.Cg, pooled)
+    BM, BN, BK = tiles[:3]
+    taps, k_total = geo.kh * geo.kw, geo.kh * geo.kw * geo.Cg
+    n_o_tiles, n_c_tiles = triton.cdiv(geo.Cgo, BM), triton.cdiv(geo.Cg, BN)
+    p_total = geo.N * geo.H * geo.W  # the reduction runs over the input pixels
+    programs = geo.G * n_o_tiles * taps * n_c_tiles
+    split = _pixel_split(programs, p_total, BK, config.gpu_tuned(x), dev, config.weight_split)
+    pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
+    split = triton.cdiv(p_total, pix_per_split)
+    gw = torch.empty((split, geo.C_out, k_total), dtype=acc_dtype, device=dev)
+    config.launch(_kb.pp_bwd_weight_adjoint_kernel)[(geo.G * n_o_tiles, taps * n_c_tiles, split)](
+        *(x, g, masks, alpha_v, *pull_tables, gw),
+        *(*geo.sizes(), geo.Cg, geo.Cgo, *geo.push_window(), *geo.pull_window(), *_pool_window(args.avg_kernel)),
+        *(pix_per_split, n_o_tiles, n_c_tiles),
+        DUAL=bool(args.dual_output),
+        POOLED=pooled,
+        IS_FP64=dtype == torch.float64,
+        ALLOW_TF32=config.allow_tf32(x),
+        **_tiles(*tiles),
+    )
+    # [split, C_out, (tap, c)] -> [C_out, Cg, kh, kw]
+    gk = gw.sum(0).view(geo.C_out, geo.kh, geo.kw, geo.Cg).permute(0, 3, 1, 2)
+    return gk.to(dtype).contiguous()

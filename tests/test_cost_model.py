@@ -38,21 +38,48 @@ def test_invert_forward_does_one_convolutions_products():
 
 
 @pytest.mark.parametrize("name", ["cifar-b1-2020", "imagenet-b1-2020"])
-def test_upsample_forward_and_weight_gradient_run_two_convolutions_products(name):
+def test_upsample_forward_runs_two_convolutions_products_and_each_gradient_one(name):
     # the prefilter algebra: push and pull both over the 9 push taps, 16 or 64 channels in whole chunks;
     # the backward tiles' channel sides no wider than the channels (16-channel layers: 16, not 64)
     case = case_by_name(name)
     forward, backward = cost_model.layer_cost(case, torch.float32)
     conv = cost_model.convolution_macs(case)
     assert _launch(forward, "pp_fwd_conv_kernel").macs == 2 * conv
-    # the weight gradient's (tap, c) side in 64-wide tiles: 144 -> 192 for 16 channels, 576 for 64 (whole);
-    # its pixel splits are rounded up to whole chunks (under half a percent)
-    k_total = case.c_in * 9
-    padded = -(-k_total // 64) * 64
-    assert _launch(backward, "pp_bwd_weight_kernel").macs == pytest.approx(2 * conv * padded / k_total, rel=5e-3)
     # the input gradient: the prefilter's adjoint, one MMA over (push tap, output channel), 16 or 64
     # channels in whole chunks (float32: 16 wide): one convolution's products
     assert _launch(backward, "pp_bwd_input_kernel").macs == conv
+    # the weight gradient takes the adjoint route (the launcher's rule): x against G over the input
+    # pixels, o x c tiles of 16 or 64 (whole), pixel splits rounded up to whole chunks (under half a percent)
+    assert "pp_bwd_weight_kernel" not in [c.launch for c in backward.launches]
+    assert _launch(backward, "pp_bwd_weight_adjoint_kernel").macs == pytest.approx(conv, rel=5e-3)
+    assert backward.macs == pytest.approx(2 * conv, rel=5e-3)
+
+
+@pytest.mark.parametrize("name", ["cifar-b1-2020", "imagenet-b1-2020"])
+def test_upsample_weight_gradient_prefilter_route_runs_two_convolutions_products(name):
+    # forced: dk = gP x_taps + gQ z, two MMAs a chunk, the (tap, c) side in 64-wide tiles: 144 -> 192
+    # for 16 channels, 576 for 64 (whole)
+    case = case_by_name(name)
+    _, backward = cost_model.layer_cost(case, torch.float32, weight_grad_path="prefilter")
+    conv = cost_model.convolution_macs(case)
+    k_total = case.c_in * 9
+    padded = -(-k_total // 64) * 64
+    assert _launch(backward, "pp_bwd_weight_kernel").macs == pytest.approx(2 * conv * padded / k_total, rel=5e-3)
+
+
+def test_weight_gradient_rule_keeps_the_3_channel_stem_on_the_prefilter_route():
+    # the adjoint route's c side would pad 3 input channels to 16 (16 / 3 of the products) and build G
+    # over them: the rule (triton_launch._weight_adjoint_pays) keeps the stem on the prefilter route
+    stem = case_by_name("cifar-stem-2020")
+    conv = cost_model.convolution_macs(stem)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        _, backward = cost_model.layer_cost(stem, dtype)
+        assert [c.launch for c in backward.launches if c.launch.startswith("pp_bwd_weight")] == ["pp_bwd_weight_kernel"]
+    _, forced = cost_model.layer_cost(stem, torch.float32, weight_grad_path="adjoint")
+    adjoint = _launch(forced, "pp_bwd_weight_adjoint_kernel")
+    assert adjoint.macs == pytest.approx(conv * 16 / 3, rel=5e-3)
+    # G: one [BLOCK_K, BLOCK_M] tile per MMA, 25 FMAs an element over BLOCK_N = 16 MACs
+    assert "adjoint prefilter (G): " in adjoint.note and "(1.56x the MACs)" in adjoint.note
 
 
 def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():

@@ -45,6 +45,7 @@ KERNELS = {
     "pp_fwd_pool_epilogue_kernel",
     "pp_bwd_input_kernel",
     "pp_bwd_weight_kernel",
+    "pp_bwd_weight_adjoint_kernel",  # upsample's weight gradient where _weight_adjoint_pays (cifar-b1, imagenet-b1)
     "pp_bwd_bias_kernel",
 }
 # Another Triton to compile with as well: a folder holding a `triton` package (pip install --target DIR

@@ -292,6 +292,61 @@ def test_pooled_forward_paths(path, pull, scale, opts):
         assert torch.equal(a, b), name
 
 
+WEIGHT_ROUTE_CASES = {
+    # name: (scale, dtype, options): upsample's option grid, small (both routes run in the interpreter)
+    "2-s1p1-bias-bout": (2.0, torch.float64, dict(bias_in=True, bias_out=True, hw=(5, 6))),
+    "2-s2p2-g2-avg3": (2.0, torch.float64, dict(stride=2, padding=2, groups=2, avg=3, bias_in=True, n=1)),
+    "1.5-rect3x5-avg5-dual": (
+        1.5,
+        torch.float64,
+        dict(kernel=(3, 5), padding=(0, 2), avg=5, dual=True, hw=(5, 9), n=1),
+    ),
+    "2-s2p0-dual-bias": (2.0, torch.float64, dict(stride=2, padding=0, dual=True, c_out=10, hw=(9, 8))),
+    "1.5-g2-straddle-avg3": (1.5, torch.float64, dict(groups=2, c_out=20, c_in=4, avg=3, bias_out=True, hw=(5, 6))),
+    "2-d2-s5-avg3": (2.0, torch.float64, dict(dilation=2, stride=5, padding=0, hw=(9, 9), avg=3, c_in=2, c_out=4, n=1)),
+    "2-rect1x3-f32": (2.0, torch.float32, dict(kernel=(1, 3), padding=(0, 1), c_out=20, groups=2, hw=(5, 6))),
+    "2-s2p2-g2-avg3-f32": (2.0, torch.float32, dict(stride=2, padding=2, groups=2, avg=3, n=1)),
+}
+
+
+@pytest.mark.parametrize("path", ["prefilter", "adjoint"])
+@pytest.mark.parametrize("name", list(WEIGHT_ROUTE_CASES))
+def test_upsample_weight_gradient_routes(path, name):
+    # Upsample's two weight-gradient routes, forced: dk = gP x_taps + gQ z (prefilter) and x against the
+    # adjoint's G over the input pixels (adjoint), on the option grid (stride, padding, dilation,
+    # groups and straddling tiles, rectangular kernels, pooling, dual output, scalar alpha in the dual).
+    scale, dtype, opts = WEIGHT_ROUTE_CASES[name]
+    config = TL.LaunchConfig(weight_grad_path=path)
+    check_case(Case(pull="upsample", scale=scale, dtype=dtype, **opts), config=config)
+
+
+def test_upsample_weight_gradient_routes_agree_split():
+    # The adjoint route's split-K over input pixels (3 partial buffers: 3 x 8 x 16 = 384 pixels, 3 chunks
+    # of the interpreter's 128) is deterministic and agrees with the prefilter route; irregular pull
+    # matrices (nonzeros apart, an empty column).
+    case = Case(pull="upsample", scale=2.0, n=3, hw=(8, 16), c_in=2, c_out=4)
+    case.rows, case.cols = _irregular(case.rows), _irregular(case.cols)
+    y, masks = case.forward()
+    grad = torch.randn_like(y)
+    only_w = [False, True, False, False, False, False]
+    grids = []
+
+    def recording_launch(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return TL.wrap_triton(kernel)[grid]
+
+        return Launch()
+
+    adjoint = TL.LaunchConfig(weight_grad_path="adjoint", weight_split=3, launch=recording_launch)
+    got = case.backward(grad, masks, only_w, config=adjoint)[1]
+    assert [grid[2] for grid in grids] == [3]  # one launch, split in 3
+    assert torch.equal(got, case.backward(grad, masks, only_w, config=adjoint)[1])
+    want = case.backward(grad, masks, only_w, config=TL.LaunchConfig(weight_grad_path="prefilter"))[1]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "dilation,stride,hw", [(2, 5, (9, 9)), ((3, 1), (9, 5), (15, 7))], ids=["pull-grid", "sparse-window"]
 )
@@ -452,9 +507,9 @@ def test_non_contiguous_inputs():
 # ------------------------------------------------------------------------------------------------
 class _LaunchFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, case, x, w, shift, b_in, b_out, alpha):
-        y, masks = TL.forward(case.op_args(True, (x, w, shift, b_in, b_out, alpha)))
-        ctx.case = case
+    def forward(ctx, case, config, x, w, shift, b_in, b_out, alpha):
+        y, masks = TL.forward(case.op_args(True, (x, w, shift, b_in, b_out, alpha)), config)
+        ctx.case, ctx.config = case, config
         ctx.save_for_backward(x, w, shift, b_in, alpha, masks)
         return y
 
@@ -462,10 +517,10 @@ class _LaunchFn(torch.autograd.Function):
     def backward(ctx, grad):
         x, w, shift, b_in, alpha, masks = ctx.saved_tensors
         case = ctx.case
-        need = list(ctx.needs_input_grad[1:])
+        need = list(ctx.needs_input_grad[2:])
         forward = case.op_args(True, (x, w, shift, b_in, None, alpha))
-        grads = TL.backward(BackwardArgs.after(forward, grad.contiguous(), masks, need))
-        return (None,) + tuple(g if n else None for g, n in zip(grads, need))
+        grads = TL.backward(BackwardArgs.after(forward, grad.contiguous(), masks, need), ctx.config)
+        return (None, None) + tuple(g if n else None for g, n in zip(grads, need))
 
 
 @pytest.mark.parametrize(
@@ -476,12 +531,20 @@ class _LaunchFn(torch.autograd.Function):
     ],
     ids=["invert-avg3-g2-s2", "upsample1.5-avg3-dual"],
 )
-def test_gradcheck(pull, scale, opts):
+def test_gradcheck(pull, scale, opts, config=TL.DEFAULT_LAUNCH):
     case = Case(pull=pull, scale=scale, n=1, c_in=2, c_out=4, hw=(5, 6), **opts)
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case.leaves()]
     assert torch.autograd.gradcheck(
-        lambda *a: _LaunchFn.apply(case, *a), tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True
+        lambda *a: _LaunchFn.apply(case, config, *a), tuple(leaves), eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True
     )
+
+
+@pytest.mark.parametrize("path", ["prefilter", "adjoint"])
+def test_gradcheck_upsample_weight_routes(path):
+    # float64 gradcheck of upsample with each weight-gradient route forced (stride 2, groups; pooling is in
+    # the grid above: its window sums cost the interpreter minutes here)
+    opts = dict(bias_in=True, bias_out=True, groups=2, stride=2, padding=1)
+    test_gradcheck("upsample", 2.0, opts, config=TL.LaunchConfig(weight_grad_path=path))
 
 
 def test_bias_gradient_split_deterministic():
