@@ -371,6 +371,15 @@ def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoin
     return (pre_macs, pre_fmas), (adj_macs, adj_fmas)
 
 
+def _precision(dtype, tf32: bool) -> str:
+    """The key of a launch's product precision in the model's tables (FMA_COST_IN_MACS, MACS_PER_BYTE)."""
+    if dtype == torch.float64:
+        return "float64"
+    if dtype == torch.float32:
+        return "tf32" if tf32 else "tf32x3"
+    return "16-bit"
+
+
 # CUDA-core float32 FMAs priced in tensor-core multiply-adds, at an H100 SXM's dense peaks (33.5 T FMA/s on
 # the CUDA cores; tensor-core MACs: 16-bit 495 T/s, TF32 247 T/s, TF32 off: tf32x3, a third of that;
 # float64: the backward's products run on the CUDA cores too, mma_grad_operand). Model figures.
@@ -384,12 +393,7 @@ def _weight_adjoint_pays(geo: _Geom, dtype, tf32: bool, pooled_window: int, pref
     its reduction runs over the input pixels) against the prefilter's two, but its c side is padded to
     16 and it builds G per c tile: it loses on few input channels a group (the 3-channel stems: 16 / 3
     of the products, and G's FMAs over 3 channels) and on strided layers."""
-    if dtype == torch.float64:
-        fma_cost = FMA_COST_IN_MACS["float64"]
-    elif dtype == torch.float32:
-        fma_cost = FMA_COST_IN_MACS["tf32" if tf32 else "tf32x3"]
-    else:
-        fma_cost = FMA_COST_IN_MACS["16-bit"]
+    fma_cost = FMA_COST_IN_MACS[_precision(dtype, tf32)]
     (pre_macs, pre_fmas), (adj_macs, adj_fmas) = _weight_route_costs(geo, pooled_window, prefilter, adjoint)
     return adj_macs + fma_cost * adj_fmas <= pre_macs + fma_cost * pre_fmas
 
@@ -540,12 +544,7 @@ def _fused_pooling_pays(geo: _Geom, dtype, tf32: bool, fused: tuple, eh: int, ew
     time max(MACs / MACS_PER_BYTE[dtype], bytes). The fused path's halo products cost more than the scratch
     fields' 16 (float64: 32) bytes an output element where the products dominate: wide layers (e.g. 64
     channels x 3 x 3) in float32 with TF32 off or float64, and upsample (two products) with large windows."""
-    if dtype == torch.float64:
-        balance = MACS_PER_BYTE["float64"]
-    elif dtype == torch.float32:
-        balance = MACS_PER_BYTE["tf32" if tf32 else "tf32x3"]
-    else:
-        balance = MACS_PER_BYTE["16-bit"]
+    balance = MACS_PER_BYTE[_precision(dtype, tf32)]
     rows_fused = geo.N * _pool_tiles(eh, ew, avg, geo.Ho, geo.Wo) * fused[0]
     rows_flat = triton.cdiv(geo.N * geo.Ho * geo.Wo, flat[0]) * flat[0]
     t_fused, t_scratch = (
