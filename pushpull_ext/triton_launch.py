@@ -596,17 +596,20 @@ def _channel_sum(t: Tensor, acc_dtype) -> Tensor:
     return t.sum(dim=(0, 2, 3), dtype=acc_dtype)
 
 
-def _pixel_split(n_tiles: int, k_pix: int, block_k: int, gpu: bool, device, override: Optional[int]) -> int:
-    """Deterministic split factor of a reduction over pixels (weight gradient, bias gradient):
-    enough programs to fill the GPU, each writing its own partial buffer."""
+def _pixel_split(n_tiles: int, k_pix: int, block_k: int, gpu: bool, device, override: Optional[int]) -> tuple[int, int]:
+    """(split, pixels per split) of a deterministic reduction over k_pix pixels (weight gradient, bias
+    gradient): enough programs to fill the GPU, each writing its own partial buffer, each split a whole
+    number of block_k chunks (so the split count may shrink to cover k_pix exactly)."""
     if override is not None:
-        return max(1, min(int(override), triton.cdiv(k_pix, block_k)))
-    if not gpu:
-        return 1
-    target = 2 * _num_sms(device)
-    split = triton.cdiv(target, max(n_tiles, 1))
-    # keep at least 8 K-steps per program, at most 256 partial buffers
-    return max(1, min(split, triton.cdiv(k_pix, 8 * block_k), 256))
+        split = max(1, min(int(override), triton.cdiv(k_pix, block_k)))
+    elif not gpu:
+        split = 1
+    else:
+        target = 2 * _num_sms(device)
+        # keep at least 8 K-steps per program, at most 256 partial buffers
+        split = max(1, min(triton.cdiv(target, max(n_tiles, 1)), triton.cdiv(k_pix, 8 * block_k), 256))
+    per_split = _padded(triton.cdiv(k_pix, split), block_k)
+    return triton.cdiv(k_pix, per_split), per_split
 
 
 def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -661,9 +664,7 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
             BM //= 2
         p_total = N * Ho * Wo
         n_c_tiles = triton.cdiv(C_out, BN)
-        split = _pixel_split(n_c_tiles, p_total, BM, config.gpu_tuned(x), dev, config.bias_split)
-        pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BM) * BM
-        split = triton.cdiv(p_total, pix_per_split)
+        split, pix_per_split = _pixel_split(n_c_tiles, p_total, BM, config.gpu_tuned(x), dev, config.bias_split)
         part = torch.empty((split, C_out), dtype=acc_dtype, device=dev)
         config.launch(_kb.pp_bwd_bias_kernel)[(n_c_tiles, split)](
             *(g, masks, alpha_v, part, N, C_out, Ho, Wo, pix_per_split),
@@ -710,9 +711,9 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         n_o_tiles = triton.cdiv(Cgo, BM)
         n_r_tiles = triton.cdiv(k_total, BN)
         p_total = N * Ho * Wo
-        split = _pixel_split(G * n_o_tiles * n_r_tiles, p_total, BK, config.gpu_tuned(x), dev, config.weight_split)
-        pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
-        split = triton.cdiv(p_total, pix_per_split)
+        split, pix_per_split = _pixel_split(
+            G * n_o_tiles * n_r_tiles, p_total, BK, config.gpu_tuned(x), dev, config.weight_split
+        )
         need_w = bool(want[1])
 
         def buf(*shape):  # written outputs, each its own tensor (placeholders of size 1 when unused)
@@ -730,9 +731,8 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
             ALLOW_TF32=tf32,
             **_tiles(*tiles),
         )
-        if need_w:  # [split, C_out, (tap, c)] -> [C_out, Cg, kh, kw]
-            gk = gw.sum(0).view(C_out, geo.kh, geo.kw, Cg).permute(0, 3, 1, 2)
-            out[1] = gk.to(dtype).contiguous()
+        if need_w:
+            out[1] = _weight_from_partials(gw, geo, dtype)
         if want[2]:
             out[2] = gs.sum(dim=(0, 1)).to(dtype)
     return tuple(out)
@@ -762,9 +762,7 @@ def _weight_gradient_adjoint(geo: _Geom, args, config: LaunchConfig, x, g, masks
     n_o_tiles, n_c_tiles = triton.cdiv(geo.Cgo, BM), triton.cdiv(geo.Cg, BN)
     p_total = geo.N * geo.H * geo.W  # the reduction runs over the input pixels
     programs = geo.G * n_o_tiles * taps * n_c_tiles
-    split = _pixel_split(programs, p_total, BK, config.gpu_tuned(x), dev, config.weight_split)
-    pix_per_split = triton.cdiv(triton.cdiv(p_total, split), BK) * BK
-    split = triton.cdiv(p_total, pix_per_split)
+    split, pix_per_split = _pixel_split(programs, p_total, BK, config.gpu_tuned(x), dev, config.weight_split)
     gw = torch.empty((split, geo.C_out, k_total), dtype=acc_dtype, device=dev)
     config.launch(_kb.pp_bwd_weight_adjoint_kernel)[(geo.G * n_o_tiles, taps * n_c_tiles, split)](
         *(x, g, masks, alpha_v, *pull_tables, gw),
@@ -776,6 +774,10 @@ def _weight_gradient_adjoint(geo: _Geom, args, config: LaunchConfig, x, g, masks
         ALLOW_TF32=config.allow_tf32(x),
         **_tiles(*tiles),
     )
-    # [split, C_out, (tap, c)] -> [C_out, Cg, kh, kw]
+    return _weight_from_partials(gw, geo, dtype)
+
+
+def _weight_from_partials(gw: Tensor, geo: _Geom, dtype) -> Tensor:
+    """The weight gradient [C_out, Cg, kh, kw] in `dtype` from both routes' partials [split, C_out, (tap, c)]."""
     gk = gw.sum(0).view(geo.C_out, geo.kh, geo.kw, geo.Cg).permute(0, 3, 1, 2)
     return gk.to(dtype).contiguous()

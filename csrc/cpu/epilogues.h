@@ -11,12 +11,12 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #include "../common/aten_algebra.h"
 #include "box_pool.h"
 #include "clones.h"
 #include "prefilter.h"
+#include "scratch.h"
 
 namespace pushpull {
 namespace cpu {

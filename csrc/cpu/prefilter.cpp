@@ -6,7 +6,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
-#include <vector>
 
 namespace pushpull {
 namespace cpu {
