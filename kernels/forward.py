@@ -29,6 +29,10 @@ touches, masking the weights of the other groups' channels. With groups == 1 thi
 
 Epilogue (no pooling): P = P0 + b_in, Q = R - b_in, y = relu(P) - alpha * relu(Q) + b_out (or the
 dual concat), mask bits, all in registers; y is written once and the masks once, 8 channels a byte.
+The backward's recompute (relu(Q') for a trained alpha, or the masks forward did not save) runs the same
+kernel without writing y (WRITE_Y off): with GRAD_SUMS it reads grad_output instead and writes each
+tile's per-channel sums of grad_output * relu(Q') and of grad_output (alpha's and b_out's gradients), so
+no field is written but the masks.
 
 With pooling (avg_kernel a > 1) every output pixel needs Q on a halo of r = (a-1)/2 pixels: the
 program's pixel tile is then a 2-D tile of one image WITH its halo, EH x EW pixels (flattened row-major
@@ -65,6 +69,12 @@ from .common import (
 
 
 @triton.jit
+def _field_offsets(n_img, pix, offs_n, C_OUT, HOWO):
+    """Offsets of a [pixels, channels] tile in an [N, C_OUT, Ho, Wo] field (y, grad_output)."""
+    return n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO + pix[:, None]
+
+
+@triton.jit
 def _pp_epilogue(
     P,
     Q,
@@ -75,18 +85,23 @@ def _pp_epilogue(
     alpha_ptr,
     y_ptr,
     mask_ptr,
+    g_ptr,
+    sums_ptr,
     N,
     C_OUT,
     HOWO,
     HAS_BOUT: tl.constexpr,
     DUAL: tl.constexpr,
     SAVE_MASKS: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    GRAD_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """P, Q: [BLOCK_M, BLOCK_N] push response and (pooled) pull response, biases included, of this
     program's tile; rows: image n_img (int64), pixel pix, written where m_valid; columns: channel tile
-    program_id(1)."""
+    program_id(1). Writes y (WRITE_Y), the masks (SAVE_MASKS) and, for the backward's recompute
+    (GRAD_SUMS), this tile's share of the alpha and b_out gradients (see below)."""
     pid_n = tl.program_id(1)
     offs_n, n_valid = flat_tile(pid_n, BLOCK_N, C_OUT)
     valid = m_valid[:, None] & n_valid[None, :]
@@ -94,19 +109,29 @@ def _pp_epilogue(
     # ReLU as torch.relu: NaN stays NaN (tl.maximum's default would turn it into 0).
     rp = tl.maximum(P, zero, propagate_nan=tl.PropagateNan.ALL)
     rq = tl.maximum(Q, zero, propagate_nan=tl.PropagateNan.ALL)
-    out_ty = y_ptr.dtype.element_ty
-    if DUAL:
-        base = n_img[:, None] * (2 * C_OUT) * HOWO + pix[:, None]
-        tl.store(y_ptr + base + offs_n[None, :] * HOWO, rp.to(out_ty), mask=valid)
-        tl.store(y_ptr + base + (offs_n[None, :] + C_OUT) * HOWO, rq.to(out_ty), mask=valid)
-    else:
-        alpha = tl.load(alpha_ptr + offs_n, mask=n_valid, other=0.0).to(P.dtype)
-        out = rp - alpha[None, :] * rq
-        if HAS_BOUT:
-            bout = tl.load(bout_ptr + offs_n, mask=n_valid, other=0.0).to(P.dtype)
-            out = out + bout[None, :]
-        off = n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO + pix[:, None]
-        tl.store(y_ptr + off, out.to(out_ty), mask=valid)
+    if WRITE_Y:
+        out_ty = y_ptr.dtype.element_ty
+        if DUAL:
+            base = n_img[:, None] * (2 * C_OUT) * HOWO + pix[:, None]
+            tl.store(y_ptr + base + offs_n[None, :] * HOWO, rp.to(out_ty), mask=valid)
+            tl.store(y_ptr + base + (offs_n[None, :] + C_OUT) * HOWO, rq.to(out_ty), mask=valid)
+        else:
+            alpha = tl.load(alpha_ptr + offs_n, mask=n_valid, other=0.0).to(P.dtype)
+            out = rp - alpha[None, :] * rq
+            if HAS_BOUT:
+                bout = tl.load(bout_ptr + offs_n, mask=n_valid, other=0.0).to(P.dtype)
+                out = out + bout[None, :]
+            tl.store(y_ptr + _field_offsets(n_img, pix, offs_n, C_OUT, HOWO), out.to(out_ty), mask=valid)
+    if GRAD_SUMS:
+        # The gradients of alpha (d y / d alpha[o] = -relu(Q')[o]) and b_out, as partial sums over this
+        # tile's pixels, per channel: sums[program_id(0), 0] = sum g * relu(Q'), sums[program_id(0), 1] =
+        # sum g (sums: [pixel tiles, 2, C_OUT]; the launcher adds the rows up), so that relu(Q') never goes
+        # through memory and g is read once.
+        off = _field_offsets(n_img, pix, offs_n, C_OUT, HOWO)
+        gt = tl.where(valid, tl.load(g_ptr + off, mask=valid, other=0.0).to(P.dtype), 0.0)
+        row = sums_ptr + tl.program_id(0) * 2 * C_OUT + offs_n
+        tl.store(row, tl.sum(gt * tl.where(valid, rq, 0.0), axis=0), mask=n_valid)
+        tl.store(row + C_OUT, tl.sum(gt, axis=0), mask=n_valid)
     if SAVE_MASKS:
         # masks[2, N, ceil(C_OUT / 8), Ho, Wo]: bit (o % 8) of byte o // 8. BLOCK_N % 8 == 0 and the
         # tile starts at a multiple of BLOCK_N, so this program owns whole bytes.
@@ -203,6 +228,8 @@ def pp_fwd_conv_kernel(
     mask_ptr,
     pbuf_ptr,
     qbuf_ptr,
+    g_ptr,
+    sums_ptr,
     N,
     C_IN,
     H,
@@ -230,6 +257,8 @@ def pp_fwd_conv_kernel(
     HAS_BOUT: tl.constexpr,
     DUAL: tl.constexpr,
     SAVE_MASKS: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    GRAD_SUMS: tl.constexpr,  # the backward's recompute: alpha's and b_out's gradients, partial sums (_pp_epilogue)
     AVG: tl.constexpr,  # pooling window (1: no pooling)
     POOL_EH: tl.constexpr,
     POOL_EW: tl.constexpr,  # pooling: the pixel tile, halo included (EH x EW of one image)
@@ -345,7 +374,7 @@ def pp_fwd_conv_kernel(
 
     if POOL_SCRATCH:
         valid = m_valid[:, None] & n_valid[None, :]
-        off = n_img[:, None] * C_OUT * HOWO + offs_n[None, :] * HOWO + pix[:, None]
+        off = _field_offsets(n_img, pix, offs_n, C_OUT, HOWO)
         tl.store(pbuf_ptr + off, P, mask=valid)
         tl.store(qbuf_ptr + off, Q, mask=valid)
     else:
@@ -359,8 +388,8 @@ def pp_fwd_conv_kernel(
             inner = inner & (e % POOL_EW >= HALO) & (e % POOL_EW < POOL_EW - HALO)
             m_valid = m_valid & inner
         _pp_epilogue(
-            *(P, Q, n_img, pix, m_valid, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO),
-            *(HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N),
+            *(P, Q, n_img, pix, m_valid, bout_ptr, alpha_ptr, y_ptr, mask_ptr, g_ptr, sums_ptr, N, C_OUT, HOWO),
+            *(HAS_BOUT, DUAL, SAVE_MASKS, WRITE_Y, GRAD_SUMS, BLOCK_M, BLOCK_N),
         )
 
 
@@ -373,6 +402,8 @@ def pp_fwd_pool_epilogue_kernel(
     alpha_ptr,
     y_ptr,
     mask_ptr,
+    g_ptr,
+    sums_ptr,
     N,
     C_OUT,
     HO,
@@ -382,6 +413,8 @@ def pp_fwd_pool_epilogue_kernel(
     HAS_BOUT: tl.constexpr,
     DUAL: tl.constexpr,
     SAVE_MASKS: tl.constexpr,
+    WRITE_Y: tl.constexpr,
+    GRAD_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -407,6 +440,6 @@ def pp_fwd_pool_epilogue_kernel(
     count = window_count(ho, AVG_PAD, HO) * window_count(wo, AVG_PAD, WO)
     Q = q_sum / tl.maximum(count, 1).to(P.dtype)[:, None]
     _pp_epilogue(
-        *(P, Q, n_img, pix, m_valid, bout_ptr, alpha_ptr, y_ptr, mask_ptr, N, C_OUT, HOWO),
-        *(HAS_BOUT, DUAL, SAVE_MASKS, BLOCK_M, BLOCK_N),
+        *(P, Q, n_img, pix, m_valid, bout_ptr, alpha_ptr, y_ptr, mask_ptr, g_ptr, sums_ptr, N, C_OUT, HOWO),
+        *(HAS_BOUT, DUAL, SAVE_MASKS, WRITE_Y, GRAD_SUMS, BLOCK_M, BLOCK_N),
     )

@@ -342,12 +342,22 @@ def _swept(name: str, times: int) -> str:
     return f"{name} swept {times}x (once per tile column)" if times > 1 else ""
 
 
+_EPILOGUE_READS = ("bin_ptr", "bout_ptr", "alpha_ptr", "g_ptr")
+
+
+def _epilogue_writes(a: dict) -> tuple:
+    """The epilogue's outputs, by its flags: y, the masks, and (the backward's recompute) the gradient sums
+    (the launcher passes placeholders for the others; g_ptr, read for the sums only, is else a stand-in
+    the kernel also reads)."""
+    flags = ("WRITE_Y", "SAVE_MASKS", "GRAD_SUMS")
+    return tuple(name for name, flag in zip(("y_ptr", "mask_ptr", "sums_ptr"), flags) if a[flag])
+
+
 def _conv_writes(a: dict) -> tuple:
-    """On the scratch path the conv kernel writes the P / Q scratch fields, and the pooling epilogue y and masks."""
-    return ("pbuf_ptr", "qbuf_ptr") if a["POOL_SCRATCH"] else ("y_ptr", "mask_ptr")
+    """On the scratch path the conv kernel writes the P / Q scratch fields, and the pooling epilogue the rest."""
+    return ("pbuf_ptr", "qbuf_ptr") if a["POOL_SCRATCH"] else _epilogue_writes(a)
 
 
-_EPILOGUE_READS = ("bin_ptr", "bout_ptr", "alpha_ptr")
 KERNELS = {
     "pp_fwd_conv_kernel": _KernelModel(
         _fwd_conv_macs,
@@ -358,7 +368,7 @@ KERNELS = {
     "pp_fwd_pool_epilogue_kernel": _KernelModel(
         None,
         ("pbuf_ptr", "qbuf_ptr", *_EPILOGUE_READS),
-        lambda a: ("y_ptr", "mask_ptr"),
+        _epilogue_writes,
         lambda grid, a: f"P, Q scratch read; Q pooled {a['AVG']}x{a['AVG']} (window re-reads cache-served)",
     ),
     "pp_bwd_bias_kernel": _KernelModel(None, ("g_ptr", "mask_ptr", "alpha_ptr"), lambda a: ("part_ptr",)),

@@ -47,12 +47,14 @@ grad_output and the packed masks as it loads them; see kernels/backward.py)
     weight gradient) is no wider than the group's channels need (16 for 16-channel layers).
   - bias_in gradient, if asked: one reduction kernel over g and the masks (sum_p gP - sum_p gQ;
     the pooling adjoint keeps sums, so no window), writes partials [split, C_out].
-  - torch, small: bias_out gradient = per-channel sum of g (one read of g), the weight-matrix
-    layouts, upsample's prefilter tables, the sums of the partial buffers.
-  - grad_alpha needs relu(Q'), which is not saved: it is recomputed by one forward pass (it writes
-    the dual output [N, 2*C_out, Ho, Wo], by the same path as forward's, fused or scratch), then
-    reduced by torch with g. The same pass recomputes the masks when forward did not save them (the
-    only other case in which backward runs a forward).
+  - torch, small: bias_out gradient = per-channel sum of g (one read of g; none when alpha trains: see
+    below), the weight-matrix layouts, upsample's prefilter tables, the sums of the partial buffers.
+  - grad_alpha needs relu(Q'), which is not saved: one forward pass recomputes it (same path as
+    forward's, fused or scratch) and, instead of writing y, reads g and reduces g * relu(Q') and g (the
+    bias_out gradient, so that g is read once) per channel in its epilogue: partials [pixel tiles, 2,
+    C_out] (accumulator dtype) that torch sums. No field is written. The same pass recomputes the masks
+    when forward did not save them (the only other case in which backward runs a forward, then writing
+    the masks alone).
 Everything here besides the kernel launches is small work on the weights (a few KB) or per-channel
 reductions; no atomics, so results are bitwise reproducible run to run.
 """
@@ -244,13 +246,15 @@ def _block_k(dtype, pooled: bool = False) -> int:
     return 16 if (dtype == torch.float32 or pooled) else 32
 
 
-def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bool = False, avg: int = 1):
+def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bool = False, avg: int = 1, tf32=True):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the forward kernel (and, BLOCK_M / BLOCK_N, the
-    backward's bias kernel). Upsample keeps two accumulators and builds its prefilter operand in registers:
-    64 x 32 tiles (128 x 64 and 64 x 64 spill on sm_80 in float32; float64 32 x 32).
+    backward's bias kernel). Upsample keeps two accumulators and builds its prefilter operand in registers,
+    once per channel tile: 32 x 64 tiles where 64 channels share the weights (one channel tile, so z is built
+    once per pixel), else 64 x 32 / 64 x 16 (128 x 64 and 64 x 64 spill on sm_80 in float32; float64 32 x 32).
     Pooled (fused, avg > 1): taller pixel tiles (a 2-D tile with its halo: the taller, the less halo is
     recomputed; _pool_tile may take fewer rows) and narrower channel tiles, for the box sum's copies of Q
-    (benchmarks/tuning.md)."""
+    (benchmarks/tuning.md). `tf32`: whether float32 runs as TF32 (otherwise three products an MMA, which
+    some tiles need narrower)."""
     if not gpu:  # interpreter: each K step is a few NumPy calls, so fewer, larger steps
         return 64, 16, 32, 4, 1
     bn = 16 if c_out <= 16 else (32 if c_out <= 32 else 64)
@@ -265,7 +269,11 @@ def _fwd_config(dtype, gpu: bool, c_out: int, c_out_per_group: int, upsample: bo
     if dtype == torch.float64:
         return (32 if upsample else 64), min(bn, 32), 16, 4, 1
     if upsample:
-        return 64, min(bn, 32), _block_k(dtype), 8, 3
+        if bn == 64:  # every channel of a 64-wide group in one tile: z is built once per pixel, not twice
+            # (float32 without TF32, "tf32x3": three products an MMA, 16-deep chunks on 4 warps)
+            return (32, 64, 16, 4, 3) if (dtype == torch.float32 and not tf32) else (32, 64, 32, 8, 3)
+        # 16-wide tiles reduce 16 at a time in every dtype: 64 x 16 x 32 spilled 24-56 B in bfloat16 (sm_80)
+        return 64, bn, (16 if bn == 16 else _block_k(dtype)), 8, 3
     return 128, bn, _block_k(dtype), 8, 3
 
 
@@ -431,6 +439,14 @@ def _groups_per_tile(c_out: int, c_out_per_group: int, block_n: int) -> int:
 def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor]:
     """The forward op (args: an ops.ForwardArgs): (output, packed masks), as ops.forward_fake describes."""
     check_forward(args)
+    y, masks, _ = _forward(args, config)
+    return y, masks
+
+
+def _forward(args, config: LaunchConfig, write_y: bool = True, grad_output: Optional[Tensor] = None):
+    """(y, masks, gradient sums). The backward's recompute passes write_y=False (y is then a placeholder)
+    and, for the alpha gradient, grad_output: the sums [2, C_out] (accumulator dtype) are then alpha's and
+    b_out's gradients but for the sign of the first, sum g * relu(Q') and sum g per channel (None otherwise)."""
     x = args.input.contiguous()
     w = args.weight.contiguous()
     geo = _Geom(x, w, args)
@@ -452,7 +468,10 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
         _tensor_or(t, wp) for t in (args.pull_shift, args.bias_in, args.bias_out, args.alpha)
     )
 
-    y = torch.empty((N, (2 if dual_output else 1) * C_out, Ho, Wo), dtype=dtype, device=dev)
+    if write_y:
+        y = torch.empty((N, (2 if dual_output else 1) * C_out, Ho, Wo), dtype=dtype, device=dev)
+    else:  # unused outputs get their own placeholders: no written argument aliases another one
+        y = x.new_empty(1)
     if save_masks:
         masks = torch.empty(mask_bytes(N, C_out, Ho, Wo), dtype=torch.uint8, device=dev)
     else:
@@ -461,11 +480,11 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
 
     avg = int(args.avg_kernel) if args.avg_kernel > 1 else 1
     gpu, upsample, tf32 = config.gpu_tuned(x), geo.mode == MODE_UPSAMPLE, config.allow_tf32(x)
-    tiles = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample)
+    tiles = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, tf32=tf32)
     eh = ew = 1
     scratch = False
     if avg > 1:
-        fused = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, avg=avg)
+        fused = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, avg=avg, tf32=tf32)
         block_m, eh, ew = _pool_tile(fused[0], avg, Ho, Wo)
         fused = (block_m, *fused[1:])
         scratch = config.pool_path == "scratch" or (
@@ -484,10 +503,26 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
     else:  # unused outputs get their own placeholders: no written argument aliases another one
         pbuf, qbuf = x.new_empty(1, dtype=acc_dtype), x.new_empty(1, dtype=acc_dtype)
     grid = (pixel_tiles, triton.cdiv(C_out, BN))
+    # Scratch path: the pooling epilogue's programs, half the conv tile's pixels (a [128, 64] tile of window
+    # offsets spills, benchmarks/tuning.md).
+    pool_bm = BM // 2 if gpu else BM
+    epilogue_tiles = triton.cdiv(N * Ho * Wo, pool_bm) if scratch else pixel_tiles
+    grad_sums = grad_output is not None
+    if grad_sums:  # each epilogue tile's partial sums, [pixel tiles, 2, C_out]
+        sums = torch.empty((epilogue_tiles, 2, C_out), dtype=acc_dtype, device=dev)
+        g = grad_output.contiguous()
+    else:
+        sums, g = x.new_empty(1, dtype=acc_dtype), x
     ng_tile = _groups_per_tile(C_out, geo.Cgo, BN)
-    epilogue = dict(HAS_BOUT=args.bias_out is not None, DUAL=dual_output, SAVE_MASKS=save_masks)
+    epilogue = dict(
+        HAS_BOUT=args.bias_out is not None,
+        DUAL=dual_output,
+        SAVE_MASKS=save_masks,
+        WRITE_Y=write_y,
+        GRAD_SUMS=grad_sums,
+    )
     config.launch(_k.pp_fwd_conv_kernel)[grid](
-        *(x, wp, wq, pull_idx, pull_coef, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf),
+        *(x, wp, wq, pull_idx, pull_coef, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf, g, sums),
         *geo.sizes(),
         *(geo.Cg, geo.Cgo, *geo.push_window(), ng_tile, *geo.pull_window()),
         **epilogue,
@@ -503,17 +538,15 @@ def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor
         **_tiles(*tiles),
     )
     if scratch:
-        # Half the conv tile's pixels: a [128, 64] tile of window offsets spills (benchmarks/tuning.md).
-        pool_bm = BM // 2 if gpu else BM
-        config.launch(_k.pp_fwd_pool_epilogue_kernel)[(triton.cdiv(N * Ho * Wo, pool_bm), grid[1])](
-            *(pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg),
+        config.launch(_k.pp_fwd_pool_epilogue_kernel)[(epilogue_tiles, grid[1])](
+            *(pbuf, qbuf, b_in, b_out, alpha_v, y, mask_arg, g, sums),
             *(N, C_out, Ho, Wo, *_pool_window(avg)),
             **epilogue,
             BLOCK_M=pool_bm,
             BLOCK_N=BN,
             num_warps=tiles[3],
         )
-    return y, masks
+    return y, masks, (sums.sum(0) if grad_sums else None)
 
 
 # Machine balance, tensor-core multiply-adds per byte of DRAM traffic, at which _fused_pooling_pays prices
@@ -637,21 +670,28 @@ def backward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tenso
         out[2] = torch.zeros(C_out, dtype=dtype, device=dev)
     alpha_v = args.alpha.contiguous()
 
-    # Recompute what forward did not keep: masks when not saved, relu(Q') for the alpha gradient.
+    # Recompute what forward did not keep, in one forward pass that writes no output: the masks when not
+    # saved, and for the alpha gradient (d y / d alpha[o] = -relu(Q')[o]) the sums of g * relu(Q') and,
+    # while it reads g, of g (b_out's gradient).
     need_fields = any(want[:4])
     need_alpha = want[5] and not dual_output
+    sums = None
     if (need_fields and masks.numel() == 0) or need_alpha:
-        recompute = args.forward_args(dual_output=True, save_masks=masks.numel() == 0)
-        y_dual, m2 = forward(recompute._replace(input=x.contiguous(), weight=w.contiguous(), alpha=alpha_v), config)
+        recompute = args.forward_args(save_masks=need_fields and masks.numel() == 0)
+        recompute = recompute._replace(input=x.contiguous(), weight=w.contiguous(), alpha=alpha_v)
+        _, m2, sums = _forward(recompute, config, write_y=False, grad_output=g if need_alpha else None)
         if masks.numel() == 0:
             masks = m2
         if need_alpha:
-            # d y / d alpha[o] = -relu(Q')[o]; this costs one forward pass (alpha rarely trains).
-            out[5] = (-(g.to(acc_dtype) * y_dual[:, C_out:]).sum(dim=(0, 2, 3))).to(dtype)
+            out[5] = (-sums[0]).to(dtype)
     if want[5] and dual_output:
         out[5] = torch.zeros(C_out, dtype=dtype, device=dev)  # alpha is unused by the dual output
     if want[4]:  # (bias_out cannot come with the dual output; zeros there, shaped as the fake kernel says)
-        out[4] = torch.zeros(C_out, dtype=dtype, device=dev) if dual_output else _channel_sum(g, acc_dtype).to(dtype)
+        if dual_output:
+            out[4] = torch.zeros(C_out, dtype=dtype, device=dev)
+        else:
+            # (a copy: a view into the sums would be an output with a storage offset, unlike the fake kernel's)
+            out[4] = sums[1].to(dtype, copy=True) if sums is not None else _channel_sum(g, acc_dtype).to(dtype)
     if not need_fields:
         return tuple(out)
     masks = masks.contiguous()

@@ -129,11 +129,17 @@ def test_pooled_path_is_the_one_the_roofline_finds_faster():
         assert len([c for c in forward.launches if c.launch != "torch"]) == launches
 
 
-def test_trainable_alpha_recomputes_the_forward_in_the_backward():
+def test_trainable_alpha_recomputes_the_forward_in_the_backward_writing_no_field():
     _, with_alpha = cost_model.layer_cost(case_by_name("cifar-stem-2024"), torch.float32)
     _, fixed_alpha = cost_model.layer_cost(case_by_name("cifar-b1-2020"), torch.float32)
-    assert "pp_fwd_conv_kernel" in [c.launch for c in with_alpha.launches]
     assert "pp_fwd_conv_kernel" not in [c.launch for c in fixed_alpha.launches]
+    recompute = _launch(with_alpha, "pp_fwd_conv_kernel")
+    # relu(Q') meets g in the epilogue: only the partial sums [pixel tiles, alpha and b_out, C_out] are written
+    assert recompute.grid == (1024, 2) and recompute.bytes_written == 1024 * 2 * 64 * 4
+    # g is read by the recompute (b_out's sum with it) and the weight kernel; torch reads no field
+    field = 128 * 64 * 32 * 32 * 4
+    assert recompute.bytes_read > field
+    assert sum(c.bytes for c in with_alpha.launches if c.launch == "torch") < field / 10
 
 
 def test_unpooled_forward_moves_about_the_lower_bound():
@@ -155,8 +161,9 @@ def test_command_line_prints_every_launch_and_the_summary(capsys):
     ):
         assert text in out
     summary = out.split("Summary")[1]
-    # forward MACs x conv: 144-long reduction in 32-wide chunks (5 x 32 / 144), two MMAs each
-    assert re.search(r"^cifar-b1-2020 +bfloat16 +2\.22 ", summary, re.MULTILINE)
+    # forward MACs x conv: the 144-long reduction in 16-wide chunks (16-channel tiles: 9 x 16, no padding),
+    # two MMAs each
+    assert re.search(r"^cifar-b1-2020 +bfloat16 +2\.00 ", summary, re.MULTILINE)
 
 
 # ---------------------------------------------------------------- backend="auto": the per-mode rule the model sets
