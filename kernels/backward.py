@@ -48,7 +48,7 @@ before the MMA. Four deterministic kernels (no atomics anywhere):
    BLOCK_N input channels of one group for ONE push tap (the tap is in the grid), reduction over the
    input pixels, split-K as 2. One MMA a chunk: one convolution's products at stride 1 (s^2 at stride
    s, the input pixels being s^2 the output pixels), plus G formed on the CUDA cores once per c tile
-   (~25 FMAs an element at scale 2, as the input gradient's). Its c side is padded to the MMA's 16, so
+   (the tap's nonzero U V pairs, 9 to 25 FMAs an element at scale 2, as the input gradient's). Its c side is padded to the MMA's 16, so
    the prefilter route stays cheaper for few input channels a group (the 3-channel stem) and strides.
 4. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
    pixels (split in SPLIT ranges, partials [SPLIT, C_out] summed by the launcher). The pooling
@@ -66,6 +66,7 @@ from .common import (
     gather_taps,
     image_and_pixel,
     mma_grad_operand,
+    prefilter_tables,
     pull_prefilter,
     split_chunk,
     tap_chunk,
@@ -231,19 +232,17 @@ def pull_prefilter_adjoint(
     tables of pull_prefilter, same layout): an entry of gQ reaches dx only through a nonzero tap of q."""
     i = t // TW  # push row / column of each column's tap
     j = t % TW
-    nnz_u = tl.load(idx_ptr)
-    nnz_v = tl.load(idx_ptr + 1)
-    v_base = QH * TH  # start of V's tables (less the 2 counts for idx)
+    nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef = prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH)
     acc = tl.zeros((h.shape[0], t.shape[0]), dtype=ACC)
     for e in range(0, nnz_u):
-        a = tl.load(idx_ptr + 2 + e * TH + i, mask=col_valid, other=0)  # pull tap row of U's e-th nonzero
-        u = tl.load(coef_ptr + e * TH + i, mask=col_valid, other=0.0).to(ACC)  # -U[a, i]
+        a = tl.load(u_rows + e * TH + i, mask=col_valid, other=0)  # pull tap row of U's e-th nonzero
+        u = tl.load(u_coef + e * TH + i, mask=col_valid, other=0.0).to(ACC)  # -U[a, i]
         ho, ok_h = output_coord(h[:, None] + QPH - (a * DH)[None, :], SH, HO)
         row_ok = row_valid[:, None] & (u != 0)[None, :] & ok_h
         acc_row = tl.zeros_like(acc)  # sum over b of V[b, j] * gQ at output pixel p(h, a, b)
         for f in range(0, nnz_v):
-            b = tl.load(idx_ptr + 2 + v_base + f * TW + j, mask=col_valid, other=0)
-            v = tl.load(coef_ptr + v_base + f * TW + j, mask=col_valid, other=0.0).to(ACC)
+            b = tl.load(v_rows + f * TW + j, mask=col_valid, other=0)
+            v = tl.load(v_coef + f * TW + j, mask=col_valid, other=0.0).to(ACC)
             wo, ok_w = output_coord(w[:, None] + QPW - (b * DW)[None, :], SW, WO)
             ok = row_ok & (v != 0)[None, :] & ok_w
             gq = grad_pull_unscaled(

@@ -92,6 +92,21 @@ def gather_taps(x_rows, hi0, wi0, row_valid, col_valid, t, c, TW, DH, DW, H, W):
 
 
 @triton.jit
+def prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH):
+    """The loop bounds and table pointers of pull_prefilter and its adjoint, for a tile whose columns have
+    push taps (i, j) (valid where col_valid): (nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef). The bounds
+    are the most nonzeros among the tile's columns of U (U[:, i]) and of V (V[:, j]): a tile of one push tap
+    (every chunk once the channels fill it) visits only that tap's nonzero pairs, 9 to 25 at scale 2 (13.4
+    on average over a 3 x 3 kernel's taps), not the 25 of the widest column pair. Table layout
+    (triton_launch._prefilter_tables): idx = [nonzeros of each of U's TH columns, of each of V's TW columns,
+    U's rows (e, i) at e * TH + i, V's (f, j) at f * TW + j]; coef = [-U at U's rows' places, V at V's]."""
+    nnz_u = tl.max(tl.load(idx_ptr + i, mask=col_valid, other=0))
+    nnz_v = tl.max(tl.load(idx_ptr + TH + j, mask=col_valid, other=0))
+    u_rows = idx_ptr + TH + TW
+    return nnz_u, nnz_v, u_rows, u_rows + QH * TH, coef_ptr, coef_ptr + QH * TH
+
+
+@triton.jit
 def pull_prefilter(
     x_rows, hi0, wi0, row_valid, col_valid, t, c, TH, TW, DH, DW, H, W, QH, idx_ptr, coef_ptr, ACC: tl.constexpr
 ):
@@ -104,30 +119,27 @@ def pull_prefilter(
     so the pull response is the push weights times z: the same GEMM as the push response's.
     hi0 / wi0 are the input coordinates of the PULL window's tap (0, 0) (pull padding). Only the nonzero
     entries of U's column i and V's column j are visited (bilinear U: up to 2 * scale - 1 a column),
-    from the launcher's tables (triton_launch._prefilter_tables): idx_ptr = [nnz_u, nnz_v, then row
-    a = idx[2 + e * TH + i] of the e-th nonzero of U's column i for e < QH, then column b of V's
-    column j at 2 + QH * TH + e * TW + j], coef_ptr the matching -U[a, i] and V[b, j] at the same
-    places less 2. Entries past a column's nonzeros have coefficient 0 and load nothing, so an input
-    value reaches z[c, i, j] only through a nonzero U[a, i] * V[b, j] (as it reaches conv2d(x, q) only
-    through the taps of q it is multiplied by: the forward's non-finite fallback relies on it).
+    from the launcher's tables (`prefilter_tables`: row a of the e-th nonzero of U's column i, column b of
+    the f-th of V's column j, and -U[a, i], V[b, j]), as many as the tile's columns need at most. Entries
+    past a column's nonzeros have coefficient 0 and load nothing, so an input value reaches z[c, i, j]
+    only through a nonzero U[a, i] * V[b, j] (as it reaches conv2d(x, q) only through the taps of q it is
+    multiplied by: the forward's non-finite fallback relies on it).
     Its adjoint, which forms the input gradient's operand from gQ the same way, is backward.py
     `pull_prefilter_adjoint`."""
     i = t // TW  # push row / column of each column's tap
     j = t % TW
-    nnz_u = tl.load(idx_ptr)
-    nnz_v = tl.load(idx_ptr + 1)
-    v_base = QH * TH  # start of V's tables (less the 2 counts for idx)
+    nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef = prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH)
     x_chan = x_rows[:, None] + c[None, :] * (H * W)
     z = tl.zeros((hi0.shape[0], t.shape[0]), dtype=ACC)
     for e in range(0, nnz_u):
-        a = tl.load(idx_ptr + 2 + e * TH + i, mask=col_valid, other=0)
-        u = tl.load(coef_ptr + e * TH + i, mask=col_valid, other=0.0).to(ACC)
+        a = tl.load(u_rows + e * TH + i, mask=col_valid, other=0)
+        u = tl.load(u_coef + e * TH + i, mask=col_valid, other=0.0).to(ACC)
         hi = hi0[:, None] + (a * DH)[None, :]  # input row of pull tap row a
         row_ok = row_valid[:, None] & (u != 0)[None, :] & (hi >= 0) & (hi < H)
         z_row = tl.zeros_like(z)  # sum over b of V[b, j] * x at pull tap (a, b)
         for f in range(0, nnz_v):
-            b = tl.load(idx_ptr + 2 + v_base + f * TW + j, mask=col_valid, other=0)
-            v = tl.load(coef_ptr + v_base + f * TW + j, mask=col_valid, other=0.0).to(ACC)
+            b = tl.load(v_rows + f * TW + j, mask=col_valid, other=0)
+            v = tl.load(v_coef + f * TW + j, mask=col_valid, other=0.0).to(ACC)
             wi = wi0[:, None] + (b * DW)[None, :]  # input column of pull tap column b
             ok = row_ok & (v != 0)[None, :] & (wi >= 0) & (wi < W)
             xv = tl.load(x_chan + hi * W + wi, mask=ok, other=0.0).to(ACC)

@@ -253,27 +253,43 @@ def _bwd_weight_adjoint_macs(grid: tuple, a: dict) -> int:
     return math.prod(grid) * chunks * _tile(a)
 
 
-def prefilter_visits(a: dict) -> int:
-    """U[a, i] V[b, j] pairs pull_prefilter's loops visit for each element of z: (most nonzeros of a
-    column of U) x (of V), for the bilinear matrices (options.interpolation_matrix) of the launch's sizes
-    (the launcher's count, triton_launch.prefilter_visits, which its weight-gradient rule prices with)."""
-    return triton_launch.prefilter_visits(a["TH"], a["TW"], a["QH"], a["QW"])
+# Where each kernel's z (or G) tiles lie on the (push tap, channel) side: (channels a tap, tile width), as
+# argument names; None: one push tap a program (the adjoint's weight gradient).
+_Z_TILES = {
+    "pp_fwd_conv_kernel": ("CG", "BLOCK_K"),  # the reduction's chunks
+    "pp_bwd_weight_kernel": ("CG", "BLOCK_N"),  # the (tap, c) tiles
+    "pp_bwd_input_kernel": ("CGO", "BLOCK_K"),  # the (tap, o) reduction's chunks
+    "pp_bwd_weight_adjoint_kernel": None,
+}
 
 
-def _prefilter_note(z_elements: int, a: dict, macs: int, what: str = "prefilter", per_visit: int = 1) -> str:
+def prefilter_visits(kernel: str, a: dict) -> float:
+    """U[a, i] V[b, j] pairs the loops of pull_prefilter (or its adjoint) visit for each element of z (or
+    G), on average over the launch's tiles: the most nonzeros of their taps' columns of U times those of V,
+    for the bilinear matrices (options.interpolation_matrix) of the launch's sizes (the launcher's count,
+    triton_launch.prefilter_visits, which its weight-gradient rule prices with)."""
+    tiles = _Z_TILES[kernel]
+    per_tap, block = (1, 1) if tiles is None else (a[tiles[0]], a[tiles[1]])
+    return triton_launch.prefilter_visits(a["TH"], a["TW"], a["QH"], a["QW"], per_tap, block)
+
+
+def _prefilter_note(
+    kernel: str, z_elements: int, a: dict, macs: int, what: str = "prefilter", per_visit: int = 1
+) -> str:
     """The prefilter's (or its adjoint's) CUDA-core multiply-adds for z_elements elements of z (or G),
     per_visit each per U[a, i] V[b, j] pair, against the launch's MACs."""
-    fmas = z_elements * prefilter_visits(a) * per_visit
-    return f"{what}: {_si(fmas)} CUDA-core FMAs ({fmas / macs:.2f}x the MACs)"
+    visits = prefilter_visits(kernel, a)
+    fmas = round(z_elements * visits * per_visit)
+    return f"{what}: {_si(fmas)} CUDA-core FMAs ({fmas / macs:.2f}x the MACs; {visits:.1f} U V pairs an element)"
 
 
-def _gemm_note(grid: tuple, a: dict, swept: str, macs_of, z_tile_width: str) -> str:
+def _gemm_note(kernel: str, grid: tuple, a: dict, swept: str, macs_of, z_tile_width: str) -> str:
     """What a GEMM launch sweeps more than once and, for upsample, its prefilter's work: one z tile (one
     column of the MMA's other side, z_tile_width wide) per push MMA."""
     notes = [_swept(swept, grid[1])]
     if _upsample(a):
         macs = macs_of(grid, a)
-        notes.append(_prefilter_note(macs // (2 * a[z_tile_width]), a, macs))
+        notes.append(_prefilter_note(kernel, macs // (2 * a[z_tile_width]), a, macs))
     return "; ".join(n for n in notes if n)
 
 
@@ -284,7 +300,7 @@ def pooled_tile_overhead(grid: tuple, a: dict) -> float:
 
 
 def _fwd_conv_note(grid: tuple, a: dict) -> str:
-    note = _gemm_note(grid, a, "x", _fwd_conv_macs, "BLOCK_N")
+    note = _gemm_note("pp_fwd_conv_kernel", grid, a, "x", _fwd_conv_macs, "BLOCK_N")
     if a["AVG"] > 1 and not a["POOL_SCRATCH"]:
         eh, ew, halo = a["POOL_EH"], a["POOL_EW"], a["AVG"] - 1
         pooled = (
@@ -297,7 +313,7 @@ def _fwd_conv_note(grid: tuple, a: dict) -> str:
 
 
 def _bwd_weight_note(grid: tuple, a: dict) -> str:
-    return _gemm_note(grid, a, "g, masks", _bwd_weight_macs, "BLOCK_M")
+    return _gemm_note("pp_bwd_weight_kernel", grid, a, "g, masks", _bwd_weight_macs, "BLOCK_M")
 
 
 def _bwd_input_note(grid: tuple, a: dict) -> str:
@@ -308,7 +324,9 @@ def _bwd_input_note(grid: tuple, a: dict) -> str:
     if _upsample(a):
         macs = _bwd_input_macs(grid, a)
         window = a["AVG"] ** 2 if a["POOLED"] else 1
-        notes.append(_prefilter_note(macs // a["BLOCK_N"], a, macs, "adjoint prefilter (G)", window))
+        notes.append(
+            _prefilter_note("pp_bwd_input_kernel", macs // a["BLOCK_N"], a, macs, "adjoint prefilter (G)", window)
+        )
     return "; ".join(n for n in notes if n)
 
 
@@ -322,7 +340,7 @@ def _bwd_weight_adjoint_note(grid: tuple, a: dict) -> str:
     notes = [
         _swept("g, masks", grid[1]),
         _swept("x", grid[0] * taps).replace("tile column", "o tile and tap"),
-        _prefilter_note(macs // a["BLOCK_N"], a, macs, "adjoint prefilter (G)", window),
+        _prefilter_note("pp_bwd_weight_adjoint_kernel", macs // a["BLOCK_N"], a, macs, "adjoint prefilter (G)", window),
     ]
     return "; ".join(n for n in notes if n)
 

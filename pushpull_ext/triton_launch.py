@@ -175,20 +175,19 @@ def _bwd_matrix(kwin: Tensor, groups: int) -> Tensor:
 def _nonzeros_by_column(m: Tensor, sign: float, acc_dtype) -> tuple[Tensor, Tensor, Tensor]:
     """For m [rows, cols]: the row indices of each column's nonzeros first (int32 [rows, cols], entry
     (e, i) = row of column i's e-th nonzero, then its zero rows), their entries times sign (acc_dtype,
-    0 past the nonzeros) and the most nonzeros of a column (0-d). Device work: no host sync."""
+    0 past the nonzeros) and each column's count of nonzeros ([cols]). Device work: no host sync."""
     nonzero = m != 0
     order = torch.sort((~nonzero).to(torch.uint8), dim=0, stable=True).indices  # nonzero rows first
-    return order.to(torch.int32), (sign * m.to(acc_dtype)).gather(0, order), nonzero.sum(0).amax()
+    return order.to(torch.int32), (sign * m.to(acc_dtype)).gather(0, order), nonzero.sum(0)
 
 
 def _prefilter_tables(rows: Tensor, cols: Tensor, acc_dtype) -> tuple[Tensor, Tensor]:
-    """The tables of kernels/common.py pull_prefilter for q = -rows @ k @ cols^T: (idx int32 [2 +
-    rows.numel() + cols.numel()] = [nnz of U's columns, nnz of V's, U's rows (e, i), V's (e, j)],
-    coef [rows.numel() + cols.numel()] = the matching -U[a, i] and V[b, j])."""
+    """The tables of kernels/common.py prefilter_tables for q = -rows @ k @ cols^T: (idx int32 [kh + kw +
+    rows.numel() + cols.numel()] = [nonzeros of each of U's columns, of each of V's, U's rows (e, i), V's
+    (e, j)], coef [rows.numel() + cols.numel()] = the matching -U[a, i] and V[b, j])."""
     u_idx, u_coef, u_nnz = _nonzeros_by_column(rows, -1.0, acc_dtype)
     v_idx, v_coef, v_nnz = _nonzeros_by_column(cols, 1.0, acc_dtype)
-    counts = torch.stack([u_nnz, v_nnz]).to(torch.int32)
-    idx = torch.cat([counts, u_idx.reshape(-1), v_idx.reshape(-1)])
+    idx = torch.cat([u_nnz.to(torch.int32), v_nnz.to(torch.int32), u_idx.reshape(-1), v_idx.reshape(-1)])
     return idx, torch.cat([u_coef.reshape(-1), v_coef.reshape(-1)])
 
 
@@ -333,24 +332,34 @@ def _padded(size: int, block: int) -> int:
     return triton.cdiv(size, block) * block
 
 
-@functools.lru_cache(maxsize=64)
-def prefilter_visits(th: int, tw: int, qh: int, qw: int) -> int:
-    """U[a, i] V[b, j] pairs the prefilter's (and its adjoint's) loops visit per element of z (or G): the
-    most nonzeros of a column of U times those of V, for the bilinear matrices (align_corners=True, as
-    options.interpolation_matrix) of a th x tw push and qh x qw pull kernel. Counted in plain Python
-    (the launcher prices routes with it; no device work, nothing for the cost model's recording)."""
+def _column_nonzeros(size: int, new_size: int) -> list[int]:
+    """Nonzeros of each column of the bilinear matrix (align_corners=True, as options.interpolation_matrix)
+    taking `size` points to `new_size`."""
+    count = [0] * size
+    for a in range(new_size):
+        src = a * (size - 1) / (new_size - 1) if new_size > 1 else 0.0
+        lo = min(int(src), size - 1)
+        count[lo] += 1
+        if src > lo:  # a nonzero weight on the next column too
+            count[lo + 1] += 1
+    return count
 
-    def most_nonzeros(size: int, new_size: int) -> int:
-        count = [0] * size
-        for a in range(new_size):
-            src = a * (size - 1) / (new_size - 1) if new_size > 1 else 0.0
-            lo = min(int(src), size - 1)
-            count[lo] += 1
-            if src > lo:  # a nonzero weight on the next column too
-                count[lo + 1] += 1
-        return max(count)
 
-    return most_nonzeros(th, qh) * most_nonzeros(tw, qw)
+@functools.lru_cache(maxsize=256)
+def prefilter_visits(th: int, tw: int, qh: int, qw: int, per_tap: int, block: int) -> float:
+    """U[a, i] V[b, j] pairs the prefilter's (and its adjoint's) loops visit per element of z (or G), on
+    average over the tiles of its (push tap, channel) side: per_tap channels a tap, `block` columns a tile
+    (kernels/common.py prefilter_tables: a tile visits the most nonzeros of its taps' columns of U times
+    those of V; one tap a tile, 9 to 25 at scale 2). For a th x tw push and qh x qw pull kernel; counted in
+    plain Python (the launcher prices routes with it; no device work, nothing for the cost model's
+    recording)."""
+    u, v = _column_nonzeros(th, qh), _column_nonzeros(tw, qw)
+    columns = th * tw * per_tap
+    tiles = []
+    for first in range(0, columns, block):
+        taps = {r // per_tap for r in range(first, min(first + block, columns))}
+        tiles.append(max(u[t // tw] for t in taps) * max(v[t % tw] for t in taps))
+    return sum(tiles) / len(tiles)
 
 
 def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoint: tuple) -> tuple:
@@ -360,9 +369,9 @@ def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoin
     MMAs a chunk, z built once per o tile (visits FMAs an element) and gQ's pooling window once per
     (tap, c) tile. Adjoint (tiles: o x c x input pixels, one tap a program): one MMA, G built once per
     c tile (visits x pooling window FMAs an element)."""
-    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size)
     taps = geo.kh * geo.kw
     bm, bn, bk = prefilter[:3]
+    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, geo.Cg, bn)  # (tap, c) tiles bn wide
     o_rows = geo.G * _padded(geo.Cgo, bm)
     r_cols = _padded(taps * geo.Cg, bn)
     out_pix = _padded(geo.N * geo.Ho * geo.Wo, bk)
@@ -375,6 +384,7 @@ def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoin
     c_cols = _padded(geo.Cg, bn)
     in_pix = _padded(geo.N * geo.H * geo.W, bk)
     adj_macs = o_rows * taps * c_cols * in_pix
+    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, 1, 1)  # one tap a program
     adj_fmas = o_rows * taps * (c_cols // bn) * in_pix * visits * pooled_window
     return (pre_macs, pre_fmas), (adj_macs, adj_fmas)
 

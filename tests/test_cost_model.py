@@ -78,26 +78,36 @@ def test_weight_gradient_rule_keeps_the_3_channel_stem_on_the_prefilter_route():
     _, forced = cost_model.layer_cost(stem, torch.float32, weight_grad_path="adjoint")
     adjoint = _launch(forced, "pp_bwd_weight_adjoint_kernel")
     assert adjoint.macs == pytest.approx(conv * 16 / 3, rel=5e-3)
-    # G: one [BLOCK_K, BLOCK_M] tile per MMA, 25 FMAs an element over BLOCK_N = 16 MACs
-    assert "adjoint prefilter (G): " in adjoint.note and "(1.56x the MACs)" in adjoint.note
+    # G: one [BLOCK_K, BLOCK_M] tile per MMA, one push tap a program: 121 / 9 FMAs an element on average
+    # (the taps' 3 x 3 to 5 x 5 nonzero U V pairs) over BLOCK_N = 16 MACs
+    assert "adjoint prefilter (G): " in adjoint.note and "(0.84x the MACs; 13.4 U V pairs" in adjoint.note
 
 
 def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
-    # 3 -> 7 with align_corners: column 1 of U has 5 nonzeros (rows 1..5), columns 0 and 2 have 3
-    assert cost_model.prefilter_visits(dict(TH=3, TW=3, QH=7, QW=7)) == 25
+    # 3 -> 7 with align_corners: column 1 of U has 5 nonzeros (rows 1..5), columns 0 and 2 have 3. A tile of
+    # one push tap (i, j) visits its nonzero pairs, 9 to 25: (3 + 5 + 3)^2 / 9 on average over the taps; a
+    # tile of several taps the most of their columns': the 3-channel stem's 27-long chunk all 25
+    window = dict(TH=3, TW=3, QH=7, QW=7)
+    assert cost_model.prefilter_visits("pp_bwd_weight_adjoint_kernel", window) == pytest.approx(121 / 9)
+    assert cost_model.prefilter_visits("pp_fwd_conv_kernel", dict(window, CG=16, BLOCK_K=16)) == pytest.approx(121 / 9)
+    assert cost_model.prefilter_visits("pp_fwd_conv_kernel", dict(window, CG=3, BLOCK_K=32)) == 25
+    # 64-wide (tap, c) tiles over 16 channels: tiles of taps {0..3}, {4..7} (two rows of U each, every
+    # column of V) and {8}: (5 * 5 + 5 * 5 + 3 * 3) / 3
+    assert cost_model.prefilter_visits("pp_bwd_weight_kernel", dict(window, CG=16, BLOCK_N=64)) == pytest.approx(59 / 3)
     forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.float32)
     assert "prefilter: " in _launch(forward, "pp_fwd_conv_kernel").note
 
 
 def test_upsample_input_gradient_notes_the_adjoint_prefilters_work():
-    # G: one [BLOCK_M, BLOCK_K] tile per MMA, built by each channel tile: 25 FMAs per element (5 x 5 nonzero
-    # U V pairs at most) over BLOCK_N MACs, BLOCK_N = 16 for 16 channels, 64 for 64; a x a more with pooling
-    for name, ratio in (("cifar-b1-2020", "1.56x"), ("imagenet-b1-2020", "0.39x")):
+    # G: one [BLOCK_M, BLOCK_K] tile per MMA, built by each channel tile: 121 / 9 FMAs per element (one push
+    # tap a chunk: its nonzero U V pairs) over BLOCK_N MACs, BLOCK_N = 16 for 16 channels, 64 for 64; a x a
+    # more with pooling
+    for name, ratio in (("cifar-b1-2020", "0.84x"), ("imagenet-b1-2020", "0.21x")):
         _, backward = cost_model.layer_cost(case_by_name(name), torch.float32)
         assert "adjoint prefilter (G): " in _launch(backward, "pp_bwd_input_kernel").note
-        assert f"({ratio} the MACs)" in _launch(backward, "pp_bwd_input_kernel").note
+        assert f"({ratio} the MACs;" in _launch(backward, "pp_bwd_input_kernel").note
     _, pooled = cost_model.layer_cost(replace(parse_case("2,16,16,8,8,3,1,1,upsample"), avg_kernel=3), torch.float32)
-    assert "(14.06x the MACs)" in _launch(pooled, "pp_bwd_input_kernel").note
+    assert "(7.56x the MACs;" in _launch(pooled, "pp_bwd_input_kernel").note  # 0.84x times 9
 
 
 def test_pooled_forward_is_one_launch_writing_y_once_and_counts_the_recomputed_halo():
