@@ -232,7 +232,9 @@ def pull_prefilter_adjoint(
     tables of pull_prefilter, same layout): an entry of gQ reaches dx only through a nonzero tap of q."""
     i = t // TW  # push row / column of each column's tap
     j = t % TW
-    nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef = prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH)
+    nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef = prefilter_tables(
+        idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH, True
+    )
     acc = tl.zeros((h.shape[0], t.shape[0]), dtype=ACC)
     for e in range(0, nnz_u):
         a = tl.load(u_rows + e * TH + i, mask=col_valid, other=0)  # pull tap row of U's e-th nonzero
@@ -434,6 +436,7 @@ def pp_bwd_weight_kernel(
             zt = pull_prefilter(
                 *(x_rows, ho * SH - QPH, wo * SW - QPW, p_valid, r_valid, t, c),
                 *(TH, TW, DH, DW, H, W, QH, pull_idx_ptr, pull_coef_ptr, ACC),
+                TILE_BOUNDS=False,  # (tap, c) tiles span the taps: the widest pair's bounds (fewer registers)
             )
             gp = grad_push(g_ptr, mask_ptr, n_row, o_row, pix[None, :], f_mask, C_OUT, HOWO, DUAL, ACC)
             acc1 = mma_grad_operand(gp.to(x_ty), xt, acc1, IS_FP64, ALLOW_TF32)

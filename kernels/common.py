@@ -92,23 +92,47 @@ def gather_taps(x_rows, hi0, wi0, row_valid, col_valid, t, c, TW, DH, DW, H, W):
 
 
 @triton.jit
-def prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH):
+def prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH, TILE_BOUNDS: tl.constexpr):
     """The loop bounds and table pointers of pull_prefilter and its adjoint, for a tile whose columns have
-    push taps (i, j) (valid where col_valid): (nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef). The bounds
-    are the most nonzeros among the tile's columns of U (U[:, i]) and of V (V[:, j]): a tile of one push tap
-    (every chunk once the channels fill it) visits only that tap's nonzero pairs, 9 to 25 at scale 2 (13.4
-    on average over a 3 x 3 kernel's taps), not the 25 of the widest column pair. Table layout
-    (triton_launch._prefilter_tables): idx = [nonzeros of each of U's TH columns, of each of V's TW columns,
-    U's rows (e, i) at e * TH + i, V's (f, j) at f * TW + j]; coef = [-U at U's rows' places, V at V's]."""
-    nnz_u = tl.max(tl.load(idx_ptr + i, mask=col_valid, other=0))
-    nnz_v = tl.max(tl.load(idx_ptr + TH + j, mask=col_valid, other=0))
-    u_rows = idx_ptr + TH + TW
+    push taps (i, j) (valid where col_valid): (nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef). With
+    TILE_BOUNDS the bounds are the most nonzeros among the tile's columns of U (U[:, i]) and of V
+    (V[:, j]): a tile of one push tap (every chunk once the channels fill it) visits only that tap's
+    nonzero pairs, 9 to 25 at scale 2 (13.4 on average over a 3 x 3 kernel's taps), not the 25 of the
+    widest column pair; without, the widest pair's (for tiles that span every tap anyway: the prefilter
+    weight route's (tap, c) tiles, where the per-tile bound cost registers and spilled). Table layout
+    (triton_launch._prefilter_tables): idx = [most nonzeros of a column of U, of V, nonzeros of each of U's
+    TH columns, of each of V's TW columns, U's rows (e, i) at e * TH + i, V's (f, j) at f * TW + j];
+    coef = [-U at U's rows' places, V at V's]."""
+    if TILE_BOUNDS:
+        nnz_u = tl.max(tl.load(idx_ptr + 2 + i, mask=col_valid, other=0))
+        nnz_v = tl.max(tl.load(idx_ptr + 2 + TH + j, mask=col_valid, other=0))
+    else:
+        nnz_u = tl.load(idx_ptr)
+        nnz_v = tl.load(idx_ptr + 1)
+    u_rows = idx_ptr + 2 + TH + TW
     return nnz_u, nnz_v, u_rows, u_rows + QH * TH, coef_ptr, coef_ptr + QH * TH
 
 
 @triton.jit
 def pull_prefilter(
-    x_rows, hi0, wi0, row_valid, col_valid, t, c, TH, TW, DH, DW, H, W, QH, idx_ptr, coef_ptr, ACC: tl.constexpr
+    x_rows,
+    hi0,
+    wi0,
+    row_valid,
+    col_valid,
+    t,
+    c,
+    TH,
+    TW,
+    DH,
+    DW,
+    H,
+    W,
+    QH,
+    idx_ptr,
+    coef_ptr,
+    ACC: tl.constexpr,
+    TILE_BOUNDS: tl.constexpr = True,
 ):
     """The pull operand z of the upsample prefilter algebra, as a tile like gather_taps' (rows: output
     pixels, columns: (push tap t = i * TW + j, channel c)), in the accumulator dtype:
@@ -120,7 +144,8 @@ def pull_prefilter(
     hi0 / wi0 are the input coordinates of the PULL window's tap (0, 0) (pull padding). Only the nonzero
     entries of U's column i and V's column j are visited (bilinear U: up to 2 * scale - 1 a column),
     from the launcher's tables (`prefilter_tables`: row a of the e-th nonzero of U's column i, column b of
-    the f-th of V's column j, and -U[a, i], V[b, j]), as many as the tile's columns need at most. Entries
+    the f-th of V's column j, and -U[a, i], V[b, j]), as many as the tile's columns need at most
+    (TILE_BOUNDS) or as the widest column pair has. Entries
     past a column's nonzeros have coefficient 0 and load nothing, so an input value reaches z[c, i, j]
     only through a nonzero U[a, i] * V[b, j] (as it reaches conv2d(x, q) only through the taps of q it is
     multiplied by: the forward's non-finite fallback relies on it).
@@ -128,7 +153,9 @@ def pull_prefilter(
     `pull_prefilter_adjoint`."""
     i = t // TW  # push row / column of each column's tap
     j = t % TW
-    nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef = prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH)
+    nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef = prefilter_tables(
+        idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH, TILE_BOUNDS
+    )
     x_chan = x_rows[:, None] + c[None, :] * (H * W)
     z = tl.zeros((hi0.shape[0], t.shape[0]), dtype=ACC)
     for e in range(0, nnz_u):

@@ -182,12 +182,14 @@ def _nonzeros_by_column(m: Tensor, sign: float, acc_dtype) -> tuple[Tensor, Tens
 
 
 def _prefilter_tables(rows: Tensor, cols: Tensor, acc_dtype) -> tuple[Tensor, Tensor]:
-    """The tables of kernels/common.py prefilter_tables for q = -rows @ k @ cols^T: (idx int32 [kh + kw +
-    rows.numel() + cols.numel()] = [nonzeros of each of U's columns, of each of V's, U's rows (e, i), V's
-    (e, j)], coef [rows.numel() + cols.numel()] = the matching -U[a, i] and V[b, j])."""
+    """The tables of kernels/common.py prefilter_tables for q = -rows @ k @ cols^T: (idx int32 [2 + kh + kw
+    + rows.numel() + cols.numel()] = [most nonzeros of a column of U, of V, nonzeros of each of U's columns,
+    of each of V's, U's rows (e, i), V's (e, j)], coef [rows.numel() + cols.numel()] = the matching
+    -U[a, i] and V[b, j])."""
     u_idx, u_coef, u_nnz = _nonzeros_by_column(rows, -1.0, acc_dtype)
     v_idx, v_coef, v_nnz = _nonzeros_by_column(cols, 1.0, acc_dtype)
-    idx = torch.cat([u_nnz.to(torch.int32), v_nnz.to(torch.int32), u_idx.reshape(-1), v_idx.reshape(-1)])
+    counts = [torch.stack([u_nnz.amax(), v_nnz.amax()]), u_nnz, v_nnz]
+    idx = torch.cat([*(n.to(torch.int32) for n in counts), u_idx.reshape(-1), v_idx.reshape(-1)])
     return idx, torch.cat([u_coef.reshape(-1), v_coef.reshape(-1)])
 
 
@@ -346,14 +348,16 @@ def _column_nonzeros(size: int, new_size: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=256)
-def prefilter_visits(th: int, tw: int, qh: int, qw: int, per_tap: int, block: int) -> float:
+def prefilter_visits(th: int, tw: int, qh: int, qw: int, per_tap: int, block: Optional[int]) -> float:
     """U[a, i] V[b, j] pairs the prefilter's (and its adjoint's) loops visit per element of z (or G), on
     average over the tiles of its (push tap, channel) side: per_tap channels a tap, `block` columns a tile
-    (kernels/common.py prefilter_tables: a tile visits the most nonzeros of its taps' columns of U times
-    those of V; one tap a tile, 9 to 25 at scale 2). For a th x tw push and qh x qw pull kernel; counted in
-    plain Python (the launcher prices routes with it; no device work, nothing for the cost model's
-    recording)."""
+    (kernels/common.py prefilter_tables with TILE_BOUNDS: a tile visits the most nonzeros of its taps'
+    columns of U times those of V; one tap a tile, 9 to 25 at scale 2); block None: without TILE_BOUNDS,
+    the widest column pair's for every tile. For a th x tw push and qh x qw pull kernel; counted in plain
+    Python (the launcher prices routes with it; no device work, nothing for the cost model's recording)."""
     u, v = _column_nonzeros(th, qh), _column_nonzeros(tw, qw)
+    if block is None:
+        return max(u) * max(v)
     columns = th * tw * per_tap
     tiles = []
     for first in range(0, columns, block):
@@ -371,7 +375,7 @@ def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoin
     c tile (visits x pooling window FMAs an element)."""
     taps = geo.kh * geo.kw
     bm, bn, bk = prefilter[:3]
-    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, geo.Cg, bn)  # (tap, c) tiles bn wide
+    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, geo.Cg, None)  # the widest pair's bounds
     o_rows = geo.G * _padded(geo.Cgo, bm)
     r_cols = _padded(taps * geo.Cg, bn)
     out_pix = _padded(geo.N * geo.Ho * geo.Wo, bk)

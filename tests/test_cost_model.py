@@ -91,9 +91,13 @@ def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
     assert cost_model.prefilter_visits("pp_bwd_weight_adjoint_kernel", window) == pytest.approx(121 / 9)
     assert cost_model.prefilter_visits("pp_fwd_conv_kernel", dict(window, CG=16, BLOCK_K=16)) == pytest.approx(121 / 9)
     assert cost_model.prefilter_visits("pp_fwd_conv_kernel", dict(window, CG=3, BLOCK_K=32)) == 25
-    # 64-wide (tap, c) tiles over 16 channels: tiles of taps {0..3}, {4..7} (two rows of U each, every
-    # column of V) and {8}: (5 * 5 + 5 * 5 + 3 * 3) / 3
-    assert cost_model.prefilter_visits("pp_bwd_weight_kernel", dict(window, CG=16, BLOCK_N=64)) == pytest.approx(59 / 3)
+    # the input gradient's (tap, o) chunks of 32 over 16 output channels: taps {0, 1}, {2, 3}, ..., {8},
+    # each the most nonzeros of its taps' U columns times those of their V columns
+    two_taps = [3 * 5, 5 * 3, 5 * 5, 3 * 5, 3 * 3]
+    got = cost_model.prefilter_visits("pp_bwd_input_kernel", dict(window, CGO=16, BLOCK_K=32))
+    assert got == pytest.approx(sum(two_taps) / 5)
+    # the prefilter weight route's (tap, c) tiles: the widest pair's bounds
+    assert cost_model.prefilter_visits("pp_bwd_weight_kernel", dict(window, CG=16, BLOCK_N=64)) == 25
     forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.float32)
     assert "prefilter: " in _launch(forward, "pp_fwd_conv_kernel").note
 
