@@ -48,7 +48,8 @@ before the MMA. Four deterministic kernels (no atomics anywhere):
    BLOCK_N input channels of one group for ONE push tap (the tap is in the grid), reduction over the
    input pixels, split-K as 2. One MMA a chunk: one convolution's products at stride 1 (s^2 at stride
    s, the input pixels being s^2 the output pixels), plus G formed on the CUDA cores once per c tile
-   (the tap's nonzero U V pairs, 9 to 25 FMAs an element at scale 2, as the input gradient's). Its c side is padded to the MMA's 16, so
+   (the widest U V pair's 25 FMAs an element at scale 2: the per-tap bound of the input gradient's
+   adjoint spilled here). Its c side is padded to the MMA's 16, so
    the prefilter route stays cheaper for few input channels a group (the 3-channel stem) and strides.
 4. `pp_bwd_bias_kernel`: d loss / d b_in[o] = sum_p gP - sum_p gQ as a per-channel reduction over
    pixels (split in SPLIT ranges, partials [SPLIT, C_out] summed by the launcher). The pooling
@@ -218,6 +219,7 @@ def pull_prefilter_adjoint(
     DUAL: tl.constexpr,
     POOLED: tl.constexpr,
     ACC: tl.constexpr,
+    TILE_BOUNDS: tl.constexpr = True,
 ):
     """The adjoint of common.py `pull_prefilter`: the pull part of the input gradient's A operand, as a
     tile of rows = input pixels (n_col [rows, 1], h / w [rows]) and columns = (push tap t = i * TW + j,
@@ -233,7 +235,7 @@ def pull_prefilter_adjoint(
     i = t // TW  # push row / column of each column's tap
     j = t % TW
     nnz_u, nnz_v, u_rows, v_rows, u_coef, v_coef = prefilter_tables(
-        idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH, True
+        idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH, TILE_BOUNDS
     )
     acc = tl.zeros((h.shape[0], t.shape[0]), dtype=ACC)
     for e in range(0, nnz_u):
@@ -589,6 +591,7 @@ def pp_bwd_weight_adjoint_kernel(
         gq = pull_prefilter_adjoint(
             *(g_ptr, mask_ptr, n_col, o, h, w, p_valid, o_valid, t, SH, SW, QPH, QPW, DH, DW, TH, TW, QH),
             *(pull_idx_ptr, pull_coef_ptr, N, C_OUT, HO, WO, AVG, AVG_PAD, DUAL, POOLED, ACC),
+            TILE_BOUNDS=False,  # the per-tap bound spilled 8 B here (sm_90, Triton 3.6, tf32x3)
         )
         g_t = (gp + sign * gq).to(x_ty)  # G^T [pixels, o], rounded to the operand dtype
         # x^T [c, pixels]: x[n, c, h, w] unshifted (the tap's shift is in G)

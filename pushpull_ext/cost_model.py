@@ -254,13 +254,13 @@ def _bwd_weight_adjoint_macs(grid: tuple, a: dict) -> int:
 
 
 # Where each kernel's z (or G) tiles lie on the (push tap, channel) side: (channels a tap, tile width), as
-# argument names; "tap": one push tap a program (the adjoint's weight gradient); "widest": loops bounded by
-# the widest column pair for every tile (the prefilter weight route, pull_prefilter's TILE_BOUNDS off).
+# argument names; "widest": loops bounded by the widest column pair for every tile (TILE_BOUNDS off: both
+# weight-gradient routes).
 _Z_TILES = {
     "pp_fwd_conv_kernel": ("CG", "BLOCK_K"),  # the reduction's chunks
     "pp_bwd_weight_kernel": "widest",
     "pp_bwd_input_kernel": ("CGO", "BLOCK_K"),  # the (tap, o) reduction's chunks
-    "pp_bwd_weight_adjoint_kernel": "tap",
+    "pp_bwd_weight_adjoint_kernel": "widest",
 }
 
 
@@ -270,7 +270,7 @@ def prefilter_visits(kernel: str, a: dict) -> float:
     for the bilinear matrices (options.interpolation_matrix) of the launch's sizes (the launcher's count,
     triton_launch.prefilter_visits, which its weight-gradient rule prices with)."""
     tiles = _Z_TILES[kernel]
-    per_tap, block = {"tap": (1, 1), "widest": (1, None)}.get(tiles) or (a[tiles[0]], a[tiles[1]])
+    per_tap, block = (1, None) if tiles == "widest" else (a[tiles[0]], a[tiles[1]])
     return triton_launch.prefilter_visits(a["TH"], a["TW"], a["QH"], a["QW"], per_tap, block)
 
 

@@ -388,7 +388,7 @@ def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoin
     c_cols = _padded(geo.Cg, bn)
     in_pix = _padded(geo.N * geo.H * geo.W, bk)
     adj_macs = o_rows * taps * c_cols * in_pix
-    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, 1, 1)  # one tap a program
+    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, 1, None)  # the widest pair's bounds
     adj_fmas = o_rows * taps * (c_cols // bn) * in_pix * visits * pooled_window
     return (pre_macs, pre_fmas), (adj_macs, adj_fmas)
 

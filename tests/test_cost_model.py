@@ -78,9 +78,9 @@ def test_weight_gradient_rule_keeps_the_3_channel_stem_on_the_prefilter_route():
     _, forced = cost_model.layer_cost(stem, torch.float32, weight_grad_path="adjoint")
     adjoint = _launch(forced, "pp_bwd_weight_adjoint_kernel")
     assert adjoint.macs == pytest.approx(conv * 16 / 3, rel=5e-3)
-    # G: one [BLOCK_K, BLOCK_M] tile per MMA, one push tap a program: 121 / 9 FMAs an element on average
-    # (the taps' 3 x 3 to 5 x 5 nonzero U V pairs) over BLOCK_N = 16 MACs
-    assert "adjoint prefilter (G): " in adjoint.note and "(0.84x the MACs; 13.4 U V pairs" in adjoint.note
+    # G: one [BLOCK_K, BLOCK_M] tile per MMA, 25 FMAs an element (the widest U V pair's bounds) over
+    # BLOCK_N = 16 MACs
+    assert "adjoint prefilter (G): " in adjoint.note and "(1.56x the MACs; 25.0 U V pairs" in adjoint.note
 
 
 def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
@@ -88,7 +88,6 @@ def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
     # one push tap (i, j) visits its nonzero pairs, 9 to 25: (3 + 5 + 3)^2 / 9 on average over the taps; a
     # tile of several taps the most of their columns': the 3-channel stem's 27-long chunk all 25
     window = dict(TH=3, TW=3, QH=7, QW=7)
-    assert cost_model.prefilter_visits("pp_bwd_weight_adjoint_kernel", window) == pytest.approx(121 / 9)
     assert cost_model.prefilter_visits("pp_fwd_conv_kernel", dict(window, CG=16, BLOCK_K=16)) == pytest.approx(121 / 9)
     assert cost_model.prefilter_visits("pp_fwd_conv_kernel", dict(window, CG=3, BLOCK_K=32)) == 25
     # the input gradient's (tap, o) chunks of 32 over 16 output channels: taps {0, 1}, {2, 3}, ..., {8},
@@ -96,8 +95,9 @@ def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
     two_taps = [3 * 5, 5 * 3, 5 * 5, 3 * 5, 3 * 3]
     got = cost_model.prefilter_visits("pp_bwd_input_kernel", dict(window, CGO=16, BLOCK_K=32))
     assert got == pytest.approx(sum(two_taps) / 5)
-    # the prefilter weight route's (tap, c) tiles: the widest pair's bounds
+    # both weight-gradient routes: the widest pair's bounds
     assert cost_model.prefilter_visits("pp_bwd_weight_kernel", dict(window, CG=16, BLOCK_N=64)) == 25
+    assert cost_model.prefilter_visits("pp_bwd_weight_adjoint_kernel", window) == 25
     forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.float32)
     assert "prefilter: " in _launch(forward, "pp_fwd_conv_kernel").note
 
