@@ -98,8 +98,8 @@ def prefilter_tables(idx_ptr, coef_ptr, i, j, col_valid, TH, TW, QH, TILE_BOUNDS
     TILE_BOUNDS the bounds are the most nonzeros among the tile's columns of U (U[:, i]) and of V
     (V[:, j]): a tile of one push tap (every chunk once the channels fill it) visits only that tap's
     nonzero pairs, 9 to 25 at scale 2 (13.4 on average over a 3 x 3 kernel's taps), not the 25 of the
-    widest column pair; without, the widest pair's (for tiles that span every tap anyway: the prefilter
-    weight route's (tap, c) tiles, where the per-tile bound cost registers and spilled). Table layout
+    widest column pair; without, the widest pair's (both weight-gradient kernels, where the per-tile bound
+    spilled: benchmarks/tuning.md). Table layout
     (triton_launch._prefilter_tables): idx = [most nonzeros of a column of U, of V, nonzeros of each of U's
     TH columns, of each of V's TW columns, U's rows (e, i) at e * TH + i, V's (f, j) at f * TW + j];
     coef = [-U at U's rows' places, V at V's]."""

@@ -375,7 +375,7 @@ def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoin
     c tile (visits x pooling window FMAs an element)."""
     taps = geo.kh * geo.kw
     bm, bn, bk = prefilter[:3]
-    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, geo.Cg, None)  # the widest pair's bounds
+    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, 1, None)  # both routes: the widest pair's bounds
     o_rows = geo.G * _padded(geo.Cgo, bm)
     r_cols = _padded(taps * geo.Cg, bn)
     out_pix = _padded(geo.N * geo.Ho * geo.Wo, bk)
@@ -388,7 +388,6 @@ def _weight_route_costs(geo: _Geom, pooled_window: int, prefilter: tuple, adjoin
     c_cols = _padded(geo.Cg, bn)
     in_pix = _padded(geo.N * geo.H * geo.W, bk)
     adj_macs = o_rows * taps * c_cols * in_pix
-    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, 1, None)  # the widest pair's bounds
     adj_fmas = o_rows * taps * (c_cols // bn) * in_pix * visits * pooled_window
     return (pre_macs, pre_fmas), (adj_macs, adj_fmas)
 
