@@ -287,7 +287,7 @@ def _bwd_config(
     of two, at least the MMA's 16), so that 16-channel layers do not run 64-wide tiles. `reduction`: the
     input gradient's (push tap, output channel) reduction length (kh * kw * Cgo, 144 for a 3x3 kernel on
     16 channels), which BLOCK_K then pads least (16 rather than 32 for 144: 9 chunks, not 4.5); with
-    `upsample`, its 16-wide tiles take 4 warps."""
+    `upsample`, its 16-wide tiles take 4 warps and 16-deep chunks."""
     if not gpu:  # interpreter: cost is per NumPy call, so few programs and few, long K steps
         return (16, 128, 64, 4, 1) if weight_kernel else (64, 16, 64, 4, 1)
     if dtype == torch.float64:  # float64 products on the CUDA cores here (kernels/common.py: mma_grad_operand)
@@ -301,7 +301,9 @@ def _bwd_config(
     if reduction is not None and block_k > 16 and reduction % block_k:
         block_k = -min((triton.cdiv(reduction, bk) * bk, -bk) for bk in (block_k, block_k // 2))[1]
     if upsample and not weight_kernel and cols == 16 and dtype != torch.float64:
-        warps = 4  # the adjoint's 64 x 16 tiles spilled 24-48 B with 8 warps (sm_80, tf32x3, Triton 3.9)
+        # The adjoint's 64 x 16 tiles: 4 warps (8 spilled 24-48 B: sm_80, tf32x3, Triton 3.9), 16-deep chunks
+        # (bfloat16's 32 spilled 248-304 B at the 255-register cap on sm_90, for 6 output channels: 54 long)
+        warps, block_k = 4, 16
     return rows, cols, block_k, warps, stages
 
 

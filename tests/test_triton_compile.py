@@ -3,15 +3,15 @@
 The other CPU tests run the kernels through the Triton interpreter, which never compiles them: a
 kernel the interpreter runs can still fail to compile, need more shared memory than a GPU has, spill
 registers or miss the tensor cores. Here every kernel the launcher would launch on a GPU is compiled
-to machine code and read back with cuobjdump, for
-- the papers' shapes, and a few layers whose sizes compile other code (EXTRA_SHAPES), in float32 (TF32
-  on and off), bfloat16 and float64, training and inference, for sm_80 (A100) and sm_90 (H100):
-  no problem, no warning (spills, products off the tensor cores); and every sm_80 kernel within the
+to machine code (registers and spills read back with cuobjdump, tensor-core instructions from the PTX), for
+- the papers' shapes, and a few layers whose sizes compile other code (EXTRA_SHAPES), in float32,
+  bfloat16 and float64 (and the papers' shapes in float32 with TF32 off), training and inference, for
+  sm_80 (A100) and sm_90 (H100): no problem, no warning (spills, products off the tensor cores); and every sm_80 kernel within the
   shared memory of one sm_86 block (RTX 30xx: the least of the targets). Triton generates the same code
   for every compute capability 8.x (mma.sync, cp.async; tiles and stages are the launcher's), so sm_80's
   shared memory figure is sm_86's: CI does not compile a third time for it;
 - the agreement tests' option grid (tests/support/cases.py) in float32 and bfloat16, for sm_90: every option
-  combination compiles and fits;
+  combination compiles, fits, and neither spills nor misses the tensor cores;
 - with PUSHPULL_OTHER_TRITON=DIR (a `pip install --target DIR --no-deps triton==3.6.0`, which .ci/run
   makes), the papers' set for sm_90 once more with that Triton: the package supports 3.6 to 3.9, and 3.6 is
   what the lent H100/H200 machines run. (Not the grid: it compiles the same kernels with other flags and sizes,
@@ -33,11 +33,11 @@ import torch
 from pushpull_ext._ext import TRITON_ERROR
 from pushpull_ext.compile_check import SHARED_LIMIT
 
-# Ho * Wo not a multiple of 16 (Triton then cannot assume aligned rows), a batch of 1, a 56 x 56 block.
+# Ho and Wo not multiples of 16 (Triton then cannot assume aligned rows), in both pulls. (The batch is
+# spec_launches' 16 here; the grid's cases compile their own batches, 1 among them.)
 EXTRA_SHAPES = [
     "2,64,64,14,14,3,1,1,invert,5",
     "2,3,64,220,220,7,2,3,invert,3",
-    "2,64,64,56,56,3,1,1,upsample",
     "1,16,16,7,7,3,1,1,upsample",
 ]
 KERNELS = {
@@ -131,13 +131,12 @@ def test_sm80_kernels_fit_an_sm86_block(compiled):
     assert not too_big, f"more shared memory than one sm_86 block has ({SHARED_LIMIT[86]} B):\n" + "\n".join(too_big)
 
 
-PAPER_TARGETS = [t for t, sets in TARGETS.items() if "spec" in sets]
-
-
-@pytest.mark.parametrize("target", PAPER_TARGETS, ids=[TARGET_IDS[list(TARGETS).index(t)] for t in PAPER_TARGETS])
-def test_spec_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
+@pytest.mark.parametrize("target", list(TARGETS), ids=TARGET_IDS)
+def test_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
+    # Both sets: the grid's small channel counts choose other tiles (a bfloat16 input gradient spilled 304 B
+    # at the register cap there, for 6 output channels, while the papers' shapes compiled clean).
     arch = target[0]
-    kernels = [k for k in _kernels(compiled, target) if k["set"] == "spec"]
+    kernels = _kernels(compiled, target)
     assert all(k["registers"] is not None for k in kernels), "cuobjdump did not report the registers"
     assert any(k["mma"].get("HGMMA" if arch == 90 else "HMMA") for k in kernels)
     warnings = [f"{k['kernel']} ({k['launch']}, {k['constexprs']}): {k['warnings']}" for k in kernels if k["warnings"]]
@@ -176,10 +175,12 @@ def _child(arch, out_path, sets):
     from pushpull_ext.shapes import CASES
 
     runs = []  # (set, launches, tf32)
-    shapes = [case.name for case in CASES] + EXTRA_SHAPES
+    papers = [case.name for case in CASES]
     if "spec" in sets:
-        runs.append(("spec", compile_check.spec_launches([torch.float32, torch.bfloat16, torch.float64], shapes), True))
-        runs.append(("spec", compile_check.spec_launches([torch.float32], shapes), False))
+        dtypes = [torch.float32, torch.bfloat16, torch.float64]
+        runs.append(("spec", compile_check.spec_launches(dtypes, papers + EXTRA_SHAPES), True))
+        # TF32 off changes the products' precision only, not the index math EXTRA_SHAPES are there for
+        runs.append(("spec", compile_check.spec_launches([torch.float32], papers), False))
     if "grid" in sets:
         runs.append(("grid", _grid_launches([torch.float32, torch.bfloat16]), True))
     kernels = {}  # by binary: a later run may launch a kernel an earlier one compiled
