@@ -6,10 +6,10 @@ registers or miss the tensor cores. Here every kernel the launcher would launch 
 to machine code (registers and spills read back with cuobjdump, tensor-core instructions from the PTX), for
 - the papers' shapes, and a few layers whose sizes compile other code (EXTRA_SHAPES), in float32,
   bfloat16 and float64 (and the papers' shapes in float32 with TF32 off), training and inference, for
-  sm_80 (A100) and sm_90 (H100): no problem, no warning (spills, products off the tensor cores); and every sm_80 kernel within the
-  shared memory of one sm_86 block (RTX 30xx: the least of the targets). Triton generates the same code
-  for every compute capability 8.x (mma.sync, cp.async; tiles and stages are the launcher's), so sm_80's
-  shared memory figure is sm_86's: CI does not compile a third time for it;
+  sm_80 (A100) and sm_90 (H100): no problem, no warning (spills, products off the tensor cores); and
+  every sm_80 kernel within the shared memory of one sm_86 block (RTX 30xx: the least of the targets).
+  Triton generates the same code for every compute capability 8.x (mma.sync, cp.async; tiles and stages
+  are the launcher's), so sm_80's shared memory figure is sm_86's: CI does not compile a third time for it;
 - the agreement tests' option grid (tests/support/cases.py) in float32 and bfloat16, for sm_90: every option
   combination compiles, fits, and neither spills nor misses the tensor cores;
 - with PUSHPULL_OTHER_TRITON=DIR (a `pip install --target DIR --no-deps triton==3.6.0`, which .ci/run
