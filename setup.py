@@ -44,7 +44,7 @@ def _want_cuda():
 
 def _extension():
     # -fopenmp: at::parallel_for is a header template that parallelizes only when compiled with OpenMP.
-    # -ffp-contract=fast: fused multiply-adds in the vector loops (csrc/cpu/tap_kernels.h).
+    # -ffp-contract=fast: fused multiply-adds in the vector loops (csrc/cpu/dense_kernels.h).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=fast"]
     sources = _sources("*.cpp", "common/*.cpp", "cpu/*.cpp")
     if _want_cuda():

@@ -3,8 +3,9 @@
 At stride 1 the CPU kernel picks, by a cost rule, between the tap path (Y = W @ x per kernel tap,
 then shifts and separable filters of Y per output channel) and the input-side prefilter (per-image
 panels, or one batched product from 32 output channels per group up). PUSHPULL_CPU_TAP_PATH=always /
-never overrides the rule, so every case below runs both ways. The tap path's dense loops are
-compiled for AVX-512, AVX2 and the baseline; PUSHPULL_CPU_ISA caps the one taken (per process).
+never overrides the rule, so every case below runs both ways. Invert, negate and strided upsample
+take the per-image panels where the weight is thin (image_path.h). The dense loops of both are compiled
+for AVX-512, AVX2 and the baseline; PUSHPULL_CPU_ISA caps the one taken (per process).
 """
 
 import os
@@ -40,6 +41,21 @@ TAP_CASES = UPSAMPLE_STRIDE1 + [
     ("tap-1x3-depthwise", (2, 4, 4, 5, 11, 1, 3), dict(pull="upsample", groups=4, padding=(0, 1), alpha="vector")),
 ]
 TAP_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in TAP_CASES]
+# The per-image panels: the grid's other cases, and images of several panels (48 pixels each) with row
+# counts that are not multiples of the register tiles (16 and 12 output channels, K = 147 and 72).
+IMAGE_PATH_CASES = [case for case in CASES if case not in UPSAMPLE_STRIDE1] + [
+    (
+        "panels-invert-7x7-stride2",
+        (2, 3, 16, 37, 41, 7, 7),
+        dict(pull="invert", stride=2, padding=3, avg_kernel=3, bias_out=True, alpha="vector"),
+    ),
+    (
+        "panels-upsample-stride2",
+        (2, 8, 12, 30, 34, 3, 3),
+        dict(pull="upsample", stride=2, padding=1, bias_in=True, alpha="vector"),
+    ),
+]
+IMAGE_PATH_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in IMAGE_PATH_CASES[-2:]]
 PATHS = ["always", "never"]
 
 
@@ -92,11 +108,17 @@ def test_upsample_paths_on_a_large_image(monkeypatch, path, dtype, rtol):
     _check_against_reference(sizes, options, dtype, rtol)
 
 
+@pytest.mark.parametrize("sizes, options", IMAGE_PATH_PARAMS)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_panels_on_larger_images(sizes, options, dtype, rtol):
+    _check_against_reference(sizes, options, dtype, rtol)
+
+
 _ISA_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path[:0] = [{tests!r}, {support!r}]
-    from test_cpu_paths import TAP_CASES, _check_against_reference
-    for name, sizes, opts in TAP_CASES:
+    from test_cpu_paths import IMAGE_PATH_CASES, TAP_CASES, _check_against_reference
+    for name, sizes, opts in TAP_CASES + IMAGE_PATH_CASES:
         for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
             torch.manual_seed(0)
             _check_against_reference(sizes, opts, dtype, rtol)
@@ -105,7 +127,7 @@ _ISA_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_tap_path_every_instruction_set(isa):
+def test_dense_loops_every_instruction_set(isa):
     """The AVX2 and baseline versions of the dense loops (this machine may take AVX-512 by default)."""
     env = dict(os.environ, PUSHPULL_CPU_ISA=isa, PUSHPULL_CPU_TAP_PATH="always")
     tests = os.path.dirname(__file__)

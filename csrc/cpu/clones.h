@@ -1,10 +1,10 @@
-// PUSHPULL_CPU_CLONES: the per-plane loops of the CPU backend are compiled twice, for AVX2 and for the
-// build's baseline, and the loader picks one by the CPU (an ifunc); ATen's own kernels dispatch on the
-// CPU in the same spirit.
+// PUSHPULL_CPU_CLONES: the per-plane loops of the CPU backend are compiled three times, for AVX-512, for
+// AVX2 and for the build's baseline, and the loader picks one by the CPU (an ifunc); ATen's own kernels
+// dispatch on the CPU in the same spirit.
 #pragma once
 
 #if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PUSHPULL_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define PUSHPULL_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PUSHPULL_CPU_CLONES
 #endif

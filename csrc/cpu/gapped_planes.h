@@ -4,7 +4,7 @@
 // (V + r) * Ws + G + c, zero in the gaps between rows, in V margin rows above and below, and in the slack
 // at the end. G and V are the largest horizontal and vertical shifts of any pass, so a shifted read past
 // a row's end or the plane's edge reads zeros: each pass is ONE 1-D loop over the whole plane with no
-// bounds test (tap_kernels::weighted_sum), and the matrix products run over the plane's flat range.
+// bounds test (dense::weighted_sum), and the matrix products run over the plane's flat range.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "epilogues.h"
-#include "tap_kernels.h"
+#include "dense_kernels.h"
 
 namespace pushpull {
 namespace cpu {
@@ -58,7 +58,7 @@ struct GappedPlanes {
     margin = std::max({ph, qh, (g.kernel_h - 1) * dh - ph, (pull_h - 1) * dh - qh, int64_t(0)});
     ws_stride = std::max(g.width, g.out_width) + gap;
     const int64_t rows_max = std::max(g.height, g.out_height);
-    plane_size = tap_kernels::round_up((2 * margin + rows_max) * ws_stride + 2 * gap, grain) + grain;
+    plane_size = dense::round_up((2 * margin + rows_max) * ws_stride + 2 * gap, grain) + grain;
   }
 
   int64_t at(int64_t r, int64_t c) const { return (margin + r) * ws_stride + gap + c; }
@@ -94,7 +94,7 @@ struct GappedPlanes {
       scratch.src.push_back(in_base + from * plane_size + begin + (adjoint ? -t.offset : t.offset));
       scratch.weights.push_back(t.weight);
     }
-    tap_kernels::weighted_sum(scratch.src.data(), scratch.weights.data(), static_cast<int64_t>(scratch.src.size()), n,
+    dense::weighted_sum(scratch.src.data(), scratch.weights.data(), static_cast<int64_t>(scratch.src.size()), n,
                               out_base + line * plane_size + begin);
   }
 

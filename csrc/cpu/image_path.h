@@ -51,7 +51,7 @@ struct ImagePath {
   const scalar_t* weight_t;     // per group W_g^T [groups, K, C_out/groups] (backward, for dx; else null)
   int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
   int64_t block_rows;  // output rows packed at a time (forward; backward packs whole planes)
-  int64_t field_ld;    // row stride of the push/pull fields: a block's product may write 23 past it
+  int64_t field_ld;    // row stride of the push/pull fields: a block's product may write kPanel - 1 past it
 
   // `blocked`: pack blocks of rows (forward) rather than whole planes (backward).
   // r, k: the contiguous interpolation matrices (upsample; else undefined); s: pull_shift or null.

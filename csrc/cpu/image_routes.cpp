@@ -48,12 +48,8 @@ ImageRoute stride_one_route(const Geometry& geo, const OptTensor& rows, const Op
 }
 
 // ImagePath: below kMinChannelsForPrefilter output channels per group, where the batched matrix product
-// is thin. float64 takes it too (so that the float64 tests hold its index math to 1e-9); float where the
-// AVX2 products run, else the direct pull convolution.
-bool image_path_runs(const Geometry& geo, at::ScalarType dtype) {
-  if (use_prefilter(geo)) return false;
-  return dtype == at::kDouble || (dtype == at::kFloat && panel::fast_float_kernels());
-}
+// is thin (float and double: the products of dense_kernels.h are vectorized on every CPU).
+bool image_path_runs(const Geometry& geo) { return !use_prefilter(geo); }
 
 // The A operands: W stacked by tap for Y, [C_out, taps, C_in/groups]; and per group W^T for dx,
 // [groups, C_in/groups, C_out/groups, taps].
@@ -73,9 +69,8 @@ at::Tensor grouped_transposed_weight(const at::Tensor& w, int64_t groups) {
 // operands are thin: the stems (K = 27, 147), whose batched route spends most of its time outside the
 // convolution, going through memory between the passes. Wide layers keep oneDNN's convolution.
 constexpr int64_t kMaxPushImageK = 256;
-bool push_image_path_pays(const Geometry& geo, at::ScalarType dtype) {
-  const int64_t k_size = geo.in_channels / geo.groups * geo.kernel_h * geo.kernel_w;
-  return k_size <= kMaxPushImageK && (dtype == at::kDouble || panel::fast_float_kernels());
+bool push_image_path_pays(const Geometry& geo) {
+  return geo.in_channels / geo.groups * geo.kernel_h * geo.kernel_w <= kMaxPushImageK;
 }
 
 template <typename T>
@@ -183,10 +178,10 @@ ImageRoute image_route(const Geometry& geo, const ConvArgs& conv, const OptTenso
                        at::ScalarType dtype) {
   if (dtype != at::kFloat && dtype != at::kDouble) return ImageRoute::kBatched;
   if (geo.pull != PullKind::kSeparable) {
-    return push_image_path_pays(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
+    return push_image_path_pays(geo) ? ImageRoute::kBlocks : ImageRoute::kBatched;
   }
   if (conv.stride[0] == 1 && conv.stride[1] == 1) return stride_one_route(geo, rows, cols);
-  return image_path_runs(geo, dtype) ? ImageRoute::kBlocks : ImageRoute::kBatched;
+  return image_path_runs(geo) ? ImageRoute::kBlocks : ImageRoute::kBatched;
 }
 
 template <typename scalar_t>

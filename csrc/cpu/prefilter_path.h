@@ -7,7 +7,7 @@
 
 #include "gapped_planes.h"
 #include "scratch.h"
-#include "tap_kernels.h"
+#include "dense_kernels.h"
 
 namespace pushpull {
 namespace cpu {
@@ -43,7 +43,7 @@ struct PrefilterPath : GappedPlanes {
 
   PrefilterPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* w,
                 const T* w_t)
-      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>),
+      : GappedPlanes(g, c, rows.size(0), cols.size(0), dense::kGrain<T>),
         weight(w),
         weight_t(w_t),
         k_size(in_per_group * taps) {
@@ -61,7 +61,7 @@ struct PrefilterPath : GappedPlanes {
       }
   }
 
-  int64_t product_length() const { return tap_kernels::round_up(output_length(), tap_kernels::kGrain<T>); }
+  int64_t product_length() const { return dense::round_up(output_length(), dense::kGrain<T>); }
 
   PrefilterWorkspace<T> workspace(bool backward) const {
     PrefilterWorkspace<T> ws;
@@ -114,7 +114,7 @@ struct PrefilterPath : GappedPlanes {
       const T* a = weight + grp * out_per_group * k_size;
       for (int64_t r = 0; r < 2; ++r) {
         T* c = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + at(0, 0);
-        tap_kernels::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size,
+        dense::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size,
                           false);
       }
     }
@@ -139,13 +139,13 @@ struct PrefilterPath : GappedPlanes {
       for (int64_t r = 0; r < 2; ++r) {
         const T* g = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + begin;
         if (grad_w_image) {
-          tap_kernels::gram(g, plane_size, out_per_group, operand(grp, r == 1, ws), k_size, n,
+          dense::gram(g, plane_size, out_per_group, operand(grp, r == 1, ws), k_size, n,
                             grad_w_image + grp * out_per_group * k_size, k_size);
         }
         if (grad_x) {
           ws.rows.resize(out_per_group);
           for (int64_t o = 0; o < out_per_group; ++o) ws.rows[o] = g + o * plane_size;
-          tap_kernels::gemm(weight_t + grp * k_size * out_per_group, out_per_group, k_size, out_per_group,
+          dense::gemm(weight_t + grp * k_size * out_per_group, out_per_group, k_size, out_per_group,
                             ws.rows.data(), n, ws.grad_cols.data() + r * k_size * plane_size + begin, plane_size,
                             false);
         }
@@ -172,7 +172,7 @@ struct PrefilterPath : GappedPlanes {
     for (int64_t t = 0; t < taps; ++t) src.push_back(push_rows + t * plane_size + begin - shift[t]), w.push_back(T(1));
     for (const auto& term : vertical)
       src.push_back(ws.lines.data() + term.out * plane_size + begin - term.offset), w.push_back(term.weight);
-    tap_kernels::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(),
+    dense::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(),
                               ws.line.data() + begin);
     from_gapped(ws.line.data(), geo.height, geo.width, grad_x_plane);
   }

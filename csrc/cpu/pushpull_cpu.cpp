@@ -2,7 +2,7 @@
 //
 // Every pull goes through the shared ATen algebra (csrc/common/aten_algebra.h) or, for upsample, one
 // of the per-image routes (image_routes.h): at stride 1 on a "gapped" layout (gapped_planes.h) with the
-// dense loops of tap_kernels.h, by one of two routes chosen by cost: the tap path (tap_path.h: Y = W @ x
+// dense loops of dense_kernels.h, by one of two routes chosen by cost: the tap path (tap_path.h: Y = W @ x
 // per kernel tap, then shifts and separable filters per OUTPUT channel) or the input-side prefilter
 // (prefilter_path.h: per INPUT channel). Strided upsample runs ImagePath (image_path.h: per image,
 // panel-packed operands) or, from 32 output channels per group, ATen's products on the batch

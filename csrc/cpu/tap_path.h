@@ -19,7 +19,7 @@
 
 #include "gapped_planes.h"
 #include "scratch.h"
-#include "tap_kernels.h"
+#include "dense_kernels.h"
 
 namespace pushpull {
 namespace cpu {
@@ -51,7 +51,7 @@ struct TapPath : GappedPlanes {
 
   TapPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* wstack_,
           const T* w_t)
-      : GappedPlanes(g, c, rows.size(0), cols.size(0), tap_kernels::kGrain<T>), wstack(wstack_), weight_t(w_t) {
+      : GappedPlanes(g, c, rows.size(0), cols.size(0), dense::kGrain<T>), wstack(wstack_), weight_t(w_t) {
     const int64_t kh = g.kernel_h, kw = g.kernel_w;
     const auto [r, k] = interpolation_doubles(rows, cols);
     const double *rp = r.const_data_ptr<double>(), *kp = k.const_data_ptr<double>();
@@ -77,7 +77,7 @@ struct TapPath : GappedPlanes {
 
   // The flat range of the input rows and their gaps, the matrix products' pixel axis (a multiple of kGrain).
   int64_t product_begin() const { return margin * ws_stride; }
-  int64_t product_length() const { return tap_kernels::round_up(geo.height * ws_stride + gap, tap_kernels::kGrain<T>); }
+  int64_t product_length() const { return dense::round_up(geo.height * ws_stride + gap, dense::kGrain<T>); }
 
   TapWorkspace<T> workspace(bool backward) const {
     TapWorkspace<T> ws;
@@ -109,7 +109,7 @@ struct TapPath : GappedPlanes {
     const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
     for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
       const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, product_begin(), ws);
-      tap_kernels::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b,
+      dense::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b,
                         product_length(), ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
       for (int64_t ol = 0; ol < count; ++ol) {
         const T* y = ws.y.data() + ol * taps * plane_size;
@@ -152,7 +152,7 @@ struct TapPath : GappedPlanes {
       if (grad_w_image) {
         std::fill(ws.dw.begin(), ws.dw.end(), T(0));
         const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, first, ws);
-        tap_kernels::gram(ws.y.data() + first, plane_size, m_rows, b, in_per_group, n, ws.dw.data(), in_per_group);
+        dense::gram(ws.y.data() + first, plane_size, m_rows, b, in_per_group, n, ws.dw.data(), in_per_group);
         for (int64_t ol = 0; ol < count; ++ol)
           for (int64_t c = 0; c < in_per_group; ++c)
             for (int64_t t = 0; t < taps; ++t)
@@ -161,7 +161,7 @@ struct TapPath : GappedPlanes {
       if (grad_x) {
         const int64_t lda = out_per_group * taps;
         const auto b = row_pointers(ws.y.data(), m_rows, first, ws);
-        tap_kernels::gemm(weight_t + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group,
+        dense::gemm(weight_t + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group,
                           m_rows, b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size,
                           /*accumulate=*/true);
       }

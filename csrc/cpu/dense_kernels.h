@@ -1,0 +1,346 @@
+// Dense loops of the CPU routes: a matrix product and a Gram product, on row pointers (the stride-1 routes,
+// tap_path.h and prefilter_path.h, over shifted lines) or on packed panels (image_path.h, panel_gemm.h),
+// and a weighted sum of shifted lines. Each is written once, with GCC vector extensions, and compiled
+// three times: for AVX-512, for AVX2/FMA and for the build's baseline; the CPU picks one at run time
+// (ATen's own kernels dispatch on the CPU's capability in the same spirit). The environment variable
+// PUSHPULL_CPU_ISA=avx2|baseline caps the choice, so that every version can be tested on one machine.
+//
+// Lengths along the pixel axis given to the products are multiples of kGrain<T> (64 bytes of T), the
+// widest vector; the buffers of the routes are laid out so (zero-filled past the data).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always-inline helpers never cross an ABI boundary
+
+namespace pushpull {
+namespace dense {
+
+template <typename T>
+constexpr int64_t kGrain = 64 / sizeof(T);
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The width of a panel of a packed operand (panel_gemm.h): 3 AVX-512 vectors of floats (a register tile's
+// width), 6 AVX2 ones; a multiple of kGrain for float and double.
+constexpr int64_t kPanelWidth = 48;
+static_assert(kPanelWidth % kGrain<float> == 0 && kPanelWidth % kGrain<double> == 0);
+
+#define PUSHPULL_INLINE inline __attribute__((always_inline))
+
+template <typename T, int Bytes>
+struct VecOf {
+  typedef T type __attribute__((vector_size(Bytes)));
+};
+
+template <typename V, typename T>
+PUSHPULL_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
+template <typename V, typename T>
+PUSHPULL_INLINE void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// ---- the rows of an operand: row pointers (the tap path's shifted lines) or rows at a fixed stride (a
+// packed panel, panel_gemm.h). row(k) is where row k starts; from(k) the same rows from row k on.
+
+template <typename T>
+struct RowPointers {
+  const T* const* rows;
+  int64_t offset;
+  PUSHPULL_INLINE const T* row(int64_t k) const { return rows[k] + offset; }
+  PUSHPULL_INLINE RowPointers from(int64_t k) const { return {rows + k, offset}; }
+};
+
+template <typename T>
+struct StridedRows {
+  const T* first;
+  int64_t stride;
+  PUSHPULL_INLINE const T* row(int64_t k) const { return first + k * stride; }
+  PUSHPULL_INLINE StridedRows from(int64_t k) const { return {first + k * stride, stride}; }
+};
+
+// ---- the bodies, for vectors of `Bytes` bytes
+
+// MR rows of C times NV vectors of columns, over all k: the accumulators stay in registers.
+template <typename T, int Bytes, int MR, int NV, typename Rows>
+PUSHPULL_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p, T* c, int64_t ldc,
+                               bool accumulate) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int L = Bytes / sizeof(T);
+  V acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load<V>(c + r * ldc + v * L) : V{};
+  for (int64_t k = 0; k < k_size; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load<V>(b.row(k) + p + v * L);
+    for (int r = 0; r < MR; ++r) {
+      const T s = a[r * lda + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * L, acc[r][v]);
+}
+
+template <typename T, int Bytes, int MR, int NV, typename Rows>
+PUSHPULL_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t p,
+                                  T* c, int64_t ldc, bool accumulate) {
+  // Tiles of MR rows, then of MR / 2, ... down to single rows.
+  int64_t r = 0;
+  for (; r + MR <= m_rows; r += MR)
+    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, c + r * ldc + p, ldc, accumulate);
+  if constexpr (MR > 1) {
+    gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, p, c + r * ldc, ldc, accumulate);
+  }
+}
+
+template <typename T, int Bytes, int MR, int NV, typename Rows>
+PUSHPULL_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t n, T* c,
+                               int64_t ldc, bool accumulate) {
+  constexpr int L = Bytes / sizeof(T);
+  // Column blocks outer: a block of B (k_size x NV * L) stays in L1 while every row tile reads it.
+  int64_t p = 0;
+  for (; p + NV * L <= n; p += NV * L) gemm_columns<T, Bytes, MR, NV>(a, lda, m_rows, k_size, b, p, c, ldc, accumulate);
+  for (; p < n; p += L) gemm_columns<T, Bytes, MR, 1>(a, lda, m_rows, k_size, b, p, c, ldc, accumulate);
+}
+
+// The same product on packed operands: panel p of B (k_size rows of kPanelWidth) gives columns
+// [p * kPanelWidth, (p + 1) * kPanelWidth) of C.
+template <typename T, int Bytes, int MR, int NV>
+PUSHPULL_INLINE void panel_gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* b,
+                                     int64_t panels, T* c, int64_t ldc) {
+  for (int64_t p = 0; p < panels; ++p) {
+    const StridedRows<T> panel{b + p * k_size * kPanelWidth, kPanelWidth};
+    gemm_body<T, Bytes, MR, NV>(a, lda, m_rows, k_size, panel, kPanelWidth, c + p * kPanelWidth, ldc, false);
+  }
+}
+
+// The pixels of a Gram product are runs of RunLen contiguous values (a compile-time length, so that the
+// loop over a run unrolls); run s of a row starts s * step values after the row's start (the tap path: one
+// line cut into runs, step = RunLen; packed operands: one run per panel, step = a panel's size).
+struct Runs {
+  int64_t count, a_step, b_step;
+};
+
+// C[r, q] += sum_pix A[r, pix] * B[q, pix] for an MR x QR block over runs [first, end): vector partial
+// sums, added across lanes at the end.
+template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
+PUSHPULL_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs& runs, int64_t first, int64_t end, T* c,
+                               int64_t ldc) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int L = Bytes / sizeof(T);
+  V acc[MR][QR] = {};
+  for (int64_t s = first; s < end; ++s) {
+    const int64_t a_run = s * runs.a_step, b_run = s * runs.b_step;
+    for (int64_t p = 0; p < RunLen; p += L) {
+      V bv[QR];
+      for (int q = 0; q < QR; ++q) bv[q] = load<V>(b.row(q) + b_run + p);
+      for (int r = 0; r < MR; ++r) {
+        const V av = load<V>(a.row(r) + a_run + p);
+        for (int q = 0; q < QR; ++q) acc[r][q] += av * bv[q];
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < QR; ++q) {
+      T sum = 0;
+      for (int l = 0; l < L; ++l) sum += acc[r][q][l];
+      c[r * ldc + q] += sum;
+    }
+}
+
+template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
+PUSHPULL_INLINE void gram_rows(const ARows& a, const BRows& b, int64_t q_rows, const Runs& runs, int64_t first,
+                               int64_t end, T* c, int64_t ldc) {
+  int64_t q = 0;
+  for (; q + QR <= q_rows; q += QR) gram_tile<T, Bytes, MR, QR, RunLen>(a, b.from(q), runs, first, end, c + q, ldc);
+  for (; q < q_rows; ++q) gram_tile<T, Bytes, MR, 1, RunLen>(a, b.from(q), runs, first, end, c + q, ldc);
+}
+
+template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
+PUSHPULL_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs, T* c,
+                               int64_t ldc) {
+  // Chunks of about 1024 pixels, so that the chunk of every row stays in L2 while all the tiles read it.
+  constexpr int64_t chunk = RunLen < 1024 ? 1024 / RunLen : 1;
+  for (int64_t s = 0; s < runs.count; s += chunk) {
+    const int64_t end = std::min(s + chunk, runs.count);
+    int64_t r = 0;
+    for (; r + MR <= m_rows; r += MR)
+      gram_rows<T, Bytes, MR, QR, RunLen>(a.from(r), b, q_rows, runs, s, end, c + r * ldc, ldc);
+    for (; r < m_rows; ++r) gram_rows<T, Bytes, 1, QR, RunLen>(a.from(r), b, q_rows, runs, s, end, c + r * ldc, ldc);
+  }
+}
+
+// out[p] = sum_t w[t] * src[t][p] for p < n (any n). Eight vectors at a time: eight independent chains
+// of multiply-adds hide the FMA latency (two chains left the loop waiting on it).
+template <typename T, int Bytes, int NV>
+PUSHPULL_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p, int64_t n,
+                                             T* out) {
+  using V = typename VecOf<T, Bytes>::type;
+  constexpr int L = Bytes / sizeof(T);
+  for (; p + NV * L <= n; p += NV * L) {
+    V acc[NV] = {};
+    for (int64_t t = 0; t < terms; ++t) {
+      const T* s = src[t] + p;
+      for (int v = 0; v < NV; ++v) acc[v] += w[t] * load<V>(s + v * L);
+    }
+    for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
+  }
+  return p;
+}
+
+template <typename T, int Bytes>
+PUSHPULL_INLINE void weighted_sum_body(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {
+  int64_t p = weighted_sum_vectors<T, Bytes, 8>(src, w, terms, 0, n, out);
+  p = weighted_sum_vectors<T, Bytes, 1>(src, w, terms, p, n, out);
+  for (; p < n; ++p) {
+    T acc = 0;
+    for (int64_t t = 0; t < terms; ++t) acc += w[t] * src[t][p];
+    out[p] = acc;
+  }
+}
+
+// ---- the three compiled versions
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PUSHPULL_DENSE_X86 1
+#define PUSHPULL_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define PUSHPULL_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+// The register tiles (mr x nv vectors for the products, gm x gq for the Gram products): 24 accumulators in
+// the 32 AVX-512 registers, 12 in the 16 AVX2 ones, 8 or 12 in SSE's.
+#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                              \
+  template <typename T>                                                                                        \
+  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,     \
+                        int64_t ldc, bool accumulate) {                                                        \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b, 0}, n, c, ldc, accumulate);                    \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c, \
+                              int64_t ldc) {                                                                   \
+    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                        \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,     \
+                        int64_t ldc) {                                                                         \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                      \
+    const StridedRows<T> a_rows{a, lda};                                                                       \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b, 0}, q, runs, c, ldc);                  \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) { \
+    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                 \
+    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                       \
+    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                              \
+  }                                                                                                            \
+  template <typename T>                                                                                        \
+  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {           \
+    weighted_sum_body<T, bytes>(src, w, terms, n, out);                                                        \
+  }
+
+PUSHPULL_DENSE_VERSION(, baseline, 16, 4, 2, 4, 3)
+#ifdef PUSHPULL_DENSE_X86
+PUSHPULL_DENSE_VERSION(PUSHPULL_TARGET_AVX2, avx2, 32, 4, 3, 4, 3)
+PUSHPULL_DENSE_VERSION(PUSHPULL_TARGET_AVX512, avx512, 64, 8, 3, 8, 3)
+#endif
+#undef PUSHPULL_DENSE_VERSION
+
+inline Isa detect_isa() {
+  Isa best = Isa::kBaseline;
+#ifdef PUSHPULL_DENSE_X86
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+  if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+    best = Isa::kAvx512;
+#endif
+  const char* cap = std::getenv("PUSHPULL_CPU_ISA");
+  if (cap && std::string(cap) == "baseline") return Isa::kBaseline;
+  if (cap && std::string(cap) == "avx2") return std::min(best, Isa::kAvx2);
+  return best;
+}
+
+inline Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+inline const char* isa_name() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+#ifdef PUSHPULL_DENSE_X86
+#define PUSHPULL_DENSE_DISPATCH(fn, ...)      \
+  switch (isa()) {                          \
+    case Isa::kAvx512:                      \
+      return fn##_avx512<T>(__VA_ARGS__);   \
+    case Isa::kAvx2:                        \
+      return fn##_avx2<T>(__VA_ARGS__);     \
+    default:                                \
+      return fn##_baseline<T>(__VA_ARGS__); \
+  }
+#else
+#define PUSHPULL_DENSE_DISPATCH(fn, ...) return fn##_baseline<T>(__VA_ARGS__);
+#endif
+
+// C[m, p] (+)= sum_k A[m, k] * b[k][p] for m < m_rows, p < n (n a multiple of kGrain<T>): A row-major (lda),
+// row k of B at b[k], C row-major (ldc). `accumulate`: add to C rather than overwrite it.
+template <typename T>
+void gemm(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b, int64_t n, T* c, int64_t ldc,
+          bool accumulate) {
+  PUSHPULL_DENSE_DISPATCH(gemm, a, lda, m_rows, k_size, b, n, c, ldc, accumulate)
+}
+
+// C[m, q] += sum_p A[m, p] * b[q][p] for m < m_rows, q < q_rows, p < n (n a multiple of kGrain<T>).
+template <typename T>
+void gram(const T* a, int64_t lda, int64_t m_rows, const T* const* b, int64_t q_rows, int64_t n, T* c, int64_t ldc) {
+  PUSHPULL_DENSE_DISPATCH(gram, a, lda, m_rows, b, q_rows, n, c, ldc)
+}
+
+// The same two products on packed operands (panel_gemm.h): `panels` panels of kPanelWidth values per row,
+// panel p of an operand with `rows` rows at p * rows * kPanelWidth.
+// C[m, pix] = sum_k A[m, k] * B[k, pix]: A row-major (lda), B packed with k_size rows, C row-major (ldc,
+// panels * width columns written).
+template <typename T>
+void panel_gemm(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* b, int64_t panels, T* c,
+                int64_t ldc) {
+  PUSHPULL_DENSE_DISPATCH(panel_gemm, a, lda, m_rows, k_size, b, panels, c, ldc)
+}
+
+// C[m, q] += sum_pix A[m, pix] * B[q, pix]: A packed with m_rows rows, B with q_rows rows, C row-major (ldc).
+template <typename T>
+void panel_gram(const T* a, int64_t m_rows, const T* b, int64_t q_rows, int64_t panels, T* c, int64_t ldc) {
+  PUSHPULL_DENSE_DISPATCH(panel_gram, a, m_rows, b, q_rows, panels, c, ldc)
+}
+
+// out[p] = sum_t w[t] * src[t][p] for p < n.
+template <typename T>
+void weighted_sum(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {
+  PUSHPULL_DENSE_DISPATCH(weighted_sum, src, w, terms, n, out)
+}
+
+#undef PUSHPULL_DENSE_DISPATCH
+#undef PUSHPULL_INLINE
+
+}  // namespace dense
+}  // namespace pushpull
+
+#pragma GCC diagnostic pop
