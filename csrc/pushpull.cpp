@@ -1,6 +1,7 @@
 // The pushpull op schemas (written once) and the argument checks shared by every backend.
 #include "pushpull.h"
 
+#include <ATen/OpMathType.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -89,12 +90,16 @@ void check_backward_args(const Geometry& geo, const at::Tensor& grad_output, con
   const int64_t channels = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({geo.batch, channels, geo.out_height, geo.out_width}),
               "grad_output has shape ", grad_output.sizes(), ", expected the output's shape");
-  const auto shape = mask_shape(geo);
-  TORCH_CHECK(masks.scalar_type() == at::kByte && masks.sizes() == at::IntArrayRef(shape),
+  const auto masks_only = mask_shape(geo), with_pull = saved_shape(geo, true, grad_output.scalar_type());
+  TORCH_CHECK(masks.scalar_type() == at::kByte && masks.dim() == 1 &&
+                  (masks.size(0) == masks_only[0] || masks.size(0) == with_pull[0]),
               "masks must be the uint8 tensor saved by pushpull::forward(save_masks=True)");
 }
 
 Geometry check_args(const ForwardArgs& a) {
+  TORCH_CHECK(!a.save_pull || (a.save_masks && !a.dual_output),
+              "save_pull needs save_masks=True and dual_output=False (the pull response is saved for alpha's "
+              "gradient, which the dual output does not have)");
   return check_forward_args(a.input, a.weight, a.pull_shift, a.pull_rows, a.pull_cols, a.bias_in, a.bias_out, a.alpha,
                             a.stride, a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel, a.dual_output);
 }
@@ -119,6 +124,14 @@ std::array<int64_t, 1> mask_shape(const Geometry& geo) {
   return {2 * geo.batch * ((geo.out_channels + 7) / 8) * geo.out_height * geo.out_width};
 }
 
+int64_t saved_pull_offset(const Geometry& geo) { return (mask_shape(geo)[0] + 63) / 64 * 64; }
+
+std::array<int64_t, 1> saved_shape(const Geometry& geo, bool save_pull, at::ScalarType dtype) {
+  if (!save_pull) return mask_shape(geo);
+  const int64_t values = geo.batch * geo.out_channels * geo.out_height * geo.out_width;
+  return {saved_pull_offset(geo) + values * static_cast<int64_t>(at::elementSize(at::toOpMathType(dtype)))};
+}
+
 }  // namespace pushpull
 
 // The emulation of the CUDA kernels (tests/cuda_emulation) compiles this file for the checks only.
@@ -127,7 +140,8 @@ TORCH_LIBRARY(pushpull, m) {
   m.def(
       "forward(Tensor input, Tensor weight, Tensor? pull_shift, Tensor? pull_rows, Tensor? pull_cols, "
       "Tensor? bias_in, Tensor? bias_out, Tensor alpha, int[2] stride, int[2] padding, int[2] pull_padding, "
-      "int[2] dilation, int groups, int avg_kernel, bool dual_output, bool save_masks) -> (Tensor, Tensor)");
+      "int[2] dilation, int groups, int avg_kernel, bool dual_output, bool save_masks, bool save_pull=False) "
+      "-> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad_output, Tensor input, Tensor weight, Tensor? pull_shift, Tensor? pull_rows, "
       "Tensor? pull_cols, Tensor? bias_in, Tensor alpha, Tensor masks, int[2] stride, int[2] padding, "

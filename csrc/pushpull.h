@@ -29,7 +29,7 @@ struct ForwardArgs {
   const at::Tensor& alpha;
   at::IntArrayRef stride, padding, pull_padding, dilation;
   int64_t groups, avg_kernel;
-  bool dual_output, save_masks;
+  bool dual_output, save_masks, save_pull;
 };
 struct BackwardArgs {
   const at::Tensor &grad_output, &input, &weight;
@@ -50,9 +50,9 @@ ForwardResult forward_op(const at::Tensor& input, const at::Tensor& weight, cons
                          const OptTensor& pull_rows, const OptTensor& pull_cols, const OptTensor& bias_in,
                          const OptTensor& bias_out, const at::Tensor& alpha, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef pull_padding, at::IntArrayRef dilation,
-                         int64_t groups, int64_t avg_kernel, bool dual_output, bool save_masks) {
+                         int64_t groups, int64_t avg_kernel, bool dual_output, bool save_masks, bool save_pull) {
   return impl({input, weight, pull_shift, pull_rows, pull_cols, bias_in, bias_out, alpha, stride, padding, pull_padding,
-               dilation, groups, avg_kernel, dual_output, save_masks});
+               dilation, groups, avg_kernel, dual_output, save_masks, save_pull});
 }
 template <BackwardResult (*impl)(const BackwardArgs&)>
 BackwardResult backward_op(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
@@ -89,5 +89,11 @@ int64_t conv_dropped(int64_t size, int64_t kernel, int64_t stride, int64_t pad, 
 // order, bit (o % 8) of byte o / 8. Flat, because only the backward reads it: a saved activation of
 // rank 1 has one layout, whatever a compiler (torch.compile) decides about the forward's outputs.
 std::array<int64_t, 1> mask_shape(const Geometry& geo);
+
+// With save_pull (CPU only), the same buffer goes on after the masks, from byte saved_pull_offset (64-byte
+// aligned), with ReLU(Q') [N, C_out, Ho, Wo] in the input's accumulation type (float, or double for
+// float64), which a trainable alpha's gradient reads instead of recomputing the pull response.
+int64_t saved_pull_offset(const Geometry& geo);
+std::array<int64_t, 1> saved_shape(const Geometry& geo, bool save_pull, at::ScalarType dtype);
 
 }  // namespace pushpull

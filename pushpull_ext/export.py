@@ -36,7 +36,7 @@ from .reference import op_formula
 def _forward_decomposition(*args):
     """The fused forward op in plain ops: (output, empty uint8 masks); see the module docstring."""
     forward = ops.ForwardArgs(*args)
-    out = op_formula(*forward[:-1])  # all but save_masks
+    out = op_formula(*forward.formula_args())
     return out, forward.input.new_empty((0,), dtype=torch.uint8)
 
 

@@ -170,14 +170,17 @@ def _fused(backend: str, op: OpInputs, bias, bias_out, alpha, args: PushPullArgs
     op_args = _forward_args(op, bias, bias_out, alpha, args, save_masks=False)
     grad_inputs = [getattr(op_args, name) for name in ops.GRADIENTS]
     if _under_transform(*grad_inputs):
-        return op_formula(*op_args[:-1])
+        return op_formula(*op_args.formula_args())
     # A trace (torch.jit.trace) keeps whatever this call decides: save the masks, so that a module
     # traced under no_grad can still be trained.
     save_masks = torch.jit.is_tracing() or (
         torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grad_inputs)
     )
     forward_op = torch.ops.pushpull.triton_forward if backend == "triton" else torch.ops.pushpull.forward
-    out, _masks = forward_op(*op_args._replace(save_masks=save_masks))
+    # The CPU op saves ReLU(Q') for a trainable alpha (one output-sized field, as nn.ReLU saves its
+    # output), so that its backward does not compute the pull response again.
+    save_pull = save_masks and backend == "cpu" and alpha.requires_grad and not args.dual_output
+    out, _masks = forward_op(*op_args._replace(save_masks=save_masks, save_pull=save_pull))
     if ops.is_channels_last(layout_of):
         out = out.contiguous(memory_format=torch.channels_last)
     return out

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._ext import CPP_ERROR, TRITON_ERROR, TRITON_INTERPRET
-from .options import conv_output_size, mask_bytes, mask_planes_shape
+from .options import conv_output_size, mask_bytes, mask_planes_shape, saved_bytes
 from .reference import op_formula
 
 
@@ -45,13 +45,18 @@ class ForwardArgs(NamedTuple):
     avg_kernel: int
     dual_output: bool
     save_masks: bool
+    save_pull: bool = False
+
+    def formula_args(self) -> tuple:
+        """The arguments of reference.op_formula: all but the flags of what to save."""
+        return tuple(self[: self._fields.index("save_masks")])
 
 
 # The forward arguments that can receive a gradient, in the order the backward op returns them (and
 # takes its output_mask).
 GRADIENTS = ("input", "weight", "pull_shift", "bias_in", "bias_out", "alpha")
-# The geometry the backward op takes after the tensors: the forward's, without save_masks.
-GEOMETRY = ForwardArgs._fields[ForwardArgs._fields.index("stride") : -1]
+# The geometry the backward op takes after the tensors: the forward's, without save_masks and save_pull.
+GEOMETRY = ForwardArgs._fields[ForwardArgs._fields.index("stride") : ForwardArgs._fields.index("save_masks")]
 # The forward's tensors the backward op takes (after grad_output, before the masks) and saves for it.
 SAVED = ("input", "weight", "pull_shift", "pull_rows", "pull_cols", "bias_in", "alpha")
 
@@ -100,7 +105,9 @@ def forward_fake(*args):
     masks: uint8, flat: the planes [2, N, ceil(C_out/8), Ho, Wo] in that order (mask_planes); bit o % 8
     of byte o // 8 is ReLU'(P) (plane 0) and ReLU'(Q') (plane 1) of channel o; empty when save_masks is
     False. Flat because only the backward reads it: a saved activation of rank 1 has one layout, so no
-    compiler's (torch.compile's) choice of strides for the forward's outputs can disagree with it.
+    compiler's (torch.compile's) choice of strides for the forward's outputs can disagree with it. With
+    save_pull (the CPU op only; options.saved_bytes) the buffer goes on with ReLU(Q'), which a trainable
+    alpha's gradient then reads instead of recomputing the pull response.
     """
     a = ForwardArgs(*args)
     n, c_out = a.input.shape[0], a.weight.shape[0]
@@ -109,14 +116,15 @@ def forward_fake(*args):
         for i in range(2)
     )
     out = a.input.new_empty((n, 2 * c_out if a.dual_output else c_out, ho, wo))
-    masks_length = mask_bytes(n, c_out, ho, wo) if a.save_masks else 0
+    masks_length = saved_bytes(n, c_out, ho, wo, a.input.dtype, a.save_pull) if a.save_masks else 0
     return out, a.input.new_empty((masks_length,), dtype=torch.uint8)
 
 
 def mask_planes(masks: Tensor, output_shape, c_out: int) -> Tensor:
-    """The flat masks of a forward whose output has `output_shape` [N, C, Ho, Wo], as their planes."""
+    """The flat masks of a forward whose output has `output_shape` [N, C, Ho, Wo], as their planes (the
+    saved buffer's first mask_bytes)."""
     n, _, ho, wo = output_shape
-    return masks.view(mask_planes_shape(n, c_out, ho, wo))
+    return masks[: mask_bytes(n, c_out, ho, wo)].view(mask_planes_shape(n, c_out, ho, wo))
 
 
 def backward_fake(grad_output, input, weight, *rest):

@@ -60,6 +60,21 @@ def mask_bytes(n, c_out, ho, wo):
     return math.prod(mask_planes_shape(n, c_out, ho, wo))
 
 
+def saved_pull_offset(n, c_out, ho, wo) -> int:
+    """Where ReLU(Q') starts in the forward's saved buffer with save_pull (the CPU op): after the masks,
+    at the next multiple of 64 bytes."""
+    return -(-mask_bytes(n, c_out, ho, wo) // 64) * 64
+
+
+def saved_bytes(n, c_out, ho, wo, dtype: torch.dtype, save_pull: bool) -> int:
+    """The length of the forward's saved buffer: the masks, then with save_pull ReLU(Q') [N, C_out, Ho, Wo]
+    in the accumulation type (float64 for float64 inputs, else float32)."""
+    if not save_pull:
+        return mask_bytes(n, c_out, ho, wo)
+    itemsize = 8 if dtype == torch.float64 else 4
+    return saved_pull_offset(n, c_out, ho, wo) + n * c_out * ho * wo * itemsize
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 

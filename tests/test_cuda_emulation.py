@@ -58,7 +58,9 @@ def cuda_backend_on_cpu(emulation):
 
     def forward(*args):
         calls["forward"] += 1
-        return emulation.forward(*args)
+        # The last argument, save_pull, is the CPU kernel's: the emulated CUDA kernels recompute the pull
+        # response, and their buffer holds the masks alone (which the backward accepts).
+        return emulation.forward(*args[:-1])
 
     library = torch.library.Library("pushpull", "IMPL")
     library.impl("forward", forward, "CPU")

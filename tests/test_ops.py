@@ -6,8 +6,9 @@ from cases import case_params, make_case, skip_the_wide_case_under_the_interpret
 from torch import nn
 
 from pushpull_ext import PushPullConv2d
+from pushpull_ext._ext import has_cpp_kernel
 from pushpull_ext.ops import GEOMETRY, GRADIENTS, BackwardArgs, ForwardArgs
-from pushpull_ext.options import normalize, pull_operands
+from pushpull_ext.options import normalize, pull_operands, saved_bytes
 
 OPCHECK_CASES = case_params(
     "2020-default",
@@ -97,6 +98,71 @@ def test_opcheck_forward_and_backward(fused_backend_device, request, sizes, opti
         grad_out = torch.randn_like(out)
         backward_args = (grad_out, *args[:5], args[5], args[7], masks, *args[8:15], [True] * 6)
         torch.library.opcheck(backward, backward_args, test_utils=utils[:3])
+
+
+# Trainable alpha (a vector or a 0-d tensor) on every CPU route: upsample at stride 1 and strided, invert
+# with and without pooling, groups.
+SAVE_PULL_CASES = case_params(
+    "2020-scale1.5-avg3-bout",
+    "2020-groups-stride-rect",
+    "2024-stem",
+    "2024-avg5-groups-biases",
+    "2024-dilation-rect-nopad",
+)
+needs_cpu_kernel = pytest.mark.skipif(not has_cpp_kernel("cpu"), reason="the C++ CPU kernel is not built")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=str
+)
+@pytest.mark.parametrize("sizes, options", SAVE_PULL_CASES)
+def test_cpu_saved_pull_gives_the_recomputed_gradients(sizes, options, dtype, tol):
+    """save_pull: the CPU forward saves ReLU(Q') after the masks (the fake knows the buffer's length), and
+    the backward's alpha gradient read from it is the one it gets by recomputing the pull response."""
+    inputs, opts = make_case(sizes, options, dtype, "cpu", requires_grad=True)
+    args = ForwardArgs(*_op_args(inputs, opts, save_masks=True))
+    with_pull = args._replace(save_pull=True)
+    torch.library.opcheck(torch.ops.pushpull.forward, with_pull, test_utils=("test_schema", "test_faketensor"))
+    out, masks = torch.ops.pushpull.forward(*args)
+    out_saved, saved = torch.ops.pushpull.forward(*with_pull)
+    n, c_out, ho, wo = out.shape
+    assert saved.numel() == saved_bytes(n, c_out, ho, wo, dtype, True) > masks.numel()
+    assert torch.equal(out_saved, out) and torch.equal(saved[: masks.numel()], masks)
+    grad_out = torch.randn_like(out)
+
+    def grads(buffer):
+        return torch.ops.pushpull.backward(*BackwardArgs.after(args, grad_out, buffer, [True] * 6))
+
+    for name, recomputed, read in zip(GRADIENTS, grads(masks), grads(saved)):
+        scale = max(recomputed.abs().max().item(), 1.0) if recomputed.numel() else 1.0
+        torch.testing.assert_close(read, recomputed, rtol=tol, atol=tol * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_cpu_kernel
+def test_save_pull_is_refused_where_it_cannot_hold():
+    inputs, opts = make_case(*SAVE_PULL_CASES[0].values, torch.float32, "cpu", requires_grad=True)
+    args = ForwardArgs(*_op_args(inputs, opts, save_masks=True))
+    with pytest.raises(RuntimeError, match="save_pull needs save_masks=True"):
+        torch.ops.pushpull.forward(*args._replace(save_masks=False, save_pull=True))
+    with pytest.raises(RuntimeError, match="save_pull needs save_masks=True and dual_output=False"):
+        torch.ops.pushpull.forward(*args._replace(dual_output=True, bias_out=None, save_pull=True))
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("train_alpha, pull_saved", [(True, True), (False, False)], ids=["trained", "fixed"])
+def test_cpu_layer_saves_the_pull_only_for_a_trained_alpha(train_alpha, pull_saved):
+    layer = PushPullConv2d(3, 8, 3, padding=1, pull="invert", avg_kernel=3, train_alpha=train_alpha, backend="cpu")
+    buffers = []
+
+    def pack(t):
+        if t.dtype == torch.uint8:
+            buffers.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert buffers == [saved_bytes(2, 8, 8, 8, torch.float32, pull_saved)]
 
 
 class _SmallNet(nn.Module):

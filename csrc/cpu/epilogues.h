@@ -102,7 +102,8 @@ template <typename scalar_t>
 struct ForwardOutputs {
   const scalar_t *alpha, *bias_out;
   scalar_t* y;
-  uint8_t* masks;  // nullptr when they are not saved
+  uint8_t* masks;         // nullptr when they are not saved
+  scalar_t* saved_pull;  // ReLU(Q') [N, C_out, plane] for alpha's gradient (save_pull; else nullptr)
 };
 
 // Output and masks of image n, channels 8 * octet .. 8 * octet + 7, from the responses of image n_in of
@@ -139,6 +140,10 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
         y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
       }
     }
+    if (out.saved_pull) {
+      scalar_t* saved = out.saved_pull + (n * geo.out_channels + o) * plane;
+      for (int64_t p = 0; p < plane; ++p) saved[p] = static_cast<scalar_t>(relu(pull[p]));
+    }
     if (out.masks) {
       const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
       for (int64_t p = 0; p < plane; ++p) {
@@ -151,9 +156,9 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
 
 template <typename scalar_t>
 ForwardOutputs<scalar_t> forward_outputs(const OptTensor& bias_out, const at::Tensor& alpha, at::Tensor& out,
-                                         uint8_t* masks) {
+                                         uint8_t* masks, scalar_t* saved_pull) {
   return {alpha.const_data_ptr<scalar_t>(), bias_out ? bias_out->const_data_ptr<scalar_t>() : nullptr,
-          out.data_ptr<scalar_t>(), masks};
+          out.data_ptr<scalar_t>(), masks, saved_pull};
 }
 
 template <typename scalar_t>
@@ -236,7 +241,8 @@ template <typename scalar_t>
 struct BackwardInputs {
   const scalar_t *grad_out, *alpha;
   const uint8_t* masks;
-  bool recompute_pull;  // for the alpha gradient
+  const scalar_t* saved_pull;  // ReLU(Q') saved by the forward (save_pull), else nullptr
+  bool recompute_pull;         // for the alpha gradient, when the forward did not save it
 };
 
 // Gradient fields of image n, group grp (n_in: its index in `in`; see forward_epilogue_octet). One task
@@ -265,6 +271,8 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
       in.pull_response(n_in, o, q, scratch.pool);
       for (int64_t p = 0; p < plane; ++p) q[p] = q[p] < acc_t(0) ? acc_t(0) : q[p];  // ReLU, NaN kept
       f.alpha_part[no] = -lane_dot(q, g_p, plane);
+    } else if (f.alpha_part && bin.saved_pull) {
+      f.alpha_part[no] = -lane_dot(bin.saved_pull + no * plane, g_p, plane);
     }
     acc_t* gp = scratch.q.data();
     masked_gradient(mask_q, bit, g_q, pull_scale, plane, gq);
@@ -322,10 +330,21 @@ struct BackwardRequest {
   Needs need;
 };
 
+// Whether the forward's saved buffer holds ReLU(Q') after the masks (save_pull).
+inline bool pull_saved(const Geometry& geo, const at::Tensor& masks) { return masks.numel() != mask_shape(geo)[0]; }
+
+// ReLU(Q') in the forward's saved buffer, or nullptr when it holds the masks alone.
+template <typename scalar_t>
+const scalar_t* saved_pull(const BackwardRequest& req) {
+  if (!pull_saved(req.geo, req.masks)) return nullptr;
+  return reinterpret_cast<const scalar_t*>(req.masks.const_data_ptr<uint8_t>() + saved_pull_offset(req.geo));
+}
+
 template <typename scalar_t>
 BackwardInputs<scalar_t> backward_inputs(const BackwardRequest& req) {
+  const scalar_t* saved = saved_pull<scalar_t>(req);
   return {req.grad_out.const_data_ptr<scalar_t>(), req.alpha.const_data_ptr<scalar_t>(),
-          req.masks.const_data_ptr<uint8_t>(), req.need.alpha};
+          req.masks.const_data_ptr<uint8_t>(), saved, req.need.alpha && !saved};
 }
 
 }  // namespace cpu

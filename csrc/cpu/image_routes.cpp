@@ -146,7 +146,7 @@ void backward_images(const Route& route, const BackwardRequest& req, BackwardFie
   using T = typename Route::T;
   const Geometry& geo = req.geo;
   const auto bin = backward_inputs<T>(req);
-  const bool operands = req.need.w || req.need.alpha || req.need.shift;
+  const bool operands = req.need.w || bin.recompute_pull || req.need.shift;
   const T* x = operands ? req.x.const_data_ptr<T>() : nullptr;
   const T* bias_in = req.bias_in ? req.bias_in->const_data_ptr<T>() : nullptr;
   const auto outputs = backward_outputs<T>(geo, f);

@@ -9,7 +9,8 @@
 // (prefilter.h); invert and negate use ATen's convolutions.
 // The fused per-plane passes (epilogues.h) then do the pooling, ReLUs, alpha, biases and pack the ReLU
 // masks 8 channels per byte. Backward reads only the masks, forms the masked gradient fields in one
-// pass and runs the transposed maps; a trainable alpha recomputes the pull response.
+// pass and runs the transposed maps; a trainable alpha reads ReLU(Q') saved by the forward (save_pull) or
+// recomputes the pull response.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -68,7 +69,8 @@ ForwardResult forward_cpu(const ForwardArgs& a) {
     auto [out, masks] =
         forward_cpu({to_float(a.input), to_float(a.weight), to_float(a.pull_shift), to_float(a.pull_rows),
                      to_float(a.pull_cols), to_float(a.bias_in), to_float(a.bias_out), to_float(a.alpha), a.stride,
-                     a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel, a.dual_output, a.save_masks});
+                     a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel, a.dual_output, a.save_masks,
+                     a.save_pull});
     return {out.to(a.input.scalar_type()), masks};
   }
   const Geometry geo = check_args(a);
@@ -79,15 +81,16 @@ ForwardResult forward_cpu(const ForwardArgs& a) {
   const auto alpha_c = a.alpha.contiguous();
   const int64_t out_c = a.dual_output ? 2 * geo.out_channels : geo.out_channels;
   auto out = at::empty({geo.batch, out_c, geo.out_height, geo.out_width}, x.options());
-  auto masks = a.save_masks ? at::empty(mask_shape(geo), x.options().dtype(at::kByte))
+  auto masks = a.save_masks ? at::empty(saved_shape(geo, a.save_pull, x.scalar_type()), x.options().dtype(at::kByte))
                             : at::empty({0}, x.options().dtype(at::kByte));
   // NaN and Inf propagate as in the formula: such an input takes the exact pull (see compute_responses).
   const bool exact = geo.pull != PullKind::kNegate && !all_finite(x);
   const OptTensor &rows = a.pull_rows, &cols = a.pull_cols;
   const ImageRoute route = exact ? ImageRoute::kBatched : image_route(geo, conv, rows, cols, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
-    const auto outputs =
-        forward_outputs<scalar_t>(b_out, alpha_c, out, a.save_masks ? masks.data_ptr<uint8_t>() : nullptr);
+    uint8_t* saved = a.save_masks ? masks.data_ptr<uint8_t>() : nullptr;
+    scalar_t* pull = a.save_pull ? reinterpret_cast<scalar_t*>(saved + saved_pull_offset(geo)) : nullptr;
+    const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, saved, pull);
     const scalar_t* bias_ptr = b_in ? b_in->const_data_ptr<scalar_t>() : nullptr;
     if (route != ImageRoute::kBatched) {
       forward_by_image(route, geo, conv, x, w, {shift, rows, cols}, bias_ptr, outputs);
@@ -103,7 +106,9 @@ ForwardResult forward_cpu(const ForwardArgs& a) {
 std::pair<at::Tensor, at::Tensor> backward_batched(const BackwardRequest& req, BackwardFields& f) {
   const Geometry& geo = req.geo;
   const CpuBackend backend;
-  const Responses r = backward_responses(backend, req.x, req.w, req.pull_rows, req.pull_cols, geo, req.conv, req.need);
+  Needs recompute = req.need;  // the responses again only for an alpha gradient without a saved ReLU(Q')
+  recompute.alpha = req.need.alpha && !pull_saved(geo, req.masks);
+  const Responses r = backward_responses(backend, req.x, req.w, req.pull_rows, req.pull_cols, geo, req.conv, recompute);
   f.grads = gradient_fields(geo, req.need, req.x.options());
   AT_DISPATCH_FLOATING_TYPES(req.x.scalar_type(), "pushpull_backward_cpu", [&] {
     backward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, req.shift, req.bias_in), backward_inputs<scalar_t>(req),
@@ -116,7 +121,8 @@ BackwardResult backward_cpu(const BackwardArgs& a) {
   if (runs_in_float(a.input)) {
     // The input may be a shape-only placeholder (an expanded scalar) when its values are not needed:
     // keep it one rather than allocating it in full.
-    const bool read_input = a.output_mask[1] || a.output_mask[2] || a.output_mask[5];
+    const bool read_input =
+        a.output_mask[1] || a.output_mask[2] || (a.output_mask[5] && !pull_saved(check_args(a), a.masks));
     const auto input_f =
         read_input ? to_float(a.input) : at::zeros({}, a.input.options().dtype(at::kFloat)).expand(a.input.sizes());
     auto grads = backward_cpu({to_float(a.grad_output), input_f, to_float(a.weight), to_float(a.pull_shift),
@@ -131,7 +137,7 @@ BackwardResult backward_cpu(const BackwardArgs& a) {
   const Needs need = needs(geo, a.output_mask);
   const ConvArgs conv{a.stride, a.padding, a.pull_padding, a.dilation, a.groups};
   // The autograd wrapper passes a shape-only placeholder for an input whose values are not needed.
-  const auto x = (need.w || need.shift || need.alpha) ? a.input.contiguous() : a.input;
+  const auto x = (need.w || need.shift || (need.alpha && !pull_saved(geo, a.masks))) ? a.input.contiguous() : a.input;
   const auto w = a.weight.contiguous();
   const auto g = a.grad_output.contiguous();
   const auto masks_c = a.masks.contiguous();

@@ -11,6 +11,7 @@ namespace {
 
 ForwardResult forward_cuda(const ForwardArgs& a) {
   const Geometry geo = check_args(a);
+  TORCH_CHECK(!a.save_pull, "save_pull is a CPU option: the CUDA backward recomputes the pull response");
   const c10::cuda::CUDAGuard guard(a.input.device());
   return cuda::forward(geo, a.input, a.weight, a.pull_shift, a.pull_rows, a.pull_cols, a.bias_in, a.bias_out, a.alpha,
                        a.stride, a.padding, a.pull_padding, a.dilation, a.save_masks,
