@@ -113,9 +113,7 @@ needs_cpu_kernel = pytest.mark.skipif(not has_cpp_kernel("cpu"), reason="the C++
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize(
-    "dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=str
-)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=str)
 @pytest.mark.parametrize("sizes, options", SAVE_PULL_CASES)
 def test_cpu_saved_pull_gives_the_recomputed_gradients(sizes, options, dtype, tol):
     """save_pull: the CPU forward saves ReLU(Q') after the masks (the fake knows the buffer's length), and
