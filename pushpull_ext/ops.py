@@ -263,10 +263,16 @@ def _empty_batch_backward(grad_output, input, weight, *rest):
 
 def _taking(arguments: type, returns):
     """Gives the decorated fn(*args, **kwargs) the signature of a function of `arguments`' fields (a
-    NamedTuple), with their annotations: the signature torch.library infers the op's schema from."""
+    NamedTuple), with their annotations and defaults: the signature torch.library infers the op's schema from."""
     hints = typing.get_type_hints(arguments)
+    defaults = arguments._field_defaults
     parameters = [
-        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[name])
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=hints[name],
+            default=defaults.get(name, inspect.Parameter.empty),
+        )
         for name in arguments._fields
     ]
 
