@@ -155,8 +155,9 @@ def _make_autograd(backward_op):
         args = ForwardArgs(*inputs)
         ctx.options = tuple(getattr(args, name) for name in GEOMETRY)
         need = _needed(ctx)
-        # The input is read only by the weight / pull_shift gradients and to recompute the pull
-        # response for alpha; the weight only by the input gradient and that recomputation.
+        # The input is read only by the weight / pull_shift gradients and for alpha (to recompute the
+        # pull response where the forward did not save ReLU(Q'), and by the double backward's formula);
+        # the weight only by the input gradient and for alpha.
         keep_input = need["weight"] or need["pull_shift"] or need["alpha"]
         keep_weight = need["input"] or need["alpha"]
         ctx.placeholders = (

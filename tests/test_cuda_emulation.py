@@ -22,7 +22,7 @@ import pushpull_ext.functional  # noqa: F401  (registers the autograd of the ops
 from pushpull_ext import push_pull_conv2d
 from pushpull_ext._ext import CPP_ERROR
 from pushpull_ext.functional import forward_args
-from pushpull_ext.ops import BackwardArgs, mask_planes
+from pushpull_ext.ops import BackwardArgs, ForwardArgs, mask_planes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,11 +56,12 @@ def cuda_backend_on_cpu(emulation):
     """pushpull::forward/backward on CPU tensors run the emulated CUDA backend while the fixture lives."""
     calls = {"forward": 0}
 
-    def forward(*args):
+    def forward(*args, **kwargs):
         calls["forward"] += 1
-        # The last argument, save_pull, is the CPU kernel's: the emulated CUDA kernels recompute the pull
-        # response, and their buffer holds the masks alone (which the backward accepts).
-        return emulation.forward(*args[:-1])
+        # save_pull (given or not: it has a default) is the CPU kernel's: the emulated CUDA kernels recompute
+        # the pull response, and their buffer holds the masks alone (which the backward accepts).
+        op = ForwardArgs(*args, **kwargs)
+        return emulation.forward(*op[: op._fields.index("save_pull")])
 
     library = torch.library.Library("pushpull", "IMPL")
     library.impl("forward", forward, "CPU")
