@@ -56,9 +56,8 @@ PUSHPULL_INLINE void store(T* p, const V& v) {
 template <typename T>
 struct RowPointers {
   const T* const* rows;
-  int64_t offset;
-  PUSHPULL_INLINE const T* row(int64_t k) const { return rows[k] + offset; }
-  PUSHPULL_INLINE RowPointers from(int64_t k) const { return {rows + k, offset}; }
+  PUSHPULL_INLINE const T* row(int64_t k) const { return rows[k]; }
+  PUSHPULL_INLINE RowPointers from(int64_t k) const { return {rows + k}; }
 };
 
 template <typename T>
@@ -238,7 +237,7 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
   template <typename T>                                                                                        \
   attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,     \
                         int64_t ldc, bool accumulate) {                                                        \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b, 0}, n, c, ldc, accumulate);                    \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                       \
   }                                                                                                            \
   template <typename T>                                                                                        \
   attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c, \
@@ -250,7 +249,7 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
                         int64_t ldc) {                                                                         \
     const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                      \
     const StridedRows<T> a_rows{a, lda};                                                                       \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b, 0}, q, runs, c, ldc);                  \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                     \
   }                                                                                                            \
   template <typename T>                                                                                        \
   attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) { \
