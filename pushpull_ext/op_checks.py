@@ -60,6 +60,8 @@ def check_forward(args) -> tuple[int, int]:
         _fail("pull_rows and pull_cols go together")
     if args.dual_output and args.bias_out is not None:
         _fail("bias_out cannot be used with dual_output")
+    if args.save_pull:
+        _fail("save_pull is a CPU option; the Triton backward recomputes the pull response")
     n, c_in, h, w = input.shape
     c_out, c_group, kh, kw = weight.shape
     if min(c_out, kh, kw) < 1 or c_in % groups or c_out % groups or c_group * groups != c_in:

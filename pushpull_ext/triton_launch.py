@@ -454,8 +454,6 @@ def _groups_per_tile(c_out: int, c_out_per_group: int, block_n: int) -> int:
 def forward(args, config: LaunchConfig = DEFAULT_LAUNCH) -> tuple[Tensor, Tensor]:
     """The forward op (args: an ops.ForwardArgs): (output, packed masks), as ops.forward_fake describes."""
     check_forward(args)
-    if args.save_pull:
-        raise RuntimeError("pushpull: save_pull is a CPU option; the Triton backward recomputes the pull response")
     y, masks, _ = _forward(args, config)
     return y, masks
 

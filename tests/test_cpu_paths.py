@@ -41,9 +41,9 @@ TAP_CASES = UPSAMPLE_STRIDE1 + [
     ("tap-1x3-depthwise", (2, 4, 4, 5, 11, 1, 3), dict(pull="upsample", groups=4, padding=(0, 1), alpha="vector")),
 ]
 TAP_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in TAP_CASES]
-# The per-image panels: the grid's other cases, and images of several panels (48 pixels each) with row
-# counts that are not multiples of the register tiles (16 and 12 output channels, K = 147 and 72).
-IMAGE_PATH_CASES = [case for case in CASES if case not in UPSAMPLE_STRIDE1] + [
+# The per-image panels on images of several panels (48 pixels each), with row counts that are not
+# multiples of the register tiles (16 and 12 output channels, K = 147 and 72).
+LARGER_PANEL_CASES = [
     (
         "panels-invert-7x7-stride2",
         (2, 3, 16, 37, 41, 7, 7),
@@ -55,7 +55,9 @@ IMAGE_PATH_CASES = [case for case in CASES if case not in UPSAMPLE_STRIDE1] + [
         dict(pull="upsample", stride=2, padding=1, bias_in=True, alpha="vector"),
     ),
 ]
-IMAGE_PATH_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in IMAGE_PATH_CASES[-2:]]
+# Every case of the per-image panels: the grid's other cases and those above.
+IMAGE_PATH_CASES = [case for case in CASES if case not in UPSAMPLE_STRIDE1] + LARGER_PANEL_CASES
+LARGER_PANEL_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in LARGER_PANEL_CASES]
 PATHS = ["always", "never"]
 
 
@@ -108,7 +110,7 @@ def test_upsample_paths_on_a_large_image(monkeypatch, path, dtype, rtol):
     _check_against_reference(sizes, options, dtype, rtol)
 
 
-@pytest.mark.parametrize("sizes, options", IMAGE_PATH_PARAMS)
+@pytest.mark.parametrize("sizes, options", LARGER_PANEL_PARAMS)
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
 def test_panels_on_larger_images(sizes, options, dtype, rtol):
     _check_against_reference(sizes, options, dtype, rtol)

@@ -147,6 +147,16 @@ def test_save_pull_is_refused_where_it_cannot_hold():
         torch.ops.pushpull.forward(*args._replace(dual_output=True, bias_out=None, save_pull=True))
 
 
+def test_triton_forward_refuses_save_pull(fused_backend_device):
+    backend, device = fused_backend_device
+    if backend != "triton":
+        pytest.skip("the CPU op's refusals: test_save_pull_is_refused_where_it_cannot_hold")
+    inputs, opts = make_case(*SAVE_PULL_CASES[0].values, torch.float32, device, requires_grad=True)
+    args = ForwardArgs(*_op_args(inputs, opts, save_masks=True))
+    with pytest.raises(RuntimeError, match="save_pull is a CPU option"):
+        torch.ops.pushpull.triton_forward(*args._replace(save_pull=True))
+
+
 @needs_cpu_kernel
 @pytest.mark.parametrize("train_alpha, pull_saved", [(True, True), (False, False)], ids=["trained", "fixed"])
 def test_cpu_layer_saves_the_pull_only_for_a_trained_alpha(train_alpha, pull_saved):
