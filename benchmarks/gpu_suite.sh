@@ -8,6 +8,8 @@
 #      CUDA kernels were built,
 #   3. bench: python -m pushpull_ext.bench --full --dtype float32 --out OUT_DIR (every paper shape, every provider,
 #      fwd and fwdbwd; results.json, results.csv, speedup_<mode>.png, bench.log),
+#   3b. routes: python -m pushpull_ext.bench_routes (each route the launcher chooses by model, forced in
+#      turn and timed side by side: upsample's forward and weight gradient, the pooled forward; routes.json),
 #   4. tests: pytest tests/ (tests.log; with pytest-xdist, TEST_WORKERS processes, default 8), which runs
 #      every agreement/gradcheck case with backend="cuda" and "triton" too (tests/conftest.py), the
 #      >2^31-element test, the determinism and bad-input tests; their figures in hardening.json,
@@ -134,6 +136,7 @@ step build "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps 
 step cuda-built "$OUT/cuda-built.log" "$PY" -c \
     "import pushpull_ext as p; e = p.available_backends()['cuda']; assert e is None, e; print('cuda backend built')"
 step bench "$OUT/bench.log" "$PY" -m pushpull_ext.bench --full --dtype float32 --out "$OUT"
+step routes "$OUT/routes.log" "$PY" -m pushpull_ext.bench_routes --dtype float32 bfloat16 --out "$OUT/routes.json"
 # CUBLAS_WORKSPACE_CONFIG: lets cuBLAS run under torch.use_deterministic_algorithms (tests/test_determinism.py).
 step tests "$OUT/tests.log" env PUSHPULL_TEST_RESULTS="$OUT/hardening.json" CUBLAS_WORKSPACE_CONFIG=:4096:8 \
     "$PY" -m pytest tests/ -q "${XDIST[@]}"

@@ -17,7 +17,8 @@ Pull modes (MODE constexpr, see common.py):
   conv2d(x, q)[o] = sum_{c,i,j} k[o,c,i,j] z[c,i,j] with z[c,i,j] = conv2d(x[c], -U[:,i] V[:,j]^T), so
   push and pull are the SAME weight tile against two operands: the gathered push taps, and z built in
   registers from input loads weighted by the nonzero U[a,i] V[b,j] (pull padding). Two MMAs per chunk
-  of the push kernel's reduction: 2x one convolution's products (the pull window's 49 taps are never an
+  of the push kernel's reduction: 2x one convolution's products (at stride 1 the launcher may take the
+  tap path instead, forward_taps.py: one MMA per chunk on frames with a halo) (the pull window's 49 taps are never an
   MMA's K). NaN / Inf: z's sums of infinities can differ from conv2d(x, q)'s (an Inf under weights of
   mixed sign is NaN through z, +-Inf in conv2d), so a group whose pull accumulator comes out non-finite
   on a tile (which any non-finite input it reads makes it) is redone as conv2d(x, q) over the whole pull

@@ -90,9 +90,10 @@ class CompiledKernel:
         the forward, and only on the GPUs with float64 tensor cores (sm_80, sm_90): the backward's
         float64 products run on the CUDA cores (kernels/common.py: mma_grad_operand)."""
         if self.constexprs.get("IS_FP64"):
-            return self.kernel == "pp_fwd_conv_kernel" and self.arch in (80, 90)
+            return self.kernel in ("pp_fwd_conv_kernel", "pp_fwd_tap_kernel") and self.arch in (80, 90)
         return self.kernel in (
             "pp_fwd_conv_kernel",
+            "pp_fwd_tap_kernel",
             "pp_bwd_input_kernel",
             "pp_bwd_weight_kernel",
             "pp_bwd_weight_adjoint_kernel",
@@ -367,6 +368,11 @@ def main(argv=None) -> int:
         choices=["prefilter", "adjoint"],
         help="force upsample's weight-gradient route (default: the launcher's rule, _weight_adjoint_pays)",
     )
+    parser.add_argument(
+        "--upsample-path",
+        choices=["prefilter", "taps"],
+        help="force upsample's forward route at stride 1 (default: the launcher's rule, _tap_path_pays)",
+    )
     parser.add_argument("--json", help="write every compiled kernel's figures here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -374,9 +380,8 @@ def main(argv=None) -> int:
 
     launches = spec_launches([getattr(torch, d) for d in args.dtypes], args.shapes, args.batch)
     progress = None if args.quiet else (lambda text: print(f"compiling: {text}", file=sys.stderr, flush=True))
-    results = compile_all(
-        args.arch, launches, tf32=not args.no_tf32, progress=progress, weight_grad_path=args.weight_grad_path
-    )
+    routes = dict(weight_grad_path=args.weight_grad_path, upsample_path=args.upsample_path)
+    results = compile_all(args.arch, launches, tf32=not args.no_tf32, progress=progress, **routes)
     print(format_table(results))
     bad = failures(results)
     print(

@@ -21,6 +21,10 @@ decisions, at the paper's batch. Each recorded launch is then priced:
   of the push kernel's reduction: the push operand and the prefiltered z against the same weights; its
   input gradient one MMA per chunk of the same reduction (push taps x output channels: the prefilter's
   adjoint, kernels/backward.py `pull_prefilter_adjoint`, forms gP + the pulled gQ as one operand G), and
+  upsample's forward on the tap path (pp_fwd_tap_kernel, where the launcher's rule
+  triton_launch._tap_path_pays takes it) one MMA per (push tap, channel chunk) on every row of its 2-D
+  frames (the halo recomputed: the note gives the frames' rows per output pixel; its shift-adds on the
+  CUDA cores, gathers of the accumulator tile's rows each with an FMA, in the note too), and
   its weight gradient on the adjoint route (pp_bwd_weight_adjoint_kernel, where the launcher's rule
   triton_launch._weight_adjoint_pays takes it) one MMA per chunk of the input pixels for each push tap's
   output x input channel tile, against the same G. The prefilter's own
@@ -231,6 +235,19 @@ def _fwd_conv_macs(grid: tuple, a: dict) -> int:
     return m_tiles * _groups_per_channel_tile(a, n_tiles) * chunks * _products_per_chunk(a) * _tile(a)
 
 
+def _padded_k(size: int, block_k: int) -> int:
+    """A reduction of `size` as its loop executes it: whole chunks of block_k."""
+    return len(range(0, size, block_k)) * block_k
+
+
+def _fwd_tap_macs(grid: tuple, a: dict) -> int:
+    """The tap path: per frame and group of its channel tile, one MMA per (push tap, channel chunk) (one
+    frame a tap: the bilinear matrices' spans fit the launcher's halo)."""
+    m_tiles, n_tiles = grid
+    k = _padded_k(a["CG"], a["BLOCK_K"])
+    return m_tiles * _groups_per_channel_tile(a, n_tiles) * a["TH"] * a["TW"] * k * a["BLOCK_M"] * a["BLOCK_N"]
+
+
 def _bwd_input_macs(grid: tuple, a: dict) -> int:
     """One MMA per chunk of the (push tap, output channel) reduction, in every mode."""
     chunks = len(range(0, a["TH"] * a["TW"] * a["CGO"], a["BLOCK_K"]))
@@ -313,6 +330,24 @@ def _fwd_conv_note(grid: tuple, a: dict) -> str:
     return note
 
 
+def _fwd_tap_note(grid: tuple, a: dict) -> str:
+    """The tap path's frames (halo recomputed) and its shift-adds on the CUDA cores (gathers of the
+    accumulator tile's rows, each with an FMA), per element of its [BLOCK_M, BLOCK_N] tiles."""
+    eh, ew, pool = a["EH"], a["EW"], a["AVG"] - 1
+    out_h, out_w = eh - a["HALO_H"] - pool, ew - a["HALO_W"] - pool
+    macs = _fwd_tap_macs(grid, a)
+    per_element = triton_launch.tap_shift_adds(
+        tuple(tuple(a[k + axis] for k in ("T", "Q", "D", "P", "QP")) for axis in "HW")
+    )
+    shift_adds = macs // (a["TH"] * a["TW"] * _padded_k(a["CG"], a["BLOCK_K"])) * per_element
+    pooled = f", Q pooled {a['AVG']}x{a['AVG']} on chip" if pool else ""
+    return (
+        f"tap path: {eh}x{ew} frames ({out_h}x{out_w} outputs{pooled}, BLOCK_M {a['BLOCK_M']}), products "
+        f"x{pooled_tile_overhead(grid, a):.2f} the output pixels' (halo recomputed); {per_element} shift-adds "
+        f"a tile element: {_si(shift_adds)} CUDA-core gathers + FMAs ({shift_adds / macs:.2f}x the MACs)"
+    )
+
+
 def _bwd_weight_note(grid: tuple, a: dict) -> str:
     return _gemm_note("pp_bwd_weight_kernel", grid, a, "g, masks", _bwd_weight_macs, "BLOCK_M")
 
@@ -383,6 +418,12 @@ KERNELS = {
         ("x_ptr", "wp_ptr", "pull_idx_ptr", "pull_coef_ptr", "shift_ptr", *_EPILOGUE_READS),
         _conv_writes,
         _fwd_conv_note,
+    ),
+    "pp_fwd_tap_kernel": _KernelModel(
+        _fwd_tap_macs,
+        ("x_ptr", "wp_ptr", "pull_idx_ptr", "pull_coef_ptr", *_EPILOGUE_READS),
+        _epilogue_writes,
+        _fwd_tap_note,
     ),
     "pp_fwd_pool_epilogue_kernel": _KernelModel(
         None,

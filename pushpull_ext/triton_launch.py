@@ -11,6 +11,10 @@ forward
     response is the same weights against the input prefiltered in registers (kernels/forward.py), from
     the tables of U's and V's nonzeros built here (_prefilter_tables, device work, no host sync); the
     pull kernel's own matrix is read only by tiles whose input is not finite.
+  - upsample at stride 1, where _tap_path_pays (the 16- and 64-channel first blocks): pp_fwd_tap_kernel
+    (kernels/forward_taps.py) on 2-D frames of one image, one product per (push tap, channel chunk) shared
+    by push and pull, the shifts and separable filters on chip; pooling on chip too; y and the masks
+    written once. Extra cost: the frames' halo (tap_halo) recomputed, 53 shift-adds per tile element.
   - avg_kernel > 1, fused (the pooled paper shapes): the same ONE kernel, on 2-D pixel tiles of one
     image with the pooling halo (_pool_tile picks the tile): it recomputes P and Q on the halo, pools
     Q on chip (count_include_pad=False) and writes y and the masks once, as without pooling; no scratch
@@ -229,6 +233,9 @@ class LaunchConfig:
     # Upsample's weight-gradient route: "prefilter" (pp_bwd_weight_kernel) or "adjoint"
     # (pp_bwd_weight_adjoint_kernel) (the tests force each), None: _weight_adjoint_pays.
     weight_grad_path: Optional[str] = None
+    # Upsample's forward at stride 1: "taps" (pp_fwd_tap_kernel) or "prefilter" (pp_fwd_conv_kernel) (the
+    # tests force each), None: _tap_path_pays.
+    upsample_path: Optional[str] = None
 
     def gpu_tuned(self, t: Tensor) -> bool:
         """Whether launches on t use the GPU configs (the interpreter has its own, see _fwd_config)."""
@@ -336,17 +343,22 @@ def _padded(size: int, block: int) -> int:
     return triton.cdiv(size, block) * block
 
 
-def _column_nonzeros(size: int, new_size: int) -> list[int]:
-    """Nonzeros of each column of the bilinear matrix (align_corners=True, as options.interpolation_matrix)
-    taking `size` points to `new_size`."""
-    count = [0] * size
+def _column_rows(size: int, new_size: int) -> list[list[int]]:
+    """The rows of each column's nonzeros of the bilinear matrix (align_corners=True, as
+    options.interpolation_matrix) taking `size` points to `new_size`, ascending."""
+    rows = [[] for _ in range(size)]
     for a in range(new_size):
         src = a * (size - 1) / (new_size - 1) if new_size > 1 else 0.0
         lo = min(int(src), size - 1)
-        count[lo] += 1
+        rows[lo].append(a)
         if src > lo:  # a nonzero weight on the next column too
-            count[lo + 1] += 1
-    return count
+            rows[lo + 1].append(a)
+    return rows
+
+
+def _column_nonzeros(size: int, new_size: int) -> list[int]:
+    """Nonzeros of each column of the bilinear matrix taking `size` points to `new_size`."""
+    return [len(rows) for rows in _column_rows(size, new_size)]
 
 
 @functools.lru_cache(maxsize=256)
@@ -498,9 +510,14 @@ def _forward(args, config: LaunchConfig, write_y: bool = True, grad_output: Opti
     tiles = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, tf32=tf32)
     eh = ew = 1
     scratch = False
-    if avg > 1:
+    taps = _tap_plan(geo, dtype, gpu, avg) if upsample else None
+    if taps is not None and not _tap_route(geo, dtype, gpu, tf32, avg, taps, config):
+        taps = None
+    if taps is not None:
+        tiles, (eh, ew), halo = taps[0], taps[1][1:], taps[2]
+    elif avg > 1:
         fused = _fwd_config(dtype, gpu, C_out, geo.Cgo, upsample=upsample, avg=avg, tf32=tf32)
-        block_m, eh, ew = _pool_tile(fused[0], avg, Ho, Wo)
+        block_m, eh, ew = _frame_tile(fused[0], _frame_halo((0, 0), avg), Ho, Wo)
         fused = (block_m, *fused[1:])
         scratch = config.pool_path == "scratch" or (
             config.pool_path is None and not _fused_pooling_pays(geo, dtype, tf32, fused, eh, ew, avg, tiles)
@@ -508,8 +525,10 @@ def _forward(args, config: LaunchConfig, write_y: bool = True, grad_output: Opti
         if not scratch:
             tiles = fused
     BM, BN = tiles[:2]
-    if avg > 1 and not scratch:  # one program per 2-D tile of one image, its pooling halo included
-        pixel_tiles = N * _pool_tiles(eh, ew, avg, Ho, Wo)
+    if taps is not None:  # one program per frame of one image, the taps' and the pooling's halos included
+        pixel_tiles = N * _frame_tiles(eh, ew, _frame_halo(halo, avg), Ho, Wo)
+    elif avg > 1 and not scratch:  # one program per 2-D tile of one image, its pooling halo included
+        pixel_tiles = N * _frame_tiles(eh, ew, _frame_halo((0, 0), avg), Ho, Wo)
     else:
         pixel_tiles = triton.cdiv(N * Ho * Wo, BM)
     if scratch:
@@ -536,6 +555,24 @@ def _forward(args, config: LaunchConfig, write_y: bool = True, grad_output: Opti
         WRITE_Y=write_y,
         GRAD_SUMS=grad_sums,
     )
+    if taps is not None:
+        config.launch(_k.pp_fwd_tap_kernel)[grid](
+            *(x, wp, wq, pull_idx, pull_coef, b_in, b_out, alpha_v, y, mask_arg, g, sums),
+            *geo.sizes(),
+            *(geo.Cg, geo.Cgo, *geo.push_pad, *geo.dilation, geo.kh, geo.kw, ng_tile, *geo.pull_window()),
+            **epilogue,
+            HAS_BIN=args.bias_in is not None,
+            AVG=avg,
+            EH=eh,
+            EW=ew,
+            HALO_H=halo[0],
+            HALO_W=halo[1],
+            IS_FP64=is_fp64,
+            ALLOW_TF32=tf32,
+            STRADDLE=ng_tile > 1,
+            **_tiles(*tiles),
+        )
+        return y, masks, (sums.sum(0) if grad_sums else None)
     config.launch(_k.pp_fwd_conv_kernel)[grid](
         *(x, wp, wq, pull_idx, pull_coef, shift, b_in, b_out, alpha_v, y, mask_arg, pbuf, qbuf, g, sums),
         *geo.sizes(),
@@ -593,7 +630,7 @@ def _fused_pooling_pays(geo: _Geom, dtype, tf32: bool, fused: tuple, eh: int, ew
     fields' 16 (float64: 32) bytes an output element where the products dominate: wide layers (e.g. 64
     channels x 3 x 3) in float32 with TF32 off or float64, and upsample (two products) with large windows."""
     balance = MACS_PER_BYTE[_precision(dtype, tf32)]
-    rows_fused = geo.N * _pool_tiles(eh, ew, avg, geo.Ho, geo.Wo) * fused[0]
+    rows_fused = geo.N * _frame_tiles(eh, ew, _frame_halo((0, 0), avg), geo.Ho, geo.Wo) * fused[0]
     rows_flat = triton.cdiv(geo.N * geo.Ho * geo.Wo, flat[0]) * flat[0]
     t_fused, t_scratch = (
         max(macs / balance, nbytes)
@@ -610,30 +647,148 @@ def _pool_window(avg_kernel: int) -> tuple[int, int]:
     return int(avg_kernel), (int(avg_kernel) - 1) // 2
 
 
-def _pool_tiles(eh: int, ew: int, avg: int, ho: int, wo: int) -> int:
-    """Tiles of an eh x ew pixel tile (halo included) per Ho x Wo image: inner (eh - a + 1) x (ew - a + 1)."""
-    return triton.cdiv(ho, eh - avg + 1) * triton.cdiv(wo, ew - avg + 1)
+def _frame_halo(tap_halo: tuple[int, int], avg: int) -> tuple[int, int]:
+    """The rows and columns a frame computes beyond its outputs: the tap path's one-sided halo
+    (kernels/forward_taps.py; (0, 0) on the prefilter route) and the pooling halo on both sides."""
+    return tap_halo[0] + avg - 1, tap_halo[1] + avg - 1
+
+
+def _frame_tiles(eh: int, ew: int, halo: tuple[int, int], ho: int, wo: int) -> int:
+    """Frames of eh x ew pixels (halo included) per Ho x Wo image: (eh - halo[0]) x (ew - halo[1]) outputs each."""
+    return triton.cdiv(ho, eh - halo[0]) * triton.cdiv(wo, ew - halo[1])
 
 
 @functools.lru_cache(maxsize=256)
-def _pool_tile(max_block_m: int, avg: int, ho: int, wo: int) -> tuple[int, int, int]:
-    """The pooled forward's pixel tile: (BLOCK_M, EH, EW), EH x EW pixels of one image (halo included,
-    EH * EW <= BLOCK_M, BLOCK_M a power of two from max_block_m down to 32) such that the rows computed per
-    image (tiles x BLOCK_M: inner pixels, recomputed halo, padding rows and rows past the image's edge) are
-    fewest; then the fewer tiles (the larger BLOCK_M), then the squarest. Inner pixels (EH - a + 1) x
-    (EW - a + 1) >= 1 x 1."""
+def _frame_tile(max_block_m: int, halo: tuple[int, int], ho: int, wo: int) -> tuple[int, int, int]:
+    """The pixel tile of the forward's 2-D frames (the fused pooled forward, the tap path): (BLOCK_M, EH, EW),
+    EH x EW pixels of one image (halo included, EH * EW <= BLOCK_M, BLOCK_M a power of two from max_block_m
+    down to 32, or the least that holds one output and its halo) such that the rows computed per image
+    (frames x BLOCK_M: outputs, recomputed halo, padding rows and rows past the image's edge) are fewest;
+    then the fewer frames (the larger BLOCK_M), then the squarest."""
+    hh, hw = halo
+    max_block_m = max(max_block_m, triton.next_power_of_2((hh + 1) * (hw + 1)))
     best = None
     block_m = max_block_m
-    while block_m >= min(32, max_block_m):
-        for ew in range(avg, block_m // avg + 1):
+    while block_m >= min(32, max_block_m) and block_m >= (hh + 1) * (hw + 1):
+        for ew in range(hw + 1, block_m // (hh + 1) + 1):
             # no taller or wider than the image and its halo need
-            eh, ew_ = min(block_m // ew, ho + avg - 1), min(ew, wo + avg - 1)
-            tiles = _pool_tiles(eh, ew_, avg, ho, wo)
+            eh, ew_ = min(block_m // ew, ho + hh), min(ew, wo + hw)
+            tiles = _frame_tiles(eh, ew_, halo, ho, wo)
             key = (tiles * block_m, tiles, abs(eh - ew_))
             if best is None or key < best[0]:
                 best = (key, (block_m, eh, ew_))
         block_m //= 2
     return best[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tap path (upsample at stride 1, kernels/forward_taps.py)
+# ----------------------------------------------------------------------------------------------
+def _tap_shifts(taps: int, pull_size: int, dilation: int, pad: int, pull_pad: int) -> list[list[int]]:
+    """Per push tap along one axis, the shifts its tap response is read at (the push shift, then the pull
+    shifts of its column of U's (V's) nonzeros), for the bilinear pull matrix of these sizes."""
+    return [
+        [t * dilation - pad] + [a * dilation - pull_pad for a in rows]
+        for t, rows in enumerate(_column_rows(taps, pull_size))
+    ]
+
+
+def tap_axes(geo: _Geom) -> tuple[tuple, tuple]:
+    """The tap path's geometry along the rows and along the columns: (push taps, pull size, dilation,
+    push padding, pull padding) each, the arguments of _tap_shifts."""
+    return tuple(
+        (t, q, d, p, qp)
+        for t, q, d, p, qp in zip((geo.kh, geo.kw), geo.q_size, geo.dilation, geo.push_pad, geo.pull_pad)
+    )
+
+
+def tap_halo(axes: tuple) -> tuple[int, int]:
+    """The tap path's one-sided halo (rows, columns): the largest span of a push tap's shifts, for the
+    bilinear pull matrices (wider spans of other matrices run in several frames). axes: tap_axes."""
+    return tuple(max(max(s) - min(s) for s in _tap_shifts(*axis)) for axis in axes)
+
+
+def tap_shift_adds(axes: tuple) -> int:
+    """Shift-adds (a gather of a tile row and an FMA) per element of the tap path's tile, for the bilinear
+    pull matrices: the push shift per tap, V's nonzeros along the row per tap, U's down the column per push
+    row (kernels/forward_taps.py). axes: tap_axes."""
+    (kh, *_), (kw, *_) = axes
+    pull_rows, pull_cols = ([len(s) - 1 for s in _tap_shifts(*axis)] for axis in axes)
+    return kh * kw + kh * sum(pull_cols) + sum(pull_rows)
+
+
+def _tap_config(dtype, gpu: bool) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the tap path: frames as tall as the registers
+    allow (the halo is recomputed per frame) and 16 channels: P, Q, Z and R live in registers at once, with
+    the gathers' index and result tiles (benchmarks/tuning.md)."""
+    if not gpu:  # interpreter: one frame holds the tests' small maps
+        return 128, 16, 32, 4, 1
+    if dtype == torch.float64:  # taken only where forced (_tap_route): spills 16-24 B on sm_80
+        return 256, 16, 8, 8, 1
+    # 512-row frames (1.63x the products on 56 x 56, not 1.96x) spilled 32-96 B at the 255-register cap
+    return 256, 16, _block_k(dtype), 8, 2
+
+
+# The largest frame the tap path takes (larger halos, e.g. dilated kernels, take the prefilter route).
+MAX_TAP_FRAME = 1024
+
+
+def _tap_plan(geo: _Geom, dtype, gpu: bool, avg: int):
+    """(tiles, (BLOCK_M, EH, EW), halo) of the tap path for this layer, or None where it does not apply
+    (stride > 1, or a frame larger than MAX_TAP_FRAME)."""
+    if geo.stride != (1, 1):
+        return None
+    halo = tap_halo(tap_axes(geo))
+    tiles = _tap_config(dtype, gpu)
+    frame = _frame_tile(tiles[0], _frame_halo(halo, avg), geo.Ho, geo.Wo)
+    if frame[0] > MAX_TAP_FRAME:
+        return None
+    return (frame[0], *tiles[1:]), frame, halo
+
+
+def _tap_route(geo: _Geom, dtype, gpu: bool, tf32: bool, avg: int, plan: tuple, config: LaunchConfig) -> bool:
+    """Whether the forward takes the tap path: as forced by config.upsample_path, else by _tap_path_pays."""
+    if config.upsample_path is not None:
+        return config.upsample_path == "taps"
+    if gpu and dtype == torch.float64:  # its float64 frames spill on sm_80 (16-136 B: benchmarks/tuning.md)
+        return False
+    return _tap_path_pays(geo, dtype, gpu, tf32, avg, plan)
+
+
+def _tap_route_costs(geo: _Geom, dtype, gpu: bool, tf32: bool, avg: int, plan: tuple) -> tuple:
+    """((MACs, CUDA-core operations) of the tap path, the same of the prefilter route), counted as they
+    execute (cost_model's counting: frames and tiles padded to whole blocks). Tap path: one MMA per
+    (tap, channel chunk) on every frame row, tap_shift_adds per tile element; prefilter: two MMAs per
+    chunk of the (tap, channel) reduction, z built once per channel tile (prefilter_visits FMAs an element;
+    without pooling, flat tiles)."""
+    tiles, (block_m, eh, ew), halo = plan
+    taps = geo.kh * geo.kw
+    cols = geo.G * _padded(geo.Cgo, tiles[1])  # channel tiles, about one group each
+    rows = geo.N * _frame_tiles(eh, ew, _frame_halo(halo, avg), geo.Ho, geo.Wo) * block_m
+    tap_costs = (rows * cols * taps * _padded(geo.Cg, tiles[2]), rows * cols * tap_shift_adds(tap_axes(geo)))
+    bm, bn, bk = _fwd_config(dtype, gpu, geo.C_out, geo.Cgo, upsample=True, avg=avg, tf32=tf32)[:3]
+    reduction = _padded(taps * geo.Cg, bk)
+    if avg > 1:
+        _, peh, pew = _frame_tile(bm, _frame_halo((0, 0), avg), geo.Ho, geo.Wo)
+        rows = geo.N * _frame_tiles(peh, pew, _frame_halo((0, 0), avg), geo.Ho, geo.Wo) * bm
+    else:
+        rows = _padded(geo.N * geo.Ho * geo.Wo, bm)
+    cols = geo.G * _padded(geo.Cgo, bn)
+    visits = prefilter_visits(geo.kh, geo.kw, *geo.q_size, geo.Cg, bk)
+    pre_costs = (2 * rows * cols * reduction, rows * reduction * (cols // bn) * visits)
+    return tap_costs, pre_costs
+
+
+def _tap_path_pays(geo: _Geom, dtype, gpu: bool, tf32: bool, avg: int, plan: tuple) -> bool:
+    """Whether the tap path is modeled no slower than the prefilter route: MACs + CUDA-core operations x
+    FMA_COST_IN_MACS[dtype] (_tap_route_costs), a shift-add priced as one FMA (its gather stays on chip, as
+    the pooled forward's box sum). A model, to be set from the first GPU timings of both (LaunchConfig's
+    upsample_path forces either): the tap path saves the second MMA of every chunk but adds ~53 shift-adds
+    per tile element (3 x 3 at scale 2) and recomputes its frames' halo; the 3-channel stem pads its
+    per-tap channel chunk (3 of 16) and keeps the prefilter route."""
+    fma_cost = FMA_COST_IN_MACS[_precision(dtype, tf32)]
+    (tap_macs, tap_ops), (pre_macs, pre_ops) = _tap_route_costs(geo, dtype, gpu, tf32, avg, plan)
+    return tap_macs + fma_cost * tap_ops <= pre_macs + fma_cost * pre_ops
 
 
 # ----------------------------------------------------------------------------------------------

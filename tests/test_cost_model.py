@@ -42,7 +42,7 @@ def test_upsample_forward_runs_two_convolutions_products_and_each_gradient_one(n
     # the prefilter algebra: push and pull both over the 9 push taps, 16 or 64 channels in whole chunks;
     # the backward tiles' channel sides no wider than the channels (16-channel layers: 16, not 64)
     case = case_by_name(name)
-    forward, backward = cost_model.layer_cost(case, torch.float32)
+    forward, backward = cost_model.layer_cost(case, torch.float32, upsample_path="prefilter")
     conv = cost_model.convolution_macs(case)
     assert _launch(forward, "pp_fwd_conv_kernel").macs == 2 * conv
     # the input gradient: the prefilter's adjoint, one MMA over (push tap, output channel), 16 or 64
@@ -53,6 +53,25 @@ def test_upsample_forward_runs_two_convolutions_products_and_each_gradient_one(n
     assert "pp_bwd_weight_kernel" not in [c.launch for c in backward.launches]
     assert _launch(backward, "pp_bwd_weight_adjoint_kernel").macs == pytest.approx(conv, rel=5e-3)
     assert backward.macs == pytest.approx(2 * conv, rel=5e-3)
+
+
+@pytest.mark.parametrize("name", ["cifar-b1-2020", "imagenet-b1-2020"])
+def test_tap_path_runs_one_convolutions_products_on_its_frames(name):
+    # The launcher's rule takes the tap path for the stride-1 first blocks (float32, TF32): one MMA per
+    # (push tap, channel chunk) on every row of its frames, so the products are one convolution's times
+    # the frames' rows per output pixel (halo recomputed: 1.96x on 56 x 56, 2.00x on 32 x 32 with 256-row
+    # frames), and 53 shift-adds per tile element on the CUDA cores (3 x 3 at scale 2).
+    case = case_by_name(name)
+    forward, _ = cost_model.layer_cost(case, torch.float32)
+    (tap,) = [c for c in forward.launches if c.launch != "torch"]
+    assert tap.launch == "pp_fwd_tap_kernel"
+    frames = tap.macs / cost_model.convolution_macs(case)
+    assert frames == pytest.approx({"cifar-b1-2020": 2.0, "imagenet-b1-2020": 1.959}[name], abs=1e-3)
+    assert f"products x{frames:.2f} the output pixels'" in tap.note and "53 shift-adds a tile element" in tap.note
+    assert forward.bytes <= 1.05 * forward.lower.bytes  # x, y and the masks once
+    # the 3-channel stem keeps the prefilter route (its per-tap channel chunk would be 3 of 16)
+    stem, _ = cost_model.layer_cost(case_by_name("cifar-stem-2020"), torch.float32)
+    assert [c.launch for c in stem.launches if c.launch != "torch"] == ["pp_fwd_conv_kernel"]
 
 
 @pytest.mark.parametrize("name", ["cifar-b1-2020", "imagenet-b1-2020"])
@@ -98,7 +117,7 @@ def test_prefilter_visits_the_nonzeros_of_the_bilinear_columns():
     # both weight-gradient routes: the widest pair's bounds
     assert cost_model.prefilter_visits("pp_bwd_weight_kernel", dict(window, CG=16, BLOCK_N=64)) == 25
     assert cost_model.prefilter_visits("pp_bwd_weight_adjoint_kernel", window) == 25
-    forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.float32)
+    forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.float32, upsample_path="prefilter")
     assert "prefilter: " in _launch(forward, "pp_fwd_conv_kernel").note
 
 
@@ -157,9 +176,10 @@ def test_trainable_alpha_recomputes_the_forward_in_the_backward_writing_no_field
 
 
 def test_unpooled_forward_moves_about_the_lower_bound():
-    forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.bfloat16)
-    conv = _launch(forward, "pp_fwd_conv_kernel")
-    assert forward.lower.bytes <= conv.bytes <= 1.01 * forward.lower.bytes  # x, y, masks and the weights
+    for path, kernel in (("prefilter", "pp_fwd_conv_kernel"), ("taps", "pp_fwd_tap_kernel")):
+        forward, _ = cost_model.layer_cost(case_by_name("imagenet-b1-2020"), torch.bfloat16, upsample_path=path)
+        conv = _launch(forward, kernel)
+        assert forward.lower.bytes <= conv.bytes <= 1.01 * forward.lower.bytes  # x, y, masks and the weights
 
 
 def test_command_line_prints_every_launch_and_the_summary(capsys):
@@ -175,8 +195,8 @@ def test_command_line_prints_every_launch_and_the_summary(capsys):
     ):
         assert text in out
     summary = out.split("Summary")[1]
-    # forward MACs x conv: the 144-long reduction in 16-wide chunks (16-channel tiles: 9 x 16, no padding),
-    # two MMAs each
+    # forward MACs x conv: the tap path, 9 taps x 16 channels (no padding) on 256-row frames of 8 x 16
+    # outputs (12 x 20 with the halo: twice the output pixels' rows)
     assert re.search(r"^cifar-b1-2020 +bfloat16 +2\.00 ", summary, re.MULTILINE)
 
 

@@ -44,6 +44,7 @@ KERNELS = {
     "pp_fwd_pool_epilogue_kernel",
     "pp_bwd_input_kernel",
     "pp_bwd_weight_kernel",
+    "pp_fwd_tap_kernel",  # upsample's forward at stride 1 where _tap_path_pays (cifar-b1, imagenet-b1)
     "pp_bwd_weight_adjoint_kernel",  # upsample's weight gradient where _weight_adjoint_pays (cifar-b1, imagenet-b1)
     "pp_bwd_bias_kernel",
 }
@@ -143,9 +144,9 @@ def test_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
 
 
 # ---------------------------------------------------------------- the child: python this_file ARCH OUT SETS...
-def _grid_launches(dtypes):
-    """(label, call(config)) per case of tests/support/cases.py and dtype: forward, every gradient, inference
-    forward."""
+def _grid_launches(dtypes, only=lambda options: True):
+    """(label, call(config)) per case of tests/support/cases.py (those whose options `only` takes) and dtype:
+    forward, every gradient, inference forward."""
     from cases import CASES, call, make_case
 
     from pushpull_ext.compile_check import launch_step
@@ -160,6 +161,7 @@ def _grid_launches(dtypes):
     return [
         (f"{name} {str(dtype).replace('torch.', '')}", step(sizes, options, dtype))
         for name, sizes, options in CASES
+        if only(options)
         for dtype in dtypes
     ]
 
@@ -173,18 +175,22 @@ def _child(arch, out_path, sets):
     from pushpull_ext import compile_check
     from pushpull_ext.shapes import CASES
 
-    runs = []  # (set, launches, tf32)
+    runs = []  # (set, launches, tf32, LaunchConfig fields)
     papers = [case.name for case in CASES]
     if "spec" in sets:
         dtypes = [torch.float32, torch.bfloat16, torch.float64]
-        runs.append(("spec", compile_check.spec_launches(dtypes, papers + EXTRA_SHAPES), True))
+        runs.append(("spec", compile_check.spec_launches(dtypes, papers + EXTRA_SHAPES), True, {}))
         # TF32 off changes the products' precision only, not the index math EXTRA_SHAPES are there for
-        runs.append(("spec", compile_check.spec_launches([torch.float32], papers), False))
+        runs.append(("spec", compile_check.spec_launches([torch.float32], papers), False, {}))
     if "grid" in sets:
-        runs.append(("grid", _grid_launches([torch.float32, torch.bfloat16]), True))
+        grid_dtypes = [torch.float32, torch.bfloat16]
+        runs.append(("grid", _grid_launches(grid_dtypes), True, {}))
+        # upsample's tap path on the grid's upsample cases, forced (the rule takes it for the papers' blocks)
+        upsample = _grid_launches(grid_dtypes, only=lambda options: options.get("pull") == "upsample")
+        runs.append(("grid", upsample, True, {"upsample_path": "taps"}))
     kernels = {}  # by binary: a later run may launch a kernel an earlier one compiled
-    for which, launches, tf32 in runs:
-        for kernel in compile_check.compile_all([arch], launches, tf32=tf32):
+    for which, launches, tf32, config in runs:
+        for kernel in compile_check.compile_all([arch], launches, tf32=tf32, **config):
             kernels.setdefault(kernel.binary_hash, dict(asdict(kernel), set=which, triton=triton.__version__))
     with open(out_path, "w") as f:
         json.dump(list(kernels.values()), f, default=str)

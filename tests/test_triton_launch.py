@@ -7,6 +7,8 @@ inputs of the launchers: the reference below builds q from them the same way, so
 pull_shift's included, is autograd of the same formula.
 """
 
+import dataclasses
+import json
 import os
 
 import torch
@@ -282,8 +284,8 @@ def test_pooled_forward_paths(path, pull, scale, opts):
     config = TL.LaunchConfig(pool_path=path)
     case = Case(pull=pull, scale=scale, **opts)
     if opts["hw"] == (13, 11):  # the fused path's tiles (the interpreter's 64 rows): several per image
-        _, eh, ew = TL._pool_tile(64, 5, 13, 11)
-        assert TL._pool_tiles(eh, ew, 5, 13, 11) > 1
+        _, eh, ew = TL._frame_tile(64, (4, 4), 13, 11)
+        assert TL._frame_tiles(eh, ew, (4, 4), 13, 11) > 1
     check_case(case, config=config)
     y, _ = case.forward(save_masks=False, config=config)
     got = case.backward(torch.ones_like(y), torch.empty(0, dtype=torch.uint8), case.output_mask(), config=config)
@@ -412,20 +414,106 @@ def test_upsample_prefilter_with_irregular_pull_matrices(geometry):
     check_case(case, package_reference=False)
 
 
+@pytest.mark.parametrize("path", ["taps", "prefilter"])
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
-def test_upsample_non_finite_input_gives_conv2d_of_the_pull_kernel(value):
-    # Mixed-sign pull weights around an Inf: conv2d(x, q) gives +-Inf per output, the prefilter's z an
-    # infinite entry under weights of both signs (NaN): the forward must take its exact fallback there.
+def test_upsample_non_finite_input_gives_conv2d_of_the_pull_kernel(value, path):
+    # Mixed-sign pull weights around an Inf: conv2d(x, q) gives +-Inf per output, the prefilter's z (and the
+    # tap path's shifted tap responses) an infinite entry under weights of both signs (NaN): the forward
+    # must take its exact fallback there, on either route.
     case = Case(pull="upsample", scale=2.0, c_out=20, groups=2, hw=(6, 7), bias_in=True, dual=True)
     case.rows, case.cols = _irregular(case.rows), _irregular(case.cols)
     case.x[1, 3, 2, 4] = value
-    y, _ = case.forward()
+    y, _ = case.forward(config=TL.LaunchConfig(upsample_path=path))
     want = case.reference(*case.leaves())
     for kind in (torch.isnan, torch.isposinf, torch.isneginf):
         assert torch.equal(kind(y), kind(want)), kind.__name__
     finite = torch.isfinite(want)
     assert finite.any() and not finite.all()
     _close("finite outputs", y[finite], want[finite], y.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Upsample's forward at stride 1: the tap path (kernels/forward_taps.py) and the prefilter route
+# ------------------------------------------------------------------------------------------------
+def _launched(config: TL.LaunchConfig, names: list) -> TL.LaunchConfig:
+    """config, recording the names of the kernels it launches into `names`."""
+
+    def launch(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                names.append(kernel.fn.__name__)
+                return TL.wrap_triton(kernel)[grid]
+
+        return Launch()
+
+    return dataclasses.replace(config, launch=launch)
+
+
+UPSAMPLE_PATH_KERNEL = {"taps": "pp_fwd_tap_kernel", "prefilter": "pp_fwd_conv_kernel"}
+TAP_CASES = {
+    # name: (scale, dtype, options): stride 1, several frames per image (the interpreter's 128 rows)
+    "2-13x11-n3-bias-bout": (2.0, torch.float64, dict(bias_in=True, bias_out=True, hw=(13, 11), n=3)),
+    "2-g2-straddle-avg3": (2.0, torch.float64, dict(groups=2, c_out=20, c_in=4, avg=3, bias_out=True, hw=(9, 7))),
+    "1.5-rect3x5-avg5-dual": (1.5, torch.float64, dict(kernel=(3, 5), padding=(0, 2), avg=5, dual=True, hw=(8, 9))),
+    "3-k5-p0": (3.0, torch.float64, dict(kernel=(5, 5), padding=0, hw=(11, 9), n=1, bias_in=False)),
+    "2-1x1-map": (2.0, torch.float64, dict(hw=(1, 1), bias_out=True)),
+    "2-f32-c20": (2.0, torch.float32, dict(c_out=20, hw=(9, 10))),
+}
+
+
+@pytest.mark.parametrize("path", ["taps", "prefilter"])
+@pytest.mark.parametrize("name", list(TAP_CASES))
+def test_upsample_forward_routes(path, name):
+    # Both forward routes of stride-1 upsample, forced, on the option grid (pooling, dual output, groups
+    # and straddling channel tiles, rectangular and 5 x 5 kernels, scale 1.5 / 3, a 1 x 1 map); the
+    # backward's recompute of relu(Q') for alpha runs the same route.
+    scale, dtype, opts = TAP_CASES[name]
+    names = []
+    config = _launched(TL.LaunchConfig(upsample_path=path), names)
+    check_case(Case(pull="upsample", scale=scale, dtype=dtype, **opts), config=config)
+    assert UPSAMPLE_PATH_KERNEL[path] in names
+
+
+def test_tap_path_with_irregular_pull_matrices():
+    # Pull matrices whose columns' nonzeros span more than the tap path's halo (interior zeros), an empty
+    # column: taps computed in several frames, still exact; the same output as the prefilter route.
+    case = Case(pull="upsample", scale=2.0, c_out=20, groups=2, hw=(6, 5), n=1, avg=3, bias_out=True)
+    case.rows, case.cols = _irregular(case.rows), _irregular(case.cols)
+    names = []
+    taps = _launched(TL.LaunchConfig(upsample_path="taps"), names)
+    check_case(case, package_reference=False, config=taps)
+    assert "pp_fwd_tap_kernel" in names
+    y_taps, _ = case.forward(config=taps)
+    y_pre, _ = case.forward(config=TL.LaunchConfig(upsample_path="prefilter"))
+    torch.testing.assert_close(y_taps, y_pre, rtol=1e-12, atol=1e-12)
+
+
+def test_tap_path_frames_cover_wider_spans():
+    # The tap path's frame count per push tap, as the kernel derives it from the nonzeros' table: the
+    # bilinear matrices of a 3 x 3 kernel at scale 2 fit the launcher's halo (one frame each).
+    geo = TL._Geom(torch.empty(1, 4, 9, 9), torch.empty(6, 4, 3, 3), Case(pull="upsample").op_args())
+    assert TL.tap_halo(TL.tap_axes(geo)) == (4, 4)
+    assert TL.tap_shift_adds(TL.tap_axes(geo)) == 9 + 3 * 11 + 11
+
+
+def test_gradcheck_tap_path():
+    # float64 gradcheck with the tap path forced (groups, both biases, pooling)
+    opts = dict(bias_in=True, bias_out=True, groups=2, avg=3)
+    test_gradcheck("upsample", 2.0, opts, config=TL.LaunchConfig(upsample_path="taps"))
+
+
+def test_bench_routes_runs_every_route_the_launcher_chooses(tmp_path):
+    # benchmarks/gpu_suite.sh's side-by-side timing of the routes, as a smoke run (the interpreter: no
+    # timing): a stride-1 upsample layer has two choices, each row says both routes and the launcher's pick.
+    from pushpull_ext import bench_routes
+
+    out = tmp_path / "routes.json"
+    assert bench_routes.main(["--shapes", "1,2,4,4,4,3,1,1,upsample", "--dtype", "float64", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["choice"] for r in rows] == ["upsample_path", "weight_grad_path"]
+    for r in rows:
+        assert set(r["ms"]) == set(bench_routes.ROUTES[r["choice"]][0])
+        assert r["launcher_takes"] in r["ms"] and r["faster"] in r["ms"]
 
 
 # ------------------------------------------------------------------------------------------------
