@@ -50,13 +50,15 @@ struct ImagePath {
   const scalar_t* weight;       // [C_out, K]
   const scalar_t* weight_t;     // per group W_g^T [groups, K, C_out/groups] (backward, for dx; else null)
   int64_t plane, padded, taps, in_per_group, out_per_group, k_size;
-  int64_t block_rows;  // output rows packed at a time (forward; backward packs whole planes)
+  int64_t block_rows;  // output rows packed at a time (blocked; else whole planes)
   int64_t field_ld;    // row stride of the push/pull fields: a block's product may write kPanel - 1 past it
+  bool blocked;
 
-  // `blocked`: pack blocks of rows (forward) rather than whole planes (backward).
+  // `blocked`: pack blocks of rows rather than whole planes: the forward, and a backward in which only the
+  // weight gradient reads the packed operands (blocked_weight_grad); the other backwards pack whole planes.
   // r, k: the contiguous interpolation matrices (upsample; else undefined); s: pull_shift or null.
   ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const scalar_t* s,
-            const at::Tensor& w, const scalar_t* w_t, bool blocked)
+            const at::Tensor& w, const scalar_t* w_t, bool blocked_rows)
       : geo(g),
         conv(c),
         pre(g.pull == PullKind::kSeparable ? prefilter_geometry(g, c, r, k) : PrefilterGeometry{}),
@@ -72,17 +74,20 @@ struct ImagePath {
         in_per_group(g.in_channels / g.groups),
         out_per_group(g.out_channels / g.groups),
         k_size(in_per_group * taps),
-        field_ld(plane + panel::kPanel) {
+        field_ld(plane + panel::kPanel),
+        blocked(blocked_rows) {
     const int64_t operands = separable ? 2 : 1;
     const int64_t row_bytes = operands * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
-    block_rows = blocked ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
-                         : g.out_height;
+    block_rows = blocked_rows
+                     ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
+                     : g.out_height;
   }
 
   int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }
   const scalar_t* weight_of(int64_t grp) const { return weight + grp * out_per_group * k_size; }
 
-  // The forward's buffers, and the backward's where it runs (grad_rows alone is 147 x the plane on a 7x7 stem).
+  // The forward's buffers, and the backward's where it runs: those of dx only where dx is wanted (grad_rows
+  // alone is 147 x the plane on a 7x7 stem, and a ScratchVector zeroes what it allocates).
   ImageWorkspace<scalar_t> workspace(bool backward) const {
     ImageWorkspace<scalar_t> ws;
     const int64_t pulls = separable ? 1 : 0, boxes = geo.pull == PullKind::kShift ? geo.groups * plane : 0;
@@ -94,9 +99,9 @@ struct ImagePath {
     ws.tap_rows.resize(taps * block_rows * geo.out_width);
     ws.prefilter_tmp.resize(pre.tmp_size());
     ws.line.resize(std::max(geo.out_width, geo.height * geo.width));
-    if (backward) {
+    if (backward) ws.packed_grad.resize(out_per_group * padded);
+    if (backward && weight_t) {  // dx wanted (weight_t is W^T, given only then)
       ws.grad_box.resize(boxes);
-      ws.packed_grad.resize(out_per_group * padded);
       ws.grad_rows.resize(k_size * padded);
     }
     return ws;
@@ -225,9 +230,48 @@ struct ImagePath {
     }
   }
 
-  // Backward, whole planes (the path is not blocked): the operands of image n (and S), then P0 and R from them.
+  // Backward: the operands of image n (and S), then P0 and R from them; blocked, S alone (invert: the
+  // epilogue reads it), the operands are packed block by block by blocked_weight_grad.
   void load_operands(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
-    pack_operands(x, n, 0, geo.out_height, ws);
+    if (!blocked) {
+      pack_operands(x, n, 0, geo.out_height, ws);
+    } else if (geo.pull == PullKind::kShift) {
+      input_box_sums(x, n, ws);
+    }
+  }
+
+  // Invert: S of image n straight from its input planes (what box_sums reads off the packed im2col): per
+  // group, the channels' sum plane, then its kw taps along each row, then the kh taps down each column.
+  void input_box_sums(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+    const int64_t in_plane = geo.height * geo.width, wo_count = geo.out_width;
+    ScratchVector<scalar_t> sum(in_plane), along(geo.height * wo_count);
+    for (int64_t grp = 0; grp < geo.groups; ++grp) {
+      std::fill(sum.begin(), sum.end(), scalar_t(0));
+      for (int64_t c = grp * in_per_group; c < (grp + 1) * in_per_group; ++c) {
+        const scalar_t* __restrict__ x_plane = x + (n * geo.in_channels + c) * in_plane;
+        for (int64_t i = 0; i < in_plane; ++i) sum[i] += x_plane[i];
+      }
+      std::fill(along.begin(), along.end(), scalar_t(0));
+      for (int64_t j = 0; j < geo.kernel_w; ++j) {  // along[h, wo] = sum_j sum[h, wo * sw + j * dw - pw]
+        const auto [lo, hi] = valid_columns(j);
+        const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
+        for (int64_t h = 0; h < geo.height; ++h) {
+          const scalar_t* src = sum.data() + h * geo.width + offset;
+          scalar_t* out = along.data() + h * wo_count;
+          for (int64_t wo = lo; wo < hi; ++wo) out[wo] += src[wo * s];
+        }
+      }
+      scalar_t* box = ws.box.data() + grp * plane;  // S[ho, wo] = sum_i along[ho * sh + i * dh - ph, wo]
+      std::fill(box, box + plane, scalar_t(0));
+      for (int64_t ho = 0; ho < geo.out_height; ++ho) {
+        for (int64_t i = 0; i < geo.kernel_h; ++i) {
+          const int64_t h = ho * conv.stride[0] + i * conv.dilation[0] - conv.padding[0];
+          if (h < 0 || h >= geo.height) continue;
+          const scalar_t* src = along.data() + h * wo_count;
+          for (int64_t wo = 0; wo < wo_count; ++wo) box[ho * wo_count + wo] += src[wo];
+        }
+      }
+    }
   }
   void responses(ImageWorkspace<scalar_t>& ws) const { responses(0, geo.out_height, ws); }
 
@@ -254,19 +298,39 @@ struct ImagePath {
     return ws.grad_box.empty() ? nullptr : ws.grad_box.data();
   }
 
-  // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field.
-  void pack_group_field(const ScratchVector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws) const {
+  // Packs rows [row, row + out_per_group) of a [C_out, field_ld] gradient field, pixels [column, column +
+  // pixels) (the whole plane by default).
+  void pack_group_field(const ScratchVector<scalar_t>& field, int64_t grp, ImageWorkspace<scalar_t>& ws,
+                        int64_t column = 0, int64_t pixels = -1) const {
+    if (pixels < 0) pixels = plane;
     for (int64_t r = 0; r < out_per_group; ++r) {
-      panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld, plane, out_per_group, r,
+      panel::pack_row(field.data() + (grp * out_per_group + r) * field_ld + column, pixels, out_per_group, r,
                       ws.packed_grad.data());
     }
   }
 
-  // grad_w[grp rows] += packed gradient (one group) @ operand^T.
-  void add_weight_grad(const scalar_t* operand, int64_t grp, const ImageWorkspace<scalar_t>& ws,
-                       scalar_t* grad_w) const {
-    panel::gram(ws.packed_grad.data(), out_per_group, operand, k_size, plane, grad_w + grp * out_per_group * k_size,
-                k_size);
+  // grad_w[grp rows] += packed gradient (one group) @ operand^T, over `pixels` packed pixels.
+  void add_weight_grad(const scalar_t* operand, int64_t grp, const ImageWorkspace<scalar_t>& ws, scalar_t* grad_w,
+                       int64_t pixels = -1) const {
+    panel::gram(ws.packed_grad.data(), out_per_group, operand, k_size, pixels < 0 ? plane : pixels,
+                grad_w + grp * out_per_group * k_size, k_size);
+  }
+
+  // Blocked backward (no dx): the weight gradient of image n block by block of output rows, each block's
+  // operands packed again (in cache) and its rows of the gradient fields (ws.push / ws.pull) packed beside.
+  void blocked_weight_grad(const scalar_t* x, int64_t n, scalar_t* grad_w_image, ImageWorkspace<scalar_t>& ws) const {
+    for (int64_t ho = 0; ho < geo.out_height; ho += block_rows) {
+      const int64_t end = std::min(ho + block_rows, geo.out_height);
+      const int64_t pixels = (end - ho) * geo.out_width, column = ho * geo.out_width;
+      pack_operands(x, n, ho, end, ws);
+      for (int64_t grp = 0; grp < geo.groups; ++grp) {
+        pack_group_field(ws.push, grp, ws, column, pixels);
+        add_weight_grad(ws.cols.data() + grp * operand_size(), grp, ws, grad_w_image, pixels);
+        if (!separable) continue;
+        pack_group_field(ws.pull, grp, ws, column, pixels);
+        add_weight_grad(ws.z.data() + grp * operand_size(), grp, ws, grad_w_image, pixels);
+      }
+    }
   }
 
   // W_g^T @ (packed gradient) into ws.grad_rows [K, padded]; weight_t is W_g^T [K, C_out/groups].
@@ -302,6 +366,7 @@ struct ImagePath {
   // weight gradient of the image (grad_w_image, [C_out, K], added to) and its input gradient planes
   // (grad_x_image, [C_in, H, W]).
   void backward(scalar_t* grad_w_image, scalar_t* grad_x_image, ImageWorkspace<scalar_t>& ws) const {
+    TORCH_CHECK(!blocked, "pushpull CPU: a blocked ImagePath backward goes through blocked_weight_grad");
     const int64_t in_plane = geo.height * geo.width;
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       const scalar_t* w_t = grad_x_image ? weight_t + grp * k_size * out_per_group : nullptr;

@@ -80,11 +80,12 @@ const T* data_or_null(const at::Tensor& t) {
 
 at::Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : at::Tensor(); }
 
-// fn(the route of `kind`), built for the forward or the backward (need_x: with W^T for dx). The tensors
+// fn(the route of `kind`), built for the forward or the backward (need_x: with W^T for dx; blocked_backward:
+// an ImagePath backward whose operands only the weight gradient reads, packed block by block). The tensors
 // its raw pointers read live until fn returns.
 template <typename scalar_t, typename Fn>
 void with_route(ImageRoute kind, const Geometry& geo, const ConvArgs& conv, const at::Tensor& w,
-                const PullOperands& pull, bool backward, bool need_x, Fn fn) {
+                const PullOperands& pull, bool backward, bool need_x, Fn fn, bool blocked_backward = false) {
   if (kind == ImageRoute::kTaps) {
     const auto stacked = tap_stacked_weight(w);
     const auto w_t = need_x ? tap_transposed_weight(w, geo.groups) : at::Tensor();
@@ -102,7 +103,7 @@ void with_route(ImageRoute kind, const Geometry& geo, const ConvArgs& conv, cons
   const auto rows_c = contiguous_or_undefined(pull.rows), cols_c = contiguous_or_undefined(pull.cols);
   const auto shift = contiguous_or_undefined(pull.shift);
   fn(ImagePath<scalar_t>(geo, conv, rows_c, cols_c, data_or_null<scalar_t>(shift), w, data_or_null<scalar_t>(w_t),
-                         /*blocked=*/!backward));
+                         /*blocked_rows=*/!backward || blocked_backward));
 }
 
 template <typename Route>
@@ -164,6 +165,12 @@ void backward_images(const Route& route, const BackwardRequest& req, BackwardFie
       const auto in = route.inputs(ws, bias_in);
       for (int64_t grp = 0; grp < geo.groups; ++grp)
         backward_epilogue_group(in, 0, n, grp, bin, fields, scratch, box_grad);
+      if constexpr (IsImagePath<Route>::value) {
+        if (route.blocked) {  // no dx: the weight gradient alone, block by block
+          if (req.need.w) route.blocked_weight_grad(x, n, grad_w_images[n].data_ptr<T>(), ws);
+          continue;
+        }
+      }
       if (req.need.w || req.need.x) {
         route.backward(req.need.w ? grad_w_images[n].data_ptr<T>() : nullptr,
                        req.need.x ? grad_x[n].data_ptr<T>() : nullptr, ws);
@@ -205,9 +212,12 @@ std::pair<at::Tensor, at::Tensor> backward_by_image(ImageRoute route, const Back
   // Per-image partial sums, added in a fixed order below: the result does not depend on the threads.
   if (req.need.w) grad_w_images = at::zeros({geo.batch, geo.out_channels, req.w[0].numel()}, req.w.options());
   AT_DISPATCH_FLOATING_TYPES(req.w.scalar_type(), "pushpull_backward_cpu_by_image", [&] {
-    with_route<scalar_t>(route, geo, req.conv, req.w, {req.shift, req.pull_rows, req.pull_cols}, /*backward=*/true,
-                         req.need.x,
-                         [&](const auto& r) { backward_images(r, req, f, grad_x, grad_w_images); });
+    // ImagePath packs blocks of rows (in cache) where only the weight gradient reads its operands: no dx, and
+    // the pull response is not recomputed (the epilogue would read P0 and R of the whole plane).
+    const bool blocked = !req.need.x && !backward_inputs<scalar_t>(req).recompute_pull;
+    with_route<scalar_t>(
+        route, geo, req.conv, req.w, {req.shift, req.pull_rows, req.pull_cols}, /*backward=*/true, req.need.x,
+        [&](const auto& r) { backward_images(r, req, f, grad_x, grad_w_images); }, blocked);
   });
   if (req.need.w) grad_w = grad_w_images.sum(0).view(req.w.sizes());
   return {grad_x, grad_w};
