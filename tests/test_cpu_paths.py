@@ -68,10 +68,11 @@ def _grads(backend, inputs, opts, grad_seed=1):
     return [out, *torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
 
 
-def _check_against_reference(sizes, opts_in, dtype, rtol):
+def _check_against_reference(sizes, opts_in, dtype, rtol, input_grad=True):
     inputs, opts = make_case(sizes, opts_in, dtype, "cpu")
+    inputs["input"].requires_grad_(input_grad)
     ours = _grads("cpu", inputs, opts)
-    as64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    as64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
     exact = _grads("reference", as64, opts)
     names = ["output"] + [k for k, v in inputs.items() if v.requires_grad]
     for name, a, e in zip(names, ours, exact):
@@ -114,6 +115,30 @@ def test_upsample_paths_on_a_large_image(monkeypatch, path, dtype, rtol):
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
 def test_panels_on_larger_images(sizes, options, dtype, rtol):
     _check_against_reference(sizes, options, dtype, rtol)
+
+
+# The stems' backward, without an input gradient: the per-image panels pack their operands block by block
+# of output rows after the epilogue (K = 147 on 50-56 output columns: blocks of 3-7 rows), invert's S
+# taken from the input planes; groups of one input channel; strided upsample's z beside the im2col.
+STEM_BLOCK_CASES = [
+    (
+        "stem-invert-7x7-s2",
+        (2, 3, 8, 112, 100, 7, 7),
+        dict(pull="invert", stride=2, padding=3, avg_kernel=3, bias_out=True, alpha="vector"),
+    ),
+    ("stem-invert-groups3", (1, 3, 6, 90, 64, 7, 7), dict(pull="invert", stride=2, padding=3, groups=3)),
+    (
+        "stem-upsample-s2",
+        (2, 4, 6, 80, 72, 3, 3),
+        dict(pull="upsample", stride=2, padding=1, bias_in=True, alpha="scalar"),
+    ),
+]
+
+
+@pytest.mark.parametrize("sizes, options", [pytest.param(s, o, id=n) for n, s, o in STEM_BLOCK_CASES])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_stem_backward_in_row_blocks(sizes, options, dtype, rtol):
+    _check_against_reference(sizes, options, dtype, rtol, input_grad=False)
 
 
 _ISA_SCRIPT = textwrap.dedent("""
