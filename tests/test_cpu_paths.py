@@ -118,18 +118,19 @@ def test_panels_on_larger_images(sizes, options, dtype, rtol):
 
 
 # The stems' backward, without an input gradient: the per-image panels pack their operands block by block
-# of output rows after the epilogue (K = 147 on 50-56 output columns: blocks of 3-7 rows), invert's S
-# taken from the input planes; groups of one input channel; strided upsample's z beside the im2col.
+# of output rows after the epilogue (1 MiB of operands a block: 2-5 blocks an image here, in float32 and
+# float64), invert's S taken from the input planes; groups of one input channel; strided upsample's z
+# beside the im2col.
 STEM_BLOCK_CASES = [
     (
         "stem-invert-7x7-s2",
         (2, 3, 8, 112, 100, 7, 7),
         dict(pull="invert", stride=2, padding=3, avg_kernel=3, bias_out=True, alpha="vector"),
     ),
-    ("stem-invert-groups3", (1, 3, 6, 90, 64, 7, 7), dict(pull="invert", stride=2, padding=3, groups=3)),
+    ("stem-invert-groups3", (1, 3, 6, 180, 64, 7, 7), dict(pull="invert", stride=2, padding=3, groups=3)),
     (
         "stem-upsample-s2",
-        (2, 4, 6, 80, 72, 3, 3),
+        (1, 4, 6, 200, 160, 3, 3),
         dict(pull="upsample", stride=2, padding=1, bias_in=True, alpha="scalar"),
     ),
 ]

@@ -37,6 +37,11 @@ struct ImageWorkspace {
 // Packed operands of this many bytes per block of output rows (both of them) stay in the 512 KiB L2 of
 // the CPU the path was tuned on (benchmarks/results/cpu-2core) while the products read them.
 constexpr int64_t kOperandBlockBytes = 256 * 1024;
+// The blocked backward's blocks (blocked_weight_grad): larger, since each block of the Gram product ends in
+// horizontal sums of its register tiles (256 KiB: 3 rows of the 112-wide imagenet stem, 7 panels a tile).
+// Backward of imagenet-stem-2024, batch 4, one thread, on the 2-core Xeon (2 MiB L2), min of 3-4 runs:
+// whole planes 34.7 ms, 256 KiB 31.0, 1 MiB 27.6, 4 MiB 30.3.
+constexpr int64_t kBackwardBlockBytes = 1024 * 1024;
 
 template <typename scalar_t>
 struct ImagePath {
@@ -54,11 +59,11 @@ struct ImagePath {
   int64_t field_ld;    // row stride of the push/pull fields: a block's product may write kPanel - 1 past it
   bool blocked;
 
-  // `blocked`: pack blocks of rows rather than whole planes: the forward, and a backward in which only the
-  // weight gradient reads the packed operands (blocked_weight_grad); the other backwards pack whole planes.
+  // block_bytes: pack blocks of rows of about this many operand bytes (0: whole planes): the forward, and a
+  // backward in which only the weight gradient reads the packed operands (blocked_weight_grad).
   // r, k: the contiguous interpolation matrices (upsample; else undefined); s: pull_shift or null.
   ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const scalar_t* s,
-            const at::Tensor& w, const scalar_t* w_t, bool blocked_rows)
+            const at::Tensor& w, const scalar_t* w_t, int64_t block_bytes)
       : geo(g),
         conv(c),
         pre(g.pull == PullKind::kSeparable ? prefilter_geometry(g, c, r, k) : PrefilterGeometry{}),
@@ -75,12 +80,11 @@ struct ImagePath {
         out_per_group(g.out_channels / g.groups),
         k_size(in_per_group * taps),
         field_ld(plane + panel::kPanel),
-        blocked(blocked_rows) {
+        blocked(block_bytes > 0) {
     const int64_t operands = separable ? 2 : 1;
     const int64_t row_bytes = operands * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
-    block_rows = blocked_rows
-                     ? std::clamp<int64_t>(kOperandBlockBytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
-                     : g.out_height;
+    block_rows = blocked ? std::clamp<int64_t>(block_bytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
+                         : g.out_height;
   }
 
   int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }

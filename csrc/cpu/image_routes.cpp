@@ -103,7 +103,7 @@ void with_route(ImageRoute kind, const Geometry& geo, const ConvArgs& conv, cons
   const auto rows_c = contiguous_or_undefined(pull.rows), cols_c = contiguous_or_undefined(pull.cols);
   const auto shift = contiguous_or_undefined(pull.shift);
   fn(ImagePath<scalar_t>(geo, conv, rows_c, cols_c, data_or_null<scalar_t>(shift), w, data_or_null<scalar_t>(w_t),
-                         /*blocked_rows=*/!backward || blocked_backward));
+                         !backward ? kOperandBlockBytes : (blocked_backward ? kBackwardBlockBytes : 0)));
 }
 
 template <typename Route>
