@@ -144,9 +144,9 @@ def test_kernels_neither_spill_nor_miss_the_tensor_cores(compiled, target):
 
 
 # ---------------------------------------------------------------- the child: python this_file ARCH OUT SETS...
-def _grid_launches(dtypes, only=lambda options: True):
-    """(label, call(config)) per case of tests/support/cases.py (those whose options `only` takes) and dtype:
-    forward, every gradient, inference forward."""
+def _grid_launches(dtypes):
+    """(label, call(config)) per case of tests/support/cases.py and dtype: forward, every gradient, inference
+    forward."""
     from cases import CASES, call, make_case
 
     from pushpull_ext.compile_check import launch_step
@@ -161,7 +161,6 @@ def _grid_launches(dtypes, only=lambda options: True):
     return [
         (f"{name} {str(dtype).replace('torch.', '')}", step(sizes, options, dtype))
         for name, sizes, options in CASES
-        if only(options)
         for dtype in dtypes
     ]
 
@@ -185,9 +184,6 @@ def _child(arch, out_path, sets):
     if "grid" in sets:
         grid_dtypes = [torch.float32, torch.bfloat16]
         runs.append(("grid", _grid_launches(grid_dtypes), True, {}))
-        # upsample's tap path on the grid's upsample cases, forced (the rule takes it for the papers' blocks)
-        upsample = _grid_launches(grid_dtypes, only=lambda options: options.get("pull") == "upsample")
-        runs.append(("grid", upsample, True, {"upsample_path": "taps"}))
     kernels = {}  # by binary: a later run may launch a kernel an earlier one compiled
     for which, launches, tf32, config in runs:
         for kernel in compile_check.compile_all([arch], launches, tf32=tf32, **config):
