@@ -174,19 +174,18 @@ def _child(arch, out_path, sets):
     from pushpull_ext import compile_check
     from pushpull_ext.shapes import CASES
 
-    runs = []  # (set, launches, tf32, LaunchConfig fields)
+    runs = []  # (set, launches, tf32)
     papers = [case.name for case in CASES]
     if "spec" in sets:
         dtypes = [torch.float32, torch.bfloat16, torch.float64]
-        runs.append(("spec", compile_check.spec_launches(dtypes, papers + EXTRA_SHAPES), True, {}))
+        runs.append(("spec", compile_check.spec_launches(dtypes, papers + EXTRA_SHAPES), True))
         # TF32 off changes the products' precision only, not the index math EXTRA_SHAPES are there for
-        runs.append(("spec", compile_check.spec_launches([torch.float32], papers), False, {}))
+        runs.append(("spec", compile_check.spec_launches([torch.float32], papers), False))
     if "grid" in sets:
-        grid_dtypes = [torch.float32, torch.bfloat16]
-        runs.append(("grid", _grid_launches(grid_dtypes), True, {}))
+        runs.append(("grid", _grid_launches([torch.float32, torch.bfloat16]), True))
     kernels = {}  # by binary: a later run may launch a kernel an earlier one compiled
-    for which, launches, tf32, config in runs:
-        for kernel in compile_check.compile_all([arch], launches, tf32=tf32, **config):
+    for which, launches, tf32 in runs:
+        for kernel in compile_check.compile_all([arch], launches, tf32=tf32):
             kernels.setdefault(kernel.binary_hash, dict(asdict(kernel), set=which, triton=triton.__version__))
     with open(out_path, "w") as f:
         json.dump(list(kernels.values()), f, default=str)
