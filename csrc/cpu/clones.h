@@ -8,3 +8,11 @@
 #else
 #define PUSHPULL_CPU_CLONES
 #endif
+
+// A helper of a cloned (or target-specific) function: inlined into each version, so that its loops are
+// compiled for that version's instruction set (a call would reach one copy built for the baseline).
+#if defined(__GNUC__) || defined(__clang__)
+#define PUSHPULL_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define PUSHPULL_ALWAYS_INLINE inline
+#endif

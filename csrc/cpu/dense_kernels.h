@@ -15,6 +15,8 @@
 #include <cstring>
 #include <string>
 
+#include "clones.h"
+
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of always-inline helpers never cross an ABI boundary
 
@@ -31,7 +33,6 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 constexpr int64_t kPanelWidth = 48;
 static_assert(kPanelWidth % kGrain<float> == 0 && kPanelWidth % kGrain<double> == 0);
 
-#define PUSHPULL_INLINE inline __attribute__((always_inline))
 
 template <typename T, int Bytes>
 struct VecOf {
@@ -39,14 +40,14 @@ struct VecOf {
 };
 
 template <typename V, typename T>
-PUSHPULL_INLINE V load(const T* p) {
+PUSHPULL_ALWAYS_INLINE V load(const T* p) {
   V v;
   std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
   return v;
 }
 
 template <typename V, typename T>
-PUSHPULL_INLINE void store(T* p, const V& v) {
+PUSHPULL_ALWAYS_INLINE void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
@@ -56,23 +57,23 @@ PUSHPULL_INLINE void store(T* p, const V& v) {
 template <typename T>
 struct RowPointers {
   const T* const* rows;
-  PUSHPULL_INLINE const T* row(int64_t k) const { return rows[k]; }
-  PUSHPULL_INLINE RowPointers from(int64_t k) const { return {rows + k}; }
+  PUSHPULL_ALWAYS_INLINE const T* row(int64_t k) const { return rows[k]; }
+  PUSHPULL_ALWAYS_INLINE RowPointers from(int64_t k) const { return {rows + k}; }
 };
 
 template <typename T>
 struct StridedRows {
   const T* first;
   int64_t stride;
-  PUSHPULL_INLINE const T* row(int64_t k) const { return first + k * stride; }
-  PUSHPULL_INLINE StridedRows from(int64_t k) const { return {first + k * stride, stride}; }
+  PUSHPULL_ALWAYS_INLINE const T* row(int64_t k) const { return first + k * stride; }
+  PUSHPULL_ALWAYS_INLINE StridedRows from(int64_t k) const { return {first + k * stride, stride}; }
 };
 
 // ---- the bodies, for vectors of `Bytes` bytes
 
 // MR rows of C times NV vectors of columns, over all k: the accumulators stay in registers.
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p, T* c, int64_t ldc,
+PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p, T* c, int64_t ldc,
                                bool accumulate) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
@@ -92,7 +93,7 @@ PUSHPULL_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Ro
 }
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t p,
+PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t p,
                                   T* c, int64_t ldc, bool accumulate) {
   // Tiles of MR rows, then of MR / 2, ... down to single rows.
   int64_t r = 0;
@@ -104,7 +105,7 @@ PUSHPULL_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64
 }
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t n, T* c,
+PUSHPULL_ALWAYS_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t n, T* c,
                                int64_t ldc, bool accumulate) {
   constexpr int L = Bytes / sizeof(T);
   // Column blocks outer: a block of B (k_size x NV * L) stays in L1 while every row tile reads it.
@@ -116,7 +117,7 @@ PUSHPULL_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t 
 // The same product on packed operands: panel p of B (k_size rows of kPanelWidth) gives columns
 // [p * kPanelWidth, (p + 1) * kPanelWidth) of C.
 template <typename T, int Bytes, int MR, int NV>
-PUSHPULL_INLINE void panel_gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* b,
+PUSHPULL_ALWAYS_INLINE void panel_gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* b,
                                      int64_t panels, T* c, int64_t ldc) {
   for (int64_t p = 0; p < panels; ++p) {
     const StridedRows<T> panel{b + p * k_size * kPanelWidth, kPanelWidth};
@@ -134,7 +135,7 @@ struct Runs {
 // C[r, q] += sum_pix A[r, pix] * B[q, pix] for an MR x QR block over runs [first, end): vector partial
 // sums, added across lanes at the end.
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
-PUSHPULL_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs& runs, int64_t first, int64_t end, T* c,
+PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs& runs, int64_t first, int64_t end, T* c,
                                int64_t ldc) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
@@ -160,7 +161,7 @@ PUSHPULL_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs& runs,
 
 // Tiles of QR columns of C, then of QR / 2, ... down to single columns.
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
-PUSHPULL_INLINE void gram_rows(const ARows& a, const BRows& b, int64_t q_rows, const Runs& runs, int64_t first,
+PUSHPULL_ALWAYS_INLINE void gram_rows(const ARows& a, const BRows& b, int64_t q_rows, const Runs& runs, int64_t first,
                                int64_t end, T* c, int64_t ldc) {
   int64_t q = 0;
   for (; q + QR <= q_rows; q += QR) gram_tile<T, Bytes, MR, QR, RunLen>(a, b.from(q), runs, first, end, c + q, ldc);
@@ -171,7 +172,7 @@ PUSHPULL_INLINE void gram_rows(const ARows& a, const BRows& b, int64_t q_rows, c
 
 // Tiles of MR rows of C, then of MR / 2, ... down to single rows.
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
-PUSHPULL_INLINE void gram_chunk(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs,
+PUSHPULL_ALWAYS_INLINE void gram_chunk(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs,
                                 int64_t first, int64_t end, T* c, int64_t ldc) {
   int64_t r = 0;
   for (; r + MR <= m_rows; r += MR)
@@ -182,7 +183,7 @@ PUSHPULL_INLINE void gram_chunk(const ARows& a, int64_t m_rows, const BRows& b, 
 }
 
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
-PUSHPULL_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs, T* c,
+PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs, T* c,
                                int64_t ldc) {
   // Chunks of about 1024 pixels, so that the chunk of every row stays in L2 while all the tiles read it.
   constexpr int64_t chunk = RunLen < 1024 ? 1024 / RunLen : 1;
@@ -193,7 +194,7 @@ PUSHPULL_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, i
 // out[p] = sum_t w[t] * src[t][p] for p < n (any n). Eight vectors at a time: eight independent chains
 // of multiply-adds hide the FMA latency (two chains left the loop waiting on it).
 template <typename T, int Bytes, int NV>
-PUSHPULL_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p, int64_t n,
+PUSHPULL_ALWAYS_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p, int64_t n,
                                              T* out) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
@@ -209,7 +210,7 @@ PUSHPULL_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, in
 }
 
 template <typename T, int Bytes>
-PUSHPULL_INLINE void weighted_sum_body(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {
+PUSHPULL_ALWAYS_INLINE void weighted_sum_body(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {
   int64_t p = weighted_sum_vectors<T, Bytes, 8>(src, w, terms, 0, n, out);
   p = weighted_sum_vectors<T, Bytes, 1>(src, w, terms, p, n, out);
   for (; p < n; ++p) {
@@ -349,7 +350,6 @@ void weighted_sum(const T* const* src, const T* w, int64_t terms, int64_t n, T* 
 }
 
 #undef PUSHPULL_DENSE_DISPATCH
-#undef PUSHPULL_INLINE
 
 }  // namespace dense
 }  // namespace pushpull

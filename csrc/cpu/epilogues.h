@@ -106,8 +106,61 @@ struct ForwardOutputs {
   scalar_t* saved_pull;  // ReLU(Q') [N, C_out, plane] for alpha's gradient (save_pull; else nullptr)
 };
 
+// NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN), and its mask bit is set
+// as torch's ReLU backward passes the gradient wherever !(v <= 0).
+template <typename acc_t>
+PUSHPULL_ALWAYS_INLINE acc_t relu_nan_kept(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
+// One output channel: y (or the dual output's two planes) and ReLU(Q') when it is saved in one pass over
+// its plane, the channel's bit of both masks in a second (a loop of its own, so that each vectorizes).
+// Q' = q[p] + q_offset (q_offset = -bias when q is the pull response read in place).
+template <bool kDual, bool kSaved, bool kMasks, typename acc_t, typename scalar_t, typename Q>
+PUSHPULL_ALWAYS_INLINE void forward_channel(const scalar_t* __restrict__ p0, const Q* __restrict__ q, acc_t b,
+                                           acc_t q_offset, acc_t a, acc_t bo, int64_t plane,
+                                           scalar_t* __restrict__ y_push, scalar_t* __restrict__ y_pull,
+                                           scalar_t* __restrict__ saved, uint8_t* __restrict__ mask_p,
+                                           uint8_t* __restrict__ mask_q, uint8_t bit) {
+  for (int64_t p = 0; p < plane; ++p) {
+    const acc_t relu_pull = relu_nan_kept(static_cast<acc_t>(q[p]) + q_offset);
+    const acc_t relu_push = relu_nan_kept(static_cast<acc_t>(p0[p]) + b);
+    if constexpr (kDual) {
+      y_push[p] = static_cast<scalar_t>(relu_push);
+      y_pull[p] = static_cast<scalar_t>(relu_pull);
+    } else {
+      y_push[p] = static_cast<scalar_t>(relu_push - a * relu_pull + bo);
+    }
+    if constexpr (kSaved) saved[p] = static_cast<scalar_t>(relu_pull);
+  }
+  if constexpr (kMasks) {
+    for (int64_t p = 0; p < plane; ++p) {
+      mask_p[p] |= (static_cast<acc_t>(p0[p]) + b <= acc_t(0)) ? uint8_t(0) : bit;
+      mask_q[p] |= (static_cast<acc_t>(q[p]) + q_offset <= acc_t(0)) ? uint8_t(0) : bit;
+    }
+  }
+}
+
+// forward_channel with its three switches as template arguments, so that each variant's loop vectorizes.
+template <typename acc_t, typename scalar_t, typename Q>
+PUSHPULL_ALWAYS_INLINE void forward_channel(bool dual, bool save, bool masks, const scalar_t* p0, const Q* q, acc_t b,
+                            acc_t q_offset, acc_t a, acc_t bo, int64_t plane, scalar_t* y_push, scalar_t* y_pull,
+                            scalar_t* saved, uint8_t* mask_p, uint8_t* mask_q, uint8_t bit) {
+#define PUSHPULL_FORWARD_CHANNEL(D, S, M) \
+  return forward_channel<D, S, M>(p0, q, b, q_offset, a, bo, plane, y_push, y_pull, saved, mask_p, mask_q, bit)
+  if (masks) {
+    if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, true);
+    if (save) PUSHPULL_FORWARD_CHANNEL(false, true, true);
+    PUSHPULL_FORWARD_CHANNEL(false, false, true);
+  }
+  if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, false);
+  PUSHPULL_FORWARD_CHANNEL(false, false, false);
+#undef PUSHPULL_FORWARD_CHANNEL
+}
+
 // Output and masks of image n, channels 8 * octet .. 8 * octet + 7, from the responses of image n_in of
-// `in` (n itself, or 0 for a one-image workspace). Each mask byte has a single writer.
+// `in` (n itself, or 0 for a one-image workspace). Each mask byte has a single writer. The op's checks
+// guarantee that ReLU(Q') is saved only with the masks and a single output.
 template <typename scalar_t>
 PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t octet,
                                                 const ForwardOutputs<scalar_t>& out,
@@ -118,38 +171,25 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
   const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
   uint8_t* mask_p = out.masks ? out.masks + (n * octets + octet) * plane : nullptr;
   uint8_t* mask_q = out.masks ? mask_p + geo.batch * octets * plane : nullptr;  // masks[1]
+  // Q' = R - bias read in place where nothing else enters it (no box sum, no pooling); else formed in scratch.
+  const bool pull_in_place = in.pull0 && !in.box && geo.avg_kernel <= 1;
   if (out.masks) std::fill(mask_p, mask_p + plane, 0), std::fill(mask_q, mask_q + plane, 0);
-  // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN), and its mask bit is set
-  // as torch's ReLU backward passes the gradient wherever !(v <= 0).
-  auto relu = [](acc_t v) { return v < acc_t(0) ? acc_t(0) : v; };
   for (int64_t o = octet * 8; o < std::min(octet * 8 + 8, geo.out_channels); ++o) {
-    in.pull_response(n_in, o, scratch.q.data(), scratch.pool);
-    const scalar_t* p0 = in.push0.plane(n_in, o);
     const acc_t b = in.bias(o), a = static_cast<acc_t>(out.alpha[o]);
     const acc_t bo = out.bias_out ? static_cast<acc_t>(out.bias_out[o]) : acc_t(0);
     scalar_t* y_push = out.y + (n * out_c + o) * plane;
     scalar_t* y_pull = geo.dual_output ? out.y + (n * out_c + geo.out_channels + o) * plane : nullptr;
-    const acc_t* __restrict__ pull = scratch.q.data();
-    if (y_pull) {
-      for (int64_t p = 0; p < plane; ++p) {
-        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b));
-        y_pull[p] = static_cast<scalar_t>(relu(pull[p]));
-      }
+    scalar_t* saved = out.saved_pull ? out.saved_pull + (n * geo.out_channels + o) * plane : nullptr;
+    const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
+    const scalar_t* p0 = in.push0.plane(n_in, o);
+    if (pull_in_place) {
+      forward_channel(geo.dual_output, saved != nullptr, mask_p != nullptr, p0, in.pull0.plane(n_in, o), b, -b, a,
+                      bo, plane, y_push, y_pull, saved, mask_p, mask_q, bit);
     } else {
-      for (int64_t p = 0; p < plane; ++p) {
-        y_push[p] = static_cast<scalar_t>(relu(static_cast<acc_t>(p0[p]) + b) - a * relu(pull[p]) + bo);
-      }
-    }
-    if (out.saved_pull) {
-      scalar_t* saved = out.saved_pull + (n * geo.out_channels + o) * plane;
-      for (int64_t p = 0; p < plane; ++p) saved[p] = static_cast<scalar_t>(relu(pull[p]));
-    }
-    if (out.masks) {
-      const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
-      for (int64_t p = 0; p < plane; ++p) {
-        mask_p[p] |= (static_cast<acc_t>(p0[p]) + b <= acc_t(0)) ? uint8_t(0) : bit;
-        mask_q[p] |= (pull[p] <= acc_t(0)) ? uint8_t(0) : bit;
-      }
+      in.pull_response(n_in, o, scratch.q.data(), scratch.pool);
+      forward_channel(geo.dual_output, saved != nullptr, mask_p != nullptr, p0,
+                      static_cast<const acc_t*>(scratch.q.data()), b, acc_t(0), a, bo, plane, y_push, y_pull, saved,
+                      mask_p, mask_q, bit);
     }
   }
 }
@@ -203,7 +243,7 @@ BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& 
 // sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in eight interleaved partial sums: the loop vectorizes
 // and the order is fixed, so the result is deterministic.
 template <typename acc_t, typename T>
-inline acc_t lane_dot(const acc_t* __restrict__ a, const T* __restrict__ b, int64_t n) {
+PUSHPULL_ALWAYS_INLINE acc_t lane_dot(const acc_t* __restrict__ a, const T* __restrict__ b, int64_t n) {
   acc_t lanes[8] = {};
   int64_t p = 0;
   if (b) {
@@ -221,7 +261,7 @@ inline acc_t lane_dot(const acc_t* __restrict__ a, const T* __restrict__ b, int6
 
 // out[p] = scale * g[p] where the mask bit is set, else 0 (also for a NaN g: ReLU' is 0 there, as in torch).
 template <typename acc_t, typename T>
-inline void masked_gradient(const uint8_t* __restrict__ mask, uint8_t bit, const T* __restrict__ g, acc_t scale,
+PUSHPULL_ALWAYS_INLINE void masked_gradient(const uint8_t* __restrict__ mask, uint8_t bit, const T* __restrict__ g, acc_t scale,
                             int64_t n, acc_t* __restrict__ out) {
   // Branch-free, so that it vectorizes: the value's bits AND all-ones (bit set) or zero (+0.0).
   using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;

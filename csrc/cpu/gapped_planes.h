@@ -1,8 +1,9 @@
 // The "gapped" layout of the two stride-1 upsample routes (TapPath, PrefilterPath).
 //
 // Layout ("gapped rows"): every plane is stored flat with row stride Ws = max(W, Wo) + G, entry (r, c) at
-// (V + r) * Ws + G + c, zero in the gaps between rows, in V margin rows above and below, and in the slack
-// at the end. G and V are the largest horizontal and vertical shifts of any pass, so a shifted read past
+// L + (V + r) * Ws + G + c, zero in the gaps between rows, in the L lead values and V margin rows above,
+// below, and in the slack at the end. L (>= G) puts the start of row 0, rows_begin(), on a 64-byte
+// boundary, where the matrix products start: their unshifted operands and results are aligned loads. G and V are the largest horizontal and vertical shifts of any pass, so a shifted read past
 // a row's end or the plane's edge reads zeros: each pass is ONE 1-D loop over the whole plane with no
 // bounds test (dense::weighted_sum), and the matrix products run over the plane's flat range.
 #pragma once
@@ -10,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -32,12 +34,22 @@ struct TermScratch {
   std::vector<T> weights;
 };
 
+// dst[0, n) = src[0, n) for the layout's short rows (32 or 56 values on the ResNets): fixed 64-byte blocks,
+// which the compiler moves inline, then the tail; a call to memmove per row cost more than its copy.
+template <typename T>
+inline void copy_row(const T* __restrict__ src, int64_t n, T* __restrict__ dst) {
+  constexpr int64_t kBlock = 64 / sizeof(T);
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) std::memcpy(dst + i, src + i, 64);
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 // The gapped layout and what both stride-1 paths do with it.
 struct GappedPlanes {
   const Geometry& geo;
   int64_t taps, in_per_group, out_per_group, plane;
   int64_t dh, dw, ph, pw, qh, qw, pull_h, pull_w;
-  int64_t gap, margin, ws_stride, plane_size;  // G, V, Ws and the length of one gapped plane
+  int64_t gap, margin, ws_stride, lead, plane_size;  // G, V, Ws, L and the length of one gapped plane
 
   GappedPlanes(const Geometry& g, const ConvArgs& c, int64_t pull_rows, int64_t pull_cols, int64_t grain)
       : geo(g),
@@ -57,11 +69,15 @@ struct GappedPlanes {
     gap = std::max({pw, qw, (g.kernel_w - 1) * dw - pw, (pull_w - 1) * dw - qw, int64_t(0)});
     margin = std::max({ph, qh, (g.kernel_h - 1) * dh - ph, (pull_h - 1) * dh - qh, int64_t(0)});
     ws_stride = std::max(g.width, g.out_width) + gap;
+    // L >= G: a product starting at rows_begin() reads B rows shifted left by up to G values in bounds.
+    lead = gap + (grain - (gap + margin * ws_stride) % grain) % grain;
     const int64_t rows_max = std::max(g.height, g.out_height);
-    plane_size = dense::round_up((2 * margin + rows_max) * ws_stride + 2 * gap, grain) + grain;
+    plane_size = dense::round_up(lead + (2 * margin + rows_max) * ws_stride + 2 * gap, grain) + grain;
   }
 
-  int64_t at(int64_t r, int64_t c) const { return (margin + r) * ws_stride + gap + c; }
+  int64_t at(int64_t r, int64_t c) const { return lead + (margin + r) * ws_stride + gap + c; }
+  // Where row 0 starts (its left gap), a multiple of the grain: the matrix products' first pixel.
+  int64_t rows_begin() const { return lead + margin * ws_stride; }
   // Lengths of the flat ranges from at(0, 0) over the input plane and over the output plane.
   int64_t input_length() const { return (geo.height - 1) * ws_stride + geo.width; }
   int64_t output_length() const { return (geo.out_height - 1) * ws_stride + geo.out_width; }
@@ -69,11 +85,11 @@ struct GappedPlanes {
   // Copies plane(s) [rows, cols] (row stride `cols`) into / out of the gapped layout.
   template <typename T>
   void to_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
-    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * cols, src + (r + 1) * cols, dst + at(r, 0));
+    for (int64_t r = 0; r < rows; ++r) copy_row(src + r * cols, cols, dst + at(r, 0));
   }
   template <typename T>
   void from_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
-    for (int64_t r = 0; r < rows; ++r) std::copy(src + at(r, 0), src + at(r, 0) + cols, dst + r * cols);
+    for (int64_t r = 0; r < rows; ++r) copy_row(src + at(r, 0), cols, dst + r * cols);
   }
   template <typename T>
   void load_input(const T* x, int64_t n, T* xg) const {

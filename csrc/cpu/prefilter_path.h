@@ -61,7 +61,8 @@ struct PrefilterPath : GappedPlanes {
       }
   }
 
-  int64_t product_length() const { return dense::round_up(output_length(), dense::kGrain<T>); }
+  // The products run over the output rows from rows_begin() (aligned; row 0's left gap included).
+  int64_t product_length() const { return dense::round_up(gap + output_length(), dense::kGrain<T>); }
 
   PrefilterWorkspace<T> workspace(bool backward) const {
     PrefilterWorkspace<T> ws;
@@ -86,10 +87,10 @@ struct PrefilterPath : GappedPlanes {
   // z of every input channel, from ws.xg. The vertical pass covers whole rows (gaps included: zeros), so
   // that the horizontal one reads zeros past the rows' ends.
   void prefilter(PrefilterWorkspace<T>& ws) const {
-    const int64_t rows_begin = margin * ws_stride, rows_length = geo.out_height * ws_stride;
+    const int64_t rows_length = geo.out_height * ws_stride;
     for (int64_t c = 0; c < geo.in_channels; ++c) {
       for (int64_t i = 0; i < geo.kernel_h; ++i)
-        apply(vertical, i, false, static_cast<const T*>(ws.xg.data() + c * plane_size), ws.lines.data(), rows_begin,
+        apply(vertical, i, false, static_cast<const T*>(ws.xg.data() + c * plane_size), ws.lines.data(), rows_begin(),
               rows_length, ws.terms);
       for (int64_t t = 0; t < taps; ++t)
         apply(horizontal, t, false, static_cast<const T*>(ws.lines.data()), ws.z.data() + c * taps * plane_size,
@@ -97,13 +98,13 @@ struct PrefilterPath : GappedPlanes {
     }
   }
 
-  // B rows of group grp: the shifted input planes (push) or the prefiltered ones (pull), from at(0, 0).
+  // B rows of group grp: the shifted input planes (push) or the prefiltered ones (pull), from rows_begin().
   const T* const* operand(int64_t grp, bool pull, PrefilterWorkspace<T>& ws) const {
     ws.rows.resize(k_size);
     for (int64_t k = 0; k < k_size; ++k) {
       const int64_t c = grp * in_per_group + k / taps, t = k % taps;
-      ws.rows[k] = pull ? ws.z.data() + (c * taps + t) * plane_size + at(0, 0)
-                        : ws.xg.data() + c * plane_size + at(0, 0) + shift[t];
+      ws.rows[k] = pull ? ws.z.data() + (c * taps + t) * plane_size + rows_begin()
+                        : ws.xg.data() + c * plane_size + rows_begin() + shift[t];
     }
     return ws.rows.data();
   }
@@ -113,7 +114,7 @@ struct PrefilterPath : GappedPlanes {
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       const T* a = weight + grp * out_per_group * k_size;
       for (int64_t r = 0; r < 2; ++r) {
-        T* c = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + at(0, 0);
+        T* c = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + rows_begin();
         dense::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size,
                           false);
       }
@@ -134,7 +135,7 @@ struct PrefilterPath : GappedPlanes {
       to_gapped(ws.pull.data() + o * plane, geo.out_height, geo.out_width,
                 ws.resp.data() + (geo.out_channels + o) * plane_size);
     }
-    const int64_t n = product_length(), begin = at(0, 0);
+    const int64_t n = product_length(), begin = rows_begin();
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       for (int64_t r = 0; r < 2; ++r) {
         const T* g = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + begin;
@@ -162,9 +163,9 @@ struct PrefilterPath : GappedPlanes {
   void input_gradient(int64_t c, T* grad_x_plane, PrefilterWorkspace<T>& ws) const {
     const T* push_rows = ws.grad_cols.data() + c * taps * plane_size;
     const T* pull_rows = ws.grad_cols.data() + (k_size + c * taps) * plane_size;
-    const int64_t rows_begin = margin * ws_stride, rows_length = geo.out_height * ws_stride;
+    const int64_t rows_length = geo.out_height * ws_stride;
     for (int64_t i = 0; i < geo.kernel_h; ++i)
-      apply(horizontal, i, true, pull_rows, ws.lines.data(), rows_begin, rows_length, ws.terms);
+      apply(horizontal, i, true, pull_rows, ws.lines.data(), rows_begin(), rows_length, ws.terms);
     auto& src = ws.terms.src;
     auto& w = ws.terms.weights;
     src.clear(), w.clear();

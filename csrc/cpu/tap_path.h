@@ -76,7 +76,7 @@ struct TapPath : GappedPlanes {
   }
 
   // The flat range of the input rows and their gaps, the matrix products' pixel axis (a multiple of kGrain).
-  int64_t product_begin() const { return margin * ws_stride; }
+  int64_t product_begin() const { return rows_begin(); }
   int64_t product_length() const { return dense::round_up(geo.height * ws_stride + gap, dense::kGrain<T>); }
 
   TapWorkspace<T> workspace(bool backward) const {
