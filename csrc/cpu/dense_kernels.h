@@ -125,6 +125,9 @@ PUSHPULL_ALWAYS_INLINE void panel_gemm_body(const T* a, int64_t lda, int64_t m_r
   }
 }
 
+// The most pixels a Gram product's chunk holds (see gram_body).
+constexpr int64_t kGramChunk = 4096;
+
 // The pixels of a Gram product are runs of RunLen contiguous values (a compile-time length, so that the
 // loop over a run unrolls); run s of a row starts s * step values after the row's start (the tap path: one
 // line cut into runs, step = RunLen; packed operands: one run per panel, step = a panel's size).
@@ -185,8 +188,11 @@ PUSHPULL_ALWAYS_INLINE void gram_chunk(const ARows& a, int64_t m_rows, const BRo
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
 PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs, T* c,
                                int64_t ldc) {
-  // Chunks of about 1024 pixels, so that the chunk of every row stays in L2 while all the tiles read it.
-  constexpr int64_t chunk = RunLen < 1024 ? 1024 / RunLen : 1;
+  // Equal chunks of at most kGramChunk pixels, so that the chunk of every row stays in L2 while all the
+  // tiles read it; each chunk ends with a sum across the lanes of every accumulator.
+  constexpr int64_t max_runs = RunLen < kGramChunk ? kGramChunk / RunLen : 1;
+  const int64_t chunks = (runs.count + max_runs - 1) / max_runs;
+  const int64_t chunk = chunks > 0 ? (runs.count + chunks - 1) / chunks : 1;
   for (int64_t s = 0; s < runs.count; s += chunk)
     gram_chunk<T, Bytes, MR, QR, RunLen>(a, m_rows, b, q_rows, runs, s, std::min(s + chunk, runs.count), c, ldc);
 }

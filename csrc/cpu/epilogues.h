@@ -297,7 +297,6 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
   const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
-  acc_t* gq = scratch.grad.data();
   std::fill(box_grad.begin(), box_grad.end(), acc_t(0));
   for (int64_t o = grp * per_group; o < (grp + 1) * per_group; ++o) {
     const int64_t byte = (n * octets + o / 8) * plane, no = n * geo.out_channels + o;
@@ -314,22 +313,32 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     } else if (f.alpha_part && bin.saved_pull) {
       f.alpha_part[no] = -lane_dot(bin.saved_pull + no * plane, g_p, plane);
     }
+    // The masked gradients go straight into the gradient fields where those hold them as they are (same
+    // type; for gp, a separable pull, whose gradient does not go through the push response).
+    constexpr bool kSameType = std::is_same_v<acc_t, scalar_t>;
+    const bool separable = geo.pull == PullKind::kSeparable;
+    const bool gq_in_field = kSameType && f.grad_pull0, gp_in_field = kSameType && f.grad_push0 && separable;
+    acc_t* gq = scratch.grad.data();
     acc_t* gp = scratch.q.data();
+    if constexpr (kSameType) {
+      if (gq_in_field) gq = f.grad_pull0.plane(n_in, o);
+      if (gp_in_field) gp = f.grad_push0.plane(n_in, o);
+    }
     masked_gradient(mask_q, bit, g_q, pull_scale, plane, gq);
     if (geo.avg_kernel > 1) scratch.pool.adjoint(gq);
     masked_gradient(mask_p, bit, g_p, acc_t(1), plane, gp);
     const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
     const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
     // One simple loop per output, so that each vectorizes.
-    if (f.grad_push0) {
+    if (f.grad_push0 && !gp_in_field) {
       scalar_t* g_push = f.grad_push0.plane(n_in, o);
-      if (geo.pull != PullKind::kSeparable) {  // the pull goes through the push response (R = -P0 + ...)
+      if (!separable) {  // the pull goes through the push response (R = -P0 + ...)
         for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p] - gq[p]);
       } else {
         for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p]);
       }
     }
-    if (f.grad_pull0) {
+    if (f.grad_pull0 && !gq_in_field) {
       scalar_t* g_pull = f.grad_pull0.plane(n_in, o);
       for (int64_t p = 0; p < plane; ++p) g_pull[p] = static_cast<scalar_t>(gq[p]);
     }
