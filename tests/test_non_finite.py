@@ -17,15 +17,23 @@ from pushpull_ext import push_pull_conv2d
 NON_FINITE_CASES = case_params(
     "2020-default", "2020-scale1-dilation", "2020-dual", "2024-stem", "2024-avg5-groups-biases"
 )
-# (tensor, value): one element of that tensor is replaced by the value.
-POISONS = [("input", float("nan")), ("input", float("inf")), ("input", -float("inf")), ("weight", float("nan"))]
+# (tensor, value, image): one element of that tensor (of that image, for the input) is replaced by the
+# value. A poisoned LAST image: the CPU's per-image routes test each image as they reach it, so the clean
+# images before it are already written when they find it, and the batch must be redone on the exact route.
+POISONS = [
+    ("input", float("nan"), 0),
+    ("input", float("inf"), 0),
+    ("input", -float("inf"), 0),
+    ("weight", float("nan"), 0),
+    ("input", float("inf"), -1),
+]
 
 
-def _poisoned(sizes, options, device, target, value):
+def _poisoned(sizes, options, device, target, value, image):
     inputs, opts = make_case(sizes, options, torch.float64, device)
     with torch.no_grad():
         t = inputs[target]
-        t[(0,) * (t.dim() - 2) + (t.shape[-2] // 2, t.shape[-1] // 2)] = value
+        t[(image,) + (0,) * (t.dim() - 3) + (t.shape[-2] // 2, t.shape[-1] // 2)] = value
     return inputs, opts
 
 
@@ -79,12 +87,18 @@ def _xfail_known_deviation(request, backend, options, value):
         request.applymarker(pytest.mark.xfail(reason=known[0], strict=known[1]))
 
 
-@pytest.mark.parametrize("target, value", [pytest.param(*p, id=f"{p[1]}-in-{p[0]}") for p in POISONS])
+def _poison_id(target, value, image):
+    return f"{value}-in-{target}" + ("-last-image" if image == -1 else "")
+
+
+@pytest.mark.parametrize("target, value, image", [pytest.param(*p, id=_poison_id(*p)) for p in POISONS])
 @pytest.mark.parametrize("sizes, options", NON_FINITE_CASES)
-def test_nan_and_inf_propagate_as_in_the_reference(request, fused_backend_device, sizes, options, target, value):
+def test_nan_and_inf_propagate_as_in_the_reference(
+    request, fused_backend_device, sizes, options, target, value, image
+):
     backend, device = fused_backend_device
     _xfail_known_deviation(request, backend, options, value)
-    inputs, opts = _poisoned(sizes, options, device, target, value)
+    inputs, opts = _poisoned(sizes, options, device, target, value, image)
     ours = _output_and_grads(backend, inputs, opts)
     expected = _output_and_grads("reference", inputs, opts)
     hardening_results.count("bad_inputs", f"{backend}-{device}")

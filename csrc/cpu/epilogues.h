@@ -106,6 +106,20 @@ struct ForwardOutputs {
   scalar_t* saved_pull;  // ReLU(Q') [N, C_out, plane] for alpha's gradient (save_pull; else nullptr)
 };
 
+// Whether every value is finite: x - x is 0 for a finite x and NaN for NaN or +-Inf. Eight partial sums
+// so that the loop vectorizes (their order does not matter: any NaN stays NaN).
+template <typename T>
+PUSHPULL_CPU_CLONES bool values_finite(const T* values, int64_t count) {
+  T acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += values[i + l] - values[i + l];
+  for (; i < count; ++i) acc[0] += values[i] - values[i];
+  bool finite = true;
+  for (int l = 0; l < 8; ++l) finite = finite && acc[l] == T(0);
+  return finite;
+}
+
 // NaN propagates through the ReLUs as in torch.relu (v < 0 is false for NaN), and its mask bit is set
 // as torch's ReLU backward passes the gradient wherever !(v <= 0).
 template <typename acc_t>

@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -122,21 +123,29 @@ void image_responses(const Route& route, const typename Route::T* x, int64_t n, 
   }
 }
 
+// Returns false when check_finite finds an image with NaN or +-Inf (the images after it are skipped).
 template <typename Route>
-void forward_images(const Route& route, const typename Route::T* x, const typename Route::T* bias_in,
-                    const ForwardOutputs<typename Route::T>& out) {
+bool forward_images(const Route& route, const typename Route::T* x, const typename Route::T* bias_in,
+                    const ForwardOutputs<typename Route::T>& out, bool check_finite) {
   using T = typename Route::T;
   const Geometry& geo = route.geo;
-  const int64_t octets = (geo.out_channels + 7) / 8;
+  const int64_t octets = (geo.out_channels + 7) / 8, image = geo.in_channels * geo.height * geo.width;
+  std::atomic<bool> finite{true};
   at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
     auto ws = route.workspace(false);
     PlaneScratch<T> scratch(geo);
-    for (int64_t n = begin; n < end; ++n) {
+    for (int64_t n = begin; n < end && finite; ++n) {
+      // Read here, the image is in cache for the route's own loads just after.
+      if (check_finite && !values_finite(x + n * image, image)) {
+        finite = false;
+        break;
+      }
       image_responses(route, x, n, ws);
       const auto in = route.inputs(ws, bias_in);
       for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
     }
   });
+  return finite;
 }
 
 // Per image n: the gradient fields into the workspace (over P0 and R, channel by channel after reading
@@ -192,18 +201,21 @@ ImageRoute image_route(const Geometry& geo, const ConvArgs& conv, const OptTenso
 }
 
 template <typename scalar_t>
-void forward_by_image(ImageRoute route, const Geometry& geo, const ConvArgs& conv, const at::Tensor& x,
+bool forward_by_image(ImageRoute route, const Geometry& geo, const ConvArgs& conv, const at::Tensor& x,
                       const at::Tensor& w, const PullOperands& pull, const scalar_t* bias_in,
-                      const ForwardOutputs<scalar_t>& out) {
-  with_route<scalar_t>(route, geo, conv, w, pull, /*backward=*/false, /*need_x=*/false,
-                       [&](const auto& r) { forward_images(r, x.const_data_ptr<scalar_t>(), bias_in, out); });
+                      const ForwardOutputs<scalar_t>& out, bool check_finite) {
+  bool finite = true;
+  with_route<scalar_t>(route, geo, conv, w, pull, /*backward=*/false, /*need_x=*/false, [&](const auto& r) {
+    finite = forward_images(r, x.const_data_ptr<scalar_t>(), bias_in, out, check_finite);
+  });
+  return finite;
 }
-template void forward_by_image<float>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
+template bool forward_by_image<float>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
                                       const at::Tensor&, const PullOperands&, const float*,
-                                      const ForwardOutputs<float>&);
-template void forward_by_image<double>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
+                                      const ForwardOutputs<float>&, bool);
+template bool forward_by_image<double>(ImageRoute, const Geometry&, const ConvArgs&, const at::Tensor&,
                                        const at::Tensor&, const PullOperands&, const double*,
-                                       const ForwardOutputs<double>&);
+                                       const ForwardOutputs<double>&, bool);
 
 std::pair<at::Tensor, at::Tensor> backward_by_image(ImageRoute route, const BackwardRequest& req, BackwardFields& f) {
   const Geometry& geo = req.geo;

@@ -26,11 +26,12 @@ struct PullOperands {
   const OptTensor &shift, &rows, &cols;
 };
 
-// Output and masks of every image by `route` (not kBatched); float and double.
+// Output and masks of every image by `route` (not kBatched); float and double. With check_finite, each
+// image's input is tested first: false when one holds NaN or +-Inf (the outputs are then incomplete).
 template <typename scalar_t>
-void forward_by_image(ImageRoute route, const Geometry& geo, const ConvArgs& conv, const at::Tensor& x,
+bool forward_by_image(ImageRoute route, const Geometry& geo, const ConvArgs& conv, const at::Tensor& x,
                       const at::Tensor& w, const PullOperands& pull, const scalar_t* bias_in,
-                      const ForwardOutputs<scalar_t>& out);
+                      const ForwardOutputs<scalar_t>& out, bool check_finite);
 
 // Input and weight gradients (undefined when not needed) by `route`, and the partial sums f.parts.
 std::pair<at::Tensor, at::Tensor> backward_by_image(ImageRoute route, const BackwardRequest& req, BackwardFields& f);

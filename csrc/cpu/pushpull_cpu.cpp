@@ -30,19 +30,12 @@ namespace pushpull {
 namespace cpu {
 namespace {
 
-// Whether every value is finite: x - x is 0 for a finite x and NaN for NaN or +-Inf. Eight partial sums
-// so that the loop vectorizes (their order does not matter: any NaN stays NaN).
+// Whether every value of t is finite (values_finite on chunks of it, in parallel).
 template <typename T>
 bool all_finite(const T* values, int64_t count) {
   std::atomic<bool> finite{true};
   at::parallel_for(0, count, 1 << 16, [&](int64_t begin, int64_t end) {
-    T acc[8] = {};
-    int64_t i = begin;
-    for (; i + 8 <= end; i += 8)
-      for (int l = 0; l < 8; ++l) acc[l] += values[i + l] - values[i + l];
-    for (; i < end; ++i) acc[0] += values[i] - values[i];
-    for (int l = 0; l < 8; ++l)
-      if (acc[l] != T(0)) finite = false;
+    if (!values_finite(values + begin, end - begin)) finite = false;
   });
   return finite;
 }
@@ -84,17 +77,21 @@ ForwardResult forward_cpu(const ForwardArgs& a) {
   auto masks = a.save_masks ? at::empty(saved_shape(geo, a.save_pull, x.scalar_type()), x.options().dtype(at::kByte))
                             : at::empty({0}, x.options().dtype(at::kByte));
   // NaN and Inf propagate as in the formula: such an input takes the exact pull (see compute_responses).
-  const bool exact = geo.pull != PullKind::kNegate && !all_finite(x);
+  // The per-image routes test each image as they load it (in cache) and report a non-finite one; the
+  // whole batch is then done again on the exact route.
+  const bool exact_if_nonfinite = geo.pull != PullKind::kNegate;
   const OptTensor &rows = a.pull_rows, &cols = a.pull_cols;
-  const ImageRoute route = exact ? ImageRoute::kBatched : image_route(geo, conv, rows, cols, x.scalar_type());
+  const ImageRoute route = image_route(geo, conv, rows, cols, x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pushpull_forward_cpu", [&] {
     uint8_t* saved = a.save_masks ? masks.data_ptr<uint8_t>() : nullptr;
     scalar_t* pull = a.save_pull ? reinterpret_cast<scalar_t*>(saved + saved_pull_offset(geo)) : nullptr;
     const auto outputs = forward_outputs<scalar_t>(b_out, alpha_c, out, saved, pull);
     const scalar_t* bias_ptr = b_in ? b_in->const_data_ptr<scalar_t>() : nullptr;
-    if (route != ImageRoute::kBatched) {
-      forward_by_image(route, geo, conv, x, w, {shift, rows, cols}, bias_ptr, outputs);
-    } else {
+    const bool by_image = route != ImageRoute::kBatched &&
+                          forward_by_image(route, geo, conv, x, w, {shift, rows, cols}, bias_ptr, outputs,
+                                           /*check_finite=*/exact_if_nonfinite);
+    if (!by_image) {
+      const bool exact = exact_if_nonfinite && (route != ImageRoute::kBatched || !all_finite(x));
       const Responses r = compute_responses(CpuBackend(), x, w, shift, rows, cols, geo, conv, exact);
       forward_epilogue<scalar_t>(plane_inputs<scalar_t>(geo, r, shift, b_in), outputs);
     }
