@@ -93,9 +93,7 @@ def _poison_id(target, value, image):
 
 @pytest.mark.parametrize("target, value, image", [pytest.param(*p, id=_poison_id(*p)) for p in POISONS])
 @pytest.mark.parametrize("sizes, options", NON_FINITE_CASES)
-def test_nan_and_inf_propagate_as_in_the_reference(
-    request, fused_backend_device, sizes, options, target, value, image
-):
+def test_nan_and_inf_propagate_as_in_the_reference(request, fused_backend_device, sizes, options, target, value, image):
     backend, device = fused_backend_device
     _xfail_known_deviation(request, backend, options, value)
     inputs, opts = _poisoned(sizes, options, device, target, value, image)
