@@ -22,15 +22,16 @@ struct Window {
 };
 
 // out[p] = sum of in[p + d * step], d = -r..r, for p in [begin, end) (every term inside the plane),
-// times scale[p] unless scale is null. Eight sums at a time stay in a vector over the window (one
+// times scale[p] unless scale is null. 64 bytes of sums at a time stay in a vector over the window (one
 // store each); a GCC vector type, as the auto-vectorizer turns the shifted loads into gathers.
 template <typename acc_t>
-__attribute__((always_inline)) inline void window_sums(const acc_t* __restrict__ in, acc_t* __restrict__ out,
-                                                       const acc_t* __restrict__ scale, int64_t begin, int64_t end,
-                                                       int64_t step, int64_t r) {
-  typedef acc_t vec __attribute__((vector_size(8 * sizeof(acc_t))));
+PUSHPULL_ALWAYS_INLINE void window_sums(const acc_t* __restrict__ in, acc_t* __restrict__ out,
+                                        const acc_t* __restrict__ scale, int64_t begin, int64_t end, int64_t step,
+                                        int64_t r) {
+  typedef acc_t vec __attribute__((vector_size(64)));
+  constexpr int64_t kLanes = 64 / sizeof(acc_t);
   int64_t p = begin;
-  for (; p + 8 <= end; p += 8) {
+  for (; p + kLanes <= end; p += kLanes) {
     vec acc, term;
     std::memcpy(&acc, in + p - r * step, sizeof acc);
     for (int64_t d = 1 - r; d <= r; ++d) {
@@ -53,8 +54,8 @@ __attribute__((always_inline)) inline void window_sums(const acc_t* __restrict__
 // out[h, w] = sum of in[h, w - r .. w + r] for `height` rows of `in` (row h at in + h * stride) with r
 // zeros before and after each row, so that the clipped windows need no case of their own.
 template <typename acc_t>
-PUSHPULL_CPU_CLONES void box_rows(const acc_t* __restrict__ in, int64_t stride, acc_t* __restrict__ out,
-                                  int64_t height, int64_t width, int64_t r) {
+PUSHPULL_CPU_CLONES void box_rows(const acc_t* __restrict__ in, int64_t stride, acc_t* __restrict__ out, int64_t height,
+                                  int64_t width, int64_t r) {
   for (int64_t h = 0; h < height; ++h)
     window_sums(in + h * stride, out + h * width, static_cast<const acc_t*>(nullptr), 0, width, 1, r);
 }
@@ -95,16 +96,16 @@ struct BoxPool {
     }
   }
 
-  // values = their average over the windows, in place.
-  void average(acc_t* values) { box_sums(values, nullptr, inverse_count.data()); }
+  // values = their average over the windows, in place. (Inlined, as box_sums, into the cloned epilogues.)
+  PUSHPULL_ALWAYS_INLINE void average(acc_t* values) { box_sums(values, nullptr, inverse_count.data()); }
 
   // values = the adjoint of `average` applied to them, in place: each value divided by its window's
   // size, then summed over the same (symmetric) windows.
-  void adjoint(acc_t* values) { box_sums(values, inverse_count.data(), nullptr); }
+  PUSHPULL_ALWAYS_INLINE void adjoint(acc_t* values) { box_sums(values, inverse_count.data(), nullptr); }
 
  private:
   // values = scale_out * box sums of (scale_in * values) (a null scale: 1).
-  void box_sums(acc_t* values, const acc_t* scale_in, const acc_t* scale_out) {
+  PUSHPULL_ALWAYS_INLINE void box_sums(acc_t* values, const acc_t* scale_in, const acc_t* scale_out) {
     for (int64_t h = 0; h < height; ++h) {
       acc_t* __restrict__ row = rows.data() + radius + h * stride;
       const acc_t* __restrict__ v = values + h * width;
@@ -112,7 +113,7 @@ struct BoxPool {
         const acc_t* __restrict__ s = scale_in + h * width;
         for (int64_t w = 0; w < width; ++w) row[w] = v[w] * s[w];
       } else {
-        std::copy(v, v + width, row);
+        for (int64_t w = 0; w < width; ++w) row[w] = v[w];
       }
     }
     acc_t* sums = columns.data() + radius * width;

@@ -33,7 +33,6 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 constexpr int64_t kPanelWidth = 48;
 static_assert(kPanelWidth % kGrain<float> == 0 && kPanelWidth % kGrain<double> == 0);
 
-
 template <typename T, int Bytes>
 struct VecOf {
   typedef T type __attribute__((vector_size(Bytes)));
@@ -73,8 +72,8 @@ struct StridedRows {
 
 // MR rows of C times NV vectors of columns, over all k: the accumulators stay in registers.
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p, T* c, int64_t ldc,
-                               bool accumulate) {
+PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p, T* c,
+                                      int64_t ldc, bool accumulate) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][NV];
@@ -93,8 +92,8 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
 }
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t p,
-                                  T* c, int64_t ldc, bool accumulate) {
+PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b,
+                                         int64_t p, T* c, int64_t ldc, bool accumulate) {
   // Tiles of MR rows, then of MR / 2, ... down to single rows.
   int64_t r = 0;
   for (; r + MR <= m_rows; r += MR)
@@ -105,8 +104,8 @@ PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows
 }
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_ALWAYS_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t n, T* c,
-                               int64_t ldc, bool accumulate) {
+PUSHPULL_ALWAYS_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t n,
+                                      T* c, int64_t ldc, bool accumulate) {
   constexpr int L = Bytes / sizeof(T);
   // Column blocks outer: a block of B (k_size x NV * L) stays in L1 while every row tile reads it.
   int64_t p = 0;
@@ -118,7 +117,7 @@ PUSHPULL_ALWAYS_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, i
 // [p * kPanelWidth, (p + 1) * kPanelWidth) of C.
 template <typename T, int Bytes, int MR, int NV>
 PUSHPULL_ALWAYS_INLINE void panel_gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* b,
-                                     int64_t panels, T* c, int64_t ldc) {
+                                            int64_t panels, T* c, int64_t ldc) {
   for (int64_t p = 0; p < panels; ++p) {
     const StridedRows<T> panel{b + p * k_size * kPanelWidth, kPanelWidth};
     gemm_body<T, Bytes, MR, NV>(a, lda, m_rows, k_size, panel, kPanelWidth, c + p * kPanelWidth, ldc, false);
@@ -138,8 +137,8 @@ struct Runs {
 // C[r, q] += sum_pix A[r, pix] * B[q, pix] for an MR x QR block over runs [first, end): vector partial
 // sums, added across lanes at the end.
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
-PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs& runs, int64_t first, int64_t end, T* c,
-                               int64_t ldc) {
+PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs& runs, int64_t first, int64_t end,
+                                      T* c, int64_t ldc) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][QR] = {};
@@ -165,7 +164,7 @@ PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs
 // Tiles of QR columns of C, then of QR / 2, ... down to single columns.
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
 PUSHPULL_ALWAYS_INLINE void gram_rows(const ARows& a, const BRows& b, int64_t q_rows, const Runs& runs, int64_t first,
-                               int64_t end, T* c, int64_t ldc) {
+                                      int64_t end, T* c, int64_t ldc) {
   int64_t q = 0;
   for (; q + QR <= q_rows; q += QR) gram_tile<T, Bytes, MR, QR, RunLen>(a, b.from(q), runs, first, end, c + q, ldc);
   if constexpr (QR > 1) {
@@ -176,7 +175,7 @@ PUSHPULL_ALWAYS_INLINE void gram_rows(const ARows& a, const BRows& b, int64_t q_
 // Tiles of MR rows of C, then of MR / 2, ... down to single rows.
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
 PUSHPULL_ALWAYS_INLINE void gram_chunk(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs,
-                                int64_t first, int64_t end, T* c, int64_t ldc) {
+                                       int64_t first, int64_t end, T* c, int64_t ldc) {
   int64_t r = 0;
   for (; r + MR <= m_rows; r += MR)
     gram_rows<T, Bytes, MR, QR, RunLen>(a.from(r), b, q_rows, runs, first, end, c + r * ldc, ldc);
@@ -186,8 +185,8 @@ PUSHPULL_ALWAYS_INLINE void gram_chunk(const ARows& a, int64_t m_rows, const BRo
 }
 
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
-PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs, T* c,
-                               int64_t ldc) {
+PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs,
+                                      T* c, int64_t ldc) {
   // Equal chunks of at most kGramChunk pixels, so that the chunk of every row stays in L2 while all the
   // tiles read it; each chunk ends with a sum across the lanes of every accumulator.
   constexpr int64_t max_runs = RunLen < kGramChunk ? kGramChunk / RunLen : 1;
@@ -200,8 +199,8 @@ PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRow
 // out[p] = sum_t w[t] * src[t][p] for p < n (any n). Eight vectors at a time: eight independent chains
 // of multiply-adds hide the FMA latency (two chains left the loop waiting on it).
 template <typename T, int Bytes, int NV>
-PUSHPULL_ALWAYS_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p, int64_t n,
-                                             T* out) {
+PUSHPULL_ALWAYS_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p,
+                                                    int64_t n, T* out) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   for (; p + NV * L <= n; p += NV * L) {
@@ -240,33 +239,33 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 // the 32 AVX-512 registers, 12 in the 16 AVX2 ones, 8 or 12 in SSE's. The AVX-512 Gram tile is 6 x 4 rather
 // than 8 x 3: the tap path's weight gradient has C_in/groups = 16 columns (8 x 3 left one in single-column
 // tiles; cifar-b1-2020's forward + backward went from 15.7 to 13.8 ms, best of 5, one thread, on the Xeon).
-#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                              \
-  template <typename T>                                                                                        \
-  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,     \
-                        int64_t ldc, bool accumulate) {                                                        \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                       \
-  }                                                                                                            \
-  template <typename T>                                                                                        \
-  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c, \
-                              int64_t ldc) {                                                                   \
-    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                        \
-  }                                                                                                            \
-  template <typename T>                                                                                        \
-  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,     \
-                        int64_t ldc) {                                                                         \
-    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                      \
-    const StridedRows<T> a_rows{a, lda};                                                                       \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                     \
-  }                                                                                                            \
-  template <typename T>                                                                                        \
+#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                                \
+  template <typename T>                                                                                          \
+  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,       \
+                        int64_t ldc, bool accumulate) {                                                          \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                         \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,   \
+                              int64_t ldc) {                                                                     \
+    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                          \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,       \
+                        int64_t ldc) {                                                                           \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                        \
+    const StridedRows<T> a_rows{a, lda};                                                                         \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                       \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
   attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) { \
-    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                 \
-    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                       \
-    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                              \
-  }                                                                                                            \
-  template <typename T>                                                                                        \
-  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {           \
-    weighted_sum_body<T, bytes>(src, w, terms, n, out);                                                        \
+    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                   \
+    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                         \
+    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                                \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {             \
+    weighted_sum_body<T, bytes>(src, w, terms, n, out);                                                          \
   }
 
 PUSHPULL_DENSE_VERSION(, baseline, 16, 4, 2, 4, 3)
@@ -306,7 +305,7 @@ inline const char* isa_name() {
 }
 
 #ifdef PUSHPULL_DENSE_X86
-#define PUSHPULL_DENSE_DISPATCH(fn, ...)      \
+#define PUSHPULL_DENSE_DISPATCH(fn, ...)    \
   switch (isa()) {                          \
     case Isa::kAvx512:                      \
       return fn##_avx512<T>(__VA_ARGS__);   \

@@ -42,8 +42,8 @@ struct PlaneInputs {
 
   acc_t bias(int64_t o) const { return bias_in ? static_cast<acc_t>(bias_in[o]) : acc_t(0); }
 
-  // Q' of channel o of image n into `q`, pooled with `pool`.
-  void pull_response(int64_t n, int64_t o, acc_t* q, BoxPool<acc_t>& pool) const {
+  // Q' of channel o of image n into `q`, pooled with `pool` (inlined into the cloned epilogues).
+  PUSHPULL_ALWAYS_INLINE void pull_response(int64_t n, int64_t o, acc_t* q, BoxPool<acc_t>& pool) const {
     const scalar_t* p0 = push0.plane(n, o);
     const scalar_t* r0 = pull0 ? pull0.plane(n, o) : nullptr;
     const int64_t g = o / (geo.out_channels / geo.groups);
@@ -51,11 +51,15 @@ struct PlaneInputs {
     const acc_t m = shift ? static_cast<acc_t>(shift[o]) : acc_t(0), b = bias(o);
     if (r0) {
       for (int64_t p = 0; p < plane; ++p) q[p] = static_cast<acc_t>(r0[p]) - b;
-    } else {
+    } else if (!s) {
       for (int64_t p = 0; p < plane; ++p) q[p] = -static_cast<acc_t>(p0[p]) - b;
-    }
-    if (s) {
-      for (int64_t p = 0; p < plane; ++p) q[p] += m * static_cast<acc_t>(s[p]);
+    } else {
+      // m * S rounded on its own, in a loop of its own: never fused into a multiply-add with -P0 - bias.
+      // Where the pull response is exactly zero (tied weights), the rounded product cancels P0 exactly
+      // and Q' stays 0 as in the reference's own convolution; a fused one would leave the product's
+      // rounding error, whose sign would set the ReLU mask.
+      for (int64_t p = 0; p < plane; ++p) q[p] = m * static_cast<acc_t>(s[p]);
+      for (int64_t p = 0; p < plane; ++p) q[p] += -static_cast<acc_t>(p0[p]) - b;
     }
     if (geo.avg_kernel > 1) pool.average(q);
   }
@@ -91,9 +95,9 @@ PlaneInputs<scalar_t> plane_inputs(const Geometry& geo, const Responses& r, cons
 // Per-thread scratch of the epilogues: a few planes in the accumulation type, and the pooling.
 template <typename acc_t>
 struct PlaneScratch {
-  ScratchVector<acc_t> q, grad;
+  ScratchVector<acc_t> q, grad, spare;  // spare: where the backward pass writes what nobody reads
   BoxPool<acc_t> pool;
-  explicit PlaneScratch(const Geometry& geo) : q(geo.out_height * geo.out_width), grad(q.size()) {
+  explicit PlaneScratch(const Geometry& geo) : q(geo.out_height * geo.out_width), grad(q.size()), spare(q.size()) {
     if (geo.avg_kernel > 1) pool = BoxPool<acc_t>(geo.out_height, geo.out_width, (geo.avg_kernel - 1) / 2);
   }
 };
@@ -102,7 +106,7 @@ template <typename scalar_t>
 struct ForwardOutputs {
   const scalar_t *alpha, *bias_out;
   scalar_t* y;
-  uint8_t* masks;         // nullptr when they are not saved
+  uint8_t* masks;        // nullptr when they are not saved
   scalar_t* saved_pull;  // ReLU(Q') [N, C_out, plane] for alpha's gradient (save_pull; else nullptr)
 };
 
@@ -132,10 +136,10 @@ PUSHPULL_ALWAYS_INLINE acc_t relu_nan_kept(acc_t v) {
 // Q' = q[p] + q_offset (q_offset = -bias when q is the pull response read in place).
 template <bool kDual, bool kSaved, bool kMasks, typename acc_t, typename scalar_t, typename Q>
 PUSHPULL_ALWAYS_INLINE void forward_channel(const scalar_t* __restrict__ p0, const Q* __restrict__ q, acc_t b,
-                                           acc_t q_offset, acc_t a, acc_t bo, int64_t plane,
-                                           scalar_t* __restrict__ y_push, scalar_t* __restrict__ y_pull,
-                                           scalar_t* __restrict__ saved, uint8_t* __restrict__ mask_p,
-                                           uint8_t* __restrict__ mask_q, uint8_t bit) {
+                                            acc_t q_offset, acc_t a, acc_t bo, int64_t plane,
+                                            scalar_t* __restrict__ y_push, scalar_t* __restrict__ y_pull,
+                                            scalar_t* __restrict__ saved, uint8_t* __restrict__ mask_p,
+                                            uint8_t* __restrict__ mask_q, uint8_t bit) {
   for (int64_t p = 0; p < plane; ++p) {
     const acc_t relu_pull = relu_nan_kept(static_cast<acc_t>(q[p]) + q_offset);
     const acc_t relu_push = relu_nan_kept(static_cast<acc_t>(p0[p]) + b);
@@ -158,8 +162,9 @@ PUSHPULL_ALWAYS_INLINE void forward_channel(const scalar_t* __restrict__ p0, con
 // forward_channel with its three switches as template arguments, so that each variant's loop vectorizes.
 template <typename acc_t, typename scalar_t, typename Q>
 PUSHPULL_ALWAYS_INLINE void forward_channel(bool dual, bool save, bool masks, const scalar_t* p0, const Q* q, acc_t b,
-                            acc_t q_offset, acc_t a, acc_t bo, int64_t plane, scalar_t* y_push, scalar_t* y_pull,
-                            scalar_t* saved, uint8_t* mask_p, uint8_t* mask_q, uint8_t bit) {
+                                            acc_t q_offset, acc_t a, acc_t bo, int64_t plane, scalar_t* y_push,
+                                            scalar_t* y_pull, scalar_t* saved, uint8_t* mask_p, uint8_t* mask_q,
+                                            uint8_t bit) {
 #define PUSHPULL_FORWARD_CHANNEL(D, S, M) \
   return forward_channel<D, S, M>(p0, q, b, q_offset, a, bo, plane, y_push, y_pull, saved, mask_p, mask_q, bit)
   if (masks) {
@@ -197,8 +202,8 @@ PUSHPULL_CPU_CLONES void forward_epilogue_octet(const PlaneInputs<scalar_t>& in,
     const uint8_t bit = static_cast<uint8_t>(1u << (o % 8));
     const scalar_t* p0 = in.push0.plane(n_in, o);
     if (pull_in_place) {
-      forward_channel(geo.dual_output, saved != nullptr, mask_p != nullptr, p0, in.pull0.plane(n_in, o), b, -b, a,
-                      bo, plane, y_push, y_pull, saved, mask_p, mask_q, bit);
+      forward_channel(geo.dual_output, saved != nullptr, mask_p != nullptr, p0, in.pull0.plane(n_in, o), b, -b, a, bo,
+                      plane, y_push, y_pull, saved, mask_p, mask_q, bit);
     } else {
       in.pull_response(n_in, o, scratch.q.data(), scratch.pool);
       forward_channel(geo.dual_output, saved != nullptr, mask_p != nullptr, p0,
@@ -254,40 +259,45 @@ BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& 
           acc_ptr(f.parts.alpha)};
 }
 
-// sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in eight interleaved partial sums: the loop vectorizes
+// sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in 64 bytes of interleaved partial sums: the loop vectorizes
 // and the order is fixed, so the result is deterministic.
 template <typename acc_t, typename T>
 PUSHPULL_ALWAYS_INLINE acc_t lane_dot(const acc_t* __restrict__ a, const T* __restrict__ b, int64_t n) {
-  acc_t lanes[8] = {};
+  constexpr int64_t kLanes = 64 / sizeof(acc_t);
+  acc_t lanes[kLanes] = {};
   int64_t p = 0;
   if (b) {
-    for (; p + 8 <= n; p += 8)
-      for (int l = 0; l < 8; ++l) lanes[l] += a[p + l] * static_cast<acc_t>(b[p + l]);
+    for (; p + kLanes <= n; p += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[p + l] * static_cast<acc_t>(b[p + l]);
   } else {
-    for (; p + 8 <= n; p += 8)
-      for (int l = 0; l < 8; ++l) lanes[l] += a[p + l];
+    for (; p + kLanes <= n; p += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[p + l];
   }
   for (; p < n; ++p) lanes[0] += b ? a[p] * static_cast<acc_t>(b[p]) : a[p];
   acc_t sum = 0;
-  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
 }
 
-// out[p] = scale * g[p] where the mask bit is set, else 0 (also for a NaN g: ReLU' is 0 there, as in torch).
-template <typename acc_t, typename T>
-PUSHPULL_ALWAYS_INLINE void masked_gradient(const uint8_t* __restrict__ mask, uint8_t bit, const T* __restrict__ g, acc_t scale,
-                            int64_t n, acc_t* __restrict__ out) {
-  // Branch-free, so that it vectorizes: the value's bits AND all-ones (bit set) or zero (+0.0).
+// g's value where the mask bit is set, else 0 (also for a NaN g: ReLU' is 0 there, as in torch).
+// Branch-free, so that the loops vectorize: the value's bits AND all-ones (bit set) or zero (+0.0).
+template <typename acc_t>
+PUSHPULL_ALWAYS_INLINE acc_t masked(uint8_t mask, uint8_t bit, acc_t value) {
   using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
   static_assert(sizeof(bits_t) == sizeof(acc_t));
-  for (int64_t p = 0; p < n; ++p) {
-    const acc_t value = scale * static_cast<acc_t>(g[p]);
-    const bits_t keep = bits_t(0) - static_cast<bits_t>((mask[p] & bit) != 0);
-    bits_t v;
-    std::memcpy(&v, &value, sizeof v);
-    v &= keep;
-    std::memcpy(&out[p], &v, sizeof v);
-  }
+  const bits_t keep = bits_t(0) - static_cast<bits_t>((mask & bit) != 0);
+  bits_t v;
+  std::memcpy(&v, &value, sizeof v);
+  v &= keep;
+  std::memcpy(&value, &v, sizeof v);
+  return value;
+}
+
+// out[p] = scale * g[p] where the mask bit is set, else 0 (see masked).
+template <typename acc_t, typename T>
+PUSHPULL_ALWAYS_INLINE void masked_gradient(const uint8_t* __restrict__ mask, uint8_t bit, const T* __restrict__ g,
+                                            acc_t scale, int64_t n, acc_t* __restrict__ out) {
+  for (int64_t p = 0; p < n; ++p) out[p] = masked(mask[p], bit, scale * static_cast<acc_t>(g[p]));
 }
 
 // What the backward epilogue reads besides the responses.
@@ -299,8 +309,46 @@ struct BackwardInputs {
   bool recompute_pull;         // for the alpha gradient, when the forward did not save it
 };
 
+// One output channel's pass of the backward epilogue, after gq: gp = the push's masked gradient, read
+// from g and the mask; push = gp (or gp - gq, kPushMinusPull); box += m * gq; and the sums of gp, gq
+// and gq * box_sums, in 64 bytes of interleaved partial sums (a fixed order: deterministic).
+template <typename acc_t>
+struct BackwardChannel {
+  const uint8_t* __restrict__ mask_p;
+  uint8_t bit;
+  const acc_t* __restrict__ g;
+  const acc_t* __restrict__ gq;
+  const acc_t* __restrict__ box_sums;
+  acc_t m;
+  acc_t* __restrict__ push;
+  acc_t* __restrict__ box;
+  struct Sums {
+    acc_t gp, gq, gq_box;
+  };
+
+  template <bool kPushMinusPull>
+  PUSHPULL_ALWAYS_INLINE Sums pass(int64_t plane) const {
+    constexpr int64_t kLanes = 64 / sizeof(acc_t);
+    acc_t gp_lanes[kLanes] = {}, gq_lanes[kLanes] = {}, box_lanes[kLanes] = {};
+    auto step = [&](int64_t p, int64_t lane) {
+      const acc_t gp = masked(mask_p[p], bit, g[p]), q = gq[p];
+      push[p] = kPushMinusPull ? gp - q : gp;
+      box[p] += m * q;
+      gp_lanes[lane] += gp, gq_lanes[lane] += q, box_lanes[lane] += q * box_sums[p];
+    };
+    int64_t p = 0;
+    for (; p + kLanes <= plane; p += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) step(p + l, l);
+    for (; p < plane; ++p) step(p, 0);
+    Sums sums{0, 0, 0};
+    for (int64_t l = 0; l < kLanes; ++l) sums.gp += gp_lanes[l], sums.gq += gq_lanes[l], sums.gq_box += box_lanes[l];
+    return sums;
+  }
+};
+
 // Gradient fields of image n, group grp (n_in: its index in `in`; see forward_epilogue_octet). One task
-// per (image, group), so the group's box-sum gradient has a single writer.
+// per (image, group), so the group's box-sum gradient has a single writer. The CPU epilogues run float and
+// double only (float16 / bfloat16 run in float), so the accumulation type is the fields' own.
 template <typename scalar_t>
 PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in, int64_t n_in, int64_t n, int64_t grp,
                                                  const BackwardInputs<scalar_t>& bin,
@@ -308,6 +356,7 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
                                                  PlaneScratch<at::opmath_type<scalar_t>>& scratch,
                                                  ScratchVector<at::opmath_type<scalar_t>>& box_grad) {
   using acc_t = at::opmath_type<scalar_t>;
+  static_assert(std::is_same_v<acc_t, scalar_t>, "the CPU epilogues run float and double");
   const Geometry& geo = in.geo;
   const int64_t plane = in.plane, octets = (geo.out_channels + 7) / 8, per_group = geo.out_channels / geo.groups;
   const int64_t out_c = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
@@ -327,43 +376,25 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     } else if (f.alpha_part && bin.saved_pull) {
       f.alpha_part[no] = -lane_dot(bin.saved_pull + no * plane, g_p, plane);
     }
-    // The masked gradients go straight into the gradient fields where those hold them as they are (same
-    // type; for gp, a separable pull, whose gradient does not go through the push response).
-    constexpr bool kSameType = std::is_same_v<acc_t, scalar_t>;
-    const bool separable = geo.pull == PullKind::kSeparable;
-    const bool gq_in_field = kSameType && f.grad_pull0, gp_in_field = kSameType && f.grad_push0 && separable;
-    acc_t* gq = scratch.grad.data();
-    acc_t* gp = scratch.q.data();
-    if constexpr (kSameType) {
-      if (gq_in_field) gq = f.grad_pull0.plane(n_in, o);
-      if (gp_in_field) gp = f.grad_push0.plane(n_in, o);
-    }
+    // gq, the pull's masked gradient pooled back, straight into its gradient field where there is one.
+    acc_t* gq = f.grad_pull0 ? f.grad_pull0.plane(n_in, o) : scratch.grad.data();
     masked_gradient(mask_q, bit, g_q, pull_scale, plane, gq);
     if (geo.avg_kernel > 1) scratch.pool.adjoint(gq);
-    masked_gradient(mask_p, bit, g_p, acc_t(1), plane, gp);
+    // Then ONE pass: gp (masked on the fly), the push field, the box-sum gradient and the three sums.
+    // Absent outputs go to spare planes, so that the pass has no branch.
     const scalar_t* s = in.box ? in.box + (n_in * geo.groups + grp) * plane : nullptr;
-    const acc_t m = in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0);
-    // One simple loop per output, so that each vectorizes.
-    if (f.grad_push0 && !gp_in_field) {
-      scalar_t* g_push = f.grad_push0.plane(n_in, o);
-      if (!separable) {  // the pull goes through the push response (R = -P0 + ...)
-        for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p] - gq[p]);
-      } else {
-        for (int64_t p = 0; p < plane; ++p) g_push[p] = static_cast<scalar_t>(gp[p]);
-      }
-    }
-    if (f.grad_pull0 && !gq_in_field) {
-      scalar_t* g_pull = f.grad_pull0.plane(n_in, o);
-      for (int64_t p = 0; p < plane; ++p) g_pull[p] = static_cast<scalar_t>(gq[p]);
-    }
-    if (f.grad_box) {
-      for (int64_t p = 0; p < plane; ++p) box_grad[p] += m * gq[p];
-    }
-    const acc_t sum_gp = f.bias_part ? lane_dot(gp, static_cast<const acc_t*>(nullptr), plane) : acc_t(0);
-    const acc_t sum_gq = f.bias_part ? lane_dot(gq, static_cast<const acc_t*>(nullptr), plane) : acc_t(0);
-    const acc_t sum_gq_box = (s && f.shift_part) ? lane_dot(gq, s, plane) : acc_t(0);
-    if (f.bias_part) f.bias_part[no] = sum_gp - sum_gq;
-    if (f.shift_part) f.shift_part[no] = sum_gq_box;
+    const BackwardChannel<acc_t> ch{mask_p,
+                                    bit,
+                                    g_p,
+                                    gq,
+                                    s ? s : gq,  // the box sums; without them, a sum nobody reads
+                                    in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0),
+                                    f.grad_push0 ? f.grad_push0.plane(n_in, o) : scratch.q.data(),
+                                    f.grad_box ? box_grad.data() : scratch.spare.data()};
+    // The pull goes through the push response (R = -P0 + ...) unless it is separable.
+    const auto sums = geo.pull == PullKind::kSeparable ? ch.template pass<false>(plane) : ch.template pass<true>(plane);
+    if (f.bias_part) f.bias_part[no] = sums.gp - sums.gq;
+    if (f.shift_part) f.shift_part[no] = s ? sums.gq_box : acc_t(0);
   }
   if (f.grad_box) {
     scalar_t* out = f.grad_box + (n_in * geo.groups + grp) * plane;
