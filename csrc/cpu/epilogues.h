@@ -371,7 +371,7 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     if (bin.recompute_pull) {
       acc_t* q = scratch.q.data();
       in.pull_response(n_in, o, q, scratch.pool);
-      for (int64_t p = 0; p < plane; ++p) q[p] = q[p] < acc_t(0) ? acc_t(0) : q[p];  // ReLU, NaN kept
+      for (int64_t p = 0; p < plane; ++p) q[p] = relu_nan_kept(q[p]);
       f.alpha_part[no] = -lane_dot(q, g_p, plane);
     } else if (f.alpha_part && bin.saved_pull) {
       f.alpha_part[no] = -lane_dot(bin.saved_pull + no * plane, g_p, plane);
