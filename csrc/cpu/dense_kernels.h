@@ -50,6 +50,17 @@ PUSHPULL_ALWAYS_INLINE void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Keeps v in a register: where two multiply-adds read one loaded vector, GCC folds the load into both,
+// loading it twice (the load ports are what the weighted sums wait on).
+template <typename V>
+PUSHPULL_ALWAYS_INLINE void in_register(V& v) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // ---- the rows of an operand: row pointers (the tap path's shifted lines) or rows at a fixed stride (a
 // packed panel, panel_gemm.h). row(k) is where row k starts; from(k) the same rows from row k on.
 
@@ -196,14 +207,41 @@ PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRow
     gram_chunk<T, Bytes, MR, QR, RunLen>(a, m_rows, b, q_rows, runs, s, std::min(s + chunk, runs.count), c, ldc);
 }
 
-// out[p] = sum_t w[t] * src[t][p] for p < n (any n). Eight vectors at a time: eight independent chains
-// of multiply-adds hide the FMA latency (two chains left the loop waiting on it).
-template <typename T, int Bytes, int NV>
-PUSHPULL_ALWAYS_INLINE int64_t weighted_sum_vectors(const T* const* src, const T* w, int64_t terms, int64_t p,
-                                                    int64_t n, T* out) {
+// ---- weighted sums of shifted lines: sum.chunk<NV>(p) writes [p, p + NV * L), sum.scalar(p) one value.
+
+// Covers [0, n): chunks of kChains vectors (kChains independent chains of multiply-adds hide the FMA
+// latency), then ONE more chunk that ends at n, overlapping the one before: it rewrites the same sums
+// (the outputs never alias the inputs), where a tail of single vectors and scalars ran at a fraction of
+// the speed (a 32 x 32 plane's lines end in 93 values). Shorter lines: single vectors the same way.
+template <int L, typename Sum>
+PUSHPULL_ALWAYS_INLINE void cover_line(int64_t n, const Sum& sum) {
+  constexpr int64_t wide = Sum::kChains * L;
+  int64_t p = 0;
+  if (n >= wide) {
+    for (; p + wide <= n; p += wide) sum.template chunk<Sum::kChains>(p);
+    if (p < n) sum.template chunk<Sum::kChains>(n - wide);
+    return;
+  }
+  for (; p + L <= n; p += L) sum.template chunk<1>(p);
+  if (p < n && n >= L) {
+    sum.template chunk<1>(n - L);
+    return;
+  }
+  for (; p < n; ++p) sum.scalar(p);
+}
+
+// out[p] = sum_t w[t] * src[t][p].
+template <typename T, int Bytes>
+struct WeightedSum {
   using V = typename VecOf<T, Bytes>::type;
-  constexpr int L = Bytes / sizeof(T);
-  for (; p + NV * L <= n; p += NV * L) {
+  static constexpr int L = Bytes / sizeof(T), kChains = 8;
+  const T* const* src;
+  const T* w;
+  int64_t terms;
+  T* out;
+
+  template <int NV>
+  PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc[NV] = {};
     for (int64_t t = 0; t < terms; ++t) {
       const T* s = src[t] + p;
@@ -211,19 +249,52 @@ PUSHPULL_ALWAYS_INLINE int64_t weighted_sum_vectors(const T* const* src, const T
     }
     for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
   }
-  return p;
-}
-
-template <typename T, int Bytes>
-PUSHPULL_ALWAYS_INLINE void weighted_sum_body(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {
-  int64_t p = weighted_sum_vectors<T, Bytes, 8>(src, w, terms, 0, n, out);
-  p = weighted_sum_vectors<T, Bytes, 1>(src, w, terms, p, n, out);
-  for (; p < n; ++p) {
+  PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
     T acc = 0;
     for (int64_t t = 0; t < terms; ++t) acc += w[t] * src[t][p];
     out[p] = acc;
   }
-}
+};
+
+// out0[p] = sum_t w0[t] * src[t][p] and out1[p] = sum_t w1[t] * src[t][p], where terms [0, both) feed both
+// sums, [both, both + only1) only out1 and the rest only out0 (whose weight in the other sum must be zero:
+// the scalar tail takes every term): one load per term for two lines that read the same shifted planes
+// (the tap path's push and pull lines of a kernel row).
+template <typename T, int Bytes>
+struct WeightedPair {
+  using V = typename VecOf<T, Bytes>::type;
+  // 16 accumulators in AVX-512's 32 registers, 8 in the 16 of AVX2 and SSE.
+  static constexpr int L = Bytes / sizeof(T), kChains = Bytes == 64 ? 8 : 4;
+  const T* const* src;
+  const T *w0, *w1;
+  int64_t both, only1, terms;
+  T *out0, *out1;
+
+  template <int NV>
+  PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
+    V acc0[NV] = {}, acc1[NV] = {};
+    int64_t t = 0;
+    for (; t < both; ++t) {
+      const T* s = src[t] + p;
+      for (int v = 0; v < NV; ++v) {
+        V x = load<V>(s + v * L);
+        in_register(x);
+        acc0[v] += w0[t] * x;
+        acc1[v] += w1[t] * x;
+      }
+    }
+    for (; t < both + only1; ++t)
+      for (int v = 0; v < NV; ++v) acc1[v] += w1[t] * load<V>(src[t] + p + v * L);
+    for (; t < terms; ++t)
+      for (int v = 0; v < NV; ++v) acc0[v] += w0[t] * load<V>(src[t] + p + v * L);
+    for (int v = 0; v < NV; ++v) store(out0 + p + v * L, acc0[v]), store(out1 + p + v * L, acc1[v]);
+  }
+  PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
+    T acc0 = 0, acc1 = 0;
+    for (int64_t t = 0; t < terms; ++t) acc0 += w0[t] * src[t][p], acc1 += w1[t] * src[t][p];
+    out0[p] = acc0, out1[p] = acc1;
+  }
+};
 
 // ---- the three compiled versions
 
@@ -265,7 +336,12 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
   }                                                                                                              \
   template <typename T>                                                                                          \
   attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {             \
-    weighted_sum_body<T, bytes>(src, w, terms, n, out);                                                          \
+    cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                            \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,     \
+                                 int64_t terms, int64_t n, T* out0, T* out1) {                                   \
+    cover_line<bytes / int(sizeof(T))>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});  \
   }
 
 PUSHPULL_DENSE_VERSION(, baseline, 16, 4, 2, 4, 3)
@@ -352,6 +428,13 @@ void panel_gram(const T* a, int64_t m_rows, const T* b, int64_t q_rows, int64_t 
 template <typename T>
 void weighted_sum(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {
   PUSHPULL_DENSE_DISPATCH(weighted_sum, src, w, terms, n, out)
+}
+
+// Two weighted sums of the same terms at once (see WeightedPair for the three groups of terms).
+template <typename T>
+void weighted_pair(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1, int64_t terms, int64_t n,
+                   T* out0, T* out1) {
+  PUSHPULL_DENSE_DISPATCH(weighted_pair, src, w0, w1, both, only1, terms, n, out0, out1)
 }
 
 #undef PUSHPULL_DENSE_DISPATCH

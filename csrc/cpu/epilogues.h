@@ -110,17 +110,20 @@ struct ForwardOutputs {
   scalar_t* saved_pull;  // ReLU(Q') [N, C_out, plane] for alpha's gradient (save_pull; else nullptr)
 };
 
-// Whether every value is finite: x - x is 0 for a finite x and NaN for NaN or +-Inf. Eight partial sums
-// so that the loop vectorizes (their order does not matter: any NaN stays NaN).
+// Whether every value is finite: x - x is 0 for a finite x and NaN for NaN or +-Inf. Partial sums of two
+// 64-byte vectors' worth of lanes, so that the loop maps onto whole vectors with no shuffles (eight lanes
+// had GCC transpose them into AVX-512 registers) in two independent chains (their order does not
+// matter: any NaN stays NaN).
 template <typename T>
 PUSHPULL_CPU_CLONES bool values_finite(const T* values, int64_t count) {
-  T acc[8] = {};
+  constexpr int kLanes = 2 * 64 / sizeof(T);
+  T acc[kLanes] = {};
   int64_t i = 0;
-  for (; i + 8 <= count; i += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += values[i + l] - values[i + l];
+  for (; i + kLanes <= count; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += values[i + l] - values[i + l];
   for (; i < count; ++i) acc[0] += values[i] - values[i];
   bool finite = true;
-  for (int l = 0; l < 8; ++l) finite = finite && acc[l] == T(0);
+  for (int l = 0; l < kLanes; ++l) finite = finite && acc[l] == T(0);
   return finite;
 }
 

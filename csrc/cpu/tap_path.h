@@ -26,15 +26,15 @@ namespace cpu {
 
 template <typename T>
 struct TapWorkspace {
-  ScratchVector<T> xg;           // the input image [C_in, plane_size], gapped
-  ScratchVector<T> y;            // Y of a block of output channels [block * taps, plane_size] (or gY)
-  ScratchVector<T> lines;        // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
-  ScratchVector<T> resp;         // one channel's two responses [2, plane_size]
-  ScratchVector<T> grad_resp;    // their gradients: written only inside the planes (the rest stays zero)
-  ScratchVector<T> push, pull;   // [C_out, plane]: the responses, then their gradients (as the epilogues read)
-  ScratchVector<T> gx;           // the input gradient [C_in, plane_size], gapped
-  ScratchVector<T> dw;           // a block's weight gradient [block * taps, C_in/groups]
-  std::vector<const T*> rows;  // B operand rows of a product
+  ScratchVector<T> xg;          // the input image [C_in, plane_size], gapped
+  ScratchVector<T> y;           // Y of a block of output channels [block * taps, plane_size] (or gY)
+  ScratchVector<T> lines;       // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
+  ScratchVector<T> resp;        // one channel's two responses [2, plane_size]
+  ScratchVector<T> grad_resp;   // their gradients: written only inside the planes (the rest stays zero)
+  ScratchVector<T> push, pull;  // [C_out, plane]: the responses, then their gradients (as the epilogues read)
+  ScratchVector<T> gx;          // the input gradient [C_in, plane_size], gapped
+  ScratchVector<T> dw;          // a block's weight gradient [block * taps, C_in/groups]
+  std::vector<const T*> rows;   // B operand rows of a product
   TermScratch<T> terms;
 };
 
@@ -48,6 +48,14 @@ struct TapPath : GappedPlanes {
   const T* weight_t;  // per group W^T [groups, C_in/groups, C_out/groups, taps] (backward, for dx; else null)
   int64_t block;      // output channels per block
   std::vector<ShiftTerm<T>> horizontal, vertical;
+  // The horizontal terms of kernel row i's push line (i) and pull line (kh + i), for dense::weighted_pair:
+  // first those both lines take (same tap, same shift), then the pull's own, then the push's own.
+  struct RowPair {
+    std::vector<int64_t> tap, offset;
+    std::vector<T> push_weight, pull_weight;
+    int64_t both = 0, pull_only = 0;
+  };
+  std::vector<RowPair> row_pairs;
 
   TapPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* wstack_,
           const T* w_t)
@@ -69,10 +77,43 @@ struct TapPath : GappedPlanes {
       for (int64_t a = 0; a < pull_h; ++a)
         if (rp[a * kh + i] != 0)
           vertical.push_back({kh + i, 1, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
+    for (int64_t i = 0; i < kh; ++i) row_pairs.push_back(row_pair(i));
     const int64_t per_channel = (taps + 2 * kh) * plane_size * static_cast<int64_t>(sizeof(T));
     block = 8;
     while (block > 1 && block * per_channel > kTapBlockBytes) block /= 2;
     block = std::min(block, out_per_group);
+  }
+
+  RowPair row_pair(int64_t i) const {
+    const int64_t kh = geo.kernel_h;
+    std::vector<ShiftTerm<T>> push, pull;
+    for (const auto& t : horizontal) {
+      if (t.out == i) push.push_back(t);
+      if (t.out == kh + i) pull.push_back(t);
+    }
+    RowPair pair;
+    auto add = [&](const ShiftTerm<T>& t, T w_push, T w_pull) {
+      pair.tap.push_back(t.in), pair.offset.push_back(t.offset);
+      pair.push_weight.push_back(w_push), pair.pull_weight.push_back(w_pull);
+    };
+    auto same = [](const ShiftTerm<T>& a, const ShiftTerm<T>& b) { return a.in == b.in && a.offset == b.offset; };
+    std::vector<bool> push_taken(push.size(), false);
+    std::vector<ShiftTerm<T>> pull_only;
+    for (const auto& q : pull) {
+      auto it = std::find_if(push.begin(), push.end(), [&](const ShiftTerm<T>& t) { return same(t, q); });
+      if (it == push.end()) {
+        pull_only.push_back(q);
+        continue;
+      }
+      push_taken[it - push.begin()] = true;
+      add(q, it->weight, q.weight);
+    }
+    pair.both = static_cast<int64_t>(pair.tap.size());
+    pair.pull_only = static_cast<int64_t>(pull_only.size());
+    for (const auto& q : pull_only) add(q, T(0), q.weight);
+    for (size_t k = 0; k < push.size(); ++k)
+      if (!push_taken[k]) add(push[k], push[k].weight, T(0));
+    return pair;
   }
 
   // The flat range of the input rows and their gaps, the matrix products' pixel axis (a multiple of kGrain).
@@ -109,19 +150,29 @@ struct TapPath : GappedPlanes {
     const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
     for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
       const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, product_begin(), ws);
-      dense::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b,
-                        product_length(), ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
+      dense::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b, product_length(),
+                  ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
       for (int64_t ol = 0; ol < count; ++ol) {
         const T* y = ws.y.data() + ol * taps * plane_size;
         T* l = ws.lines.data() + ol * lines * plane_size;
-        for (int64_t line = 0; line < lines; ++line)
-          apply(horizontal, line, false, y, l, begin, output_length_h(), ws.terms);
+        for (int64_t i = 0; i < kh; ++i) horizontal_pair(i, y, l, ws);
         for (int64_t r = 0; r < 2; ++r)
           apply(vertical, r, false, static_cast<const T*>(l), ws.resp.data(), begin, output_length(), ws.terms);
         from_gapped(ws.resp.data(), geo.out_height, geo.out_width, ws.push.data() + (o0 + ol) * plane);
         from_gapped(ws.resp.data() + plane_size, geo.out_height, geo.out_width, ws.pull.data() + (o0 + ol) * plane);
       }
     });
+  }
+
+  // Lines i (push) and kh + i (pull) of a channel's lines `l` from its tap planes `y`, in one pass.
+  void horizontal_pair(int64_t i, const T* y, T* l, TapWorkspace<T>& ws) const {
+    const RowPair& pair = row_pairs[i];
+    const int64_t terms = static_cast<int64_t>(pair.tap.size()), begin = at(0, 0);
+    ws.terms.src.resize(terms);
+    for (int64_t t = 0; t < terms; ++t) ws.terms.src[t] = y + pair.tap[t] * plane_size + begin + pair.offset[t];
+    dense::weighted_pair(ws.terms.src.data(), pair.push_weight.data(), pair.pull_weight.data(), pair.both,
+                         pair.pull_only, terms, output_length_h(), l + i * plane_size + begin,
+                         l + (geo.kernel_h + i) * plane_size + begin);
   }
 
   // The horizontal lines cover the input rows at the output's columns.
@@ -161,9 +212,9 @@ struct TapPath : GappedPlanes {
       if (grad_x) {
         const int64_t lda = out_per_group * taps;
         const auto b = row_pointers(ws.y.data(), m_rows, first, ws);
-        dense::gemm(weight_t + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group,
-                          m_rows, b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size,
-                          /*accumulate=*/true);
+        dense::gemm(weight_t + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group, m_rows,
+                    b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size,
+                    /*accumulate=*/true);
       }
     });
     if (grad_x) {
