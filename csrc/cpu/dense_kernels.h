@@ -329,6 +329,12 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
     gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                       \
   }                                                                                                              \
   template <typename T>                                                                                          \
+  attr void row_gram_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,         \
+                            int64_t ldc) {                                                                       \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                        \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);            \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
   attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) { \
     const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                   \
     const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                         \
@@ -406,6 +412,12 @@ void gemm(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* cons
 template <typename T>
 void gram(const T* a, int64_t lda, int64_t m_rows, const T* const* b, int64_t q_rows, int64_t n, T* c, int64_t ldc) {
   PUSHPULL_DENSE_DISPATCH(gram, a, lda, m_rows, b, q_rows, n, c, ldc)
+}
+
+// The same with the rows of A given by pointers: C[m, q] += sum_p a[m][p] * b[q][p].
+template <typename T>
+void row_gram(const T* const* a, int64_t m_rows, const T* const* b, int64_t q_rows, int64_t n, T* c, int64_t ldc) {
+  PUSHPULL_DENSE_DISPATCH(row_gram, a, m_rows, b, q_rows, n, c, ldc)
 }
 
 // The same two products on packed operands (panel_gemm.h): `panels` panels of kPanelWidth values per row,

@@ -28,7 +28,9 @@ struct PrefilterWorkspace {
   ScratchVector<T> push, pull;  // [C_out, plane]: as the epilogues read them
   ScratchVector<T> grad_cols;   // W^T @ gP0 and W^T @ gR of one group [2, K, plane_size]
   ScratchVector<T> line;        // one input gradient plane, gapped
-  std::vector<const T*> rows;
+  std::vector<const T*> rows, grad_rows;
+  std::vector<T> gram;      // one group's weight gradient, transposed [K, C_out/groups]
+  bool resp_dirty = false;  // resp holds responses (values in the gaps): cleared before the backward's use
   TermScratch<T> terms;
 };
 
@@ -115,10 +117,10 @@ struct PrefilterPath : GappedPlanes {
       const T* a = weight + grp * out_per_group * k_size;
       for (int64_t r = 0; r < 2; ++r) {
         T* c = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + rows_begin();
-        dense::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size,
-                          false);
+        dense::gemm(a, k_size, out_per_group, k_size, operand(grp, r == 1, ws), product_length(), c, plane_size, false);
       }
     }
+    ws.resp_dirty = true;
     for (int64_t o = 0; o < geo.out_channels; ++o) {
       from_gapped(ws.resp.data() + o * plane_size, geo.out_height, geo.out_width, ws.push.data() + o * plane);
       from_gapped(ws.resp.data() + (geo.out_channels + o) * plane_size, geo.out_height, geo.out_width,
@@ -128,8 +130,10 @@ struct PrefilterPath : GappedPlanes {
 
   // From the gradient fields in ws.push / ws.pull (ws.xg and ws.z filled when grad_w_image is wanted).
   void backward(T* grad_w_image, T* grad_x, PrefilterWorkspace<T>& ws) const {
-    // The gradients in the gapped layout, zero outside the planes (resp may hold responses: clear it).
-    std::fill(ws.resp.begin(), ws.resp.end(), T(0));
+    // The gradients in the gapped layout, zero outside the planes: resp is cleared where it held responses
+    // (the gradients themselves fill the planes alone).
+    if (ws.resp_dirty) std::fill(ws.resp.begin(), ws.resp.end(), T(0));
+    ws.resp_dirty = false;
     for (int64_t o = 0; o < geo.out_channels; ++o) {
       to_gapped(ws.push.data() + o * plane, geo.out_height, geo.out_width, ws.resp.data() + o * plane_size);
       to_gapped(ws.pull.data() + o * plane, geo.out_height, geo.out_width,
@@ -139,16 +143,12 @@ struct PrefilterPath : GappedPlanes {
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       for (int64_t r = 0; r < 2; ++r) {
         const T* g = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + begin;
-        if (grad_w_image) {
-          dense::gram(g, plane_size, out_per_group, operand(grp, r == 1, ws), k_size, n,
-                            grad_w_image + grp * out_per_group * k_size, k_size);
-        }
+        if (grad_w_image) weight_gradient(grp, r == 1, g, n, grad_w_image + grp * out_per_group * k_size, ws);
         if (grad_x) {
           ws.rows.resize(out_per_group);
           for (int64_t o = 0; o < out_per_group; ++o) ws.rows[o] = g + o * plane_size;
-          dense::gemm(weight_t + grp * k_size * out_per_group, out_per_group, k_size, out_per_group,
-                            ws.rows.data(), n, ws.grad_cols.data() + r * k_size * plane_size + begin, plane_size,
-                            false);
+          dense::gemm(weight_t + grp * k_size * out_per_group, out_per_group, k_size, out_per_group, ws.rows.data(), n,
+                      ws.grad_cols.data() + r * k_size * plane_size + begin, plane_size, false);
         }
       }
       if (grad_x) {
@@ -156,6 +156,19 @@ struct PrefilterPath : GappedPlanes {
           input_gradient(c, grad_x + (grp * in_per_group + c) * geo.height * geo.width, ws);
       }
     }
+  }
+
+  // grad_w of group grp (rows [C_out/groups, K]) += its gradient rows g (plane_size apart) times the operand
+  // rows, over n pixels. The Gram product runs transposed, the K operand rows as its tile rows: the stems'
+  // K = 27 is 4 x 6 + 3 rows (C_out/groups = 16: 6 + 6 + 3 + 1 rows, each tile short of the register budget).
+  void weight_gradient(int64_t grp, bool pull, const T* g, int64_t n, T* grad_w, PrefilterWorkspace<T>& ws) const {
+    ws.grad_rows.resize(out_per_group);
+    for (int64_t o = 0; o < out_per_group; ++o) ws.grad_rows[o] = g + o * plane_size;
+    ws.gram.assign(k_size * out_per_group, T(0));
+    dense::row_gram(operand(grp, pull, ws), k_size, ws.grad_rows.data(), out_per_group, n, ws.gram.data(),
+                    out_per_group);
+    for (int64_t o = 0; o < out_per_group; ++o)
+      for (int64_t k = 0; k < k_size; ++k) grad_w[o * k_size + k] += ws.gram[k * out_per_group + o];
   }
 
   // dx of input channel c of the group: the shifts' adjoint of its push rows plus the prefilter's adjoint
@@ -173,8 +186,7 @@ struct PrefilterPath : GappedPlanes {
     for (int64_t t = 0; t < taps; ++t) src.push_back(push_rows + t * plane_size + begin - shift[t]), w.push_back(T(1));
     for (const auto& term : vertical)
       src.push_back(ws.lines.data() + term.out * plane_size + begin - term.offset), w.push_back(term.weight);
-    dense::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(),
-                              ws.line.data() + begin);
+    dense::weighted_sum(src.data(), w.data(), static_cast<int64_t>(src.size()), input_length(), ws.line.data() + begin);
     from_gapped(ws.line.data(), geo.height, geo.width, grad_x_plane);
   }
 };
