@@ -140,6 +140,24 @@ def test_operands_kept_in_inference_mode_serve_later_gradients(derivations):
     assert len(derivations) == 1 and x.grad is not None
 
 
+def test_interpolation_matrices_kept_from_inference_mode_serve_later_gradients(monkeypatch):
+    """The bilinear matrices are built once and kept: one first asked for under inference_mode is still a
+    normal tensor, which autograd may save (double backward runs the formula on it); gradients are the
+    formula's."""
+    monkeypatch.setattr(pushpull_ext.options, "_interpolation_matrices", {})
+    with torch.inference_mode():
+        kept = pushpull_ext.options.interpolation_matrix(3, 7, torch.float64, "cpu")
+    assert not kept.is_inference()
+    assert pushpull_ext.options.interpolation_matrix(3, 7, torch.float64, torch.device("cpu")) is kept
+    layer = PushPullConv2d(3, 4, 3, padding=1, pull="upsample").double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    grad_x = torch.autograd.grad(layer(x).sum(), x, create_graph=True)[0]
+    expected = torch.autograd.grad(_expected(layer, x).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(grad_x, expected, rtol=1e-9, atol=1e-9)
+    grad_w = torch.autograd.grad((grad_x**2).sum(), layer.weight)[0]
+    torch.testing.assert_close(grad_w, torch.autograd.grad((expected**2).sum(), layer.weight)[0], rtol=1e-9, atol=1e-9)
+
+
 def test_converted_model_inference_derives_once_per_layer(derivations):
     model, replaced = convert(tiny_resnet(), "b1")
     model.eval()
