@@ -182,7 +182,6 @@ struct TapPath : GappedPlanes {
   // [C_out, C_in/groups * taps], added to) and its input gradient (grad_x, [C_in, H, W]).
   void backward(T* grad_w_image, T* grad_x, TapWorkspace<T>& ws) const {
     const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
-    if (grad_x) std::fill(ws.gx.begin(), ws.gx.end(), T(0));
     for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
       for (int64_t ol = 0; ol < count; ++ol) {
         T* l = ws.lines.data() + ol * lines * plane_size;
@@ -214,7 +213,7 @@ struct TapPath : GappedPlanes {
         const auto b = row_pointers(ws.y.data(), m_rows, first, ws);
         dense::gemm(weight_t + grp * in_per_group * lda + (o0 - grp * out_per_group) * taps, lda, in_per_group, m_rows,
                     b, n, ws.gx.data() + grp * in_per_group * plane_size + first, plane_size,
-                    /*accumulate=*/true);
+                    /*accumulate=*/o0 != grp * out_per_group);  // the group's first block writes (no zero fill)
       }
     });
     if (grad_x) {
