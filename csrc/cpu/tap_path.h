@@ -84,6 +84,7 @@ struct TapPath : GappedPlanes {
     block = std::min(block, out_per_group);
   }
 
+  // Kernel row i's RowPair, from the horizontal terms of its two lines (the one list the backward uses too).
   RowPair row_pair(int64_t i) const {
     const int64_t kh = geo.kernel_h;
     std::vector<ShiftTerm<T>> push, pull;
