@@ -6,9 +6,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "clones.h"
+#include "dense_kernels.h"
 #include "scratch.h"
 
 namespace pushpull {
@@ -21,51 +21,19 @@ struct Window {
   int64_t hi(int64_t i, int64_t n) const { return std::min<int64_t>(i + radius, n - 1); }
 };
 
-// out[p] = sum of in[p + d * step], d = -r..r, for p in [begin, end) (every term inside the plane),
-// times scale[p] unless scale is null. 64 bytes of sums at a time stay in a vector over the window (one
-// store each); a GCC vector type, as the auto-vectorizer turns the shifted loads into gathers.
-template <typename acc_t>
-PUSHPULL_ALWAYS_INLINE void window_sums(const acc_t* __restrict__ in, acc_t* __restrict__ out,
-                                        const acc_t* __restrict__ scale, int64_t begin, int64_t end, int64_t step,
-                                        int64_t r) {
-  typedef acc_t vec __attribute__((vector_size(64)));
-  constexpr int64_t kLanes = 64 / sizeof(acc_t);
-  int64_t p = begin;
-  for (; p + kLanes <= end; p += kLanes) {
-    vec acc, term;
-    std::memcpy(&acc, in + p - r * step, sizeof acc);
-    for (int64_t d = 1 - r; d <= r; ++d) {
-      std::memcpy(&term, in + p + d * step, sizeof term);
-      acc += term;
-    }
-    if (scale) {
-      std::memcpy(&term, scale + p, sizeof term);
-      acc *= term;
-    }
-    std::memcpy(out + p, &acc, sizeof acc);
-  }
-  for (; p < end; ++p) {
-    acc_t acc = in[p - r * step];
-    for (int64_t d = 1 - r; d <= r; ++d) acc += in[p + d * step];
-    out[p] = scale ? acc * scale[p] : acc;
-  }
-}
-
 // out[h, w] = sum of in[h, w - r .. w + r] for `height` rows of `in` (row h at in + h * stride) with r
 // zeros before and after each row, so that the clipped windows need no case of their own.
 template <typename acc_t>
-PUSHPULL_CPU_CLONES void box_rows(const acc_t* __restrict__ in, int64_t stride, acc_t* __restrict__ out, int64_t height,
-                                  int64_t width, int64_t r) {
+void box_rows(const acc_t* in, int64_t stride, acc_t* out, int64_t height, int64_t width, int64_t r) {
   for (int64_t h = 0; h < height; ++h)
-    window_sums(in + h * stride, out + h * width, static_cast<const acc_t*>(nullptr), 0, width, 1, r);
+    dense::window_sum(in + h * stride, 1, r, static_cast<const acc_t*>(nullptr), width, out + h * width);
 }
 
 // out[h, w] = scale[h, w] * (sum of in[h - r .. h + r, w]) (scale null: 1) for a plane `in` with r zero
 // rows above and below it.
 template <typename acc_t>
-PUSHPULL_CPU_CLONES void box_columns(const acc_t* __restrict__ in, acc_t* __restrict__ out, const acc_t* scale,
-                                     int64_t height, int64_t width, int64_t r) {
-  window_sums(in, out, scale, 0, height * width, width, r);
+void box_columns(const acc_t* in, acc_t* out, const acc_t* scale, int64_t height, int64_t width, int64_t r) {
+  dense::window_sum(in, width, r, scale, height * width, out);
 }
 
 // The pooling of one plane at a time, and its scratch: the plane copied into rows padded with zeros

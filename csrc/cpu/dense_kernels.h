@@ -38,18 +38,6 @@ struct VecOf {
   typedef T type __attribute__((vector_size(Bytes)));
 };
 
-template <typename V, typename T>
-PUSHPULL_ALWAYS_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
-  return v;
-}
-
-template <typename V, typename T>
-PUSHPULL_ALWAYS_INLINE void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
 // Keeps v in a register: where two multiply-adds read one loaded vector, GCC folds the load into both,
 // loading it twice (the load ports are what the weighted sums wait on).
 template <typename V>
@@ -59,6 +47,19 @@ PUSHPULL_ALWAYS_INLINE void in_register(V& v) {
 #else
   (void)v;
 #endif
+}
+
+template <typename V, typename T>
+PUSHPULL_ALWAYS_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // an unaligned vector load
+  return v;
+}
+
+template <typename V, typename T>
+PUSHPULL_ALWAYS_INLINE void store(T* p, V v) {
+  in_register(v);  // else GCC may copy an accumulator kept on the stack in 16-byte halves (AVX2)
+  std::memcpy(p, &v, sizeof(V));
 }
 
 // ---- the rows of an operand: row pointers (the tap path's shifted lines) or rows at a fixed stride (a
@@ -152,7 +153,9 @@ PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs
                                       T* c, int64_t ldc) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
-  V acc[MR][QR] = {};
+  V acc[MR][QR];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < QR; ++q) acc[r][q] = V{};
   for (int64_t s = first; s < end; ++s) {
     const int64_t a_run = s * runs.a_step, b_run = s * runs.b_step;
     for (int64_t p = 0; p < RunLen; p += L) {
@@ -242,7 +245,8 @@ struct WeightedSum {
 
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
-    V acc[NV] = {};
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
     for (int64_t t = 0; t < terms; ++t) {
       const T* s = src[t] + p;
       for (int v = 0; v < NV; ++v) acc[v] += w[t] * load<V>(s + v * L);
@@ -272,7 +276,8 @@ struct WeightedPair {
 
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
-    V acc0[NV] = {}, acc1[NV] = {};
+    V acc0[NV], acc1[NV];
+    for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = V{};
     int64_t t = 0;
     for (; t < both; ++t) {
       const T* s = src[t] + p;
@@ -293,6 +298,34 @@ struct WeightedPair {
     T acc0 = 0, acc1 = 0;
     for (int64_t t = 0; t < terms; ++t) acc0 += w0[t] * src[t][p], acc1 += w1[t] * src[t][p];
     out0[p] = acc0, out1[p] = acc1;
+  }
+};
+
+// out[p] = scale[p] * sum_{d = -r..r} in[p + d * step] (scale null: 1): the box sums of the average pooling
+// (box_pool.h), every term inside the caller's zero-padded buffer.
+template <typename T, int Bytes>
+struct WindowSum {
+  using V = typename VecOf<T, Bytes>::type;
+  static constexpr int L = Bytes / sizeof(T), kChains = Bytes == 64 ? 8 : 4;
+  const T* in;
+  int64_t step, radius;
+  const T* scale;
+  T* out;
+
+  template <int NV>
+  PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    for (int64_t d = -radius; d <= radius; ++d)
+      for (int v = 0; v < NV; ++v) acc[v] += load<V>(in + p + d * step + v * L);
+    if (scale)
+      for (int v = 0; v < NV; ++v) acc[v] *= load<V>(scale + p + v * L);
+    for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
+  }
+  PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
+    T acc = 0;
+    for (int64_t d = -radius; d <= radius; ++d) acc += in[p + d * step];
+    out[p] = scale ? acc * scale[p] : acc;
   }
 };
 
@@ -348,6 +381,10 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
   attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,     \
                                  int64_t terms, int64_t n, T* out0, T* out1) {                                   \
     cover_line<bytes / int(sizeof(T))>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});  \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  attr void window_sum_##name(const T* in, int64_t step, int64_t radius, const T* scale, int64_t n, T* out) {    \
+    cover_line<bytes / int(sizeof(T))>(n, WindowSum<T, bytes>{in, step, radius, scale, out});                    \
   }
 
 PUSHPULL_DENSE_VERSION(, baseline, 16, 4, 2, 4, 3)
@@ -447,6 +484,13 @@ template <typename T>
 void weighted_pair(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1, int64_t terms, int64_t n,
                    T* out0, T* out1) {
   PUSHPULL_DENSE_DISPATCH(weighted_pair, src, w0, w1, both, only1, terms, n, out0, out1)
+}
+
+// out[p] = scale[p] * sum_{d = -radius..radius} in[p + d * step] for p < n (scale null: 1); out must not
+// overlap in.
+template <typename T>
+void window_sum(const T* in, int64_t step, int64_t radius, const T* scale, int64_t n, T* out) {
+  PUSHPULL_DENSE_DISPATCH(window_sum, in, step, radius, scale, n, out)
 }
 
 #undef PUSHPULL_DENSE_DISPATCH
