@@ -33,6 +33,10 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 constexpr int64_t kPanelWidth = 48;
 static_assert(kPanelWidth % kGrain<float> == 0 && kPanelWidth % kGrain<double> == 0);
 
+// Unrolls a loop over a register tile's rows or vectors completely, early: GCC otherwise may keep the
+// accumulator arrays in memory (zeroed with rep stos, copied out in halves).
+#define PUSHPULL_UNROLL _Pragma("GCC unroll 32")
+
 template <typename T, int Bytes>
 struct VecOf {
   typedef T type __attribute__((vector_size(Bytes)));
@@ -89,17 +93,24 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][NV];
+  PUSHPULL_UNROLL
   for (int r = 0; r < MR; ++r)
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load<V>(c + r * ldc + v * L) : V{};
   for (int64_t k = 0; k < k_size; ++k) {
     V bv[NV];
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) bv[v] = load<V>(b.row(k) + p + v * L);
+    PUSHPULL_UNROLL
     for (int r = 0; r < MR; ++r) {
       const T s = a[r * lda + k];
+      PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
     }
   }
+  PUSHPULL_UNROLL
   for (int r = 0; r < MR; ++r)
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) store(c + r * ldc + v * L, acc[r][v]);
 }
 
@@ -154,22 +165,30 @@ PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][QR];
+  PUSHPULL_UNROLL
   for (int r = 0; r < MR; ++r)
+    PUSHPULL_UNROLL
     for (int q = 0; q < QR; ++q) acc[r][q] = V{};
   for (int64_t s = first; s < end; ++s) {
     const int64_t a_run = s * runs.a_step, b_run = s * runs.b_step;
     for (int64_t p = 0; p < RunLen; p += L) {
       V bv[QR];
+      PUSHPULL_UNROLL
       for (int q = 0; q < QR; ++q) bv[q] = load<V>(b.row(q) + b_run + p);
+      PUSHPULL_UNROLL
       for (int r = 0; r < MR; ++r) {
         const V av = load<V>(a.row(r) + a_run + p);
+        PUSHPULL_UNROLL
         for (int q = 0; q < QR; ++q) acc[r][q] += av * bv[q];
       }
     }
   }
+  PUSHPULL_UNROLL
   for (int r = 0; r < MR; ++r)
+    PUSHPULL_UNROLL
     for (int q = 0; q < QR; ++q) {
       T sum = 0;
+      PUSHPULL_UNROLL
       for (int l = 0; l < L; ++l) sum += acc[r][q][l];
       c[r * ldc + q] += sum;
     }
@@ -246,11 +265,14 @@ struct WeightedSum {
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc[NV];
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) acc[v] = V{};
     for (int64_t t = 0; t < terms; ++t) {
       const T* s = src[t] + p;
+      PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] += w[t] * load<V>(s + v * L);
     }
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
@@ -277,10 +299,12 @@ struct WeightedPair {
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc0[NV], acc1[NV];
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = V{};
     int64_t t = 0;
     for (; t < both; ++t) {
       const T* s = src[t] + p;
+      PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) {
         V x = load<V>(s + v * L);
         in_register(x);
@@ -289,9 +313,12 @@ struct WeightedPair {
       }
     }
     for (; t < both + only1; ++t)
+      PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc1[v] += w1[t] * load<V>(src[t] + p + v * L);
     for (; t < terms; ++t)
+      PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc0[v] += w0[t] * load<V>(src[t] + p + v * L);
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) store(out0 + p + v * L, acc0[v]), store(out1 + p + v * L, acc1[v]);
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
@@ -315,11 +342,15 @@ struct WindowSum {
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc[NV];
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) acc[v] = V{};
     for (int64_t d = -radius; d <= radius; ++d)
+      PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] += load<V>(in + p + d * step + v * L);
     if (scale)
+      PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] *= load<V>(scale + p + v * L);
+    PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
