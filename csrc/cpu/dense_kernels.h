@@ -147,7 +147,9 @@ PUSHPULL_ALWAYS_INLINE void panel_gemm_body(const T* a, int64_t lda, int64_t m_r
   }
 }
 
-// The most pixels a Gram product's chunk holds (see gram_body).
+// Bytes of the smaller Gram operand's chunk (see gram_body): half the smallest L2 seen (512 KiB, AMD EPYC).
+constexpr int64_t kGramChunkBytes = 256 * 1024;
+// The most pixels a chunk holds: each chunk ends with a sum across the lanes of every accumulator.
 constexpr int64_t kGramChunk = 4096;
 
 // The pixels of a Gram product are runs of RunLen contiguous values (a compile-time length, so that the
@@ -217,16 +219,47 @@ PUSHPULL_ALWAYS_INLINE void gram_chunk(const ARows& a, int64_t m_rows, const BRo
   }
 }
 
+// Tiles of MR rows of C for QR columns, then of MR / 2, ... down to single rows.
+template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
+PUSHPULL_ALWAYS_INLINE void gram_cols(const ARows& a, int64_t m_rows, const BRows& b, const Runs& runs, int64_t first,
+                                      int64_t end, T* c, int64_t ldc) {
+  int64_t r = 0;
+  for (; r + MR <= m_rows; r += MR) gram_tile<T, Bytes, MR, QR, RunLen>(a.from(r), b, runs, first, end, c + r * ldc, ldc);
+  if constexpr (MR > 1) {
+    gram_cols<T, Bytes, MR / 2, QR, RunLen>(a.from(r), m_rows - r, b, runs, first, end, c + r * ldc, ldc);
+  }
+}
+
+// gram_chunk with the columns' tiles outer: the tiles of B rows are read once, A's chunk many times.
+template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
+PUSHPULL_ALWAYS_INLINE void gram_chunk_by_columns(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows,
+                                                  const Runs& runs, int64_t first, int64_t end, T* c, int64_t ldc) {
+  int64_t q = 0;
+  for (; q + QR <= q_rows; q += QR) gram_cols<T, Bytes, MR, QR, RunLen>(a, m_rows, b.from(q), runs, first, end, c + q, ldc);
+  if constexpr (QR > 1) {
+    gram_chunk_by_columns<T, Bytes, MR, QR / 2, RunLen>(a, m_rows, b.from(q), q_rows - q, runs, first, end, c + q, ldc);
+  }
+}
+
 template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows, typename BRows>
 PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows, const Runs& runs,
                                       T* c, int64_t ldc) {
-  // Equal chunks of at most kGramChunk pixels, so that the chunk of every row stays in L2 while all the
-  // tiles read it; each chunk ends with a sum across the lanes of every accumulator.
-  constexpr int64_t max_runs = RunLen < kGramChunk ? kGramChunk / RunLen : 1;
+  // Equal chunks of pixels, as many as the smaller operand's chunk fits in kGramChunkBytes (at most
+  // kGramChunk): its chunk stays in L2 while the tiles of the larger one stream through once (a tile's
+  // rows of a chunk in L1). With A's tiles outer and the larger B (imagenet-stem-2024's weight gradient:
+  // 147 operand rows, 64 gradient rows) the whole of B was read again from L3 for every tile of A.
+  const int64_t smaller = std::max<int64_t>(std::min(m_rows, q_rows), 1);
+  const int64_t fit = kGramChunkBytes / (smaller * RunLen * static_cast<int64_t>(sizeof(T)));
+  const int64_t max_runs = std::clamp<int64_t>(fit, 1, std::max<int64_t>(kGramChunk / RunLen, 1));
   const int64_t chunks = (runs.count + max_runs - 1) / max_runs;
   const int64_t chunk = chunks > 0 ? (runs.count + chunks - 1) / chunks : 1;
-  for (int64_t s = 0; s < runs.count; s += chunk)
-    gram_chunk<T, Bytes, MR, QR, RunLen>(a, m_rows, b, q_rows, runs, s, std::min(s + chunk, runs.count), c, ldc);
+  for (int64_t s = 0; s < runs.count; s += chunk) {
+    const int64_t end = std::min(s + chunk, runs.count);
+    if (m_rows <= q_rows)
+      gram_chunk_by_columns<T, Bytes, MR, QR, RunLen>(a, m_rows, b, q_rows, runs, s, end, c, ldc);
+    else
+      gram_chunk<T, Bytes, MR, QR, RunLen>(a, m_rows, b, q_rows, runs, s, end, c, ldc);
+  }
 }
 
 // ---- weighted sums of shifted lines: sum.chunk<NV>(p) writes [p, p + NV * L), sum.scalar(p) one value.
