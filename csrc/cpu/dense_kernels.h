@@ -94,9 +94,10 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][NV];
   PUSHPULL_UNROLL
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
     PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load<V>(c + r * ldc + v * L) : V{};
+  }
   for (int64_t k = 0; k < k_size; ++k) {
     V bv[NV];
     PUSHPULL_UNROLL
@@ -109,9 +110,10 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
     }
   }
   PUSHPULL_UNROLL
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
     PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) store(c + r * ldc + v * L, acc[r][v]);
+  }
 }
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
@@ -168,9 +170,10 @@ PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][QR];
   PUSHPULL_UNROLL
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
     PUSHPULL_UNROLL
     for (int q = 0; q < QR; ++q) acc[r][q] = V{};
+  }
   for (int64_t s = first; s < end; ++s) {
     const int64_t a_run = s * runs.a_step, b_run = s * runs.b_step;
     for (int64_t p = 0; p < RunLen; p += L) {
@@ -186,7 +189,7 @@ PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs
     }
   }
   PUSHPULL_UNROLL
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
     PUSHPULL_UNROLL
     for (int q = 0; q < QR; ++q) {
       T sum = 0;
@@ -194,6 +197,7 @@ PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs
       for (int l = 0; l < L; ++l) sum += acc[r][q][l];
       c[r * ldc + q] += sum;
     }
+  }
 }
 
 // Tiles of QR columns of C, then of QR / 2, ... down to single columns.
@@ -224,7 +228,8 @@ template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows,
 PUSHPULL_ALWAYS_INLINE void gram_cols(const ARows& a, int64_t m_rows, const BRows& b, const Runs& runs, int64_t first,
                                       int64_t end, T* c, int64_t ldc) {
   int64_t r = 0;
-  for (; r + MR <= m_rows; r += MR) gram_tile<T, Bytes, MR, QR, RunLen>(a.from(r), b, runs, first, end, c + r * ldc, ldc);
+  for (; r + MR <= m_rows; r += MR)
+    gram_tile<T, Bytes, MR, QR, RunLen>(a.from(r), b, runs, first, end, c + r * ldc, ldc);
   if constexpr (MR > 1) {
     gram_cols<T, Bytes, MR / 2, QR, RunLen>(a.from(r), m_rows - r, b, runs, first, end, c + r * ldc, ldc);
   }
@@ -235,7 +240,8 @@ template <typename T, int Bytes, int MR, int QR, int64_t RunLen, typename ARows,
 PUSHPULL_ALWAYS_INLINE void gram_chunk_by_columns(const ARows& a, int64_t m_rows, const BRows& b, int64_t q_rows,
                                                   const Runs& runs, int64_t first, int64_t end, T* c, int64_t ldc) {
   int64_t q = 0;
-  for (; q + QR <= q_rows; q += QR) gram_cols<T, Bytes, MR, QR, RunLen>(a, m_rows, b.from(q), runs, first, end, c + q, ldc);
+  for (; q + QR <= q_rows; q += QR)
+    gram_cols<T, Bytes, MR, QR, RunLen>(a, m_rows, b.from(q), runs, first, end, c + q, ldc);
   if constexpr (QR > 1) {
     gram_chunk_by_columns<T, Bytes, MR, QR / 2, RunLen>(a, m_rows, b.from(q), q_rows - q, runs, first, end, c + q, ldc);
   }
@@ -345,12 +351,14 @@ struct WeightedPair {
         acc1[v] += w1[t] * x;
       }
     }
-    for (; t < both + only1; ++t)
+    for (; t < both + only1; ++t) {
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc1[v] += w1[t] * load<V>(src[t] + p + v * L);
-    for (; t < terms; ++t)
+    }
+    for (; t < terms; ++t) {
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc0[v] += w0[t] * load<V>(src[t] + p + v * L);
+    }
     PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) store(out0 + p + v * L, acc0[v]), store(out1 + p + v * L, acc1[v]);
   }
@@ -377,12 +385,14 @@ struct WindowSum {
     V acc[NV];
     PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) acc[v] = V{};
-    for (int64_t d = -radius; d <= radius; ++d)
+    for (int64_t d = -radius; d <= radius; ++d) {
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] += load<V>(in + p + d * step + v * L);
-    if (scale)
+    }
+    if (scale) {
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] *= load<V>(scale + p + v * L);
+    }
     PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
   }
