@@ -167,9 +167,14 @@ def _make_autograd(backward_op):
         kept = {"input": keep_input, "weight": keep_weight}
         ctx.save_for_backward(*(getattr(args, name) if kept.get(name, True) else None for name in SAVED), output[1])
         ctx.mark_non_differentiable(output[1])
+        # Else autograd hands backward a zero-filled "gradient" of the saved buffer (masks, and ReLU(Q') with
+        # save_pull: an output-sized field) on every call, for nothing.
+        ctx.set_materialize_grads(False)
         ctx.input_channels_last = is_channels_last(args.input)
 
     def backward(ctx, grad_output, _grad_masks):
+        if grad_output is None:  # no gradient reached the output (grads are not materialized): none flows back
+            return (None,) * len(ForwardArgs._fields)
         *saved, masks = ctx.saved_tensors  # SAVED, input / weight None where not kept
         need = list(_needed(ctx).values())
         if torch.is_grad_enabled():  # create_graph=True: the gradient must itself be differentiable

@@ -4,6 +4,7 @@ import pytest
 import torch
 from cases import case_params, make_case, skip_the_wide_case_under_the_interpreter
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pushpull_ext import PushPullConv2d
 from pushpull_ext._ext import has_cpp_kernel
@@ -171,6 +172,31 @@ def test_cpu_layer_saves_the_pull_only_for_a_trained_alpha(train_alpha, pull_sav
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(torch.randn(2, 3, 8, 8)).sum().backward()
     assert buffers == [saved_bytes(2, 8, 8, 8, torch.float32, pull_saved)]
+
+
+def test_backward_fills_no_gradient_for_the_saved_buffer(fused_backend_device):
+    """The masks buffer (with a trained alpha on CPU: and ReLU(Q'), an output-sized field) is a
+    non-differentiable output: autograd must not zero-fill a gradient of it for the backward."""
+    backend, device = fused_backend_device
+    layer = PushPullConv2d(3, 8, 3, padding=1, pull="invert", avg_kernel=3, train_alpha=True, backend=backend)
+    y = layer.to(device)(torch.randn(2, 3, 8, 8, device=device))
+    with _OpsCalled() as called:
+        y.sum().backward()
+    assert not [op for op, dtype in called.ops if dtype == torch.uint8], called.ops
+
+
+class _OpsCalled(TorchDispatchMode):
+    """The ops dispatched in its scope and the dtype of their (first) result."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        self.ops.append((str(func), first.dtype if isinstance(first, torch.Tensor) else None))
+        return out
 
 
 class _SmallNet(nn.Module):
