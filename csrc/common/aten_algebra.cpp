@@ -131,7 +131,9 @@ std::array<at::Tensor, 4> vector_grads(const VectorParts& parts, const at::Tenso
   // bias_out does not exist with the dual output (its gradient, if asked for, is zero).
   const auto grad_bias_out = !output_mask[4]   ? none
                              : geo.dual_output ? zeros()
-                                               : grad_out.sum({0, 2, 3}, false, at::toOpMathType(dtype)).to(dtype);
+                             : parts.bias_out.defined()
+                                 ? reduce(parts.bias_out)
+                                 : grad_out.sum({0, 2, 3}, false, at::toOpMathType(dtype)).to(dtype);
   return {grad_shift, need.bias ? reduce(parts.bias) : none, grad_bias_out, grad_alpha};
 }
 

@@ -97,8 +97,10 @@ std::pair<at::Tensor, at::Tensor> input_and_weight_grads(const AtenBackend& back
                                                          const Geometry& geo, const ConvArgs& c, const Needs& need);
 
 // Per-(row, channel) partial sums of the vector gradients, [rows, C_out] in the accumulation type.
+// bias_out: the output gradient's sums, where the backend's epilogue forms them (else undefined: a
+// reduction of grad_out).
 struct VectorParts {
-  at::Tensor shift, bias, alpha;
+  at::Tensor shift, bias, alpha, bias_out;
 };
 
 // The gradients of pull_shift, bias_in, bias_out and alpha, in `options`' dtype: the partial sums

@@ -246,7 +246,7 @@ struct BackwardOutputs {
   using acc_t = at::opmath_type<scalar_t>;
   FieldView<scalar_t> grad_push0, grad_pull0;
   scalar_t* grad_box;  // [N, groups, plane] (image n_in of backward_epilogue_group)
-  acc_t *shift_part, *bias_part, *alpha_part;
+  acc_t *shift_part, *bias_part, *alpha_part, *bias_out_part;
 };
 
 template <typename scalar_t>
@@ -259,7 +259,8 @@ BackwardOutputs<scalar_t> backward_outputs(const Geometry& geo, BackwardFields& 
           ptr(f.grads.grad_box),
           acc_ptr(f.parts.shift),
           acc_ptr(f.parts.bias),
-          acc_ptr(f.parts.alpha)};
+          acc_ptr(f.parts.alpha),
+          acc_ptr(f.parts.bias_out)};
 }
 
 // sum_p a[p] * b[p] (b == nullptr: sum_p a[p]) in 64 bytes of interleaved partial sums: the loop vectorizes
@@ -313,7 +314,7 @@ struct BackwardInputs {
 };
 
 // One output channel's pass of the backward epilogue, after gq: gp = the push's masked gradient, read
-// from g and the mask; push = gp (or gp - gq, kPushMinusPull); box += m * gq; and the sums of gp, gq
+// from g and the mask; push = gp (or gp - gq, kPushMinusPull); box += m * gq; and the sums of g, gp, gq
 // and gq * box_sums, in 64 bytes of interleaved partial sums (a fixed order: deterministic).
 template <typename acc_t>
 struct BackwardChannel {
@@ -326,25 +327,27 @@ struct BackwardChannel {
   acc_t* __restrict__ push;
   acc_t* __restrict__ box;
   struct Sums {
-    acc_t gp, gq, gq_box;
+    acc_t g, gp, gq, gq_box;
   };
 
   template <bool kPushMinusPull>
   PUSHPULL_ALWAYS_INLINE Sums pass(int64_t plane) const {
     constexpr int64_t kLanes = 64 / sizeof(acc_t);
-    acc_t gp_lanes[kLanes] = {}, gq_lanes[kLanes] = {}, box_lanes[kLanes] = {};
+    acc_t g_lanes[kLanes] = {}, gp_lanes[kLanes] = {}, gq_lanes[kLanes] = {}, box_lanes[kLanes] = {};
     auto step = [&](int64_t p, int64_t lane) {
       const acc_t gp = masked(mask_p[p], bit, g[p]), q = gq[p];
       push[p] = kPushMinusPull ? gp - q : gp;
       box[p] += m * q;
-      gp_lanes[lane] += gp, gq_lanes[lane] += q, box_lanes[lane] += q * box_sums[p];
+      g_lanes[lane] += g[p], gp_lanes[lane] += gp, gq_lanes[lane] += q, box_lanes[lane] += q * box_sums[p];
     };
     int64_t p = 0;
     for (; p + kLanes <= plane; p += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) step(p + l, l);
     for (; p < plane; ++p) step(p, 0);
-    Sums sums{0, 0, 0};
-    for (int64_t l = 0; l < kLanes; ++l) sums.gp += gp_lanes[l], sums.gq += gq_lanes[l], sums.gq_box += box_lanes[l];
+    Sums sums{0, 0, 0, 0};
+    for (int64_t l = 0; l < kLanes; ++l) {
+      sums.g += g_lanes[l], sums.gp += gp_lanes[l], sums.gq += gq_lanes[l], sums.gq_box += box_lanes[l];
+    }
     return sums;
   }
 };
@@ -397,6 +400,7 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
     // The pull goes through the push response (R = -P0 + ...) unless it is separable.
     const auto sums = geo.pull == PullKind::kSeparable ? ch.template pass<false>(plane) : ch.template pass<true>(plane);
     if (f.bias_part) f.bias_part[no] = sums.gp - sums.gq;
+    if (f.bias_out_part) f.bias_out_part[no] = sums.g;
     if (f.shift_part) f.shift_part[no] = s ? sums.gq_box : acc_t(0);
   }
   if (f.grad_box) {

@@ -59,11 +59,10 @@ OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous())
 
 ForwardResult forward_cpu(const ForwardArgs& a) {
   if (runs_in_float(a.input)) {
-    auto [out, masks] =
-        forward_cpu({to_float(a.input), to_float(a.weight), to_float(a.pull_shift), to_float(a.pull_rows),
-                     to_float(a.pull_cols), to_float(a.bias_in), to_float(a.bias_out), to_float(a.alpha), a.stride,
-                     a.padding, a.pull_padding, a.dilation, a.groups, a.avg_kernel, a.dual_output, a.save_masks,
-                     a.save_pull});
+    auto [out, masks] = forward_cpu({to_float(a.input), to_float(a.weight), to_float(a.pull_shift),
+                                     to_float(a.pull_rows), to_float(a.pull_cols), to_float(a.bias_in),
+                                     to_float(a.bias_out), to_float(a.alpha), a.stride, a.padding, a.pull_padding,
+                                     a.dilation, a.groups, a.avg_kernel, a.dual_output, a.save_masks, a.save_pull});
     return {out.to(a.input.scalar_type()), masks};
   }
   const Geometry geo = check_args(a);
@@ -146,7 +145,9 @@ BackwardResult backward_cpu(const BackwardArgs& a) {
   };
 
   BackwardFields f;
-  f.parts = {partial(need.shift), partial(need.bias), partial(need.alpha)};
+  // b_out's gradient: the epilogue sums the output gradient as it reads it (no pass of its own over it).
+  f.parts = {partial(need.shift), partial(need.bias), partial(need.alpha),
+             partial(a.output_mask[4] && !geo.dual_output)};
   const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, a.pull_rows, a.pull_cols, need};
   const auto none = at::empty({0}, x.options());
   const ImageRoute route = image_route(geo, conv, a.pull_rows, a.pull_cols, x.scalar_type());
