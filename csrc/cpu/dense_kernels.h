@@ -291,6 +291,19 @@ PUSHPULL_ALWAYS_INLINE void cover_line(int64_t n, const Sum& sum) {
   for (; p < n; ++p) sum.scalar(p);
 }
 
+// A chunk's NV accumulators set to zero, and stored at out (L values each).
+template <typename V, int NV>
+PUSHPULL_ALWAYS_INLINE void clear(V (&acc)[NV]) {
+  PUSHPULL_UNROLL
+  for (int v = 0; v < NV; ++v) acc[v] = V{};
+}
+
+template <int L, typename T, typename V, int NV>
+PUSHPULL_ALWAYS_INLINE void store_chunk(T* out, const V (&acc)[NV]) {
+  PUSHPULL_UNROLL
+  for (int v = 0; v < NV; ++v) store(out + v * L, acc[v]);
+}
+
 // out[p] = sum_t w[t] * src[t][p].
 template <typename T, int Bytes>
 struct WeightedSum {
@@ -304,15 +317,13 @@ struct WeightedSum {
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc[NV];
-    PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    clear(acc);
     for (int64_t t = 0; t < terms; ++t) {
       const T* s = src[t] + p;
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] += w[t] * load<V>(s + v * L);
     }
-    PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
+    store_chunk<L>(out + p, acc);
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
     T acc = 0;
@@ -338,8 +349,7 @@ struct WeightedPair {
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc0[NV], acc1[NV];
-    PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) acc0[v] = acc1[v] = V{};
+    clear(acc0), clear(acc1);
     int64_t t = 0;
     for (; t < both; ++t) {
       const T* s = src[t] + p;
@@ -359,8 +369,7 @@ struct WeightedPair {
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc0[v] += w0[t] * load<V>(src[t] + p + v * L);
     }
-    PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) store(out0 + p + v * L, acc0[v]), store(out1 + p + v * L, acc1[v]);
+    store_chunk<L>(out0 + p, acc0), store_chunk<L>(out1 + p, acc1);
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
     T acc0 = 0, acc1 = 0;
@@ -383,8 +392,7 @@ struct WindowSum {
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc[NV];
-    PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) acc[v] = V{};
+    clear(acc);
     for (int64_t d = -radius; d <= radius; ++d) {
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] += load<V>(in + p + d * step + v * L);
@@ -393,8 +401,7 @@ struct WindowSum {
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] *= load<V>(scale + p + v * L);
     }
-    PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) store(out + p + v * L, acc[v]);
+    store_chunk<L>(out + p, acc);
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
     T acc = 0;
