@@ -63,8 +63,12 @@ Responses compute_responses(const AtenBackend& backend, const at::Tensor& x, con
 }
 
 Needs needs(const Geometry& geo, std::array<bool, 6> output_mask) {
-  return {output_mask[0], output_mask[1], output_mask[2] && geo.pull == PullKind::kShift, output_mask[3],
-          output_mask[5] && !geo.dual_output};
+  return {output_mask[0],
+          output_mask[1],
+          output_mask[2] && geo.pull == PullKind::kShift,
+          output_mask[3],
+          output_mask[5] && !geo.dual_output,
+          output_mask[4] && !geo.dual_output};
 }
 
 Responses backward_responses(const AtenBackend& backend, const at::Tensor& x, const at::Tensor& w,

@@ -72,7 +72,7 @@ Responses compute_responses(const AtenBackend& backend, const at::Tensor& x, con
 
 // The gradients an op call asks for (output_mask of the backward schema).
 struct Needs {
-  bool x, w, shift, bias, alpha;
+  bool x, w, shift, bias, alpha, bias_out;  // bias_out: not with the dual output (it has none)
 };
 Needs needs(const Geometry& geo, std::array<bool, 6> output_mask);
 

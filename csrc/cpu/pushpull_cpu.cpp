@@ -146,8 +146,7 @@ BackwardResult backward_cpu(const BackwardArgs& a) {
 
   BackwardFields f;
   // b_out's gradient: the epilogue sums the output gradient as it reads it (no pass of its own over it).
-  f.parts = {partial(need.shift), partial(need.bias), partial(need.alpha),
-             partial(a.output_mask[4] && !geo.dual_output)};
+  f.parts = {partial(need.shift), partial(need.bias), partial(need.alpha), partial(need.bias_out)};
   const BackwardRequest req{geo, conv, x, w, g, masks_c, alpha_c, shift, b_in, a.pull_rows, a.pull_cols, need};
   const auto none = at::empty({0}, x.options());
   const ImageRoute route = image_route(geo, conv, a.pull_rows, a.pull_cols, x.scalar_type());
