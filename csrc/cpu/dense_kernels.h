@@ -86,10 +86,11 @@ struct StridedRows {
 
 // ---- the bodies, for vectors of `Bytes` bytes
 
-// MR rows of C times NV vectors of columns, over all k: the accumulators stay in registers.
+// MR rows of C times NV vectors of columns, over all k: the accumulators stay in registers. With
+// `prefetch` (a column offset, else 0) the tile also asks for B's lines that many columns on.
 template <typename T, int Bytes, int MR, int NV, typename Rows>
 PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p, T* c,
-                                      int64_t ldc, bool accumulate) {
+                                      int64_t ldc, bool accumulate, int64_t prefetch) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][NV];
@@ -102,6 +103,11 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
     V bv[NV];
     PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) bv[v] = load<V>(b.row(k) + p + v * L);
+    if (prefetch) {
+      PUSHPULL_UNROLL
+      for (int line = 0; line < (NV * Bytes + 63) / 64; ++line)
+        __builtin_prefetch(b.row(k) + p + prefetch + line * kGrain<T>);
+    }
     PUSHPULL_UNROLL
     for (int r = 0; r < MR; ++r) {
       const T s = a[r * lda + k];
@@ -119,10 +125,15 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
 template <typename T, int Bytes, int MR, int NV, typename Rows>
 PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b,
                                          int64_t p, T* c, int64_t ldc, bool accumulate) {
-  // Tiles of MR rows, then of MR / 2, ... down to single rows.
+  // Tiles of MR rows, then of MR / 2, ... down to single rows. The first tile of the widest blocks
+  // prefetches the B block two on: B's rows are many streams (the tap path: one per input channel, from
+  // L3), which the hardware prefetchers do not follow, and a thin product reuses a block of B too few
+  // times to hide the misses (m = 18: 26-31 -> 34 GMAC/s, one thread, AMD EPYC).
   int64_t r = 0;
-  for (; r + MR <= m_rows; r += MR)
-    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, c + r * ldc + p, ldc, accumulate);
+  for (; r + MR <= m_rows; r += MR) {
+    const int64_t prefetch = r == 0 && NV > 1 ? 2 * NV * (Bytes / int64_t(sizeof(T))) : 0;
+    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, c + r * ldc + p, ldc, accumulate, prefetch);
+  }
   if constexpr (MR > 1) {
     gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, p, c + r * ldc, ldc, accumulate);
   }
@@ -270,10 +281,20 @@ PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRow
 
 // ---- weighted sums of shifted lines: sum.chunk<NV>(p) writes [p, p + NV * L), sum.scalar(p) one value.
 
+// sum.chunk<count>(0) for a run-time count in [1, NV].
+template <int NV, typename Sum>
+PUSHPULL_ALWAYS_INLINE void chunk_of(int64_t count, const Sum& sum) {
+  if constexpr (NV > 1) {
+    if (count < NV) return chunk_of<NV - 1>(count, sum);
+  }
+  sum.template chunk<NV>(0);
+}
+
 // Covers [0, n): chunks of kChains vectors (kChains independent chains of multiply-adds hide the FMA
 // latency), then ONE more chunk that ends at n, overlapping the one before: it rewrites the same sums
 // (the outputs never alias the inputs), where a tail of single vectors and scalars ran at a fraction of
-// the speed (a 32 x 32 plane's lines end in 93 values). Shorter lines: single vectors the same way.
+// the speed (a 32 x 32 plane's lines end in 93 values). A shorter line (one row of a plane: 32 or 56
+// values on the ResNets) is one chunk of all its whole vectors, then one vector that ends at n.
 template <int L, typename Sum>
 PUSHPULL_ALWAYS_INLINE void cover_line(int64_t n, const Sum& sum) {
   constexpr int64_t wide = Sum::kChains * L;
@@ -283,9 +304,9 @@ PUSHPULL_ALWAYS_INLINE void cover_line(int64_t n, const Sum& sum) {
     if (p < n) sum.template chunk<Sum::kChains>(n - wide);
     return;
   }
-  for (; p + L <= n; p += L) sum.template chunk<1>(p);
-  if (p < n && n >= L) {
-    sum.template chunk<1>(n - L);
+  if (n >= L) {
+    chunk_of<Sum::kChains - 1>(n / L, sum);
+    if (n % L) sum.template chunk<1>(n - L);
     return;
   }
   for (; p < n; ++p) sum.scalar(p);
@@ -304,7 +325,7 @@ PUSHPULL_ALWAYS_INLINE void store_chunk(T* out, const V (&acc)[NV]) {
   for (int v = 0; v < NV; ++v) store(out + v * L, acc[v]);
 }
 
-// out[p] = sum_t w[t] * src[t][p].
+// out[p] = sum_t w[t] * src[t][from + p].
 template <typename T, int Bytes>
 struct WeightedSum {
   using V = typename VecOf<T, Bytes>::type;
@@ -313,13 +334,14 @@ struct WeightedSum {
   const T* w;
   int64_t terms;
   T* out;
+  int64_t from = 0;
 
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
     V acc[NV];
     clear(acc);
     for (int64_t t = 0; t < terms; ++t) {
-      const T* s = src[t] + p;
+      const T* s = src[t] + from + p;
       PUSHPULL_UNROLL
       for (int v = 0; v < NV; ++v) acc[v] += w[t] * load<V>(s + v * L);
     }
@@ -327,7 +349,7 @@ struct WeightedSum {
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t p) const {
     T acc = 0;
-    for (int64_t t = 0; t < terms; ++t) acc += w[t] * src[t][p];
+    for (int64_t t = 0; t < terms; ++t) acc += w[t] * src[t][from + p];
     out[p] = acc;
   }
 };
@@ -339,8 +361,10 @@ struct WeightedSum {
 template <typename T, int Bytes>
 struct WeightedPair {
   using V = typename VecOf<T, Bytes>::type;
-  // 16 accumulators in AVX-512's 32 registers, 8 in the 16 of AVX2 and SSE.
-  static constexpr int L = Bytes / sizeof(T), kChains = Bytes == 64 ? 8 : 4;
+  // 16 accumulators in AVX-512's 32 registers, 12 in the 16 of AVX2 and SSE: a term that feeds one sum
+  // only advances kChains chains of multiply-adds, each waiting on the last (4 cycles): with 4 chains the
+  // upsample's pull line (8 terms of its own) waited on them (AVX2 on the AMD EPYC: 12 cycles a vector).
+  static constexpr int L = Bytes / sizeof(T), kChains = Bytes == 64 ? 8 : 6;
   const T* const* src;
   const T *w0, *w1;
   int64_t both, only1, terms;
@@ -459,6 +483,13 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
     cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
+  attr void weighted_sum_rows_##name(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n,    \
+                                     int64_t src_stride, T* out, int64_t out_stride) {                           \
+    constexpr int L = bytes / int(sizeof(T));                                                                    \
+    for (int64_t r = 0; r < rows; ++r)                                                                           \
+      cover_line<L>(n, WeightedSum<T, bytes>{src, w, terms, out + r * out_stride, r * src_stride});              \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
   attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,     \
                                  int64_t terms, int64_t n, T* out0, T* out1) {                                   \
     cover_line<bytes / int(sizeof(T))>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});  \
@@ -558,6 +589,14 @@ void panel_gram(const T* a, int64_t m_rows, const T* b, int64_t q_rows, int64_t 
 template <typename T>
 void weighted_sum(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {
   PUSHPULL_DENSE_DISPATCH(weighted_sum, src, w, terms, n, out)
+}
+
+// The same over `rows` rows of n values: out[r * out_stride + p] = sum_t w[t] * src[t][r * src_stride + p]
+// (a gapped plane's rows into a dense one).
+template <typename T>
+void weighted_sum_rows(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n, int64_t src_stride,
+                       T* out, int64_t out_stride) {
+  PUSHPULL_DENSE_DISPATCH(weighted_sum_rows, src, w, terms, rows, n, src_stride, out, out_stride)
 }
 
 // Two weighted sums of the same terms at once (see WeightedPair for the three groups of terms).

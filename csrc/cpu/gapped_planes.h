@@ -103,15 +103,32 @@ struct GappedPlanes {
   template <typename T>
   void apply(const std::vector<ShiftTerm<T>>& terms, int64_t line, bool adjoint, const T* in_base, T* out_base,
              int64_t begin, int64_t n, TermScratch<T>& scratch) const {
+    const int64_t count = gather(terms, line, adjoint, in_base + begin, scratch);
+    dense::weighted_sum(scratch.src.data(), scratch.weights.data(), count, n, out_base + line * plane_size + begin);
+  }
+
+  // The forward terms writing `line`, from the gapped lines of in_base, into a dense plane [Ho, Wo]: the
+  // output rows alone, no copy out of the gapped layout afterwards.
+  template <typename T>
+  void apply_to_plane(const std::vector<ShiftTerm<T>>& terms, int64_t line, const T* in_base, T* plane_out,
+                      TermScratch<T>& scratch) const {
+    const int64_t count = gather(terms, line, false, in_base + at(0, 0), scratch);
+    dense::weighted_sum_rows(scratch.src.data(), scratch.weights.data(), count, geo.out_height, geo.out_width,
+                             ws_stride, plane_out, geo.out_width);
+  }
+
+  // scratch <- the sources (from in_base, lines plane_size apart) and weights of the terms of `line`.
+  template <typename T>
+  int64_t gather(const std::vector<ShiftTerm<T>>& terms, int64_t line, bool adjoint, const T* in_base,
+                 TermScratch<T>& scratch) const {
     scratch.src.clear(), scratch.weights.clear();
     for (const auto& t : terms) {
       if ((adjoint ? t.in : t.out) != line) continue;
       const int64_t from = adjoint ? t.out : t.in;
-      scratch.src.push_back(in_base + from * plane_size + begin + (adjoint ? -t.offset : t.offset));
+      scratch.src.push_back(in_base + from * plane_size + (adjoint ? -t.offset : t.offset));
       scratch.weights.push_back(t.weight);
     }
-    dense::weighted_sum(scratch.src.data(), scratch.weights.data(), static_cast<int64_t>(scratch.src.size()), n,
-                              out_base + line * plane_size + begin);
+    return static_cast<int64_t>(scratch.src.size());
   }
 
   // The responses (or their gradients) in a workspace's push / pull, [C_out, plane], as the epilogues see them.

@@ -28,8 +28,7 @@ template <typename T>
 struct TapWorkspace {
   ScratchVector<T> xg;          // the input image [C_in, plane_size], gapped
   ScratchVector<T> y;           // Y of a block of output channels [block * taps, plane_size] (or gY)
-  ScratchVector<T> lines;       // horizontal pass [block * 2 * kh, plane_size]: push rows, then pull rows
-  ScratchVector<T> resp;        // one channel's two responses [2, plane_size]
+  ScratchVector<T> lines;       // one channel's horizontal pass [2 * kh, plane_size]: push rows, then pull rows
   ScratchVector<T> grad_resp;   // their gradients: written only inside the planes (the rest stays zero)
   ScratchVector<T> push, pull;  // [C_out, plane]: the responses, then their gradients (as the epilogues read)
   ScratchVector<T> gx;          // the input gradient [C_in, plane_size], gapped
@@ -38,7 +37,7 @@ struct TapWorkspace {
   TermScratch<T> terms;
 };
 
-// Bytes of Y and the horizontal lines of one block of output channels: in L2 while the passes read them.
+// Bytes of Y of one block of output channels: in L2 while the passes read them.
 constexpr int64_t kTapBlockBytes = 512 * 1024;
 
 template <typename scalar_t>
@@ -78,7 +77,7 @@ struct TapPath : GappedPlanes {
         if (rp[a * kh + i] != 0)
           vertical.push_back({kh + i, 1, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
     for (int64_t i = 0; i < kh; ++i) row_pairs.push_back(row_pair(i));
-    const int64_t per_channel = (taps + 2 * kh) * plane_size * static_cast<int64_t>(sizeof(T));
+    const int64_t per_channel = taps * plane_size * static_cast<int64_t>(sizeof(T));
     block = 8;
     while (block > 1 && block * per_channel > kTapBlockBytes) block /= 2;
     block = std::min(block, out_per_group);
@@ -125,8 +124,7 @@ struct TapPath : GappedPlanes {
     TapWorkspace<T> ws;
     ws.xg.resize(geo.in_channels * plane_size);
     ws.y.resize(block * taps * plane_size);
-    ws.lines.resize(block * 2 * geo.kernel_h * plane_size);
-    ws.resp.resize(2 * plane_size);
+    ws.lines.resize(2 * geo.kernel_h * plane_size);
     ws.push.resize(geo.out_channels * plane);
     ws.pull.resize(geo.out_channels * plane);
     if (backward) {
@@ -148,19 +146,17 @@ struct TapPath : GappedPlanes {
 
   // P0 and R of image n (its input already in ws.xg) into ws.push / ws.pull.
   void responses(TapWorkspace<T>& ws) const {
-    const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
+    const int64_t kh = geo.kernel_h;
     for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
       const auto b = row_pointers(ws.xg.data() + grp * in_per_group * plane_size, in_per_group, product_begin(), ws);
       dense::gemm(wstack + o0 * taps * in_per_group, in_per_group, count * taps, in_per_group, b, product_length(),
                   ws.y.data() + product_begin(), plane_size, /*accumulate=*/false);
       for (int64_t ol = 0; ol < count; ++ol) {
         const T* y = ws.y.data() + ol * taps * plane_size;
-        T* l = ws.lines.data() + ol * lines * plane_size;
+        T* l = ws.lines.data();
         for (int64_t i = 0; i < kh; ++i) horizontal_pair(i, y, l, ws);
-        for (int64_t r = 0; r < 2; ++r)
-          apply(vertical, r, false, static_cast<const T*>(l), ws.resp.data(), begin, output_length(), ws.terms);
-        from_gapped(ws.resp.data(), geo.out_height, geo.out_width, ws.push.data() + (o0 + ol) * plane);
-        from_gapped(ws.resp.data() + plane_size, geo.out_height, geo.out_width, ws.pull.data() + (o0 + ol) * plane);
+        apply_to_plane(vertical, 0, static_cast<const T*>(l), ws.push.data() + (o0 + ol) * plane, ws.terms);
+        apply_to_plane(vertical, 1, static_cast<const T*>(l), ws.pull.data() + (o0 + ol) * plane, ws.terms);
       }
     });
   }
@@ -185,7 +181,7 @@ struct TapPath : GappedPlanes {
     const int64_t kh = geo.kernel_h, lines = 2 * kh, begin = at(0, 0);
     for_each_block([&](int64_t grp, int64_t o0, int64_t count) {
       for (int64_t ol = 0; ol < count; ++ol) {
-        T* l = ws.lines.data() + ol * lines * plane_size;
+        T* l = ws.lines.data();
         T* gy = ws.y.data() + ol * taps * plane_size;
         to_gapped(ws.push.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data());
         to_gapped(ws.pull.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data() + plane_size);
