@@ -91,11 +91,17 @@ struct GappedPlanes {
   void from_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
     for (int64_t r = 0; r < rows; ++r) copy_row(src + at(r, 0), cols, dst + r * cols);
   }
+  // Image n of x into the gapped planes xg. With check_finite, false as soon as a plane holds NaN or +-Inf:
+  // each plane is tested just after its copy, in cache, so that the image is read from memory once.
   template <typename T>
-  void load_input(const T* x, int64_t n, T* xg) const {
+  bool load_input(const T* x, int64_t n, T* xg, bool check_finite = false) const {
     const int64_t in_plane = geo.height * geo.width;
-    for (int64_t c = 0; c < geo.in_channels; ++c)
-      to_gapped(x + (n * geo.in_channels + c) * in_plane, geo.height, geo.width, xg + c * plane_size);
+    for (int64_t c = 0; c < geo.in_channels; ++c) {
+      const T* plane_in = x + (n * geo.in_channels + c) * in_plane;
+      to_gapped(plane_in, geo.height, geo.width, xg + c * plane_size);
+      if (check_finite && !values_finite(plane_in, in_plane)) return false;
+    }
+    return true;
   }
 
   // Line `line` of out_base (lines plane_size apart), positions [begin, begin + n), from the terms of

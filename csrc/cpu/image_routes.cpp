@@ -112,15 +112,20 @@ struct IsImagePath : std::false_type {};
 template <typename T>
 struct IsImagePath<ImagePath<T>> : std::true_type {};
 
-// P0 and R of image n: ImagePath packs blocks of rows; the gapped routes load the whole image.
+// P0 and R of image n: ImagePath packs blocks of rows; the gapped routes load the whole image. With
+// check_finite, false (and no responses) for an image with NaN or +-Inf; the gapped routes test it as they
+// load it, ImagePath just before (in cache for its own loads just after).
 template <typename Route, typename Workspace>
-void image_responses(const Route& route, const typename Route::T* x, int64_t n, Workspace& ws) {
+bool image_responses(const Route& route, const typename Route::T* x, int64_t n, Workspace& ws, bool check_finite) {
   if constexpr (IsImagePath<Route>::value) {
+    const int64_t image = route.geo.in_channels * route.geo.height * route.geo.width;
+    if (check_finite && !values_finite(x + n * image, image)) return false;
     route.image_responses(x, n, ws);
   } else {
-    route.load_operands(x, n, ws);
+    if (!route.load_operands(x, n, ws, check_finite)) return false;
     route.responses(ws);
   }
+  return true;
 }
 
 // Returns false when check_finite finds an image with NaN or +-Inf (the images after it are skipped).
@@ -129,18 +134,16 @@ bool forward_images(const Route& route, const typename Route::T* x, const typena
                     const ForwardOutputs<typename Route::T>& out, bool check_finite) {
   using T = typename Route::T;
   const Geometry& geo = route.geo;
-  const int64_t octets = (geo.out_channels + 7) / 8, image = geo.in_channels * geo.height * geo.width;
+  const int64_t octets = (geo.out_channels + 7) / 8;
   std::atomic<bool> finite{true};
   at::parallel_for(0, geo.batch, 1, [&](int64_t begin, int64_t end) {
     auto ws = route.workspace(false);
     PlaneScratch<T> scratch(geo);
     for (int64_t n = begin; n < end && finite; ++n) {
-      // Read here, the image is in cache for the route's own loads just after.
-      if (check_finite && !values_finite(x + n * image, image)) {
+      if (!image_responses(route, x, n, ws, check_finite)) {
         finite = false;
         break;
       }
-      image_responses(route, x, n, ws);
       const auto in = route.inputs(ws, bias_in);
       for (int64_t octet = 0; octet < octets; ++octet) forward_epilogue_octet(in, 0, n, octet, out, scratch);
     }

@@ -81,9 +81,11 @@ struct PrefilterPath : GappedPlanes {
     return ws;
   }
 
-  void load_operands(const T* x, int64_t n, PrefilterWorkspace<T>& ws) const {
-    load_input(x, n, ws.xg.data());
+  // Image n into ws.xg and its prefilter into ws.z (false: check_finite found NaN or +-Inf in it).
+  bool load_operands(const T* x, int64_t n, PrefilterWorkspace<T>& ws, bool check_finite = false) const {
+    if (!load_input(x, n, ws.xg.data(), check_finite)) return false;
     prefilter(ws);
+    return true;
   }
 
   // z of every input channel, from ws.xg. The vertical pass covers whole rows (gaps included: zeros), so

@@ -142,7 +142,10 @@ struct TapPath : GappedPlanes {
     return ws.rows.data();
   }
 
-  void load_operands(const T* x, int64_t n, TapWorkspace<T>& ws) const { load_input(x, n, ws.xg.data()); }
+  // Image n into ws.xg (false: check_finite found NaN or +-Inf in it).
+  bool load_operands(const T* x, int64_t n, TapWorkspace<T>& ws, bool check_finite = false) const {
+    return load_input(x, n, ws.xg.data(), check_finite);
+  }
 
   // P0 and R of image n (its input already in ws.xg) into ws.push / ws.pull.
   void responses(TapWorkspace<T>& ws) const {
