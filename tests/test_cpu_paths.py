@@ -22,6 +22,7 @@ from pushpull_ext._ext import has_cpp_kernel
 
 pytestmark = pytest.mark.skipif(not has_cpp_kernel("cpu"), reason="the C++ CPU kernel is not built")
 
+IN_PLACE_SIZES = (2, 4, 5, 3, 16, 3, 3)
 # Upsample cases of the shared grid that have stride 1, and shapes aimed at the tap path's layout:
 # rectangular kernels and images, groups, padding 0 and wider than the kernel, every output option.
 UPSAMPLE_STRIDE1 = [
@@ -39,6 +40,8 @@ TAP_CASES = UPSAMPLE_STRIDE1 + [
     ("tap-pad0-scale3", (2, 3, 5, 9, 8, 3, 3), dict(pull="upsample", scale=3.0, padding=0, alpha="scalar")),
     ("tap-pad-wide-5x5", (1, 2, 3, 6, 10, 5, 5), dict(pull="upsample", padding=3, bias_out=True)),
     ("tap-1x3-depthwise", (2, 4, 4, 5, 11, 1, 3), dict(pull="upsample", groups=4, padding=(0, 1), alpha="vector")),
+    # Width 16, a multiple of every vector length: the forward's product reads the image in place.
+    ("tap-width16-in-place", IN_PLACE_SIZES, dict(pull="upsample", padding=1, bias_in=True, alpha="vector")),
 ]
 TAP_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in TAP_CASES]
 # The per-image panels on images of several panels (48 pixels each), with row counts that are not
@@ -98,6 +101,20 @@ def test_tap_path_gradcheck(monkeypatch, sizes, options):
         return call(push_pull_conv2d, dict(zip(names, tensors)), opts, backend="cpu")
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_tap_path_reading_the_image_in_place_finds_a_non_finite_last_image(monkeypatch, value):
+    """The forward's tap product reads the image where it lies (no copy that tests it on the way): a NaN or
+    Inf in the last image must still send the batch to the exact route, as the reference propagates it."""
+    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", "always")
+    inputs, opts = make_case(IN_PLACE_SIZES, dict(pull="upsample", padding=1, bias_in=True), torch.float64, "cpu")
+    with torch.no_grad():
+        inputs["input"][-1, 0, 1, 8] = value
+    ours = call(push_pull_conv2d, inputs, opts, backend="cpu")
+    expected = call(push_pull_conv2d, inputs, opts, backend="reference")
+    assert not torch.isfinite(expected).all()
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9, equal_nan=True)
 
 
 # Large enough that Y and the filter lines of a block of channels exceed the L2 budget (blocks of fewer

@@ -84,20 +84,30 @@ struct StridedRows {
   PUSHPULL_ALWAYS_INLINE StridedRows from(int64_t k) const { return {first + k * stride, stride}; }
 };
 
+// Where column q of a product goes in a row of C: q itself, or (width > 0) column q % width of row
+// q / width of a plane whose rows are `stride` apart (a product over a plane's dense pixels written into
+// the gapped layout of gapped_planes.h; width a multiple of the vector length, so that no vector straddles
+// two rows).
+struct ColumnMap {
+  int64_t width = 0, stride = 0;
+  PUSHPULL_ALWAYS_INLINE int64_t at(int64_t q) const { return width ? q / width * stride + q % width : q; }
+};
+
 // ---- the bodies, for vectors of `Bytes` bytes
 
-// MR rows of C times NV vectors of columns, over all k: the accumulators stay in registers. With
-// `prefetch` (a column offset, else 0) the tile also asks for B's lines that many columns on.
+// MR rows of C times NV vectors of columns (B's from column p, C's at cols[v] in each row), over all k:
+// the accumulators stay in registers. With `prefetch` (a column offset, else 0) the tile also asks for
+// B's lines that many columns on.
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p, T* c,
-                                      int64_t ldc, bool accumulate, int64_t prefetch) {
+PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p,
+                                      const int64_t* cols, T* c, int64_t ldc, bool accumulate, int64_t prefetch) {
   using V = typename VecOf<T, Bytes>::type;
   constexpr int L = Bytes / sizeof(T);
   V acc[MR][NV];
   PUSHPULL_UNROLL
   for (int r = 0; r < MR; ++r) {
     PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load<V>(c + r * ldc + v * L) : V{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load<V>(c + r * ldc + cols[v]) : V{};
   }
   for (int64_t k = 0; k < k_size; ++k) {
     V bv[NV];
@@ -118,13 +128,13 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
   PUSHPULL_UNROLL
   for (int r = 0; r < MR; ++r) {
     PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * L, acc[r][v]);
+    for (int v = 0; v < NV; ++v) store(c + r * ldc + cols[v], acc[r][v]);
   }
 }
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
 PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b,
-                                         int64_t p, T* c, int64_t ldc, bool accumulate) {
+                                         int64_t p, const int64_t* cols, T* c, int64_t ldc, bool accumulate) {
   // Tiles of MR rows, then of MR / 2, ... down to single rows. The first tile of the widest blocks
   // prefetches the B block two on: B's rows are many streams (the tap path: one per input channel, from
   // L3), which the hardware prefetchers do not follow, and a thin product reuses a block of B too few
@@ -132,21 +142,36 @@ PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows
   int64_t r = 0;
   for (; r + MR <= m_rows; r += MR) {
     const int64_t prefetch = r == 0 && NV > 1 ? 2 * NV * (Bytes / int64_t(sizeof(T))) : 0;
-    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, c + r * ldc + p, ldc, accumulate, prefetch);
+    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, cols, c + r * ldc, ldc, accumulate, prefetch);
   }
   if constexpr (MR > 1) {
-    gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, p, c + r * ldc, ldc, accumulate);
+    gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, p, cols, c + r * ldc, ldc, accumulate);
   }
+}
+
+// The NV vectors of C's columns from p, through `map`.
+template <typename T, int Bytes, int NV>
+PUSHPULL_ALWAYS_INLINE void column_block(const ColumnMap& map, int64_t p, int64_t (&cols)[NV]) {
+  PUSHPULL_UNROLL
+  for (int v = 0; v < NV; ++v) cols[v] = map.at(p + v * (Bytes / int64_t(sizeof(T))));
 }
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
 PUSHPULL_ALWAYS_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t n,
-                                      T* c, int64_t ldc, bool accumulate) {
+                                      T* c, int64_t ldc, bool accumulate, const ColumnMap& map = {}) {
   constexpr int L = Bytes / sizeof(T);
   // Column blocks outer: a block of B (k_size x NV * L) stays in L1 while every row tile reads it.
   int64_t p = 0;
-  for (; p + NV * L <= n; p += NV * L) gemm_columns<T, Bytes, MR, NV>(a, lda, m_rows, k_size, b, p, c, ldc, accumulate);
-  for (; p < n; p += L) gemm_columns<T, Bytes, MR, 1>(a, lda, m_rows, k_size, b, p, c, ldc, accumulate);
+  for (; p + NV * L <= n; p += NV * L) {
+    int64_t cols[NV];
+    column_block<T, Bytes>(map, p, cols);
+    gemm_columns<T, Bytes, MR, NV>(a, lda, m_rows, k_size, b, p, cols, c, ldc, accumulate);
+  }
+  for (; p < n; p += L) {
+    int64_t cols[1];
+    column_block<T, Bytes>(map, p, cols);
+    gemm_columns<T, Bytes, MR, 1>(a, lda, m_rows, k_size, b, p, cols, c, ldc, accumulate);
+  }
 }
 
 // The same product on packed operands: panel p of B (k_size rows of kPanelWidth) gives columns
@@ -455,6 +480,11 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
     gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                         \
   }                                                                                                              \
   template <typename T>                                                                                          \
+  attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,  \
+                             int64_t ldc, ColumnMap map) {                                                       \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, map);                         \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
   attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,   \
                               int64_t ldc) {                                                                     \
     panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                          \
@@ -555,6 +585,27 @@ template <typename T>
 void gemm(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b, int64_t n, T* c, int64_t ldc,
           bool accumulate) {
   PUSHPULL_DENSE_DISPATCH(gemm, a, lda, m_rows, k_size, b, n, c, ldc, accumulate)
+}
+
+// The same product (not accumulating) with column p of C at map.at(p) in each row (ColumnMap). n and
+// map.width: multiples of vector_values<T>().
+template <typename T>
+void gemm_into(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b, int64_t n, T* c, int64_t ldc,
+               ColumnMap map) {
+  PUSHPULL_DENSE_DISPATCH(gemm_into, a, lda, m_rows, k_size, b, n, c, ldc, map)
+}
+
+// The values of T in one vector of the chosen version.
+template <typename T>
+int64_t vector_values() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return 64 / sizeof(T);
+    case Isa::kAvx2:
+      return 32 / sizeof(T);
+    default:
+      return 16 / sizeof(T);
+  }
 }
 
 // C[m, q] += sum_p A[m, p] * b[q][p] for m < m_rows, q < q_rows, p < n (n a multiple of kGrain<T>).
