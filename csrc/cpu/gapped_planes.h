@@ -91,14 +91,19 @@ struct GappedPlanes {
   void from_gapped(const T* src, int64_t rows, int64_t cols, T* dst) const {
     for (int64_t r = 0; r < rows; ++r) copy_row(src + at(r, 0), cols, dst + r * cols);
   }
-  // Image n of x into the gapped planes xg. With check_finite, false as soon as a plane holds NaN or +-Inf:
-  // each plane is tested just after its copy, in cache, so that the image is read from memory once.
+  // Image n of x into the gapped planes xg; or, with a dense_stride, into planes without gaps that far
+  // apart. With check_finite, false as soon as a plane holds NaN or +-Inf: each plane is tested just after
+  // its copy, in cache, so that the image is read from memory once.
   template <typename T>
-  bool load_input(const T* x, int64_t n, T* xg, bool check_finite = false) const {
+  bool load_input(const T* x, int64_t n, T* xg, bool check_finite = false, int64_t dense_stride = 0) const {
     const int64_t in_plane = geo.height * geo.width;
     for (int64_t c = 0; c < geo.in_channels; ++c) {
       const T* plane_in = x + (n * geo.in_channels + c) * in_plane;
-      to_gapped(plane_in, geo.height, geo.width, xg + c * plane_size);
+      if (dense_stride) {
+        std::memcpy(xg + c * dense_stride, plane_in, in_plane * sizeof(T));
+      } else {
+        to_gapped(plane_in, geo.height, geo.width, xg + c * plane_size);
+      }
       if (check_finite && !values_finite(plane_in, in_plane)) return false;
     }
     return true;

@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "gapped_planes.h"
@@ -148,14 +147,7 @@ struct TapPath : GappedPlanes {
 
   // Image n into ws.xg (false: check_finite found NaN or +-Inf in it).
   bool load_operands(const T* x, int64_t n, TapWorkspace<T>& ws, bool check_finite = false) const {
-    if (!ws.dense_input) return load_input(x, n, ws.xg.data(), check_finite);
-    const int64_t in_plane = geo.height * geo.width;
-    for (int64_t c = 0; c < geo.in_channels; ++c) {
-      const T* plane_in = x + (n * geo.in_channels + c) * in_plane;
-      std::memcpy(ws.xg.data() + c * dense_stride(), plane_in, in_plane * sizeof(T));
-      if (check_finite && !values_finite(plane_in, in_plane)) return false;  // in cache after the copy
-    }
-    return true;
+    return load_input(x, n, ws.xg.data(), check_finite, ws.dense_input ? dense_stride() : 0);
   }
 
   // The distance between two dense input planes: not a multiple of 4 KiB (a 32 x 32 float plane is), so
