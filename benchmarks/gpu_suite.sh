@@ -27,6 +27,9 @@
 #                            machine runs one command for at most 10 minutes: DEADLINE=540 leaves room.
 #   PACK=FILE.tar.gz         after every step, OUT_DIR is packed into FILE (the device tool returns at
 #                            most 8 files: pack into $OUT, keep OUT_DIR elsewhere).
+#   BENCH_FLAGS="..."        the float32 benchmark's flags instead of --full (e.g. "" for the default
+#                            providers: no torch.compile providers, whose first compilations take minutes).
+#   PYTEST_ADDOPTS="..."     pytest's own variable: narrows every pytest step (e.g. -m "not slow" -v).
 set -u
 OUT="${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}"
 mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
@@ -135,7 +138,8 @@ step build "$OUT/build.log" "$PY" -m pip install --no-build-isolation --no-deps 
 "$PY" -c "import pushpull_ext; print(pushpull_ext.available_backends())" >> "$OUT/environment.txt" 2>&1
 step cuda-built "$OUT/cuda-built.log" "$PY" -c \
     "import pushpull_ext as p; e = p.available_backends()['cuda']; assert e is None, e; print('cuda backend built')"
-step bench "$OUT/bench.log" "$PY" -m pushpull_ext.bench --full --dtype float32 --out "$OUT"
+# shellcheck disable=SC2086  # BENCH_FLAGS is a list of words
+step bench "$OUT/bench.log" "$PY" -m pushpull_ext.bench ${BENCH_FLAGS---full} --dtype float32 --out "$OUT"
 step routes "$OUT/routes.log" "$PY" -m pushpull_ext.bench_routes --dtype float32 bfloat16 --out "$OUT/routes.json"
 # CUBLAS_WORKSPACE_CONFIG: lets cuBLAS run under torch.use_deterministic_algorithms (tests/test_determinism.py).
 step tests "$OUT/tests.log" env PUSHPULL_TEST_RESULTS="$OUT/hardening.json" CUBLAS_WORKSPACE_CONFIG=:4096:8 \
