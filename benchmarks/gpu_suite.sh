@@ -15,7 +15,8 @@
 #      >2^31-element test, the determinism and bad-input tests; their figures in hardening.json,
 #   5. sanitizer-memcheck: a subset of the cuda/triton tests under compute-sanitizer memcheck with
 #      PyTorch's caching allocator off (sanitizer-memcheck.log, the error count in sanitizers.json),
-#   6. tests-auto-cuda: the module tests with "auto" resolved to the CUDA backend,
+#   6. tests-auto-triton: the module tests with "auto" resolved to the Triton backend (auto's default on a
+#      GPU is the CUDA extension),
 #   7. bench-bfloat16: the benchmark in bfloat16, all four modes, into OUT_DIR/bfloat16,
 #   8. sanitizer-racecheck, 9. pytest-benchmark (pytest-benchmark.json), 10. fuzz-long (the long
 #      hypothesis profile, fuzz-long.json).
@@ -146,7 +147,7 @@ step tests "$OUT/tests.log" env PUSHPULL_TEST_RESULTS="$OUT/hardening.json" CUBL
     "$PY" -m pytest tests/ -q "${XDIST[@]}"
 step sanitizer-memcheck "$OUT/sanitizer-memcheck.step.log" sanitize memcheck
 sanitizer_summary > /dev/null
-step tests-auto-cuda "$OUT/tests-auto-cuda.log" env PUSHPULL_BACKEND=cuda "$PY" -m pytest \
+step tests-auto-triton "$OUT/tests-auto-triton.log" env PUSHPULL_BACKEND=triton "$PY" -m pytest \
     tests/test_module.py tests/test_ops.py tests/test_cuda_backend.py -q
 step bench-bfloat16 "$OUT/bench-bfloat16.log" "$PY" -m pushpull_ext.bench --full --dtype bfloat16 \
     --modes fwd,bwd,fwdbwd,inference --out "$OUT/bfloat16"

@@ -63,23 +63,21 @@ def _problem(backend: str, input: Tensor):
 
 # backend="auto" on a CUDA GPU: the backend tried first per pull mode, the other one being the fallback
 # (Triton needs compute capability >= 8.0 and Triton installed; the CUDA extension runs on sm_70+).
-# PLACEHOLDERS, set by the cost model's prediction (python -m pushpull_ext.cost_model) until GPU figures
-# exist: no kernel has been timed on a GPU. Both are "triton", today's behaviour: the Triton products run on
-# the tensor cores, and the model finds no pull mode whose Triton path it can show slower (it does not price
-# the CUDA extension). The figure that should set each entry: benchmarks/gpu_suite.sh's forward + backward
-# time of backend="triton" against backend="cuda" on that mode's paper shapes (upsample: cifar-b1-2020 and
-# imagenet-b1-2020, where the model counts 6.4x one convolution's products in the Triton forward; invert:
-# imagenet-stem-2024 and cifar-stem-2024, where it counts 4-8x the lower bound's bytes): "cuda" where that
-# backend is faster on the mode's shapes.
-AUTO_GPU_BACKEND = {"upsample": "triton", "invert": "triton"}
+# Set by the one GPU timing so far (benchmarks/results/h200: an H200, float32, the papers' shapes and
+# batches): the CUDA extension was faster than the Triton backend on every shape of both pull modes, forward
+# (upsample 0.35 against 0.54 ms on cifar-b1-2020, 9.3 against 16.8 on imagenet-b1-2020; invert 9.7 against
+# 14.7 on imagenet-stem-2024, 0.32 against 0.46 on cifar-stem-2024) and forward + backward (1.8 against 4.3,
+# 46 against 74; 31 against 45, 2.0 against 2.6 ms).
+AUTO_GPU_BACKEND = {"upsample": "cuda", "invert": "cuda"}
 
 
 def auto_candidates(device_type: str, pull: str | None = None) -> tuple[str, ...]:
     """The backends backend="auto" tries, in order, for tensors on `device_type` and a layer of pull
-    mode `pull` (None: not known, as for resolve_backend(backend, input) called alone: Triton first)."""
+    mode `pull` (None: not known, as for resolve_backend(backend, input) called alone: the CUDA extension
+    first, as for both pull modes)."""
     if device_type != "cuda":
         return ("cpu",)
-    first = AUTO_GPU_BACKEND.get(pull, "triton")
+    first = AUTO_GPU_BACKEND.get(pull, "cuda")
     return (first, "cuda" if first == "triton" else "triton")
 
 

@@ -1,7 +1,7 @@
 """The cost model of the Triton path (pushpull_ext/cost_model.py): its counts against first principles and
 the papers' algebra, and its command line. Pure arithmetic on the launcher's recorded launches: no kernel runs.
-Also the rule backend="auto" follows on a GPU (functional.AUTO_GPU_BACKEND, per pull mode), which the model's
-predictions set until GPU timings exist, tested with a stand-in CUDA device."""
+Also the rule backend="auto" follows on a GPU (functional.AUTO_GPU_BACKEND, per pull mode, set by the first GPU
+timings), tested with a stand-in CUDA device."""
 
 import re
 import types
@@ -200,7 +200,7 @@ def test_command_line_prints_every_launch_and_the_summary(capsys):
     assert re.search(r"^cifar-b1-2020 +bfloat16 +2\.00 ", summary, re.MULTILINE)
 
 
-# ---------------------------------------------------------------- backend="auto": the per-mode rule the model sets
+# ---------------------------------------------------------------- backend="auto": the per-mode rule the GPU timings set
 
 
 def _cuda_tensor_stand_in():
@@ -218,18 +218,18 @@ def gpu_with_both_backends(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
 
-def test_auto_keeps_triton_first_on_a_gpu_for_every_pull_mode():
+def test_auto_takes_the_cuda_extension_first_on_a_gpu_for_every_pull_mode():
     for pull in ("upsample", "invert", None):
-        assert functional.auto_candidates("cuda", pull) == ("triton", "cuda")
+        assert functional.auto_candidates("cuda", pull) == ("cuda", "triton")
     assert functional.auto_candidates("cpu", "upsample") == ("cpu",)
 
 
 def test_auto_follows_the_table_per_pull_mode(monkeypatch, gpu_with_both_backends):
-    monkeypatch.setitem(functional.AUTO_GPU_BACKEND, "upsample", "cuda")
-    assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "upsample") == "cuda"
-    assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "invert") == "triton"
-    monkeypatch.setattr(functional, "has_cpp_kernel", lambda device_type: False)  # no CUDA kernels: the other one
+    monkeypatch.setitem(functional.AUTO_GPU_BACKEND, "upsample", "triton")
     assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "upsample") == "triton"
+    assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "invert") == "cuda"
+    monkeypatch.setattr(functional, "has_cpp_kernel", lambda device_type: False)  # no CUDA kernels: the other one
+    assert functional.resolve_backend("auto", _cuda_tensor_stand_in(), "invert") == "triton"
 
 
 def test_the_layer_passes_its_pull_mode_to_the_rule(monkeypatch):

@@ -20,18 +20,19 @@ def _cuda_tensor_stand_in():
 
 
 @pytest.mark.parametrize(
-    "capability, triton_error, expected",
+    "capability, triton_error, cuda_built, expected",
     [
-        ((7, 0), None, "cuda"),  # V100: Triton needs compute capability >= 8.0
-        ((7, 5), None, "cuda"),  # T4
-        ((9, 0), "no triton", "cuda"),  # H100 without Triton
-        ((9, 0), None, "triton"),
+        ((7, 0), None, True, "cuda"),  # V100: Triton needs compute capability >= 8.0
+        ((7, 5), None, True, "cuda"),  # T4
+        ((9, 0), None, True, "cuda"),  # H100: the CUDA extension first (functional.AUTO_GPU_BACKEND)
+        ((9, 0), "no triton", True, "cuda"),  # H100 without Triton
+        ((9, 0), None, False, "triton"),  # H100, the extension built without CUDA: Triton
     ],
 )
-def test_auto_falls_back_to_cuda_where_triton_cannot_run(monkeypatch, capability, triton_error, expected):
+def test_auto_takes_the_cuda_extension_else_triton(monkeypatch, capability, triton_error, cuda_built, expected):
     monkeypatch.delenv("PUSHPULL_BACKEND", raising=False)
     monkeypatch.setattr(functional, "CPP_ERROR", None)
-    monkeypatch.setattr(functional, "has_cpp_kernel", lambda device_type: True)
+    monkeypatch.setattr(functional, "has_cpp_kernel", lambda device_type: cuda_built)
     monkeypatch.setattr(functional.ops, "TRITON_OP_ERROR", triton_error)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert functional.resolve_backend("auto", _cuda_tensor_stand_in()) == expected
