@@ -67,6 +67,19 @@ def seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """float32 without TF32 (a GPU's; nothing on the CPU): the float32 tolerances (1e-4 relative,
+    pushpull_ext.shapes.RELATIVE_TOLERANCE) hold with TF32 off, and PyTorch lets cuDNN's convolutions use it
+    by default (torch.backends.cudnn.allow_tf32 = True): the reference's, the CUDA backend's ATen ones and,
+    as it follows that flag (triton_launch.LaunchConfig.allow_tf32), the Triton backend's tl.dot. Restored
+    after each test, so that a test may set them its own way."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(params=BACKEND_DEVICES, ids=_ids(BACKEND_DEVICES))
 def backend_device(request):
     return request.param

@@ -3,7 +3,7 @@ gradcheck, float32 to 1e-4 relative, low precision within 2x of eager PyTorch's 
 
 import pytest
 import torch
-from agreement import assert_matches_reference, assert_rel_close, outputs_and_grads, reference_float64
+from agreement import assert_matches_reference, assert_rel_close, gradcheck, outputs_and_grads, reference_float64
 from cases import CASE_PARAMS, call, case, make_case, skip_the_wide_case_under_the_interpreter
 
 from pushpull_ext import push_pull_conv2d
@@ -32,7 +32,7 @@ def test_gradcheck_float64(backend_device, request, sizes, options):
     # Full Jacobians for the shipped CPU kernel; gradcheck's fast mode (random projections) for the
     # slow Triton interpreter and for the reference, whose autograd is PyTorch's own.
     fast = backend != "cpu"
-    assert torch.autograd.gradcheck(fn, tuple(inputs.values()), fast_mode=fast)
+    assert gradcheck(fn, tuple(inputs.values()), fast_mode=fast)
 
 
 @pytest.mark.parametrize("which", ["input", "weight", "bias_out"])
@@ -64,9 +64,7 @@ def test_float32_within_spec(backend_device, request, sizes, options):
     backend, device = backend_device
     # (The interpreter's tl.dot is exact float32: the float64 agreement runs the same kernels on the wide case.)
     skip_the_wide_case_under_the_interpreter(backend, device, request, "its float32 is the float64 kernels'")
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False  # the tolerance: 1e-4 relative with TF32 off
-        torch.backends.cuda.matmul.allow_tf32 = False
+    # (1e-4 relative: with TF32 off on a GPU, as tests/conftest.py's no_tf32 sets it for every test.)
     n, c_in, c_out, h, w, kh, kw = sizes
     inputs, opts = make_case((n, c_in * 2, c_out * 2, h, w, kh, kw), options, torch.float32, device, scale_hw=2)
     assert_matches_reference(backend, inputs, opts, 1e-4)

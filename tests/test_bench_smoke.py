@@ -73,6 +73,8 @@ def test_a_failing_case_or_timing_costs_only_its_rows(tmp_path, capsys, monkeypa
             "--providers",
             "reference",
             "cpu",
+            "--device",
+            "cpu",
             "--min-run-time",
             "0.01",
             "--out",
@@ -90,8 +92,9 @@ def test_a_failing_case_or_timing_costs_only_its_rows(tmp_path, capsys, monkeypa
 
 
 def test_default_run_is_representative_and_full_is_the_sweep():
-    default = bench.settings_from(bench.parse_args([]))
-    full = bench.settings_from(bench.parse_args(["--full"]))
+    # The CPU's defaults (on a GPU the default device is "cuda", with other providers and dtypes).
+    default = bench.settings_from(bench.parse_args(["--device", "cpu"]))
+    full = bench.settings_from(bench.parse_args(["--full", "--device", "cpu"]))
     assert default.providers == ["reference", "conv+relu", "cpu"]
     assert default.min_run_time == bench.MIN_RUN_TIME["default"]
     assert full.providers == ["reference", "conv+relu", "stacked+compile", "compiled-reference", "cpu"]
@@ -101,7 +104,7 @@ def test_default_run_is_representative_and_full_is_the_sweep():
 
 def test_progress_weights_are_expected_seconds():
     """A compiled provider's check weighs its compile; a timing step weighs min_run_time per provider."""
-    settings = bench.settings_from(bench.parse_args(["--full"]))
+    settings = bench.settings_from(bench.parse_args(["--full", "--device", "cpu"]))
     case, peaks = bench.case_by_name("cifar-stem-2020"), {"flops_per_s": 1e11}
     batch = bench.case_batch(case, settings)
     eager = bench.expected_seconds(case, batch, settings, peaks, check="cpu")
@@ -146,6 +149,8 @@ def test_conv_relu_row_is_the_plain_convolution_of_the_same_geometry(tmp_path, c
             "imagenet-stem-2024",
             "--providers",
             "conv+relu",
+            "cpu",
+            "--device",
             "cpu",
             "--modes",
             "fwdbwd",

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from agreement import random_grad_output
 from cases import CASES, call, make_case
 
 from pushpull_ext import push_pull_conv2d
@@ -67,8 +68,7 @@ PATHS = ["always", "never"]
 def _grads(backend, inputs, opts, grad_seed=1):
     out = call(push_pull_conv2d, inputs, opts, backend=backend)
     leaves = [t for t in inputs.values() if t.requires_grad]
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    return [out, *torch.autograd.grad(out, leaves, grad_out.to(out.dtype))]
+    return [out, *torch.autograd.grad(out, leaves, random_grad_output(out, grad_seed))]
 
 
 def _check_against_reference(sizes, opts_in, dtype, rtol, input_grad=True):

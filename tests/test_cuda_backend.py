@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from agreement import assert_matches_reference, outputs_and_grads
+from agreement import GPU_NONDET_TOL, assert_matches_reference, assert_rel_close, outputs_and_grads
 from cases import make_case
 from test_cuda_emulation import LARGE_KERNEL, MANY_TILES
 
@@ -53,8 +53,7 @@ needs_cuda_kernels = pytest.mark.skipif(
 
 @needs_cuda_kernels
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["direct", "prefilter"])
-def test_large_upsampled_kernel(dtype, rtol):
-    torch.backends.cudnn.allow_tf32 = False
+def test_large_upsampled_kernel(dtype, rtol):  # float32: TF32 off (conftest.py)
     inputs, opts = make_case(*LARGE_KERNEL, dtype, "cuda")
     assert_matches_reference("cuda", inputs, opts, rtol)
 
@@ -71,7 +70,10 @@ def test_side_stream_gives_the_same_result():
         out, grads = outputs_and_grads("cuda", inputs, opts)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(out, expected)
-    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+    # The gradients to the order of cuDNN's sums in the backward's ATen convolutions, which may change from
+    # run to run (agreement.GPU_NONDET_TOL); a missed stream dependency would give other values.
+    for g, e in zip(grads, expected_grads):
+        assert_rel_close(g, e, GPU_NONDET_TOL, "gradient on a side stream")
 
 
 @needs_cuda_kernels

@@ -6,6 +6,7 @@ import re
 import hardening_results
 import pytest
 import torch
+from agreement import random_grad_output
 from cases import call, case, make_case
 
 from pushpull_ext import push_pull_conv2d
@@ -35,9 +36,8 @@ def deterministic_algorithms():
 
 def _forward_backward(backend, inputs, opts):
     out = call(push_pull_conv2d, inputs, opts, backend=backend)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype).to(out.device)
     leaves = [t for t in inputs.values() if t.requires_grad]
-    return [out, *torch.autograd.grad(out, leaves, grad_out)]
+    return [out, *torch.autograd.grad(out, leaves, random_grad_output(out, 5))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import hardening_results
 import torch
+from agreement import random_grad_output
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -181,9 +182,7 @@ def _output_and_grads(backend, tensors, options, grad_seed):
     leaves = {k: v for k, v in tensors.items() if v.requires_grad}
     if not out.requires_grad:  # e.g. the reference's dual output, when only alpha (unused there) trains
         return out, {k: torch.zeros_like(v) for k, v in leaves.items()}
-    gen = torch.Generator().manual_seed(grad_seed)
-    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=gen).to(out.device)
-    grads = torch.autograd.grad(out, list(leaves.values()), grad_out, allow_unused=True)
+    grads = torch.autograd.grad(out, list(leaves.values()), random_grad_output(out, grad_seed), allow_unused=True)
     return out, {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
 
 

@@ -51,14 +51,6 @@ def _skip_without_memory(case: HugeCase):
         pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
 
 
-@pytest.fixture
-def no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _close(actual, expected, what):
     scale = expected.abs().max().item()
     torch.testing.assert_close(
@@ -76,7 +68,7 @@ def _reference_on(x, w, bias, grad_out, options):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_more_than_2_31_elements(fused_backend_device, no_tf32, name):
+def test_more_than_2_31_elements(fused_backend_device, name):  # float32, TF32 off (conftest.py)
     backend, device = fused_backend_device
     case = CASES[name]
     if device != "cuda":

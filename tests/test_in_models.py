@@ -3,6 +3,7 @@ whole converted ResNet, autocast, channels_last."""
 
 import pytest
 import torch
+from layouts import keeps_channels_last
 from paper_models import PPmodule2d, PushPullConv2DUnit, tiny_resnet
 from torch import nn
 
@@ -308,7 +309,8 @@ def test_layer_channels_last_in_and_out(backend_device):
         out = layer(xl)
         results.append((out, *torch.autograd.grad(out, (xl, layer.weight), grad_out)))
     (out, grad_x, grad_w), (out_cl, grad_x_cl, grad_w_cl) = results
-    assert _is_channels_last(out_cl) and _is_channels_last(grad_x_cl)  # as nn.Conv2d
+    if keeps_channels_last(backend, device, torch.float64):  # as nn.Conv2d
+        assert _is_channels_last(out_cl) and _is_channels_last(grad_x_cl)
     for value, expected in zip(results[1], results[0]):
         torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-9)
 

@@ -3,6 +3,7 @@
 import hardening_results
 import pytest
 import torch
+from layouts import keeps_channels_last
 
 from pushpull_ext import push_pull_conv2d
 
@@ -150,7 +151,7 @@ def test_non_contiguous_inputs(backend_device, layout, options):
     out = push_pull_conv2d(x, w, backend=backend, **options)
     expected = push_pull_conv2d(x.detach().contiguous(), w.contiguous(), backend="reference", **options)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
-    if layout == "channels_last":
+    if layout == "channels_last" and keeps_channels_last(backend, device, x.dtype):
         assert out.is_contiguous(memory_format=torch.channels_last)
     (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
     (expected_grad,) = torch.autograd.grad(

@@ -47,11 +47,11 @@ class DualOutputNet(nn.Module):
         return self.mix(both)
 
 
-def _export_and_run(model: nn.Module, path, batches=(2,), dynamic_batch=False) -> None:
-    """Export `model` to the file `path`, check the graph, and compare onnxruntime's outputs with eager ones
-    on inputs of each batch size (float32, 1e-4 relative)."""
-    model.eval()
-    example = torch.randn(batches[0], 3, 12, 12)
+def _export_and_run(model: nn.Module, path, device="cpu", batches=(2,), dynamic_batch=False) -> None:
+    """Export `model` (on `device`, where its backend runs) to the file `path`, check the graph, and compare
+    onnxruntime's outputs (on the CPU) with eager ones on inputs of each batch size (float32, 1e-4 relative)."""
+    model.to(device).eval()
+    example = torch.randn(batches[0], 3, 12, 12, device=device)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     pushpull_ext.export.to_onnx(model, (example,), dynamic_shapes=dynamic_shapes, f=str(path), verbose=False)
     graph = onnx.load(str(path))
@@ -65,8 +65,8 @@ def _export_and_run(model: nn.Module, path, batches=(2,), dynamic_batch=False) -
         x = torch.randn(batch, 3, 12, 12)
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
-            expected = model(x)
-        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+            expected = model(x.to(device))
+        torch.testing.assert_close(torch.from_numpy(got), expected.cpu(), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", LAYER_OPTIONS)
@@ -74,12 +74,12 @@ def test_converted_resnet_runs_in_onnxruntime(fused_backend_device, options, tmp
     backend, device = fused_backend_device
     model, replaced = convert(tiny_resnet(), "b1", backend=backend, **options)
     assert len(replaced) == 5  # the stem and the four convolutions of the first stage
-    _export_and_run(model, tmp_path / "model.onnx", batches=(2, 3), dynamic_batch=True)
+    _export_and_run(model, tmp_path / "model.onnx", device, batches=(2, 3), dynamic_batch=True)
 
 
 def test_dual_output_in_a_module_runs_in_onnxruntime(fused_backend_device, tmp_path):
-    backend, _ = fused_backend_device
-    _export_and_run(DualOutputNet(backend), tmp_path / "dual.onnx")
+    backend, device = fused_backend_device
+    _export_and_run(DualOutputNet(backend), tmp_path / "dual.onnx", device)
 
 
 def test_padding_mode_reflect_runs_in_onnxruntime(tmp_path):
@@ -88,10 +88,10 @@ def test_padding_mode_reflect_runs_in_onnxruntime(tmp_path):
 
 
 def test_torch_export_keeps_the_op_and_decomposes_on_request(fused_backend_device):
-    backend, _ = fused_backend_device
+    backend, device = fused_backend_device
     model, replaced = convert(tiny_resnet(), "b1", backend=backend, pull="invert", avg_kernel=3, bias_out=True)
-    model.eval()
-    x = torch.randn(2, 3, 12, 12)
+    model.to(device).eval()
+    x = torch.randn(2, 3, 12, 12, device=device)
     program = torch.export.export(model, (x,))
 
     def pushpull_nodes(p):

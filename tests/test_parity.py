@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from agreement import gradcheck, gradgradcheck
 from cases import (
     CASE_PARAMS,
     call,
@@ -151,7 +152,7 @@ def test_gradgradcheck(backend_device, request, sizes, options):
     skip_under_the_interpreter_unless(backend, device, kept, "its double backward is ATen's but for the masks")
     names, inputs, opts = _case(sizes, options, device)
     # Fast mode (random projections of the second-order Jacobians): full ones take minutes per case.
-    assert torch.autograd.gradgradcheck(_fn(backend, names, opts), inputs, fast_mode=True)
+    assert gradgradcheck(_fn(backend, names, opts), inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("sizes, options", FEW)
@@ -305,7 +306,7 @@ def test_padding_mode_is_each_convolution_as_conv2d(backend_device, mode, layer_
     layer = PushPullConv2d(4, 6, padding_mode=mode, alpha=0.7, backend=backend, **layer_options).to(device, F64)
     x = torch.randn(2, 4, 9, 8, device=device, dtype=F64, requires_grad=True)
     _close(layer(x), _two_conv2d_oracle(x, layer), "output")
-    assert torch.autograd.gradcheck(
+    assert gradcheck(
         lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x,)), (x, layer.weight), fast_mode=True
     )
 
@@ -321,7 +322,7 @@ def test_same_padding_with_an_even_kernel_pads_as_conv2d(backend_device, kernel_
     out = layer(x)
     assert out.shape[2:] == x.shape[2:]
     _close(out, _two_conv2d_oracle(x, layer), "output")
-    assert torch.autograd.gradcheck(layer, (x,), fast_mode=True)
+    assert gradcheck(layer, (x,), fast_mode=True)
 
 
 def test_convert_keeps_padding_mode():

@@ -1,10 +1,25 @@
 """Outputs and gradients of a backend against the reference in float64, judged by relative error: the
-check the agreement tests (and the CUDA emulation's) run on every case."""
+check the agreement tests (and the CUDA emulation's) run on every case. Also the rules such checks need on
+a GPU: a grad_output on the output's device, and gradcheck's tolerance for backward passes that sum in
+another order from run to run."""
 
 import torch
 from cases import call
 
 from pushpull_ext import push_pull_conv2d
+
+# On a GPU two runs of a backward may differ by the order of their sums: cuDNN's convolution backward (the
+# reference's autograd, the CUDA backend's input and weight gradients, every backend's double backward, which
+# is autograd of the formula) may use atomics. gradcheck's reentrancy check runs the backward twice and
+# compares exactly unless given nondet_tol (PyTorch's own OpInfo tests pass gradcheck_nondet_tol = 1e-12
+# for such ops): a float64 sum in another order differs by ~1e-16 of its size.
+GPU_NONDET_TOL = 1e-12
+
+
+def random_grad_output(out, seed):
+    """A fixed random grad_output for `out`: drawn in float64 on the CPU from `seed` (the same numbers on
+    every device, as shapes.make_inputs draws the inputs), on out's device in out's dtype."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out)
 
 
 def outputs_and_grads(backend, inputs, opts, grad_seed=1):
@@ -13,8 +28,7 @@ def outputs_and_grads(backend, inputs, opts, grad_seed=1):
     leaves = [t for t in inputs.values() if t.requires_grad]
     if not leaves:
         return out, []
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    grads = torch.autograd.grad(out, leaves, random_grad_output(out, grad_seed))
     return out, list(grads)
 
 
@@ -39,3 +53,19 @@ def assert_matches_reference(backend, inputs, opts, rtol):
     names = [name for name, t in inputs.items() if t.requires_grad]
     for name, g, r in zip(names, grads, ref_grads):
         assert_rel_close(g, r, rtol, f"grad of {name}")
+
+
+def nondet_tol(tensors) -> float:
+    """gradcheck's nondet_tol for `tensors`: GPU_NONDET_TOL on a GPU, none (exact reentrancy) on the CPU."""
+    on_gpu = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    return GPU_NONDET_TOL if on_gpu else 0.0
+
+
+def gradcheck(fn, inputs, **options):
+    """torch.autograd.gradcheck with nondet_tol(inputs)."""
+    return torch.autograd.gradcheck(fn, inputs, nondet_tol=nondet_tol(inputs), **options)
+
+
+def gradgradcheck(fn, inputs, **options):
+    """torch.autograd.gradgradcheck with nondet_tol(inputs)."""
+    return torch.autograd.gradgradcheck(fn, inputs, nondet_tol=nondet_tol(inputs), **options)
