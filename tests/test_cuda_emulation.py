@@ -17,6 +17,7 @@ import pytest
 import torch
 from agreement import assert_matches_reference, assert_rel_close, outputs_and_grads, reference_float64
 from cases import CASE_PARAMS, call, case, make_case
+from test_non_finite import NON_FINITE_CASES, POISON_PARAMS, assert_propagation_as_in_the_reference, poisoned_results
 
 import pushpull_ext.functional  # noqa: F401  (registers the autograd of the ops)
 from pushpull_ext import push_pull_conv2d
@@ -216,6 +217,18 @@ def test_empty_batch(cuda_backend_on_cpu):
     out, grads = outputs_and_grads("cpu", inputs, opts)
     assert out.shape == (0, 6, 7, 6)
     assert all(g.abs().sum() == 0 for g in grads)
+
+
+# ---------------------------------------------------------------- NaN and Inf
+
+
+@pytest.mark.parametrize("target, value, image", POISON_PARAMS)
+@pytest.mark.parametrize("sizes, options", NON_FINITE_CASES)
+def test_nan_and_inf_propagate_as_in_the_reference(cuda_backend_on_cpu, sizes, options, target, value, image):
+    """tests/test_non_finite.py on the CUDA backend's code: where the algebra's pull response is not finite
+    (Inf - Inf = NaN in the prefilter's z or in shift * S - P0) the kernels compute conv(x, q) itself, and a
+    NaN response sets its ReLU mask bit (torch's ReLU passes the gradient there)."""
+    assert_propagation_as_in_the_reference(*poisoned_results("cpu", "cpu", sizes, options, target, value, image))
 
 
 # ---------------------------------------------------------------- the masks

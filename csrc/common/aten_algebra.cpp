@@ -13,8 +13,7 @@ at::Tensor box_ones(const Geometry& geo, const at::TensorOptions& options) {
 // R = conv(x, q) with q formed explicitly (see compute_responses).
 at::Tensor direct_pull(const at::Tensor& x, const at::Tensor& w, const OptTensor& shift, const OptTensor& rows,
                        const OptTensor& cols, const Geometry& geo, const ConvArgs& c) {
-  const auto q = geo.pull == PullKind::kShift ? shift->view({-1, 1, 1, 1}) - w : pull_kernel(w, *rows, *cols);
-  return conv(x, q, c.stride, c.pull_padding, c.dilation, geo.groups);
+  return conv(x, exact_pull_kernel(w, shift, rows, cols, geo), c.stride, c.pull_padding, c.dilation, geo.groups);
 }
 
 at::Tensor sum_terms(const at::Tensor& sum, const at::Tensor& term) { return sum.defined() ? sum + term : term; }
@@ -44,6 +43,11 @@ at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const a
   return (-at::matmul(rows.to(acc), at::matmul(weight.to(acc), cols.to(acc).t()))).to(weight.scalar_type());
 }
 
+at::Tensor exact_pull_kernel(const at::Tensor& w, const OptTensor& shift, const OptTensor& rows, const OptTensor& cols,
+                             const Geometry& geo) {
+  return geo.pull == PullKind::kShift ? shift->view({-1, 1, 1, 1}) - w : pull_kernel(w, *rows, *cols);
+}
+
 Responses compute_responses(const AtenBackend& backend, const at::Tensor& x, const at::Tensor& w,
                             const OptTensor& shift, const OptTensor& rows, const OptTensor& cols, const Geometry& geo,
                             const ConvArgs& c, bool exact) {
@@ -54,10 +58,12 @@ Responses compute_responses(const AtenBackend& backend, const at::Tensor& x, con
   } else if (geo.pull == PullKind::kSeparable && backend.prefilter_pays(geo, c, *rows, *cols)) {
     r.pull0 = backend.prefilter_pull(x, w, *rows, *cols, geo, c);
     r.pull_channel_major = backend.prefilter_pull_is_channel_major();
+    r.algebraic_pull = true;
   } else if (geo.pull == PullKind::kSeparable) {
     r.pull0 = direct_pull(x, w, shift, rows, cols, geo, c);
   } else if (geo.pull == PullKind::kShift) {
     r.box = box_sum(x, geo, c);
+    r.algebraic_pull = true;
   }
   return r;
 }

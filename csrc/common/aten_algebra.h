@@ -57,11 +57,18 @@ at::Tensor box_sum(const at::Tensor& x, const Geometry& geo, const ConvArgs& c);
 // q = -rows @ k @ cols^T, formed in the accumulation type and rounded once (as F.interpolate does).
 at::Tensor pull_kernel(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& cols);
 
+// q, the pull kernel of a pull mode but negate (shift[o] - k or -rows @ k @ cols^T): R = conv(x, q).
+at::Tensor exact_pull_kernel(const at::Tensor& w, const OptTensor& shift, const OptTensor& rows, const OptTensor& cols,
+                             const Geometry& geo);
+
 // P0 = conv(x, k); pull0 = R (upsample, or any pull computed exactly); box = S for invert. All
 // contiguous; pull0 is [C_out, N, plane] when `pull_channel_major` (see AtenBackend), else NCHW.
+// algebraic_pull: R is the algebra's (the prefilter's k @ z, or shift * S - P0), which is NaN where
+// conv(x, q) is +-Inf for an input with Inf (see compute_responses).
 struct Responses {
   at::Tensor push0, pull0, box;
   bool pull_channel_major = false;
+  bool algebraic_pull = false;
 };
 
 // `exact`: R = conv(x, q) with q formed, for any pull but negate: the route for an input with NaN or

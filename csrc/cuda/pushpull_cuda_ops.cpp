@@ -11,7 +11,10 @@
 //             gradients are ATen convolution backward calls on those fields (one for the push kernel,
 //             shared with the pull for invert and scale 1; the 1x1 convolution's backward and our
 //             prefilter adjoint for upsample; a transposed box sum for invert).
-// Neither pull kernel costs a second full convolution (README.md, "How it is fast").
+// Neither pull kernel costs a second full convolution (README.md, "How it is fast"). Where the
+// algebra's pull response comes out NaN or +-Inf (an input with NaN or Inf in its window: Inf - Inf in
+// z or in m_o * S - P0), our kernels compute it as conv(x, q) with q formed (ExactPull), so that NaN and
+// Inf propagate as in the formula without a test of the input on the host (no synchronization).
 // Everything runs in the accumulation type, float32 (float64 for float64): float16 / bfloat16 inputs
 // are converted once, so that the responses never round to 16 bits before the biases, the ReLUs and
 // the invert algebra's difference m * S - P0 (rounding them there doubled eager PyTorch's error). Our
@@ -173,6 +176,28 @@ void set_responses(Args& args, const Responses& r, const OptTensor& shift, const
   args.shift = ptr<acc_t>(shift), args.bias_in = ptr<acc_t>(bias_in), args.alpha = ptr<acc_t>(alpha);
 }
 
+// q of ExactPull where R is the algebra's (r.algebraic_pull), else undefined; it must outlive the launch.
+at::Tensor exact_pull_q(const Responses& r, const at::Tensor& w, const OptTensor& shift, const OptTensor& rows,
+                        const OptTensor& cols, const Geometry& geo) {
+  return r.algebraic_pull ? exact_pull_kernel(w, shift, rows, cols, geo).contiguous() : at::Tensor();
+}
+
+// R = conv(x, q) for the kernels, where the algebra's R is not finite (see ExactPull); empty (x null)
+// without q.
+template <typename acc_t>
+ExactPull<acc_t> exact_pull(const at::Tensor& x, const at::Tensor& q, const Geometry& geo, const ConvArgs& c) {
+  ExactPull<acc_t> e{};
+  if (!q.defined()) return e;
+  e.x = ptr<acc_t>(x), e.q = ptr<acc_t>(q);
+  e.in_channels = geo.in_channels, e.in_height = int(geo.height), e.in_width = int(geo.width);
+  e.in_per_group = int(geo.in_channels / geo.groups), e.out_per_group = int(geo.out_channels / geo.groups);
+  e.q_h = int(q.size(2)), e.q_w = int(q.size(3));
+  e.stride_h = int(c.stride[0]), e.stride_w = int(c.stride[1]);
+  e.dil_h = int(c.dilation[0]), e.dil_w = int(c.dilation[1]);
+  e.pad_h = int(c.pull_padding[0]), e.pad_w = int(c.pull_padding[1]);
+  return e;
+}
+
 // The push weight as the 1x1 convolution over z: [C_out, C_in/groups * kh * kw, 1, 1].
 at::Tensor weight_1x1(const at::Tensor& weight) { return weight.reshape({weight.size(0), -1, 1, 1}); }
 
@@ -240,9 +265,10 @@ std::tuple<at::Tensor, at::Tensor> forward(const Geometry& geo, const at::Tensor
   check_pooling_fits(fg, input.scalar_type());
   const ConvArgs c{stride, padding, pull_padding, dilation, geo.groups};
   const auto x = acc_operand(input, true), w = acc_operand(weight, true);
-  const Responses r =
-      compute_responses(CudaBackend(stream), x, w, std::nullopt, to_acc(pull_rows), to_acc(pull_cols), geo, c);
-  const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in), b_out = to_acc(bias_out);
+  const OptTensor shift = to_acc(pull_shift), rows = to_acc(pull_rows), cols = to_acc(pull_cols);
+  const Responses r = compute_responses(CudaBackend(stream), x, w, std::nullopt, rows, cols, geo, c);
+  const at::Tensor q = exact_pull_q(r, w, shift, rows, cols, geo);
+  const OptTensor b_in = to_acc(bias_in), b_out = to_acc(bias_out);
   const at::Tensor alpha_acc = to_acc(alpha);
   const int64_t out_channels = geo.dual_output ? 2 * geo.out_channels : geo.out_channels;
   auto out = at::empty({geo.batch, out_channels, geo.out_height, geo.out_width}, input.options());
@@ -253,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const Geometry& geo, const at::Tensor
     using acc_t = acc_of<scalar_t>;
     EpilogueArgs<scalar_t> args{fg};
     set_responses(args, r, shift, b_in, alpha_acc);
+    args.exact = exact_pull<acc_t>(x, q, geo, c);
     args.bias_out = ptr<acc_t>(b_out);
     args.out = mutable_ptr<scalar_t>(out);
     args.masks = save_masks ? mutable_ptr<uint8_t>(masks) : nullptr;
@@ -276,18 +303,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto w = acc_operand(weight, need.x || need.alpha);
   const OptTensor rows = to_acc(pull_rows), cols = to_acc(pull_cols);
   const Responses r = backward_responses(backend, x, w, rows, cols, geo, c, need);
+  const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in);
+  const at::Tensor q = exact_pull_q(r, w, shift, rows, cols, geo);
   GradientFields f = gradient_fields(geo, need, x.options());
   const auto partial = [&](bool wanted) {
     return wanted ? at::empty({fields_partial_rows(fg), geo.out_channels}, x.options()) : at::Tensor();
   };
   VectorParts parts{partial(need.shift), partial(need.bias), partial(need.alpha)};
-  const OptTensor shift = to_acc(pull_shift), b_in = to_acc(bias_in);
   const at::Tensor alpha_acc = to_acc(alpha), g = grad_output.contiguous(), masks_c = masks.contiguous();
   dispatch_storage(input.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = acc_of<scalar_t>;
     FieldsArgs<scalar_t> args{fg, ptr<scalar_t>(g), ptr<uint8_t>(masks_c)};
     set_responses(args, r, shift, b_in, alpha_acc);
+    args.exact = exact_pull<acc_t>(x, q, geo, c);
     args.grad_push0 = mutable_ptr<acc_t>(f.grad_push0);
     args.grad_pull0 = mutable_ptr<acc_t>(f.grad_pull0);
     args.grad_box = mutable_ptr<acc_t>(f.grad_box);

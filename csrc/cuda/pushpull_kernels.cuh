@@ -94,6 +94,22 @@ PP_DEVICE_FN acc_t relu(acc_t v) {
   return v < acc_t(0) ? acc_t(0) : v;
 }
 
+// The ReLU mask bit of v: set wherever !(v <= 0), NaN included, where torch's ReLU backward passes the
+// gradient (threshold_backward), as the CPU backend's masks (csrc/cpu/epilogues.h).
+template <typename acc_t>
+PP_DEVICE_FN unsigned relu_bit(acc_t v) {
+  return v <= acc_t(0) ? 0u : 1u;
+}
+
+// Whether v is neither NaN nor +-Inf, from its exponent bits (no flag such as --use_fast_math can fold
+// a bit test away, as it may v - v == 0).
+PP_DEVICE_FN bool is_finite(float v) { return (float_bits(v) & 0x7F800000u) != 0x7F800000u; }
+PP_DEVICE_FN bool is_finite(double v) {
+  uint64_t u;
+  memcpy(&u, &v, sizeof u);
+  return (u & 0x7FF0000000000000ull) != 0x7FF0000000000000ull;
+}
+
 // ---------------------------------------------------------------- tiles and pooling windows
 
 // The tile of block `tile` (row-major over the tiles) and the pixel thread t owns in it.
@@ -177,6 +193,25 @@ PP_DEVICE_FN WindowSum<acc_t> window_sum(acc_t* smem, const FieldGeometry& geo, 
 
 // ---------------------------------------------------------------- the responses
 
+// R = conv(x, q) at output pixel (h, w) of channel o, image n (see ExactPull). A tap in the padding
+// multiplies a zero, as in the convolution (0 * NaN = NaN for a NaN in q).
+template <typename acc_t>
+PP_DEVICE_FN acc_t exact_pull(const ExactPull<acc_t>& e, int64_t n, int64_t o, int64_t h, int64_t w) {
+  const int64_t plane = int64_t(e.in_height) * e.in_width;
+  const acc_t* q = e.q + o * e.in_per_group * e.q_h * e.q_w;
+  const acc_t* x = e.x + (n * e.in_channels + int(o) / e.out_per_group * e.in_per_group) * plane;
+  const int h0 = int(h) * e.stride_h - e.pad_h, w0 = int(w) * e.stride_w - e.pad_w;
+  acc_t v = 0;
+  for (int c = 0; c < e.in_per_group; ++c, x += plane) {
+    for (int i = 0; i < e.q_h * e.q_w; ++i, ++q) {  // tap (a, b) = (i / q_w, i % q_w)
+      const int hi = h0 + i / e.q_w * e.dil_h, wi = w0 + i % e.q_w * e.dil_w;
+      const bool inside = hi >= 0 && hi < e.in_height && wi >= 0 && wi < e.in_width;
+      v += *q * (inside ? x[int64_t(hi) * e.in_width + wi] : acc_t(0));
+    }
+  }
+  return v;
+}
+
 // Read-only view of the responses: P0 = conv(x, k) and what the pull response is made of.
 template <typename scalar_t>
 struct Responses {
@@ -184,6 +219,7 @@ struct Responses {
   const FieldGeometry& geo;
   const acc_t *push0, *pull0, *box;
   const acc_t *shift, *bias_in;
+  const ExactPull<acc_t>& exact;
 
   PP_DEVICE_FN acc_t bias(int64_t o) const { return bias_in ? bias_in[o] : acc_t(0); }
   PP_DEVICE_FN int64_t index(int64_t n, int64_t o, int64_t pixel) const {
@@ -194,11 +230,13 @@ struct Responses {
     const int64_t group = o / (geo.channels / geo.groups);
     return box[(n * geo.groups + group) * geo.height * geo.width + pixel];
   }
-  // Q = R - b_in before the pooling (the formula: the pull response with its bias).
-  PP_DEVICE_FN acc_t pull(int64_t n, int64_t o, int64_t pixel) const {
-    const int64_t i = index(n, o, pixel);
+  // Q = R - b_in before the pooling (the formula: the pull response with its bias); where the algebra's
+  // R is not finite, R = conv(x, q) itself (ExactPull).
+  PP_DEVICE_FN acc_t pull(int64_t n, int64_t o, int64_t h, int64_t w) const {
+    const int64_t pixel = h * geo.width + w, i = index(n, o, pixel);
     acc_t q = (geo.pull == PullKind::kSeparable ? pull0[i] : -push0[i]) - bias(o);
     if (geo.pull == PullKind::kShift) q += shift[o] * box_sum(n, o, pixel);
+    if (exact.x && !is_finite(q)) q = exact_pull(exact, n, o, h, w) - bias(o);
     return q;
   }
 };
@@ -210,7 +248,7 @@ PP_DEVICE_FN acc_of<scalar_t> pooled_pull_at(const Responses<scalar_t>& r, const
                                              const TilePixel& px, int64_t n, int64_t o) {
   using acc_t = acc_of<scalar_t>;
   const FieldGeometry& geo = r.geo;
-  if (geo.radius == 0) return r.pull(n, o, px.h * geo.width + px.w);
+  if (geo.radius == 0) return r.pull(n, o, px.h, px.w);
   return win.sum_at(px.ty, px.tx) / acc_t(window_count(px.h, px.w, geo.radius, geo.height, geo.width));
 }
 
@@ -219,9 +257,8 @@ template <class Block, typename scalar_t>
 PP_DEVICE_FN void pull_window_phases(Block& blk, const Responses<scalar_t>& r, const WindowSum<acc_of<scalar_t>>& win,
                                      int64_t n, int64_t o) {
   if (r.geo.radius == 0) return;
-  blk.phase([&](int t, typename Block::State&) {
-    win.fill(t, [&](int64_t h, int64_t w) { return r.pull(n, o, h * r.geo.width + w); });
-  });
+  blk.phase(
+      [&](int t, typename Block::State&) { win.fill(t, [&](int64_t h, int64_t w) { return r.pull(n, o, h, w); }); });
   blk.phase([&](int t, typename Block::State&) { win.sum_rows(t); });
 }
 
@@ -245,7 +282,7 @@ PP_DEVICE_FN void forward_epilogue_block(Block& blk, const EpilogueArgs<scalar_t
   const int64_t octets = (geo.channels + 7) / 8, tile = block % tl.count();
   const int64_t octet = (block / tl.count()) % octets, n = block / (tl.count() * octets);
   const int64_t plane = geo.height * geo.width, out_channels = geo.dual_output ? 2 * geo.channels : geo.channels;
-  const Responses<scalar_t> r{geo, a.push0, a.pull0, a.box, a.shift, a.bias_in};
+  const Responses<scalar_t> r{geo, a.push0, a.pull0, a.box, a.shift, a.bias_in, a.exact};
   const WindowSum<acc_t> win = window_sum(smem, geo, tl, tile);
   for (int j = 0; j < 8 && octet * 8 + j < geo.channels; ++j) {
     const int64_t o = octet * 8 + j;
@@ -262,8 +299,8 @@ PP_DEVICE_FN void forward_epilogue_block(Block& blk, const EpilogueArgs<scalar_t
       } else {
         store(y, relu(p) - a.alpha[o] * relu(q) + (a.bias_out ? a.bias_out[o] : acc_t(0)));
       }
-      s.push_bits |= uint8_t((p > acc_t(0) ? 1u : 0u) << j);
-      s.pull_bits |= uint8_t((q > acc_t(0) ? 1u : 0u) << j);
+      s.push_bits |= uint8_t(relu_bit(p) << j);
+      s.pull_bits |= uint8_t(relu_bit(q) << j);
     });
   }
   if (!a.masks) return;
@@ -331,7 +368,7 @@ PP_DEVICE_FN void backward_fields_block(Block& blk, const FieldsArgs<scalar_t>& 
   const int64_t tile = block % tl.count(), group = (block / tl.count()) % geo.groups;
   const int64_t n = block / (tl.count() * geo.groups), per_group = geo.channels / geo.groups;
   const int64_t plane = geo.height * geo.width, partial_row = n * tl.count() + tile;
-  const Responses<scalar_t> r{geo, a.push0, a.pull0, a.box, a.shift, a.bias_in};
+  const Responses<scalar_t> r{geo, a.push0, a.pull0, a.box, a.shift, a.bias_in, a.exact};
   const GradView<scalar_t> g{a, geo.dual_output ? 2 * geo.channels : geo.channels, plane};
   const WindowSum<acc_t> win = window_sum(smem, geo, tl, tile);
   acc_t* reduce = smem + window_shared_elems(geo);  // [3][kThreads]

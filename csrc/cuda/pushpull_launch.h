@@ -10,6 +10,7 @@
 #if defined(__CUDACC_RTC__)
 // NVRTC (tests/test_cuda_compile.py) has no standard headers; these are the LP64 types.
 typedef long long int64_t;
+typedef unsigned long long uint64_t;
 typedef unsigned int uint32_t;
 typedef unsigned short uint16_t;
 typedef unsigned char uint8_t;
@@ -63,6 +64,21 @@ struct FieldGeometry {
   PullKind pull;  // kSeparable: pull0 holds R, computed elsewhere
 };
 
+// The pull response computed exactly, R = conv(x, q) with q formed (aten_algebra.h, exact_pull_kernel),
+// at the pixels where the algebra's R (the prefilter's k @ z, or shift * S - P0) comes out NaN or +-Inf.
+// A NaN or Inf in R's window always makes the algebra's R non-finite, so these are the only pixels where
+// the two can differ (Inf - Inf = NaN where conv(x, q) gives +-Inf); elsewhere the fast R is kept, and a
+// finite input costs a test per pixel. x [N, C_in, H, W] and q [C_out, C_in / groups, q_h, q_w] are
+// contiguous, in the accumulation type; pad is the pull padding. x null: R is read as it is (negate, or
+// R already conv(x, q)).
+template <typename acc_t>
+struct ExactPull {
+  const acc_t *x, *q;
+  int64_t in_channels;
+  int in_height, in_width, in_per_group, out_per_group;  // channels per group, of the input and output
+  int q_h, q_w, stride_h, stride_w, dil_h, dil_w, pad_h, pad_w;
+};
+
 // Forward epilogue: y = ReLU(P0 + b_in) - alpha * ReLU(avg(R - b_in)) + b_out (or the dual output),
 // and the packed ReLU masks when `masks` is not null. The responses and the [C_out] vectors are in the
 // accumulation type (float32 for 16-bit inputs, whose responses then never round before the biases
@@ -73,6 +89,7 @@ struct EpilogueArgs {
   FieldGeometry geo;
   const acc_t *push0, *pull0, *box;
   const acc_t *shift, *bias_in, *alpha, *bias_out;
+  ExactPull<acc_t> exact;
   scalar_t* out;
   uint8_t* masks;
 };
@@ -93,6 +110,7 @@ struct FieldsArgs {
   const uint8_t* masks;
   const acc_t *push0, *pull0, *box;
   const acc_t *shift, *bias_in, *alpha;
+  ExactPull<acc_t> exact;  // for the alpha_part's Q'
   acc_t *grad_push0, *grad_pull0, *grad_box;
   acc_t *bias_part, *shift_part, *alpha_part;
 };
