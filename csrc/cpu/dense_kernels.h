@@ -84,10 +84,10 @@ struct StridedRows {
   PUSHPULL_ALWAYS_INLINE StridedRows from(int64_t k) const { return {first + k * stride, stride}; }
 };
 
-// Where column q of a product goes in a row of C: q itself, or (width > 0) column q % width of row
-// q / width of a plane whose rows are `stride` apart (a product over a plane's dense pixels written into
-// the gapped layout of gapped_planes.h; width a multiple of the vector length, so that no vector straddles
-// two rows).
+// Where column q of a product is in a row of B or C: q itself, or (width > 0) column q % width of row
+// q / width of a plane whose rows are `stride` apart (a product over a plane's dense pixels read from or
+// written into the gapped layout of gapped_planes.h; width a multiple of the vector length, so that no
+// vector straddles two rows).
 struct ColumnMap {
   int64_t width = 0, stride = 0;
   PUSHPULL_ALWAYS_INLINE int64_t at(int64_t q) const { return width ? q / width * stride + q % width : q; }
@@ -95,14 +95,13 @@ struct ColumnMap {
 
 // ---- the bodies, for vectors of `Bytes` bytes
 
-// MR rows of C times NV vectors of columns (B's from column p, C's at cols[v] in each row), over all k:
-// the accumulators stay in registers. With `prefetch` (a column offset, else 0) the tile also asks for
-// B's lines that many columns on.
+// MR rows of C times NV vectors of columns (vector v at b_cols[v] in B's rows, at c_cols[v] in C's), over
+// all k: the accumulators stay in registers. With `prefetch` (a column offset, else 0) the tile also asks
+// for B's lines that many columns on.
 template <typename T, int Bytes, int MR, int NV, typename Rows>
-PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, int64_t p,
+PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, const Rows& b, const int64_t* b_cols,
                                       const int64_t* cols, T* c, int64_t ldc, bool accumulate, int64_t prefetch) {
   using V = typename VecOf<T, Bytes>::type;
-  constexpr int L = Bytes / sizeof(T);
   V acc[MR][NV];
   PUSHPULL_UNROLL
   for (int r = 0; r < MR; ++r) {
@@ -112,11 +111,11 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
   for (int64_t k = 0; k < k_size; ++k) {
     V bv[NV];
     PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) bv[v] = load<V>(b.row(k) + p + v * L);
+    for (int v = 0; v < NV; ++v) bv[v] = load<V>(b.row(k) + b_cols[v]);
     if (prefetch) {
       PUSHPULL_UNROLL
       for (int line = 0; line < (NV * Bytes + 63) / 64; ++line)
-        __builtin_prefetch(b.row(k) + p + prefetch + line * kGrain<T>);
+        __builtin_prefetch(b.row(k) + b_cols[0] + prefetch + line * kGrain<T>);
     }
     PUSHPULL_UNROLL
     for (int r = 0; r < MR; ++r) {
@@ -134,7 +133,8 @@ PUSHPULL_ALWAYS_INLINE void gemm_tile(const T* a, int64_t lda, int64_t k_size, c
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
 PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b,
-                                         int64_t p, const int64_t* cols, T* c, int64_t ldc, bool accumulate) {
+                                         const int64_t* b_cols, const int64_t* cols, T* c, int64_t ldc,
+                                         bool accumulate) {
   // Tiles of MR rows, then of MR / 2, ... down to single rows. The first tile of the widest blocks
   // prefetches the B block two on: B's rows are many streams (the tap path: one per input channel, from
   // L3), which the hardware prefetchers do not follow, and a thin product reuses a block of B too few
@@ -142,14 +142,15 @@ PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows
   int64_t r = 0;
   for (; r + MR <= m_rows; r += MR) {
     const int64_t prefetch = r == 0 && NV > 1 ? 2 * NV * (Bytes / int64_t(sizeof(T))) : 0;
-    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, p, cols, c + r * ldc, ldc, accumulate, prefetch);
+    gemm_tile<T, Bytes, MR, NV>(a + r * lda, lda, k_size, b, b_cols, cols, c + r * ldc, ldc, accumulate, prefetch);
   }
   if constexpr (MR > 1) {
-    gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, p, cols, c + r * ldc, ldc, accumulate);
+    gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, b_cols, cols, c + r * ldc, ldc,
+                                       accumulate);
   }
 }
 
-// The NV vectors of C's columns from p, through `map`.
+// The NV vectors of columns from p, through `map`.
 template <typename T, int Bytes, int NV>
 PUSHPULL_ALWAYS_INLINE void column_block(const ColumnMap& map, int64_t p, int64_t (&cols)[NV]) {
   PUSHPULL_UNROLL
@@ -158,19 +159,22 @@ PUSHPULL_ALWAYS_INLINE void column_block(const ColumnMap& map, int64_t p, int64_
 
 template <typename T, int Bytes, int MR, int NV, typename Rows>
 PUSHPULL_ALWAYS_INLINE void gemm_body(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const Rows& b, int64_t n,
-                                      T* c, int64_t ldc, bool accumulate, const ColumnMap& map = {}) {
+                                      T* c, int64_t ldc, bool accumulate, const ColumnMap& b_map = {},
+                                      const ColumnMap& c_map = {}) {
   constexpr int L = Bytes / sizeof(T);
   // Column blocks outer: a block of B (k_size x NV * L) stays in L1 while every row tile reads it.
   int64_t p = 0;
   for (; p + NV * L <= n; p += NV * L) {
-    int64_t cols[NV];
-    column_block<T, Bytes>(map, p, cols);
-    gemm_columns<T, Bytes, MR, NV>(a, lda, m_rows, k_size, b, p, cols, c, ldc, accumulate);
+    int64_t b_cols[NV], c_cols[NV];
+    column_block<T, Bytes>(b_map, p, b_cols);
+    column_block<T, Bytes>(c_map, p, c_cols);
+    gemm_columns<T, Bytes, MR, NV>(a, lda, m_rows, k_size, b, b_cols, c_cols, c, ldc, accumulate);
   }
   for (; p < n; p += L) {
-    int64_t cols[1];
-    column_block<T, Bytes>(map, p, cols);
-    gemm_columns<T, Bytes, MR, 1>(a, lda, m_rows, k_size, b, p, cols, c, ldc, accumulate);
+    int64_t b_cols[1], c_cols[1];
+    column_block<T, Bytes>(b_map, p, b_cols);
+    column_block<T, Bytes>(c_map, p, c_cols);
+    gemm_columns<T, Bytes, MR, 1>(a, lda, m_rows, k_size, b, b_cols, c_cols, c, ldc, accumulate);
   }
 }
 
@@ -481,8 +485,8 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
   }                                                                                                              \
   template <typename T>                                                                                          \
   attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,  \
-                             int64_t ldc, ColumnMap map) {                                                       \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, map);                         \
+                             int64_t ldc, ColumnMap b_map, ColumnMap c_map) {                                    \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, b_map, c_map);                \
   }                                                                                                              \
   template <typename T>                                                                                          \
   attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,   \
@@ -587,12 +591,12 @@ void gemm(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* cons
   PUSHPULL_DENSE_DISPATCH(gemm, a, lda, m_rows, k_size, b, n, c, ldc, accumulate)
 }
 
-// The same product (not accumulating) with column p of C at map.at(p) in each row (ColumnMap). n and
-// map.width: multiples of vector_values<T>().
+// The same product (not accumulating) with column p read at b_map.at(p) in B's rows and written at
+// c_map.at(p) in C's (ColumnMap). n and each map's width: multiples of vector_values<T>().
 template <typename T>
 void gemm_into(const T* a, int64_t lda, int64_t m_rows, int64_t k_size, const T* const* b, int64_t n, T* c, int64_t ldc,
-               ColumnMap map) {
-  PUSHPULL_DENSE_DISPATCH(gemm_into, a, lda, m_rows, k_size, b, n, c, ldc, map)
+               ColumnMap b_map, ColumnMap c_map) {
+  PUSHPULL_DENSE_DISPATCH(gemm_into, a, lda, m_rows, k_size, b, n, c, ldc, b_map, c_map)
 }
 
 // The values of T in one vector of the chosen version.

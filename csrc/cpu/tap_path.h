@@ -186,7 +186,7 @@ struct TapPath : GappedPlanes {
     const auto b =
         row_pointers(ws.xg.data() + grp * in_per_group * dense_stride(), in_per_group, 0, ws, dense_stride());
     dense::gemm_into(a, in_per_group, m_rows, in_per_group, b, geo.height * geo.width, ws.y.data() + at(0, 0),
-                     plane_size, dense::ColumnMap{geo.width, ws_stride});
+                     plane_size, {}, dense::ColumnMap{geo.width, ws_stride});
   }
 
   // Lines i (push) and kh + i (pull) of a channel's lines `l` from its tap planes `y`, in one pass.
