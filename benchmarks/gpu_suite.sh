@@ -23,8 +23,9 @@
 # A failing step is recorded in OUT_DIR/summary.txt and the later steps still run. Exit status: the
 # number of failed steps (0 = all passed).
 #   STEPS="build bench ..."  runs only the named steps.
-#   DEADLINE=S               no step starts after S seconds from the start, and a running step is stopped
-#                            at S (its log says so; summary.txt: "stopped at the deadline"). A lent GPU
+#   DEADLINE=S               no step starts after S seconds from the start, and a running step is
+#                            interrupted up to 30 s before S (pytest then prints its failures so far) and
+#                            killed at S (its log says so; summary.txt: "stopped at the deadline"). A lent GPU
 #                            machine runs one command for at most 10 minutes: DEADLINE=540 leaves room.
 #   PACK=FILE.tar.gz         after every step, OUT_DIR is packed into FILE (the device tool returns at
 #                            most 8 files: pack into $OUT, keep OUT_DIR elsewhere).
@@ -42,6 +43,15 @@ FAILED=0
 START=$SECONDS
 pack() { [ -z "${PACK:-}" ] || tar -czf "$PACK" -C "$OUT" . 2>/dev/null; }
 
+# within LIMIT COMMAND...: run COMMAND, interrupted (SIGINT) a grace period before LIMIT seconds and killed
+# at LIMIT: an interrupted pytest still prints the failures it has seen, with their tracebacks, and the
+# benchmark keeps the cases it finished (a plain kill at the first GPU run's deadline lost them all).
+within() {
+    local limit="$1"; shift
+    local grace=$((limit / 3 < 30 ? limit / 3 : 30))
+    timeout --signal=INT --kill-after="$grace" "$((limit - grace))" "$@"
+}
+
 step() {  # step NAME LOGFILE COMMAND...: run, log, record the exit status (only the STEPS asked for)
     local name="$1" log="$2"; shift 2
     if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
@@ -56,7 +66,7 @@ step() {  # step NAME LOGFILE COMMAND...: run, log, record the exit status (only
     echo "== $name: $*" | tee -a "$OUT/summary.txt"
     local start=$SECONDS rc
     if [ -n "$STEP_LIMIT" ] && ! declare -F "$1" > /dev/null; then
-        timeout --kill-after=10 "$STEP_LIMIT" "$@" > "$log" 2>&1; rc=$?
+        within "$STEP_LIMIT" "$@" > "$log" 2>&1; rc=$?
     else
         "$@" > "$log" 2>&1; rc=$?
     fi
@@ -105,7 +115,7 @@ sanitize() {  # sanitize TOOL: run the subset under the tool; its error count go
         echo "compute-sanitizer not found ($SANITIZER)" > "$log"; echo "missing" > "$OUT/sanitizer-$tool.count"
         return 1
     fi
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after=10 "${STEP_LIMIT:-3600}" "$SANITIZER" --tool "$tool" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 within "${STEP_LIMIT:-3600}" "$SANITIZER" --tool "$tool" \
         --target-processes all --print-limit 100 "$PY" -m pytest "${SANITIZED_TESTS[@]}" -q -p no:cacheprovider > "$log" 2>&1
     local rc=$?
     # "========= ERROR SUMMARY: N errors" once per sanitized process; no line means it did not finish.
