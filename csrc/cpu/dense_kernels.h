@@ -612,6 +612,12 @@ int64_t vector_values() {
   }
 }
 
+// Whether rows of `width` values can be a ColumnMap's (gemm_into): whole vectors of the chosen version.
+template <typename T>
+bool maps_rows_of(int64_t width) {
+  return width % vector_values<T>() == 0;
+}
+
 // C[m, q] += sum_p A[m, p] * b[q][p] for m < m_rows, q < q_rows, p < n (n a multiple of kGrain<T>).
 template <typename T>
 void gram(const T* a, int64_t lda, int64_t m_rows, const T* const* b, int64_t q_rows, int64_t n, T* c, int64_t ldc) {

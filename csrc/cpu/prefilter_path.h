@@ -119,7 +119,7 @@ struct PrefilterPath : GappedPlanes {
   // their places in the gapped layout and writing the dense planes the epilogue reads (cifar-stem-2020: 1024
   // columns instead of 1136, and no copy); else over the gapped rows into ws.resp, copied out after.
   void responses(PrefilterWorkspace<T>& ws) const {
-    const bool dense_output = geo.out_width % dense::vector_values<T>() == 0;
+    const bool dense_output = dense::maps_rows_of<T>(geo.out_width);
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       const T* a = weight + grp * out_per_group * k_size;
       for (int64_t r = 0; r < 2; ++r) {

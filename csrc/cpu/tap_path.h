@@ -123,7 +123,7 @@ struct TapPath : GappedPlanes {
 
   TapWorkspace<T> workspace(bool backward) const {
     TapWorkspace<T> ws;
-    ws.dense_input = !backward && geo.width % dense::vector_values<T>() == 0;
+    ws.dense_input = !backward && dense::maps_rows_of<T>(geo.width);
     ws.xg.resize(geo.in_channels * (ws.dense_input ? dense_stride() : plane_size));
     ws.y.resize(block * taps * plane_size);
     ws.lines.resize(2 * geo.kernel_h * plane_size);
