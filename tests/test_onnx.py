@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from cases import skip_under_the_interpreter_unless
 from paper_models import tiny_resnet
 from torch import nn
 
@@ -70,8 +71,13 @@ def _export_and_run(model: nn.Module, path, device="cpu", batches=(2,), dynamic_
 
 
 @pytest.mark.parametrize("options", LAYER_OPTIONS)
-def test_converted_resnet_runs_in_onnxruntime(fused_backend_device, options, tmp_path):
+def test_converted_resnet_runs_in_onnxruntime(fused_backend_device, options, request, tmp_path):
     backend, device = fused_backend_device
+    # The graph is the op's decomposition, the same for every backend; the backend only computes the eager
+    # outputs, which the agreement tests check. The interpreter runs one layer of each op (its eager ResNet
+    # takes it up to a minute a layer).
+    kept = request.node.callspec.id.endswith("invert-avg3-bias_out")
+    skip_under_the_interpreter_unless(backend, device, kept, "the exported graph is the same for every backend")
     model, replaced = convert(tiny_resnet(), "b1", backend=backend, **options)
     assert len(replaced) == 5  # the stem and the four convolutions of the first stage
     _export_and_run(model, tmp_path / "model.onnx", device, batches=(2, 3), dynamic_batch=True)

@@ -227,10 +227,15 @@ def test_jit_trace_with_checks_and_trained_after_a_no_grad_trace(backend_device)
     [dict(pull="upsample", bias=True), dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True)],
     ids=["2020", "2024"],
 )
-def test_compile_dynamic_fullgraph_one_graph(fused_backend_device, options):
+def test_compile_dynamic_fullgraph_one_graph(fused_backend_device, options, request):
     """torch.compile(dynamic=True, fullgraph=True) with Inductor: one graph for several batch and image
     sizes, training and eager numbers."""
     backend, device = fused_backend_device
+    # Under the interpreter the Triton ops are opaque custom ops with the C++ op's fake kernels and autograd
+    # (ops.py): the graph is the CPU kernel's, for both layers. One layer runs there (the 2020 one's eight
+    # interpreted training steps took a minute and a half); on a GPU, where they are traced triton_ops, both.
+    kept = request.node.callspec.id.endswith("2024")
+    skip_under_the_interpreter_unless(backend, device, kept, "its graph and fake kernels are the CPU op's")
     layer = PushPullConv2d(3, 4, 3, padding=1, backend=backend, **options).to(device)
     torch._dynamo.reset()
     counters.clear()
