@@ -303,10 +303,11 @@ PADDED_LAYERS = {
 def test_padding_mode_is_each_convolution_as_conv2d(backend_device, mode, layer_options):
     backend, device = backend_device
     # A padding mode is F.pad before the fused op (functional.py), the same for every backend: under the
-    # interpreter "zeros" (the kernel pads) and "reflect" (F.pad, the kernel does not) stand for the others.
-    # With F.pad, upsample's push kernel runs embedded in the 7 x 7 pull window (49 taps, minutes under the
-    # interpreter for the 3 x 3 "2020" layer): the rectangular layer's 5 x 7 window checks that embedding.
-    kept = mode == "zeros" or (mode == "reflect" and layer_options is not PADDED_LAYERS["2020"])
+    # interpreter "reflect" (F.pad, the kernel does not pad) stands for the others, and "zeros" is the kernel's
+    # own padding, as in every case of the agreement grid. With F.pad, upsample's push kernel runs embedded in
+    # the 7 x 7 pull window (49 taps, minutes under the interpreter for the 3 x 3 "2020" layer): the
+    # rectangular layer's 5 x 7 window checks that embedding.
+    kept = mode == "reflect" and layer_options is not PADDED_LAYERS["2020"]
     skip_under_the_interpreter_unless(backend, device, kept, "a padding mode is F.pad")
     layer = PushPullConv2d(4, 6, padding_mode=mode, alpha=0.7, backend=backend, **layer_options).to(device, F64)
     x = torch.randn(2, 4, 9, 8, device=device, dtype=F64, requires_grad=True)

@@ -69,3 +69,20 @@ def gradcheck(fn, inputs, **options):
 def gradgradcheck(fn, inputs, **options):
     """torch.autograd.gradgradcheck with nondet_tol(inputs)."""
     return torch.autograd.gradgradcheck(fn, inputs, nondet_tol=nondet_tol(inputs), **options)
+
+
+def gradcheck_jointly(fn, inputs, **options):
+    """gradcheck's fast mode of fn(*inputs) taken as a function of ONE vector holding every tensor of
+    `inputs` (None entries pass through): its random projections v^T J u then cost two evaluations of fn in
+    all, not two per input (the Triton interpreter's minutes), while a wrong gradient of any input still
+    changes v^T J u for random u and v. The check of fn's own inputs one by one is gradcheck's. No
+    undefined-gradient check (a backward given None): that is ops.py's autograd, one for every backend,
+    which the CPU kernel's full gradcheck runs."""
+    tensors = [t for t in inputs if t is not None]
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).requires_grad_(True)
+
+    def of_flat(vector):
+        parts = iter(p.view(t.shape) for p, t in zip(torch.split(vector, [t.numel() for t in tensors]), tensors))
+        return fn(*[None if t is None else next(parts) for t in inputs])
+
+    return gradcheck(of_flat, (flat,), fast_mode=True, check_undefined_grad=False, **options)
