@@ -46,10 +46,8 @@ def test_gradcheck_float64(backend_device, request, sizes, options):
     # Full Jacobians for the shipped CPU kernel; gradcheck's fast mode (random projections) for the
     # reference, whose autograd is PyTorch's own, and for the Triton and CUDA kernels, of every input at once
     # (gradcheck_jointly: two forwards in all, not two per input, each seconds under the interpreter).
-    if backend == "cpu":
-        assert gradcheck(fn, tuple(inputs.values()))
-    elif backend == "reference":
-        assert gradcheck(fn, tuple(inputs.values()), fast_mode=True)
+    if backend in ("cpu", "reference"):
+        assert gradcheck(fn, tuple(inputs.values()), fast_mode=backend == "reference")
     else:
         assert gradcheck_jointly(fn, tuple(inputs.values()))
 

@@ -74,7 +74,7 @@ def _export_and_run(model: nn.Module, path, device="cpu", batches=(2,), dynamic_
 def test_converted_resnet_runs_in_onnxruntime(fused_backend_device, options, request, tmp_path):
     backend, device = fused_backend_device
     # The graph is the op's decomposition, the same for every backend; the backend only computes the eager
-    # outputs, which the agreement tests check. The interpreter runs one layer of each op (its eager ResNet
+    # outputs, which the agreement tests check. The interpreter runs one of the layers (its eager ResNet
     # takes it up to a minute a layer).
     kept = request.node.callspec.id.endswith("invert-avg3-bias_out")
     skip_under_the_interpreter_unless(backend, device, kept, "the exported graph is the same for every backend")

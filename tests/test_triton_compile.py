@@ -14,10 +14,10 @@ to machine code (registers and spills read back with cuobjdump, tensor-core inst
 - the agreement tests' option grid (tests/support/cases.py) in float32 and bfloat16, for sm_90: every option
   combination compiles, fits, and neither spills nor misses the tensor cores;
 - with PUSHPULL_OTHER_TRITON=DIR (a `pip install --target DIR --no-deps triton==3.6.0`, which .ci/run
-  makes), the papers' set (as sm_80's) for sm_90 once more with that Triton: the package supports 3.6 to 3.9, and 3.6 is
-  what the lent H100/H200 machines run. (Not the grid: on an H200, 3.6 compiled and ran its forwards and
-  float64 backward for real, and a third compile process took CI past 30 minutes on 2 cores.) (3.6 could not lower the float64 backward products,
-  which 3.9 compiled; kernels/common.py: mma_grad_operand.)
+  makes), sm_80's set for sm_90 once more with that Triton: the package supports 3.6 to 3.9, and 3.6 is
+  what the lent H100/H200 machines run. Not the grid: on an H200, 3.6 compiled and ran its forwards and
+  float64 backward for real, and one more compile process took CI past 30 minutes on 2 cores. (3.6 once
+  could not lower the float64 backward products, which 3.9 compiled; kernels/common.py: mma_grad_operand.)
 Each target compiles in a process of its own without TRITON_INTERPRET (this process has it set);
 the processes run side by side.
 """

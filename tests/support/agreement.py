@@ -82,7 +82,7 @@ def gradcheck_jointly(fn, inputs, **options):
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]).requires_grad_(True)
 
     def of_flat(vector):
-        parts = iter(p.view(t.shape) for p, t in zip(torch.split(vector, [t.numel() for t in tensors]), tensors))
+        parts = (p.view(t.shape) for p, t in zip(torch.split(vector, [t.numel() for t in tensors]), tensors))
         return fn(*[None if t is None else next(parts) for t in inputs])
 
     return gradcheck(of_flat, (flat,), fast_mode=True, check_undefined_grad=False, **options)
