@@ -178,7 +178,7 @@ def _fused(backend: str, op: OpInputs, bias, bias_out, alpha, args: PushPullArgs
     # The CPU op saves ReLU(Q') for a trainable alpha (one output-sized field, as nn.ReLU saves its
     # output), so that its backward does not compute the pull response again.
     save_pull = save_masks and backend == "cpu" and alpha.requires_grad and not args.dual_output
-    out, _masks = forward_op(*op_args._replace(save_masks=save_masks, save_pull=save_pull))
+    out, _masks = ops.call_forward(forward_op, op_args._replace(save_masks=save_masks, save_pull=save_pull))
     if ops.is_channels_last(layout_of):
         out = out.contiguous(memory_format=torch.channels_last)
     return out

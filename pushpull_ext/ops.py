@@ -184,7 +184,9 @@ def _make_autograd(backward_op):
         # The kernels accumulate in float32 with ATen ops, which autocast (still on if backward runs inside
         # its context) must not cast down again.
         with torch.autocast(grad_output.device.type, enabled=False):
-            grads = list(backward_op(grad_output.contiguous(), *saved, masks, *ctx.options, need))
+            backward_args = (grad_output.contiguous(), *saved, masks, *ctx.options, need)
+            plain = _plain_eager([t for t in backward_args if isinstance(t, Tensor)])
+            grads = list(_call_without_autograd(backward_op, backward_args, plain))
         if ctx.input_channels_last and need[0]:  # as nn.Conv2d: the input's gradient in the input's layout
             grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
         return _by_argument(grads, need)
@@ -243,12 +245,74 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError("pushpull: double backward (gradient of the gradient) is not supported")
 
 
+def _eager_function(forward_op, setup_context, backward) -> type[torch.autograd.Function]:
+    """The op's registered autograd (the same setup_context and backward) as an autograd.Function whose
+    forward calls the op below the Autograd key: what `call_forward` applies in plain eager mode. The
+    registered autograd goes through Python on every call and rebuilds the schema's argument list
+    (torch.library's fill_defaults: ~90 us for this op's 17 arguments on the 2-core EPYC, more than a
+    CIFAR stem's convolution of one image)."""
+
+    # forward(ctx, ...) rather than a separate setup_context: apply() then binds no signature (inspect's,
+    # another ~45 us a call). functorch's transforms, which need the separate one, never come here.
+    class EagerForward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = forward_op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+    EagerForward.backward = staticmethod(backward)
+    return EagerForward
+
+
+# forward op -> its EagerForward (_eager_function), for the ops _register registered.
+_EAGER_FUNCTIONS: dict = {}
+
+
+def _plain_eager(tensors) -> bool:
+    """Whether nothing but the dispatcher's own kernels would see an op call on these tensors: no trace,
+    compile or export, no TorchDispatchMode or TorchFunctionMode, no tensor subclass with
+    __torch_function__ (nn.Parameter has none)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return not (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or exporting()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._len_torch_function_stack()
+        or torch.overrides.has_torch_function(tensors)
+    )
+
+
+def call_forward(forward_op, args: ForwardArgs):
+    """forward_op(*args), its autograd as registered, by the shortest dispatch the call allows: in plain
+    eager mode (_plain_eager) straight to the backend's kernel, through EagerForward where autograd
+    records it (save_masks: a gradient is wanted); else through the dispatcher, so that traces,
+    compilers and modes see the op itself."""
+    plain = _plain_eager([t for t in args if isinstance(t, Tensor)])
+    if plain and args.save_masks and torch.is_grad_enabled():
+        return _EAGER_FUNCTIONS[forward_op].apply(*args)
+    return _call_without_autograd(forward_op, args, plain)
+
+
+def _call_without_autograd(op, args, plain: bool):
+    """op(*args) where autograd is not to record it: in plain eager mode below the Autograd key (the
+    registered autograd would only go through Python to get there), else through the dispatcher."""
+    if not plain:
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _register(forward_op_name: str, backward_op_name: str):
     torch.library.register_fake(forward_op_name)(forward_fake)
     torch.library.register_fake(backward_op_name)(backward_fake)
-    backward_op = getattr(torch.ops.pushpull, backward_op_name.split("::")[1])
+    namespace = torch.ops.pushpull
+    forward_op, backward_op = (getattr(namespace, name.split("::")[1]) for name in (forward_op_name, backward_op_name))
     setup_context, backward = _make_autograd(backward_op)
     torch.library.register_autograd(forward_op_name, backward, setup_context=setup_context)
+    _EAGER_FUNCTIONS[forward_op] = _eager_function(forward_op, setup_context, backward)
     torch.library.register_autograd(
         backward_op_name, _no_double_backward, setup_context=lambda ctx, inputs, output: None
     )

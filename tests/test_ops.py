@@ -199,6 +199,37 @@ class _OpsCalled(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize(
+    "pushpull",
+    [dict(pull="upsample"), dict(pull="invert", avg_kernel=3, bias_out=True, train_alpha=True)],
+    ids=["2020", "2024"],
+)
+def test_eager_calls_go_below_the_dispatchers_python_and_agree_with_it(fused_backend_device, pushpull):
+    """Plain eager calls reach the kernels directly (ops.call_forward: the registered autograd's own
+    setup_context and backward in an autograd.Function, the ops called below the Autograd key); under a
+    TorchDispatchMode, as under traces and compilers, the ops go through the dispatcher, where the mode
+    sees both. The two give the same output and gradients, bit for bit."""
+    backend, device = fused_backend_device
+    layer = PushPullConv2d(3, 8, 3, padding=1, backend=backend, **pushpull).to(device=device, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, device=device, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 8, 8, 8, device=device, dtype=torch.float64)
+
+    def forward_backward():
+        y = layer(x)
+        return y, type(y.grad_fn).__name__, torch.autograd.grad(y, (x, *layer.parameters()), grad_out)
+
+    eager, eager_node, eager_grads = forward_backward()
+    with _OpsCalled() as called:
+        dispatched, dispatched_node, dispatched_grads = forward_backward()
+    assert eager_node == "EagerForwardBackward"
+    assert dispatched_node != eager_node
+    forward_op, backward_op = (str(op.default) for op in _ops_for(backend))
+    assert {forward_op, backward_op} <= {op for op, _dtype in called.ops}, called.ops
+    assert torch.equal(eager, dispatched)
+    for got, expected in zip(eager_grads, dispatched_grads):
+        assert torch.equal(got, expected)
+
+
 class _SmallNet(nn.Module):
     def __init__(self, backend, **pushpull):
         super().__init__()

@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -24,13 +25,25 @@ namespace pushpull {
 namespace cpu {
 namespace {
 
+// The nonzero entries of a small interpolation matrix (float or double), in a loop: ATen's ne / sum / item
+// would be six operator calls, ~20 us of a layer's call on a small image.
+int64_t nonzeros(const at::Tensor& m) {
+  const auto c = m.contiguous();
+  int64_t count = 0;
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "pushpull_nonzeros", [&] {
+    const scalar_t* v = c.const_data_ptr<scalar_t>();
+    count = std::count_if(v, v + c.numel(), [](scalar_t e) { return e != scalar_t(0); });
+  });
+  return count;
+}
+
 // Whether the tap path beats the input-side prefilter (ImagePath or the batched product): multiply-adds per
 // pixel, a filter term (an unaligned load and a multiply-add) counted as two register-tiled products.
 // The tap path filters each OUTPUT channel, the prefilter each INPUT channel and multiplies twice:
 // the ResNet stems (3 input channels) keep the prefilter, the 16- and 64-channel blocks take the tap path.
 bool tap_path_pays(const Geometry& geo, const at::Tensor& rows, const at::Tensor& cols) {
   const int64_t kh = geo.kernel_h, taps = kh * geo.kernel_w;
-  const int64_t rows_nz = rows.ne(0).sum().item<int64_t>(), cols_nz = cols.ne(0).sum().item<int64_t>();
+  const int64_t rows_nz = nonzeros(rows), cols_nz = nonzeros(cols);
   const int64_t products = geo.out_channels * (geo.in_channels / geo.groups) * taps;
   const int64_t tap_filters = geo.out_channels * (taps + kh * cols_nz + kh + rows_nz);
   const int64_t prefilters = geo.in_channels * (rows_nz + kh * cols_nz);
