@@ -270,15 +270,19 @@ def _eager_function(forward_op, setup_context, backward) -> type[torch.autograd.
 _EAGER_FUNCTIONS: dict = {}
 
 
+# torch.compiler.is_exporting where this torch has it; besides, strict export traces with Dynamo (is_compiling)
+# and non-strict export under a dispatch mode (the dispatch stack), which _plain_eager checks too.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def _plain_eager(tensors) -> bool:
     """Whether nothing but the dispatcher's own kernels would see an op call on these tensors: no trace,
     compile or export, no TorchDispatchMode or TorchFunctionMode, no tensor subclass with
     __torch_function__ (nn.Parameter has none)."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return not (
         torch.jit.is_tracing()
         or torch.compiler.is_compiling()
-        or exporting()
+        or _is_exporting()
         or torch._C._len_torch_dispatch_stack()
         or torch._C._len_torch_function_stack()
         or torch.overrides.has_torch_function(tensors)
