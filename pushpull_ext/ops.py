@@ -185,8 +185,7 @@ def _make_autograd(backward_op):
         # its context) must not cast down again.
         with torch.autocast(grad_output.device.type, enabled=False):
             backward_args = (grad_output.contiguous(), *saved, masks, *ctx.options, need)
-            plain = _plain_eager([t for t in backward_args if isinstance(t, Tensor)])
-            grads = list(_call_without_autograd(backward_op, backward_args, plain))
+            grads = list(_call_without_autograd(backward_op, backward_args, _plain_eager(backward_args)))
         if ctx.input_channels_last and need[0]:  # as nn.Conv2d: the input's gradient in the input's layout
             grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
         return _by_argument(grads, need)
@@ -275,10 +274,11 @@ _EAGER_FUNCTIONS: dict = {}
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
-def _plain_eager(tensors) -> bool:
-    """Whether nothing but the dispatcher's own kernels would see an op call on these tensors: no trace,
+def _plain_eager(args) -> bool:
+    """Whether nothing but the dispatcher's own kernels would see an op call with these arguments: no trace,
     compile or export, no TorchDispatchMode or TorchFunctionMode, no tensor subclass with
     __torch_function__ (nn.Parameter has none)."""
+    tensors = [t for t in args if isinstance(t, Tensor)]
     return not (
         torch.jit.is_tracing()
         or torch.compiler.is_compiling()
@@ -294,7 +294,7 @@ def call_forward(forward_op, args: ForwardArgs):
     eager mode (_plain_eager) straight to the backend's kernel, through EagerForward where autograd
     records it (save_masks: a gradient is wanted); else through the dispatcher, so that traces,
     compilers and modes see the op itself."""
-    plain = _plain_eager([t for t in args if isinstance(t, Tensor)])
+    plain = _plain_eager(args)
     if plain and args.save_masks and torch.is_grad_enabled():
         return _EAGER_FUNCTIONS[forward_op].apply(*args)
     return _call_without_autograd(forward_op, args, plain)
