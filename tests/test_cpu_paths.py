@@ -24,6 +24,7 @@ from pushpull_ext._ext import has_cpp_kernel
 pytestmark = pytest.mark.skipif(not has_cpp_kernel("cpu"), reason="the C++ CPU kernel is not built")
 
 IN_PLACE_SIZES = (2, 4, 5, 3, 16, 3, 3)
+FUSED_SIZES = (2, 3, 16, 5, 16, 3, 3)
 # Upsample cases of the shared grid that have stride 1, and shapes aimed at the tap path's layout:
 # rectangular kernels and images, groups, padding 0 and wider than the kernel, every output option.
 UPSAMPLE_STRIDE1 = [
@@ -43,6 +44,10 @@ TAP_CASES = UPSAMPLE_STRIDE1 + [
     ("tap-1x3-depthwise", (2, 4, 4, 5, 11, 1, 3), dict(pull="upsample", groups=4, padding=(0, 1), alpha="vector")),
     # Width 16, a multiple of every vector length: the forward's product reads the image in place.
     ("tap-width16-in-place", IN_PLACE_SIZES, dict(pull="upsample", padding=1, bias_in=True, alpha="vector")),
+    # Whole octets of output channels and rows of whole vectors: the prefilter route's float32 forward writes
+    # the outputs from the products' registers (fused_product.h), saving ReLU(Q') for the trainable alpha.
+    ("prefilter-fused-16", FUSED_SIZES, dict(pull="upsample", padding=1, bias_in=True, alpha="vector")),
+    ("prefilter-fused-8-bias-out", (1, 3, 8, 4, 8, 3, 3), dict(pull="upsample", padding=1, bias_out=True)),
 ]
 TAP_PARAMS = [pytest.param(sizes, opts, id=name) for name, sizes, opts in TAP_CASES]
 # The per-image panels on images of several panels (48 pixels each), with row counts that are not
@@ -103,18 +108,36 @@ def test_tap_path_gradcheck(monkeypatch, sizes, options):
     assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
 
 
+@pytest.mark.parametrize(
+    "path, sizes, dtype",
+    [("always", IN_PLACE_SIZES, torch.float64), ("never", FUSED_SIZES, torch.float32)],
+    ids=["tap-in-place", "prefilter-fused"],
+)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
-def test_tap_path_reading_the_image_in_place_finds_a_non_finite_last_image(monkeypatch, value):
-    """The forward's tap product reads the image where it lies (no copy that tests it on the way): a NaN or
-    Inf in the last image must still send the batch to the exact route, as the reference propagates it."""
-    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", "always")
-    inputs, opts = make_case(IN_PLACE_SIZES, dict(pull="upsample", padding=1, bias_in=True), torch.float64, "cpu")
+def test_per_image_routes_find_a_non_finite_last_image(monkeypatch, path, sizes, dtype, value):
+    """The forward's tap product reads the image where it lies (no copy that tests it on the way), the fused
+    prefilter forward writes the outputs image by image: a NaN or Inf in the last image must still send the
+    batch to the exact route, as the reference propagates it."""
+    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", path)
+    inputs, opts = make_case(sizes, dict(pull="upsample", padding=1, bias_in=True), dtype, "cpu")
     with torch.no_grad():
         inputs["input"][-1, 0, 1, 8] = value
     ours = call(push_pull_conv2d, inputs, opts, backend="cpu")
     expected = call(push_pull_conv2d, inputs, opts, backend="reference")
     assert not torch.isfinite(expected).all()
-    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9, equal_nan=True)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(ours, expected, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_prefilter_fused_forward_without_gradient(monkeypatch, path):
+    """Inference (no masks saved): the fused prefilter forward's other variant, against the reference."""
+    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", path)
+    inputs, opts = make_case(FUSED_SIZES, dict(pull="upsample", padding=1, bias_out=True), torch.float32, "cpu")
+    with torch.no_grad():
+        ours = call(push_pull_conv2d, inputs, opts, backend="cpu")
+        exact = call(push_pull_conv2d, {k: v.double() for k, v in inputs.items()}, opts, backend="reference")
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 
 
 # Large enough that Y and the filter lines of a block of channels exceed the L2 budget (blocks of fewer
@@ -160,13 +183,18 @@ def test_stem_backward_in_row_blocks(sizes, options, dtype, rtol):
 
 
 _ISA_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     sys.path[:0] = [{tests!r}, {support!r}]
     from test_cpu_paths import IMAGE_PATH_CASES, TAP_CASES, _check_against_reference
     for name, sizes, opts in TAP_CASES + IMAGE_PATH_CASES:
         for dtype, rtol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
             torch.manual_seed(0)
             _check_against_reference(sizes, opts, dtype, rtol)
+    os.environ["PUSHPULL_CPU_TAP_PATH"] = "never"  # the prefilter route's fused forward
+    for name, sizes, opts in TAP_CASES:
+        if name.startswith("prefilter-fused"):
+            torch.manual_seed(0)
+            _check_against_reference(sizes, opts, torch.float32, 1e-4)
     print("ok")
 """)
 

@@ -155,6 +155,21 @@ struct ImageCounter {
   bool take(int64_t& n) { return (n = next++) < batch; }
 };
 
+// Image n's outputs as fused_product.h writes them.
+template <typename T>
+dense::ResponseEpilogue<T> image_epilogue(const Geometry& geo, const ForwardOutputs<T>& out, const T* bias_in,
+                                          int64_t n) {
+  const int64_t plane = geo.out_height * geo.out_width, octets = geo.out_channels / 8;
+  uint8_t* mask_p = out.masks ? out.masks + n * octets * plane : nullptr;
+  return {bias_in,
+          out.alpha,
+          out.bias_out,
+          out.y + n * geo.out_channels * plane,
+          out.saved_pull ? out.saved_pull + n * geo.out_channels * plane : nullptr,
+          mask_p,
+          mask_p ? mask_p + geo.batch * octets * plane : nullptr};  // masks[1]
+}
+
 // Returns false when check_finite finds an image with NaN or +-Inf (the images after it are skipped).
 template <typename Route>
 bool forward_images(const Route& route, const typename Route::T* x, const typename Route::T* bias_in,
@@ -163,11 +178,23 @@ bool forward_images(const Route& route, const typename Route::T* x, const typena
   const Geometry& geo = route.geo;
   const int64_t octets = (geo.out_channels + 7) / 8;
   std::atomic<bool> finite{true};
+  bool fused = false;
+  if constexpr (std::is_same_v<Route, PrefilterPath<float>>) fused = route.fuses_epilogue();
   ImageCounter images{{}, geo.batch};
   at::parallel_for(0, image_workers(geo.batch), 1, [&](int64_t, int64_t) {
     auto ws = route.workspace(false);
     PlaneScratch<T> scratch(geo);
     for (int64_t n; finite && images.take(n);) {
+      if constexpr (std::is_same_v<Route, PrefilterPath<float>>) {
+        if (fused) {
+          if (!route.load_operands(x, n, ws, check_finite)) {
+            finite = false;
+            break;
+          }
+          route.fused_responses(ws, image_epilogue(geo, out, bias_in, n));
+          continue;
+        }
+      }
       if (!image_responses(route, x, n, ws, check_finite)) {
         finite = false;
         break;

@@ -3,11 +3,13 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "gapped_planes.h"
 #include "scratch.h"
 #include "dense_kernels.h"
+#include "fused_product.h"
 
 namespace pushpull {
 namespace cpu {
@@ -141,6 +143,22 @@ struct PrefilterPath : GappedPlanes {
       from_gapped(ws.resp.data() + (geo.out_channels + o) * plane_size, geo.out_height, geo.out_width,
                   ws.pull.data() + o * plane);
     }
+  }
+
+  // Whether fused_responses can do a float forward: one group, whole octets of channels (a mask byte is
+  // one tile pair's), output rows of whole vectors, and Q' = R - bias alone (no pooling, a single output).
+  bool fuses_epilogue() const {
+    return std::is_same_v<T, float> && geo.groups == 1 && geo.out_channels % 8 == 0 && !geo.dual_output &&
+           geo.avg_kernel <= 1 && geo.out_width % dense::fused_vector_values<T>() == 0;
+  }
+
+  // The forward's outputs of the image in ws.xg (prefilter() done) straight from the two products'
+  // registers (fused_product.h): no P0 and R planes, no pass of the epilogue over them.
+  void fused_responses(PrefilterWorkspace<T>& ws, const dense::ResponseEpilogue<T>& out) const {
+    const T* const* push = operand(0, false, ws, at(0, 0));
+    ws.grad_rows.assign(push, push + k_size);
+    dense::push_pull_product(weight, k_size, geo.out_channels, ws.grad_rows.data(), operand(0, true, ws, at(0, 0)),
+                             dense::ColumnMap{geo.out_width, ws_stride}, plane, out);
   }
 
   // From the gradient fields in ws.push / ws.pull (ws.xg and ws.z filled when grad_w_image is wanted).
