@@ -8,7 +8,8 @@
 // panel-packed operands) or, from 32 output channels per group, ATen's products on the batch
 // (prefilter.h); invert and negate use ATen's convolutions.
 // The fused per-plane passes (epilogues.h) then do the pooling, ReLUs, alpha, biases and pack the ReLU
-// masks 8 channels per byte. Backward reads only the masks, forms the masked gradient fields in one
+// masks 8 channels per byte; the stems' float32 forward on the prefilter route does the same in the
+// products' registers (fused_product.h). Backward reads only the masks, forms the masked gradient fields in one
 // pass and runs the transposed maps; a trainable alpha reads ReLU(Q') saved by the forward (save_pull) or
 // recomputes the pull response.
 #include <ATen/Dispatch.h>
