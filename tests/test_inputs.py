@@ -88,6 +88,37 @@ def test_bad_input_is_refused_with_a_clear_error(backend_device, make, error, ma
     hardening_results.count("bad_inputs", f"{backend}-{device}")
 
 
+@pytest.mark.parametrize(
+    "good, bad, error, match",
+    [
+        (dict(stride=1), dict(stride=True), TypeError, "stride must be an int"),
+        (dict(groups=1), dict(groups=True), ValueError, "groups must be a positive int"),
+        (dict(padding=(1, 1)), dict(padding=(1, True)), TypeError, "padding must be an int"),
+        (dict(avg_kernel=1), dict(avg_kernel=True), ValueError, "avg_kernel must be a non-negative int"),
+    ],
+    ids=["stride", "groups", "padding", "avg_kernel"],
+)
+def test_an_argument_equal_to_an_accepted_one_is_still_refused(good, bad, error, match):
+    """Eager calls reuse the checks of an earlier call with the same arguments: True == 1, but only 1 is a
+    valid stride, so a call with True after one with 1 must still be refused."""
+    x, w = _ok("cpu")
+    push_pull_conv2d(x, w, backend="reference", **good)
+    with pytest.raises(error, match=match):
+        push_pull_conv2d(x, w, backend="reference", **bad)
+
+
+def test_a_number_alpha_first_seen_in_inference_mode_still_trains():
+    """The checks' result, alpha's vector included, is reused by later calls: made under inference_mode, it
+    must still be a tensor autograd can save when the next call trains."""
+    x, w = _ok("cpu")
+    w.requires_grad_()
+    with torch.inference_mode():
+        push_pull_conv2d(x, w, alpha=0.625, backend="reference")
+    out = push_pull_conv2d(x, w, alpha=0.625, backend="reference")
+    (grad,) = torch.autograd.grad(out.sum(), w)
+    assert torch.isfinite(grad).all()
+
+
 def test_backend_that_cannot_run_names_what_is_missing():
     x, w = _ok("cpu")
     if torch.cuda.is_available():
