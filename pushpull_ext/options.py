@@ -7,6 +7,7 @@ reference) all receive the same normalized arguments, so no backend repeats thes
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -89,7 +90,7 @@ def interpolation_matrix(size: int, new_size: int, dtype, device) -> torch.Tenso
     layer's forward); traced code (torch.compile, export, torch.jit.trace) and code under a tensor mode (fake
     tensors) build them at every call.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode():
+    if not _eager_reuse_allowed():
         return _interpolation_matrix(size, new_size, dtype, device)
     key = (size, new_size, dtype, torch.device(device))
     matrix = _interpolation_matrices.get(key)
@@ -99,6 +100,12 @@ def interpolation_matrix(size: int, new_size: int, dtype, device) -> torch.Tenso
         with torch.inference_mode(False):
             matrix = _interpolation_matrices[key] = _interpolation_matrix(size, new_size, dtype, device)
     return matrix
+
+
+def _eager_reuse_allowed() -> bool:
+    """Whether values kept from an earlier call may serve this one: not in traced code (torch.compile,
+    export, torch.jit.trace, which must record the computation) nor under a tensor mode (fake tensors)."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode())
 
 
 def _interpolation_matrix(size: int, new_size: int, dtype, device) -> torch.Tensor:
@@ -181,15 +188,17 @@ def normalize(input, weight, bias, bias_out, alpha, **options) -> tuple[PushPull
     if memo is not None:
         args, constant_alpha = memo
         return args, constant_alpha if constant_alpha is not None else _alpha_vector(alpha, weight)
-    args, alpha_vec = _normalize(input, weight, bias, bias_out, alpha, **options)
-    if key is not None:
-        if len(_normalized) >= _MEMO_SIZE:
-            _normalized.clear()
-        # A number's alpha vector is a constant, kept as interpolation_matrix keeps its matrices: a plain
-        # tensor outside inference mode, whatever mode the first caller was in.
-        with torch.inference_mode(False):
-            constant_alpha = None if isinstance(alpha, torch.Tensor) else _alpha_vector(alpha, weight)
-        _normalized[key] = (args, constant_alpha)
+    if key is None:
+        return _normalize(input, weight, bias, bias_out, alpha, **options)
+    # A number's alpha vector is a constant, kept as interpolation_matrix keeps its matrices: a plain tensor
+    # made outside inference mode, whatever mode the first caller was in. A tensor alpha's vector follows the
+    # tensor: made again at every call.
+    constant = not isinstance(alpha, torch.Tensor)
+    with torch.inference_mode(False) if constant else contextlib.nullcontext():
+        args, alpha_vec = _normalize(input, weight, bias, bias_out, alpha, **options)
+    if len(_normalized) >= _MEMO_SIZE:
+        _normalized.clear()
+    _normalized[key] = (args, alpha_vec if constant else None)
     return args, alpha_vec
 
 
@@ -200,7 +209,7 @@ _normalized: dict = {}  # _memo_key -> (PushPullArgs, alpha vector of a number a
 def _memo_key(input, weight, bias, bias_out, alpha, options: dict):
     """What normalize's result depends on, hashable; None where it is not to be reused (traced code, a
     tensor mode, or arguments that are not tensors and hashable values: normalize then names the problem)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode():
+    if not _eager_reuse_allowed():
         return None
     try:
         alpha_key = _tensor_key(alpha) if isinstance(alpha, torch.Tensor) else (type(alpha), alpha)

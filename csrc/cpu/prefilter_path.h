@@ -155,6 +155,7 @@ struct PrefilterPath : GappedPlanes {
   // The forward's outputs of the image in ws.xg (prefilter() done) straight from the two products'
   // registers (fused_product.h): no P0 and R planes, no pass of the epilogue over them.
   void fused_responses(PrefilterWorkspace<T>& ws, const dense::ResponseEpilogue<T>& out) const {
+    // operand() fills ws.rows for either operand: the push rows move to ws.grad_rows (idle in a forward).
     const T* const* push = operand(0, false, ws, at(0, 0));
     ws.grad_rows.assign(push, push + k_size);
     dense::push_pull_product(weight, k_size, geo.out_channels, ws.grad_rows.data(), operand(0, true, ws, at(0, 0)),
