@@ -176,6 +176,29 @@ STEM_BLOCK_CASES = [
 ]
 
 
+# Strided upsample: the prefilter splits each row of its vertical pass into stride_w phases (then filters
+# at stride 1). Stride 2 and 3, odd widths (phases of unequal length), a 7x7 stem like ResNet-50's; the
+# per-image panels where K = C_in/groups * kh * kw <= 256 or below 32 output channels, else the batched
+# product.
+STRIDED_PREFILTER_CASES = [
+    ("stem-7x7-s2-panels", (2, 3, 8, 29, 31, 7, 7), dict(pull="upsample", stride=2, padding=3, bias_in=True)),
+    ("stem-7x7-s2-32-panels", (2, 3, 32, 29, 31, 7, 7), dict(pull="upsample", stride=2, padding=3, alpha="vector")),
+    ("s2x3-panels", (2, 4, 6, 23, 25, 3, 5), dict(pull="upsample", stride=(2, 3), padding=2, alpha="scalar")),
+    ("s2-batched", (2, 32, 32, 13, 15, 3, 3), dict(pull="upsample", stride=2, padding=1, alpha="vector")),
+    (
+        "s3x2-scale1.5-batched",
+        (1, 24, 32, 17, 26, 5, 3),
+        dict(pull="upsample", stride=(3, 2), padding=(1, 2), scale=1.5, bias_in=True),
+    ),
+]
+
+
+@pytest.mark.parametrize("sizes, options", [pytest.param(s, o, id=n) for n, s, o in STRIDED_PREFILTER_CASES])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_strided_prefilter_phases(sizes, options, dtype, rtol):
+    _check_against_reference(sizes, options, dtype, rtol)
+
+
 @pytest.mark.parametrize("sizes, options", [pytest.param(s, o, id=n) for n, s, o in STEM_BLOCK_CASES])
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
 def test_stem_backward_in_row_blocks(sizes, options, dtype, rtol):

@@ -30,7 +30,7 @@ struct ImageWorkspace {
   ScratchVector<scalar_t> packed_grad;          // one group's gradient field, packed
   ScratchVector<scalar_t> tap_rows;             // one channel's im2col or prefilter [taps, block pixels]
   ScratchVector<scalar_t> grad_rows;            // W_g^T @ (a gradient field) [K, padded]
-  ScratchVector<scalar_t> prefilter_tmp, line;  // line: one output row, or one input plane (adjoint)
+  ScratchVector<scalar_t> prefilter_tmp, line;  // line: one input plane (the prefilter's adjoint, for dx)
   ScratchVector<scalar_t> box, grad_box;        // invert: S and its gradient, [groups, plane]
 };
 
@@ -102,11 +102,11 @@ struct ImagePath {
     ws.box.resize(boxes);
     ws.tap_rows.resize(taps * block_rows * geo.out_width);
     ws.prefilter_tmp.resize(pre.tmp_size());
-    ws.line.resize(std::max(geo.out_width, geo.height * geo.width));
     if (backward) ws.packed_grad.resize(out_per_group * padded);
     if (backward && weight_t) {  // dx wanted (weight_t is W^T, given only then)
       ws.grad_box.resize(boxes);
       ws.grad_rows.resize(k_size * padded);
+      ws.line.resize(geo.height * geo.width);
     }
     return ws;
   }
@@ -210,7 +210,7 @@ struct ImagePath {
   void pack_prefilter_plane(const scalar_t* x_plane, int64_t ho_begin, int64_t ho_end, int64_t grp, int64_t first_row,
                             ImageWorkspace<scalar_t>& ws) const {
     const int64_t pixels = (ho_end - ho_begin) * geo.out_width;
-    prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(), ws.line.data(),
+    prefilter_plane(pre, rows, cols, x_plane, ho_begin, ho_end, ws.prefilter_tmp.data(),
                     [&](int64_t tap, int64_t ho, const scalar_t* row) {
                       std::copy(row, row + geo.out_width,
                                 ws.tap_rows.data() + tap * pixels + (ho - ho_begin) * geo.out_width);

@@ -60,9 +60,9 @@ at::Tensor prefilter(const at::Tensor& x, const at::Tensor& rows, const at::Tens
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* zp = z.data_ptr<scalar_t>();
     for_each_input_plane<scalar_t>(
-        geo, g, rows, cols, geo.out_width, [&](int64_t plane, auto r, auto k, auto tmp, auto row_acc) {
+        geo, g, rows, cols, 0, [&](int64_t plane, auto r, auto k, auto tmp, auto /*scratch*/) {
           scalar_t* z_plane = zp + layout.offset(plane);
-          prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, 0, geo.out_height, tmp, row_acc,
+          prefilter_plane(g, r, k, xp + plane * geo.height * geo.width, 0, geo.out_height, tmp,
                           [&](int64_t tap, int64_t ho, auto row) {
                             std::copy(row, row + geo.out_width,
                                       z_plane + tap * layout.tap_stride() + ho * geo.out_width);

@@ -7,9 +7,11 @@
 
 #include <algorithm>
 #include <utility>
+#include <vector>
 
 #include "../common/aten_algebra.h"
 #include "clones.h"
+#include "dense_kernels.h"
 
 namespace pushpull {
 namespace cpu {
@@ -29,8 +31,19 @@ struct PrefilterGeometry {
   int64_t padded_width() const {
     return std::max((out_width - 1) * stride_w + (pull_w - 1) * dil_w + 1, pad_w + width);
   }
-  // the vertical pass [kh, Ho, padded_width], then one [Ho, padded_width] block of the horizontal one
-  int64_t tmp_size() const { return (kernel_h + 1) * out_height * padded_width(); }
+  // Strided columns (stride_w > 1) go through stride_w phases: phase p of a padded row holds its entries
+  // p, p + stride_w, ... (line_stride of them), so that entry wo * s + b * dw, tap b of output column wo,
+  // is entry wo + (b * dw) / s of phase (b * dw) % s, and the horizontal filter runs at stride 1. The
+  // vertical pass does not mix columns: it runs on the input rows' phases and writes the phases of its rows.
+  // (A default-constructed geometry, ImagePath's without a separable pull, has stride_w 0: one phase.)
+  int64_t phases() const { return std::max<int64_t>(stride_w, 1); }
+  int64_t line_stride() const { return (padded_width() + phases() - 1) / phases(); }
+  // the vertical pass [phases, kh * Ho, line_stride]; strided, the input rows' phases [phases, H,
+  // line_stride]; one [Ho, line_stride] block of the horizontal pass
+  int64_t input_phases_size() const { return stride_w > 1 ? phases() * height * line_stride() : 0; }
+  int64_t tmp_size() const {
+    return (phases() * kernel_h * out_height + out_height) * line_stride() + input_phases_size();
+  }
 };
 
 inline PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs& c, const at::Tensor& rows,
@@ -40,93 +53,98 @@ inline PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs&
           c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
 }
 
-// out[k] = sum_b taps[b * tap_stride] * line[k + b * dilation] for k < length, skipping zero taps. Eight
-// outputs at a time stay in registers over all taps (the fixed 8-lane loop is what the compiler
-// vectorizes); the tail goes one by one. Pull kernels wider than kMaxTaps go tap by tap.
-template <typename acc_t>
-PUSHPULL_CPU_CLONES void filter_line(const acc_t* __restrict__ line, int64_t length, const acc_t* taps,
-                                     int64_t tap_stride, int64_t n_taps, int64_t dilation, acc_t* __restrict__ out) {
-  constexpr int64_t kMaxTaps = 32;
-  if (n_taps > kMaxTaps) {
-    std::fill(out, out + length, acc_t(0));
-    for (int64_t b = 0; b < n_taps; ++b) {
-      const acc_t v = taps[b * tap_stride];
-      for (int64_t k = 0; k < length; ++k) out[k] += v * line[k + b * dilation];
+// Input rows [h_begin, h_end) of x as g.phases() phases of their zero-padded rows: entry m of phase p of
+// row h at out + (p * H + h) * line_stride is input column m * stride_w + p - pad_w (zero outside).
+template <typename scalar_t, typename acc_t>
+PUSHPULL_CPU_CLONES void split_input_rows(const PrefilterGeometry& g, const scalar_t* __restrict__ x, int64_t h_begin,
+                                          int64_t h_end, acc_t* __restrict__ out) {
+  const int64_t ls = g.line_stride(), s = g.stride_w;
+  for (int64_t p = 0; p < s; ++p) {
+    for (int64_t h = h_begin; h < h_end; ++h) {
+      acc_t* __restrict__ row = out + (p * g.height + h) * ls;
+      const scalar_t* __restrict__ xr = x + h * g.width;
+      for (int64_t m = 0; m < ls; ++m) {
+        const int64_t w = m * s + p - g.pad_w;
+        row[m] = w >= 0 && w < g.width ? static_cast<acc_t>(xr[w]) : acc_t(0);
+      }
     }
-    return;
   }
-  acc_t weights[kMaxTaps];
-  int64_t offsets[kMaxTaps], used = 0;
-  for (int64_t b = 0; b < n_taps; ++b) {
-    const acc_t v = taps[b * tap_stride];
-    if (v != acc_t(0)) weights[used] = v, offsets[used++] = b * dilation;
-  }
-  int64_t k = 0;
-  for (; k + 8 <= length; k += 8) {
-    acc_t acc[8] = {};
-    for (int64_t t = 0; t < used; ++t) {
-      const acc_t* __restrict__ src = line + k + offsets[t];
-      for (int l = 0; l < 8; ++l) acc[l] += weights[t] * src[l];
+}
+
+// The vertical pass of output rows [ho_begin, ho_end) into `lines` [phases, kh * Ho, line_stride]: row
+// (i, ho) is sum_a -rows[a, i] * (input row in_row(ho, a)), read from x (stride_w 1, written at pad_w) or
+// from the input rows' phases (split_input_rows).
+template <typename scalar_t, typename acc_t>
+PUSHPULL_CPU_CLONES void vertical_pass(const PrefilterGeometry& g, const acc_t* rows, const scalar_t* __restrict__ x,
+                                       const acc_t* __restrict__ input_phases, int64_t ho_begin, int64_t ho_end,
+                                       acc_t* __restrict__ lines) {
+  const int64_t ls = g.line_stride(), rows_total = g.kernel_h * g.out_height;
+  for (int64_t p = 0; p < g.phases(); ++p) {
+    for (int64_t i = 0; i < g.kernel_h; ++i) {
+      for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+        acc_t* __restrict__ t = lines + (p * rows_total + i * g.out_height + ho) * ls;
+        std::fill(t, t + ls, acc_t(0));
+        for (int64_t a = 0; a < g.pull_h; ++a) {
+          const int64_t h = g.in_row(ho, a);
+          if (h < 0 || h >= g.height) continue;
+          const acc_t u = -rows[a * g.kernel_h + i];
+          if (u == acc_t(0)) continue;  // bilinear interpolation matrices are half zeros
+          if (input_phases) {
+            const acc_t* __restrict__ xr = input_phases + (p * g.height + h) * ls;
+            for (int64_t m = 0; m < ls; ++m) t[m] += u * xr[m];
+          } else {
+            const scalar_t* __restrict__ xr = x + h * g.width;
+            for (int64_t w = 0; w < g.width; ++w) t[g.pad_w + w] += u * static_cast<acc_t>(xr[w]);
+          }
+        }
+      }
     }
-    for (int l = 0; l < 8; ++l) out[k + l] = acc[l];
-  }
-  for (; k < length; ++k) {
-    acc_t acc = 0;
-    for (int64_t t = 0; t < used; ++t) acc += weights[t] * line[k + offsets[t]];
-    out[k] = acc;
   }
 }
 
 // One plane: x [H, W] -> z [kh * kw, Ho, Wo] for the output rows [ho_begin, ho_end), handed over one
-// row at a time as emit(tap, ho, row of Wo values); tmp holds the vertical pass [kh, Ho, padded_width].
+// row at a time as emit(tap, ho, row of Wo values); tmp (tmp_size) holds the vertical pass, the input
+// rows' phases (strided) and the horizontal pass of one tap.
 template <typename scalar_t, typename acc_t, typename Emit>
 PUSHPULL_CPU_CLONES void prefilter_plane(const PrefilterGeometry& g, const acc_t* rows, const acc_t* cols,
                                          const scalar_t* __restrict__ x, int64_t ho_begin, int64_t ho_end,
-                                         acc_t* __restrict__ tmp, acc_t* __restrict__ row_acc, Emit emit) {
-  const int64_t wp = g.padded_width();
-  for (int64_t i = 0; i < g.kernel_h; ++i) {
-    std::fill(tmp + (i * g.out_height + ho_begin) * wp, tmp + (i * g.out_height + ho_end) * wp, acc_t(0));
-    for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
-      acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp + g.pad_w;
-      for (int64_t a = 0; a < g.pull_h; ++a) {
-        const int64_t h = g.in_row(ho, a);
-        if (h < 0 || h >= g.height) continue;
-        const acc_t u = -rows[a * g.kernel_h + i];
-        if (u == acc_t(0)) continue;  // bilinear interpolation matrices are half zeros
-        const scalar_t* __restrict__ xr = x + h * g.width;
-        for (int64_t w = 0; w < g.width; ++w) t[w] += u * static_cast<acc_t>(xr[w]);
-      }
+                                         acc_t* __restrict__ tmp, Emit emit) {
+  const int64_t rows_total = g.kernel_h * g.out_height, ls = g.line_stride();
+  acc_t* lines = tmp;
+  acc_t* input_phases = nullptr;
+  if (g.stride_w > 1) {
+    input_phases = lines + g.phases() * rows_total * ls;
+    const int64_t h_begin = std::max<int64_t>(g.in_row(ho_begin, 0), 0);
+    const int64_t h_end = std::min(g.in_row(ho_end - 1, g.pull_h - 1) + 1, g.height);
+    split_input_rows(g, x, h_begin, h_end, input_phases);
+  }
+  vertical_pass(g, rows, x, static_cast<const acc_t*>(input_phases), ho_begin, ho_end, lines);
+  // The kh x Ho rows of each phase of the vertical pass, `ls` apart, read as ONE line per i: output
+  // (ho, wo) of tap column j is then sum_b v[b] * line[ho * ls + wo + offsets[b]], a 1-D filter over the
+  // whole block with no per-row loop overhead (the values at wo >= Wo are not used).
+  // Tap column j's terms: the nonzero cols[b, j] and where tap b of output column 0 sits in the lines.
+  std::vector<std::vector<int64_t>> offsets(g.kernel_w);
+  std::vector<std::vector<acc_t>> weights(g.kernel_w);
+  for (int64_t j = 0; j < g.kernel_w; ++j) {
+    for (int64_t b = 0; b < g.pull_w; ++b) {
+      const acc_t v = cols[b * g.kernel_w + j];
+      if (v == acc_t(0)) continue;
+      const int64_t column = b * g.dil_w;  // of tap b, in the padded row, from output column wo * stride_w
+      offsets[j].push_back(column % g.phases() * rows_total * ls + column / g.phases());
+      weights[j].push_back(v);
     }
   }
-  if (g.stride_w == 1) {
-    // The kh x Ho rows of the vertical pass, wp apart, read as ONE line per i: output (ho, wo) of tap
-    // column j is then sum_b v[b] * line[ho * wp + wo + b * dw], a 1-D filter over the whole block with
-    // no per-row loop overhead (the values at wo >= Wo are not used). `out` is the block after tmp.
-    acc_t* __restrict__ out = tmp + g.kernel_h * g.out_height * wp;
-    const int64_t length = (ho_end - ho_begin - 1) * wp + g.out_width;
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      const acc_t* __restrict__ line = tmp + (i * g.out_height + ho_begin) * wp;
-      for (int64_t j = 0; j < g.kernel_w; ++j) {
-        filter_line(line, length, cols + j, g.kernel_w, g.pull_w, g.dil_w, out);
-        for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
-          emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(out + (ho - ho_begin) * wp));
-        }
-      }
-    }
-    return;
-  }
+  acc_t* __restrict__ out = tmp + g.phases() * rows_total * ls + g.input_phases_size();
+  const int64_t length = (ho_end - ho_begin - 1) * ls + g.out_width;
+  std::vector<const acc_t*> src;
   for (int64_t i = 0; i < g.kernel_h; ++i) {
-    for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
-      const acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp;
-      for (int64_t j = 0; j < g.kernel_w; ++j) {
-        std::fill(row_acc, row_acc + g.out_width, acc_t(0));
-        for (int64_t b = 0; b < g.pull_w; ++b) {
-          const acc_t v = cols[b * g.kernel_w + j];
-          if (v == acc_t(0)) continue;
-          const acc_t* __restrict__ tb = t + b * g.dil_w;
-          for (int64_t wo = 0; wo < g.out_width; ++wo) row_acc[wo] += v * tb[wo * g.stride_w];
-        }
-        emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(row_acc));
+    const acc_t* line = lines + (i * g.out_height + ho_begin) * ls;
+    for (int64_t j = 0; j < g.kernel_w; ++j) {
+      src.clear();
+      for (int64_t off : offsets[j]) src.push_back(line + off);
+      dense::weighted_sum(src.data(), weights[j].data(), static_cast<int64_t>(src.size()), length, out);
+      for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+        emit(i * g.kernel_w + j, ho, static_cast<const acc_t*>(out + (ho - ho_begin) * ls));
       }
     }
   }
@@ -140,7 +158,7 @@ PUSHPULL_CPU_CLONES void prefilter_adjoint_plane(const PrefilterGeometry& g, con
                                                  acc_t* __restrict__ tmp, scalar_t* __restrict__ gx,
                                                  acc_t* __restrict__ plane_acc) {
   const int64_t wp = g.padded_width();
-  std::fill(tmp, tmp + g.tmp_size(), acc_t(0));
+  std::fill(tmp, tmp + g.kernel_h * g.out_height * wp, acc_t(0));  // the vertical pass's rows
   for (int64_t i = 0; i < g.kernel_h; ++i) {
     for (int64_t ho = 0; ho < g.out_height; ++ho) {
       acc_t* __restrict__ t = tmp + (i * g.out_height + ho) * wp;
