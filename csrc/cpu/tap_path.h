@@ -104,6 +104,7 @@ struct TapPath : GappedPlanes {
     };
     auto same = [](const ShiftTerm<T>& a, const ShiftTerm<T>& b) { return a.in == b.in && a.offset == b.offset; };
     std::vector<bool> push_taken(push.size(), false);
+    std::vector<std::pair<ShiftTerm<T>, T>> shared;  // a pull term and its weight in the push line
     std::vector<ShiftTerm<T>> pull_only;
     for (const auto& q : pull) {
       auto it = std::find_if(push.begin(), push.end(), [&](const ShiftTerm<T>& t) { return same(t, q); });
@@ -112,8 +113,14 @@ struct TapPath : GappedPlanes {
         continue;
       }
       push_taken[it - push.begin()] = true;
-      add(q, it->weight, q.weight);
+      shared.push_back({q, it->weight});
     }
+    // Equal pull weights side by side in each group: dense::weighted_pair may then sum them before multiplying.
+    std::stable_sort(shared.begin(), shared.end(),
+                     [](const auto& a, const auto& b) { return a.first.weight < b.first.weight; });
+    std::stable_sort(pull_only.begin(), pull_only.end(),
+                     [](const ShiftTerm<T>& a, const ShiftTerm<T>& b) { return a.weight < b.weight; });
+    for (const auto& [q, w_push] : shared) add(q, w_push, q.weight);
     pair.both = static_cast<int64_t>(pair.tap.size());
     pair.pull_only = static_cast<int64_t>(pull_only.size());
     for (const auto& q : pull_only) add(q, T(0), q.weight);
