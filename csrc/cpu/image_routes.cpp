@@ -61,7 +61,6 @@ ImageRoute stride_one_route(const Geometry& geo, const OptTensor& rows, const Op
   return taps ? ImageRoute::kTaps : ImageRoute::kPrefilter;
 }
 
-
 // The A operands: W stacked by tap for Y, [C_out, taps, C_in/groups]; and per group W^T for dx,
 // [groups, C_in/groups, C_out/groups, taps].
 at::Tensor tap_stacked_weight(const at::Tensor& w) {
