@@ -113,23 +113,7 @@ struct ImagePath {
 
   // Valid output columns of tap column j: those reading an input column in [0, W).
   std::pair<int64_t, int64_t> valid_columns(int64_t j) const {
-    const int64_t offset = j * conv.dilation[1] - conv.padding[1], s = conv.stride[1];
-    const int64_t lo = offset >= 0 ? 0 : std::min(geo.out_width, (-offset + s - 1) / s);
-    const int64_t hi = geo.width - offset <= 0 ? 0 : std::min(geo.out_width, (geo.width - offset + s - 1) / s);
-    return {lo, std::max(lo, hi)};
-  }
-
-  // out[wo] = src[wo * s] for wo in [lo, hi). Strides 1 and 2 (the papers' layers) as constants, so that
-  // the copy vectorizes (a stride-2 gather is two loads and a shuffle, not one load per value).
-  static void strided_copy(const scalar_t* __restrict__ src, int64_t s, int64_t lo, int64_t hi,
-                           scalar_t* __restrict__ out) {
-    if (s == 1) {
-      std::copy(src + lo, src + hi, out + lo);
-    } else if (s == 2) {
-      for (int64_t wo = lo; wo < hi; ++wo) out[wo] = src[2 * wo];
-    } else {
-      for (int64_t wo = lo; wo < hi; ++wo) out[wo] = src[wo * s];
-    }
+    return valid_range(j * conv.dilation[1] - conv.padding[1], conv.stride[1], geo.width, geo.out_width);
   }
 
   // im2col of output rows [ho_begin, ho_end) of one input plane, packed: row first_row + i * kw + j, pixel

@@ -53,6 +53,27 @@ inline PrefilterGeometry prefilter_geometry(const Geometry& geo, const ConvArgs&
           c.dilation[0], c.dilation[1], c.pull_padding[0], c.pull_padding[1]};
 }
 
+// The outputs m in [0, count) whose input column m * s + offset lies in [0, width), as [lo, hi).
+inline std::pair<int64_t, int64_t> valid_range(int64_t offset, int64_t s, int64_t width, int64_t count) {
+  const int64_t lo = offset >= 0 ? 0 : std::min(count, (-offset + s - 1) / s);
+  const int64_t hi = width - offset <= 0 ? 0 : std::min(count, (width - offset + s - 1) / s);
+  return {lo, std::max(lo, hi)};
+}
+
+// out[m] = src[m * s] for m in [lo, hi). Strides 1 and 2 (the papers' layers) as constants, so that the
+// copy vectorizes (a stride-2 gather is two loads and a shuffle, not one load per value).
+template <typename In, typename Out>
+PUSHPULL_ALWAYS_INLINE void strided_copy(const In* __restrict__ src, int64_t s, int64_t lo, int64_t hi,
+                                         Out* __restrict__ out) {
+  if (s == 1) {
+    std::copy(src + lo, src + hi, out + lo);
+  } else if (s == 2) {
+    for (int64_t m = lo; m < hi; ++m) out[m] = static_cast<Out>(src[2 * m]);
+  } else {
+    for (int64_t m = lo; m < hi; ++m) out[m] = static_cast<Out>(src[m * s]);
+  }
+}
+
 // Input rows [h_begin, h_end) of x as g.phases() phases of their zero-padded rows: entry m of phase p of
 // row h at out + (p * H + h) * line_stride is input column m * stride_w + p - pad_w (zero outside).
 template <typename scalar_t, typename acc_t>
@@ -60,13 +81,13 @@ PUSHPULL_CPU_CLONES void split_input_rows(const PrefilterGeometry& g, const scal
                                           int64_t h_end, acc_t* __restrict__ out) {
   const int64_t ls = g.line_stride(), s = g.stride_w;
   for (int64_t p = 0; p < s; ++p) {
+    const int64_t first = p - g.pad_w;  // the input column of entry 0
+    const auto [lo, hi] = valid_range(first, s, g.width, ls);
     for (int64_t h = h_begin; h < h_end; ++h) {
       acc_t* __restrict__ row = out + (p * g.height + h) * ls;
-      const scalar_t* __restrict__ xr = x + h * g.width;
-      for (int64_t m = 0; m < ls; ++m) {
-        const int64_t w = m * s + p - g.pad_w;
-        row[m] = w >= 0 && w < g.width ? static_cast<acc_t>(xr[w]) : acc_t(0);
-      }
+      std::fill(row, row + lo, acc_t(0));
+      strided_copy(x + h * g.width + first, s, lo, hi, row);
+      std::fill(row + hi, row + ls, acc_t(0));
     }
   }
 }
