@@ -112,7 +112,8 @@ PUSHPULL_ALWAYS_INLINE void push_pull_body(const T* w, int64_t k_size, int64_t c
                                            const ResponseEpilogue<T>& out) {
   if (out.mask_p && out.saved)
     return push_pull_columns<T, Bytes, kRows, true, true>(w, k_size, channels, push, pull, b_map, n, out);
-  if (out.mask_p) return push_pull_columns<T, Bytes, kRows, true, false>(w, k_size, channels, push, pull, b_map, n, out);
+  if (out.mask_p)
+    return push_pull_columns<T, Bytes, kRows, true, false>(w, k_size, channels, push, pull, b_map, n, out);
   push_pull_columns<T, Bytes, kRows, false, false>(w, k_size, channels, push, pull, b_map, n, out);
 }
 
@@ -120,12 +121,12 @@ PUSHPULL_ALWAYS_INLINE void push_pull_body(const T* w, int64_t k_size, int64_t c
 // to AVX2's 16 registers; AVX-512's 32 take all 8 channels in one tile (16 accumulators: two multiply-adds
 // per cycle of latency 4 need 8 independent ones in flight, and each k's loads serve twice the multiply-adds).
 // cifar-stem-2020's inference, one thread, 2-core AMD EPYC with AVX-512: 4.0 -> 3.75 ms (3 alternated runs).
-#define PUSHPULL_FUSED_VERSION(attr, name, bytes, rows)                                                      \
+#define PUSHPULL_FUSED_VERSION(attr, name, bytes, rows)                                                  \
   template <typename T>                                                                                  \
   attr void push_pull_product_##name(const T* w, int64_t k_size, int64_t channels, const T* const* push, \
                                      const T* const* pull, ColumnMap b_map, int64_t n,                   \
                                      const ResponseEpilogue<T>& out) {                                   \
-    push_pull_body<T, bytes, rows>(w, k_size, channels, push, pull, b_map, n, out);                            \
+    push_pull_body<T, bytes, rows>(w, k_size, channels, push, pull, b_map, n, out);                      \
   }
 PUSHPULL_FUSED_VERSION(, baseline, 16, 4)
 #ifdef PUSHPULL_DENSE_X86
