@@ -233,10 +233,17 @@ def environment(device: str) -> dict:
 
 
 def _cpu_name() -> str:
+    """The CPU's model name and its widest vector instructions, e.g. "AMD EPYC (AVX-512)": the same model
+    name covers machines with and without AVX-512, and the CPU loops (and oneDNN) differ between them."""
+    name, flags = None, set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if line.startswith("model name") and name is None:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or "cpu"
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    name = name or platform.processor() or "cpu"
+    return f"{name} ({isa})" if isa else name
