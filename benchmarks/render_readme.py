@@ -102,9 +102,15 @@ def _models_table(result: dict, folder: Path) -> list[str]:
     return lines + [""]
 
 
+def _section_order(path: Path) -> tuple:
+    """A machine's whole-network table (folder `<name>-models`) right after its per-layer one (`<name>`)."""
+    folder = str(path.parent.relative_to(ROOT))
+    return (folder.removesuffix("-models"), folder.endswith("-models"))
+
+
 def render() -> str:
     sections = []
-    for path in sorted((ROOT / "benchmarks" / "results").glob("**/results.json")):
+    for path in sorted((ROOT / "benchmarks" / "results").glob("**/results.json"), key=_section_order):
         result = json.loads(path.read_text())
         table = _models_table if result.get("benchmark") == "models" else _table
         sections += table(result, path.parent)
