@@ -193,6 +193,27 @@ STRIDED_PREFILTER_CASES = [
 ]
 
 
+# The forward's outputs written with non-temporal stores (PUSHPULL_CPU_STREAM_OUTPUTS=always; by default only
+# when y and ReLU(Q') outgrow the last level cache), from a buffer in blocks of 256 values: planes of whole
+# blocks, of a partial last block, of an odd length (16-byte stores impossible: a plain copy), on the
+# per-image panels and the batched route, with ReLU(Q') saved (trainable alpha) and the dual output.
+STREAMED_OUTPUT_CASES = [
+    ("invert-pool5-saved", (2, 3, 16, 32, 32, 3, 3), dict(pull="invert", padding=1, avg_kernel=5, alpha="vector")),
+    ("invert-s2-odd-plane", (2, 3, 8, 17, 15, 7, 7), dict(pull="invert", stride=2, padding=3, bias_out=True)),
+    ("invert-partial-block", (1, 4, 8, 20, 20, 3, 3), dict(pull="invert", padding=1, alpha="scalar")),
+    ("upsample-s2-dual", (2, 3, 8, 21, 21, 3, 3), dict(pull="upsample", stride=2, padding=1, dual_output=True)),
+    ("upsample-batched", (2, 48, 40, 9, 11, 3, 3), dict(pull="upsample", stride=2, padding=1, alpha="vector")),
+    ("tap-path", (2, 16, 16, 12, 12, 3, 3), dict(pull="upsample", padding=1, bias_in=True, alpha="vector")),
+]
+
+
+@pytest.mark.parametrize("sizes, options", [pytest.param(s, o, id=n) for n, s, o in STREAMED_OUTPUT_CASES])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_streamed_outputs(monkeypatch, sizes, options, dtype, rtol):
+    monkeypatch.setenv("PUSHPULL_CPU_STREAM_OUTPUTS", "always")
+    _check_against_reference(sizes, options, dtype, rtol)
+
+
 @pytest.mark.parametrize("sizes, options", [pytest.param(s, o, id=n) for n, s, o in STRIDED_PREFILTER_CASES])
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
 def test_strided_prefilter_phases(sizes, options, dtype, rtol):
