@@ -254,31 +254,35 @@ PUSHPULL_ALWAYS_INLINE void forward_channel(const scalar_t* __restrict__ p0, con
   }
 }
 
-// forward_channel with its three switches as template arguments, so that each variant's loop vectorizes.
+// forward_channel with its four switches as template arguments, so that each variant's loop vectorizes.
+template <bool kStream, typename acc_t, typename scalar_t, typename Q>
+PUSHPULL_ALWAYS_INLINE void forward_channel(bool dual, bool save, bool masks, const scalar_t* p0, const Q* q, acc_t b,
+                                            acc_t q_offset, acc_t a, acc_t bo, int64_t plane, scalar_t* y_push,
+                                            scalar_t* y_pull, scalar_t* saved, uint8_t* mask_p, uint8_t* mask_q,
+                                            uint8_t bit) {
+#define PUSHPULL_FORWARD_CHANNEL(D, S, M) \
+  return forward_channel<D, S, M, kStream>(p0, q, b, q_offset, a, bo, plane, y_push, y_pull, saved, mask_p, mask_q, bit)
+  if (masks) {
+    if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, true);
+    if (save) PUSHPULL_FORWARD_CHANNEL(false, true, true);
+    PUSHPULL_FORWARD_CHANNEL(false, false, true);
+  }
+  if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, false);
+  PUSHPULL_FORWARD_CHANNEL(false, false, false);
+#undef PUSHPULL_FORWARD_CHANNEL
+}
+
 template <typename acc_t, typename scalar_t, typename Q>
 PUSHPULL_ALWAYS_INLINE void forward_channel(bool dual, bool save, bool masks, bool stream, const scalar_t* p0,
                                             const Q* q, acc_t b, acc_t q_offset, acc_t a, acc_t bo, int64_t plane,
                                             scalar_t* y_push, scalar_t* y_pull, scalar_t* saved, uint8_t* mask_p,
                                             uint8_t* mask_q, uint8_t bit) {
-#define PUSHPULL_FORWARD_CHANNEL(D, S, M, N) \
-  return forward_channel<D, S, M, N>(p0, q, b, q_offset, a, bo, plane, y_push, y_pull, saved, mask_p, mask_q, bit)
   if (stream) {
-    if (masks) {
-      if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, true, true);
-      if (save) PUSHPULL_FORWARD_CHANNEL(false, true, true, true);
-      PUSHPULL_FORWARD_CHANNEL(false, false, true, true);
-    }
-    if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, false, true);
-    PUSHPULL_FORWARD_CHANNEL(false, false, false, true);
+    return forward_channel<true>(dual, save, masks, p0, q, b, q_offset, a, bo, plane, y_push, y_pull, saved, mask_p,
+                                 mask_q, bit);
   }
-  if (masks) {
-    if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, true, false);
-    if (save) PUSHPULL_FORWARD_CHANNEL(false, true, true, false);
-    PUSHPULL_FORWARD_CHANNEL(false, false, true, false);
-  }
-  if (dual) PUSHPULL_FORWARD_CHANNEL(true, false, false, false);
-  PUSHPULL_FORWARD_CHANNEL(false, false, false, false);
-#undef PUSHPULL_FORWARD_CHANNEL
+  forward_channel<false>(dual, save, masks, p0, q, b, q_offset, a, bo, plane, y_push, y_pull, saved, mask_p, mask_q,
+                         bit);
 }
 
 // Output and masks of image n, channels 8 * octet .. 8 * octet + 7, from the responses of image n_in of
