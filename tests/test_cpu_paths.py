@@ -140,6 +140,25 @@ def test_prefilter_fused_forward_without_gradient(monkeypatch, path):
     torch.testing.assert_close(ours.double(), exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
 
 
+# No input gradient (the stems) and output rows of whole vectors: the prefilter route's weight gradient
+# reads the gradient planes where the backward epilogue wrote them, and the operands at the output pixels
+# of the gapped layout (widths 16 and 32: whole AVX-512, AVX2 and SSE vectors of float and double).
+WEIGHT_GRADIENT_ALONE = [
+    ("fused-16", FUSED_SIZES, dict(pull="upsample", padding=1, bias_in=True, alpha="vector")),
+    ("width32-5x5-bias-out", (2, 3, 8, 4, 32, 5, 5), dict(pull="upsample", padding=2, bias_out=True)),
+    ("groups2-pad0", (2, 4, 8, 6, 18, 3, 3), dict(pull="upsample", groups=2, padding=0, alpha="scalar")),
+]
+
+
+@pytest.mark.parametrize(
+    "sizes, options", [pytest.param(sizes, opts, id=name) for name, sizes, opts in WEIGHT_GRADIENT_ALONE]
+)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)], ids=["float64", "float32"])
+def test_prefilter_weight_gradient_alone(monkeypatch, sizes, options, dtype, rtol):
+    monkeypatch.setenv("PUSHPULL_CPU_TAP_PATH", "never")
+    _check_against_reference(sizes, options, dtype, rtol, input_grad=False)
+
+
 # Large enough that Y and the filter lines of a block of channels exceed the L2 budget (blocks of fewer
 # than 8 channels), and that the per-image prefilter packs several blocks of rows.
 @pytest.mark.parametrize("path", PATHS)

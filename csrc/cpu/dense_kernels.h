@@ -195,11 +195,17 @@ constexpr int64_t kGramChunkBytes = 256 * 1024;
 constexpr int64_t kGramChunk = 4096;
 
 // The pixels of a Gram product are runs of RunLen contiguous values (a compile-time length, so that the
-// loop over a run unrolls); run s of a row starts s * step values after the row's start (the tap path: one
-// line cut into runs, step = RunLen; packed operands: one run per panel, step = a panel's size).
+// loop over a run unrolls; 0: `length`, known at run time); run s of a row starts s * step values after the
+// row's start (the tap path: one line cut into runs, step = RunLen; packed operands: one run per panel,
+// step = a panel's size; a plane's rows, dense in one operand and gapped in the other: a row per run).
 struct Runs {
-  int64_t count, a_step, b_step;
+  int64_t count, a_step, b_step, length = 0;
 };
+
+template <int64_t RunLen>
+PUSHPULL_ALWAYS_INLINE int64_t run_length(const Runs& runs) {
+  return RunLen ? RunLen : runs.length;
+}
 
 // C[r, q] += sum_pix A[r, pix] * B[q, pix] for an MR x QR block over runs [first, end): vector partial
 // sums, added across lanes at the end.
@@ -214,9 +220,10 @@ PUSHPULL_ALWAYS_INLINE void gram_tile(const ARows& a, const BRows& b, const Runs
     PUSHPULL_UNROLL
     for (int q = 0; q < QR; ++q) acc[r][q] = V{};
   }
+  const int64_t run_len = run_length<RunLen>(runs);
   for (int64_t s = first; s < end; ++s) {
     const int64_t a_run = s * runs.a_step, b_run = s * runs.b_step;
-    for (int64_t p = 0; p < RunLen; p += L) {
+    for (int64_t p = 0; p < run_len; p += L) {
       V bv[QR];
       PUSHPULL_UNROLL
       for (int q = 0; q < QR; ++q) bv[q] = load<V>(b.row(q) + b_run + p);
@@ -295,8 +302,9 @@ PUSHPULL_ALWAYS_INLINE void gram_body(const ARows& a, int64_t m_rows, const BRow
   // rows of a chunk in L1). With A's tiles outer and the larger B (imagenet-stem-2024's weight gradient:
   // 147 operand rows, 64 gradient rows) the whole of B was read again from L3 for every tile of A.
   const int64_t smaller = std::max<int64_t>(std::min(m_rows, q_rows), 1);
-  const int64_t fit = kGramChunkBytes / (smaller * RunLen * static_cast<int64_t>(sizeof(T)));
-  const int64_t max_runs = std::clamp<int64_t>(fit, 1, std::max<int64_t>(kGramChunk / RunLen, 1));
+  const int64_t run_len = std::max<int64_t>(run_length<RunLen>(runs), 1);
+  const int64_t fit = kGramChunkBytes / (smaller * run_len * static_cast<int64_t>(sizeof(T)));
+  const int64_t max_runs = std::clamp<int64_t>(fit, 1, std::max<int64_t>(kGramChunk / run_len, 1));
   const int64_t chunks = (runs.count + max_runs - 1) / max_runs;
   const int64_t chunk = chunks > 0 ? (runs.count + chunks - 1) / chunks : 1;
   for (int64_t s = 0; s < runs.count; s += chunk) {
@@ -576,6 +584,12 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
     gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);            \
   }                                                                                                              \
   template <typename T>                                                                                          \
+  attr void row_gram_rows_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t rows,       \
+                                 int64_t width, int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {         \
+    const Runs runs{rows, a_stride, b_stride, width};                                                            \
+    gram_body<T, bytes, gm, gq, 0>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                    \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
   attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) { \
     const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                   \
     const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                         \
@@ -700,6 +714,15 @@ void gram(const T* a, int64_t lda, int64_t m_rows, const T* const* b, int64_t q_
 template <typename T>
 void row_gram(const T* const* a, int64_t m_rows, const T* const* b, int64_t q_rows, int64_t n, T* c, int64_t ldc) {
   PUSHPULL_DENSE_DISPATCH(row_gram, a, m_rows, b, q_rows, n, c, ldc)
+}
+
+// The same over `rows` rows of `width` values (a multiple of vector_values<T>()), the rows of a and b
+// a_stride and b_stride apart: C[m, q] += sum_{r, p} a[m][r * a_stride + p] * b[q][r * b_stride + p] (a
+// plane's gapped rows against its dense ones).
+template <typename T>
+void row_gram_rows(const T* const* a, int64_t m_rows, const T* const* b, int64_t q_rows, int64_t rows, int64_t width,
+                   int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {
+  PUSHPULL_DENSE_DISPATCH(row_gram_rows, a, m_rows, b, q_rows, rows, width, a_stride, b_stride, c, ldc)
 }
 
 // The same two products on packed operands (panel_gemm.h): `panels` panels of kPanelWidth values per row,

@@ -164,6 +164,14 @@ struct PrefilterPath : GappedPlanes {
 
   // From the gradient fields in ws.push / ws.pull (ws.xg and ws.z filled when grad_w_image is wanted).
   void backward(T* grad_w_image, T* grad_x, PrefilterWorkspace<T>& ws) const {
+    if (grad_w_image && !grad_x && dense::maps_rows_of<T>(geo.out_width)) {
+      for (int64_t grp = 0; grp < geo.groups; ++grp)
+        for (int64_t r = 0; r < 2; ++r) {
+          const T* g = (r == 1 ? ws.pull : ws.push).data() + grp * out_per_group * plane;
+          weight_gradient(grp, r == 1, g, true, grad_w_image + grp * out_per_group * k_size, ws);
+        }
+      return;
+    }
     // The gradients in the gapped layout, zero outside the planes: resp is cleared where it held responses
     // (the gradients themselves fill the planes alone).
     if (ws.resp_dirty) std::fill(ws.resp.begin(), ws.resp.end(), T(0));
@@ -177,7 +185,7 @@ struct PrefilterPath : GappedPlanes {
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       for (int64_t r = 0; r < 2; ++r) {
         const T* g = ws.resp.data() + (r * geo.out_channels + grp * out_per_group) * plane_size + begin;
-        if (grad_w_image) weight_gradient(grp, r == 1, g, n, grad_w_image + grp * out_per_group * k_size, ws);
+        if (grad_w_image) weight_gradient(grp, r == 1, g, false, grad_w_image + grp * out_per_group * k_size, ws);
         if (grad_x) {
           ws.rows.resize(out_per_group);
           for (int64_t o = 0; o < out_per_group; ++o) ws.rows[o] = g + o * plane_size;
@@ -192,15 +200,24 @@ struct PrefilterPath : GappedPlanes {
     }
   }
 
-  // grad_w of group grp (rows [C_out/groups, K]) += its gradient rows g (plane_size apart) times the operand
-  // rows, over n pixels. The Gram product runs transposed, the K operand rows as its tile rows: the stems'
-  // K = 27 is 4 x 6 + 3 rows (C_out/groups = 16: 6 + 6 + 3 + 1 rows, each tile short of the register budget).
-  void weight_gradient(int64_t grp, bool pull, const T* g, int64_t n, T* grad_w, PrefilterWorkspace<T>& ws) const {
+  // grad_w of group grp (rows [C_out/groups, K]) += its gradient rows g times the operand rows. The Gram
+  // product runs transposed, the K operand rows as its tile rows: the stems' K = 27 is 4 x 6 + 3 rows
+  // (C_out/groups = 16: 6 + 6 + 3 + 1 rows, each tile short of the register budget). Gapped g (plane_size
+  // apart): over the product's flat range from rows_begin(). Dense g (the epilogue's planes, `plane` apart;
+  // output rows of whole vectors): over the output's pixels alone, each operand row read at its place in
+  // the gapped layout; no copy of g into that layout and no products over its gaps (cifar-stem-2020's
+  // weight gradient: 1024 pixels instead of 1136).
+  void weight_gradient(int64_t grp, bool pull, const T* g, bool dense_g, T* grad_w, PrefilterWorkspace<T>& ws) const {
     ws.grad_rows.resize(out_per_group);
-    for (int64_t o = 0; o < out_per_group; ++o) ws.grad_rows[o] = g + o * plane_size;
+    for (int64_t o = 0; o < out_per_group; ++o) ws.grad_rows[o] = g + o * (dense_g ? plane : plane_size);
     ws.gram.assign(k_size * out_per_group, T(0));
-    dense::row_gram(operand(grp, pull, ws, rows_begin()), k_size, ws.grad_rows.data(), out_per_group, n, ws.gram.data(),
-                    out_per_group);
+    if (dense_g) {
+      dense::row_gram_rows(operand(grp, pull, ws, at(0, 0)), k_size, ws.grad_rows.data(), out_per_group, geo.out_height,
+                           geo.out_width, ws_stride, geo.out_width, ws.gram.data(), out_per_group);
+    } else {
+      dense::row_gram(operand(grp, pull, ws, rows_begin()), k_size, ws.grad_rows.data(), out_per_group,
+                      product_length(), ws.gram.data(), out_per_group);
+    }
     for (int64_t o = 0; o < out_per_group; ++o)
       for (int64_t k = 0; k < k_size; ++k) grad_w[o * k_size + k] += ws.gram[k * out_per_group + o];
   }
