@@ -29,7 +29,8 @@ struct ResponseEpilogue {
 
 // The mask bytes of L pixels from per-lane bits (push bits in byte 0 of each lane, pull bits in byte 1).
 // Eight float lanes: one byte shuffle gathers both (an element-wise conversion of the lanes to bytes came
-// out as one extract per lane, GCC 12); else lane by lane.
+// out as one extract per lane, GCC 12, without AVX-512); sixteen (AVX-512): that conversion, one vpmovdb
+// per byte row; else lane by lane.
 template <int L, typename Bits>
 PUSHPULL_ALWAYS_INLINE void store_mask_bytes(Bits bits, uint8_t* mask_p, uint8_t* mask_q) {
   if constexpr (L == 8 && sizeof(Bits) == 32) {
@@ -40,6 +41,13 @@ PUSHPULL_ALWAYS_INLINE void store_mask_bytes(Bits bits, uint8_t* mask_p, uint8_t
                                                    16, 20, 24, 28, 17, 21, 25, 29, 16, 16, 16, 16, 16, 16, 16, 16});
     std::memcpy(mask_p, &gathered[0], 4), std::memcpy(mask_q, &gathered[4], 4);
     std::memcpy(mask_p + 4, &gathered[16], 4), std::memcpy(mask_q + 4, &gathered[20], 4);
+  } else if constexpr (L == 16 && sizeof(Bits) == 64) {
+    using Lanes = typename VecOf<int32_t, 64>::type;
+    using Bytes16 = typename VecOf<uint8_t, 16>::type;
+    const Lanes lanes = reinterpret_cast<Lanes>(bits);
+    const Bytes16 p = __builtin_convertvector(lanes & 0xff, Bytes16);
+    const Bytes16 q = __builtin_convertvector((lanes >> 8) & 0xff, Bytes16);
+    std::memcpy(mask_p, &p, 16), std::memcpy(mask_q, &q, 16);
   } else {
     for (int l = 0; l < L; ++l) {
       mask_p[l] = static_cast<uint8_t>(bits[l]), mask_q[l] = static_cast<uint8_t>(bits[l] >> 8);
@@ -117,10 +125,12 @@ PUSHPULL_ALWAYS_INLINE void push_pull_body(const T* w, int64_t k_size, int64_t c
   push_pull_columns<T, Bytes, kRows, false, false>(w, k_size, channels, push, pull, b_map, n, out);
 }
 
-// 32-byte vectors on AVX-512 too: 8 pixels is one mask shuffle. Tiles of 4 channels (8 accumulators) keep
-// to AVX2's 16 registers; AVX-512's 32 take all 8 channels in one tile (16 accumulators: two multiply-adds
-// per cycle of latency 4 need 8 independent ones in flight, and each k's loads serve twice the multiply-adds).
-// cifar-stem-2020's inference, one thread, 2-core AMD EPYC with AVX-512: 4.0 -> 3.75 ms (3 alternated runs).
+// Vectors of 8 pixels (AVX2: tiles of 4 channels, 8 accumulators in its 16 registers) and of 16 on AVX-512
+// (all 8 channels in one tile, 16 accumulators in its 32: two multiply-adds per cycle of latency 4 need 8
+// independent ones in flight, and each k's loads serve twice the multiply-adds). On a core that splits
+// 64-byte operations in two (the 2-core AMD EPYC) the 64-byte vectors still halve the instructions per
+// multiply-add, and the masks' bytes are two vpmovdb: cifar-stem-2020's forward, two threads, 2.1-2.3 ->
+// 1.8-1.9 ms (3 alternated runs, against 32-byte vectors on AVX-512).
 #define PUSHPULL_FUSED_VERSION(attr, name, bytes, rows)                                                  \
   template <typename T>                                                                                  \
   attr void push_pull_product_##name(const T* w, int64_t k_size, int64_t channels, const T* const* push, \
@@ -131,14 +141,14 @@ PUSHPULL_ALWAYS_INLINE void push_pull_body(const T* w, int64_t k_size, int64_t c
 PUSHPULL_FUSED_VERSION(, baseline, 16, 4)
 #ifdef PUSHPULL_DENSE_X86
 PUSHPULL_FUSED_VERSION(PUSHPULL_TARGET_AVX2, avx2, 32, 4)
-PUSHPULL_FUSED_VERSION(PUSHPULL_TARGET_AVX512, avx512, 32, 8)
+PUSHPULL_FUSED_VERSION(PUSHPULL_TARGET_AVX512, avx512, 64, 8)
 #endif
 #undef PUSHPULL_FUSED_VERSION
 
 // The values of T the product's columns come in (n and b_map's width: multiples of it).
 template <typename T>
 int64_t fused_vector_values() {
-  return isa() == Isa::kBaseline ? 16 / sizeof(T) : 32 / sizeof(T);
+  return isa() == Isa::kBaseline ? 16 / sizeof(T) : isa() == Isa::kAvx2 ? 32 / sizeof(T) : 64 / sizeof(T);
 }
 
 // The epilogue's outputs of channels [0, channels) (a multiple of 8) over n pixels: the product of w
