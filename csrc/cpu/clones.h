@@ -1,10 +1,13 @@
 // PUSHPULL_CPU_CLONES: the per-plane loops of the CPU backend are compiled three times, for AVX-512, for
 // AVX2 and for the build's baseline, and the loader picks one by the CPU (an ifunc); ATen's own kernels
-// dispatch on the CPU in the same spirit.
+// dispatch on the CPU in the same spirit. The AVX-512 version is x86-64-v4 (AVX-512 F, BW, DQ, VL, CD),
+// which GCC vectorizes in 64-byte registers (a plain "avx512f" clone kept to 32 bytes and had no byte
+// operations for the masks): cifar-stem-2024's forward and forward + backward, two threads, 5 % faster on
+// the 2-core AMD EPYC with AVX-512 (7.9-8.0 -> 7.4-7.7 ms, 19.8-20.4 -> 18.8-19.1 ms).
 #pragma once
 
 #if defined(__linux__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PUSHPULL_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define PUSHPULL_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define PUSHPULL_CPU_CLONES
 #endif
