@@ -508,6 +508,56 @@ struct RunPair {
   }
 };
 
+// The weights of a 3-tap line upsampled to 7 taps by linear interpolation (the 2020 pull of a 3 x 3 kernel
+// at scale 2, one dimension): the three outputs' weights on the seven shifted sources, zero elsewhere,
+//   out0 = c x0 + a0 x1 + b0 x2,  out1 = p (x1 + x5) + q (x2 + x4) + c x3,  out2 = b2 x4 + a2 x5 + c x6,
+// with c = +1 or -1 (the interpolation's knots, negated for the pull).
+template <typename T>
+struct TriangleWeights {
+  T a0, b0, p, q, b2, a2;
+  bool negate;
+};
+
+// Both outputs of one kind from 7 loads: 6 multiply-adds and 3 additions per vector where the 11 terms
+// as separate weighted sums were 11 loads and 11 multiply-adds (the symmetric pairs are added first).
+template <typename T, int Bytes, bool kNegate>
+struct TriangleTaps {
+  using V = typename VecOf<T, Bytes>::type;
+  static constexpr int L = Bytes / sizeof(T), kChains = 2;
+  const T* src[7];
+  V a0, b0, p, q, b2, a2;
+  T* out[3];
+
+  TriangleTaps(const T* const* s, const TriangleWeights<T>& w, T* const* o)
+      : a0(V{} + w.a0), b0(V{} + w.b0), p(V{} + w.p), q(V{} + w.q), b2(V{} + w.b2), a2(V{} + w.a2) {
+    for (int t = 0; t < 7; ++t) src[t] = s[t];
+    for (int j = 0; j < 3; ++j) out[j] = o[j];
+  }
+
+  template <int NV>
+  PUSHPULL_ALWAYS_INLINE void chunk(int64_t at) const {
+    PUSHPULL_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const int64_t i = at + v * L;
+      V x[7];
+      PUSHPULL_UNROLL
+      for (int t = 0; t < 7; ++t) x[t] = load<V>(src[t] + i), in_register(x[t]);
+      const V knot0 = kNegate ? -x[0] : x[0], knot3 = kNegate ? -x[3] : x[3], knot6 = kNegate ? -x[6] : x[6];
+      store(out[0] + i, knot0 + a0 * x[1] + b0 * x[2]);
+      store(out[1] + i, knot3 + p * (x[1] + x[5]) + q * (x[2] + x[4]));
+      store(out[2] + i, knot6 + b2 * x[4] + a2 * x[5]);
+    }
+  }
+  PUSHPULL_ALWAYS_INLINE void scalar(int64_t i) const {
+    T x[7];
+    for (int t = 0; t < 7; ++t) x[t] = src[t][i];
+    const T sign = kNegate ? T(-1) : T(1);
+    out[0][i] = sign * x[0] + a0[0] * x[1] + b0[0] * x[2];
+    out[1][i] = sign * x[3] + p[0] * (x[1] + x[5]) + q[0] * (x[2] + x[4]);
+    out[2][i] = sign * x[6] + b2[0] * x[4] + a2[0] * x[5];
+  }
+};
+
 // out[p] = scale[p] * sum_{d = -r..r} in[p + d * step] (scale null: 1): the box sums of the average pooling
 // (box_pool.h), every term inside the caller's zero-padded buffer.
 template <typename T, int Bytes>
@@ -613,6 +663,12 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
     using Upsample2 = RunPair<T, bytes, 3, 2, 1, 2, 4, 2>;                                                       \
     if (Upsample2::matches(w0, w1, both, only1, terms)) return cover_line<L>(n, Upsample2(src, w1, out0, out1)); \
     cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                       \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out) {   \
+    constexpr int L = bytes / int(sizeof(T));                                                                    \
+    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true>(src, w, out));                            \
+    cover_line<L>(n, TriangleTaps<T, bytes, false>(src, w, out));                                                \
   }                                                                                                              \
   template <typename T>                                                                                          \
   attr void window_sum_##name(const T* in, int64_t step, int64_t radius, const T* scale, int64_t n, T* out) {    \
@@ -760,6 +816,12 @@ template <typename T>
 void weighted_pair(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1, int64_t terms, int64_t n,
                    T* out0, T* out1) {
   PUSHPULL_DENSE_DISPATCH(weighted_pair, src, w0, w1, both, only1, terms, n, out0, out1)
+}
+
+// The three lines out[0..2] of a TriangleWeights pass from the seven shifted sources src[0..6], p < n.
+template <typename T>
+void triangle_taps(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out) {
+  PUSHPULL_DENSE_DISPATCH(triangle_taps, src, w, n, out)
 }
 
 // out[p] = scale[p] * sum_{d = -radius..radius} in[p + d * step] for p < n (scale null: 1); out must not

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -44,6 +45,8 @@ struct PrefilterPath : GappedPlanes {
   int64_t k_size;
   std::vector<ShiftTerm<T>> vertical, horizontal;  // input line -> kh lines -> taps lines
   std::vector<int64_t> shift;                      // tap t's offset in the push operand
+  // Each pass in one TriangleWeights sweep where its weights have that form (3 x 3 kernels at scale 2).
+  std::optional<dense::TriangleWeights<T>> vertical_triangle, horizontal_triangle;
 
   PrefilterPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* w,
                 const T* w_t)
@@ -63,6 +66,25 @@ struct PrefilterPath : GappedPlanes {
         for (int64_t b = 0; b < pull_w; ++b)
           if (kp[b * kw + j] != 0) horizontal.push_back({i, i * kw + j, b * dw - qw, static_cast<T>(kp[b * kw + j])});
       }
+    vertical_triangle = triangle_weights(rp, pull_h, kh, -1.0);
+    horizontal_triangle = triangle_weights(kp, pull_w, kw, 1.0);
+  }
+
+  // The TriangleWeights of a pass whose source s weighs sign * m[s * outputs + j] in output j, if it has
+  // their form (every weight that form uses nonzero, as the term lists keep them).
+  static std::optional<dense::TriangleWeights<T>> triangle_weights(const double* m, int64_t sources, int64_t outputs,
+                                                                   double sign) {
+    if (sources != 7 || outputs != 3) return std::nullopt;
+    static constexpr bool kUsed[7][3] = {{1, 0, 0}, {1, 1, 0}, {1, 1, 0}, {0, 1, 0}, {0, 1, 1}, {0, 1, 1}, {0, 0, 1}};
+    auto w = [&](int s, int j) { return sign * m[s * 3 + j]; };
+    for (int s = 0; s < 7; ++s)
+      for (int j = 0; j < 3; ++j)
+        if ((w(s, j) != 0) != kUsed[s][j]) return std::nullopt;
+    const double c = w(0, 0);
+    if ((c != 1 && c != -1) || w(3, 1) != c || w(6, 2) != c || w(1, 1) != w(5, 1) || w(2, 1) != w(4, 1))
+      return std::nullopt;
+    auto t = [](double v) { return static_cast<T>(v); };
+    return dense::TriangleWeights<T>{t(w(1, 0)), t(w(2, 0)), t(w(1, 1)), t(w(2, 1)), t(w(4, 2)), t(w(5, 2)), c < 0};
   }
 
   // The products run over the output rows from rows_begin() (aligned; row 0's left gap included).
@@ -95,13 +117,34 @@ struct PrefilterPath : GappedPlanes {
   void prefilter(PrefilterWorkspace<T>& ws) const {
     const int64_t rows_length = geo.out_height * ws_stride;
     for (int64_t c = 0; c < geo.in_channels; ++c) {
-      for (int64_t i = 0; i < geo.kernel_h; ++i)
-        apply(vertical, i, false, static_cast<const T*>(ws.xg.data() + c * plane_size), ws.lines.data(), rows_begin(),
-              rows_length, ws.terms);
-      for (int64_t t = 0; t < taps; ++t)
-        apply(horizontal, t, false, static_cast<const T*>(ws.lines.data()), ws.z.data() + c * taps * plane_size,
-              at(0, 0), output_length(), ws.terms);
+      const T* x = ws.xg.data() + c * plane_size;
+      T* z = ws.z.data() + c * taps * plane_size;
+      if (vertical_triangle) {
+        triangle_pass(*vertical_triangle, x + rows_begin() - qh * ws_stride, dh * ws_stride,
+                      ws.lines.data() + rows_begin(), rows_length);
+      } else {
+        for (int64_t i = 0; i < geo.kernel_h; ++i)
+          apply(vertical, i, false, x, ws.lines.data(), rows_begin(), rows_length, ws.terms);
+      }
+      for (int64_t i = 0; i < geo.kernel_h; ++i) {
+        if (horizontal_triangle) {
+          const T* line = ws.lines.data() + i * plane_size + at(0, 0) - qw;
+          triangle_pass(*horizontal_triangle, line, dw, z + i * geo.kernel_w * plane_size + at(0, 0), output_length());
+          continue;
+        }
+        for (int64_t t = i * geo.kernel_w; t < (i + 1) * geo.kernel_w; ++t)
+          apply(horizontal, t, false, static_cast<const T*>(ws.lines.data()), z, at(0, 0), output_length(), ws.terms);
+      }
     }
+  }
+
+  // Lines out, out + plane_size, out + 2 plane_size from the 7 sources first + s * step, over n values.
+  void triangle_pass(const dense::TriangleWeights<T>& w, const T* first, int64_t step, T* out, int64_t n) const {
+    const T* src[7];
+    T* dst[3];
+    for (int s = 0; s < 7; ++s) src[s] = first + s * step;
+    for (int j = 0; j < 3; ++j) dst[j] = out + j * plane_size;
+    dense::triangle_taps(src, w, n, dst);
   }
 
   // B rows of group grp: the shifted input planes (push) or the prefiltered ones (pull), from output pixel
