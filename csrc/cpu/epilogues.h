@@ -446,6 +446,9 @@ struct BackwardChannel {
   acc_t m;
   acc_t* __restrict__ push;
   acc_t* __restrict__ box;
+  // The next channel's output gradient (or null), asked for a line at a time as this one's is read: its
+  // plane starts a new page, where the hardware's prefetcher stops, and its first read then waited on memory.
+  const acc_t* next_g;
   struct Sums {
     acc_t g, gp, gq, gq_box;
   };
@@ -468,8 +471,10 @@ struct BackwardChannel {
       if constexpr (kBox) box[p] += m * q, box_lanes[lane] += q * box_sums[p];
     };
     int64_t p = 0;
-    for (; p + kLanes <= plane; p += kLanes)
+    for (; p + kLanes <= plane; p += kLanes) {
+      if (next_g) __builtin_prefetch(next_g + p);
       for (int64_t l = 0; l < kLanes; ++l) step(p + l, l);
+    }
     for (; p < plane; ++p) step(p, 0);
     Sums sums{0, 0, 0, 0};
     for (int64_t l = 0; l < kLanes; ++l) {
@@ -536,7 +541,8 @@ PUSHPULL_CPU_CLONES void backward_epilogue_group(const PlaneInputs<scalar_t>& in
                                     s ? s : g_p,  // without box sums: a read-only plane, its sum unread
                                     in.shift ? static_cast<acc_t>(in.shift[o]) : acc_t(0),
                                     f.grad_push0 ? f.grad_push0.plane(n_in, o) : scratch.q.data(),
-                                    f.grad_box ? box_grad.data() : scratch.spare.data()};
+                                    f.grad_box ? box_grad.data() : scratch.spare.data(),
+                                    o + 1 < (grp + 1) * per_group ? g_p + plane : nullptr};
     // The box terms where the box sums are read or their gradient written (a missing one: a spare plane).
     const bool with_box = s || f.grad_box;
     // The pull goes through the push response (R = -P0 + ...) unless it is separable.
