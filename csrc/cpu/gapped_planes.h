@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -149,6 +150,24 @@ struct GappedPlanes {
     return {geo, {ws.push.data(), 0, plane}, {ws.pull.data(), 0, plane}, nullptr, nullptr, bias_in, plane};
   }
 };
+
+// The TriangleWeights (dense_kernels.h) of a pass whose source s weighs sign * m[s * outputs + j] in output j, if it has
+// their form (every weight that form uses nonzero, as the term lists keep them).
+template <typename T>
+std::optional<dense::TriangleWeights<T>> triangle_weights(const double* m, int64_t sources, int64_t outputs,
+                                                          double sign) {
+  if (sources != 7 || outputs != 3) return std::nullopt;
+  static constexpr bool kUsed[7][3] = {{1, 0, 0}, {1, 1, 0}, {1, 1, 0}, {0, 1, 0}, {0, 1, 1}, {0, 1, 1}, {0, 0, 1}};
+  auto w = [&](int s, int j) { return sign * m[s * 3 + j]; };
+  for (int s = 0; s < 7; ++s)
+    for (int j = 0; j < 3; ++j)
+      if ((w(s, j) != 0) != kUsed[s][j]) return std::nullopt;
+  const double c = w(0, 0);
+  if ((c != 1 && c != -1) || w(3, 1) != c || w(6, 2) != c || w(1, 1) != w(5, 1) || w(2, 1) != w(4, 1))
+    return std::nullopt;
+  auto t = [](double v) { return static_cast<T>(v); };
+  return dense::TriangleWeights<T>{t(w(1, 0)), t(w(2, 0)), t(w(1, 1)), t(w(2, 1)), t(w(4, 2)), t(w(5, 2)), c < 0};
+}
 
 // The interpolation matrices as doubles, [pull_h, kh] and [pull_w, kw].
 inline std::pair<at::Tensor, at::Tensor> interpolation_doubles(const at::Tensor& rows, const at::Tensor& cols) {

@@ -83,8 +83,8 @@ struct ImagePath {
         blocked(block_bytes > 0) {
     const int64_t operands = separable ? 2 : 1;
     const int64_t row_bytes = operands * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
-    block_rows = blocked ? std::clamp<int64_t>(block_bytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height)
-                         : g.out_height;
+    block_rows =
+        blocked ? std::clamp<int64_t>(block_bytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height) : g.out_height;
   }
 
   int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }
@@ -275,8 +275,8 @@ struct ImagePath {
   // The workspace's fields as the epilogues see them (one image: image stride 0).
   int64_t field_stride() const { return field_ld; }
   PlaneInputs<scalar_t> inputs(const ImageWorkspace<scalar_t>& ws, const scalar_t* bias_in) const {
-    const FieldView<const scalar_t> pull = separable ? FieldView<const scalar_t>{ws.pull.data(), 0, field_ld}
-                                                     : FieldView<const scalar_t>{};
+    const FieldView<const scalar_t> pull =
+        separable ? FieldView<const scalar_t>{ws.pull.data(), 0, field_ld} : FieldView<const scalar_t>{};
     const scalar_t* box = shift ? ws.box.data() : nullptr;
     return {geo, {ws.push.data(), 0, field_ld}, pull, box, shift, bias_in, plane};
   }
@@ -336,8 +336,8 @@ struct ImagePath {
     if (!gx_group) return;
     backproject(w_t, ws);
     for (int64_t c = 0; c < in_per_group; ++c) {
-      prefilter_adjoint_plane(pre, rows, cols, ws.grad_rows.data() + c * taps * padded, padded,
-                              ws.prefilter_tmp.data(), gx_group + c * in_plane, ws.line.data());
+      prefilter_adjoint_plane(pre, rows, cols, ws.grad_rows.data() + c * taps * padded, padded, ws.prefilter_tmp.data(),
+                              gx_group + c * in_plane, ws.line.data());
     }
   }
 

@@ -66,25 +66,8 @@ struct PrefilterPath : GappedPlanes {
         for (int64_t b = 0; b < pull_w; ++b)
           if (kp[b * kw + j] != 0) horizontal.push_back({i, i * kw + j, b * dw - qw, static_cast<T>(kp[b * kw + j])});
       }
-    vertical_triangle = triangle_weights(rp, pull_h, kh, -1.0);
-    horizontal_triangle = triangle_weights(kp, pull_w, kw, 1.0);
-  }
-
-  // The TriangleWeights of a pass whose source s weighs sign * m[s * outputs + j] in output j, if it has
-  // their form (every weight that form uses nonzero, as the term lists keep them).
-  static std::optional<dense::TriangleWeights<T>> triangle_weights(const double* m, int64_t sources, int64_t outputs,
-                                                                   double sign) {
-    if (sources != 7 || outputs != 3) return std::nullopt;
-    static constexpr bool kUsed[7][3] = {{1, 0, 0}, {1, 1, 0}, {1, 1, 0}, {0, 1, 0}, {0, 1, 1}, {0, 1, 1}, {0, 0, 1}};
-    auto w = [&](int s, int j) { return sign * m[s * 3 + j]; };
-    for (int s = 0; s < 7; ++s)
-      for (int j = 0; j < 3; ++j)
-        if ((w(s, j) != 0) != kUsed[s][j]) return std::nullopt;
-    const double c = w(0, 0);
-    if ((c != 1 && c != -1) || w(3, 1) != c || w(6, 2) != c || w(1, 1) != w(5, 1) || w(2, 1) != w(4, 1))
-      return std::nullopt;
-    auto t = [](double v) { return static_cast<T>(v); };
-    return dense::TriangleWeights<T>{t(w(1, 0)), t(w(2, 0)), t(w(1, 1)), t(w(2, 1)), t(w(4, 2)), t(w(5, 2)), c < 0};
+    vertical_triangle = triangle_weights<T>(rp, pull_h, kh, -1.0);
+    horizontal_triangle = triangle_weights<T>(kp, pull_w, kw, 1.0);
   }
 
   // The products run over the output rows from rows_begin() (aligned; row 0's left gap included).
