@@ -518,20 +518,22 @@ struct TriangleWeights {
   bool negate;
 };
 
-// Both outputs of one kind from 7 loads: 6 multiply-adds and 3 additions per vector where the 11 terms
-// as separate weighted sums were 11 loads and 11 multiply-adds (the symmetric pairs are added first).
-template <typename T, int Bytes, bool kNegate>
+// The three outputs from 7 loads: 6 multiply-adds and 3 additions per vector where the 11 terms as
+// separate weighted sums were 11 loads and 11 multiply-adds (the symmetric pairs are added first). kExtra:
+// out[j] also adds extra[j] (the tap path's push term of each tap in the horizontal adjoint).
+template <typename T, int Bytes, bool kNegate, bool kExtra>
 struct TriangleTaps {
   using V = typename VecOf<T, Bytes>::type;
   static constexpr int L = Bytes / sizeof(T), kChains = 2;
   const T* src[7];
   V a0, b0, p, q, b2, a2;
   T* out[3];
+  const T* extra[3];
 
-  TriangleTaps(const T* const* s, const TriangleWeights<T>& w, T* const* o)
+  TriangleTaps(const T* const* s, const TriangleWeights<T>& w, T* const* o, const T* const* e)
       : a0(V{} + w.a0), b0(V{} + w.b0), p(V{} + w.p), q(V{} + w.q), b2(V{} + w.b2), a2(V{} + w.a2) {
     for (int t = 0; t < 7; ++t) src[t] = s[t];
-    for (int j = 0; j < 3; ++j) out[j] = o[j];
+    for (int j = 0; j < 3; ++j) out[j] = o[j], extra[j] = kExtra ? e[j] : nullptr;
   }
 
   template <int NV>
@@ -542,7 +544,10 @@ struct TriangleTaps {
       V x[7];
       PUSHPULL_UNROLL
       for (int t = 0; t < 7; ++t) x[t] = load<V>(src[t] + i), in_register(x[t]);
-      const V knot0 = kNegate ? -x[0] : x[0], knot3 = kNegate ? -x[3] : x[3], knot6 = kNegate ? -x[6] : x[6];
+      V knot0 = kNegate ? -x[0] : x[0], knot3 = kNegate ? -x[3] : x[3], knot6 = kNegate ? -x[6] : x[6];
+      if constexpr (kExtra) {
+        knot0 += load<V>(extra[0] + i), knot3 += load<V>(extra[1] + i), knot6 += load<V>(extra[2] + i);
+      }
       store(out[0] + i, knot0 + a0 * x[1] + b0 * x[2]);
       store(out[1] + i, knot3 + p * (x[1] + x[5]) + q * (x[2] + x[4]));
       store(out[2] + i, knot6 + b2 * x[4] + a2 * x[5]);
@@ -552,9 +557,13 @@ struct TriangleTaps {
     T x[7];
     for (int t = 0; t < 7; ++t) x[t] = src[t][i];
     const T sign = kNegate ? T(-1) : T(1);
-    out[0][i] = sign * x[0] + a0[0] * x[1] + b0[0] * x[2];
-    out[1][i] = sign * x[3] + p[0] * (x[1] + x[5]) + q[0] * (x[2] + x[4]);
-    out[2][i] = sign * x[6] + b2[0] * x[4] + a2[0] * x[5];
+    T knot[3] = {sign * x[0], sign * x[3], sign * x[6]};
+    if constexpr (kExtra) {
+      for (int j = 0; j < 3; ++j) knot[j] += extra[j][i];
+    }
+    out[0][i] = knot[0] + a0[0] * x[1] + b0[0] * x[2];
+    out[1][i] = knot[1] + p[0] * (x[1] + x[5]) + q[0] * (x[2] + x[4]);
+    out[2][i] = knot[2] + b2[0] * x[4] + a2[0] * x[5];
   }
 };
 
@@ -745,10 +754,15 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
     cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                            \
   }                                                                                                                   \
   template <typename T>                                                                                               \
-  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out) {        \
+  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,          \
+                                 const T* const* extra) {                                                             \
     constexpr int L = bytes / int(sizeof(T));                                                                         \
-    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true>(src, w, out));                                 \
-    cover_line<L>(n, TriangleTaps<T, bytes, false>(src, w, out));                                                     \
+    if (extra) {                                                                                                      \
+      if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, true>(src, w, out, extra));                  \
+      return cover_line<L>(n, TriangleTaps<T, bytes, false, true>(src, w, out, extra));                               \
+    }                                                                                                                 \
+    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, false>(src, w, out, extra));                   \
+    cover_line<L>(n, TriangleTaps<T, bytes, false, false>(src, w, out, extra));                                       \
   }                                                                                                                   \
   template <typename T>                                                                                               \
   attr void triangle_rows_##name(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows,    \
@@ -906,10 +920,12 @@ void weighted_pair(const T* const* src, const T* w0, const T* w1, int64_t both, 
   PUSHPULL_DENSE_DISPATCH(weighted_pair, src, w0, w1, both, only1, terms, n, out0, out1)
 }
 
-// The three lines out[0..2] of a TriangleWeights pass from the seven shifted sources src[0..6], p < n.
+// The three lines out[0..2] of a TriangleWeights pass from the seven shifted sources src[0..6], p < n;
+// with `extra`, out[j] also adds extra[j][p].
 template <typename T>
-void triangle_taps(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out) {
-  PUSHPULL_DENSE_DISPATCH(triangle_taps, src, w, n, out)
+void triangle_taps(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,
+                   const T* const* extra = nullptr) {
+  PUSHPULL_DENSE_DISPATCH(triangle_taps, src, w, n, out, extra)
 }
 
 // out[h * out_stride + c] for h < rows, c < width: the TriangleRows pass of the three lines (row h of line i

@@ -62,10 +62,12 @@ struct TapPath : GappedPlanes {
     int64_t both = 0, pull_only = 0;
   };
   std::vector<RowPair> row_pairs;
-  // The vertical pull pass by dense::triangle_rows where its weights have that form (3 x 3 kernels at
-  // scale 2, no dilation): 4 output rows read 20 vectors where their 44 terms were 44 loads. cifar-b1-2020's
-  // inference, two threads, medians 6.1-6.4 -> 6.0-6.1 ms (3 alternated runs, 2-core AMD EPYC with AVX-512).
+  // The vertical pull pass's weights where they have that form (3 x 3 kernels at scale 2). Forward (no
+  // dilation): dense::triangle_rows, 4 output rows from 20 vectors where their 44 terms were 44 loads
+  // (cifar-b1-2020's inference, two threads, medians 6.1-6.4 -> 6.0-6.1 ms, 3 alternated runs, 2-core AMD
+  // EPYC with AVX-512). Backward: its adjoint, the three pull lines from one sweep (dense::triangle_taps).
   std::optional<dense::TriangleWeights<T>> vertical_pull_triangle;
+  std::optional<dense::TriangleWeights<T>> horizontal_triangle;  // the horizontal pull's: its adjoint, backward
 
   TapPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* wstack_,
           const T* w_t)
@@ -88,7 +90,8 @@ struct TapPath : GappedPlanes {
         if (rp[a * kh + i] != 0)
           vertical.push_back({kh + i, 1, (a * dh - qh) * ws_stride, static_cast<T>(-rp[a * kh + i])});
     for (int64_t i = 0; i < kh; ++i) row_pairs.push_back(row_pair(i));
-    if (dh == 1) vertical_pull_triangle = triangle_weights<T>(rp, pull_h, kh, -1.0);
+    vertical_pull_triangle = triangle_weights<T>(rp, pull_h, kh, -1.0);
+    horizontal_triangle = triangle_weights<T>(kp, pull_w, kw, 1.0);
     const int64_t per_channel = taps * plane_size * static_cast<int64_t>(sizeof(T));
     block = 8;
     while (block > 1 && block * per_channel > kTapBlockBytes) block /= 2;
@@ -183,13 +186,28 @@ struct TapPath : GappedPlanes {
         T* l = ws.lines.data();
         for (int64_t i = 0; i < kh; ++i) horizontal_pair(i, y, l, ws);
         apply_to_plane(vertical, 0, static_cast<const T*>(l), ws.push.data() + (o0 + ol) * plane, ws.terms);
-        if (vertical_pull_triangle) {
+        if (vertical_pull_triangle && dh == 1) {
           triangle_pull(l, ws.pull.data() + (o0 + ol) * plane);
         } else {
           apply_to_plane(vertical, 1, static_cast<const T*>(l), ws.pull.data() + (o0 + ol) * plane, ws.terms);
         }
       }
     });
+  }
+
+  // The horizontal adjoint of kernel row i, the tap planes i * kw + j (j < 3) of gy: each its push line's
+  // term plus the pull line's, the three from one sweep of the pull line (dense::triangle_taps).
+  void horizontal_adjoint_row(int64_t i, const T* l, T* gy) const {
+    const int64_t begin = at(0, 0);
+    const T* pull_line = l + (geo.kernel_h + i) * plane_size + begin;
+    const T *src[7], *push[3];
+    T* dst[3];
+    for (int64_t b = 0; b < 7; ++b) src[b] = pull_line - (b * dw - qw);
+    for (int64_t j = 0; j < 3; ++j) {
+      push[j] = l + i * plane_size + begin - (j * dw - pw);
+      dst[j] = gy + (i * 3 + j) * plane_size + begin;
+    }
+    dense::triangle_taps(src, *horizontal_triangle, input_length(), dst, push);
   }
 
   // A channel's pull response from its pull lines (kh .. 2 kh - 1 of l), as apply_to_plane(vertical, 1).
@@ -243,11 +261,22 @@ struct TapPath : GappedPlanes {
         T* gy = ws.y.data() + ol * taps * plane_size;
         to_gapped(ws.push.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data());
         to_gapped(ws.pull.data() + (o0 + ol) * plane, geo.out_height, geo.out_width, ws.grad_resp.data() + plane_size);
-        for (int64_t line = 0; line < lines; ++line)
-          apply(vertical, line, true, static_cast<const T*>(ws.grad_resp.data()), l, begin, output_length_h(),
-                ws.terms);
+        const T* grad_resp = ws.grad_resp.data();
+        for (int64_t line = 0; line < (vertical_pull_triangle ? kh : lines); ++line)
+          apply(vertical, line, true, grad_resp, l, begin, output_length_h(), ws.terms);
+        if (vertical_pull_triangle) {  // the pull lines kh .. 2 kh - 1 from the pull's gradient (response 1)
+          const T* src[7];
+          T* dst[3];
+          for (int64_t a = 0; a < 7; ++a) src[a] = grad_resp + plane_size + begin - (a * dh - qh) * ws_stride;
+          for (int64_t i = 0; i < 3; ++i) dst[i] = l + (kh + i) * plane_size + begin;
+          dense::triangle_taps(src, *vertical_pull_triangle, output_length_h(), dst);
+        }
         for (int64_t t = 0; t < taps; ++t) {
-          apply(horizontal, t, true, static_cast<const T*>(l), gy, begin, input_length(), ws.terms);
+          if (horizontal_triangle) {
+            if (t % 3 == 0) horizontal_adjoint_row(t / 3, l, gy);
+          } else {
+            apply(horizontal, t, true, static_cast<const T*>(l), gy, begin, input_length(), ws.terms);
+          }
           // The gaps must read zero in the products below (the sums above leave shifted values there).
           for (int64_t r = 0; r + 1 < geo.height; ++r)
             std::fill(gy + t * plane_size + at(r, geo.width), gy + t * plane_size + at(r + 1, 0), T(0));
