@@ -11,8 +11,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <optional>
 #include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -143,6 +143,18 @@ struct GappedPlanes {
     return static_cast<int64_t>(scratch.src.size());
   }
 
+  // A TriangleWeights pass (dense::triangle_taps): lines out, out + plane_size, out + 2 plane_size over n
+  // values from the 7 sources first + s * step; with `extra`, line j also adds extra[j].
+  template <typename T>
+  void triangle_pass(const dense::TriangleWeights<T>& w, const T* first, int64_t step, T* out, int64_t n,
+                     const T* const* extra = nullptr) const {
+    const T* src[7];
+    T* dst[3];
+    for (int s = 0; s < 7; ++s) src[s] = first + s * step;
+    for (int j = 0; j < 3; ++j) dst[j] = out + j * plane_size;
+    dense::triangle_taps(src, w, n, dst, extra);
+  }
+
   // The responses (or their gradients) in a workspace's push / pull, [C_out, plane], as the epilogues see them.
   int64_t field_stride() const { return plane; }
   template <typename Workspace, typename T>
@@ -151,8 +163,8 @@ struct GappedPlanes {
   }
 };
 
-// The TriangleWeights (dense_kernels.h) of a pass whose source s weighs sign * m[s * outputs + j] in output j, if it has
-// their form (every weight that form uses nonzero, as the term lists keep them).
+// The TriangleWeights (dense_kernels.h) of a pass whose source s weighs sign * m[s * outputs + j] in output
+// j, if it has their form (every weight that form uses nonzero, as the term lists keep them).
 template <typename T>
 std::optional<dense::TriangleWeights<T>> triangle_weights(const double* m, int64_t sources, int64_t outputs,
                                                           double sign) {

@@ -121,15 +121,6 @@ struct PrefilterPath : GappedPlanes {
     }
   }
 
-  // Lines out, out + plane_size, out + 2 plane_size from the 7 sources first + s * step, over n values.
-  void triangle_pass(const dense::TriangleWeights<T>& w, const T* first, int64_t step, T* out, int64_t n) const {
-    const T* src[7];
-    T* dst[3];
-    for (int s = 0; s < 7; ++s) src[s] = first + s * step;
-    for (int j = 0; j < 3; ++j) dst[j] = out + j * plane_size;
-    dense::triangle_taps(src, w, n, dst);
-  }
-
   // B rows of group grp: the shifted input planes (push) or the prefiltered ones (pull), from output pixel
   // `start` of the gapped layout.
   const T* const* operand(int64_t grp, bool pull, PrefilterWorkspace<T>& ws, int64_t start) const {

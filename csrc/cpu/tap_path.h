@@ -196,18 +196,13 @@ struct TapPath : GappedPlanes {
   }
 
   // The horizontal adjoint of kernel row i, the tap planes i * kw + j (j < 3) of gy: each its push line's
-  // term plus the pull line's, the three from one sweep of the pull line (dense::triangle_taps).
+  // term plus the pull line's, the three from one sweep of the pull line (shifts -(b dw - qw), b < 7).
   void horizontal_adjoint_row(int64_t i, const T* l, T* gy) const {
     const int64_t begin = at(0, 0);
-    const T* pull_line = l + (geo.kernel_h + i) * plane_size + begin;
-    const T *src[7], *push[3];
-    T* dst[3];
-    for (int64_t b = 0; b < 7; ++b) src[b] = pull_line - (b * dw - qw);
-    for (int64_t j = 0; j < 3; ++j) {
-      push[j] = l + i * plane_size + begin - (j * dw - pw);
-      dst[j] = gy + (i * 3 + j) * plane_size + begin;
-    }
-    dense::triangle_taps(src, *horizontal_triangle, input_length(), dst, push);
+    const T* push[3];
+    for (int64_t j = 0; j < 3; ++j) push[j] = l + i * plane_size + begin - (j * dw - pw);
+    triangle_pass(*horizontal_triangle, l + (geo.kernel_h + i) * plane_size + begin + qw, -dw,
+                  gy + i * 3 * plane_size + begin, input_length(), push);
   }
 
   // A channel's pull response from its pull lines (kh .. 2 kh - 1 of l), as apply_to_plane(vertical, 1).
@@ -265,18 +260,15 @@ struct TapPath : GappedPlanes {
         for (int64_t line = 0; line < (vertical_pull_triangle ? kh : lines); ++line)
           apply(vertical, line, true, grad_resp, l, begin, output_length_h(), ws.terms);
         if (vertical_pull_triangle) {  // the pull lines kh .. 2 kh - 1 from the pull's gradient (response 1)
-          const T* src[7];
-          T* dst[3];
-          for (int64_t a = 0; a < 7; ++a) src[a] = grad_resp + plane_size + begin - (a * dh - qh) * ws_stride;
-          for (int64_t i = 0; i < 3; ++i) dst[i] = l + (kh + i) * plane_size + begin;
-          dense::triangle_taps(src, *vertical_pull_triangle, output_length_h(), dst);
+          triangle_pass(*vertical_pull_triangle, grad_resp + plane_size + begin + qh * ws_stride, -dh * ws_stride,
+                        l + kh * plane_size + begin, output_length_h());
+        }
+        if (horizontal_triangle) {
+          for (int64_t i = 0; i < kh; ++i) horizontal_adjoint_row(i, l, gy);
         }
         for (int64_t t = 0; t < taps; ++t) {
-          if (horizontal_triangle) {
-            if (t % 3 == 0) horizontal_adjoint_row(t / 3, l, gy);
-          } else {
+          if (!horizontal_triangle)
             apply(horizontal, t, true, static_cast<const T*>(l), gy, begin, input_length(), ws.terms);
-          }
           // The gaps must read zero in the products below (the sums above leave shifted values there).
           for (int64_t r = 0; r + 1 < geo.height; ++r)
             std::fill(gy + t * plane_size + at(r, geo.width), gy + t * plane_size + at(r + 1, 0), T(0));
