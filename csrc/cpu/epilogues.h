@@ -24,6 +24,7 @@
 #endif
 
 #include "../common/aten_algebra.h"
+#include "backward_channel.h"
 #include "box_pool.h"
 #include "clones.h"
 #include "prefilter.h"
@@ -396,20 +397,6 @@ PUSHPULL_ALWAYS_INLINE acc_t lane_dot(const acc_t* __restrict__ a, const T* __re
   return sum;
 }
 
-// g's value where the mask bit is set, else 0 (also for a NaN g: ReLU' is 0 there, as in torch).
-// Branch-free, so that the loops vectorize: the value's bits AND all-ones (bit set) or zero (+0.0).
-template <typename acc_t>
-PUSHPULL_ALWAYS_INLINE acc_t masked(uint8_t mask, uint8_t bit, acc_t value) {
-  using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
-  static_assert(sizeof(bits_t) == sizeof(acc_t));
-  const bits_t keep = bits_t(0) - static_cast<bits_t>((mask & bit) != 0);
-  bits_t v;
-  std::memcpy(&v, &value, sizeof v);
-  v &= keep;
-  std::memcpy(&value, &v, sizeof v);
-  return value;
-}
-
 // out[p] = scale * g[p] where the mask bit is set, else 0 (see masked).
 template <typename acc_t, typename T>
 PUSHPULL_ALWAYS_INLINE void masked_gradient(const uint8_t* __restrict__ mask, uint8_t bit, const T* __restrict__ g,
@@ -424,72 +411,6 @@ struct BackwardInputs {
   const uint8_t* masks;
   const scalar_t* saved_pull;  // ReLU(Q') saved by the forward (save_pull), else nullptr
   bool recompute_pull;         // for the alpha gradient, when the forward did not save it
-};
-
-// One output channel's pass of the backward epilogue: gp = the push's masked gradient, read from g and
-// the mask; gq = the pull's (kMaskPull: masked here from g_q and its mask and written to gq; else read
-// from gq, pooled back before); push = gp (or gp - gq, kPushMinusPull); the sums of g, gp and gq; and
-// (kBox) box += m * gq and the sum of gq * box_sums. Sums in 64 bytes of interleaved partial sums (a fixed
-// order: deterministic). Each variant does only its own work, in one loop that vectorizes: the one loop
-// for all (a box field and its sum written to spare planes where absent, gq masked in a pass of its own)
-// kept its sums on the stack and took 12 % of cifar-stem-2020's forward + backward.
-template <typename acc_t>
-struct BackwardChannel {
-  const uint8_t* __restrict__ mask_p;
-  const uint8_t* __restrict__ mask_q;
-  uint8_t bit;
-  const acc_t* __restrict__ g;
-  const acc_t* __restrict__ g_q;
-  acc_t pull_scale;
-  acc_t* __restrict__ gq;
-  const acc_t* __restrict__ box_sums;
-  acc_t m;
-  acc_t* __restrict__ push;
-  acc_t* __restrict__ box;
-  // The next channel's output gradient (or null), asked for a line at a time as this one's is read: its
-  // plane starts a new page, where the hardware's prefetcher stops, and its first read then waited on memory.
-  const acc_t* next_g;
-  struct Sums {
-    acc_t g, gp, gq, gq_box;
-  };
-
-  template <bool kPushMinusPull, bool kBox, bool kMaskPull>
-  PUSHPULL_ALWAYS_INLINE Sums pass(int64_t plane) const {
-    constexpr int64_t kLanes = 64 / sizeof(acc_t);
-    acc_t g_lanes[kLanes] = {}, gp_lanes[kLanes] = {}, gq_lanes[kLanes] = {}, box_lanes[kLanes] = {};
-    auto step = [&](int64_t p, int64_t lane) {
-      const acc_t gp = masked(mask_p[p], bit, g[p]);
-      acc_t q;
-      if constexpr (kMaskPull) {
-        q = masked(mask_q[p], bit, pull_scale * g_q[p]);
-        gq[p] = q;
-      } else {
-        q = gq[p];
-      }
-      push[p] = kPushMinusPull ? gp - q : gp;
-      g_lanes[lane] += g[p], gp_lanes[lane] += gp, gq_lanes[lane] += q;
-      if constexpr (kBox) box[p] += m * q, box_lanes[lane] += q * box_sums[p];
-    };
-    int64_t p = 0;
-    for (; p + kLanes <= plane; p += kLanes) {
-      if (next_g) __builtin_prefetch(next_g + p);
-      for (int64_t l = 0; l < kLanes; ++l) step(p + l, l);
-    }
-    for (; p < plane; ++p) step(p, 0);
-    Sums sums{0, 0, 0, 0};
-    for (int64_t l = 0; l < kLanes; ++l) {
-      sums.g += g_lanes[l], sums.gp += gp_lanes[l], sums.gq += gq_lanes[l], sums.gq_box += box_lanes[l];
-    }
-    return sums;
-  }
-
-  template <bool kPushMinusPull>
-  PUSHPULL_ALWAYS_INLINE Sums pass(int64_t plane, bool with_box, bool mask_pull) const {
-    if (with_box) {
-      return mask_pull ? pass<kPushMinusPull, true, true>(plane) : pass<kPushMinusPull, true, false>(plane);
-    }
-    return mask_pull ? pass<kPushMinusPull, false, true>(plane) : pass<kPushMinusPull, false, false>(plane);
-  }
 };
 
 // Gradient fields of image n, group grp (n_in: its index in `in`; see forward_epilogue_octet). One task
