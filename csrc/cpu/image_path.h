@@ -23,6 +23,8 @@ namespace cpu {
 // (partial sums per image, added in a fixed order), dx = col2im(W_g^T @ gP) + prefilter^T(W_g^T @ gR).
 // Invert and negate take only the im2col and P0; invert's box sum S is the column sum of the packed
 // im2col, and the adjoint of S joins the im2col adjoint: dx = col2im(W_g^T @ gP + 1 (x) gS).
+// A float32 upsample forward may take P0 of the whole batch from ATen's convolution instead (batched_push,
+// see batched_push_pays in image_routes.cpp): then only z is packed and multiplied here.
 template <typename scalar_t>
 struct ImageWorkspace {
   ScratchVector<scalar_t> cols, z;              // packed operands of a block of rows, group g at g * operand_size
@@ -32,6 +34,7 @@ struct ImageWorkspace {
   ScratchVector<scalar_t> grad_rows;            // W_g^T @ (a gradient field) [K, padded]
   ScratchVector<scalar_t> prefilter_tmp, line;  // line: one input plane (the prefilter's adjoint, for dx)
   ScratchVector<scalar_t> box, grad_box;        // invert: S and its gradient, [groups, plane]
+  int64_t image = 0;                            // the image whose responses the fields hold
 };
 
 // Packed operands of this many bytes per block of output rows (both of them) stay in the 512 KiB L2 of
@@ -58,12 +61,15 @@ struct ImagePath {
   int64_t block_rows;  // output rows packed at a time (blocked; else whole planes)
   int64_t field_ld;    // row stride of the push/pull fields: a block's product may write kPanel - 1 past it
   bool blocked;
+  // The batch's P0 [N, C_out, plane], computed beforehand (a forward of the upsample pull: see
+  // batched_push_pays); then no im2col is packed and only R is multiplied here. Else null.
+  const scalar_t* batched_push = nullptr;
 
   // block_bytes: pack blocks of rows of about this many operand bytes (0: whole planes): the forward, and a
   // backward in which only the weight gradient reads the packed operands (blocked_weight_grad).
   // r, k: the contiguous interpolation matrices (upsample; else undefined); s: pull_shift or null.
   ImagePath(const Geometry& g, const ConvArgs& c, const at::Tensor& r, const at::Tensor& k, const scalar_t* s,
-            const at::Tensor& w, const scalar_t* w_t, int64_t block_bytes)
+            const at::Tensor& w, const scalar_t* w_t, int64_t block_bytes, const scalar_t* push = nullptr)
       : geo(g),
         conv(c),
         pre(g.pull == PullKind::kSeparable ? prefilter_geometry(g, c, r, k) : PrefilterGeometry{}),
@@ -80,8 +86,9 @@ struct ImagePath {
         out_per_group(g.out_channels / g.groups),
         k_size(in_per_group * taps),
         field_ld(plane + panel::kPanel),
-        blocked(block_bytes > 0) {
-    const int64_t operands = separable ? 2 : 1;
+        blocked(block_bytes > 0),
+        batched_push(push) {
+    const int64_t operands = (separable ? 1 : 0) + (batched_push ? 0 : 1);
     const int64_t row_bytes = operands * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
     block_rows =
         blocked ? std::clamp<int64_t>(block_bytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height) : g.out_height;
@@ -95,9 +102,10 @@ struct ImagePath {
   ImageWorkspace<scalar_t> workspace(bool backward) const {
     ImageWorkspace<scalar_t> ws;
     const int64_t pulls = separable ? 1 : 0, boxes = geo.pull == PullKind::kShift ? geo.groups * plane : 0;
-    ws.cols.resize(geo.groups * operand_size());
+    const int64_t pushes = batched_push ? 0 : 1;
+    ws.cols.resize(pushes * geo.groups * operand_size());
     ws.z.resize(pulls * geo.groups * operand_size());
-    ws.push.resize(geo.out_channels * field_ld);
+    ws.push.resize(pushes * geo.out_channels * field_ld);
     ws.pull.resize(pulls * geo.out_channels * field_ld);
     ws.box.resize(boxes);
     ws.tap_rows.resize(taps * block_rows * geo.out_width);
@@ -183,8 +191,10 @@ struct ImagePath {
     for (int64_t c = 0; c < geo.in_channels; ++c) {
       const scalar_t* x_plane = x + (n * geo.in_channels + c) * geo.height * geo.width;
       const int64_t grp = c / in_per_group, first_row = (c % in_per_group) * taps;
-      pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(),
-                        ws.tap_rows.data());
+      if (!batched_push) {
+        pack_im2col_plane(x_plane, ho_begin, ho_end, first_row, ws.cols.data() + grp * operand_size(),
+                          ws.tap_rows.data());
+      }
       if (separable) pack_prefilter_plane(x_plane, ho_begin, ho_end, grp, first_row, ws);
     }
     if (geo.pull == PullKind::kShift) box_sums(pixels, ho_begin * geo.out_width, ws);
@@ -210,8 +220,10 @@ struct ImagePath {
     const int64_t pixels = (ho_end - ho_begin) * geo.out_width, column = ho_begin * geo.out_width;
     for (int64_t grp = 0; grp < geo.groups; ++grp) {
       const int64_t row = grp * out_per_group;
-      panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, pixels,
-                     ws.push.data() + row * field_ld + column, field_ld);
+      if (!batched_push) {
+        panel::product(weight_of(grp), k_size, out_per_group, ws.cols.data() + grp * operand_size(), k_size, pixels,
+                       ws.push.data() + row * field_ld + column, field_ld);
+      }
       if (!separable) continue;
       panel::product(weight_of(grp), k_size, out_per_group, ws.z.data() + grp * operand_size(), k_size, pixels,
                      ws.pull.data() + row * field_ld + column, field_ld);
@@ -265,6 +277,7 @@ struct ImagePath {
 
   // Forward: P0 and R of image n, block by block.
   void image_responses(const scalar_t* x, int64_t n, ImageWorkspace<scalar_t>& ws) const {
+    ws.image = n;
     for (int64_t ho = 0; ho < geo.out_height; ho += block_rows) {
       const int64_t end = std::min(ho + block_rows, geo.out_height);
       pack_operands(x, n, ho, end, ws);
@@ -278,7 +291,10 @@ struct ImagePath {
     const FieldView<const scalar_t> pull =
         separable ? FieldView<const scalar_t>{ws.pull.data(), 0, field_ld} : FieldView<const scalar_t>{};
     const scalar_t* box = shift ? ws.box.data() : nullptr;
-    return {geo, {ws.push.data(), 0, field_ld}, pull, box, shift, bias_in, plane};
+    const FieldView<const scalar_t> push =
+        batched_push ? FieldView<const scalar_t>{batched_push + ws.image * geo.out_channels * plane, 0, plane}
+                     : FieldView<const scalar_t>{ws.push.data(), 0, field_ld};
+    return {geo, push, pull, box, shift, bias_in, plane};
   }
 
   // Invert: where the backward epilogue writes dL/dS of the image (when dx is wanted).
