@@ -144,7 +144,7 @@ struct TapPath : GappedPlanes {
 
   TapWorkspace<T> workspace(bool backward) const {
     TapWorkspace<T> ws;
-    ws.dense_input = !backward && dense::maps_rows_of<T>(geo.width);
+    ws.dense_input = !backward && product_maps_dense_pixels();
     ws.xg.resize(geo.in_channels * (ws.dense_input ? dense_stride() : plane_size));
     ws.y.resize(block * taps * plane_size);
     ws.lines.resize(2 * geo.kernel_h * plane_size);
@@ -169,6 +169,13 @@ struct TapPath : GappedPlanes {
   // Image n into ws.xg (false: check_finite found NaN or +-Inf in it).
   bool load_operands(const T* x, int64_t n, TapWorkspace<T>& ws, bool check_finite = false) const {
     return load_input(x, n, ws.xg.data(), check_finite, ws.dense_input ? dense_stride() : 0);
+  }
+
+  // Whether the forward's tap product runs over the input's dense pixels (tap_product): rows of whole
+  // vectors, or rows whose vectors straddle (dense::StraddlingStores) with two vectors of bottom margin
+  // after the last row for the zeros a straddling store writes past it.
+  bool product_maps_dense_pixels() const {
+    return dense::maps_rows_of<T>(geo.width, ws_stride) && at(geo.height, 0) + 2 * dense::kGrain<T> <= plane_size;
   }
 
   // The distance between two dense input planes: not a multiple of 4 KiB (a 32 x 32 float plane is), so
