@@ -91,7 +91,21 @@ struct ImagePath {
     const int64_t operands = (separable ? 1 : 0) + (batched_push ? 0 : 1);
     const int64_t row_bytes = operands * g.groups * k_size * g.out_width * static_cast<int64_t>(sizeof(scalar_t));
     block_rows =
-        blocked ? std::clamp<int64_t>(block_bytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height) : g.out_height;
+        blocked ? rows_per_block(std::clamp<int64_t>(block_bytes / std::max<int64_t>(row_bytes, 1), 1, g.out_height))
+                : g.out_height;
+  }
+
+  // Of the block heights from most_rows / 2 to most_rows, the one with the fewest packed columns over the
+  // plane (a block's last panel is padded to kPanel pixels, and its products run over the padding): on
+  // ResNet-50's stem (56 columns) 6 rows make 7 whole panels where 7 rows made 8 and a sixth. Ties: the
+  // taller.
+  int64_t rows_per_block(int64_t most_rows) const {
+    const int64_t wo = geo.out_width, ho = geo.out_height;
+    auto columns = [&](int64_t rows) { return ho / rows * panel::padded(rows * wo) + panel::padded(ho % rows * wo); };
+    int64_t best = most_rows;
+    for (int64_t rows = most_rows - 1; rows >= std::max<int64_t>(1, most_rows / 2); --rows)
+      if (columns(rows) < columns(best)) best = rows;
+    return best;
   }
 
   int64_t operand_size() const { return k_size * panel::padded(block_rows * geo.out_width); }
