@@ -94,14 +94,18 @@ struct ColumnMap {
   PUSHPULL_ALWAYS_INLINE int64_t at(int64_t q) const { return width ? q / width * stride + q % width : q; }
 };
 
+// The NV vectors of columns from p, through `map`.
+template <typename T, int Bytes, int NV>
+PUSHPULL_ALWAYS_INLINE void column_block(const ColumnMap& map, int64_t p, int64_t (&cols)[NV]) {
+  PUSHPULL_UNROLL
+  for (int v = 0; v < NV; ++v) cols[v] = map.at(p + v * (Bytes / int64_t(sizeof(T))));
+}
+
 // How a product's register tile writes vector v of its column block into a row of C: at cols[v].
 template <typename T, int Bytes, int NV>
 struct PlainStores {
   int64_t cols[NV];
-  PlainStores(const ColumnMap& map, int64_t p) {
-    PUSHPULL_UNROLL
-    for (int v = 0; v < NV; ++v) cols[v] = map.at(p + v * (Bytes / int64_t(sizeof(T))));
-  }
+  PlainStores(const ColumnMap& map, int64_t p) { column_block<T, Bytes>(map, p, cols); }
   template <typename V>
   PUSHPULL_ALWAYS_INLINE void put(T* row, int v, V acc) const {
     store(row + cols[v], acc);
@@ -205,13 +209,6 @@ PUSHPULL_ALWAYS_INLINE void gemm_columns(const T* a, int64_t lda, int64_t m_rows
     gemm_columns<T, Bytes, MR / 2, NV>(a + r * lda, lda, m_rows - r, k_size, b, b_cols, out, c + r * ldc, ldc,
                                        accumulate);
   }
-}
-
-// The NV vectors of columns from p, through `map`.
-template <typename T, int Bytes, int NV>
-PUSHPULL_ALWAYS_INLINE void column_block(const ColumnMap& map, int64_t p, int64_t (&cols)[NV]) {
-  PUSHPULL_UNROLL
-  for (int v = 0; v < NV; ++v) cols[v] = map.at(p + v * (Bytes / int64_t(sizeof(T))));
 }
 
 // Column blocks outer: a block of B (k_size x NV * L) stays in L1 while every row tile reads it. Stores:
