@@ -124,35 +124,28 @@ void strided_vertical_pass(const PrefilterGeometry& g, const acc_t* rows, const 
 }
 
 // The vertical pass of output rows [ho_begin, ho_end) into `lines` [phases, kh * Ho, line_stride]: row
-// (i, ho) is sum_a -rows[a, i] * (input row in_row(ho, a)), read from x (stride_w 1, written at pad_w) or
-// from the input rows' phases (split_input_rows).
+// (i, ho) is sum_a -rows[a, i] * (input row in_row(ho, a)), read from the input rows' phases
+// (split_input_rows; strided_vertical_pass) or, at stride_w 1 (one phase), from x, written at pad_w.
 template <typename scalar_t, typename acc_t>
 PUSHPULL_CPU_CLONES void vertical_pass(const PrefilterGeometry& g, const acc_t* rows, const scalar_t* __restrict__ x,
                                        const acc_t* __restrict__ input_phases, int64_t ho_begin, int64_t ho_end,
                                        acc_t* __restrict__ lines) {
-  const int64_t ls = g.line_stride(), rows_total = g.kernel_h * g.out_height;
   if (input_phases) {  // whole phase rows: one weighted sum of the row's terms (no zero fill, no pass per term)
     strided_vertical_pass(g, rows, input_phases, ho_begin, ho_end, lines);
     return;
   }
-  for (int64_t p = 0; p < g.phases(); ++p) {
-    for (int64_t i = 0; i < g.kernel_h; ++i) {
-      for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
-        acc_t* __restrict__ t = lines + (p * rows_total + i * g.out_height + ho) * ls;
-        std::fill(t, t + ls, acc_t(0));
-        for (int64_t a = 0; a < g.pull_h; ++a) {
-          const int64_t h = g.in_row(ho, a);
-          if (h < 0 || h >= g.height) continue;
-          const acc_t u = -rows[a * g.kernel_h + i];
-          if (u == acc_t(0)) continue;  // bilinear interpolation matrices are half zeros
-          if (input_phases) {
-            const acc_t* __restrict__ xr = input_phases + (p * g.height + h) * ls;
-            for (int64_t m = 0; m < ls; ++m) t[m] += u * xr[m];
-          } else {
-            const scalar_t* __restrict__ xr = x + h * g.width;
-            for (int64_t w = 0; w < g.width; ++w) t[g.pad_w + w] += u * static_cast<acc_t>(xr[w]);
-          }
-        }
+  const int64_t ls = g.line_stride();
+  for (int64_t i = 0; i < g.kernel_h; ++i) {
+    for (int64_t ho = ho_begin; ho < ho_end; ++ho) {
+      acc_t* __restrict__ t = lines + (i * g.out_height + ho) * ls;
+      std::fill(t, t + ls, acc_t(0));
+      for (int64_t a = 0; a < g.pull_h; ++a) {
+        const int64_t h = g.in_row(ho, a);
+        if (h < 0 || h >= g.height) continue;
+        const acc_t u = -rows[a * g.kernel_h + i];
+        if (u == acc_t(0)) continue;  // bilinear interpolation matrices are half zeros
+        const scalar_t* __restrict__ xr = x + h * g.width;
+        for (int64_t w = 0; w < g.width; ++w) t[g.pad_w + w] += u * static_cast<acc_t>(xr[w]);
       }
     }
   }
