@@ -42,8 +42,8 @@ TAP_CASES = UPSAMPLE_STRIDE1 + [
     ("tap-pad0-scale3", (2, 3, 5, 9, 8, 3, 3), dict(pull="upsample", scale=3.0, padding=0, alpha="scalar")),
     ("tap-pad-wide-5x5", (1, 2, 3, 6, 10, 5, 5), dict(pull="upsample", padding=3, bias_out=True)),
     ("tap-1x3-depthwise", (2, 4, 4, 5, 11, 1, 3), dict(pull="upsample", groups=4, padding=(0, 1), alpha="vector")),
-    # 9 rows, 21 columns: the vertical pull's blocks of rows (dense::triangle_rows) and vectors of columns
-    # each end with one overlapping the one before.
+    # 21 columns: the vertical passes' vectors of columns (dense::triangle_rows) end with one overlapping the
+    # one before.
     ("tap-rows-overlap", (2, 3, 4, 9, 21, 3, 3), dict(pull="upsample", padding=1, bias_in=True, alpha="vector")),
     # Width 16, a multiple of every vector length: the forward's product reads the image in place.
     ("tap-width16-in-place", IN_PLACE_SIZES, dict(pull="upsample", padding=1, bias_in=True, alpha="vector")),

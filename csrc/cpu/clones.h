@@ -14,8 +14,11 @@
 
 // A helper of a cloned (or target-specific) function: inlined into each version, so that its loops are
 // compiled for that version's instruction set (a call would reach one copy built for the baseline).
+// PUSHPULL_INLINE_LAMBDA: the same for a lambda, after its parameters ([&](int i) PUSHPULL_INLINE_LAMBDA {...}).
 #if defined(__GNUC__) || defined(__clang__)
 #define PUSHPULL_ALWAYS_INLINE __attribute__((always_inline)) inline
+#define PUSHPULL_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define PUSHPULL_ALWAYS_INLINE inline
+#define PUSHPULL_INLINE_LAMBDA
 #endif

@@ -633,85 +633,138 @@ struct TriangleTaps {
   }
 };
 
-// The transpose of TriangleTaps over whole rows: output row h (columns [0, width)) sums three lines'
-// rows h + s with the same weights, line 0 at s = 0..2, line 1 at 1..5, line 2 at 4..6:
-//   out(h) = c (l0(h) + l1(h + 3) + l2(h + 6)) + a0 l0(h + 1) + b0 l0(h + 2) + p (l1(h + 1) + l1(h + 5))
-//            + q (l1(h + 2) + l1(h + 4)) + b2 l2(h + 4) + a2 l2(h + 5).
-// kRows output rows at a time share their loads (the tap path's vertical pull: 4 rows read 20 vectors,
-// where each row's 11 terms apart read 44).
-template <typename T, int Bytes, int kRows, bool kNegate>
+// The weighted sum of three lines that TriangleRows and TriangleAlongRow take, from line 0 at shifts 0..2
+// (r0..r2), line 1 at 1..5 (s1..s5) and line 2 at 4..6 (t4..t6), with the weights w (vectors, or T):
+//   c (r0 + s3 + t6) + a0 r1 + b0 r2 + p (s1 + s5) + q (s2 + s4) + b2 t4 + a2 t5   (c = -1 if kNegate, else 1).
+// The values come as arguments (a lambda over captured arrays left GCC storing the arrays to the stack).
+template <bool kNegate, typename W, typename U>
+PUSHPULL_ALWAYS_INLINE U triangle_sum(const W& w, U r0, U r1, U r2, U s1, U s2, U s3, U s4, U s5, U t4, U t5, U t6) {
+  const U knots = r0 + s3 + t6;
+  return (kNegate ? -knots : knots) + w.a0 * r1 + w.b0 * r2 + w.p * (s1 + s5) + w.q * (s2 + s4) + w.b2 * t4 + w.a2 * t5;
+}
+
+// TriangleWeights broadcast to vectors of V.
+template <typename V>
+struct TriangleVectors {
+  V a0, b0, p, q, b2, a2;
+  template <typename T>
+  explicit TriangleVectors(const TriangleWeights<T>& w)
+      : a0(V{} + w.a0), b0(V{} + w.b0), p(V{} + w.p), q(V{} + w.q), b2(V{} + w.b2), a2(V{} + w.a2) {}
+};
+
+// The transpose of TriangleTaps over whole rows: output row h (columns [0, width)) is triangle_sum of three
+// lines' rows h + s. A vector of columns walks down the rows with the 11 rows it weighs in registers: one
+// new row of each line per output row, 3 loads (the tap path's vertical pull: blocks of 4 rows read 20
+// vectors and, out of registers, stored half of them to the stack). kPush: also the plain sum
+// l0(h + 2) + l1(h + 3) + l2(h + 4) into push_out, from the same registers (TapPath::by_columns).
+template <typename T, int Bytes, bool kNegate, bool kPush>
 struct TriangleRows {
   using V = typename VecOf<T, Bytes>::type;
   static constexpr int L = Bytes / sizeof(T);
   const T* line[3];
   int64_t stride;  // between two rows of a line
-  V a0, b0, p, q, b2, a2;
-  T* out;
+  TriangleVectors<V> w;
+  TriangleWeights<T> ws;  // the same as scalars
+  T *out, *push_out;
   int64_t out_stride;
 
-  TriangleRows(const T* const* lines, int64_t line_stride, const TriangleWeights<T>& w, T* o, int64_t o_stride)
-      : stride(line_stride),
-        a0(V{} + w.a0),
-        b0(V{} + w.b0),
-        p(V{} + w.p),
-        q(V{} + w.q),
-        b2(V{} + w.b2),
-        a2(V{} + w.a2),
-        out(o),
-        out_stride(o_stride) {
+  TriangleRows(const T* const* lines, int64_t line_stride, const TriangleWeights<T>& weights, T* o, T* push,
+               int64_t o_stride)
+      : stride(line_stride), w(weights), ws(weights), out(o), push_out(push), out_stride(o_stride) {
     for (int i = 0; i < 3; ++i) line[i] = lines[i];
   }
 
-  // Rows [h, h + kRows), columns [col, col + L).
-  PUSHPULL_ALWAYS_INLINE void block(int64_t h, int64_t col) const {
-    V x0[kRows + 2], x1[kRows + 4], x2[kRows + 2];  // x0[m]: l0(h + m), x1[m]: l1(h + 1 + m), x2[m]: l2(h + 4 + m)
-    PUSHPULL_UNROLL
-    for (int m = 0; m < kRows + 2; ++m) x0[m] = load<V>(line[0] + (h + m) * stride + col), in_register(x0[m]);
-    PUSHPULL_UNROLL
-    for (int m = 0; m < kRows + 4; ++m) x1[m] = load<V>(line[1] + (h + 1 + m) * stride + col), in_register(x1[m]);
-    PUSHPULL_UNROLL
-    for (int m = 0; m < kRows + 2; ++m) x2[m] = load<V>(line[2] + (h + 4 + m) * stride + col), in_register(x2[m]);
-    PUSHPULL_UNROLL
-    for (int k = 0; k < kRows; ++k) {
-      const V knots = x0[k] + x1[k + 2] + x2[k + 2];
-      const V sum = (kNegate ? -knots : knots) + a0 * x0[k + 1] + b0 * x0[k + 2] + p * (x1[k] + x1[k + 4]) +
-                    q * (x1[k + 1] + x1[k + 3]) + b2 * x2[k] + a2 * x2[k + 1];
-      store(out + (h + k) * out_stride + col, sum);
+  // Rows [0, rows), columns [col, col + L).
+  PUSHPULL_ALWAYS_INLINE void column(int64_t rows, int64_t col) const {
+    const T *l0 = line[0] + col, *l1 = line[1] + col + stride, *l2 = line[2] + col + 4 * stride;
+    V r0 = load<V>(l0), r1 = load<V>(l0 + stride);  // l0 at h, h + 1
+    V s1 = load<V>(l1), s2 = load<V>(l1 + stride), s3 = load<V>(l1 + 2 * stride), s4 = load<V>(l1 + 3 * stride);
+    V t4 = load<V>(l2), t5 = load<V>(l2 + stride);         // l2 at h + 4, h + 5
+    l0 += 2 * stride, l1 += 4 * stride, l2 += 2 * stride;  // the next rows to load: h + 2, h + 5, h + 6
+    for (int64_t h = 0; h < rows; ++h, l0 += stride, l1 += stride, l2 += stride) {
+      const V r2 = load<V>(l0), s5 = load<V>(l1), t6 = load<V>(l2);
+      const int64_t at = h * out_stride + col;
+      store(out + at, triangle_sum<kNegate>(w, r0, r1, r2, s1, s2, s3, s4, s5, t4, t5, t6));
+      if constexpr (kPush) store(push_out + at, r2 + s3 + t4);
+      r0 = r1, r1 = r2, s1 = s2, s2 = s3, s3 = s4, s4 = s5, t4 = t5, t5 = t6;
     }
   }
 
   // One value: row h, column c.
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t h, int64_t c) const {
-    auto at = [&](int i, int64_t s) { return line[i][(h + s) * stride + c]; };
-    const T knots = at(0, 0) + at(1, 3) + at(2, 6);
-    out[h * out_stride + c] = (kNegate ? -knots : knots) + a0[0] * at(0, 1) + b0[0] * at(0, 2) +
-                              p[0] * (at(1, 1) + at(1, 5)) + q[0] * (at(1, 2) + at(1, 4)) + b2[0] * at(2, 4) +
-                              a2[0] * at(2, 5);
+    auto at = [&](int i, int64_t s) PUSHPULL_INLINE_LAMBDA { return line[i][(h + s) * stride + c]; };
+    out[h * out_stride + c] = triangle_sum<kNegate>(ws, at(0, 0), at(0, 1), at(0, 2), at(1, 1), at(1, 2), at(1, 3),
+                                                    at(1, 4), at(1, 5), at(2, 4), at(2, 5), at(2, 6));
+    if constexpr (kPush) push_out[h * out_stride + c] = at(0, 2) + at(1, 3) + at(2, 4);
   }
 };
 
-// Rows [0, rows) of a TriangleRows pass: blocks of kRows rows, the last one ending at `rows` (overlapping
-// the one before: it rewrites the same values; outputs never alias the lines), whole vectors of columns,
-// the last one ending at `width` likewise; fewer than kRows rows, or than a vector of columns, one by one.
-template <typename T, int Bytes, int kRows, bool kNegate>
-PUSHPULL_ALWAYS_INLINE void triangle_rows_body(const TriangleRows<T, Bytes, kRows, kNegate>& pass, int64_t rows,
+// Rows [0, rows) of a TriangleRows pass: whole vectors of columns, the last one ending at `width`
+// (overlapping the one before: it rewrites the same values; outputs never alias the lines); a row narrower
+// than a vector value by value.
+template <typename T, int Bytes, bool kNegate, bool kPush>
+PUSHPULL_ALWAYS_INLINE void triangle_rows_body(const TriangleRows<T, Bytes, kNegate, kPush>& pass, int64_t rows,
                                                int64_t width) {
   constexpr int L = Bytes / sizeof(T);
-  if (rows < kRows || width < L) {
+  if (width < L) {
     for (int64_t h = 0; h < rows; ++h)
       for (int64_t c = 0; c < width; ++c) pass.scalar(h, c);
     return;
   }
-  for (int64_t h = 0;; h += kRows) {
-    h = std::min(h, rows - kRows);
-    for (int64_t col = 0;; col += L) {
-      col = std::min(col, width - L);
-      pass.block(h, col);
-      if (col + L == width) break;
-    }
-    if (h + kRows == rows) break;
+  for (int64_t col = 0;; col += L) {
+    col = std::min(col, width - L);
+    pass.column(rows, col);
+    if (col + L == width) break;
   }
 }
+
+// A TriangleRows pass over rows [0, rows) and columns [0, width), with the push sum if `push` is given.
+template <typename T, int Bytes, bool kNegate>
+PUSHPULL_ALWAYS_INLINE void triangle_rows_pass(const T* const* lines, int64_t stride, const TriangleWeights<T>& w,
+                                               int64_t rows, int64_t width, T* out, int64_t out_stride, T* push) {
+  if (push)
+    return triangle_rows_body(TriangleRows<T, Bytes, kNegate, true>(lines, stride, w, out, push, out_stride), rows,
+                              width);
+  triangle_rows_body(TriangleRows<T, Bytes, kNegate, false>(lines, stride, w, out, push, out_stride), rows, width);
+}
+
+// The tap path's horizontal pass after its vertical one (TapPath::by_columns), one row: out0 = the plain sum
+// of the three push sources, out1 = triangle_sum along the row of the three lines (shift s, s values on):
+// 14 loads a vector from six base registers, where the kernel rows' horizontal pairs before the vertical
+// pass read 33.
+template <typename T, int Bytes, bool kNegate>
+struct TriangleAlongRow {
+  using V = typename VecOf<T, Bytes>::type;
+  static constexpr int L = Bytes / sizeof(T), kChains = 4;
+  const T *push[3], *line[3];
+  TriangleVectors<V> w;
+  TriangleWeights<T> ws;
+  T *out0, *out1;
+
+  TriangleAlongRow(const T* const* push_src, const T* const* lines, const TriangleWeights<T>& weights, int64_t offset,
+                   T* o0, T* o1)
+      : w(weights), ws(weights), out0(o0), out1(o1) {
+    for (int i = 0; i < 3; ++i) push[i] = push_src[i] + offset, line[i] = lines[i] + offset;
+  }
+
+  template <int NV>
+  PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
+    PUSHPULL_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const int64_t i = p + v * L;
+      const T *l0 = line[0] + i, *l1 = line[1] + i, *l2 = line[2] + i;
+      auto ld = [](const T* at) PUSHPULL_INLINE_LAMBDA { return load<V>(at); };
+      store(out1 + i, triangle_sum<kNegate>(w, ld(l0), ld(l0 + 1), ld(l0 + 2), ld(l1 + 1), ld(l1 + 2), ld(l1 + 3),
+                                            ld(l1 + 4), ld(l1 + 5), ld(l2 + 4), ld(l2 + 5), ld(l2 + 6)));
+      store(out0 + i, ld(push[0] + i) + ld(push[1] + i) + ld(push[2] + i));
+    }
+  }
+  PUSHPULL_ALWAYS_INLINE void scalar(int64_t i) const {
+    const T *l0 = line[0] + i, *l1 = line[1] + i, *l2 = line[2] + i;
+    out1[i] = triangle_sum<kNegate>(ws, l0[0], l0[1], l0[2], l1[1], l1[2], l1[3], l1[4], l1[5], l2[4], l2[5], l2[6]);
+    out0[i] = push[0][i] + push[1][i] + push[2][i];
+  }
+};
 
 // out[p] = scale[p] * sum_{d = -r..r} in[p + d * step] (scale null: 1): the box sums of the average pooling
 // (box_pool.h), every term inside the caller's zero-padded buffer.
@@ -759,88 +812,100 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 // the 32 AVX-512 registers, 12 in the 16 AVX2 ones, 8 or 12 in SSE's. The AVX-512 Gram tile is 6 x 4 rather
 // than 8 x 3: the tap path's weight gradient has C_in/groups = 16 columns (8 x 3 left one in single-column
 // tiles; cifar-b1-2020's forward + backward went from 15.7 to 13.8 ms, best of 5, one thread, on the Xeon).
-#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                                     \
-  template <typename T>                                                                                               \
-  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,            \
-                        int64_t ldc, bool accumulate) {                                                               \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                              \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,       \
-                             int64_t ldc, ColumnMap b_map, ColumnMap c_map) {                                         \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, b_map, c_map);                     \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,        \
-                              int64_t ldc) {                                                                          \
-    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                               \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,            \
-                        int64_t ldc) {                                                                                \
-    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                             \
-    const StridedRows<T> a_rows{a, lda};                                                                              \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                            \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void row_gram_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,              \
-                            int64_t ldc) {                                                                            \
-    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                             \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                 \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void row_gram_rows_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t rows,            \
-                                 int64_t width, int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {              \
-    const Runs runs{rows, a_stride, b_stride, width};                                                                 \
-    gram_body<T, bytes, gm, gq, 0>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                         \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) {      \
-    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                        \
-    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                              \
-    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                                     \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {                  \
-    cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                                 \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void weighted_sum_rows_##name(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n,         \
-                                     int64_t src_stride, T* out, int64_t out_stride) {                                \
-    constexpr int L = bytes / int(sizeof(T));                                                                         \
-    for (int64_t r = 0; r < rows; ++r)                                                                                \
-      cover_line<L>(n, WeightedSum<T, bytes>{src, w, terms, out + r * out_stride, r * src_stride});                   \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,          \
-                                 int64_t terms, int64_t n, T* out0, T* out1) {                                        \
-    constexpr int L = bytes / int(sizeof(T));                                                                         \
-    using Upsample2 = RunPair<T, bytes, 3, 2, 1, 2, 4, 2>;                                                            \
-    if (Upsample2::matches(w0, w1, both, only1, terms)) return cover_line<L>(n, Upsample2(src, w1, out0, out1));      \
-    cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                            \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,          \
-                                 const T* const* extra) {                                                             \
-    constexpr int L = bytes / int(sizeof(T));                                                                         \
-    if (extra) {                                                                                                      \
-      if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, true>(src, w, out, extra));                  \
-      return cover_line<L>(n, TriangleTaps<T, bytes, false, true>(src, w, out, extra));                               \
-    }                                                                                                                 \
-    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, false>(src, w, out, extra));                   \
-    cover_line<L>(n, TriangleTaps<T, bytes, false, false>(src, w, out, extra));                                       \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void triangle_rows_##name(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows,    \
-                                 int64_t width, T* out, int64_t out_stride) {                                         \
-    constexpr int kRows = bytes == 64 ? 4 : 2;                                                                        \
-    if (w.negate)                                                                                                     \
-      return triangle_rows_body(TriangleRows<T, bytes, kRows, true>(lines, stride, w, out, out_stride), rows, width); \
-    triangle_rows_body(TriangleRows<T, bytes, kRows, false>(lines, stride, w, out, out_stride), rows, width);         \
-  }                                                                                                                   \
-  template <typename T>                                                                                               \
-  attr void window_sum_##name(const T* in, int64_t step, int64_t radius, const T* scale, int64_t n, T* out) {         \
-    cover_line<bytes / int(sizeof(T))>(n, WindowSum<T, bytes>{in, step, radius, scale, out});                         \
+#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                                  \
+  template <typename T>                                                                                            \
+  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,         \
+                        int64_t ldc, bool accumulate) {                                                            \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                           \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,    \
+                             int64_t ldc, ColumnMap b_map, ColumnMap c_map) {                                      \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, b_map, c_map);                  \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,     \
+                              int64_t ldc) {                                                                       \
+    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                            \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,         \
+                        int64_t ldc) {                                                                             \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                          \
+    const StridedRows<T> a_rows{a, lda};                                                                           \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                         \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void row_gram_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,           \
+                            int64_t ldc) {                                                                         \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                          \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);              \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void row_gram_rows_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t rows,         \
+                                 int64_t width, int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {           \
+    const Runs runs{rows, a_stride, b_stride, width};                                                              \
+    gram_body<T, bytes, gm, gq, 0>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                      \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) {   \
+    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                     \
+    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                           \
+    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                                  \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {               \
+    cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                              \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void weighted_sum_rows_##name(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n,      \
+                                     int64_t src_stride, T* out, int64_t out_stride) {                             \
+    constexpr int L = bytes / int(sizeof(T));                                                                      \
+    for (int64_t r = 0; r < rows; ++r)                                                                             \
+      cover_line<L>(n, WeightedSum<T, bytes>{src, w, terms, out + r * out_stride, r * src_stride});                \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,       \
+                                 int64_t terms, int64_t n, T* out0, T* out1) {                                     \
+    constexpr int L = bytes / int(sizeof(T));                                                                      \
+    using Upsample2 = RunPair<T, bytes, 3, 2, 1, 2, 4, 2>;                                                         \
+    if (Upsample2::matches(w0, w1, both, only1, terms)) return cover_line<L>(n, Upsample2(src, w1, out0, out1));   \
+    cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                         \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,       \
+                                 const T* const* extra) {                                                          \
+    constexpr int L = bytes / int(sizeof(T));                                                                      \
+    if (extra) {                                                                                                   \
+      if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, true>(src, w, out, extra));               \
+      return cover_line<L>(n, TriangleTaps<T, bytes, false, true>(src, w, out, extra));                            \
+    }                                                                                                              \
+    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, false>(src, w, out, extra));                \
+    cover_line<L>(n, TriangleTaps<T, bytes, false, false>(src, w, out, extra));                                    \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void triangle_rows_##name(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows, \
+                                 int64_t width, T* out, int64_t out_stride, T* push) {                             \
+    if (w.negate) return triangle_rows_pass<T, bytes, true>(lines, stride, w, rows, width, out, out_stride, push); \
+    triangle_rows_pass<T, bytes, false>(lines, stride, w, rows, width, out, out_stride, push);                     \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void triangle_along_rows_##name(const T* const* push, const T* const* lines, const TriangleWeights<T>& w,   \
+                                       int64_t rows, int64_t width, int64_t in_stride, T* out0, T* out1,           \
+                                       int64_t out_stride) {                                                       \
+    constexpr int L = bytes / int(sizeof(T));                                                                      \
+    for (int64_t r = 0; r < rows; ++r) {                                                                           \
+      T *o0 = out0 + r * out_stride, *o1 = out1 + r * out_stride;                                                  \
+      if (w.negate) {                                                                                              \
+        cover_line<L>(width, TriangleAlongRow<T, bytes, true>(push, lines, w, r * in_stride, o0, o1));             \
+      } else {                                                                                                     \
+        cover_line<L>(width, TriangleAlongRow<T, bytes, false>(push, lines, w, r * in_stride, o0, o1));            \
+      }                                                                                                            \
+    }                                                                                                              \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  attr void window_sum_##name(const T* in, int64_t step, int64_t radius, const T* scale, int64_t n, T* out) {      \
+    cover_line<bytes / int(sizeof(T))>(n, WindowSum<T, bytes>{in, step, radius, scale, out});                      \
   }
 
 PUSHPULL_DENSE_VERSION(, baseline, 16, 4, 2, 4, 3)
@@ -1004,11 +1069,19 @@ void triangle_taps(const T* const* src, const TriangleWeights<T>& w, int64_t n, 
 }
 
 // out[h * out_stride + c] for h < rows, c < width: the TriangleRows pass of the three lines (row h of line i
-// at lines[i] + h * stride; each line read from row 0 to rows + 5).
+// at lines[i] + h * stride; each line read from row 0 to rows + 5); with push, its plain sum there too.
 template <typename T>
 void triangle_rows(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows, int64_t width,
-                   T* out, int64_t out_stride) {
-  PUSHPULL_DENSE_DISPATCH(triangle_rows, lines, stride, w, rows, width, out, out_stride)
+                   T* out, int64_t out_stride, T* push = nullptr) {
+  PUSHPULL_DENSE_DISPATCH(triangle_rows, lines, stride, w, rows, width, out, out_stride, push)
+}
+
+// Row r < rows, columns p < width: out0[r * out_stride + p] = the sum of push[j][r * in_stride + p] (j < 3) and
+// out1[...] = the TriangleAlongRow sum of lines[j] + r * in_stride (shift s at s values on).
+template <typename T>
+void triangle_along_rows(const T* const* push, const T* const* lines, const TriangleWeights<T>& w, int64_t rows,
+                         int64_t width, int64_t in_stride, T* out0, T* out1, int64_t out_stride) {
+  PUSHPULL_DENSE_DISPATCH(triangle_along_rows, push, lines, w, rows, width, in_stride, out0, out1, out_stride)
 }
 
 // out[p] = scale[p] * sum_{d = -radius..radius} in[p + d * step] for p < n (scale null: 1); out must not

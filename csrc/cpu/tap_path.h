@@ -31,6 +31,7 @@ struct TapWorkspace {
   bool dense_input = false;     // a forward workspace: xg holds the planes without gaps, dense_stride apart
   ScratchVector<T> y;           // Y of a block of output channels [block * taps, plane_size] (or gY)
   ScratchVector<T> lines;       // one channel's horizontal pass [2 * kh, plane_size]: push rows, then pull rows
+  ScratchVector<T> columns;     // or its vertical pass (TapPath::by_columns) [2 * kw, plane_size]: push, then pull
   ScratchVector<T> grad_resp;   // their gradients: written only inside the planes (the rest stays zero)
   ScratchVector<T> push, pull;  // [C_out, plane]: the responses, then their gradients (as the epilogues read)
   ScratchVector<T> gx;          // the input gradient [C_in, plane_size], gapped
@@ -62,12 +63,13 @@ struct TapPath : GappedPlanes {
     int64_t both = 0, pull_only = 0;
   };
   std::vector<RowPair> row_pairs;
-  // The vertical pull pass's weights where they have that form (3 x 3 kernels at scale 2). Forward (no
-  // dilation): dense::triangle_rows, 4 output rows from 20 vectors where their 44 terms were 44 loads
-  // (cifar-b1-2020's inference, two threads, medians 6.1-6.4 -> 6.0-6.1 ms, 3 alternated runs, 2-core AMD
-  // EPYC with AVX-512). Backward: its adjoint, the three pull lines from one sweep (dense::triangle_taps).
+  // The vertical pull pass's weights where they have that form (kernels of 3 rows at scale 2). Forward:
+  // dense::triangle_rows, 3 loads per output row where its 11 terms were 11 (with the horizontal one as
+  // well: responses_by_columns). Backward: its adjoint, the three pull lines from one sweep
+  // (dense::triangle_taps).
   std::optional<dense::TriangleWeights<T>> vertical_pull_triangle;
-  std::optional<dense::TriangleWeights<T>> horizontal_triangle;  // the horizontal pull's: its adjoint, backward
+  // The horizontal pull's: responses_by_columns' row pass, and its adjoint in the backward.
+  std::optional<dense::TriangleWeights<T>> horizontal_triangle;
 
   TapPath(const Geometry& g, const ConvArgs& c, const at::Tensor& rows, const at::Tensor& cols, const T* wstack_,
           const T* w_t)
@@ -147,7 +149,8 @@ struct TapPath : GappedPlanes {
     ws.dense_input = !backward && product_maps_dense_pixels();
     ws.xg.resize(geo.in_channels * (ws.dense_input ? dense_stride() : plane_size));
     ws.y.resize(block * taps * plane_size);
-    ws.lines.resize(2 * geo.kernel_h * plane_size);
+    if (backward || !by_columns()) ws.lines.resize(2 * geo.kernel_h * plane_size);
+    if (by_columns()) ws.columns.resize(2 * geo.kernel_w * plane_size);
     ws.push.resize(geo.out_channels * plane);
     ws.pull.resize(geo.out_channels * plane);
     if (backward) {
@@ -190,6 +193,11 @@ struct TapPath : GappedPlanes {
       tap_product(grp, o0, count, ws);
       for (int64_t ol = 0; ol < count; ++ol) {
         const T* y = ws.y.data() + ol * taps * plane_size;
+        if (by_columns()) {
+          responses_by_columns(y, ws.columns.data(), ws.push.data() + (o0 + ol) * plane,
+                               ws.pull.data() + (o0 + ol) * plane);
+          continue;
+        }
         T* l = ws.lines.data();
         for (int64_t i = 0; i < kh; ++i) horizontal_pair(i, y, l, ws);
         apply_to_plane(vertical, 0, static_cast<const T*>(l), ws.push.data() + (o0 + ol) * plane, ws.terms);
@@ -200,6 +208,32 @@ struct TapPath : GappedPlanes {
         }
       }
     });
+  }
+
+  // Whether the forward runs its vertical pass first (responses_by_columns): both passes of the triangle form
+  // (a 3 x 3 kernel at scale 2, which takes no dilation).
+  bool by_columns() const { return vertical_pull_triangle && horizontal_triangle && dh == 1 && dw == 1; }
+
+  // A channel's P0 and R (dense planes) from its tap planes y, the vertical pass first. Per kernel column j,
+  // the push column (taps (i, j) shifted by i - ph rows, summed) and the pull column (their TriangleRows
+  // pass) from one walk down the three tap planes; then per output row both responses from the six columns
+  // (TriangleAlongRow). The passes load 9 + 14 vectors per output vector where the kernel rows' horizontal
+  // pairs and then the vertical passes loaded 33 + 8. The columns are written at the input's columns only:
+  // the rest of each row stays zero, the padding the row pass reads. (qh = ph + 2 here, P0 and R having one
+  // size: the push rows are the pull's shifts 2, 3 and 4.)
+  void responses_by_columns(const T* y, T* columns, T* push_out, T* pull_out) const {
+    const int64_t kw = geo.kernel_w, begin = at(0, 0);
+    const T *push[3], *pull[3];
+    for (int64_t j = 0; j < kw; ++j) {
+      const T* lines[3];
+      for (int64_t i = 0; i < 3; ++i) lines[i] = y + (i * kw + j) * plane_size + begin - qh * ws_stride;
+      dense::triangle_rows(lines, ws_stride, *vertical_pull_triangle, geo.out_height, geo.width,
+                           columns + (kw + j) * plane_size + begin, ws_stride, columns + j * plane_size + begin);
+      push[j] = columns + j * plane_size + at(0, j - pw);
+      pull[j] = columns + (kw + j) * plane_size + at(0, -qw);
+    }
+    dense::triangle_along_rows(push, pull, *horizontal_triangle, geo.out_height, geo.out_width, ws_stride, push_out,
+                               pull_out, geo.out_width);
   }
 
   // The horizontal adjoint of kernel row i, the tap planes i * kw + j (j < 3) of gy: each its push line's
