@@ -640,7 +640,10 @@ struct TriangleTaps {
 template <bool kNegate, typename W, typename U>
 PUSHPULL_ALWAYS_INLINE U triangle_sum(const W& w, U r0, U r1, U r2, U s1, U s2, U s3, U s4, U s5, U t4, U t5, U t6) {
   const U knots = r0 + s3 + t6;
-  return (kNegate ? -knots : knots) + w.a0 * r1 + w.b0 * r2 + w.p * (s1 + s5) + w.q * (s2 + s4) + w.b2 * t4 + w.a2 * t5;
+  const U line0 = (kNegate ? -knots : knots) + w.a0 * r1 + w.b0 * r2;  // three short chains, not one long one
+  const U line1 = w.p * (s1 + s5) + w.q * (s2 + s4);
+  const U line2 = w.b2 * t4 + w.a2 * t5;
+  return line0 + (line1 + line2);
 }
 
 // TriangleWeights broadcast to vectors of V.
@@ -674,19 +677,31 @@ struct TriangleRows {
     for (int i = 0; i < 3; ++i) line[i] = lines[i];
   }
 
-  // Rows [0, rows), columns [col, col + L).
-  PUSHPULL_ALWAYS_INLINE void column(int64_t rows, int64_t col) const {
-    const T *l0 = line[0] + col, *l1 = line[1] + col + stride, *l2 = line[2] + col + 4 * stride;
-    V r0 = load<V>(l0), r1 = load<V>(l0 + stride);  // l0 at h, h + 1
-    V s1 = load<V>(l1), s2 = load<V>(l1 + stride), s3 = load<V>(l1 + 2 * stride), s4 = load<V>(l1 + 3 * stride);
-    V t4 = load<V>(l2), t5 = load<V>(l2 + stride);         // l2 at h + 4, h + 5
+  // Rows [0, rows), columns [cols[v], cols[v] + L) for v < NV: NV vectors of columns walk down together
+  // (each row's lines then come into the cache once).
+  template <int NV>
+  PUSHPULL_ALWAYS_INLINE void columns(int64_t rows, const int64_t (&cols)[NV]) const {
+    const T *l0 = line[0], *l1 = line[1] + stride, *l2 = line[2] + 4 * stride;
+    V r0[NV], r1[NV], s1[NV], s2[NV], s3[NV], s4[NV], t4[NV], t5[NV];
+    PUSHPULL_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      const int64_t c = cols[v];
+      r0[v] = load<V>(l0 + c), r1[v] = load<V>(l0 + stride + c);  // l0 at h, h + 1
+      s1[v] = load<V>(l1 + c), s2[v] = load<V>(l1 + stride + c), s3[v] = load<V>(l1 + 2 * stride + c);
+      s4[v] = load<V>(l1 + 3 * stride + c);
+      t4[v] = load<V>(l2 + c), t5[v] = load<V>(l2 + stride + c);  // l2 at h + 4, h + 5
+    }
     l0 += 2 * stride, l1 += 4 * stride, l2 += 2 * stride;  // the next rows to load: h + 2, h + 5, h + 6
     for (int64_t h = 0; h < rows; ++h, l0 += stride, l1 += stride, l2 += stride) {
-      const V r2 = load<V>(l0), s5 = load<V>(l1), t6 = load<V>(l2);
-      const int64_t at = h * out_stride + col;
-      store(out + at, triangle_sum<kNegate>(w, r0, r1, r2, s1, s2, s3, s4, s5, t4, t5, t6));
-      if constexpr (kPush) store(push_out + at, r2 + s3 + t4);
-      r0 = r1, r1 = r2, s1 = s2, s2 = s3, s3 = s4, s4 = s5, t4 = t5, t5 = t6;
+      PUSHPULL_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        const int64_t c = cols[v];
+        const V r2 = load<V>(l0 + c), s5 = load<V>(l1 + c), t6 = load<V>(l2 + c);
+        const int64_t at = h * out_stride + c;
+        store(out + at, triangle_sum<kNegate>(w, r0[v], r1[v], r2, s1[v], s2[v], s3[v], s4[v], s5, t4[v], t5[v], t6));
+        if constexpr (kPush) store(push_out + at, r2 + s3[v] + t4[v]);
+        r0[v] = r1[v], r1[v] = r2, s1[v] = s2[v], s2[v] = s3[v], s3[v] = s4[v], s4[v] = s5, t4[v] = t5[v], t5[v] = t6;
+      }
     }
   }
 
@@ -711,10 +726,12 @@ PUSHPULL_ALWAYS_INLINE void triangle_rows_body(const TriangleRows<T, Bytes, kNeg
       for (int64_t c = 0; c < width; ++c) pass.scalar(h, c);
     return;
   }
-  for (int64_t col = 0;; col += L) {
-    col = std::min(col, width - L);
-    pass.column(rows, col);
-    if (col + L == width) break;
+  for (int64_t col = 0; col < width; col += 2 * L) {
+    if (col + L >= width) {
+      pass.columns(rows, {width - L});
+    } else {
+      pass.columns(rows, {col, std::min(col + L, width - L)});
+    }
   }
 }
 
