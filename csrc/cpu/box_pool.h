@@ -25,15 +25,14 @@ struct Window {
 // zeros before and after each row, so that the clipped windows need no case of their own.
 template <typename acc_t>
 void box_rows(const acc_t* in, int64_t stride, acc_t* out, int64_t height, int64_t width, int64_t r) {
-  for (int64_t h = 0; h < height; ++h)
-    dense::window_sum(in + h * stride, 1, r, static_cast<const acc_t*>(nullptr), width, out + h * width);
+  dense::window_sum_rows(in, stride, r, height, width, out);
 }
 
 // out[h, w] = scale[h, w] * (sum of in[h - r .. h + r, w]) (scale null: 1) for a plane `in` with r zero
 // rows above and below it.
 template <typename acc_t>
 void box_columns(const acc_t* in, acc_t* out, const acc_t* scale, int64_t height, int64_t width, int64_t r) {
-  dense::window_sum(in, width, r, scale, height * width, out);
+  dense::window_columns(in, r, scale, height, width, out);
 }
 
 // The pooling of one plane at a time, and its scratch: the plane copied into rows padded with zeros

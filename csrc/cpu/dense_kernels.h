@@ -815,6 +815,56 @@ struct WindowSum {
   }
 };
 
+// WindowSum down the columns of a plane (step = its row stride `width`) for a radius R known at compile time:
+// NV vectors of columns walk down the rows with the 2R + 1 rows of their windows in registers, one load per
+// output vector where WindowSum loads 2R + 1 (the same sums in the same order).
+template <typename T, int Bytes, int R>
+struct WindowColumns {
+  using V = typename VecOf<T, Bytes>::type;
+  const T* in;
+  int64_t width;
+  const T* scale;
+  T* out;
+
+  template <int NV>
+  PUSHPULL_ALWAYS_INLINE void columns(int64_t rows, const int64_t (&cols)[NV]) const {
+    V window[2 * R + 1][NV];  // window[k]: row h - R + k
+    PUSHPULL_UNROLL
+    for (int k = 0; k < 2 * R; ++k) {
+      PUSHPULL_UNROLL
+      for (int v = 0; v < NV; ++v) window[k][v] = load<V>(in + (k - R) * width + cols[v]);
+    }
+    for (int64_t h = 0; h < rows; ++h) {
+      PUSHPULL_UNROLL
+      for (int v = 0; v < NV; ++v) {
+        window[2 * R][v] = load<V>(in + (h + R) * width + cols[v]);
+        V acc = window[0][v];
+        PUSHPULL_UNROLL
+        for (int k = 1; k <= 2 * R; ++k) acc += window[k][v];
+        if (scale) acc *= load<V>(scale + h * width + cols[v]);
+        store(out + h * width + cols[v], acc);
+        PUSHPULL_UNROLL
+        for (int k = 0; k < 2 * R; ++k) window[k][v] = window[k + 1][v];
+      }
+    }
+  }
+};
+
+// Rows [0, rows) of a WindowColumns pass: pairs of vectors of columns, the last vector ending at `width`
+// (overlapping the one before: it rewrites the same sums; out never overlaps in). width >= one vector.
+template <typename T, int Bytes, int R>
+PUSHPULL_ALWAYS_INLINE void window_columns_body(const WindowColumns<T, Bytes, R>& pass, int64_t rows) {
+  constexpr int L = Bytes / sizeof(T);
+  const int64_t width = pass.width;
+  for (int64_t col = 0; col < width; col += 2 * L) {
+    if (col + L >= width) {
+      pass.columns(rows, {width - L});
+    } else {
+      pass.columns(rows, {col, std::min(col + L, width - L)});
+    }
+  }
+}
+
 // ---- the three compiled versions
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
@@ -829,100 +879,113 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 // the 32 AVX-512 registers, 12 in the 16 AVX2 ones, 8 or 12 in SSE's. The AVX-512 Gram tile is 6 x 4 rather
 // than 8 x 3: the tap path's weight gradient has C_in/groups = 16 columns (8 x 3 left one in single-column
 // tiles; cifar-b1-2020's forward + backward went from 15.7 to 13.8 ms, best of 5, one thread, on the Xeon).
-#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                                  \
-  template <typename T>                                                                                            \
-  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,         \
-                        int64_t ldc, bool accumulate) {                                                            \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                           \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,    \
-                             int64_t ldc, ColumnMap b_map, ColumnMap c_map) {                                      \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, b_map, c_map);                  \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,     \
-                              int64_t ldc) {                                                                       \
-    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                            \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,         \
-                        int64_t ldc) {                                                                             \
-    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                          \
-    const StridedRows<T> a_rows{a, lda};                                                                           \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                         \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void row_gram_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,           \
-                            int64_t ldc) {                                                                         \
-    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                          \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);              \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void row_gram_rows_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t rows,         \
-                                 int64_t width, int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {           \
-    const Runs runs{rows, a_stride, b_stride, width};                                                              \
-    gram_body<T, bytes, gm, gq, 0>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                      \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) {   \
-    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                     \
-    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                           \
-    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                                  \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {               \
-    cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                              \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void weighted_sum_rows_##name(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n,      \
-                                     int64_t src_stride, T* out, int64_t out_stride) {                             \
-    constexpr int L = bytes / int(sizeof(T));                                                                      \
-    for (int64_t r = 0; r < rows; ++r)                                                                             \
-      cover_line<L>(n, WeightedSum<T, bytes>{src, w, terms, out + r * out_stride, r * src_stride});                \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,       \
-                                 int64_t terms, int64_t n, T* out0, T* out1) {                                     \
-    constexpr int L = bytes / int(sizeof(T));                                                                      \
-    using Upsample2 = RunPair<T, bytes, 3, 2, 1, 2, 4, 2>;                                                         \
-    if (Upsample2::matches(w0, w1, both, only1, terms)) return cover_line<L>(n, Upsample2(src, w1, out0, out1));   \
-    cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                         \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,       \
-                                 const T* const* extra) {                                                          \
-    constexpr int L = bytes / int(sizeof(T));                                                                      \
-    if (extra) {                                                                                                   \
-      if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, true>(src, w, out, extra));               \
-      return cover_line<L>(n, TriangleTaps<T, bytes, false, true>(src, w, out, extra));                            \
-    }                                                                                                              \
-    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, false>(src, w, out, extra));                \
-    cover_line<L>(n, TriangleTaps<T, bytes, false, false>(src, w, out, extra));                                    \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void triangle_rows_##name(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows, \
-                                 int64_t width, T* out, int64_t out_stride, T* push) {                             \
-    if (w.negate) return triangle_rows_pass<T, bytes, true>(lines, stride, w, rows, width, out, out_stride, push); \
-    triangle_rows_pass<T, bytes, false>(lines, stride, w, rows, width, out, out_stride, push);                     \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void triangle_along_rows_##name(const T* const* push, const T* const* lines, const TriangleWeights<T>& w,   \
-                                       int64_t rows, int64_t width, int64_t in_stride, T* out0, T* out1,           \
-                                       int64_t out_stride) {                                                       \
-    constexpr int L = bytes / int(sizeof(T));                                                                      \
-    for (int64_t r = 0; r < rows; ++r) {                                                                           \
-      T *o0 = out0 + r * out_stride, *o1 = out1 + r * out_stride;                                                  \
-      if (w.negate) {                                                                                              \
-        cover_line<L>(width, TriangleAlongRow<T, bytes, true>(push, lines, w, r * in_stride, o0, o1));             \
-      } else {                                                                                                     \
-        cover_line<L>(width, TriangleAlongRow<T, bytes, false>(push, lines, w, r * in_stride, o0, o1));            \
-      }                                                                                                            \
-    }                                                                                                              \
-  }                                                                                                                \
-  template <typename T>                                                                                            \
-  attr void window_sum_##name(const T* in, int64_t step, int64_t radius, const T* scale, int64_t n, T* out) {      \
-    cover_line<bytes / int(sizeof(T))>(n, WindowSum<T, bytes>{in, step, radius, scale, out});                      \
+#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                                      \
+  template <typename T>                                                                                                \
+  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,             \
+                        int64_t ldc, bool accumulate) {                                                                \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                               \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,        \
+                             int64_t ldc, ColumnMap b_map, ColumnMap c_map) {                                          \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, b_map, c_map);                      \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,         \
+                              int64_t ldc) {                                                                           \
+    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                                \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,             \
+                        int64_t ldc) {                                                                                 \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                              \
+    const StridedRows<T> a_rows{a, lda};                                                                               \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                             \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void row_gram_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,               \
+                            int64_t ldc) {                                                                             \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                              \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                  \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void row_gram_rows_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t rows,             \
+                                 int64_t width, int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {               \
+    const Runs runs{rows, a_stride, b_stride, width};                                                                  \
+    gram_body<T, bytes, gm, gq, 0>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                          \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) {       \
+    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                         \
+    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                               \
+    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                                      \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {                   \
+    cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                                  \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void weighted_sum_rows_##name(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n,          \
+                                     int64_t src_stride, T* out, int64_t out_stride) {                                 \
+    constexpr int L = bytes / int(sizeof(T));                                                                          \
+    for (int64_t r = 0; r < rows; ++r)                                                                                 \
+      cover_line<L>(n, WeightedSum<T, bytes>{src, w, terms, out + r * out_stride, r * src_stride});                    \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,           \
+                                 int64_t terms, int64_t n, T* out0, T* out1) {                                         \
+    constexpr int L = bytes / int(sizeof(T));                                                                          \
+    using Upsample2 = RunPair<T, bytes, 3, 2, 1, 2, 4, 2>;                                                             \
+    if (Upsample2::matches(w0, w1, both, only1, terms)) return cover_line<L>(n, Upsample2(src, w1, out0, out1));       \
+    cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                             \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,           \
+                                 const T* const* extra) {                                                              \
+    constexpr int L = bytes / int(sizeof(T));                                                                          \
+    if (extra) {                                                                                                       \
+      if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, true>(src, w, out, extra));                   \
+      return cover_line<L>(n, TriangleTaps<T, bytes, false, true>(src, w, out, extra));                                \
+    }                                                                                                                  \
+    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, false>(src, w, out, extra));                    \
+    cover_line<L>(n, TriangleTaps<T, bytes, false, false>(src, w, out, extra));                                        \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void triangle_rows_##name(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows,     \
+                                 int64_t width, T* out, int64_t out_stride, T* push) {                                 \
+    if (w.negate) return triangle_rows_pass<T, bytes, true>(lines, stride, w, rows, width, out, out_stride, push);     \
+    triangle_rows_pass<T, bytes, false>(lines, stride, w, rows, width, out, out_stride, push);                         \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void triangle_along_rows_##name(const T* const* push, const T* const* lines, const TriangleWeights<T>& w,       \
+                                       int64_t rows, int64_t width, int64_t in_stride, T* out0, T* out1,               \
+                                       int64_t out_stride) {                                                           \
+    constexpr int L = bytes / int(sizeof(T));                                                                          \
+    for (int64_t r = 0; r < rows; ++r) {                                                                               \
+      T *o0 = out0 + r * out_stride, *o1 = out1 + r * out_stride;                                                      \
+      if (w.negate) {                                                                                                  \
+        cover_line<L>(width, TriangleAlongRow<T, bytes, true>(push, lines, w, r * in_stride, o0, o1));                 \
+      } else {                                                                                                         \
+        cover_line<L>(width, TriangleAlongRow<T, bytes, false>(push, lines, w, r * in_stride, o0, o1));                \
+      }                                                                                                                \
+    }                                                                                                                  \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void window_sum_rows_##name(const T* in, int64_t stride, int64_t radius, int64_t rows, int64_t width, T* out) { \
+    for (int64_t h = 0; h < rows; ++h)                                                                                 \
+      cover_line<bytes / int(sizeof(T))>(width,                                                                        \
+                                         WindowSum<T, bytes>{in + h * stride, 1, radius, nullptr, out + h * width});   \
+  }                                                                                                                    \
+  template <typename T>                                                                                                \
+  attr void window_columns_##name(const T* in, int64_t radius, const T* scale, int64_t rows, int64_t width, T* out) {  \
+    constexpr int L = bytes / int(sizeof(T));                                                                          \
+    if (width >= L && radius == 1)                                                                                     \
+      return window_columns_body(WindowColumns<T, bytes, 1>{in, width, scale, out}, rows);                             \
+    if (width >= L && radius == 2)                                                                                     \
+      return window_columns_body(WindowColumns<T, bytes, 2>{in, width, scale, out}, rows);                             \
+    if (width >= L && radius == 3)                                                                                     \
+      return window_columns_body(WindowColumns<T, bytes, 3>{in, width, scale, out}, rows);                             \
+    cover_line<L>(rows * width, WindowSum<T, bytes>{in, width, radius, scale, out});                                   \
   }
 
 PUSHPULL_DENSE_VERSION(, baseline, 16, 4, 2, 4, 3)
@@ -1101,11 +1164,19 @@ void triangle_along_rows(const T* const* push, const T* const* lines, const Tria
   PUSHPULL_DENSE_DISPATCH(triangle_along_rows, push, lines, w, rows, width, in_stride, out0, out1, out_stride)
 }
 
-// out[p] = scale[p] * sum_{d = -radius..radius} in[p + d * step] for p < n (scale null: 1); out must not
+// out[h * width + w] = sum_{d = -radius..radius} in[h * stride + w + d] for h < rows, w < width (the terms
+// past a row's ends inside the caller's zero padding); out must not overlap in.
+template <typename T>
+void window_sum_rows(const T* in, int64_t stride, int64_t radius, int64_t rows, int64_t width, T* out) {
+  PUSHPULL_DENSE_DISPATCH(window_sum_rows, in, stride, radius, rows, width, out)
+}
+
+// out[p] = scale[p] * sum_{d = -radius..radius} in[p + d * width] for p < rows * width (scale null: 1): box
+// sums down the columns of a plane [rows, width] with `radius` zero rows above and below it; out must not
 // overlap in.
 template <typename T>
-void window_sum(const T* in, int64_t step, int64_t radius, const T* scale, int64_t n, T* out) {
-  PUSHPULL_DENSE_DISPATCH(window_sum, in, step, radius, scale, n, out)
+void window_columns(const T* in, int64_t radius, const T* scale, int64_t rows, int64_t width, T* out) {
+  PUSHPULL_DENSE_DISPATCH(window_columns, in, radius, scale, rows, width, out)
 }
 
 #undef PUSHPULL_DENSE_DISPATCH
