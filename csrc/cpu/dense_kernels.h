@@ -511,7 +511,8 @@ struct WeightedPair {
 // and no weight loads (WeightedPair broadcasts both weights of every term from memory in every chunk). The
 // tap path's rows of the 2020 upsample (kernel 3, scale 2: pull weights 1/3, 2/3 and 1 in runs 2, 1 | 2, 4,
 // 2 once sorted): cifar-b1-2020's inference 16.2 -> 15.4 ms on one thread (medians of 4 alternated runs, AMD
-// EPYC, AVX2). The same for the vertical pass (WeightedSum) was slower: its rows are one chunk of 4 vectors.
+// EPYC, AVX2), before 3 x 3 kernels took TapPath::responses_by_columns; now the rows of 3-wide kernels with
+// another height. The same for the vertical pass (WeightedSum) was slower: its rows are one chunk of 4 vectors.
 template <typename T, int Bytes, int Both, int... Runs>
 struct RunPair {
   using V = typename VecOf<T, Bytes>::type;
@@ -655,6 +656,21 @@ struct TriangleVectors {
       : a0(V{} + w.a0), b0(V{} + w.b0), p(V{} + w.p), q(V{} + w.q), b2(V{} + w.b2), a2(V{} + w.a2) {}
 };
 
+// Columns [0, width) (width >= L) of a pass whose vectors of columns walk down `rows` rows together
+// (pass.columns(rows, cols)): pairs of vectors, so that each row's inputs come into the cache once, the last
+// vector ending at `width` (overlapping the one before: it rewrites the same values; outputs never alias
+// the inputs).
+template <int L, typename Pass>
+PUSHPULL_ALWAYS_INLINE void cover_columns(int64_t width, int64_t rows, const Pass& pass) {
+  for (int64_t col = 0; col < width; col += 2 * L) {
+    if (col + L >= width) {
+      pass.columns(rows, {width - L});
+    } else {
+      pass.columns(rows, {col, std::min(col + L, width - L)});
+    }
+  }
+}
+
 // The transpose of TriangleTaps over whole rows: output row h (columns [0, width)) is triangle_sum of three
 // lines' rows h + s. A vector of columns walks down the rows with the 11 rows it weighs in registers: one
 // new row of each line per output row, 3 loads (the tap path's vertical pull: blocks of 4 rows read 20
@@ -714,9 +730,7 @@ struct TriangleRows {
   }
 };
 
-// Rows [0, rows) of a TriangleRows pass: whole vectors of columns, the last one ending at `width`
-// (overlapping the one before: it rewrites the same values; outputs never alias the lines); a row narrower
-// than a vector value by value.
+// Rows [0, rows) of a TriangleRows pass: cover_columns, or value by value in rows narrower than a vector.
 template <typename T, int Bytes, bool kNegate, bool kPush>
 PUSHPULL_ALWAYS_INLINE void triangle_rows_body(const TriangleRows<T, Bytes, kNegate, kPush>& pass, int64_t rows,
                                                int64_t width) {
@@ -726,13 +740,7 @@ PUSHPULL_ALWAYS_INLINE void triangle_rows_body(const TriangleRows<T, Bytes, kNeg
       for (int64_t c = 0; c < width; ++c) pass.scalar(h, c);
     return;
   }
-  for (int64_t col = 0; col < width; col += 2 * L) {
-    if (col + L >= width) {
-      pass.columns(rows, {width - L});
-    } else {
-      pass.columns(rows, {col, std::min(col + L, width - L)});
-    }
-  }
+  cover_columns<L>(width, rows, pass);
 }
 
 // A TriangleRows pass over rows [0, rows) and columns [0, width), with the push sum if `push` is given.
@@ -850,21 +858,6 @@ struct WindowColumns {
   }
 };
 
-// Rows [0, rows) of a WindowColumns pass: pairs of vectors of columns, the last vector ending at `width`
-// (overlapping the one before: it rewrites the same sums; out never overlaps in). width >= one vector.
-template <typename T, int Bytes, int R>
-PUSHPULL_ALWAYS_INLINE void window_columns_body(const WindowColumns<T, Bytes, R>& pass, int64_t rows) {
-  constexpr int L = Bytes / sizeof(T);
-  const int64_t width = pass.width;
-  for (int64_t col = 0; col < width; col += 2 * L) {
-    if (col + L >= width) {
-      pass.columns(rows, {width - L});
-    } else {
-      pass.columns(rows, {col, std::min(col + L, width - L)});
-    }
-  }
-}
-
 // ---- the three compiled versions
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
@@ -980,11 +973,11 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
   attr void window_columns_##name(const T* in, int64_t radius, const T* scale, int64_t rows, int64_t width, T* out) {  \
     constexpr int L = bytes / int(sizeof(T));                                                                          \
     if (width >= L && radius == 1)                                                                                     \
-      return window_columns_body(WindowColumns<T, bytes, 1>{in, width, scale, out}, rows);                             \
+      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 1>{in, width, scale, out});                         \
     if (width >= L && radius == 2)                                                                                     \
-      return window_columns_body(WindowColumns<T, bytes, 2>{in, width, scale, out}, rows);                             \
+      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 2>{in, width, scale, out});                         \
     if (width >= L && radius == 3)                                                                                     \
-      return window_columns_body(WindowColumns<T, bytes, 3>{in, width, scale, out}, rows);                             \
+      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 3>{in, width, scale, out});                         \
     cover_line<L>(rows * width, WindowSum<T, bytes>{in, width, radius, scale, out});                                   \
   }
 
