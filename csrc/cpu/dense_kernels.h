@@ -682,14 +682,13 @@ struct TriangleRows {
   static constexpr int L = Bytes / sizeof(T);
   const T* line[3];
   int64_t stride;  // between two rows of a line
-  TriangleVectors<V> w;
-  TriangleWeights<T> ws;  // the same as scalars
+  TriangleWeights<T> w;  // broadcast to vectors where a walk starts
   T *out, *push_out;
   int64_t out_stride;
 
   TriangleRows(const T* const* lines, int64_t line_stride, const TriangleWeights<T>& weights, T* o, T* push,
                int64_t o_stride)
-      : stride(line_stride), w(weights), ws(weights), out(o), push_out(push), out_stride(o_stride) {
+      : stride(line_stride), w(weights), out(o), push_out(push), out_stride(o_stride) {
     for (int i = 0; i < 3; ++i) line[i] = lines[i];
   }
 
@@ -697,6 +696,7 @@ struct TriangleRows {
   // (each row's lines then come into the cache once).
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void columns(int64_t rows, const int64_t (&cols)[NV]) const {
+    const TriangleVectors<V> wv(w);
     const T *l0 = line[0], *l1 = line[1] + stride, *l2 = line[2] + 4 * stride;
     V r0[NV], r1[NV], s1[NV], s2[NV], s3[NV], s4[NV], t4[NV], t5[NV];
     PUSHPULL_UNROLL
@@ -714,7 +714,7 @@ struct TriangleRows {
         const int64_t c = cols[v];
         const V r2 = load<V>(l0 + c), s5 = load<V>(l1 + c), t6 = load<V>(l2 + c);
         const int64_t at = h * out_stride + c;
-        store(out + at, triangle_sum<kNegate>(w, r0[v], r1[v], r2, s1[v], s2[v], s3[v], s4[v], s5, t4[v], t5[v], t6));
+        store(out + at, triangle_sum<kNegate>(wv, r0[v], r1[v], r2, s1[v], s2[v], s3[v], s4[v], s5, t4[v], t5[v], t6));
         if constexpr (kPush) store(push_out + at, r2 + s3[v] + t4[v]);
         r0[v] = r1[v], r1[v] = r2, s1[v] = s2[v], s2[v] = s3[v], s3[v] = s4[v], s4[v] = s5, t4[v] = t5[v], t5[v] = t6;
       }
@@ -724,7 +724,7 @@ struct TriangleRows {
   // One value: row h, column c.
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t h, int64_t c) const {
     auto at = [&](int i, int64_t s) PUSHPULL_INLINE_LAMBDA { return line[i][(h + s) * stride + c]; };
-    out[h * out_stride + c] = triangle_sum<kNegate>(ws, at(0, 0), at(0, 1), at(0, 2), at(1, 1), at(1, 2), at(1, 3),
+    out[h * out_stride + c] = triangle_sum<kNegate>(w, at(0, 0), at(0, 1), at(0, 2), at(1, 1), at(1, 2), at(1, 3),
                                                     at(1, 4), at(1, 5), at(2, 4), at(2, 5), at(2, 6));
     if constexpr (kPush) push_out[h * out_stride + c] = at(0, 2) + at(1, 3) + at(2, 4);
   }
@@ -762,31 +762,31 @@ struct TriangleAlongRow {
   using V = typename VecOf<T, Bytes>::type;
   static constexpr int L = Bytes / sizeof(T), kChains = 4;
   const T *push[3], *line[3];
-  TriangleVectors<V> w;
-  TriangleWeights<T> ws;
+  TriangleWeights<T> w;  // broadcast to vectors in each chunk
   T *out0, *out1;
 
   TriangleAlongRow(const T* const* push_src, const T* const* lines, const TriangleWeights<T>& weights, int64_t offset,
                    T* o0, T* o1)
-      : w(weights), ws(weights), out0(o0), out1(o1) {
+      : w(weights), out0(o0), out1(o1) {
     for (int i = 0; i < 3; ++i) push[i] = push_src[i] + offset, line[i] = lines[i] + offset;
   }
 
   template <int NV>
   PUSHPULL_ALWAYS_INLINE void chunk(int64_t p) const {
+    const TriangleVectors<V> wv(w);
     PUSHPULL_UNROLL
     for (int v = 0; v < NV; ++v) {
       const int64_t i = p + v * L;
       const T *l0 = line[0] + i, *l1 = line[1] + i, *l2 = line[2] + i;
       auto ld = [](const T* at) PUSHPULL_INLINE_LAMBDA { return load<V>(at); };
-      store(out1 + i, triangle_sum<kNegate>(w, ld(l0), ld(l0 + 1), ld(l0 + 2), ld(l1 + 1), ld(l1 + 2), ld(l1 + 3),
+      store(out1 + i, triangle_sum<kNegate>(wv, ld(l0), ld(l0 + 1), ld(l0 + 2), ld(l1 + 1), ld(l1 + 2), ld(l1 + 3),
                                             ld(l1 + 4), ld(l1 + 5), ld(l2 + 4), ld(l2 + 5), ld(l2 + 6)));
       store(out0 + i, ld(push[0] + i) + ld(push[1] + i) + ld(push[2] + i));
     }
   }
   PUSHPULL_ALWAYS_INLINE void scalar(int64_t i) const {
     const T *l0 = line[0] + i, *l1 = line[1] + i, *l2 = line[2] + i;
-    out1[i] = triangle_sum<kNegate>(ws, l0[0], l0[1], l0[2], l1[1], l1[2], l1[3], l1[4], l1[5], l2[4], l2[5], l2[6]);
+    out1[i] = triangle_sum<kNegate>(w, l0[0], l0[1], l0[2], l1[1], l1[2], l1[3], l1[4], l1[5], l2[4], l2[5], l2[6]);
     out0[i] = push[0][i] + push[1][i] + push[2][i];
   }
 };
@@ -872,113 +872,114 @@ enum class Isa { kBaseline, kAvx2, kAvx512 };
 // the 32 AVX-512 registers, 12 in the 16 AVX2 ones, 8 or 12 in SSE's. The AVX-512 Gram tile is 6 x 4 rather
 // than 8 x 3: the tap path's weight gradient has C_in/groups = 16 columns (8 x 3 left one in single-column
 // tiles; cifar-b1-2020's forward + backward went from 15.7 to 13.8 ms, best of 5, one thread, on the Xeon).
-#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                                      \
-  template <typename T>                                                                                                \
-  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,             \
-                        int64_t ldc, bool accumulate) {                                                                \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                               \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,        \
-                             int64_t ldc, ColumnMap b_map, ColumnMap c_map) {                                          \
-    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, b_map, c_map);                      \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,         \
-                              int64_t ldc) {                                                                           \
-    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                                \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,             \
-                        int64_t ldc) {                                                                                 \
-    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                              \
-    const StridedRows<T> a_rows{a, lda};                                                                               \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                             \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void row_gram_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,               \
-                            int64_t ldc) {                                                                             \
-    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                              \
-    gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                  \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void row_gram_rows_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t rows,             \
-                                 int64_t width, int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {               \
-    const Runs runs{rows, a_stride, b_stride, width};                                                                  \
-    gram_body<T, bytes, gm, gq, 0>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                          \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) {       \
-    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                         \
-    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                               \
-    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                                      \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {                   \
-    cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                                  \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void weighted_sum_rows_##name(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n,          \
-                                     int64_t src_stride, T* out, int64_t out_stride) {                                 \
-    constexpr int L = bytes / int(sizeof(T));                                                                          \
-    for (int64_t r = 0; r < rows; ++r)                                                                                 \
-      cover_line<L>(n, WeightedSum<T, bytes>{src, w, terms, out + r * out_stride, r * src_stride});                    \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,           \
-                                 int64_t terms, int64_t n, T* out0, T* out1) {                                         \
-    constexpr int L = bytes / int(sizeof(T));                                                                          \
-    using Upsample2 = RunPair<T, bytes, 3, 2, 1, 2, 4, 2>;                                                             \
-    if (Upsample2::matches(w0, w1, both, only1, terms)) return cover_line<L>(n, Upsample2(src, w1, out0, out1));       \
-    cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                             \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,           \
-                                 const T* const* extra) {                                                              \
-    constexpr int L = bytes / int(sizeof(T));                                                                          \
-    if (extra) {                                                                                                       \
-      if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, true>(src, w, out, extra));                   \
-      return cover_line<L>(n, TriangleTaps<T, bytes, false, true>(src, w, out, extra));                                \
-    }                                                                                                                  \
-    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, false>(src, w, out, extra));                    \
-    cover_line<L>(n, TriangleTaps<T, bytes, false, false>(src, w, out, extra));                                        \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void triangle_rows_##name(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows,     \
-                                 int64_t width, T* out, int64_t out_stride, T* push) {                                 \
-    if (w.negate) return triangle_rows_pass<T, bytes, true>(lines, stride, w, rows, width, out, out_stride, push);     \
-    triangle_rows_pass<T, bytes, false>(lines, stride, w, rows, width, out, out_stride, push);                         \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void triangle_along_rows_##name(const T* const* push, const T* const* lines, const TriangleWeights<T>& w,       \
-                                       int64_t rows, int64_t width, int64_t in_stride, T* out0, T* out1,               \
-                                       int64_t out_stride) {                                                           \
-    constexpr int L = bytes / int(sizeof(T));                                                                          \
-    for (int64_t r = 0; r < rows; ++r) {                                                                               \
-      T *o0 = out0 + r * out_stride, *o1 = out1 + r * out_stride;                                                      \
-      if (w.negate) {                                                                                                  \
-        cover_line<L>(width, TriangleAlongRow<T, bytes, true>(push, lines, w, r * in_stride, o0, o1));                 \
-      } else {                                                                                                         \
-        cover_line<L>(width, TriangleAlongRow<T, bytes, false>(push, lines, w, r * in_stride, o0, o1));                \
-      }                                                                                                                \
-    }                                                                                                                  \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void window_sum_rows_##name(const T* in, int64_t stride, int64_t radius, int64_t rows, int64_t width, T* out) { \
-    for (int64_t h = 0; h < rows; ++h)                                                                                 \
-      cover_line<bytes / int(sizeof(T))>(width,                                                                        \
-                                         WindowSum<T, bytes>{in + h * stride, 1, radius, nullptr, out + h * width});   \
-  }                                                                                                                    \
-  template <typename T>                                                                                                \
-  attr void window_columns_##name(const T* in, int64_t radius, const T* scale, int64_t rows, int64_t width, T* out) {  \
-    constexpr int L = bytes / int(sizeof(T));                                                                          \
-    if (width >= L && radius == 1)                                                                                     \
-      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 1>{in, width, scale, out});                         \
-    if (width >= L && radius == 2)                                                                                     \
-      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 2>{in, width, scale, out});                         \
-    if (width >= L && radius == 3)                                                                                     \
-      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 3>{in, width, scale, out});                         \
-    cover_line<L>(rows * width, WindowSum<T, bytes>{in, width, radius, scale, out});                                   \
+#define PUSHPULL_DENSE_VERSION(attr, name, bytes, mr, nv, gm, gq)                                                     \
+  template <typename T>                                                                                               \
+  attr void gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,            \
+                        int64_t ldc, bool accumulate) {                                                               \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, accumulate);                              \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void gemm_into_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* const* b, int64_t n, T* c,       \
+                             int64_t ldc, ColumnMap b_map, ColumnMap c_map) {                                         \
+    gemm_body<T, bytes, mr, nv>(a, lda, m, k, RowPointers<T>{b}, n, c, ldc, false, b_map, c_map);                     \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void panel_gemm_##name(const T* a, int64_t lda, int64_t m, int64_t k, const T* b, int64_t panels, T* c,        \
+                              int64_t ldc) {                                                                          \
+    panel_gemm_body<T, bytes, mr, nv>(a, lda, m, k, b, panels, c, ldc);                                               \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void gram_##name(const T* a, int64_t lda, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,            \
+                        int64_t ldc) {                                                                                \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                             \
+    const StridedRows<T> a_rows{a, lda};                                                                              \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(a_rows, m, RowPointers<T>{b}, q, runs, c, ldc);                            \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void row_gram_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t n, T* c,              \
+                            int64_t ldc) {                                                                            \
+    const Runs runs{n / kGrain<T>, kGrain<T>, kGrain<T>};                                                             \
+    gram_body<T, bytes, gm, gq, kGrain<T>>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                 \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void row_gram_rows_##name(const T* const* a, int64_t m, const T* const* b, int64_t q, int64_t rows,            \
+                                 int64_t width, int64_t a_stride, int64_t b_stride, T* c, int64_t ldc) {              \
+    const Runs runs{rows, a_stride, b_stride, width};                                                                 \
+    gram_body<T, bytes, gm, gq, 0>(RowPointers<T>{a}, m, RowPointers<T>{b}, q, runs, c, ldc);                         \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void panel_gram_##name(const T* a, int64_t m, const T* b, int64_t q, int64_t panels, T* c, int64_t ldc) {      \
+    const Runs runs{panels, m * kPanelWidth, q * kPanelWidth};                                                        \
+    const StridedRows<T> a_rows{a, kPanelWidth}, b_rows{b, kPanelWidth};                                              \
+    gram_body<T, bytes, gm, gq, kPanelWidth>(a_rows, m, b_rows, q, runs, c, ldc);                                     \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void weighted_sum_##name(const T* const* src, const T* w, int64_t terms, int64_t n, T* out) {                  \
+    cover_line<bytes / int(sizeof(T))>(n, WeightedSum<T, bytes>{src, w, terms, out});                                 \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void weighted_sum_rows_##name(const T* const* src, const T* w, int64_t terms, int64_t rows, int64_t n,         \
+                                     int64_t src_stride, T* out, int64_t out_stride) {                                \
+    constexpr int L = bytes / int(sizeof(T));                                                                         \
+    for (int64_t r = 0; r < rows; ++r)                                                                                \
+      cover_line<L>(n, WeightedSum<T, bytes>{src, w, terms, out + r * out_stride, r * src_stride});                   \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void weighted_pair_##name(const T* const* src, const T* w0, const T* w1, int64_t both, int64_t only1,          \
+                                 int64_t terms, int64_t n, T* out0, T* out1) {                                        \
+    constexpr int L = bytes / int(sizeof(T));                                                                         \
+    using Upsample2 = RunPair<T, bytes, 3, 2, 1, 2, 4, 2>;                                                            \
+    if (Upsample2::matches(w0, w1, both, only1, terms)) return cover_line<L>(n, Upsample2(src, w1, out0, out1));      \
+    cover_line<L>(n, WeightedPair<T, bytes>{src, w0, w1, both, only1, terms, out0, out1});                            \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void triangle_taps_##name(const T* const* src, const TriangleWeights<T>& w, int64_t n, T* const* out,          \
+                                 const T* const* extra) {                                                             \
+    constexpr int L = bytes / int(sizeof(T));                                                                         \
+    if (extra) {                                                                                                      \
+      if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, true>(src, w, out, extra));                  \
+      return cover_line<L>(n, TriangleTaps<T, bytes, false, true>(src, w, out, extra));                               \
+    }                                                                                                                 \
+    if (w.negate) return cover_line<L>(n, TriangleTaps<T, bytes, true, false>(src, w, out, extra));                   \
+    cover_line<L>(n, TriangleTaps<T, bytes, false, false>(src, w, out, extra));                                       \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void triangle_rows_##name(const T* const* lines, int64_t stride, const TriangleWeights<T>& w, int64_t rows,    \
+                                 int64_t width, T* out, int64_t out_stride, T* push) {                                \
+    if (w.negate) return triangle_rows_pass<T, bytes, true>(lines, stride, w, rows, width, out, out_stride, push);    \
+    triangle_rows_pass<T, bytes, false>(lines, stride, w, rows, width, out, out_stride, push);                        \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void triangle_along_rows_##name(const T* const* push, const T* const* lines, const TriangleWeights<T>& w,      \
+                                       int64_t rows, int64_t width, int64_t in_stride, T* out0, T* out1,              \
+                                       int64_t out_stride) {                                                          \
+    constexpr int L = bytes / int(sizeof(T));                                                                         \
+    for (int64_t r = 0; r < rows; ++r) {                                                                              \
+      T *o0 = out0 + r * out_stride, *o1 = out1 + r * out_stride;                                                     \
+      if (w.negate) {                                                                                                 \
+        cover_line<L>(width, TriangleAlongRow<T, bytes, true>(push, lines, w, r * in_stride, o0, o1));                \
+      } else {                                                                                                        \
+        cover_line<L>(width, TriangleAlongRow<T, bytes, false>(push, lines, w, r * in_stride, o0, o1));               \
+      }                                                                                                               \
+    }                                                                                                                 \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void window_sum_rows_##name(const T* in, int64_t row_stride, int64_t radius, int64_t rows, int64_t width,      \
+                                   T* out) {                                                                          \
+    for (int64_t h = 0; h < rows; ++h)                                                                                \
+      cover_line<bytes / int(sizeof(T))>(                                                                             \
+          width, WindowSum<T, bytes>{in + h * row_stride, 1, radius, nullptr, out + h * width});                      \
+  }                                                                                                                   \
+  template <typename T>                                                                                               \
+  attr void window_columns_##name(const T* in, int64_t radius, const T* scale, int64_t rows, int64_t width, T* out) { \
+    constexpr int L = bytes / int(sizeof(T));                                                                         \
+    if (width >= L && radius == 1)                                                                                    \
+      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 1>{in, width, scale, out});                        \
+    if (width >= L && radius == 2)                                                                                    \
+      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 2>{in, width, scale, out});                        \
+    if (width >= L && radius == 3)                                                                                    \
+      return cover_columns<L>(width, rows, WindowColumns<T, bytes, 3>{in, width, scale, out});                        \
+    cover_line<L>(rows * width, WindowSum<T, bytes>{in, width, radius, scale, out});                                  \
   }
 
 PUSHPULL_DENSE_VERSION(, baseline, 16, 4, 2, 4, 3)
